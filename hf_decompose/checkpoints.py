@@ -1,0 +1,163 @@
+"""Resolve checkpoints (local directory or Hub id), stream their tensors lazily, pair base and fine-tune."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab.*", "merges.txt"]
+
+
+def resolve(model: str | Path, revision: str | None = None, **hub_kwargs) -> Path:
+    """A local directory as is, else a Hub snapshot of the files a decomposition reads."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{model} is a file, expected a model directory or a Hub repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model), revision=revision, allow_patterns=WEIGHT_PATTERNS + CONFIG_PATTERNS, **hub_kwargs))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot fetch {model!r} (revision {revision!r}): {err}") from err
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in index order when sharded."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: unreadable index ({err})") from err
+        files = [directory / name for name in names]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in directory.glob("*.bin"))
+        hint = f" (found {', '.join(pickles)}: convert to safetensors first)" if pickles else ""
+        raise CheckpointError(f"{directory}: no safetensors weights{hint}")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{directory}: missing weight file(s) {', '.join(missing)}")
+    return files
+
+
+def sha256_files(files: list[Path]) -> dict[str, str]:
+    """SHA-256 of each file, keyed by file name."""
+    digests = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        digests[file.name] = digest.hexdigest()
+    return digests
+
+
+class CheckpointReader:
+    """Lazy, read-only view of a checkpoint's tensors: nothing is loaded until asked for."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.files = weight_files(self.directory)
+        self.config = read_config(self.directory)
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        for file in self.files:
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        sl = handle.get_slice(name)
+                        self._where[name] = file
+                        self._shapes[name] = tuple(sl.get_shape())
+                        self._dtypes[name] = sl.get_dtype()
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        return self._dtypes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as float32, checked for NaN/Inf."""
+        try:
+            with safe_open(self._where[name], framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({err})") from err
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{self.directory}: tensor {name!r} has {bad} NaN/Inf value(s)")
+        return tensor
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{directory}: no config.json") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+
+
+@dataclass
+class CheckpointPair:
+    """A base and a fine-tune whose tensors pair up one to one."""
+
+    base: CheckpointReader
+    finetuned: CheckpointReader
+
+    def __post_init__(self) -> None:
+        b, f = self.base, self.finetuned
+        if b.config.get("model_type") != f.config.get("model_type") or b.config.get("architectures") != f.config.get("architectures"):
+            raise CheckpointError(
+                f"architectures differ: base {b.directory} is {b.config.get('model_type')} {b.config.get('architectures')}, "
+                f"fine-tune {f.directory} is {f.config.get('model_type')} {f.config.get('architectures')}"
+            )
+        if bool(b.config.get("tie_word_embeddings", True)) != bool(f.config.get("tie_word_embeddings", True)):
+            raise CheckpointError(
+                f"tie_word_embeddings differs: base {b.config.get('tie_word_embeddings')}, fine-tune {f.config.get('tie_word_embeddings')}"
+            )
+        missing = sorted(set(b.names()) - set(f.names()))
+        extra = sorted(set(f.names()) - set(b.names()))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing from the fine-tune: {', '.join(missing[:5])}")
+            if extra:
+                parts.append(f"not in the base: {', '.join(extra[:5])}")
+            raise CheckpointError("tensors do not pair up; " + "; ".join(parts))
+        for name in b.names():
+            if b.shape(name) != f.shape(name):
+                raise CheckpointError(f"tensor {name!r}: base shape {b.shape(name)} != fine-tune shape {f.shape(name)}")
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Yield (name, base, fine-tune) one tensor pair at a time, as float32."""
+        for name in self.names():
+            yield name, self.base.get(name), self.finetuned.get(name)

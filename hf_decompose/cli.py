@@ -1,0 +1,122 @@
+"""`hf-decompose demo | decompose | verify`: parse, call the library, print the summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import artifact
+from .config import DecomposedConfig
+from .equivalence import load_prompts, verify_equivalence
+from .errors import DecomposeError
+from .model import DecomposedModel, decompose
+from .report import summary_table
+
+
+def _load_reference(path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int) -> None:
+    t0 = time.perf_counter()
+    result = verify_equivalence(reference, model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    model.report["equivalence"] = result.to_dict()
+    model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .pair import prepare_default_pair
+
+    t0 = time.perf_counter()
+    pair = prepare_default_pair(recipe=args.recipe)
+    prepare_s = time.perf_counter() - t0
+    reference, tokenizer = _load_reference(pair.finetuned)
+    out = Path(args.output)
+    summary: dict = {}
+    for mode in args.modes.split(","):
+        config = DecomposedConfig(mode=mode, q=args.q)
+        model = decompose(pair.finetuned, pair.base, config)
+        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
+        model.report["timings"]["prepare_pair_s"] = prepare_s
+        model.save_pretrained(out / mode, overwrite=True)
+        print(f"\n== {mode} ==\n{summary_table(model.report)}")
+        summary[mode] = model.report
+        del model
+    first = args.modes.split(",")[0]
+    top = dict(summary[first], default_mode=first, modes={m: {k: r[k] for k in ("kept_fraction", "size_bytes", "equivalence")} for m, r in summary.items()})
+    (out / artifact.REPORT).write_text(json.dumps(top, indent=2, sort_keys=True))
+    print(f"\nwrote {out}/ ({', '.join(summary)}) in {time.perf_counter() - t0:.0f} s")
+
+
+def cmd_decompose(args: argparse.Namespace) -> None:
+    config = DecomposedConfig.from_yaml(args.config) if args.config else DecomposedConfig()
+    if args.mode:
+        config.mode = args.mode
+    model = decompose(args.finetuned, args.base, config)
+    if args.prompts:
+        reference, tokenizer = _load_reference(model.source_dir)
+        _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
+    model.save_pretrained(args.output, overwrite=args.overwrite)
+    print(summary_table(model.report))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    model = DecomposedModel.from_pretrained(args.directory)
+    finetuned = args.finetuned or model.index["finetuned_model"]["id"]
+    reference, tokenizer = _load_reference(finetuned)
+    _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
+    artifact.update_report(args.directory, model.report)
+    print(summary_table(model.report))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-decompose", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def generation_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=8)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default pair (SmolLM2 + its Shakespeare fine-tune)")
+    demo.add_argument("--output", default="out/demo")
+    demo.add_argument("--recipe", default=None, help="YAML recipe of the pair (default: recipes/default_pair.yaml)")
+    demo.add_argument("--modes", default="lossless,criterion")
+    demo.add_argument("--q", type=float, default=0.05)
+    generation_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    dec = sub.add_parser("decompose", help="decompose FINETUNED against BASE (local dirs or Hub ids)")
+    dec.add_argument("base")
+    dec.add_argument("finetuned")
+    dec.add_argument("--output", required=True)
+    dec.add_argument("--config", help="YAML recipe with a `decomposition:` section")
+    dec.add_argument("--mode", choices=["lossless", "criterion"])
+    dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
+    dec.add_argument("--overwrite", action="store_true")
+    generation_args(dec)
+    dec.set_defaults(func=cmd_decompose)
+
+    ver = sub.add_parser("verify", help="check an artifact generates what its fine-tune generates")
+    ver.add_argument("directory")
+    ver.add_argument("--prompts", required=True)
+    ver.add_argument("--finetuned", help="the fine-tune to compare against (default: the one recorded)")
+    generation_args(ver)
+    ver.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DecomposeError as err:
+        print(f"hf-decompose: error: {err}")
+        return 2
+    return 0

@@ -1,0 +1,103 @@
+"""Architecture-aware dependency groups: which entries of which tensors form one unit.
+
+A *group* is the paper's multi-channel dependency: an MLP neuron (its gate/up rows and its down
+column), an attention head (its query rows and output columns), a key/value head (its k/v rows,
+shared by the query heads of its GQA group), a token row of an embedding, a whole norm or bias vector.
+
+Matrices are handled in the canonical ``(out_features, in_features)`` layout; GPT-2's ``Conv1D``
+weights are stored transposed and flagged here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_LLAMA = re.compile(r"^(?P<layer>.*?layers\.\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)_proj\.(?P<kind>weight|bias)$")
+_GPT2 = re.compile(r"^(?P<layer>.*?h\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>c_attn|c_proj|c_fc)\.(?P<kind>weight|bias)$")
+_LAYER = re.compile(r"^(?P<layer>.*?(?:layers|h)\.\d+)\.")
+_TOKEN_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")
+
+READS_HIDDEN = {"q", "k", "v", "gate", "up", "c_attn", "c_fc"}
+WRITES_HIDDEN = {"o", "down", "c_proj"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention geometry read from a model config."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Geometry:
+        hidden = config.get("hidden_size") or config.get("n_embd")
+        heads = config.get("num_attention_heads") or config.get("n_head")
+        if not hidden or not heads:
+            raise ValueError("config lacks hidden_size/num_attention_heads")
+        kv = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        return cls(int(heads), int(kv), int(head_dim), int(hidden))
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What one tensor is: its layer, its role, its layout and how its entries group."""
+
+    name: str
+    layer: str | None
+    role: str
+    transposed: bool
+    group_axis: int | None
+    group_kind: str
+
+    def canonical(self, tensor):
+        """The tensor in (out, in) layout."""
+        return tensor.t() if self.transposed else tensor
+
+
+def describe(name: str, shape: tuple[int, ...], model_type: str) -> ParamInfo:
+    """Classify one checkpoint tensor."""
+    layer_match = _LAYER.match(name)
+    layer = layer_match.group("layer") if layer_match else None
+    if len(shape) != 2:
+        return ParamInfo(name, layer, "vector", False, None, "vector")
+    match = _LLAMA.match(name) or _GPT2.match(name)
+    if match and match.group("kind") == "weight":
+        role = match.group("proj")
+        if role == "c_proj":  # GPT-2 names both output projections c_proj
+            role = "down" if match.group("block") == "mlp" else "o"
+        axis = 1 if role in WRITES_HIDDEN else 0
+        kind = "neuron" if role in ("gate", "up", "down", "c_fc") else ("kv_head" if role in ("k", "v") else "head")
+        return ParamInfo(name, match.group("layer"), role, model_type == "gpt2", axis, kind)
+    if name.endswith(_TOKEN_ROWS):
+        return ParamInfo(name, None, "lm_head" if name.endswith("lm_head.weight") else "embed", False, 0, "token")
+    if name.endswith("wpe.weight"):
+        return ParamInfo(name, None, "positions", False, 0, "position")
+    return ParamInfo(name, layer, "matrix", False, 0, "row")
+
+
+def group_ids(info: ParamInfo, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:
+    """Group index of each row (group_axis 0) or column (axis 1) of the canonical matrix.
+
+    Ids are local to (layer, group_kind): q rows and o columns of head h share id h; k and v rows of
+    kv head g share id g; gate/up rows and down columns of neuron n share id n.
+    """
+    n = shape[info.group_axis]
+    hd = geometry.head_dim
+    if info.role in ("q", "o"):
+        return np.arange(n) // hd
+    if info.role in ("k", "v"):
+        return np.arange(n) // hd
+    if info.role == "c_attn":  # rows: [q | k | v] blocks of hidden_size each; all three belong to the head
+        return (np.arange(n) % geometry.hidden_size) // hd
+    return np.arange(n)
+
+
+def kv_group_of_head(head: int, geometry: Geometry) -> int:
+    """The key/value head that query head `head` attends with (GQA)."""
+    return head // (geometry.num_heads // geometry.num_kv_heads)

@@ -1,0 +1,246 @@
+"""Substructures: what is kept of a delta, split into independent pieces.
+
+Per tensor, the support is a bipartite graph (output rows <-> input columns); its connected
+components (``scipy.sparse.csgraph``) are stored as dense blocks (rows, cols, values) when dense
+enough, else as sparse entries labelled by component. Supported singular directions are low-rank
+substructures, each one independent. Per layer, supports chain through the layer's units (heads,
+neurons) into the layered graph  inputs -> heads -> mid -> neurons -> outputs, whose components are
+the layer's independent substructures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, group_ids, kv_group_of_head
+
+
+@dataclass
+class Block:
+    """A dense block of the delta on rows x cols (canonical layout)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class TensorDelta:
+    """Everything kept of one tensor's delta, in canonical (out, in) layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    transposed: bool = False
+    dense: torch.Tensor | None = None
+    blocks: list[Block] = field(default_factory=list)
+    sparse_indices: torch.Tensor | None = None  # (ndim, nnz)
+    sparse_values: torch.Tensor | None = None
+    sparse_components: torch.Tensor | None = None
+    lowrank_u: torch.Tensor | None = None  # (out, r), singular values folded in
+    lowrank_v: torch.Tensor | None = None  # (r, in)
+    override_indices: torch.Tensor | None = None  # (k, ndim): entries stored as absolute values
+    override_values: torch.Tensor | None = None
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank_u is None else int(self.lowrank_u.shape[1])
+
+    def is_empty(self) -> bool:
+        return self.num_params() == 0 and self.override_values is None
+
+    def num_params(self) -> int:
+        """Stored delta parameters: kept entries plus low-rank factor parameters (an override
+        replaces an entry already counted)."""
+        n = 0 if self.dense is None else self.dense.numel()
+        n += sum(b.values.numel() for b in self.blocks)
+        n += 0 if self.sparse_values is None else self.sparse_values.numel()
+        n += 0 if self.lowrank_u is None else self.lowrank_u.numel() + self.lowrank_v.numel()
+        return n
+
+    def num_substructures(self) -> int:
+        n = int(self.dense is not None) + len(self.blocks) + self.rank
+        if self.sparse_components is not None and self.sparse_components.numel():
+            n += int(torch.unique(self.sparse_components).numel())
+        return n
+
+    # -- dense views ---------------------------------------------------------------------------
+    def to_dense(self) -> torch.Tensor:
+        """The kept delta as one canonical tensor (overrides excluded)."""
+        out = torch.zeros(self.shape) if self.dense is None else self.dense.clone()
+        for b in self.blocks:
+            out[b.rows[:, None], b.cols[None, :]] += b.values
+        if self.sparse_values is not None:
+            out.index_put_(tuple(self.sparse_indices), self.sparse_values, accumulate=True)
+        if self.lowrank_u is not None:
+            out += self.lowrank_u @ self.lowrank_v
+        return out
+
+    def support(self) -> torch.Tensor:
+        """Entries touched by the kept entry-level delta (low-rank parts excluded)."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        if self.dense is not None:
+            mask |= self.dense != 0
+        for b in self.blocks:
+            mask[b.rows[:, None], b.cols[None, :]] = True
+        if self.sparse_indices is not None:
+            mask[tuple(self.sparse_indices)] = True
+        if self.override_indices is not None:
+            mask[tuple(self.override_indices.t())] = True
+        return mask
+
+    def merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """base weight (stored layout) + kept delta, with overrides written last."""
+        merged = weight.detach().float().clone()
+        view = merged.t() if self.transposed else merged
+        if self.dense is not None and not self.blocks and self.sparse_values is None and self.lowrank_u is None:
+            view += self.dense  # the lossless path: one elementwise float32 add, exact by construction
+        else:
+            view += self.to_dense()
+        if self.override_indices is not None:
+            view[tuple(self.override_indices.t())] = self.override_values
+        return merged.to(weight.dtype)
+
+    # -- serialization -------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to store, keyed ``<name>.<part>``."""
+        out: dict[str, torch.Tensor] = {}
+        p = self.name
+        if self.dense is not None:
+            out[f"{p}.dense"] = self.dense
+        for i, b in enumerate(self.blocks):
+            out[f"{p}.block.{i}.rows"], out[f"{p}.block.{i}.cols"], out[f"{p}.block.{i}.values"] = b.rows, b.cols, b.values
+        if self.sparse_values is not None:
+            out[f"{p}.sparse.indices"] = self.sparse_indices
+            out[f"{p}.sparse.values"] = self.sparse_values
+            out[f"{p}.sparse.components"] = self.sparse_components
+        if self.lowrank_u is not None:
+            out[f"{p}.lowrank.u"], out[f"{p}.lowrank.v"] = self.lowrank_u, self.lowrank_v
+        if self.override_values is not None:
+            out[f"{p}.override.indices"], out[f"{p}.override.values"] = self.override_indices, self.override_values
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_state(cls, name: str, shape: tuple[int, ...], transposed: bool, tensors: dict[str, torch.Tensor]) -> TensorDelta:
+        def get(part: str) -> torch.Tensor | None:
+            return tensors.get(f"{name}.{part}")
+
+        blocks = []
+        i = 0
+        while get(f"block.{i}.values") is not None:
+            blocks.append(Block(get(f"block.{i}.rows").long(), get(f"block.{i}.cols").long(), get(f"block.{i}.values")))
+            i += 1
+        idx = get("sparse.indices")
+        ovr = get("override.indices")
+        return cls(
+            name, tuple(shape), transposed, get("dense"), blocks,
+            None if idx is None else idx.long(), get("sparse.values"), get("sparse.components"),
+            get("lowrank.u"), get("lowrank.v"),
+            None if ovr is None else ovr.long(), get("override.values"),
+        )
+
+
+def extract(
+    info: ParamInfo,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    overrides: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dense_block_density: float = 0.5,
+) -> TensorDelta:
+    """Split the supported entries of `values` (canonical layout) into independent substructures."""
+    delta = TensorDelta(info.name, tuple(values.shape), info.transposed)
+    if lowrank is not None and lowrank[0].shape[1] > 0:
+        delta.lowrank_u, delta.lowrank_v = lowrank[0].contiguous(), lowrank[1].contiguous()
+    if overrides is not None and overrides[1].numel():
+        delta.override_indices, delta.override_values = overrides
+    if not mask.any():
+        return delta
+    if mask.all() or values.dim() != 2:
+        delta.dense = torch.where(mask, values, torch.zeros_like(values))
+        return delta
+    rows_all, cols_all = mask.nonzero(as_tuple=True)
+    n_rows, n_cols = values.shape
+    n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)
+    entry_label = torch.from_numpy(labels[rows_all.numpy()])
+    sparse_keep = torch.zeros(rows_all.numel(), dtype=torch.bool)
+    for comp in np.unique(labels[rows_all.numpy()]):
+        in_comp = entry_label == int(comp)
+        r, c = rows_all[in_comp], cols_all[in_comp]
+        ur, uc = torch.unique(r), torch.unique(c)
+        if in_comp.sum() >= dense_block_density * ur.numel() * uc.numel() and ur.numel() * uc.numel() > 1:
+            block = values[ur[:, None], uc[None, :]] * mask[ur[:, None], uc[None, :]]
+            delta.blocks.append(Block(ur, uc, block.contiguous()))
+        else:
+            sparse_keep |= in_comp
+    if sparse_keep.any():
+        delta.sparse_indices = torch.stack([rows_all[sparse_keep], cols_all[sparse_keep]])
+        delta.sparse_values = values[rows_all[sparse_keep], cols_all[sparse_keep]].contiguous()
+        delta.sparse_components = entry_label[sparse_keep].int()
+    return delta
+
+
+def _bipartite_components(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> tuple[int, np.ndarray]:
+    """Components of the graph rows <-> cols; labels for the row nodes then the column nodes."""
+    n = n_rows + n_cols
+    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols + n_rows)), shape=(n, n))
+    return connected_components(graph, directed=False)
+
+
+def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry: Geometry | None) -> list[dict[str, int]]:
+    """Independent substructures of one transformer block's entry-level support.
+
+    Nodes: block inputs, attention heads (and kv heads, linked to their query heads), mid-block
+    hidden dims, MLP neurons, block outputs. Edges: supported entries of the matrices that read or
+    write the hidden state. Returns one record per component (hidden dims, units), largest first.
+    The graph is layered and acyclic, so its strongly connected components are single nodes and
+    the condensed graph is the graph itself: weak components are the independent pieces.
+    """
+    if geometry is None:
+        return []
+    hidden = geometry.hidden_size
+    offsets = {"in": 0, "mid": hidden, "out": 2 * hidden, "head": 3 * hidden}
+    offsets["kv_head"] = offsets["head"] + geometry.num_heads
+    offsets["neuron"] = offsets["kv_head"] + geometry.num_kv_heads
+    edges: list[tuple[np.ndarray, np.ndarray]] = []
+    n_neurons = 0
+    for info, delta in deltas.values():
+        if info.role not in READS_HIDDEN | WRITES_HIDDEN or delta.is_empty():
+            continue
+        rows, cols = delta.support().nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        axis_idx = rows.numpy() if info.group_axis == 0 else cols.numpy()
+        unit = group_ids(info, delta.shape, geometry)[axis_idx] + offsets[info.group_kind]
+        attention = info.group_kind in ("head", "kv_head")
+        if info.group_kind == "neuron":
+            n_neurons = max(n_neurons, delta.shape[info.group_axis])
+        if info.role in READS_HIDDEN:
+            edges.append(((offsets["in"] if attention else offsets["mid"]) + cols.numpy(), unit))
+        else:
+            edges.append((unit, (offsets["mid"] if attention else offsets["out"]) + rows.numpy()))
+    if not edges:
+        return []
+    src = np.concatenate([e[0] for e in edges])
+    dst = np.concatenate([e[1] for e in edges])
+    heads = np.arange(geometry.num_heads)  # a kv head feeds every query head of its GQA group
+    kv_of_head = np.array([kv_group_of_head(h, geometry) for h in heads]) + offsets["kv_head"]
+    linked = np.isin(kv_of_head, np.concatenate([src, dst]))
+    src = np.concatenate([src, kv_of_head[linked]])
+    dst = np.concatenate([dst, heads[linked] + offsets["head"]])
+    n = offsets["neuron"] + n_neurons
+    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    used = np.zeros(n, dtype=bool)
+    used[src] = used[dst] = True
+    comps = []
+    for comp in np.unique(labels[used]):
+        nodes = np.nonzero((labels == comp) & used)[0]
+        comps.append({"hidden": int((nodes < offsets["head"]).sum()), "units": int((nodes >= offsets["head"]).sum())})
+    return sorted(comps, key=lambda c: -(c["hidden"] + c["units"]))

@@ -1,0 +1,89 @@
+"""Bad pairs fail early with an error that names the culprit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_decompose import CheckpointError, DecomposedConfig, decompose
+
+from .synthetic import random_model, save_pair
+
+
+def _edit_weights(directory, edit):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _decompose(base, ft):
+    return decompose(ft, base, DecomposedConfig(), progress=False)
+
+
+def test_different_architectures(tmp_path):
+    base, _ = save_pair(tmp_path, "llama")
+    random_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CheckpointError, match="architectures differ.*llama.*gpt2"):
+        _decompose(base, tmp_path / "gpt2")
+
+
+def test_shape_mismatch_names_tensor(tmp_path):
+    base, ft = save_pair(tmp_path)
+    _edit_weights(ft, lambda t: t.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(65, 32)))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(64, 32\).*\(65, 32\)"):
+        _decompose(base, ft)
+
+
+def test_missing_tensor_names_it(tmp_path):
+    base, ft = save_pair(tmp_path)
+    _edit_weights(ft, lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing from the fine-tune: model\.layers\.0\.self_attn\.k_proj\.weight"):
+        _decompose(base, ft)
+
+
+def test_extra_tensor_names_it(tmp_path):
+    base, ft = save_pair(tmp_path)
+    _edit_weights(ft, lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"not in the base: model\.extra\.weight"):
+        _decompose(base, ft)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_inf_names_tensor(tmp_path, bad):
+    base, ft = save_pair(tmp_path)
+
+    def poison(t):
+        t["model.layers.1.self_attn.o_proj.weight"][3, 4] = bad
+
+    _edit_weights(ft, poison)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight.*1 NaN/Inf"):
+        _decompose(base, ft)
+
+
+def test_truncated_safetensors_names_file(tmp_path):
+    base, ft = save_pair(tmp_path)
+    data = (ft / "model.safetensors").read_bytes()
+    (ft / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        _decompose(base, ft)
+
+
+def test_missing_weights_and_config(tmp_path):
+    base, ft = save_pair(tmp_path)
+    (ft / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        _decompose(base, ft)
+    (base / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
+        _decompose(base, base)
+
+
+def test_tied_untied_mismatch(tmp_path):
+    base, ft = save_pair(tmp_path)
+    cfg = json.loads((ft / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (ft / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings"):
+        _decompose(base, ft)

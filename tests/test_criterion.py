@@ -1,0 +1,120 @@
+"""The criterion's statistical promises, on synthetic deltas whose truth is known."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_decompose import DecomposedConfig
+from hf_decompose.criterion import mp_median, reject, robust_sigma, spectral_test, assess_layer
+from hf_decompose.groups import Geometry, describe
+
+Q = 0.05
+
+
+def _layer(tensors: dict[str, torch.Tensor]):
+    return {name: (describe(name, tuple(t.shape), "llama"), t) for name, t in tensors.items()}
+
+
+def test_bh_and_bonferroni_reference_values():
+    p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205, 0.212, 0.216])
+    # Benjamini & Hochberg's worked logic: k=2 is the largest with p_(k) <= k q / m at q = 0.05.
+    assert reject(p, 0.05, "bh").tolist() == [True, True] + [False] * 8
+    assert reject(p, 0.05, "bonferroni").tolist() == [True] + [False] * 9
+    assert reject(np.array([]), 0.05, "bh").size == 0
+
+
+def test_mp_median_matches_simulation():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 900))
+    eig = np.linalg.svd(x, compute_uv=False) ** 2 / 900
+    assert abs(np.median(eig) - mp_median(300 / 900)) < 0.02
+
+
+@pytest.mark.parametrize("correction", ["bh", "bonferroni"])
+def test_pure_noise_false_positive_rate_at_most_q(correction):
+    torch.manual_seed(0)
+    config = DecomposedConfig(mode="criterion", q=Q, correction=correction)
+    fp, total, any_rejection, ranks, directions = 0, 0, 0, 0, 0
+    for trial in range(10):
+        tensors = {
+            f"model.layers.{trial}.mlp.gate_proj.weight": torch.randn(96, 48) * 3e-4,
+            f"model.layers.{trial}.mlp.up_proj.weight": torch.randn(96, 48) * 3e-4,
+            f"model.layers.{trial}.mlp.down_proj.weight": torch.randn(48, 96) * 3e-4,
+            f"model.layers.{trial}.input_layernorm.weight": torch.randn(48) * 3e-4,
+        }
+        results = assess_layer(_layer(tensors), config, Geometry(4, 2, 12, 48))
+        for result in results.values():
+            fp += int(result.mask.sum())
+            total += result.mask.numel()
+            if result.spectral is not None:
+                ranks += result.spectral.rank
+                directions += len(result.spectral.pvalues)
+            any_rejection += int(result.mask.any() or (result.spectral is not None and result.spectral.rank > 0))
+    assert fp / total <= Q
+    assert ranks / directions <= Q
+    assert any_rejection <= 0.25 * 40  # FDR/FWER per family keeps whole-tensor false alarms rare
+
+
+def test_planted_sparse_support_recall():
+    torch.manual_seed(1)
+    sigma, snr = 1e-4, 8.0
+    delta = torch.randn(256, 128) * sigma
+    planted = torch.rand(256, 128) < 0.01
+    delta[planted] += snr * sigma * torch.sign(torch.randn(int(planted.sum())))
+    config = DecomposedConfig(mode="criterion", q=Q, spectral_test=False, group_test=False)
+    result = assess_layer(_layer({"model.layers.0.mlp.up_proj.weight": delta}), config, None)["model.layers.0.mlp.up_proj.weight"]
+    recall = float((result.mask & planted).sum() / planted.sum())
+    false_discovery = float((result.mask & ~planted).sum() / max(int(result.mask.sum()), 1))
+    assert recall >= 0.95
+    assert false_discovery <= Q * 2  # BH controls FDR in expectation; one draw stays near q
+
+
+def test_group_test_finds_planted_neuron_and_head():
+    torch.manual_seed(2)
+    g = Geometry(num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32)
+    s = 1e-4
+    t = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32) * s,
+        "model.layers.0.self_attn.k_proj.weight": torch.randn(16, 32) * s,
+        "model.layers.0.self_attn.v_proj.weight": torch.randn(16, 32) * s,
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(32, 32) * s,
+        "model.layers.0.mlp.gate_proj.weight": torch.randn(64, 32) * s,
+        "model.layers.0.mlp.up_proj.weight": torch.randn(64, 32) * s,
+        "model.layers.0.mlp.down_proj.weight": torch.randn(32, 64) * s,
+    }
+    # Neuron 5 and head 2 move by 1.6 sigma on every entry: invisible entry by entry, plain as a group.
+    t["model.layers.0.mlp.gate_proj.weight"][5] += 1.6 * s
+    t["model.layers.0.mlp.down_proj.weight"][:, 5] -= 1.6 * s
+    t["model.layers.0.self_attn.q_proj.weight"][16:24] += 1.6 * s
+    t["model.layers.0.self_attn.o_proj.weight"][:, 16:24] += 1.6 * s
+    config = DecomposedConfig(mode="criterion", q=Q, spectral_test=False)
+    r = assess_layer(_layer(t), config, g)
+    gate = r["model.layers.0.mlp.gate_proj.weight"].mask
+    assert gate[5].all() and gate.any(dim=1).sum() == 1
+    assert r["model.layers.0.mlp.down_proj.weight"].mask[:, 5].all()
+    q_rows = r["model.layers.0.self_attn.q_proj.weight"].mask.any(dim=1)
+    assert q_rows[16:24].all() and q_rows.sum() == 8
+    assert r["model.layers.0.self_attn.o_proj.weight"].mask[:, 16:24].all()
+    assert not r["model.layers.0.self_attn.k_proj.weight"].mask.any()
+    # entry tests alone see nothing
+    entry_only = assess_layer(_layer(t), DecomposedConfig(mode="criterion", q=Q, spectral_test=False, group_test=False), g)
+    assert entry_only["model.layers.0.mlp.gate_proj.weight"].mask[5].sum() <= 2
+
+
+def test_spectral_test_recovers_planted_rank_and_not_noise():
+    torch.manual_seed(3)
+    noise = torch.randn(384, 192) * 1e-4
+    u, v = torch.linalg.qr(torch.randn(384, 3))[0], torch.linalg.qr(torch.randn(192, 3))[0]
+    spikes = torch.tensor([0.02, 0.01, 0.006])  # edge is ~1e-4 * (sqrt(384) + sqrt(192)) = 0.0034
+    config = DecomposedConfig(mode="criterion")
+    planted = spectral_test(noise + (u * spikes) @ v.t(), config)
+    assert planted.rank == 3
+    assert abs(planted.sigma - 1e-4) / 1e-4 < 0.1  # median-based scale ignores the spikes
+    assert spectral_test(noise, config).rank == 0
+
+
+def test_robust_sigma_ignores_outliers():
+    torch.manual_seed(4)
+    x = torch.randn(100_000) * 2.0
+    x[:1000] = 1e3
+    assert abs(robust_sigma(x) - 2.0) < 0.05

@@ -1,0 +1,39 @@
+"""Exact deltas rebuild the fine-tuned floats bit for bit, adversarial values included."""
+
+import torch
+
+from hf_decompose.deltas import exact_delta
+
+
+def _bits_equal(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _rebuild(base, delta, idx, values):
+    out = base + delta
+    out[tuple(idx.t())] = values
+    return out
+
+
+def test_exact_delta_on_adversarial_floats():
+    torch.manual_seed(0)
+    base = torch.randn(20000) * torch.logspace(-30, 3, 20000)
+    ft = base + torch.randn(20000) * torch.logspace(-20, 2, 20000)
+    ft[:100] = -base[:100]  # sign crossings
+    ft[100:200] = 0.0
+    base[200:300] = 0.0
+    ft[300:310] = -0.0  # signed zeros
+    ft[310:320] = base[310:320]  # unchanged entries
+    delta, idx, values = exact_delta(base, ft)
+    assert _bits_equal(_rebuild(base, delta, idx, values), ft)
+    assert (delta[310:320] == 0).all()
+    assert idx.shape[0] < 200  # overrides are the rare exception
+
+
+def test_plain_add_is_exact_without_overrides_for_small_deltas():
+    torch.manual_seed(1)
+    base = torch.randn(1000, 100) * 0.05
+    ft = base + torch.randn(1000, 100) * 1e-5
+    delta, idx, _ = exact_delta(base, ft)
+    assert idx.shape[0] == 0
+    assert _bits_equal(base + delta, ft)
