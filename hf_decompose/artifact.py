@@ -7,16 +7,26 @@ Layout of an artifact directory::
     decomposition.safetensors   the kept deltas: <tensor>.dense | .block.<i>.* | .sparse.* |
                                 .lowrank.u/.v | .override.*
     decomposition.json          the report (kept fraction, sizes, equivalence, layers, timings)
-    config.json, tokenizer ...  the fine-tune's config and tokenizer (small), so the artifact loads alone
+    config.json, tokenizer ...  the fine-tune's config and tokenizer (small), so the artifact loads alone;
+                                config.json carries the `quantization_config` (quant_method
+                                "hf_decompose") that lets transformers load it (`hf_decompose.quantizer`)
+    README.md                   the model card (`hf_decompose.card`), not checksummed
 
-Writes are atomic: everything goes to a temporary sibling directory renamed into place at the end.
+Writes are atomic: everything goes to a hidden temporary sibling directory, marked incomplete
+until it is renamed into place; the index checksums itself too. A temporary directory left by a
+killed process never loads and is removed by the next write once its process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import re
+import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +41,8 @@ FORMAT_VERSION = 1
 INDEX = "decomposed_config.json"
 WEIGHTS = "decomposition.safetensors"
 REPORT = "decomposition.json"
+CARD = "README.md"
+INCOMPLETE = ".incomplete"  # present while a directory is being written
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -42,53 +54,142 @@ def save(
     side_files_from: Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write an artifact atomically; refuse to replace a non-empty directory unless `overwrite`."""
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ArtifactError(f"{target} already exists and is not empty (pass overwrite=True to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """Write an artifact atomically; replace an existing artifact only if `overwrite` (see `check_target`)."""
+    target = check_target(directory, overwrite)
+    with _staged(target) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         for delta in deltas.values():
             tensors.update(delta.state())
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt", "hf_decompose_format": str(FORMAT_VERSION)})
+        # One metadata key only: safetensors writes several in random order (the index holds the version).
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         report = dict(report, size_bytes=dict(report.get("size_bytes", {}), artifact=(tmp / WEIGHTS).stat().st_size))
+        report = json.loads(json.dumps(report, sort_keys=True, default=_jsonable))  # as read back: the card renders alike
         if side_files_from is not None:
             for name in SIDE_FILES:
                 if (side_files_from / name).exists():
                     shutil.copy2(side_files_from / name, tmp / name)
+        _add_quantization_config(tmp, index)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != INCOMPLETE)
         index = dict(index, format_version=FORMAT_VERSION, files=sha256_files(files))
         index["tensors"] = {n: {"shape": list(d.shape), "transposed": d.transposed} for n, d in deltas.items()}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_index(tmp, index)
+        _write_card(tmp, index, report, side_files_from)
     return target
 
 
+def check_target(directory: str | Path, overwrite: bool = False) -> Path:
+    """Raise `ArtifactError` unless `directory` is absent, empty, or an artifact and `overwrite` is set."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / INDEX).is_file():
+            raise ArtifactError(f"{target} is not empty and holds no hf_decompose artifact: refusing to write over it")
+        if not overwrite:
+            raise ArtifactError(f"{target} already holds an artifact (pass overwrite=True or --overwrite to replace it)")
+    return target
+
+
+@contextlib.contextmanager
+def _staged(target: Path) -> Iterator[Path]:
+    """A temporary directory to write `target` into: renamed into place on success, else deleted."""
+    tmp = _tempdir(target)
+    try:
+        yield tmp
+        _publish(tmp, target)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"cannot write the artifact {target}: {err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tempdir(target: Path) -> Path:
+    """A hidden, incomplete-marked sibling of `target` to write into; stale ones of dead processes are removed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.*-*-*"):
+            match = re.fullmatch(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)-\w+", stale.name)
+            if match and not _alive(int(match.group(2))):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()  # not mkdtemp: the artifact gets the usual permissions
+        (tmp / INCOMPLETE).touch()
+    except OSError as err:
+        raise ArtifactError(f"cannot write the artifact {target}: {err}") from err
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Flush `tmp` to disk, unmark it and rename it into place; an artifact it replaces is moved aside first."""
+    for path in [*tmp.iterdir(), tmp]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    (tmp / INCOMPLETE).unlink()
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _digest(index: dict) -> str:
+    """SHA-256 of the index's content, its own checksum field left out."""
+    body = {k: v for k, v in index.items() if k != "index_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_index(directory: Path, index: dict) -> None:
+    index = dict(index, index_sha256=_digest(index))
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
 def read_index(directory: str | Path) -> dict:
-    """Read and validate the index: format version and the checksum of every listed file."""
+    """Read and validate the index: format version, its own checksum and that of every listed file."""
     directory = Path(directory)
     path = directory / INDEX
+    if (directory / INCOMPLETE).exists():
+        raise ArtifactError(f"{directory}: an incomplete artifact (its write was interrupted); delete it and decompose again")
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise ArtifactError(f"{directory}: not a decomposed artifact (no {INDEX})") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path}: invalid JSON ({err})") from err
-    if not isinstance(index, dict) or not isinstance(index.get("files"), dict) or not isinstance(index.get("tensors"), dict):
-        raise ArtifactError(f"{path}: missing 'files' or 'tensors'")
-    version = index.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format version {version!r} is newer than this hf_decompose reads ({FORMAT_VERSION}); upgrade hf-decompose")
+    except (OSError, ValueError, RecursionError) as err:
+        raise ArtifactError(f"{path}: unreadable or invalid JSON ({err})") from err
+    version = index.get("format_version") if isinstance(index, dict) else None
+    if type(version) is not int or version < 1:
+        raise ArtifactError(f"{path}: no valid format_version ({version!r})")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format version {version} is newer than this hf_decompose reads ({FORMAT_VERSION}); upgrade hf-decompose")
+    if index.get("index_sha256") != _digest(index):
+        raise ArtifactError(f"{path}: checksum mismatch (corrupted or modified index)")
+    for key in ("files", "tensors", "config", "base_model"):
+        if not isinstance(index.get(key), dict):
+            raise ArtifactError(f"{path}: field {key!r} is missing or malformed")
+    base = index["base_model"]
+    if not isinstance(base.get("id"), str) or not isinstance(base.get("sha256"), dict):
+        raise ArtifactError(f"{path}: field 'base_model' lacks its id or sha256")
+    if WEIGHTS not in index["files"]:
+        raise ArtifactError(f"{path}: {WEIGHTS} is not listed in 'files'")
     for name, digest in index["files"].items():
         file = directory / name
+        if name in ("", ".", "..") or Path(name).name != name or not isinstance(digest, str):
+            raise ArtifactError(f"{path}: malformed entry {name!r} in 'files'")
         if not file.is_file():
             raise ArtifactError(f"{directory}: file {name} listed in {INDEX} is missing")
         if sha256_files([file])[name] != digest:
@@ -97,7 +198,7 @@ def read_index(directory: str | Path) -> dict:
 
 
 def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
-    """Read an artifact: its index and the per-tensor deltas, checksums verified."""
+    """Read an artifact: its index and the per-tensor deltas, checksums and shapes verified."""
     directory = Path(directory)
     index = read_index(directory)
     try:
@@ -107,23 +208,104 @@ def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
     deltas = {}
     for name, meta in index["tensors"].items():
         try:
-            deltas[name] = TensorDelta.from_state(name, tuple(meta["shape"]), bool(meta["transposed"]), tensors)
-        except (KeyError, TypeError, AttributeError) as err:
+            shape, transposed = meta["shape"], meta["transposed"]
+            if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(transposed, bool):
+                raise ValueError(f"shape {shape!r}, transposed {transposed!r}")
+            deltas[name] = TensorDelta.from_state(name, tuple(shape), transposed, tensors)
+            _check_parts(deltas[name])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
             raise ArtifactError(f"{directory}: entry for tensor {name!r} is malformed ({err})") from err
+    stray = sorted(set(tensors) - {key for delta in deltas.values() for key in delta.state()})
+    if stray:
+        raise ArtifactError(f"{directory / WEIGHTS}: tensor {stray[0]!r} belongs to no entry of {INDEX}")
     return index, deltas
 
 
+def _check_parts(d: TensorDelta) -> None:
+    """Raise ValueError unless every stored part of `d` is complete, finite and fits its shape."""
+    shape = d.shape
+    for group in ((d.sparse_indices, d.sparse_values, d.sparse_components), (d.lowrank_u, d.lowrank_v), (d.override_indices, d.override_values)):
+        if len({t is None for t in group}) > 1:
+            raise ValueError("a part is stored incompletely")
+    parts = [(d.dense, shape, True)]
+    ranges = []
+    for b in d.blocks:
+        parts += [(b.rows, (b.rows.numel(),), False), (b.cols, (b.cols.numel(),), False), (b.values, (b.rows.numel(), b.cols.numel()), True)]
+        ranges += [(b.rows, shape[0]), (b.cols, shape[1])]
+    if d.sparse_values is not None:
+        nnz = d.sparse_values.numel()
+        parts += [(d.sparse_indices, (len(shape), nnz), False), (d.sparse_values, (nnz,), True), (d.sparse_components, (nnz,), False)]
+        ranges += list(zip(d.sparse_indices, shape))
+    if d.lowrank_u is not None:
+        rank = d.lowrank_u.shape[-1]
+        parts += [(d.lowrank_u, (shape[0], rank), True), (d.lowrank_v, (rank, shape[1]), True)]
+    if d.override_values is not None:
+        k = d.override_values.numel()
+        parts += [(d.override_indices, (k, len(shape)), False), (d.override_values, (k,), True)]
+        ranges += list(zip(d.override_indices.t(), shape))
+    for tensor, expected, values in parts:
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != expected or (tensor.dtype == torch.float32) != values:
+            raise ValueError(f"a part has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {expected}")
+        if values and not torch.isfinite(tensor).all():
+            raise ValueError("a part holds NaN/Inf values")
+    for index, bound in ranges:
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+            raise ValueError(f"an index lies outside [0, {bound})")
+
+
 def read_report(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / REPORT).read_text())
+    path = Path(directory) / REPORT
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise ArtifactError(f"{path}: unreadable report ({err})") from err
+    if not isinstance(report, dict):
+        raise ArtifactError(f"{path}: the report is not a JSON object")
+    return report
 
 
 def update_report(directory: str | Path, report: dict) -> None:
-    """Rewrite the report and its checksum in the index (the weights are untouched)."""
+    """Replace the report and its checksum, atomically: a copy of the artifact (other files hard-linked)
+    with the new report is swapped in."""
     directory = Path(directory)
     index = read_index(directory)
-    (directory / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
-    index["files"][REPORT] = sha256_files([directory / REPORT])[REPORT]
-    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    with _staged(directory) as tmp:
+        for file in directory.iterdir():
+            if file.is_file() and file.name not in (REPORT, INDEX):
+                try:
+                    os.link(file, tmp / file.name)
+                except OSError:
+                    shutil.copy2(file, tmp / file.name)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
+        index["files"][REPORT] = sha256_files([tmp / REPORT])[REPORT]
+        _write_index(tmp, index)
+        _write_card(tmp, index, report, directory)
+
+
+def _add_quantization_config(directory: Path, index: dict) -> None:
+    """Make the copied config.json load with transformers (after ``import hf_decompose``): its
+    ``quantization_config`` is the DecomposedConfig with the base pinned, its weights the decomposition."""
+    from .config import QUANT_METHOD
+
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    base = index["base_model"]
+    config["quantization_config"] = dict(index["config"], quant_method=QUANT_METHOD, base_model=base["id"], base_revision=base.get("revision"))
+    config["transformers_weights"] = WEIGHTS
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_card(directory: Path, index: dict, report: dict, source: Path | None) -> None:
+    """README.md, the model card; not checksummed, so it can be edited on the Hub."""
+    from .card import render_card
+
+    text = render_card(index, report, source)
+    (directory / CARD).unlink(missing_ok=True)  # may be a hard link to the previous card
+    (directory / CARD).write_text(text)
 
 
 def _jsonable(value):

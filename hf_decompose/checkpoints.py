@@ -14,23 +14,15 @@ from safetensors import SafetensorError, safe_open
 from .errors import CheckpointError
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab.*", "merges.txt"]
 
 
 def resolve(model: str | Path, revision: str | None = None, **hub_kwargs) -> Path:
-    """A local directory as is, else a Hub snapshot of the files a decomposition reads."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{model} is a file, expected a model directory or a Hub repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """A local directory as is, else a Hub snapshot of the files a decomposition reads (see `hf_decompose.hub`)."""
+    from .hub import resolve as hub_resolve
 
-    try:
-        return Path(snapshot_download(str(model), revision=revision, allow_patterns=WEIGHT_PATTERNS + CONFIG_PATTERNS, **hub_kwargs))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot fetch {model!r} (revision {revision!r}): {err}") from err
+    return hub_resolve(model, revision, **hub_kwargs)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -116,11 +108,30 @@ class CheckpointReader:
 def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise CheckpointError(f"{directory}: no config.json") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_causal_lm(config: dict, where: Path) -> None:
+    """Raise `CheckpointError` unless transformers knows `config` as a causal language model."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise CheckpointError(f"{where}/config.json: model_type {model_type!r} is not supported by this transformers version")
+    classes = {c for v in CAUSAL.values() for c in ([v] if isinstance(v, str) else v)}
+    causal = model_type in CAUSAL if not architectures else all(
+        isinstance(a, str) and (a in classes or a.endswith(("ForCausalLM", "LMHeadModel"))) for a in architectures
+    )
+    if not causal:
+        raise CheckpointError(f"{where}/config.json: {model_type} {architectures} is not a causal language model")
 
 
 @dataclass
@@ -137,6 +148,7 @@ class CheckpointPair:
                 f"architectures differ: base {b.directory} is {b.config.get('model_type')} {b.config.get('architectures')}, "
                 f"fine-tune {f.directory} is {f.config.get('model_type')} {f.config.get('architectures')}"
             )
+        check_causal_lm(f.config, f.directory)
         if bool(b.config.get("tie_word_embeddings", True)) != bool(f.config.get("tie_word_embeddings", True)):
             raise CheckpointError(
                 f"tie_word_embeddings differs: base {b.config.get('tie_word_embeddings')}, fine-tune {f.config.get('tie_word_embeddings')}"
@@ -150,14 +162,29 @@ class CheckpointPair:
             if extra:
                 parts.append(f"not in the base: {', '.join(extra[:5])}")
             raise CheckpointError("tensors do not pair up; " + "; ".join(parts))
+        vocab = (b.config.get("vocab_size"), f.config.get("vocab_size"))
         for name in b.names():
-            if b.shape(name) != f.shape(name):
-                raise CheckpointError(f"tensor {name!r}: base shape {b.shape(name)} != fine-tune shape {f.shape(name)}")
+            for side in (b, f):
+                if side.dtype(name) not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{side.directory}: tensor {name!r} has dtype {side.dtype(name)}; only floating-point weights "
+                        "can be decomposed (dequantize quantized checkpoints first)"
+                    )
+            bs, fs = b.shape(name), f.shape(name)
+            if bs != fs and not (bs[1:] == fs[1:] and bs[:1] == vocab[:1] and fs[:1] == vocab[1:]):
+                raise CheckpointError(f"tensor {name!r}: base shape {bs} != fine-tune shape {fs}")
+            if bs[:1] > fs[:1]:
+                raise CheckpointError(f"tensor {name!r}: the fine-tune's vocabulary shrank from {bs[0]} to {fs[0]} tokens (unsupported)")
 
     def names(self) -> list[str]:
         return self.base.names()
 
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base tensor in the fine-tune's shape: rows of tokens added by the fine-tune are zero."""
+        base, shape = self.base.get(name), self.finetuned.shape(name)
+        return torch.cat([base, base.new_zeros(shape[0] - base.shape[0], *shape[1:])]) if base.shape != shape else base
+
     def deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Yield (name, base, fine-tune) one tensor pair at a time, as float32."""
         for name in self.names():
-            yield name, self.base.get(name), self.finetuned.get(name)
+            yield name, self.base_tensor(name), self.finetuned.get(name)

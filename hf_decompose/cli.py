@@ -1,15 +1,16 @@
-"""`hf-decompose demo | decompose | verify`: parse, call the library, print the summary."""
+"""`hf-decompose demo | decompose | verify | inspect`: parse, call the library, print the summary."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
-from . import artifact
+from . import artifact, resume
 from .config import DecomposedConfig
 from .equivalence import load_prompts, verify_equivalence
 from .errors import DecomposeError
@@ -59,12 +60,20 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     config = DecomposedConfig.from_yaml(args.config) if args.config else DecomposedConfig()
     if args.mode:
         config.mode = args.mode
-    model = decompose(args.finetuned, args.base, config)
-    if args.prompts:
+    prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
+    out = artifact.check_target(args.output, args.overwrite)
+    partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until saved
+    model = decompose(args.finetuned, args.base, config, resume_dir=partial)
+    if prompts:
         reference, tokenizer = _load_reference(model.source_dir)
-        _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
-    model.save_pretrained(args.output, overwrite=args.overwrite)
+        _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    model.save_pretrained(out, overwrite=args.overwrite)
     print(summary_table(model.report))
+    if args.push_to_hub:
+        from .hub import push_artifact
+
+        commit = push_artifact(out, args.push_to_hub, private=args.private or None)
+        print(f"pushed {out} to {commit.commit_url}")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -74,6 +83,12 @@ def cmd_verify(args: argparse.Namespace) -> None:
     _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
     artifact.update_report(args.directory, model.report)
     print(summary_table(model.report))
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .figures import write_report
+
+    print(f"wrote {write_report(args.directory, args.output, args.tensors, args.max_blocks)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--mode", choices=["lossless", "criterion"])
     dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
     dec.add_argument("--overwrite", action="store_true")
+    dec.add_argument("--no-resume", action="store_true", help="do not cache finished layers in .OUTPUT.partial/ for a re-run")
+    dec.add_argument("--push-to-hub", metavar="REPO", help="also upload the artifact, with its model card, to this Hub repo")
+    dec.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     generation_args(dec)
     dec.set_defaults(func=cmd_decompose)
 
@@ -109,13 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--finetuned", help="the fine-tune to compare against (default: the one recorded)")
     generation_args(ver)
     ver.set_defaults(func=cmd_verify)
+
+    ins = sub.add_parser("inspect", help="write a report with figures (DIR/report/report.md) for an artifact or a demo output")
+    ins.add_argument("directory")
+    ins.add_argument("--output", help="report folder (default: DIRECTORY/report)")
+    ins.add_argument("--tensors", nargs="*", help="block pictures of the tensors whose names contain these strings")
+    ins.add_argument("--max-blocks", type=int, default=3, help="at most this many block pictures")
+    ins.set_defaults(func=cmd_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("hf_decompose")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
     try:
-        args.func(args)
+        with resume.sigterm_as_exit():  # SIGTERM cleans up temporary files as Ctrl-C does
+            args.func(args)
     except DecomposeError as err:
         print(f"hf-decompose: error: {err}")
         return 2

@@ -8,24 +8,46 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ConfigError
 
-MODES = ("lossless", "criterion")
+QUANT_METHOD = "hf_decompose"  # the name transformers' quantization registry knows this config by
+
+MODES = ("lossless", "criterion", "anneal")
+TARGETS = ("exact", "top1", "kl")
 NULLS = ("reference", "init")
 CORRECTIONS = ("bh", "bonferroni")
 EXECUTIONS = ("merged", "split")
+FIELD_TYPES = {
+    "base_model": (str, type(None)), "base_revision": (str, type(None)), "mode": str, "null": str, "q": (int, float),
+    "correction": str, "entry_test": bool, "group_test": bool, "spectral_test": bool, "max_rank": int, "execution": str,
+    "dense_block_density": (int, float), "seed": int, "annealing": dict, "quant_method": str,
+}  # fmt: skip
+
+
+ANNEALING: dict[str, Any] = {
+    "target": "exact",
+    "tolerance": 0.99,
+    "margin_ratio": 0.5,
+    "levels": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6],
+    "calibration_prompts": 32,
+    "calibration_tokens": 32,
+    "max_time_s": 900,
+    "precision": True,
+}
 
 
 @dataclass
-class DecomposedConfig:
+class DecomposedConfig(QuantizationConfigMixin):
     """How to decompose a fine-tune against its base.
 
     Args:
         base_model: Hub id or local directory of the checkpoint training started from.
         base_revision: Hub revision of the base (ignored for local directories).
         mode: ``"lossless"`` removes only exactly-zero deltas (rebuilds the fine-tune bit for bit);
-            ``"criterion"`` removes every dependency the statistical criterion calls unsupported.
+            ``"criterion"`` removes every dependency the statistical criterion calls unsupported;
+            ``"anneal"`` removes structure layer by layer under an equivalence guard (see `annealing`).
         null: ``"reference"`` tests deltas against the base with a noise scale estimated from the
             data; ``"init"`` tests weights against N(0, initializer_range^2) (the paper's literal form).
         q: significance level (FDR level for ``"bh"``, family-wise level for ``"bonferroni"``).
@@ -35,6 +57,9 @@ class DecomposedConfig:
         execution: ``"merged"`` (one dense weight per module) or ``"split"`` (base plus substructures).
         dense_block_density: components at least this dense are stored as dense blocks.
         seed: seed for anything random (prompt sampling, randomized solvers).
+        quant_method: always ``"hf_decompose"``: as a transformers ``quantization_config``
+            (``from_pretrained(..., quantization_config=DecomposedConfig(base_model=...))``), this
+            config makes loading decompose the checkpoint against ``base_model`` (see `hf_decompose.quantizer`).
     """
 
     base_model: str | None = None
@@ -50,23 +75,46 @@ class DecomposedConfig:
     execution: str = "merged"
     dense_block_density: float = 0.5
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    annealing: dict[str, Any] = field(default_factory=dict)
+    quant_method: str = field(default=QUANT_METHOD, kw_only=True)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.annealing, dict):
+            raise ConfigError(f"annealing must be a mapping, got {type(self.annealing).__name__}")
+        unknown = sorted(set(self.annealing) - set(ANNEALING))
+        if unknown:
+            raise ConfigError(f"unknown annealing field(s): {', '.join(unknown)}")
+        self.annealing = {**ANNEALING, **self.annealing}
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first out-of-range field."""
+        """Raise `ConfigError` naming the first field of a wrong type or out of range."""
+        for name, kind in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise ConfigError(f"{name}={value!r} has type {type(value).__name__}, expected {expected}")
+        if self.quant_method != QUANT_METHOD:
+            raise ConfigError(f"unknown quant_method {self.quant_method!r}: a DecomposedConfig is quant_method={QUANT_METHOD!r}")
         for name, allowed in (("mode", MODES), ("null", NULLS), ("correction", CORRECTIONS), ("execution", EXECUTIONS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r} is not one of {allowed}")
-        if not isinstance(self.q, (int, float)) or not 0.0 < float(self.q) < 1.0:
+        if not 0 < self.q < 1:
             raise ConfigError(f"q={self.q!r} must lie strictly between 0 and 1")
-        if not isinstance(self.max_rank, int) or self.max_rank < 0:
+        if self.max_rank < 0:
             raise ConfigError(f"max_rank={self.max_rank!r} must be a non-negative integer")
-        if not 0.0 <= float(self.dense_block_density) <= 1.0:
+        if not 0 <= self.dense_block_density <= 1:
             raise ConfigError(f"dense_block_density={self.dense_block_density!r} must lie in [0, 1]")
+        a = self.annealing
+        if a["target"] not in TARGETS:
+            raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
+        levels = a["levels"]
+        if not isinstance(levels, list) or not levels or any(not isinstance(x, (int, float)) or not 0 < x <= 1 for x in levels) or levels != sorted(levels):
+            raise ConfigError(f"annealing.levels={levels!r} must be a non-empty increasing list of values in (0, 1]")
+        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "margin_ratio", "tolerance"):
+            if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
+                raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,7 +124,7 @@ class DecomposedConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a decomposition config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(repr, set(data) - known))
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         try:
@@ -89,11 +137,11 @@ class DecomposedConfig:
         """Read a recipe; its ``decomposition:`` section if present, else the whole file."""
         try:
             data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as err:
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
         if isinstance(data, dict) and "decomposition" in data:
             data = data["decomposition"]
-        return cls.from_dict(data or {})
+        return cls.from_dict({} if data is None else data)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump({"decomposition": self.to_dict()}, sort_keys=False))

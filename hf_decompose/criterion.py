@@ -4,9 +4,11 @@ Null hypothesis (``null="reference"``): the fine-tuned tensor equals the referen
 white optimizer noise of unknown scale. Three tests, each with its own p-values:
 
 * **spectral** - singular values of the delta matrix against the largest singular value of a pure
-  noise matrix of the same shape (Marchenko-Pastur edge, Tracy-Widom fluctuations, Johnstone 2001);
-  the noise scale comes from the median singular value (Gavish & Donoho 2014), which low-rank
-  signal barely moves. Leading directions that reject are kept as low-rank structure.
+  noise matrix of the same shape (Marchenko-Pastur edge, Tracy-Widom fluctuations, Johnstone 2001).
+  The noise scale is the energy left outside the detected spikes, re-estimated until the number of
+  spikes is stable (in the spirit of Kritchman & Nadler 2008); only the leading `max_rank` singular
+  triplets are computed (randomized SVD). Leading directions that reject are kept as low-rank
+  structure.
 * **entry** - each entry of the residual (delta minus the spectral part) as z = r / sigma with a
   robust scale sigma = 1.4826 MAD; two-sided normal p-values.
 * **group** - the paper's multi-channel dependency: sum of z^2 over a neuron / head / token row /
@@ -23,18 +25,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
-
 import numpy as np
 import torch
-from scipy import integrate, optimize, stats
+from scipy import stats
 
 from .config import DecomposedConfig
 from .groups import Geometry, ParamInfo, group_ids
 
 MAD_TO_SIGMA = 1.4826
+Z_HIST_RANGE, Z_HIST_BINS = 8.0, 64  # per-tensor histogram of entry z, kept in the report for figures
 # Tracy-Widom (beta=1) as a shifted gamma: Chiani (2014), "Distribution of the largest eigenvalue ...".
 _TW1_SHAPE, _TW1_SCALE, _TW1_SHIFT = 46.446, 0.186054, 9.84801
+
+
+def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig) -> torch.Tensor:
+    """Entries whose |z| = |r| / sigma rejects N(0, 1), two-sided, under the configured control.
+
+    Only entries with p <= q can ever be rejected by BH or Bonferroni, so p-values are computed and
+    sorted for those alone; ranks among them equal ranks among all m tests.
+    """
+    if sigma <= 0:
+        return residual != 0
+    z = residual.abs() / sigma
+    candidates = (z >= float(stats.norm.isf(config.q / 2))).nonzero(as_tuple=True)
+    p = 2 * stats.norm.sf(z[candidates].double().numpy())
+    m = residual.numel()
+    if config.correction == "bonferroni":
+        keep = p <= config.q / m
+    else:
+        order = np.argsort(p, kind="stable")
+        below = p[order] <= config.q * np.arange(1, p.size + 1) / m
+        keep = np.zeros(p.size, dtype=bool)
+        if below.any():
+            keep[order[: int(np.nonzero(below)[0].max()) + 1]] = True
+    mask = torch.zeros_like(residual, dtype=torch.bool)
+    mask[tuple(c[torch.from_numpy(keep)] for c in candidates)] = True
+    return mask
 
 
 def reject(pvalues: np.ndarray, q: float, correction: str) -> np.ndarray:
@@ -60,20 +86,6 @@ def robust_sigma(values: torch.Tensor) -> float:
         flat = flat[:: flat.numel() // 2_000_000]
     med = flat.median()
     return float(MAD_TO_SIGMA * (flat - med).abs().median())
-
-
-@lru_cache(maxsize=64)
-def mp_median(beta: float) -> float:
-    """Median of the Marchenko-Pastur law (unit variance, aspect ratio beta <= 1)."""
-    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
-
-    def density(x: float) -> float:
-        return math.sqrt(max((hi - x) * (x - lo), 0.0)) / (2 * math.pi * beta * x)
-
-    def cdf_minus_half(t: float) -> float:
-        return integrate.quad(density, lo, t, limit=200)[0] - 0.5
-
-    return float(optimize.brentq(cdf_minus_half, lo + 1e-12, hi))
 
 
 def tracy_widom_sf(x: np.ndarray) -> np.ndarray:
@@ -110,23 +122,41 @@ class SpectralResult:
 
 
 def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | None = None) -> SpectralResult:
-    """Keep the leading singular directions whose values reject the noise null at level q."""
-    out_dim, in_dim = delta.shape
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    s_np = s.double().numpy()
+    """Keep the leading singular directions whose values reject the noise null at level q.
+
+    With `sigma` given (the ``init`` null) the scale is known; otherwise it is estimated from the
+    energy outside the spikes found so far, until the spike count stops changing.
+    """
     m, n = min(delta.shape), max(delta.shape)
-    if sigma is None:
-        sigma = float(np.median(s_np) / math.sqrt(n * mp_median(m / n))) if m > 1 else 0.0
-    k = min(config.max_rank, len(s_np))
-    pvalues = spectral_pvalues(s_np[:k], delta.shape, sigma)
-    rejected = reject(pvalues, config.q, config.correction)
-    rank = int(np.argmin(rejected)) if not rejected.all() else k  # leading run of rejections
-    total = float((s_np**2).sum())
+    k = min(config.max_rank + 8, m)
+    if k < m // 2:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)
+        u, s, v = torch.svd_lowrank(delta, q=k, niter=3)
+        torch.random.set_rng_state(gen_state)
+        vh = v.t()
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    s_np = s.double().numpy()
+    total = float(delta.double().square().sum())
+    tested = min(config.max_rank, len(s_np))
+    rank, known = 0, sigma is not None
+    for _ in range(10):
+        if not known:
+            noise = max(total - float((s_np[:rank] ** 2).sum()), 0.0)
+            sigma = math.sqrt(noise / ((m - rank) * (n - rank))) if noise > 0 else 0.0
+        pvalues = spectral_pvalues(s_np[:tested], delta.shape, sigma)
+        rejected = reject(pvalues, config.q, config.correction)
+        new_rank = int(np.argmin(rejected)) if not rejected.all() else tested  # leading run of rejections
+        if new_rank == rank or known:
+            rank = new_rank
+            break
+        rank = new_rank
     return SpectralResult(
         sigma=sigma,
         edge=sigma * (math.sqrt(m) + math.sqrt(n)),
         rank=rank,
-        singular_values=s_np[: max(k, 1)],
+        singular_values=s_np[:tested],
         pvalues=pvalues,
         energy_fraction=float((s_np[:rank] ** 2).sum() / total) if total > 0 else 0.0,
         u=(u[:, :rank] * s[:rank]).contiguous(),
@@ -144,6 +174,7 @@ class TensorTest:
     mask: torch.Tensor  # supported entries of the residual
     spectral: SpectralResult | None = None
     stats: dict = field(default_factory=dict)
+    group_pvalues: np.ndarray | None = None  # per unit along the group axis (one value for a vector)
 
 
 def assess_layer(
@@ -181,12 +212,7 @@ def assess_layer(
 
     if config.entry_test:
         for result in results.values():
-            if result.sigma > 0:
-                z = (result.residual / result.sigma).abs().double().numpy()
-                p = 2 * stats.norm.sf(z)
-                result.mask |= torch.from_numpy(reject(p, config.q, config.correction).reshape(z.shape))
-            else:
-                result.mask |= result.residual != 0
+            result.mask |= entry_support(result.residual, result.sigma, config)
     if config.group_test:
         _group_tests(results, config, geometry)
     for result in results.values():
@@ -197,6 +223,9 @@ def assess_layer(
             "spectral_rank": result.spectral.rank if result.spectral else 0,
             "spectral_energy": result.spectral.energy_fraction if result.spectral else 0.0,
         }
+        if result.sigma > 0:
+            z = (result.residual.float() / result.sigma).clamp(-Z_HIST_RANGE, Z_HIST_RANGE)
+            result.stats["z_hist"] = torch.histc(z, Z_HIST_BINS, -Z_HIST_RANGE, Z_HIST_RANGE).int().tolist()
     return results
 
 
@@ -226,12 +255,13 @@ def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geome
         np.add.at(sums[key], ids, per_unit)
         np.add.at(dofs[key], ids, count)
         members.append((name, key, ids))
-    supported = {}
+    supported, pvalues = {}, {}
     for key in sums:
-        p = stats.chi2.sf(sums[key], np.maximum(dofs[key], 1))
-        supported[key] = reject(p, config.q, config.correction)
+        pvalues[key] = stats.chi2.sf(sums[key], np.maximum(dofs[key], 1))
+        supported[key] = reject(pvalues[key], config.q, config.correction)
     for name, key, ids in members:
         result = results[name]
+        result.group_pvalues = pvalues[key][ids]
         hit = torch.from_numpy(supported[key][ids])
         if result.info.group_axis is None:
             result.mask |= bool(hit[0])

@@ -2,13 +2,14 @@
 
 Greedy ``generate()`` of both models on held-out prompts, token for token, plus teacher-forced
 logit metrics on the reference continuation (max |logit diff|, mean KL, top-1 agreement) and the
-perplexity of both models on the prompt texts.
+perplexity of both models on the prompt texts. The summary is computed by the `evaluate` metric
+``hf_decompose/metrics/generation_equivalence``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import PromptError
+from .metrics import load_generation_equivalence
+
+DATASET_FILES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 @dataclass
@@ -29,14 +33,40 @@ class EquivalenceResult:
     top1_agreement: float
     perplexity_reference: float
     perplexity_candidate: float
+    per_prompt_max_abs_logit_diff: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def load_prompts(source) -> list[str]:
-    """Prompts from a list of strings, a `datasets.Dataset` (column ``prompt`` or ``text``), or a
-    ``.txt`` (one per line) / ``.jsonl`` (``{"prompt": ...}`` or ``{"text": ...}``) file."""
+def _load_dataset(source: str, split: str | None):
+    """A `datasets` dataset from a data file (.csv, .json, .parquet, ...), a folder or a Hub dataset id."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+            data = datasets.load_dataset(DATASET_FILES[path.suffix], data_files=str(path), split=split or "train", **extra)
+        else:
+            data = datasets.load_dataset(str(source), split=split)
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError, ...)
+        raise PromptError(f"cannot load prompts from {source!r} with datasets.load_dataset: {err}") from err
+    if isinstance(data, datasets.DatasetDict):
+        name = next((s for s in ("test", "validation", "train") if s in data), next(iter(data)))
+        data = data[name]
+    return data
+
+
+def load_prompts(source, split: str | None = None) -> list[str]:
+    """Prompts from a list of strings, a `datasets.Dataset` (column ``prompt`` or ``text``), a
+    ``.txt`` (one per line) / ``.jsonl`` (``{"prompt": ...}`` or ``{"text": ...}``) file, or anything
+    else `datasets.load_dataset` reads (a .csv / .json / .parquet file, a folder, a Hub dataset id;
+    `split` defaults to test, then validation, then train)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if (path.suffix in DATASET_FILES) if path.is_file() else (path.suffix not in (".txt", ".jsonl")):
+            source = _load_dataset(str(source), split)  # a data file, a folder or a Hub dataset id
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -60,6 +90,14 @@ def load_prompts(source) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise PromptError(f"{where}: the prompt set is empty or holds empty/non-text prompts")
     return prompts
+
+
+def check_disjoint(calib: list[str], eval: list[str]) -> None:
+    """Raise `PromptError` naming a prompt found in both sets (whitespace-normalized)."""
+    seen = {" ".join(p.split()) for p in calib}
+    overlap = [p for p in eval if " ".join(p.split()) in seen]
+    if overlap:
+        raise PromptError(f"calibration and evaluation prompts overlap ({len(overlap)} shared), e.g. {overlap[0][:80]!r}")
 
 
 def _prepare(tokenizer):
@@ -99,11 +137,7 @@ def verify_equivalence(
     prompts = load_prompts(prompts)
     ref_tokens = greedy_generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress)
     cand_tokens = greedy_generate(candidate, tokenizer, prompts, max_new_tokens, batch_size, progress)
-    first_div: list[int | None] = []
-    for r, c in zip(ref_tokens, cand_tokens):
-        diff = (r != c).nonzero()
-        first_div.append(int(diff[0]) if len(diff) else None)
-    max_diff, kl_sum, agree, n_pos = 0.0, 0.0, 0, 0
+    kl, top1, max_diff = [], [], []  # per prompt: per-position KL and top-1 agreement, max |logit diff|
     nll = {"reference": [0.0, 0], "candidate": [0.0, 0]}
     device = next(reference.parameters()).device
     for start in range(0, len(prompts), batch_size):
@@ -115,25 +149,28 @@ def verify_equivalence(
         lc = candidate(input_ids=ids, attention_mask=mask).logits.float()
         plen = enc["input_ids"].shape[1]
         cr, cc = lr[:, plen - 1 : -1], lc[:, plen - 1 : -1]  # positions that predict the continuation
-        max_diff = max(max_diff, float((cr - cc).abs().max()))
-        kl_sum += float(F.kl_div(F.log_softmax(cc, -1), F.log_softmax(cr, -1), log_target=True, reduction="sum"))
-        agree += int((cr.argmax(-1) == cc.argmax(-1)).sum())
-        n_pos += cr.shape[0] * cr.shape[1]
+        max_diff += (cr - cc).abs().amax(dim=(1, 2)).tolist()
+        kl += F.kl_div(F.log_softmax(cc, -1), F.log_softmax(cr, -1), log_target=True, reduction="none").sum(-1).tolist()
+        top1 += (cr.argmax(-1) == cc.argmax(-1)).int().tolist()
         targets = ids[:, 1:plen]
         valid = mask[:, :plen - 1].bool() & mask[:, 1:plen].bool()
         for key, logits in (("reference", lr), ("candidate", lc)):
             loss = F.cross_entropy(logits[:, : plen - 1].transpose(1, 2), targets, reduction="none")
             nll[key][0] += float(loss[valid].sum())
             nll[key][1] += int(valid.sum())
-    matches = sum(d is None for d in first_div)
+    summary = load_generation_equivalence().compute(
+        predictions=[t.tolist() for t in cand_tokens], references=[t.tolist() for t in ref_tokens],
+        position_kl=kl, position_top1=top1, prompt_max_abs_logit_diff=max_diff,
+    )
     return EquivalenceResult(
-        exact_match_rate=matches / len(prompts),
+        exact_match_rate=summary["exact_match_rate"],
         num_prompts=len(prompts),
         max_new_tokens=max_new_tokens,
-        first_divergence=first_div,
-        max_abs_logit_diff=max_diff,
-        mean_kl=kl_sum / max(n_pos, 1),
-        top1_agreement=agree / max(n_pos, 1),
+        first_divergence=summary["first_divergence"],
+        max_abs_logit_diff=summary["max_abs_logit_diff"],
+        mean_kl=summary["mean_kl"],
+        top1_agreement=summary["top1_agreement"],
         perplexity_reference=float(torch.exp(torch.tensor(nll["reference"][0] / max(nll["reference"][1], 1)))),
         perplexity_candidate=float(torch.exp(torch.tensor(nll["candidate"][0] / max(nll["candidate"][1], 1)))),
+        per_prompt_max_abs_logit_diff=summary["per_prompt_max_abs_logit_diff"],
     )

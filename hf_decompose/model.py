@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -12,21 +13,29 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from . import artifact
-from .checkpoints import CheckpointPair, CheckpointReader, resolve, sha256_files
+from . import artifact, resume
+from .checkpoints import CheckpointPair, CheckpointReader, read_config, resolve, sha256_files
 from .config import DecomposedConfig
+from .annealing import anneal_model
 from .criterion import assess_layer
 from .deltas import exact_delta
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError
 from .groups import Geometry, ParamInfo, describe
+from .hub import commit_of, push_artifact
 from .modules import DecomposedModule
+from .placement import place
 from .substructures import TensorDelta, extract, layer_components
 
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
 
 
-def compute_deltas(pair: CheckpointPair, config: DecomposedConfig, progress: bool = True) -> tuple[dict[str, TensorDelta], list[dict]]:
-    """Stream the pair one layer at a time; return the kept deltas and per-layer statistics."""
+def compute_deltas(
+    pair: CheckpointPair, config: DecomposedConfig, progress: bool = True, cache: resume.LayerCache | None = None
+) -> tuple[dict[str, TensorDelta], list[dict]]:
+    """Stream the pair one layer at a time; return the kept deltas and per-layer statistics.
+
+    Layers found in `cache` are reused, layers computed are added to it.
+    """
     model_type = pair.finetuned.config.get("model_type", "")
     try:
         geometry = Geometry.from_config(pair.finetuned.config)
@@ -34,28 +43,47 @@ def compute_deltas(pair: CheckpointPair, config: DecomposedConfig, progress: boo
         geometry = None
     by_layer: dict[str, list[ParamInfo]] = defaultdict(list)
     for name in pair.names():
-        info = describe(name, pair.base.shape(name), model_type)
+        info = describe(name, pair.finetuned.shape(name), model_type)
         by_layer[info.layer or name].append(info)
     deltas: dict[str, TensorDelta] = {}
     layers = []
-    for layer, infos in tqdm(by_layer.items(), desc="decomposing", unit="layer", disable=not progress):
-        layer_deltas = {}
-        if config.mode == "lossless":
-            for info in infos:
-                base, ft = info.canonical(pair.base.get(info.name)), info.canonical(pair.finetuned.get(info.name))
-                delta, idx, values = exact_delta(base, ft)
-                layer_deltas[info.name] = extract(info, delta, delta != 0, overrides=(idx, values), dense_block_density=config.dense_block_density)
-            tests = {}
-        else:
-            tensors = {i.name: (i, i.canonical(pair.finetuned.get(i.name)) - i.canonical(pair.base.get(i.name))) for i in infos}
-            tests = assess_layer(tensors, config, geometry)
-            for name, t in tests.items():
-                lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
-                layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density)
-            del tensors
+    for i, (layer, infos) in enumerate(tqdm(by_layer.items(), desc="decomposing", unit="layer", disable=not progress)):
+        layer_deltas, stats = resume.cached_layer(cache, i, layer, lambda: _compute_layer(pair, config, geometry, layer, infos))
         deltas.update(layer_deltas)
-        layers.append(_layer_stats(layer, infos, layer_deltas, tests, geometry))
+        layers.append(stats)
     return deltas, layers
+
+
+def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geometry | None, layer: str, infos: list[ParamInfo]) -> resume.LayerResult:
+    layer_deltas = {}
+    if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
+        for info in infos:
+            base, ft = info.canonical(pair.base_tensor(info.name)), info.canonical(pair.finetuned.get(info.name))
+            delta, idx, values = exact_delta(base, ft)
+            layer_deltas[info.name] = extract(info, delta, delta != 0, overrides=(idx, values), dense_block_density=config.dense_block_density)
+        tests = {}
+    else:
+        tensors = {i.name: (i, i.canonical(pair.finetuned.get(i.name)) - i.canonical(pair.base_tensor(i.name))) for i in infos}
+        tests = assess_layer(tensors, config, geometry)
+        for name, t in tests.items():
+            lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
+            layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density)
+        del tensors
+    return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
+
+
+def summarize_layers(deltas: dict[str, TensorDelta], hf_config: dict) -> list[dict]:
+    """Per-layer statistics of kept deltas (after annealing, where no tests ran)."""
+    model_type = hf_config.get("model_type", "")
+    try:
+        geometry = Geometry.from_config(hf_config)
+    except ValueError:
+        geometry = None
+    by_layer: dict[str, list[ParamInfo]] = defaultdict(list)
+    for name, d in deltas.items():
+        info = describe(name, d.shape, model_type)
+        by_layer[info.layer or name].append(info)
+    return [_layer_stats(layer, infos, {i.name: deltas[i.name] for i in infos}, {}, geometry) for layer, infos in by_layer.items()]
 
 
 def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDelta], tests: dict, geometry: Geometry | None) -> dict:
@@ -90,7 +118,10 @@ class DecomposedModel(nn.Module):
     ``set_execution``, ``save_pretrained`` and ``from_pretrained``.
     """
 
-    def __init__(self, model: nn.Module, deltas: dict[str, TensorDelta], config: DecomposedConfig, index: dict, report: dict, source_dir: Path):
+    def __init__(
+        self, model: nn.Module, deltas: dict[str, TensorDelta], config: DecomposedConfig, index: dict, report: dict, source_dir: Path,
+        resume_dir: str | Path | None = None,
+    ):
         super().__init__()
         self.model = model
         self.deltas = deltas
@@ -98,6 +129,7 @@ class DecomposedModel(nn.Module):
         self.index = index
         self.report = report
         self.source_dir = source_dir  # where config.json and the tokenizer come from
+        self.resume_dir = resume_dir  # the layer cache of `decompose`, deleted once saved
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -121,22 +153,45 @@ class DecomposedModel(nn.Module):
         self.decomposed_config.execution = execution
         return self
 
-    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the artifact (only what differs from the base) atomically."""
+    def dispatch(self, device_map="auto", max_memory: dict | None = None, offload_folder: str | Path | None = None, strategy: str = "spread") -> DecomposedModel:
+        """Place base layers and substructures through Accelerate (`placement.place`): ``device_map`` is
+        ``"auto" | "balanced" | "balanced_low_0" | "sequential" | {module name: device}``."""
+        if device_map is not None:
+            place(self, device_map, max_memory=max_memory, offload_folder=offload_folder, strategy=strategy)
+        return self
+
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False, push_to_hub: bool = False, **push_kwargs) -> Path:
+        """Write the artifact (only what differs from the base) atomically; with `push_to_hub`, upload it
+        too (``repo_id`` defaults to the directory's name; other keywords as in `push_to_hub`)."""
         path = artifact.save(directory, self.deltas, self.index, self.report, self.source_dir, overwrite=overwrite)
         self.report = artifact.read_report(path)
+        if self.resume_dir is not None:
+            resume.clear(self.resume_dir)
+            self.resume_dir = None
+        if push_to_hub:
+            push_artifact(path, push_kwargs.pop("repo_id", Path(path).name), **push_kwargs)
         return path
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the artifact and its model card to the Hub (`hf_decompose.hub.push_artifact` keywords:
+        ``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``, ``tags``); returns the `CommitInfo`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_artifact(artifact.save(Path(tmp) / "artifact", self.deltas, self.index, self.report, self.source_dir), repo_id, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path, base_model: str | Path | None = None, execution: str | None = None, **hub_kwargs) -> DecomposedModel:
-        """Rebuild from an artifact directory; the base comes from the index unless given."""
+    def from_pretrained(
+        cls, directory: str | Path, base_model: str | Path | None = None, execution: str | None = None, base_revision: str | None = None,
+        device_map=None, max_memory: dict | None = None, offload_folder: str | Path | None = None, **hub_kwargs
+    ) -> DecomposedModel:
+        """Rebuild from an artifact directory; the base (and its revision) comes from the index unless given.
+        With `device_map` (`max_memory`, `offload_folder`) the model is placed as by `dispatch`."""
         directory = Path(directory)
         index, deltas = artifact.load(directory)
         config = DecomposedConfig.from_dict(index["config"])
         if execution:
             config.execution = execution
         recorded = index["base_model"]
-        base_dir = resolve(base_model or recorded["id"], None if base_model else recorded.get("revision"), **hub_kwargs)
+        base_dir = resolve(base_model or recorded["id"], base_revision or (None if base_model else recorded.get("revision")), **hub_kwargs)
         actual = sha256_files(CheckpointReader(base_dir).files)
         if actual != recorded["sha256"]:
             raise ArtifactError(
@@ -145,13 +200,16 @@ class DecomposedModel(nn.Module):
             )
         model = build_model(base_dir, directory, deltas, config)
         report = artifact.read_report(directory) if (directory / artifact.REPORT).exists() else {}
-        return cls(model, deltas, config, index, report, directory)
+        return cls(model, deltas, config, index, report, directory).dispatch(device_map, max_memory, offload_folder)
 
 
 def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig) -> nn.Module:
     """Load the base with the fine-tune's config and graft the deltas onto it."""
     hf_config = AutoConfig.from_pretrained(config_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+    for key in ("quantization_config", "transformers_weights"):  # an artifact's config.json: load the base plainly
+        if hasattr(hf_config, key):
+            delattr(hf_config, key)
+    model = _load_base(base_dir, hf_config)
     model.eval()
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
@@ -166,7 +224,7 @@ def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta]
         if pname is None and tied and name.endswith("lm_head.weight"):
             pname = _param_name(next(n for n in deltas if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
         if pname is None:
-            raise ArtifactError(f"tensor {name!r} has no matching parameter in {type(model).__name__}")
+            raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
         owner_name, _, attr = pname.rpartition(".")
         owner = modules[owner_name]
         if attr == "weight" and isinstance(owner, WRAPPABLE):
@@ -179,6 +237,21 @@ def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta]
     if tied and id(embed) in wrapped:
         head_name = next(n for n, m in model.named_modules() if m is head)
         _set_submodule(model, head_name, DecomposedModule(head, wrapped[id(embed)].delta, config.execution, tied=wrapped[id(embed)]))
+    return model
+
+
+def _load_base(base_dir: Path, hf_config) -> nn.Module:
+    """The base as a float32 model of the fine-tune's config; token rows the fine-tune added start at zero."""
+    base_vocab, vocab = read_config(base_dir).get("vocab_size"), getattr(hf_config, "vocab_size", None)
+    if base_vocab is None or vocab == base_vocab:
+        return AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+    hf_config.vocab_size = base_vocab
+    model = AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the new rows' random init is overwritten
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight[base_vocab:] = 0
     return model
 
 
@@ -201,9 +274,19 @@ def decompose(
     *,
     revision: str | None = None,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
+    device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
+    calibration=None,
     **hub_kwargs,
 ) -> DecomposedModel:
     """Decompose a fine-tune against its base: the library's one verb.
+
+    With `resume_dir`, finished layers are cached there and reused by a re-run of the same inputs
+    and config; `save_pretrained` deletes the cache once the artifact is written. ``mode="anneal"``
+    needs `calibration` prompts (a list, dataset or file; keep them disjoint from evaluation prompts). With `device_map`
+    (`max_memory`, `offload_folder`) the model is placed as by `DecomposedModel.dispatch`.
 
     Example::
 
@@ -221,17 +304,31 @@ def decompose(
     base_dir = resolve(base_model, config.base_revision, **hub_kwargs)
     ft_dir = resolve(finetuned, revision, **hub_kwargs)
     pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
+    base_sha = sha256_files(pair.base.files)
+    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_key(base_sha, sha256_files(pair.finetuned.files), config))
     t1 = time.perf_counter()
-    deltas, layers = compute_deltas(pair, config, progress=progress)
-    t2 = time.perf_counter()
-    model = build_model(base_dir, ft_dir, deltas, config)
+    try:
+        deltas, layers = compute_deltas(pair, config, progress=progress, cache=cache)
+        t2 = time.perf_counter()
+        model = build_model(base_dir, ft_dir, deltas, config)
+    except DecomposeError:  # a bad input: nothing to resume
+        if resume_dir is not None:
+            resume.clear(resume_dir)
+        raise
+    if cache is not None and cache.reused:
+        resume.logger.info("resumed %d of %d layers from %s", cache.reused, len(layers), resume_dir)
     t3 = time.perf_counter()
+    annealing_report = None
+    if config.mode == "anneal":
+        deltas, annealing_report = anneal_model(model, deltas, ft_dir, base_dir, calibration, config, progress)
+        layers = summarize_layers(deltas, pair.finetuned.config)
+    t4 = time.perf_counter()
     total = sum(int(torch.tensor(d.shape).prod()) for d in deltas.values())
     kept = sum(d.num_params() for d in deltas.values())
     index = {
         "config": config.to_dict(),
-        "base_model": {"id": str(base_model), "revision": config.base_revision, "sha256": sha256_files(pair.base.files)},
-        "finetuned_model": {"id": str(finetuned), "revision": revision},
+        "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
+        "finetuned_model": {"id": str(finetuned), "revision": commit_of(ft_dir) or revision},
     }
     report = {
         "base_model": str(base_model),
@@ -243,6 +340,8 @@ def decompose(
         "num_substructures": sum(layer["num_substructures"] for layer in layers),
         "size_bytes": {"artifact": 4 * kept, "finetuned": pair.finetuned.nbytes(), "base": pair.base.nbytes()},
         "layers": layers,
-        "timings": {"read_and_validate_s": t1 - t0, "criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2},
+        "timings": {"read_and_validate_s": t1 - t0, "criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3},
     }
-    return DecomposedModel(model, deltas, config, index, report, ft_dir)
+    if annealing_report is not None:
+        report["annealing"] = annealing_report
+    return DecomposedModel(model, deltas, config, index, report, ft_dir, resume_dir=resume_dir).dispatch(device_map, max_memory, offload_folder)

@@ -77,8 +77,8 @@ class TensorDelta:
             out[b.rows[:, None], b.cols[None, :]] += b.values
         if self.sparse_values is not None:
             out.index_put_(tuple(self.sparse_indices), self.sparse_values, accumulate=True)
-        if self.lowrank_u is not None:
-            out += self.lowrank_u @ self.lowrank_v
+        if self.lowrank_u is not None:  # factors may be stored in bfloat16: multiply in float32
+            out += self.lowrank_u.float() @ self.lowrank_v.float()
         return out
 
     def support(self) -> torch.Tensor:
@@ -154,7 +154,17 @@ def extract(
     overrides: tuple[torch.Tensor, torch.Tensor] | None = None,
     dense_block_density: float = 0.5,
 ) -> TensorDelta:
-    """Split the supported entries of `values` (canonical layout) into independent substructures."""
+    """Split the supported entries of `values` (canonical layout), plus low-rank factors and
+    overrides, into independent substructures; one dense delta where pieces would cost more."""
+    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density)
+    if delta.num_params() > values.numel() and (delta.lowrank_u is not None or delta.blocks or delta.sparse_values is not None):
+        return TensorDelta(info.name, tuple(values.shape), info.transposed, dense=delta.to_dense(),
+                           override_indices=delta.override_indices, override_values=delta.override_values)
+    return delta
+
+
+def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float) -> TensorDelta:
+    """`extract` before the cost check."""
     delta = TensorDelta(info.name, tuple(values.shape), info.transposed)
     if lowrank is not None and lowrank[0].shape[1] > 0:
         delta.lowrank_u, delta.lowrank_v = lowrank[0].contiguous(), lowrank[1].contiguous()
@@ -168,21 +178,20 @@ def extract(
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
     n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)
-    entry_label = torch.from_numpy(labels[rows_all.numpy()])
-    sparse_keep = torch.zeros(rows_all.numel(), dtype=torch.bool)
-    for comp in np.unique(labels[rows_all.numpy()]):
-        in_comp = entry_label == int(comp)
-        r, c = rows_all[in_comp], cols_all[in_comp]
-        ur, uc = torch.unique(r), torch.unique(c)
-        if in_comp.sum() >= dense_block_density * ur.numel() * uc.numel() and ur.numel() * uc.numel() > 1:
-            block = values[ur[:, None], uc[None, :]] * mask[ur[:, None], uc[None, :]]
-            delta.blocks.append(Block(ur, uc, block.contiguous()))
-        else:
-            sparse_keep |= in_comp
+    entry_label = labels[rows_all.numpy()]
+    nnz = np.bincount(entry_label, minlength=n_comp)
+    area = np.bincount(labels[:n_rows], minlength=n_comp) * np.bincount(labels[n_rows:], minlength=n_comp)
+    dense = (nnz >= dense_block_density * area) & (area > 1)
+    for comp in np.nonzero(dense)[0]:  # few: every other component is stored as sparse entries
+        ur = torch.from_numpy(np.nonzero(labels[:n_rows] == comp)[0])
+        uc = torch.from_numpy(np.nonzero(labels[n_rows:] == comp)[0])
+        block = values[ur[:, None], uc[None, :]] * mask[ur[:, None], uc[None, :]]
+        delta.blocks.append(Block(ur, uc, block.contiguous()))
+    sparse_keep = torch.from_numpy(~dense[entry_label])
     if sparse_keep.any():
         delta.sparse_indices = torch.stack([rows_all[sparse_keep], cols_all[sparse_keep]])
         delta.sparse_values = values[rows_all[sparse_keep], cols_all[sparse_keep]].contiguous()
-        delta.sparse_components = entry_label[sparse_keep].int()
+        delta.sparse_components = torch.from_numpy(entry_label)[sparse_keep].int()
     return delta
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_decompose import DecomposedConfig
-from hf_decompose.criterion import mp_median, reject, robust_sigma, spectral_test, assess_layer
+from hf_decompose.criterion import assess_layer, entry_support, reject, robust_sigma, spectral_test
 from hf_decompose.groups import Geometry, describe
 
 Q = 0.05
@@ -23,11 +23,16 @@ def test_bh_and_bonferroni_reference_values():
     assert reject(np.array([]), 0.05, "bh").size == 0
 
 
-def test_mp_median_matches_simulation():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((300, 900))
-    eig = np.linalg.svd(x, compute_uv=False) ** 2 / 900
-    assert abs(np.median(eig) - mp_median(300 / 900)) < 0.02
+@pytest.mark.parametrize("correction", ["bh", "bonferroni"])
+def test_entry_support_equals_full_procedure(correction):
+    from scipy import stats
+
+    torch.manual_seed(5)
+    r = torch.randn(300, 200)
+    r[:20, :10] += 7
+    full = reject(2 * stats.norm.sf(r.abs().double().numpy()), 0.05, correction).reshape(r.shape)
+    fast = entry_support(r, 1.0, DecomposedConfig(mode="criterion", correction=correction))
+    assert fast.sum() > 150 and np.array_equal(fast.numpy(), full)
 
 
 @pytest.mark.parametrize("correction", ["bh", "bonferroni"])

@@ -1,0 +1,92 @@
+"""Peak resident memory of decomposing the default pair (SmolLM2-135M + its fine-tune), next to the
+fine-tuned model's size in memory (fp32 bytes). Each measurement runs in its own process:
+
+* ``imports``   - the interpreter with torch, transformers and hf_decompose imported (the floor);
+* ``lossless``  - `decompose(mode="lossless")` + `save_pretrained`;
+* ``criterion`` - `decompose(mode="criterion")` + `save_pretrained`.
+
+Target: peak <= 1.5x the fine-tuned model's fp32 size. Writes benchmarks/results/memory.json.
+
+    python benchmarks/memory.py [--modes lossless,criterion]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import machine  # noqa: E402
+
+TARGET = 1.5
+PHASE = r"""
+import json, resource, sys, tempfile, time
+import torch, transformers
+import hf_decompose
+from hf_decompose import DecomposedConfig, decompose
+mode, base, ft = sys.argv[1:4]
+t0 = time.perf_counter()
+if mode != "imports":
+    with tempfile.TemporaryDirectory() as out:
+        decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(f"{out}/artifact")
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def measure(phase: str, base: Path, finetuned: Path) -> dict:
+    """Peak RSS (ru_maxrss) and wall time of one phase, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(finetuned)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{phase} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_bytes(finetuned: Path) -> int:
+    """The fine-tune's size in memory as fp32: 4 bytes per parameter, read from the safetensors headers."""
+    from hf_decompose.checkpoints import CheckpointReader
+
+    reader = CheckpointReader(finetuned)
+    return 4 * sum(math.prod(reader.shape(name)) for name in reader.names())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="lossless,criterion")
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "memory.json"))
+    args = parser.parse_args()
+    from hf_decompose.pair import prepare_default_pair
+
+    pair = prepare_default_pair()
+    size = model_bytes(pair.finetuned)
+    floor = measure("imports", pair.base, pair.finetuned)["peak_rss_bytes"]
+    rows = {}
+    for mode in args.modes.split(","):
+        m = measure(mode, pair.base, pair.finetuned)
+        rows[mode] = m | {
+            "peak_over_model": m["peak_rss_bytes"] / size,
+            "above_imports_over_model": (m["peak_rss_bytes"] - floor) / size,
+            "within_target": m["peak_rss_bytes"] <= TARGET * size,
+        }
+    result = {
+        "machine": machine(),
+        "pair": {"base": str(pair.base), "finetuned": str(pair.finetuned)},
+        "finetuned_fp32_bytes": size,
+        "imports_peak_rss_bytes": floor,
+        "target_peak_over_model": TARGET,
+        "modes": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"fine-tune in memory (fp32): {size / 2**20:,.0f} MiB; imports alone: {floor / 2**20:,.0f} MiB")
+    for mode, m in rows.items():
+        print(f"{mode:<10} peak {m['peak_rss_bytes'] / 2**20:,.0f} MiB = {m['peak_over_model']:.2f}x the model "
+              f"({m['above_imports_over_model']:.2f}x above the imports), {m['seconds']:.0f} s")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

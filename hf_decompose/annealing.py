@@ -1,0 +1,284 @@
+"""Structural annealing: remove unsupported structure layer by layer while generate() stays equal.
+
+Schedule. Transformer layers are annealed in model order (then the embedding / tied head), so a
+later layer is compressed on the activations of the already-annealed earlier ones. A layer moves
+through increasingly aggressive *levels* (the temperature): level eps keeps, per matrix, the fewest
+activation-weighted singular directions whose dropped energy is at most eps of the delta's. The
+criterion's spectrally supported directions are never dropped (they set a floor on the rank).
+
+Compensation. The directions are those of ``D L`` where ``L L^T = X^T X + damping`` is the Gram
+of the matrix's calibration inputs: the kept factors are the least-squares optimum of
+``||(D - U V) X^T||`` for their rank (activation-aware SVD), i.e. the refit of the kept structure
+on the calibration Gram matrix, in closed form.
+
+Guard. A level is accepted only if, on calibration prompts (disjoint from the evaluation prompts),
+teacher-forced greedy tokens are identical at every position and the logit change stays within a
+fraction of the reference's top-1/top-2 margin (the margin criterion, which is what carries over to
+unseen prompts). The fraction grows with depth so the error budget is shared across layers. A level
+that fails rolls the layer back to its last accepted level. Precision (bf16 storage of the kept
+factors) is a last annealing step under the same guard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from .config import DecomposedConfig
+from .criterion import spectral_test
+from .equivalence import greedy_generate, load_prompts
+from .errors import PromptError
+from .modules import DecomposedModule
+from .substructures import TensorDelta
+
+
+@dataclass
+class Calibration:
+    """Reference continuations and logits of the fine-tuned model on the calibration prompts."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    top1: torch.Tensor  # (n, t) reference greedy tokens
+    margin: torch.Tensor  # (n, t) reference top-1 minus top-2 logit
+    logits: torch.Tensor  # (n, t, vocab) reference logits at the continuation positions
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> Calibration:
+    """Record what the (still exact) model generates and predicts on the calibration prompts."""
+    cont = torch.stack(greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids = torch.cat([enc["input_ids"], cont], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)
+    plen = enc["input_ids"].shape[1]
+    logits = _continuation_logits(model, ids, mask, plen, batch_size)
+    top2 = logits.topk(2, dim=-1).values
+    return Calibration(ids, mask, plen, logits.argmax(-1), top2[..., 0] - top2[..., 1], logits)
+
+
+@torch.no_grad()
+def _continuation_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> torch.Tensor:
+    out = []
+    for s in range(0, ids.shape[0], batch_size):
+        logits = model(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size]).logits
+        out.append(logits[:, plen - 1 : -1].float())
+    return torch.cat(out)
+
+
+def guard(model: nn.Module, calib: Calibration, ratio: float, target: str = "exact", tolerance: float = 0.99, batch_size: int = 8) -> tuple[bool, dict]:
+    """Judge the current model against the calibration reference.
+
+    ``exact``: every teacher-forced top-1 is kept and |logit change| <= ratio x reference margin
+    (greedy generation on the calibration prompts is then identical); ``top1``: top-1 agreement >=
+    `tolerance`; ``kl``: mean KL(reference || model) <= `tolerance`.
+    """
+    logits = _continuation_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+    agree = float((logits.argmax(-1) == calib.top1).float().mean())
+    change = (logits - calib.logits).abs().amax(-1)
+    worst = float((change / calib.margin.clamp_min(1e-6)).max())
+    kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
+    stats = {"top1_agreement": agree, "worst_change_over_margin": worst, "max_abs_logit_diff": float(change.max()), "mean_kl": kl}
+    if target == "exact":
+        return agree == 1.0 and worst <= ratio, stats
+    if target == "top1":
+        return agree >= tolerance, stats
+    return kl <= tolerance, stats
+
+
+class GramCollector:
+    """Accumulate X^T X of the inputs of chosen modules over non-padding positions."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().float()
+            if isinstance(module, nn.Embedding) or (isinstance(module, DecomposedModule) and isinstance(module.base, nn.Embedding)):
+                return
+            x = x[self.mask.bool()] if self.mask is not None and x.shape[:2] == self.mask.shape else x.reshape(-1, x.shape[-1])
+            gram = x.t() @ x
+            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+
+        return hook
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, calib: Calibration, batch_size: int = 8) -> dict[str, torch.Tensor]:
+        for s in range(0, calib.input_ids.shape[0], batch_size):
+            self.mask = calib.attention_mask[s : s + batch_size]
+            model(input_ids=calib.input_ids[s : s + batch_size], attention_mask=self.mask)
+        for h in self.handles:
+            h.remove()
+        return self.grams
+
+
+def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S)."""
+    if gram is None:
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        return (u * s).float(), vh.float(), s
+    h = gram.double()
+    h = h + damping * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    chol = torch.linalg.cholesky(h)
+    p, s, qh = torch.linalg.svd(delta.double() @ chol, full_matrices=False)
+    v = torch.linalg.solve_triangular(chol, qh, upper=False, left=False)  # Q^T L^{-1}
+    return (p * s).float(), v.float(), s
+
+
+def rank_for(s: torch.Tensor, eps: float, floor: int) -> int:
+    """Fewest leading directions whose dropped energy is at most eps of the total."""
+    energy = s.double() ** 2
+    tail = energy.flip(0).cumsum(0).flip(0) / energy.sum().clamp_min(1e-30)  # tail[r] = dropped share at rank r
+    ok = (tail <= eps**2).nonzero()
+    r = int(ok[0]) if len(ok) else len(s)
+    return max(r, floor)
+
+
+@dataclass
+class _Candidate:
+    info_name: str
+    module_name: str
+    full: TensorDelta
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    floor: int
+
+
+def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir: Path, base_dir: Path, calibration, config: DecomposedConfig, progress: bool = True) -> tuple[dict[str, TensorDelta], dict]:
+    """Anneal a model built exact from `deltas`, with the fine-tune's tokenizer (or the base's)."""
+    if calibration is None:
+        raise PromptError("mode='anneal' needs calibration prompts (decompose(..., calibration=...)), disjoint from evaluation prompts")
+    prompts = load_prompts(calibration)[: int(config.annealing["calibration_prompts"])]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
+    except (OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    module_names, gram_names = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, DecomposedModule):
+            if module._tied is None:
+                module_names[module.delta.name] = name
+            gram_names[module.delta.name] = name  # a tied head (visited after its embedding) weighs by its inputs
+    return anneal(model, deltas, tokenizer, prompts, config, module_names, gram_names, progress)
+
+
+def anneal(
+    model: nn.Module,
+    deltas: dict[str, TensorDelta],
+    tokenizer,
+    calibration_prompts: list[str],
+    config: DecomposedConfig,
+    module_names: dict[str, str],
+    gram_names: dict[str, str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, TensorDelta], dict]:
+    """Anneal `model` (built exact from `deltas`) in place; return the kept deltas and the trace.
+
+    `module_names` maps a delta's tensor name to its `DecomposedModule` in `model`; `gram_names`
+    to the module whose inputs weigh it (default: the same).
+    """
+    gram_names = gram_names or module_names
+    t0 = time.perf_counter()
+    opts = config.annealing
+    calib = calibrate(model, tokenizer, calibration_prompts, opts["calibration_tokens"])
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in deltas:
+        if name in module_names and deltas[name].dense is not None and len(deltas[name].shape) == 2:
+            groups[_layer_of(module_names[name])].append(name)
+    order = sorted(groups, key=_layer_key)
+    kept = dict(deltas)
+    trace = []
+    levels = list(opts["levels"])
+    for step, layer in enumerate(tqdm(order, desc="annealing", unit="layer", disable=not progress)):
+        if time.perf_counter() - t0 > opts["max_time_s"]:
+            trace.append({"layer": layer, "level": None, "reason": "max_time_s reached: kept exact"})
+            continue
+        names = groups[layer]
+        grams = GramCollector({n: model.get_submodule(gram_names[n]) for n in names}).run(model, calib)
+        cands = {}
+        for n in names:
+            full = kept[n]
+            factors = weighted_lowrank(full.to_dense(), grams.get(n))
+            floor = spectral_test(full.to_dense(), config).rank if config.spectral_test else 0
+            cands[n] = _Candidate(n, module_names[n], full, factors, floor)
+        ratio = opts["margin_ratio"] * (step + 1) / len(order)
+        accepted, record = None, {"layer": layer, "tries": []}
+        lo, hi = 0, len(levels) - 1  # bisection over levels, assuming harder levels fail more
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            proposal = {n: _lowrank_delta(c, levels[mid]) for n, c in cands.items()}
+            _install(model, proposal, module_names)
+            ok, stats = guard(model, calib, ratio, opts["target"], opts["tolerance"])
+            record["tries"].append({"level": levels[mid], "accepted": ok, **stats})
+            if ok:
+                accepted, lo = (mid, proposal), mid + 1
+            else:
+                hi = mid - 1
+        if accepted is None:
+            _install(model, {n: c.full for n, c in cands.items()}, module_names)
+            record.update(level=None, kept_params=sum(c.full.num_params() for c in cands.values()))
+        else:
+            _install(model, accepted[1], module_names)
+            kept.update(accepted[1])
+            record.update(level=levels[accepted[0]], kept_params=sum(d.num_params() for d in accepted[1].values()),
+                          ranks={n: d.rank for n, d in accepted[1].items()})
+        record["delta_params"] = sum(c.full.to_dense().numel() for c in cands.values())
+        trace.append(record)
+    precision = _anneal_precision(model, kept, module_names, calib, opts) if opts["precision"] else {"dtype": "float32", "accepted": False}
+    return kept, {"trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
+                  "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
+
+
+def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, opts: dict) -> dict:
+    """Store low-rank factors in bfloat16 if the guard still passes."""
+    lowrank = {n: d for n, d in kept.items() if d.lowrank_u is not None and n in module_names}
+    if not lowrank:
+        return {"dtype": "float32", "accepted": False}
+    proposal = {n: _with_dtype(d, torch.bfloat16) for n, d in lowrank.items()}
+    _install(model, proposal, module_names)
+    ok, stats = guard(model, calib, opts["margin_ratio"], opts["target"], opts["tolerance"])
+    if ok:
+        kept.update(proposal)
+    else:
+        _install(model, lowrank, module_names)
+    return {"dtype": "bfloat16" if ok else "float32", "accepted": ok, **stats}
+
+
+def _with_dtype(d: TensorDelta, dtype: torch.dtype) -> TensorDelta:
+    return TensorDelta(d.name, d.shape, d.transposed, lowrank_u=d.lowrank_u.to(dtype), lowrank_v=d.lowrank_v.to(dtype))
+
+
+def _lowrank_delta(c: _Candidate, eps: float) -> TensorDelta:
+    u, v, s = c.factors
+    r = rank_for(s, eps, c.floor)
+    if r >= min(c.full.shape) or r * sum(c.full.shape) >= c.full.num_params():
+        return c.full
+    return TensorDelta(c.full.name, c.full.shape, c.full.transposed, lowrank_u=u[:, :r].contiguous(), lowrank_v=v[:r].contiguous())
+
+
+def _install(model: nn.Module, deltas: dict[str, TensorDelta], module_names: dict[str, str]) -> None:
+    for name, delta in deltas.items():
+        module = model.get_submodule(module_names[name])
+        module.set_delta(delta)
+
+
+def _layer_of(module_name: str) -> str:
+    parts = module_name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h") and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return "~head"  # embeddings / tied head: annealed last, on the final hidden states
+
+
+def _layer_key(layer: str) -> tuple[int, str]:
+    tail = layer.rsplit(".", 1)[-1]
+    return (int(tail), layer) if tail.isdigit() else (1 << 30, layer)

@@ -1,0 +1,132 @@
+"""The model card of a decomposed artifact, rendered from `model_cards/decomposed_model.md`.
+
+The template is plain Markdown with ``${placeholders}`` (`string.Template`); the YAML metadata
+block carries ``base_model``, ``base_model_relation``, ``library_name: hf_decompose``, tags and
+the fine-tune's license when known.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "decomposed_model.md"
+_FALLBACK = "---\n${metadata}\n---\n\n# ${title}\n\n${equivalence}\n\n${structure}\n\n${layers}\n\n${size}\n"
+
+
+def render_card(index: dict, report: dict, source_dir: str | Path | None = None, repo_id: str | None = None, tags: list[str] | None = None) -> str:
+    """The README.md of an artifact: metadata, how to load it, equivalence, structure and size."""
+    base, finetuned = index.get("base_model", {}), index.get("finetuned_model", {})
+    mode = index.get("config", {}).get("mode", report.get("mode", "lossless"))
+    metadata: dict = {}
+    if _is_repo_id(base.get("id")):
+        metadata.update(base_model=base["id"], base_model_relation="adapter")
+    metadata.update(library_name="hf_decompose", pipeline_tag="text-generation")
+    metadata["tags"] = list(dict.fromkeys(["hf_decompose", "decomposed", f"decomposition-{mode}", *(tags or [])]))
+    if license_ := find_license(source_dir):
+        metadata["license"] = license_
+    template = TEMPLATE.read_text() if TEMPLATE.is_file() else _FALLBACK
+    return Template(template).safe_substitute(
+        metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
+        title=f"{_name(repo_id or finetuned.get('id'))} (decomposed)",
+        finetuned=finetuned.get("id", "the fine-tuned model"),
+        base=base.get("id", "?"),
+        base_revision=base.get("revision") or "unpinned",
+        mode=mode,
+        repo_id=repo_id or (str(source_dir) if source_dir else "path/to/artifact"),
+        equivalence=_equivalence(report.get("equivalence")),
+        structure=_structure(report, index),
+        layers=_layers(report.get("layers", [])),
+        size=_size(report.get("size_bytes", {})),
+    )
+
+
+def find_license(source_dir: str | Path | None) -> str | None:
+    """The license in a directory's README.md metadata, else in its config.json."""
+    if source_dir is None:
+        return None
+    source = Path(source_dir)
+    readme = source / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        if text.startswith("---"):
+            try:
+                meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+            except (yaml.YAMLError, IndexError):
+                meta = {}
+            if isinstance(meta, dict) and isinstance(meta.get("license"), str):
+                return meta["license"]
+    try:
+        value = json.loads((source / "config.json").read_text()).get("license")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _is_repo_id(value) -> bool:
+    if not isinstance(value, str) or value.startswith(("/", ".", "~")) or Path(value).exists():
+        return False
+    parts = value.split("/")
+    return 1 <= len(parts) <= 2 and all(parts)
+
+
+def _name(value) -> str:
+    return str(value).rstrip("/").split("/")[-1] if value else "Decomposed model"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def _equivalence(eq: dict | None) -> str:
+    if not eq:
+        return "Not measured for this upload (run `hf-decompose verify DIR --prompts PROMPTS` and push again)."
+    rows = [
+        ("greedy `generate()` identical", f"{eq['exact_match_rate']:.0%} of {eq['num_prompts']} held-out prompts x {eq['max_new_tokens']} new tokens"),
+        ("max abs logit difference", f"{eq['max_abs_logit_diff']:.3g}"),
+        ("mean KL(fine-tune || decomposed)", f"{eq['mean_kl']:.3g}"),
+        ("top-1 agreement", f"{eq['top1_agreement']:.2%}"),
+        ("perplexity, fine-tune -> decomposed", f"{eq['perplexity_reference']:.3f} -> {eq['perplexity_candidate']:.3f}"),
+    ]
+    return _table(("metric", "value"), rows)
+
+
+def _structure(report: dict, index: dict) -> str:
+    rows = [
+        ("mode", f"`{report.get('mode', index.get('config', {}).get('mode'))}`"),
+        ("kept fraction of delta parameters", f"{report.get('kept_fraction', 0):.4%}"),
+        ("kept / delta parameters", f"{report.get('kept_params', 0):,} / {report.get('delta_params', 0):,}"),
+        ("substructures", f"{report.get('num_substructures', 0):,}"),
+        ("execution", f"`{index.get('config', {}).get('execution', 'merged')}`"),
+    ]
+    return _table(("quantity", "value"), rows)
+
+
+def _layers(layers: list[dict]) -> str:
+    if not layers:
+        return ""
+    rows = []
+    for layer in layers:
+        largest = layer.get("largest_substructure") or {}
+        shape = " x ".join(f"{v} {k}" for k, v in largest.items()) if largest else "-"
+        rows.append((f"`{layer['name']}`", f"{layer['kept_fraction']:.2%}", str(layer["num_substructures"]), str(layer["spectral_rank"]), shape))
+    return _table(("layer", "kept", "substructures", "spectral rank", "largest substructure"), rows)
+
+
+def _size(size: dict) -> str:
+    artifact, finetuned = size.get("artifact", 0), size.get("finetuned", 0)
+    rows = [("decomposition (this repo's weights)", _mib(artifact)), ("fine-tuned checkpoint", _mib(finetuned))]
+    if size.get("base"):
+        rows.append(("base checkpoint (pulled, not stored here)", _mib(size["base"])))
+    if artifact and finetuned:
+        rows.append(("decomposition / fine-tune", f"{artifact / finetuned:.2%} ({finetuned / artifact:.1f}x smaller)"))
+    return _table(("checkpoint", "size"), rows)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

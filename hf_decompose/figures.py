@@ -1,0 +1,258 @@
+"""`hf-decompose inspect`: a Markdown report with figures (matplotlib, Agg) of decomposed artifacts.
+
+For each artifact: kept fraction and substructures per layer, the block structure of chosen
+tensors (support permuted so that each component is a contiguous block), histograms of the entry
+test statistic z against its N(0, 1) null, the annealing trace per layer, and the first-divergence
+and max |logit diff| histograms of the equivalence run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from . import artifact  # noqa: E402
+from .criterion import Z_HIST_BINS, Z_HIST_RANGE  # noqa: E402
+from .errors import ArtifactError  # noqa: E402
+from .report import summary_table  # noqa: E402
+from .substructures import TensorDelta, _bipartite_components  # noqa: E402
+
+FIGSIZE = (10.0, 4.0)
+DPI = 100
+MAX_PIXELS = 400  # block pictures are max-pooled down to at most this many rows / columns
+
+
+def artifact_dirs(directory: Path) -> list[Path]:
+    """`directory` itself when it is an artifact, else its artifact subfolders (a demo output)."""
+    if (directory / artifact.INDEX).is_file():
+        return [directory]
+    found = sorted(p for p in directory.iterdir() if (p / artifact.INDEX).is_file()) if directory.is_dir() else []
+    if not found:
+        raise ArtifactError(f"{directory}: neither a decomposed artifact nor a folder of artifacts")
+    return found
+
+
+def write_report(directory: str | Path, output: str | Path | None = None, tensors: list[str] | None = None, max_blocks: int = 3) -> Path:
+    """Write `<output or DIR/report>/report.md` and its PNGs; return the Markdown file's path.
+
+    `tensors` picks the block pictures by substring of tensor names; by default the `max_blocks`
+    matrices with the most substructures.
+    """
+    directory = Path(directory)
+    out = Path(output) if output else directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# hf-decompose report: {directory.name}", ""]
+    for art in artifact_dirs(directory):
+        report = artifact.read_report(art)
+        _, deltas = artifact.load(art)
+        prefix = art.name if art != directory else "artifact"
+        figures = {
+            "Kept fraction and substructures per layer": plot_layers(report, out / f"{prefix}_layers.png"),
+            "Block structure (support, components permuted into blocks)": plot_blocks(deltas, out / f"{prefix}_blocks.png", tensors, max_blocks),
+            "Entry test statistic z against its N(0, 1) null": plot_z_histograms(report, out / f"{prefix}_z.png"),
+            "Annealing trace per layer": plot_annealing(report, out / f"{prefix}_annealing.png"),
+            "Equivalence: first divergence and max |logit diff| per prompt": plot_equivalence(report, out / f"{prefix}_equivalence.png"),
+        }
+        lines += [f"## {art.name}", "", "```", summary_table(report), "```", ""]
+        for title, path in figures.items():
+            lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    return md
+
+
+def _placeholder(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=14, transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _short(name: str) -> str:
+    """`model.layers.12` -> `L12`, `model.embed_tokens.weight` -> `embed_tokens`."""
+    if m := re.search(r"(?:layers|h)\.(\d+)", name):
+        return f"L{m.group(1)}"
+    return name.removesuffix(".weight").split(".")[-1]
+
+
+def plot_layers(report: dict, path: Path) -> Path:
+    """Bars: kept fraction (log scale when it spans decades) and number of substructures per layer."""
+    layers = report.get("layers", [])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(FIGSIZE[0], 6), sharex=True)
+    if not layers:
+        _placeholder(top, "no per-layer statistics")
+        bottom.set_axis_off()
+        return _save(fig, path)
+    x = np.arange(len(layers))
+    kept = np.array([layer["kept_fraction"] for layer in layers])
+    top.bar(x, np.maximum(kept, 1e-9), color="tab:blue")
+    if kept.max() > 0 and kept[kept > 0].min() < kept.max() / 100:
+        top.set_yscale("log")
+    top.set_ylabel("kept fraction of delta")
+    top.set_title(f"mode {report.get('mode')}: {report.get('kept_fraction', 0):.2%} kept overall")
+    bottom.bar(x, [layer["num_substructures"] for layer in layers], color="tab:orange")
+    bottom.set_ylabel("substructures")
+    bottom.set_xticks(x, [_short(layer["name"]) for layer in layers], rotation=90, fontsize=7)
+    return _save(fig, path)
+
+
+def block_order(support: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Row and column permutations that make each component of the support a contiguous block
+    (largest first, unused rows/columns last), and the number of components."""
+    n_rows, n_cols = support.shape
+    if support.all():  # a dense delta (lossless mode): one block, no graph to build
+        return np.arange(n_rows), np.arange(n_cols), 1
+    rows, cols = support.nonzero(as_tuple=True)
+    _, labels = _bipartite_components(rows.numpy(), cols.numpy(), n_rows, n_cols)
+    used = np.zeros(n_rows + n_cols, dtype=bool)
+    used[rows.numpy()] = used[n_rows + cols.numpy()] = True
+    comps, sizes = np.unique(labels[used], return_counts=True)
+    rank = np.full(labels.max() + 1, len(comps))  # unused nodes sort last
+    rank[comps[np.argsort(-sizes, kind="stable")]] = np.arange(len(comps))
+    key = np.where(used, rank[labels], len(comps))
+    return np.argsort(key[:n_rows], kind="stable"), np.argsort(key[n_rows:], kind="stable"), len(comps)
+
+
+def _pool(mask: np.ndarray, size: int = MAX_PIXELS) -> np.ndarray:
+    """Max-pool a boolean matrix down to at most size x size cells (a cell is on if any entry is)."""
+    fr, fc = max(1, math.ceil(mask.shape[0] / size)), max(1, math.ceil(mask.shape[1] / size))
+    padded = np.zeros((math.ceil(mask.shape[0] / fr) * fr, math.ceil(mask.shape[1] / fc) * fc), dtype=bool)
+    padded[: mask.shape[0], : mask.shape[1]] = mask
+    return padded.reshape(padded.shape[0] // fr, fr, padded.shape[1] // fc, fc).any(axis=(1, 3))
+
+
+def plot_blocks(deltas: dict[str, TensorDelta], path: Path, tensors: list[str] | None = None, max_blocks: int = 3) -> Path:
+    """The support of chosen matrices after the permutation that groups their components."""
+    matrices = {n: d for n, d in deltas.items() if len(d.shape) == 2 and (d.blocks or d.sparse_values is not None or d.dense is not None)}
+    if tensors:
+        chosen = [n for n in matrices if any(t in n for t in tensors)][:max_blocks]
+    else:
+        chosen = sorted(matrices, key=lambda n: -(matrices[n].num_substructures() - matrices[n].rank))[:max_blocks]
+    fig, axes = plt.subplots(1, max(len(chosen), 1), figsize=FIGSIZE, squeeze=False)
+    if not chosen:
+        _placeholder(axes[0, 0], "no entry-level support to show\n(empty or low-rank only)")
+        return _save(fig, path)
+    for ax, name in zip(axes[0], chosen):
+        support = matrices[name].support()
+        row_order, col_order, n_comp = block_order(support)
+        ax.imshow(_pool(support.numpy()[row_order][:, col_order]), cmap="Greys", interpolation="nearest", aspect="auto")
+        ax.set_title(f"{name.removesuffix('.weight').removeprefix('model.')}\n{n_comp} components, {support.float().mean():.2%} of entries", fontsize=8)
+        ax.set_xlabel(f"inputs (permuted, {support.shape[1]})", fontsize=8)
+        ax.set_ylabel(f"outputs (permuted, {support.shape[0]})", fontsize=8)
+        ax.tick_params(labelsize=6)
+    return _save(fig, path)
+
+
+def _role(tensor_name: str) -> str:
+    return tensor_name.removesuffix(".weight").removesuffix(".bias").split(".")[-1].removesuffix("_proj")
+
+
+def plot_z_histograms(report: dict, path: Path) -> Path:
+    """Observed counts of entry z (all layers pooled, per module type) against the N(0, 1) null."""
+    by_role: dict[str, np.ndarray] = {}
+    for layer in report.get("layers", []):
+        for name, stat in (layer.get("tensors") or {}).items():
+            if "z_hist" in stat:
+                by_role[_role(name)] = by_role.get(_role(name), 0) + np.asarray(stat["z_hist"], dtype=np.float64)
+    if not by_role:
+        fig, ax = plt.subplots(figsize=FIGSIZE)
+        _placeholder(ax, "no criterion statistics (lossless mode, or a report without z histograms)")
+        return _save(fig, path)
+    roles = sorted(by_role)
+    ncols = min(len(roles), 4)
+    nrows = math.ceil(len(roles) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(FIGSIZE[0], 2.6 * nrows), squeeze=False)
+    edges = np.linspace(-Z_HIST_RANGE, Z_HIST_RANGE, Z_HIST_BINS + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    cdf = stats.norm.cdf(edges)
+    cdf[0], cdf[-1] = 0.0, 1.0  # the outer bins hold the clipped tails
+    for ax, role in zip(axes.flat, roles):
+        counts = by_role[role]
+        expected = counts.sum() * np.diff(cdf)
+        ax.bar(centers, counts, width=edges[1] - edges[0], color="tab:blue", label="observed")
+        ax.plot(centers, expected, color="tab:red", label="N(0, 1) null")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5)
+        ax.set_title(f"{role[:20]}: {counts[np.abs(centers) > 3].sum() / counts.sum():.2%} |z| > 3", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(roles) :]:
+        ax.set_axis_off()
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_annealing(report: dict, path: Path) -> Path:
+    """Per layer: the levels tried (dropped-energy fraction; accepted o, rolled back x) and the level
+    kept, and the kept fraction of the layer's delta parameters after annealing."""
+    trace = (report.get("annealing") or {}).get("trace") or []
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    if not trace:
+        _placeholder(left, "not annealed")
+        right.set_axis_off()
+        return _save(fig, path)
+    x = np.arange(len(trace))
+    for i, record in enumerate(trace):
+        for t in record.get("tries", []):
+            left.plot(i, t["level"], "o" if t["accepted"] else "x", color="tab:green" if t["accepted"] else "tab:red", ms=5)
+        if record.get("level") is not None:
+            left.plot([i - 0.4, i + 0.4], [record["level"]] * 2, color="black", lw=2)
+    left.plot([], [], "o", color="tab:green", label="accepted")
+    left.plot([], [], "x", color="tab:red", label="rolled back")
+    left.plot([], [], color="black", lw=2, label="kept level")
+    left.set_ylabel("level (fraction of delta energy dropped)")
+    left.legend(fontsize=7)
+    kept = [r["kept_params"] / r["delta_params"] if r.get("delta_params") else np.nan for r in trace]
+    right.bar(x, kept, color="tab:blue")
+    right.set_ylabel("kept / delta parameters")
+    precision = report["annealing"].get("precision") or {}
+    right.set_title(f"factors stored in {precision.get('dtype', 'float32')}", fontsize=9)
+    for ax in (left, right):
+        ax.set_xticks(x, [_short(r["layer"]) for r in trace], rotation=90, fontsize=7)
+    return _save(fig, path)
+
+
+def plot_equivalence(report: dict, path: Path) -> Path:
+    """Histograms of the first divergent token per prompt and of each prompt's max |logit diff|."""
+    eq = report.get("equivalence") or {}
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    if not eq:
+        _placeholder(left, "no equivalence run")
+        right.set_axis_off()
+        return _save(fig, path)
+    n_new = eq["max_new_tokens"]
+    divergent = [d for d in eq["first_divergence"] if d is not None]
+    left.hist(divergent, bins=np.linspace(0, n_new, min(n_new, 32) + 1), color="tab:orange", label="diverged")
+    left.bar([n_new + 2], [len(eq["first_divergence"]) - len(divergent)], width=2, color="tab:green", label="identical")
+    left.set_xlabel("first divergent new token")
+    left.set_ylabel("prompts")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_title(f"{eq['exact_match_rate']:.0%} identical on {eq['num_prompts']} prompts", fontsize=9)
+    left.legend(fontsize=7)
+    diffs = np.asarray(eq.get("per_prompt_max_abs_logit_diff") or [], dtype=np.float64)
+    if diffs.size:
+        positive = diffs[diffs > 0]
+        lo, hi = (positive.min(), positive.max()) if positive.size else (1e-6, 1.0)
+        bins = np.logspace(math.log10(lo) - 0.1, math.log10(hi) + 0.1, 20)
+        right.hist(np.maximum(diffs, lo), bins=bins, color="tab:blue")
+        right.set_xscale("log")
+        right.set_xlabel("max |logit diff| per prompt (teacher-forced)")
+        right.yaxis.set_major_locator(MaxNLocator(integer=True))
+        right.set_title(f"{int((diffs == 0).sum())} prompts with exactly 0 (shown at the left edge)", fontsize=9)
+    else:
+        _placeholder(right, f"per-prompt logit diffs not recorded\n(max {eq.get('max_abs_logit_diff', 0):.3g})")
+    return _save(fig, path)

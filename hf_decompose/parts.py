@@ -1,0 +1,275 @@
+"""Substructure modules: every kept piece of a delta is its own small `nn.Module`.
+
+A part computes its contribution to ``x @ delta^T`` (linear layers, canonical ``(out, in)``
+layout) or, with ``lookup=True``, the delta rows of token ids (embeddings). Parts are submodules
+of `DeltaOps` (``<module>.ops.dense | .block<i> | .sparse | .override | .lowrank | .bias``), so
+Accelerate can address, place and offload each one. `run_split` adds the contributions to the
+base module's output, running them concurrently where that can pay off: CUDA side streams on the
+base's GPU, other GPUs asynchronously, a thread pool on CPU for large pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .substructures import TensorDelta
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+PARALLEL = ("auto", "off", "threads", "streams")
+THREAD_MIN_MACS = 1 << 24  # a CPU piece worth a thread hand-off (about a millisecond of work)
+STREAM_MIN_MACS = 1 << 22  # a GPU piece worth a side stream
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class Part(nn.Module):
+    """One substructure of an ``(out, in)`` delta; `cost` is its multiply-adds per input row."""
+
+    kind = "part"
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def cost(self) -> int:
+        return sum(b.numel() for b in self.buffers() if b.is_floating_point())
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, cost={self.cost()}"
+
+
+class DensePart(Part):
+    kind = "dense"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape)
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        return F.embedding(x, self.weight) if lookup else F.linear(x, _cast(self.weight, x.dtype))
+
+
+class LowRankPart(Part):
+    """``u @ v`` with u ``(out, r)`` (singular values folded in) and v ``(r, in)``."""
+
+    kind = "lowrank"
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor):
+        super().__init__((u.shape[0], v.shape[1]))
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:
+            return F.embedding(x, self.u) @ self.v
+        return F.linear(F.linear(x, _cast(self.v, x.dtype)), _cast(self.u, x.dtype))
+
+
+class BlockPart(Part):
+    """A dense block on sorted ``rows`` x ``cols``."""
+
+    kind = "block"
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]):
+        super().__init__(shape)
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            rows, order = rows.sort()
+            values = values[order]
+        self.register_buffer("rows", rows)
+        self.register_buffer("cols", cols)
+        self.register_buffer("values", values)
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:
+            pos = torch.searchsorted(self.rows, x).clamp_(max=self.rows.numel() - 1)
+            found = F.embedding(pos, self.values) * (self.rows[pos] == x).unsqueeze(-1)
+            return found.new_zeros(*x.shape, self.shape[1]).index_copy_(-1, self.cols, found)
+        y = F.linear(x.index_select(-1, self.cols), _cast(self.values, x.dtype))
+        return y.new_zeros(*x.shape[:-1], self.shape[0]).index_copy_(-1, self.rows, y)
+
+
+class SparsePart(Part):
+    """Scattered entries in CSR form (``crow``, ``cols``, ``values``)."""
+
+    kind = "sparse"
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]):
+        super().__init__(shape)
+        if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+            rows, order = rows.sort(stable=True)
+            cols, values = cols[order], values[order]
+        crow = torch.zeros(shape[0] + 1, dtype=torch.long)
+        crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+        self.register_buffer("crow", crow)
+        self.register_buffer("cols", cols)
+        self.register_buffer("values", values)
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:
+            return self._rows(x)
+        matrix = torch.sparse_csr_tensor(self.crow, self.cols, _cast(self.values, x.dtype), self.shape[:2], check_invariants=False)
+        flat = x.reshape(-1, x.shape[-1])
+        return (matrix @ flat.t()).t().reshape(*x.shape[:-1], self.shape[0])
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Delta rows of token ids: a ragged gather of each id's CSR row."""
+        flat = ids.reshape(-1)
+        starts = self.crow[flat]
+        counts = self.crow[flat + 1] - starts
+        which = torch.repeat_interleave(torch.arange(flat.numel(), device=ids.device), counts)
+        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        entry = starts[which] + torch.arange(which.numel(), device=ids.device) - first
+        out = self.values.new_zeros(flat.numel(), self.shape[1])
+        out.index_put_((which, self.cols[entry]), self.values[entry], accumulate=True)
+        return out.reshape(*ids.shape, self.shape[1])
+
+
+class VectorPart(Part):
+    """An additive bias delta."""
+
+    kind = "bias"
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__(bias.shape)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        return _cast(self.bias, x.dtype).expand(*x.shape[:-1], -1)
+
+
+class DeltaOps(nn.Module):
+    """The parts of one matrix delta (sharing the `TensorDelta`'s storage wherever it can)."""
+
+    def __init__(self, delta: TensorDelta, base_weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.delta = delta
+        if delta.dense is not None:
+            self.add_module("dense", DensePart(delta.dense))
+        for i, b in enumerate(delta.blocks):
+            self.add_module(f"block{i}", BlockPart(b.rows, b.cols, b.values, delta.shape))
+        if delta.sparse_values is not None:
+            self.add_module("sparse", SparsePart(delta.sparse_indices[0], delta.sparse_indices[1], delta.sparse_values, delta.shape))
+        if delta.override_values is not None:  # overridden entries: the correction on top of the rest
+            canonical = base_weight.t() if delta.transposed else base_weight
+            at = tuple(delta.override_indices.t())
+            fix = delta.override_values - canonical.detach().float().cpu()[at] - delta.to_dense()[at]
+            self.add_module("override", SparsePart(at[0], at[1], fix, delta.shape))
+        if delta.lowrank_u is not None:
+            self.add_module("lowrank", LowRankPart(delta.lowrank_u, delta.lowrank_v))
+        if bias is not None:
+            self.add_module("bias", VectorPart(bias))
+
+    def parts(self) -> list[Part]:
+        return list(self.children())
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        """The summed contribution of every part (on x's device)."""
+        out = None
+        for part in self.children():
+            c = part(x, lookup).to(x.device)
+            out = c if out is None else out + c
+        return out
+
+
+def set_parallel(model: nn.Module, mode: str) -> None:
+    """Set how split modules run their parts: "auto", "off", "threads" (CPU) or "streams" (CUDA)."""
+    if mode not in PARALLEL:
+        raise ValueError(f"parallel={mode!r} is not one of {PARALLEL}")
+    for module in model.modules():
+        if hasattr(module, "parallel"):
+            module.parallel = mode
+
+
+def run_split(
+    base: Callable[[torch.Tensor], torch.Tensor],
+    parts: Sequence[nn.Module],
+    x: torch.Tensor,
+    lookup: bool = False,
+    scale: torch.Tensor | None = None,
+    parallel: str = "auto",
+) -> torch.Tensor:
+    """``base(x)`` plus every part's contribution (times `scale`), summed in the parts' order.
+
+    The order of the sum is fixed, so every way of running gives the same numbers.
+    """
+    rows = x.numel() if lookup else x.numel() // x.shape[-1]
+    how = _plan(parts, x, rows, parallel)
+    if how == "streams":
+        y, contributions = _on_streams(base, parts, x, lookup)
+    elif how == "threads":
+        y, contributions = _on_threads(base, parts, x, lookup, rows, parallel == "threads")
+    else:  # parts on other devices start first (asynchronous there), then the base here
+        pending = {i: p(x, lookup) for i, p in enumerate(parts) if _device(p, x) != x.device}
+        y = base(x)
+        contributions = [pending[i] if i in pending else p(x, lookup) for i, p in enumerate(parts)]
+    for c in contributions:
+        c = c.to(y.device, y.dtype)
+        y = y + (c * scale.to(c.dtype) if scale is not None else c)
+    return y
+
+
+def _plan(parts: Sequence[nn.Module], x: torch.Tensor, rows: int, parallel: str) -> str:
+    if parallel == "off" or not parts:
+        return "off"
+    if x.is_cuda:
+        big = any(_device(p, x) == x.device and p.cost() * rows >= STREAM_MIN_MACS for p in parts)
+        return "streams" if parallel == "streams" or (parallel == "auto" and big) else "off"
+    big = sum(p.cost() * rows >= THREAD_MIN_MACS for p in parts)
+    return "threads" if parallel == "threads" or (parallel == "auto" and big and (os.cpu_count() or 1) > 1) else "off"
+
+
+def _device(part: nn.Module, x: torch.Tensor) -> torch.device:
+    """Where a part runs: its Accelerate execution device, else where its tensors are."""
+    hook = getattr(part, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    t = next(part.buffers(), None)
+    return x.device if t is None or t.device.type == "meta" else t.device
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="hf_decompose")
+
+
+def _on_threads(base, parts, x, lookup, rows, force):
+    futures = {i: _pool().submit(p, x, lookup) for i, p in enumerate(parts) if force or p.cost() * rows >= THREAD_MIN_MACS}
+    y = base(x)
+    return y, [futures[i].result() if i in futures else p(x, lookup) for i, p in enumerate(parts)]
+
+
+def _streams_for(device: torch.device, n: int) -> list[torch.cuda.Stream]:
+    pool = _STREAMS.setdefault(device, [])
+    while len(pool) < n:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:n]
+
+
+_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def _on_streams(base, parts, x, lookup):
+    main = torch.cuda.current_stream(x.device)
+    local = [i for i, p in enumerate(parts) if _device(p, x) == x.device]
+    results = {i: p(x, lookup) for i, p in enumerate(parts) if i not in local}  # other devices: asynchronous already
+    streams = _streams_for(x.device, len(local))
+    for i, stream in zip(local, streams):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            results[i] = parts[i](x, lookup)
+    y = base(x)
+    for i, stream in zip(local, streams):
+        main.wait_stream(stream)
+        results[i].record_stream(main)
+    return y, [results[i] for i in range(len(parts))]

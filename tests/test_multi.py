@@ -1,0 +1,108 @@
+"""Many fine-tunes over one base: per-row routing equals each fine-tune alone; storage is shared."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
+from hf_decompose.multi import TenantModule, TenantVectors
+
+from .synthetic import perturb, random_model
+
+NAMES = ("a", "b", "c")
+GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+MODES = {"llama": "criterion", "gpt2": "lossless"}  # tied head + blocks/sparse; Conv1D, biases, LayerNorm, wpe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP on a shared, busy CPU makes small ops crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=sorted(MODES))
+def family(request, tmp_path_factory):
+    arch, root = request.param, tmp_path_factory.mktemp(request.param)
+    random_model(arch).save_pretrained(root / "base")
+    for i, name in enumerate(NAMES):
+        _finetune(arch, seed=10 + i).save_pretrained(root / name)
+        decompose(root / name, root / "base", DecomposedConfig(mode=MODES[arch], q=0.2), progress=False).save_pretrained(root / f"art_{name}")
+    return root
+
+
+def _finetune(arch: str, seed: int):
+    """Noise everywhere plus a strong rank-1 update of every matrix and a shift of every vector:
+    structure the criterion keeps, different per seed."""
+    model = perturb(random_model(arch), 1e-3, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.outer(torch.randn(p.shape[0], generator=gen), torch.randn(p.shape[1], generator=gen)) * 0.05)
+            else:
+                p.add_(0.05)
+    return model
+
+
+def _ids(rows: int):
+    return torch.randint(1, 128, (rows, 6), generator=torch.Generator().manual_seed(0))
+
+
+def test_mixed_batch_equals_each_finetune_alone(family):
+    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    assert any(isinstance(m, TenantVectors) for m in multi.modules()), "norm / bias deltas are per fine-tune"
+    rows = ["a", "b", None, "c", "a"]
+    ids = _ids(len(rows))
+    out = multi.generate(input_ids=ids, attention_mask=torch.ones_like(ids), decomposed_names=rows, **GEN)
+    base = AutoModelForCausalLM.from_pretrained(family / "base").eval()
+    alone = {n: DecomposedModel.from_pretrained(family / f"art_{n}", execution="split") for n in NAMES}
+    for i, name in enumerate(rows):
+        model = alone[name] if name else base
+        expected = model.generate(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **GEN)
+        assert torch.equal(out[i], expected[0]), (i, name)
+    with torch.no_grad():  # the fine-tunes differ from each other and from the base, so a mix-up would show
+        logits = [multi(input_ids=ids[:1], decomposed_names=[n]).logits for n in (*NAMES, None)]
+    assert all((a - b).abs().max() > 0.1 for i, a in enumerate(logits) for b in logits[i + 1 :])
+
+
+def test_set_active_matches_single_model_and_base(family):
+    multi = MultiDecomposedModel.from_base(family / "base")
+    for name in NAMES:
+        multi.load_decomposed(name, family / f"art_{name}")
+    ids = _ids(3)
+    base = AutoModelForCausalLM.from_pretrained(family / "base").eval()
+    with torch.no_grad():
+        assert torch.equal(multi.set_active(None)(input_ids=ids).logits, base(input_ids=ids).logits)
+        single = DecomposedModel.from_pretrained(family / "art_b")(input_ids=ids).logits  # merged: the dense fine-tune
+        torch.testing.assert_close(multi.set_active("b")(input_ids=ids).logits, single, rtol=1e-4, atol=1e-4)
+        module = next(m for m in multi.modules() if isinstance(m, TenantModule) and {"a", "c"} <= set(m.tenants) and not m.lookup)
+        x = torch.randn(2, 3, module.base.weight.shape[-1] if isinstance(module.base, torch.nn.Linear) else module.base.weight.shape[0])
+        multi.set_active(["a", "c"])
+        torch.testing.assert_close(module(x), module.base(x) + module.tenants["a"](x) + module.tenants["c"](x))
+
+
+def test_storage_is_the_base_once_plus_the_artifacts(family):
+    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    base = AutoModelForCausalLM.from_pretrained(family / "base")
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    total = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*multi.parameters(), *multi.buffers()]}
+    artifacts = sum((family / f"art_{n}" / "decomposition.safetensors").stat().st_size for n in NAMES)
+    assert sum(total.values()) <= 1.1 * (base_bytes + artifacts)
+
+
+def test_errors(family, tmp_path):
+    multi = MultiDecomposedModel.from_pretrained({"a": family / "art_a"})
+    with pytest.raises(ConfigError, match="unknown"):
+        multi.set_active("zzz")
+    with pytest.raises(ConfigError, match="unknown"):
+        multi.generate(input_ids=_ids(1), decomposed_names=["zzz"], **GEN)
+    with pytest.raises(ConfigError, match="taken"):
+        multi.load_decomposed("a", family / "art_a")
+    with pytest.raises(ConfigError, match="entries"):
+        multi.generate(input_ids=_ids(3), decomposed_names=["a", None], **GEN)
+    random_model("llama", seed=5).save_pretrained(tmp_path / "other")
+    with pytest.raises(ArtifactError, match="another base"):
+        MultiDecomposedModel.from_base(tmp_path / "other").load_decomposed("a", family / "art_a")
