@@ -122,6 +122,9 @@ def support_recovery(weights: dict, reference: dict | None, truth: dict[str, tor
     names = sorted(n for n, w in weights.items() if w.dim() == 2)
     t = np.concatenate([truth[n].numpy().ravel() for n in names])
     out = {"entries": int(t.size), "truly_supported_fraction": float(t.mean())}
+    if reference is not None:  # Adam steps below float32 resolution: a gradient, but the weight never changed
+        same = np.concatenate([(weights[n] == reference[n]).numpy().ravel() for n in names])
+        out["supported_but_unchanged_fraction"] = float((t & same).sum() / max(int(t.sum()), 1))
     for label, spectral in (("criterion", True), ("entry+group", False)):
         rows = {}
         for q in QS:
@@ -171,8 +174,10 @@ def decomposition(base_state: dict, ft_state: dict, prompts: torch.Tensor, root:
                                     "component_sizes": sizes, "kept_fraction": layer["kept_fraction"]}  # fmt: skip
     reference = new_model()
     reference.load_state_dict(ft_state)
+    tensors = [s for layer in model.report["layers"] for s in (layer.get("tensors") or {}).values()]
     return {
         "kept_fraction": model.report["kept_fraction"],
+        "supported_entries_fraction": sum(s["supported_entries"] for s in tensors) / sum(s["entries"] for s in tensors),
         "num_substructures": model.report["num_substructures"],
         "spectral_rank": sum(layer["spectral_rank"] for layer in model.report["layers"]),
         "layers": per_layer,

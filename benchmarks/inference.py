@@ -7,11 +7,14 @@
   (RSS growth from loading) and aggregate tokens/s at a total batch of 8 rows (row i -> fine-tune
   i mod N) for a `MultiDecomposedModel`, for N separate full models, and for one merged model.
 
-The default pair is SmolLM2-135M + its Shakespeare fine-tune; the other fine-tunes are variants of
-its recipe (other seed, other plays), trained once and cached. ``--quick`` uses tiny random models.
-Writes benchmarks/results/inference.json (machine, threads, load average) and prints a markdown table.
+The default pair is SmolLM2-135M + its Shakespeare fine-tune. ``--variants K`` adds K - 1 fine-tunes
+made by recipe variants (other seed, other plays; trained and decomposed once, cached); tenant k
+is fine-tune k mod K, each loaded as its own copy (cost does not depend on the values, so K = 1 is
+enough for memory and speed; K > 1 costs a fine-tune and a decomposition each). ``--quick`` uses
+tiny random models with 8 distinct fine-tunes. Writes benchmarks/results/inference.json (machine,
+threads, load average) and prints a markdown table.
 
-    python benchmarks/inference.py [--quick] [--threads 1] [--new-tokens 128]
+    python benchmarks/inference.py [--quick] [--threads 1] [--variants 8]
 """
 
 from __future__ import annotations
@@ -133,7 +136,6 @@ def latency(family: dict, new_tokens: int, repeats: int) -> dict:
         "original": lambda: original,
         "merged": lambda: criterion.set_execution("merged"),
         "split": lambda: criterion.set_execution("split"),
-        "merged_lossless": lambda: lossless.set_execution("merged"),
         "split_lossless": lambda: lossless.set_execution("split"),
     }
     out: dict = {}
@@ -157,16 +159,21 @@ def latency(family: dict, new_tokens: int, repeats: int) -> dict:
 
 
 # -- many fine-tunes (one process per measurement) ---------------------------------------------
+def tenant(family: dict, key: str, k: int) -> str:
+    """Fine-tune (or artifact) of tenant k: the fine-tunes in turn."""
+    return family[key][k % len(family[key])]
+
+
 def tenants(family: dict, new_tokens: int, repeats: int, threads: int) -> dict:
-    out: dict = {"artifact_bytes": [Path(a, "decomposition.safetensors").stat().st_size for a in family["artifacts"]],
+    out: dict = {"variants": len(family["artifacts"]),
+                 "artifact_bytes": [Path(tenant(family, "artifacts", k), "decomposition.safetensors").stat().st_size for k in range(max(TENANTS))],
                  "base_bytes": sum(p.stat().st_size for p in Path(family["base"]).glob("*.safetensors"))}  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(family, f)
     try:
         out["merged_single"] = _worker("merged", f.name, 1, new_tokens, repeats, threads)
         for n in TENANTS:
-            if n <= len(family["artifacts"]):
-                out[f"n{n}"] = {kind: _worker(kind, f.name, n, new_tokens, repeats, threads) for kind in ("multi", "separate")}
+            out[f"n{n}"] = {kind: _worker(kind, f.name, n, new_tokens, repeats, threads) for kind in ("multi", "separate")}
     finally:
         os.unlink(f.name)
     return out
@@ -194,12 +201,12 @@ def worker(kind: str, family: dict, n: int, new_tokens: int, repeats: int) -> di
         models = [model]
         run = lambda tokens: generate(model, batch(family, rows), tokens, pad)  # noqa: E731
     elif kind == "multi":
-        model = MultiDecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][k] for k in range(n)})
+        model = MultiDecomposedModel.from_pretrained({f"ft{k}": tenant(family, "artifacts", k) for k in range(n)})
         models = [model]
         names = [f"ft{i % n}" for i in rows]
         run = lambda tokens: generate(model, batch(family, rows), tokens, pad, decomposed_names=names)  # noqa: E731
     else:
-        models = [AutoModelForCausalLM.from_pretrained(family["finetuned"][k], dtype=torch.float32).eval() for k in range(n)]
+        models = [AutoModelForCausalLM.from_pretrained(tenant(family, "finetuned", k), dtype=torch.float32).eval() for k in range(n)]
         run = lambda tokens: [generate(m, batch(family, rows[k::n]), tokens, pad) for k, m in enumerate(models)]  # noqa: E731
     run(2)  # warm-up; a merged model builds its merged copies here
     gc.collect()
@@ -217,10 +224,9 @@ def targets(res: dict) -> dict:
         "merged_vs_original": lat["merged"]["b1_ms_per_token"] / lat["original"]["b1_ms_per_token"],
         "split_vs_merged_b1": lat["split"]["b1_ms_per_token"] / lat["merged"]["b1_ms_per_token"],
     }
-    if "n8" in ten:
-        budget = 1.1 * (ten["base_bytes"] + sum(ten["artifact_bytes"][:8]))
-        out["memory_n8_vs_budget"] = ten["n8"]["multi"]["resident_bytes"] / budget
-        out["tokens_n8_vs_merged"] = ten["n8"]["multi"]["tokens_per_s"] / ten["merged_single"]["tokens_per_s"]
+    budget = 1.1 * (ten["base_bytes"] + sum(ten["artifact_bytes"][:8]))
+    out["memory_n8_vs_budget"] = ten["n8"]["multi"]["resident_bytes"] / budget
+    out["tokens_n8_vs_merged"] = ten["n8"]["multi"]["tokens_per_s"] / ten["merged_single"]["tokens_per_s"]
     return {k: {"value": v, "target": TARGETS[k], "met": v >= TARGETS[k] if k.startswith("tokens") else v <= TARGETS[k]} for k, v in out.items()}
 
 
@@ -231,14 +237,15 @@ def markdown(res: dict) -> str:
     for name, r in lat.items():
         lines.append(f"| {name} | {r['b1_ms_per_token']:.2f} | {r['b8_ms_per_token']:.2f} | {r['b1_tokens_equal_original']} / {r['b8_tokens_equal_original']} |")
     mib = 2**20
-    lines += ["", f"| fine-tunes N | multi resident MiB | N full models MiB | base + artifacts MiB | multi tok/s | N full models tok/s | one merged model tok/s |",
+    lines += ["", f"Tenants: {ten['variants']} distinct fine-tune(s), tenant k is fine-tune k mod {ten['variants']}, each loaded as its own copy; "
+              f"{res['tenant_tokens']} new tokens per generation, {ROWS} rows in all (row i -> tenant i mod N).",
+              "", f"| fine-tunes N | multi resident MiB | N full models MiB | base + artifacts MiB | multi tok/s | N full models tok/s | one merged model tok/s |",
               "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for n in TENANTS:
-        if f"n{n}" in ten:
-            m, s = ten[f"n{n}"]["multi"], ten[f"n{n}"]["separate"]
-            budget = (ten["base_bytes"] + sum(ten["artifact_bytes"][:n])) / mib
-            lines.append(f"| {n} | {m['resident_bytes'] / mib:.0f} | {s['resident_bytes'] / mib:.0f} | {budget:.0f} | "
-                         f"{m['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | {ten['merged_single']['tokens_per_s']:.1f} |")  # fmt: skip
+        m, s = ten[f"n{n}"]["multi"], ten[f"n{n}"]["separate"]
+        budget = (ten["base_bytes"] + sum(ten["artifact_bytes"][:n])) / mib
+        lines.append(f"| {n} | {m['resident_bytes'] / mib:.0f} | {s['resident_bytes'] / mib:.0f} | {budget:.0f} | "
+                     f"{m['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | {ten['merged_single']['tokens_per_s']:.1f} |")  # fmt: skip
     lines += ["", "| target | value | limit | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {k} | {t['value']:.3f} | {'>=' if k.startswith('tokens') else '<='} {t['target']} | {t['met']} |" for k, t in res["targets"].items()]
     return "\n".join(lines)
@@ -250,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tenants", type=int, default=max(TENANTS), help="largest number of fine-tunes")
+    parser.add_argument("--tenant-tokens", type=int, default=32, help="new tokens per generation in the tenant benchmark")
+    parser.add_argument("--variants", type=int, default=1, help="distinct fine-tunes of the default pair (tenants cycle through them)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
@@ -263,12 +271,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="hf_decompose_bench_") as tmp:
         if args.quick:
-            family = quick_family(args.tenants, Path(tmp))
+            family = quick_family(max(TENANTS), Path(tmp))
         else:
             from hf_decompose.pair import cache_dir
 
             (cache_dir() / "benchmarks").mkdir(parents=True, exist_ok=True)
-            family = default_family(args.tenants, cache_dir() / "benchmarks")
+            family = default_family(args.variants, cache_dir() / "benchmarks")
         res = run(family, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
@@ -278,10 +286,11 @@ def main(argv: list[str] | None = None) -> None:
 def run(family: dict, args: argparse.Namespace) -> dict:
     info = machine()
     res = {"device": info, "device_name": info["gpu"] or f"CPU: {info['cpu']} ({info['cores']} cores)",
-           "threads": torch.get_num_threads(), "quick": args.quick, "new_tokens": args.new_tokens, "repeats": args.repeats,
+           "threads": torch.get_num_threads(), "quick": args.quick, "new_tokens": args.new_tokens, "tenant_tokens": args.tenant_tokens,
+           "repeats": args.repeats,
            "load_before": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     res["latency"] = latency(family, args.new_tokens, args.repeats)
-    res["tenants"] = tenants(family, args.new_tokens, args.repeats, torch.get_num_threads())
+    res["tenants"] = tenants(family, args.tenant_tokens, args.repeats, torch.get_num_threads())
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     res["targets"] = targets(res)
     return res

@@ -31,7 +31,7 @@ GEMMA_SIGMA = 0.02  # initializer_range of Gemma 3
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+    return f"{100 * x:.3f}%" if 0 < abs(x) < 0.001 else f"{100 * x:.1f}%"
 
 
 def literal_tables(checkpoints: list[dict]) -> list[str]:
@@ -72,14 +72,15 @@ def ground_truth_tables(gt: dict) -> list[str]:
     qs = list(next(iter(gt["regimes"].values()))["support"]["criterion"])
     head = " | ".join(f"q={q} P / R" for q in qs)
     lines = [
-        f"| regime | truly supported | ROC AUC (entry / group p-values) | test | {head} |",
-        "| --- | ---: | ---: | --- |" + " ---: |" * len(qs),
+        f"| regime | truly supported (ever a non-zero gradient) | of which bit-unchanged | ROC AUC (entry / group p-values) | test | {head} |",
+        "| --- | ---: | ---: | ---: | --- |" + " ---: |" * len(qs),
     ]
     for label, r in gt["regimes"].items():
         s = r["support"]
         for i, test in enumerate(("criterion", "entry+group")):
             cells = " | ".join(f"{s[test][q]['precision']:.2f} / {s[test][q]['recall']:.2f}" for q in qs)
-            first = f"| {label} | {_pct(s['truly_supported_fraction'])} | {s['roc_auc']:.3f}" if i == 0 else "| | |"
+            unchanged = _pct(s["supported_but_unchanged_fraction"]) if "supported_but_unchanged_fraction" in s else "-"
+            first = f"| {label} | {_pct(s['truly_supported_fraction'])} | {unchanged} | {s['roc_auc']:.3f}" if i == 0 else "| | | |"
             lines.append(f"{first} | {'entry + group + spectral' if test == 'criterion' else 'entry + group'} | {cells} |")
     pre = next(r for r in gt["regimes"].values() if "zeroed_unsupported" in r)["zeroed_unsupported"]
     lines += [
@@ -88,14 +89,14 @@ def ground_truth_tables(gt: dict) -> list[str]:
         f"calls unsupported: {pre['equivalence']['exact_match_rate']:.0%} identical greedy continuations, "
         f"top-1 agreement {pre['equivalence']['top1_agreement']:.3f}, mean KL {pre['equivalence']['mean_kl']:.3g}.",
         "",
-        "| regime | kept (of delta parameters) | substructures | spectral rank (sum) | identical continuations | top-1 agreement | mean KL |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| regime | supported entries (criterion mask) | stored (of delta parameters) | substructures | spectral rank (sum) | identical continuations | top-1 agreement | mean KL |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, r in gt["regimes"].items():
         if "decomposition" in r:
             d, eq = r["decomposition"], r["decomposition"]["equivalence"]
             lines.append(
-                f"| {label} | {_pct(d['kept_fraction'])} | {d['num_substructures']} | {d['spectral_rank']} | "
+                f"| {label} | {_pct(d['supported_entries_fraction'])} | {_pct(d['kept_fraction'])} | {d['num_substructures']} | {d['spectral_rank']} | "
                 f"{eq['exact_match_rate']:.0%} | {eq['top1_agreement']:.3f} | {eq['mean_kl']:.2g} |"
             )
     lines += ["", "| full fine-tune steps | layer | kept | substructures | spectral rank | entry-level components (sizes, nodes) |", "| ---: | --- | ---: | ---: | ---: | --- |"]

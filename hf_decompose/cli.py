@@ -12,7 +12,7 @@ import torch
 
 from . import artifact, resume
 from .config import DecomposedConfig
-from .equivalence import load_prompts, verify_equivalence
+from .equivalence import check_disjoint, load_prompts, verify_equivalence
 from .errors import DecomposeError
 from .model import DecomposedModel, decompose
 from .report import summary_table
@@ -38,12 +38,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     pair = prepare_default_pair(recipe=args.recipe)
     prepare_s = time.perf_counter() - t0
+    check_disjoint(pair.calib_prompts, pair.eval_prompts)
     reference, tokenizer = _load_reference(pair.finetuned)
     out = Path(args.output)
     summary: dict = {}
     for mode in args.modes.split(","):
         config = DecomposedConfig(mode=mode, q=args.q)
-        model = decompose(pair.finetuned, pair.base, config)
+        model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts if mode == "anneal" else None)
         _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
@@ -61,9 +62,12 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     if args.mode:
         config.mode = args.mode
     prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
+    calibration = load_prompts(args.calibration) if args.calibration else None
+    if prompts and calibration:
+        check_disjoint(calibration, prompts)
     out = artifact.check_target(args.output, args.overwrite)
     partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until saved
-    model = decompose(args.finetuned, args.base, config, resume_dir=partial)
+    model = decompose(args.finetuned, args.base, config, resume_dir=partial, calibration=calibration)
     if prompts:
         reference, tokenizer = _load_reference(model.source_dir)
         _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded default pair (SmolLM2 + its Shakespeare fine-tune)")
     demo.add_argument("--output", default="out/demo")
     demo.add_argument("--recipe", default=None, help="YAML recipe of the pair (default: recipes/default_pair.yaml)")
-    demo.add_argument("--modes", default="lossless,criterion")
+    demo.add_argument("--modes", default="anneal,lossless,criterion", help="the first is the default artifact")
     demo.add_argument("--q", type=float, default=0.05)
     generation_args(demo)
     demo.set_defaults(func=cmd_demo)
@@ -112,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("finetuned")
     dec.add_argument("--output", required=True)
     dec.add_argument("--config", help="YAML recipe with a `decomposition:` section")
-    dec.add_argument("--mode", choices=["lossless", "criterion"])
+    dec.add_argument("--mode", choices=["lossless", "criterion", "anneal"])
+    dec.add_argument("--calibration", help="anneal mode: calibration prompts (.txt or .jsonl), disjoint from --prompts")
     dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
     dec.add_argument("--overwrite", action="store_true")
     dec.add_argument("--no-resume", action="store_true", help="do not cache finished layers in .OUTPUT.partial/ for a re-run")

@@ -29,12 +29,14 @@ FIELD_TYPES = {
 ANNEALING: dict[str, Any] = {
     "target": "exact",
     "tolerance": 0.99,
-    "margin_ratio": 0.5,
+    "expected_flips": 0.5,
+    "positions": 2048,
     "levels": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6],
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
     "precision": True,
+    "keep_supported": False,
 }
 
 
@@ -57,6 +59,14 @@ class DecomposedConfig(QuantizationConfigMixin):
         execution: ``"merged"`` (one dense weight per module) or ``"split"`` (base plus substructures).
         dense_block_density: components at least this dense are stored as dense blocks.
         seed: seed for anything random (prompt sampling, randomized solvers).
+        annealing: the schedule and guard of ``mode="anneal"``, merged over `ANNEALING`:
+            ``target`` (``"exact"``: teacher-forced greedy tokens identical and at most
+            ``expected_flips`` greedy flips expected over ``positions`` unseen positions (the margin
+            criterion, `annealing.expected_flips`); ``"top1"``: agreement >= ``tolerance``;
+            ``"kl"``: mean KL <= ``tolerance``), ``levels`` (allowed share of activation-weighted
+            delta energy dropped per matrix: the temperature), ``calibration_prompts``,
+            ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
+            factors), ``keep_supported`` (never drop the criterion's supported singular directions).
         quant_method: always ``"hf_decompose"``: as a transformers ``quantization_config``
             (``from_pretrained(..., quantization_config=DecomposedConfig(base_model=...))``), this
             config makes loading decompose the checkpoint against ``base_model`` (see `hf_decompose.quantizer`).
@@ -112,7 +122,7 @@ class DecomposedConfig(QuantizationConfigMixin):
         levels = a["levels"]
         if not isinstance(levels, list) or not levels or any(not isinstance(x, (int, float)) or not 0 < x <= 1 for x in levels) or levels != sorted(levels):
             raise ConfigError(f"annealing.levels={levels!r} must be a non-empty increasing list of values in (0, 1]")
-        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "margin_ratio", "tolerance"):
+        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
 

@@ -143,7 +143,8 @@ def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | 
     rank, known = 0, sigma is not None
     for _ in range(10):
         if not known:
-            noise = max(total - float((s_np[:rank] ** 2).sum()), 0.0)
+            # floored at float32 resolution: an exactly low-rank delta (merged LoRA) leaves ~0, not a zero scale
+            noise = max(total - float((s_np[:rank] ** 2).sum()), 1e-6 * total)
             sigma = math.sqrt(noise / ((m - rank) * (n - rank))) if noise > 0 else 0.0
         pvalues = spectral_pvalues(s_np[:tested], delta.shape, sigma)
         rejected = reject(pvalues, config.q, config.correction)

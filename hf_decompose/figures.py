@@ -142,7 +142,8 @@ def plot_blocks(deltas: dict[str, TensorDelta], path: Path, tensors: list[str] |
     if tensors:
         chosen = [n for n in matrices if any(t in n for t in tensors)][:max_blocks]
     else:
-        chosen = sorted(matrices, key=lambda n: -(matrices[n].num_substructures() - matrices[n].rank))[:max_blocks]
+        # most components first; among equals, partial supports before fully dense ones
+        chosen = sorted(matrices, key=lambda n: (matrices[n].rank - matrices[n].num_substructures(), matrices[n].dense is not None))[:max_blocks]
     fig, axes = plt.subplots(1, max(len(chosen), 1), figsize=FIGSIZE, squeeze=False)
     if not chosen:
         _placeholder(axes[0, 0], "no entry-level support to show\n(empty or low-rank only)")
@@ -150,7 +151,8 @@ def plot_blocks(deltas: dict[str, TensorDelta], path: Path, tensors: list[str] |
     for ax, name in zip(axes[0], chosen):
         support = matrices[name].support()
         row_order, col_order, n_comp = block_order(support)
-        ax.imshow(_pool(support.numpy()[row_order][:, col_order]), cmap="Greys", interpolation="nearest", aspect="auto")
+        pooled = _pool(support.numpy()[row_order][:, col_order])
+        ax.imshow(pooled, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto", extent=(0, support.shape[1], support.shape[0], 0))
         ax.set_title(f"{name.removesuffix('.weight').removeprefix('model.')}\n{n_comp} components, {support.float().mean():.2%} of entries", fontsize=8)
         ax.set_xlabel(f"inputs (permuted, {support.shape[1]})", fontsize=8)
         ax.set_ylabel(f"outputs (permuted, {support.shape[0]})", fontsize=8)

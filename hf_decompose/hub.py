@@ -23,7 +23,6 @@ from .errors import ArtifactError, CheckpointError
 CONFIG_PATTERNS = [*checkpoints.CONFIG_PATTERNS, "README.md"]  # the card carries the license
 WEIGHT_PATTERNS = checkpoints.WEIGHT_PATTERNS
 ARTIFACT_PATTERNS = [artifact.INDEX, artifact.WEIGHTS, artifact.REPORT, *CONFIG_PATTERNS]
-HUB_KWARGS = ("token", "cache_dir", "local_files_only", "proxies", "force_download", "endpoint")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _options: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("hf_decompose_loading_options", default={})
 
@@ -49,7 +48,7 @@ def resolve(model: str | Path, revision: str | None = None, *, allow_patterns: l
     try:
         return Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns, **kwargs))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot fetch {model!r} (revision {revision!r}): {_first_line(err)}") from err
+        raise CheckpointError(f"cannot fetch {model!r} (revision {revision!r}): {_describe(err)}") from err
 
 
 def pull_artifact(repo_or_dir: str | Path, revision: str | None = None, **hub_kwargs) -> Path:
@@ -147,6 +146,15 @@ def push_artifact(
     )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+def _describe(err: BaseException) -> str:
+    """One line on why a download failed."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(err, GatedRepoError):
+        return "the repo is gated: accept its conditions on the Hub and pass a token"
+    if isinstance(err, RepositoryNotFoundError):
+        return "no such repo on the Hub (or it is private and no valid token was given)"
+    if isinstance(err, RevisionNotFoundError):
+        return "the repo has no such revision"
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"

@@ -41,9 +41,12 @@ class Part(nn.Module):
     def __init__(self, shape: tuple[int, ...]):
         super().__init__()
         self.shape = tuple(shape)
+        self._cost: int | None = None
 
     def cost(self) -> int:
-        return sum(b.numel() for b in self.buffers() if b.is_floating_point())
+        if self._cost is None:  # sizes never change (a move or a cast keeps them)
+            self._cost = sum(b.numel() for b in self._buffers.values() if b.is_floating_point())
+        return self._cost
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, cost={self.cost()}"
@@ -231,10 +234,10 @@ def _plan(parts: Sequence[nn.Module], x: torch.Tensor, rows: int, parallel: str)
 
 def _device(part: nn.Module, x: torch.Tensor) -> torch.device:
     """Where a part runs: its Accelerate execution device, else where its tensors are."""
-    hook = getattr(part, "_hf_hook", None)
+    hook = part.__dict__.get("_hf_hook")
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
-    t = next(part.buffers(), None)
+    t = next(iter(part._buffers.values()), None)
     return x.device if t is None or t.device.type == "meta" else t.device
 
 
@@ -244,9 +247,15 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _on_threads(base, parts, x, lookup, rows, force):
-    futures = {i: _pool().submit(p, x, lookup) for i, p in enumerate(parts) if force or p.cost() * rows >= THREAD_MIN_MACS}
+    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())  # thread-local: carry them over
+    futures = {i: _pool().submit(_in_modes, p, x, lookup, *modes) for i, p in enumerate(parts) if force or p.cost() * rows >= THREAD_MIN_MACS}
     y = base(x)
     return y, [futures[i].result() if i in futures else p(x, lookup) for i, p in enumerate(parts)]
+
+
+def _in_modes(part: nn.Module, x: torch.Tensor, lookup: bool, grad: bool, inference: bool) -> torch.Tensor:
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        return part(x, lookup)
 
 
 def _streams_for(device: torch.device, n: int) -> list[torch.cuda.Stream]:

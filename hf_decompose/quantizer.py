@@ -45,7 +45,7 @@ from .errors import ArtifactError, ConfigError
 from .modules import DecomposedModule
 from .substructures import TensorDelta
 
-_HUB_KEYS = ("token", "cache_dir", "local_files_only", "proxies")
+_HUB_KEYS = ("token", "cache_dir", "local_files_only")
 _PUSH_KEYS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "tags")
 
 
@@ -166,6 +166,16 @@ class DecomposedHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         return True  # as an artifact, by `DecomposedMixin.save_pretrained`
 
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: every decomposed module becomes its merged dense module (a plain fine-tune)."""
+        for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, DecomposedModule)]:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.merged_module())
+        if isinstance(model, DecomposedMixin):
+            model.__class__ = type(model).__bases__[1]
+            del model.decomposition
+        return model
+
     @property
     def is_trainable(self) -> bool:
         return False
@@ -205,7 +215,7 @@ def decomposed_class(cls: type) -> type:
 
 
 def _from_pretrained_download_kwargs() -> dict[str, Any]:
-    """token / cache_dir / local_files_only / proxies of the `from_pretrained` call running this hook (best effort)."""
+    """token / cache_dir / local_files_only of the `from_pretrained` call running this hook (best effort)."""
     frame = inspect.currentframe()
     try:
         while frame is not None:

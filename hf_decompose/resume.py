@@ -24,9 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoints import sha256_files
 from .config import DecomposedConfig
+from .errors import ArtifactError
 from .substructures import TensorDelta
 
 CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
 NOT_IN_KEY = ("base_model", "base_revision", "execution")  # settings that do not change the deltas
 logger = logging.getLogger(__name__)
 LayerResult = tuple[dict[str, TensorDelta], dict]
@@ -45,11 +47,16 @@ class LayerCache:
     def __init__(self, directory: str | Path, key: str):
         self.directory = Path(directory)
         self.reused = 0
-        manifest = self.directory / "manifest.json"
-        if _read_json(manifest).get("key") != key:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(manifest, json.dumps({"key": key}))
+        manifest = self.directory / MANIFEST
+        if self.directory.is_dir() and any(self.directory.iterdir()) and not manifest.is_file():
+            raise ArtifactError(f"{self.directory} is not empty and is no layer cache: refusing to use it for one")
+        try:
+            if _read_json(manifest).get("key") != key:
+                clear(self.directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(manifest, json.dumps({"key": key}))
+        except OSError as err:
+            raise ArtifactError(f"cannot create the layer cache {self.directory}: {err}") from err
 
     def get(self, index: int, layer: str) -> LayerResult | None:
         """The cached result of layer `index`, or None when absent or damaged."""
@@ -68,11 +75,14 @@ class LayerCache:
     def put(self, index: int, layer: str, deltas: dict[str, TensorDelta], stats: dict) -> None:
         weights = self.directory / f"{index:05d}.safetensors"
         tmp = weights.with_suffix(".tmp")
-        save_file({k: v for d in deltas.values() for k, v in d.state().items()}, tmp)
-        os.replace(tmp, weights)
-        tensors = {n: {"shape": list(d.shape), "transposed": d.transposed} for n, d in deltas.items()}
-        meta = {"layer": layer, "sha256": sha256_files([weights])[weights.name], "tensors": tensors, "stats": stats}
-        _write_atomic(self.directory / f"{index:05d}.json", json.dumps(meta, default=_jsonable))
+        try:
+            save_file({k: v for d in deltas.values() for k, v in d.state().items()}, tmp)
+            os.replace(tmp, weights)
+            tensors = {n: {"shape": list(d.shape), "transposed": d.transposed} for n, d in deltas.items()}
+            meta = {"layer": layer, "sha256": sha256_files([weights])[weights.name], "tensors": tensors, "stats": stats}
+            _write_atomic(self.directory / f"{index:05d}.json", json.dumps(meta, default=_jsonable))
+        except (OSError, SafetensorError) as err:
+            raise ArtifactError(f"cannot write the layer cache {self.directory}: {err}") from err
 
 
 def cached_layer(cache: LayerCache | None, index: int, layer: str, compute: Callable[[], LayerResult]) -> LayerResult:
@@ -91,8 +101,9 @@ def cached_layer(cache: LayerCache | None, index: int, layer: str, compute: Call
 
 
 def clear(directory: str | Path) -> None:
-    """Delete a cache once its decomposition is saved."""
-    shutil.rmtree(directory, ignore_errors=True)
+    """Delete a layer cache (a directory holding a cache manifest; anything else is left alone)."""
+    if (Path(directory) / MANIFEST).is_file():
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -175,6 +175,11 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     if mask.all() or values.dim() != 2:
         delta.dense = torch.where(mask, values, torch.zeros_like(values))
         return delta
+    rows_used, cols_used = mask.any(1), mask.any(0)
+    if (mask | ~cols_used).all(1).any() and rows_used.all() and cols_used.all():
+        # one row touches every column: a single component spanning the matrix (no graph needed)
+        delta.dense = torch.where(mask, values, torch.zeros_like(values))
+        return delta
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
     n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)

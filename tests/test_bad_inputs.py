@@ -323,6 +323,13 @@ def test_overwrite_refuses_a_directory_of_other_files(tmp_path, pair):
         cli("decompose", *pair, "--output", tmp_path / "home", "--overwrite")
 
 
+def test_resume_dir_that_is_no_layer_cache(tmp_path, pair):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with fails(tmp_path, ArtifactError, "notes is not empty and is no layer cache"):
+        decompose(pair[1], pair[0], DecomposedConfig(), progress=False, resume_dir=tmp_path / "notes")
+
+
 DISK_FULL = """
 import resource, signal, sys
 from hf_decompose import ArtifactError, DecomposedConfig, decompose

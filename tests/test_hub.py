@@ -159,3 +159,21 @@ def test_engine_model_and_cli_push(local_hub, tmp_path):  # noqa: F811
     assert {"decomposed_config.json", "decomposition.safetensors", "README.md"} <= set(files)
     index = json.loads(Path(HfApi().hf_hub_download("acme/cli-dec", "decomposed_config.json", cache_dir=tmp_path / "c")).read_text())
     assert index["base_model"]["id"] == str(base)
+
+
+def test_token_of_from_pretrained_reaches_the_base_download(local_hub, tmp_path, monkeypatch):  # noqa: F811
+    """A private base: the token given to plain `AutoModelForCausalLM.from_pretrained` is used to pull it too."""
+    base, ft = save_pair(tmp_path, scale=0.05)
+    api = HfApi()
+    api.create_repo("acme/private-base", private=True)
+    api.upload_folder(folder_path=base, repo_id="acme/private-base")
+    model = AutoModelForCausalLM.from_pretrained(ft, quantization_config=DecomposedConfig(base_model="acme/private-base"))
+    model.push_to_hub("acme/public-dec-of-private-base")
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(CheckpointError, match="cannot fetch 'acme/private-base'"):
+        AutoModelForCausalLM.from_pretrained("acme/public-dec-of-private-base", cache_dir=tmp_path / "anonymous")
+    loaded = AutoModelForCausalLM.from_pretrained("acme/public-dec-of-private-base", token=local_hub.token, cache_dir=tmp_path / "authorized")
+    assert (tmp_path / "authorized" / "models--acme--private-base").is_dir()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, AutoModelForCausalLM.from_pretrained(ft)(ids).logits)

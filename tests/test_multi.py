@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
+from hf_decompose import placement
 from hf_decompose.multi import TenantModule, TenantVectors
 
 from .synthetic import perturb, random_model
@@ -106,3 +107,15 @@ def test_errors(family, tmp_path):
     random_model("llama", seed=5).save_pretrained(tmp_path / "other")
     with pytest.raises(ArtifactError, match="another base"):
         MultiDecomposedModel.from_base(tmp_path / "other").load_decomposed("a", family / "art_a")
+
+
+def test_placed_with_offloaded_substructures(family, tmp_path):
+    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    rows = ["c", None, "a", "b"]
+    ids = _ids(len(rows))
+    expected = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
+    names = sorted(n for n in placement.substructures(multi) if ".tenants." in n)
+    multi.dispatch({"": "cpu", **dict.fromkeys(names[::2], "disk")}, offload_folder=tmp_path)
+    assert torch.equal(multi.generate(input_ids=ids, decomposed_names=rows, **GEN), expected)
+    with pytest.raises(ConfigError, match="before placing"):
+        multi.load_decomposed("d", family / "art_a")

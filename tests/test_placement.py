@@ -1,5 +1,7 @@
 """Placement through Accelerate: substructures on CPU and disk, auto maps, spreading, parallel split."""
 
+import threading
+
 import pytest
 import torch
 from accelerate import infer_auto_device_map
@@ -120,8 +122,11 @@ def test_parallel_modes_give_identical_outputs(pair):
     model = _model(pair, "lossless")
     module = model.model.model.layers[0].mlp.up_proj
     x = torch.randn(3, 5, module.base.in_features)
+    threads: list[str] = []
+    module.ops.parts()[0].register_forward_hook(lambda *_: threads.append(threading.current_thread().name))
     outputs = [run_split(module.base, module.ops.parts(), x, parallel=mode) for mode in ("off", "threads", "auto")]
     assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+    assert threads[1].startswith("hf_decompose") and threads[0] == threading.current_thread().name
     set_parallel(model, "threads")
     assert module.parallel == "threads"
     with pytest.raises(ValueError):

@@ -98,11 +98,16 @@ def test_lossless_is_bit_exact_and_tied_embeddings_survive(tmp_path):
 
 
 def test_missing_base(tmp_path):
-    _, ft = save_pair(tmp_path)
+    base, ft = save_pair(tmp_path)
     with pytest.raises(ConfigError, match="base_model is not set"):
         AutoModelForCausalLM.from_pretrained(ft, quantization_config=DecomposedConfig())
     with pytest.raises(CheckpointError, match="nowhere: no such directory"):
         _load(ft, tmp_path / "nowhere")
+    out = _load(ft, base).save_pretrained(tmp_path / "artifact")
+    base.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=f"{base}: no such directory"):
+        AutoModelForCausalLM.from_pretrained(out)
+    assert AutoDecomposedModelForCausalLM.from_pretrained(out, base_model=tmp_path / "moved").decomposition.index["base_model"]["id"] == str(base)
 
 
 def test_wrong_base_names_both(tmp_path):
@@ -152,3 +157,14 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="No space left"):
         model.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pair", "taken"]  # no target, no temporary sibling
+
+
+def test_dequantize_gives_back_a_plain_finetune(tmp_path):
+    base, ft = save_pair(tmp_path, scale=0.05)
+    model = _load(ft, base).dequantize()
+    assert type(model).__name__ == "LlamaForCausalLM" and not any(isinstance(m, DecomposedModule) for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "plain")
+    reference = AutoModelForCausalLM.from_pretrained(ft)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "plain")(_ids()).logits, reference(_ids()).logits)

@@ -1,0 +1,124 @@
+"""This project's annealing against delta-compression peers, at equal kept budgets.
+
+For each budget (share of delta parameters kept) and method: exact-match rate of greedy generation
+against the fine-tune (held-out prompts), mean KL (teacher-forced on the fine-tune's continuation)
+and artifact bytes. Peers use PEFT's implementations where they exist (`peft.utils.merge_utils`):
+magnitude pruning (TIES' trim), DARE (random drop + rescale); plus per-matrix SVD truncation and a
+1-bit sign + per-matrix scale delta (BitDelta without its distillation). "ours@budget" is this
+project's activation-weighted low-rank structure at that budget without the guard; "anneal" is the
+guarded annealing with the exact target (its own budget). Vectors (norms) are kept whole by all.
+
+    python benchmarks/annealing_vs_peers.py [--recipe recipes/default_pair.yaml] [--budgets 50,25,12,6,3,1]
+
+Writes benchmarks/results/peers_<pair>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft.utils.merge_utils import prune
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import machine  # noqa: E402
+
+from hf_decompose import DecomposedConfig, decompose  # noqa: E402
+from hf_decompose.annealing import GramCollector, continuation_logits, calibrate, rank_for, weighted_lowrank  # noqa: E402
+from hf_decompose.equivalence import greedy_generate  # noqa: E402
+from hf_decompose.modules import DecomposedModule  # noqa: E402
+from hf_decompose.pair import prepare_default_pair  # noqa: E402
+from hf_decompose.substructures import TensorDelta  # noqa: E402
+
+
+def evaluate(model, tok, ref, prompts, max_new_tokens) -> dict:
+    tokens = torch.stack(greedy_generate(model, tok, prompts, max_new_tokens))
+    logits = continuation_logits(model, ref.input_ids, ref.attention_mask, ref.prompt_len, 8)
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return {"exact_match_rate": float((tokens == ref.top1).all(1).float().mean()), "mean_kl": float(kl.mean()),
+            "top1_agreement": float((logits.argmax(-1) == ref.top1).float().mean())}
+
+
+def peer_delta(method: str, full: TensorDelta, budget: float, factors=None) -> tuple[TensorDelta, int]:
+    """(delta, stored bytes) for one matrix under a peer method at `budget`."""
+    d = full.to_dense()
+    m, n = d.shape
+    if method in ("magnitude", "dare"):
+        kept = prune(d.clone(), budget, "magnitude" if method == "magnitude" else "random", rescale=method == "dare")
+        nnz = int((kept != 0).sum())
+        return TensorDelta(full.name, full.shape, full.transposed, dense=kept), nnz * 8  # value + index
+    if method == "bitdelta":
+        return TensorDelta(full.name, full.shape, full.transposed, dense=d.sign() * d.abs().mean()), math.ceil(m * n / 8) + 4
+    r = max(0, int(budget * m * n / (m + n)))
+    u, v, _ = factors if method == "ours" else weighted_lowrank(d, None)
+    return TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u[:, :r].contiguous(), lowrank_v=v[:r].contiguous()), 4 * r * (m + n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=None)
+    parser.add_argument("--budgets", default="50,25,12,6,3,1")
+    parser.add_argument("--methods", default="magnitude,dare,svd,ours,bitdelta")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    pair = prepare_default_pair(recipe=args.recipe)
+    tok = AutoTokenizer.from_pretrained(pair.finetuned)
+    model = decompose(pair.finetuned, pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    ref = calibrate(model, tok, pair.eval_prompts, args.max_new_tokens)
+    calib = calibrate(model, tok, pair.calib_prompts[:16], 32)
+    modules = {m.delta.name: m for m in model.model.modules() if isinstance(m, DecomposedModule) and m._tied is None and len(m.delta.shape) == 2}
+    heads = {m.delta.name: m for m in model.model.modules() if isinstance(m, DecomposedModule) and m._tied is not None}
+    grams = GramCollector({n: heads.get(n, mod) for n, mod in modules.items()}).run(model, calib)
+    full = {n: mod.delta for n, mod in modules.items()}
+    factors = {n: weighted_lowrank(full[n].to_dense(), grams.get(n)) for n in full}
+    total = sum(math.prod(d.shape) for d in model.deltas.values())
+    vectors = total - sum(math.prod(d.shape) for d in full.values())
+    rows = []
+    for budget in [float(b) / 100 for b in args.budgets.split(",")]:
+        for method in args.methods.split(","):
+            t0 = time.perf_counter()
+            stored, kept = 4 * vectors, vectors
+            for n, mod in modules.items():
+                delta, nbytes = peer_delta(method, full[n], budget, factors[n])
+                mod.set_delta(delta)
+                stored += nbytes
+                kept += delta.num_params() if method not in ("magnitude", "dare") else int((delta.dense != 0).sum())
+            row = {"budget": budget, "method": method, "kept_fraction": kept / total if method != "bitdelta" else 1 / 32,
+                   "artifact_bytes": stored, **evaluate(model, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            for n, mod in modules.items():
+                mod.set_delta(full[n])
+        args.methods = args.methods.replace(",bitdelta", "").replace("bitdelta", "")  # one budget-free row
+    if args.anneal:
+        t0 = time.perf_counter()
+        annealed = decompose(pair.finetuned, pair.base, DecomposedConfig(mode="anneal"), calibration=pair.calib_prompts, progress=True)
+        row = {"budget": None, "method": "anneal (exact target)", "kept_fraction": annealed.report["kept_fraction"],
+               "artifact_bytes": sum(t.numel() * t.element_size() for d in annealed.deltas.values() for t in d.state().values()),
+               **evaluate(annealed, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    finetuned_bytes = sum(f.stat().st_size for f in pair.finetuned.glob("*.safetensors"))
+    print(f"\n| budget | method | kept | exact match | mean KL | artifact | vs fine-tune |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
+        print(f"| {budget} | {r['method']} | {r['kept_fraction']:.1%} | {r['exact_match_rate']:.0%} | {r['mean_kl']:.2e} | "
+              f"{r['artifact_bytes'] / 2**20:.1f} MiB | {finetuned_bytes / r['artifact_bytes']:.1f}x smaller |")
+    name = Path(args.recipe).stem if args.recipe else "default_pair"
+    out = Path(__file__).parent / "results" / f"peers_{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "pair": name, "prompts": len(pair.eval_prompts), "max_new_tokens": args.max_new_tokens,
+                               "finetuned_bytes": finetuned_bytes, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Annealing on the tiny trained pair: the guard rolls back, compensation helps, sets stay disjoint."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from hf_decompose import DecomposedConfig, PromptError, decompose
+from hf_decompose.annealing import GramCollector, calibrate, guard, weighted_lowrank
+from hf_decompose.modules import DecomposedModule
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_pair):
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    tok = AutoTokenizer.from_pretrained(tiny_pair.finetuned)
+    return model, tok, calibrate(model, tok, tiny_pair.calib_prompts[:8], 16)
+
+
+def _module(model, suffix):
+    return next(m for n, m in model.model.named_modules() if n.endswith(suffix) and isinstance(m, DecomposedModule))
+
+
+def test_guard_rejects_a_planted_breaking_step(exact):
+    model, _, calib = exact
+    assert guard(model, calib)[0]
+    module = _module(model, "layers.0.mlp.down_proj")
+    full = module.delta
+    broken = type(full)(full.name, full.shape, full.transposed, dense=full.dense * -20)
+    module.set_delta(broken)
+    ok, stats = guard(model, calib)
+    module.set_delta(full)
+    assert not ok and stats["top1_agreement"] < 1.0
+    assert guard(model, calib)[0]
+
+
+def test_annealing_rolls_back_levels_that_break_equivalence(tiny_pair, exact):
+    # level 1.0 drops every direction (rank 0): generation must change, so every layer rolls back
+    config = DecomposedConfig(mode="anneal", annealing={"levels": [1.0], "calibration_prompts": 8, "calibration_tokens": 16, "precision": False})
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, config, calibration=tiny_pair.calib_prompts, progress=False)
+    annealing = model.report["annealing"]
+    assert annealing["levels"] and all(layer["level"] is None for layer in annealing["levels"])
+    assert annealing["trace"] and not any(step["accepted"] for step in annealing["trace"])
+    assert model.report["kept_fraction"] > 0.99  # everything rolled back to the exact delta
+    ids = exact[2].input_ids[:4]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, exact[0](input_ids=ids).logits)  # the exact model, restored
+
+
+def test_compensation_beats_plain_truncation_on_a_real_layer(exact):
+    model, _, calib = exact
+    names = {"up": "layers.1.mlp.up_proj", "down": "layers.1.mlp.down_proj", "q": "layers.1.self_attn.q_proj"}
+    modules = {k: _module(model, v) for k, v in names.items()}
+    grams = GramCollector(modules).run(model, calib)
+    for key, module in modules.items():
+        delta, gram = module.delta.to_dense(), grams[key].double()
+        r = max(1, min(delta.shape) // 8)
+        u, v, _ = weighted_lowrank(delta, gram)
+        pu, pv, _ = weighted_lowrank(delta, None)
+
+        def output_error(a, b):
+            e = (delta - a[:, :r] @ b[:r]).double()
+            return float(torch.trace(e @ gram @ e.t()))
+
+        assert output_error(u, v) < 0.9 * output_error(pu, pv), key
+
+
+def test_annealing_needs_calibration_prompts(tiny_pair):
+    with pytest.raises(PromptError, match="calibration"):
+        decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="anneal"), progress=False)
+
+
+def test_calibration_and_evaluation_sets_are_disjoint(tiny_pair):
+    from hf_decompose.equivalence import check_disjoint
+
+    check_disjoint(tiny_pair.calib_prompts, tiny_pair.eval_prompts)
+    with pytest.raises(PromptError, match="overlap"):
+        check_disjoint(tiny_pair.calib_prompts, tiny_pair.eval_prompts[:3] + tiny_pair.calib_prompts[:1])
