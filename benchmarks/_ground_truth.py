@@ -82,9 +82,9 @@ def _scores_and_support(tests: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]
     criterion keeps (its entry mask, or the whole matrix when supported singular directions are kept)."""
     out = {}
     for name, t in tests.items():
-        p = np.ones(tuple(t.residual.shape))
-        if t.sigma > 0:
-            p = np.minimum(p, 2 * stats.norm.sf(np.abs(t.residual.double().numpy()) / t.sigma))
+        r = t.residual.double().numpy()
+        # no noise scale (most of the delta exactly 0): the criterion keeps every non-zero entry
+        p = 2 * stats.norm.sf(np.abs(r) / t.sigma) if t.sigma > 0 else np.where(r != 0, 0.0, 1.0)
         if t.group_pvalues is not None:
             p = np.minimum(p, t.group_pvalues[:, None] if t.info.group_axis == 0 else t.group_pvalues[None, :])
         kept = t.mask.numpy() | bool(t.spectral is not None and t.spectral.rank > 0)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-CHUNK = 1 << 22  # entries per float64 slice: bounds the temporaries of a large tensor (an embedding)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -18,11 +14,12 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tens
 
     ``base + delta`` (float32) reproduces `finetuned` bit for bit except at the override indices,
     where the fine-tuned value is stored as is. Entries identical in both have delta exactly 0.
-    The float64 difference rounded to float32 is almost always exact; a few nudges by one ulp fix
-    most of the rest (sign crossings, signed zeros), and what remains becomes an override.
+    The float32 difference (the exact difference, correctly rounded) is almost always exact; a few
+    nudges by one ulp fix most of the rest (sign crossings, signed zeros), and what remains becomes
+    an override.
     """
     base, finetuned = base.float(), finetuned.float()
-    delta = _difference(finetuned, base)
+    delta = finetuned - base
     bad = _bits(base + delta) != _bits(finetuned)
     for _ in range(4):
         if not bad.any():
@@ -33,14 +30,3 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tens
         bad = _bits(base + delta) != _bits(finetuned)
     idx = bad.nonzero()
     return delta, idx, finetuned[bad]
-
-
-def _difference(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The float64 difference rounded to float32, computed a slice of rows at a time."""
-    if finetuned.dim() == 0:
-        return (finetuned.double() - base.double()).float()
-    delta = torch.empty_like(finetuned)
-    step = max(1, CHUNK // max(1, math.prod(finetuned.shape[1:])))
-    for i in range(0, finetuned.shape[0], step):
-        delta[i : i + step] = (finetuned[i : i + step].double() - base[i : i + step].double()).float()
-    return delta

@@ -243,12 +243,14 @@ def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry:
         return []
     src = np.concatenate([e[0] for e in edges])
     dst = np.concatenate([e[1] for e in edges])
+    n = offsets["neuron"] + n_neurons
     heads = np.arange(geometry.num_heads)  # a kv head feeds every query head of its GQA group
     kv_of_head = np.array([kv_group_of_head(h, geometry) for h in heads]) + offsets["kv_head"]
-    linked = np.isin(kv_of_head, np.concatenate([src, dst]))
+    touched = np.zeros(n, dtype=bool)
+    touched[src] = touched[dst] = True
+    linked = touched[kv_of_head]
     src = np.concatenate([src, kv_of_head[linked]])
     dst = np.concatenate([dst, heads[linked] + offsets["head"]])
-    n = offsets["neuron"] + n_neurons
     graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     used = np.zeros(n, dtype=bool)
