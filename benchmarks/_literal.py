@@ -119,14 +119,14 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[li
     return out[:, batch["input_ids"].shape[1] :].tolist()
 
 
-def run_checkpoint(name: str, directory: Path, sigma: float, prompts: list[str], max_new_tokens: int = 24, note: str = "") -> dict:
+def run_checkpoint(name: str, directory: Path, sigma: float, prompts: list[str], max_new_tokens: int = 24) -> dict:
     """Fractions per module type and layer, and generation after zeroing what the criterion calls unsupported."""
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     reference = greedy(model, tokenizer, prompts, max_new_tokens)
     timings = {"load_and_generate_s": time.perf_counter() - t0}
-    result = {"model": name, "init_sigma": sigma, "note": note, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "removal": {}}
+    result = {"model": name, "init_sigma": sigma, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "removal": {}}
     originals = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     params = dict(model.named_parameters())
     control = greedy(model, tokenizer, prompts, max_new_tokens)  # nothing removed: generation is deterministic

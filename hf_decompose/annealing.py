@@ -143,16 +143,20 @@ class GramCollector:
 
 
 def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S)."""
+    """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S).
+
+    The Cholesky factor of the damped Gram is taken in float64 (Grams are ill-conditioned), the SVD
+    in float32 (fast, and its error is far below the truncation error).
+    """
     if gram is None:
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-        return (u * s).float(), vh.float(), s
+        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+        return u * s, vh, s
     h = gram.double()
     h = h + damping * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
-    chol = torch.linalg.cholesky(h)
-    p, s, qh = torch.linalg.svd(delta.double() @ chol, full_matrices=False)
+    chol = torch.linalg.cholesky(h).float()
+    p, s, qh = torch.linalg.svd(delta.float() @ chol, full_matrices=False)
     v = torch.linalg.solve_triangular(chol, qh, upper=False, left=False)  # Q^T L^{-1}
-    return (p * s).float(), v.float(), s
+    return p * s, v, s
 
 
 def rank_for(s: torch.Tensor, eps: float, floor: int) -> int:

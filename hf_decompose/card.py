@@ -122,7 +122,8 @@ def _size(size: dict) -> str:
     if size.get("base"):
         rows.append(("base checkpoint (pulled, not stored here)", _mib(size["base"])))
     if artifact and finetuned:
-        rows.append(("decomposition / fine-tune", f"{artifact / finetuned:.2%} ({finetuned / artifact:.1f}x smaller)"))
+        change = f"{finetuned / artifact:.1f}x smaller" if artifact < finetuned else f"{artifact / finetuned:.2f}x larger"
+        rows.append(("decomposition / fine-tune", f"{artifact / finetuned:.2%} ({change})"))
     return _table(("checkpoint", "size"), rows)
 
 

@@ -88,16 +88,22 @@ class TenantModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = getattr(self.base, "embed_scale", None) if self.lookup else None  # Gemma's scaled embeddings
-        groups = [(n, idx) for n, idx in self.routing.groups(x.shape[0], x.device) if any(t in self.tenants for t in n)]
-        if len(groups) == 1 and groups[0][1] is None:  # one selection for the whole batch: the split path
+        batch = x.shape[0]
+        if self.routing.rows is not None and batch == 1 < len(self.routing.rows):  # one input for every row (position ids)
+            batch = len(self.routing.rows)
+        groups = [(n, idx) for n, idx in self.routing.groups(batch, x.device) if any(t in self.tenants for t in n)]
+        if not groups:
+            return self.base(x)
+        x = x.expand(batch, *x.shape[1:])
+        if groups[0][1] is None:  # one selection for the whole batch: the split path
             parts = [p for t in groups[0][0] if t in self.tenants for p in self.tenants[t].parts()]
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
         y = self.base(x)
-        for names, idx in groups:
-            rows = x if idx is None else x.index_select(0, idx)
+        for names, idx in groups:  # each group of rows adds its own fine-tune's parts
+            rows = x.index_select(0, idx)
             c = sum(self.tenants[t](rows, self.lookup) for t in names if t in self.tenants).to(y.dtype)
             c = c * scale.to(c.dtype) if scale is not None else c
-            y = y + c if idx is None else y.index_put((idx,), c, accumulate=True)  # (index_add is slow on CPU)
+            y = y.index_put((idx,), c, accumulate=True)  # (index_add is slow on a busy CPU)
         return y
 
 
@@ -132,7 +138,9 @@ class TenantVectors(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = [(n, idx) for n, idx in self.routing.groups(x.shape[0], x.device) if any(t in self.tenants for t in n)]
-        if len(groups) == 1 and groups[0][1] is None:
+        if not groups:
+            return self.base(x)
+        if groups[0][1] is None:
             return self._module(groups[0][0])(x)
         y = self.base(x)
         for names, idx in groups:

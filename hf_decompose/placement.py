@@ -57,6 +57,8 @@ def place(
     """Dispatch `model` (a `DecomposedModel`, `MultiDecomposedModel` or transformers model) over
     devices; return the device map, also kept as ``hf_device_map`` on the transformers model."""
     inner = transformers_model(model)
+    if any(hasattr(m, "_hf_hook") for m in inner.modules()):
+        raise ConfigError("the model is already placed on devices: load it again to place it differently")
     if isinstance(device_map, str):
         device_map = infer_device_map(inner, device_map, max_memory, strategy)
     compute = [d for d in device_map.values() if d not in ("cpu", "disk")]
