@@ -71,7 +71,7 @@ def train(model, ids: torch.Tensor, steps: int, *, lr: float, weight_decay: floa
 
 
 def train_lora(model, ids: torch.Tensor, steps: int, lr: float, seed: int = 0) -> dict:
-    """A PEFT LoRA adapter (rank 4) trained on `ids`, merged into a copy of the model's weights."""
+    """Train a PEFT LoRA adapter (rank 4) on `model` (modified in place) and return the merged weights."""
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS))
     train(peft_model, ids, steps, lr=lr, only="lora_", seed=seed)
     return {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}

@@ -26,6 +26,7 @@ the time budget are skipped and say so. Exit status: 0 every check passed, 1 a c
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -261,7 +262,7 @@ def time_tenants(fam: dict, device: str, new_tokens: int) -> dict:
     out: dict = {}
 
     def measure(load, run) -> dict:
-        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        gc.collect()
         before = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
         models = load()
         run(models, 4)

@@ -99,7 +99,7 @@ def ground_truth_tables(gt: dict) -> list[str]:
                 f"| {label} | {_pct(d['supported_entries_fraction'])} | {_pct(d['kept_fraction'])} | {d['num_substructures']} | {d['spectral_rank']} | "
                 f"{eq['exact_match_rate']:.0%} | {eq['top1_agreement']:.3f} | {eq['mean_kl']:.2g} |"
             )
-    lines += ["", "| full fine-tune steps | layer | kept | substructures | spectral rank | entry-level components (sizes, nodes) |", "| ---: | --- | ---: | ---: | ---: | --- |"]
+    lines += ["", "| full fine-tune steps | layer | stored (of delta parameters) | substructures | spectral rank | entry-level components: count: sizes (nodes) |", "| ---: | --- | ---: | ---: | ---: | --- |"]
     for steps, d in gt["training_length"].items():
         for layer, s in d["layers"].items():
             sizes = ", ".join(map(str, s["component_sizes"][:8])) + (" ..." if len(s["component_sizes"]) > 8 else "")
@@ -114,7 +114,10 @@ def main() -> None:
     parser.add_argument("--ft-steps", type=int, default=200)
     parser.add_argument("--long-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--tables-only", action="store_true", help="re-render seed_claims.md from the saved JSON")
     args = parser.parse_args()
+    if args.tables_only:
+        return write_tables(json.loads((RESULTS / "seed_claims.json").read_text()))
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     root = cache_dir()
@@ -135,8 +138,12 @@ def main() -> None:
     out["total_s"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "seed_claims.json").write_text(json.dumps(out, indent=1, default=str))
+    write_tables(out)
+
+
+def write_tables(out: dict) -> None:
     m = out["machine"]
-    tables = [f"Measured on {m['cpu']} ({m['cores']} cores, {args.threads} torch thread(s)), {out['total_s'] / 60:.1f} min in all.", ""]
+    tables = [f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch thread(s)), {out['total_s'] / 60:.1f} min in all.", ""]
     tables += literal_tables(out["checkpoints"]) + [""] + ground_truth_tables(out["ground_truth"])
     (RESULTS / "seed_claims.md").write_text("\n".join(tables) + "\n")
     print("\n".join(tables))

@@ -12,7 +12,7 @@ import torch
 
 from . import artifact, resume
 from .config import DecomposedConfig
-from .equivalence import check_disjoint, load_prompts, verify_equivalence
+from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
 from .errors import DecomposeError
 from .model import DecomposedModel, decompose
 from .report import summary_table
@@ -25,9 +25,10 @@ def _load_reference(path: str | Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int) -> None:
+def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int, reference_tokens=None) -> None:
     t0 = time.perf_counter()
-    result = verify_equivalence(reference, model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    result = verify_equivalence(reference, model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                reference_tokens=reference_tokens)
     model.report["equivalence"] = result.to_dict()
     model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
 
@@ -40,12 +41,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     prepare_s = time.perf_counter() - t0
     check_disjoint(pair.calib_prompts, pair.eval_prompts)
     reference, tokenizer = _load_reference(pair.finetuned)
+    reference_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
     out = Path(args.output)
     summary: dict = {}
     for mode in args.modes.split(","):
         config = DecomposedConfig(mode=mode, q=args.q)
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts if mode == "anneal" else None)
-        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
+        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens)
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
         print(f"\n== {mode} ==\n{summary_table(model.report)}")
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded default pair (SmolLM2 + its Shakespeare fine-tune)")
     demo.add_argument("--output", default="out/demo")
     demo.add_argument("--recipe", default=None, help="YAML recipe of the pair (default: recipes/default_pair.yaml)")
-    demo.add_argument("--modes", default="anneal,lossless,criterion", help="the first is the default artifact")
+    demo.add_argument("--modes", default="lossless,criterion", help="comma-separated: lossless, criterion, anneal; the first is the default artifact")
     demo.add_argument("--q", type=float, default=0.05)
     generation_args(demo)
     demo.set_defaults(func=cmd_demo)

@@ -132,10 +132,12 @@ def verify_equivalence(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
+    reference_tokens: list[torch.Tensor] | None = None,
 ) -> EquivalenceResult:
-    """Compare greedy generations and teacher-forced logits of `candidate` against `reference`."""
+    """Compare greedy generations and teacher-forced logits of `candidate` against `reference`
+    (pass `reference_tokens`, from `greedy_generate`, to compare several candidates with one run)."""
     prompts = load_prompts(prompts)
-    ref_tokens = greedy_generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    ref_tokens = reference_tokens or greedy_generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress)
     cand_tokens = greedy_generate(candidate, tokenizer, prompts, max_new_tokens, batch_size, progress)
     kl, top1, max_diff = [], [], []  # per prompt: per-position KL and top-1 agreement, max |logit diff|
     nll = {"reference": [0.0, 0], "candidate": [0.0, 0]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import tempfile
 import time
 from collections import defaultdict
@@ -27,6 +28,10 @@ from .placement import place
 from .substructures import TensorDelta, extract, layer_components
 
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
+try:
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim  # glibc: return freed heap memory to the OS
+except (AttributeError, OSError, TypeError):
+    _MALLOC_TRIM = None
 
 
 def compute_deltas(
@@ -51,6 +56,8 @@ def compute_deltas(
         layer_deltas, stats = resume.cached_layer(cache, i, layer, lambda: _compute_layer(pair, config, geometry, layer, infos))
         deltas.update(layer_deltas)
         layers.append(stats)
+        if _MALLOC_TRIM is not None:  # kept deltas interleave with freed temporaries: give those pages back
+            _MALLOC_TRIM(0)
     return deltas, layers
 
 
@@ -65,10 +72,10 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     else:
         tensors = {i.name: (i, i.canonical(pair.finetuned.get(i.name)) - i.canonical(pair.base_tensor(i.name))) for i in infos}
         tests = assess_layer(tensors, config, geometry)
+        del tensors  # the residuals are what is kept: free the deltas before extracting (peak memory)
         for name, t in tests.items():
             lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
             layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density)
-        del tensors
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
 
 

@@ -123,7 +123,8 @@ class TensorDelta:
             out[f"{p}.lowrank.u"], out[f"{p}.lowrank.v"] = self.lowrank_u, self.lowrank_v
         if self.override_values is not None:
             out[f"{p}.override.indices"], out[f"{p}.override.values"] = self.override_indices, self.override_values
-        return {k: v.contiguous() for k, v in out.items()}
+        # indices fit int32 (shapes < 2^31): half the bytes of int64 on disk
+        return {k: (v.int() if v.dtype == torch.int64 else v).contiguous() for k, v in out.items()}
 
     @classmethod
     def from_state(cls, name: str, shape: tuple[int, ...], transposed: bool, tensors: dict[str, torch.Tensor]) -> TensorDelta:
@@ -176,8 +177,9 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
         delta.dense = torch.where(mask, values, torch.zeros_like(values))
         return delta
     rows_used, cols_used = mask.any(1), mask.any(0)
-    if (mask | ~cols_used).all(1).any() and rows_used.all() and cols_used.all():
-        # one row touches every column: a single component spanning the matrix (no graph needed)
+    dense_enough = int(mask.sum()) >= dense_block_density * mask.numel()
+    if dense_enough and rows_used.all() and cols_used.all() and (mask | ~cols_used).all(1).any():
+        # one row touches every column: a single, dense component spanning the matrix (no graph needed)
         delta.dense = torch.where(mask, values, torch.zeros_like(values))
         return delta
     rows_all, cols_all = mask.nonzero(as_tuple=True)
@@ -201,7 +203,19 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
 
 
 def _bipartite_components(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> tuple[int, np.ndarray]:
-    """Components of the graph rows <-> cols; labels for the row nodes then the column nodes."""
+    """Components of the graph rows <-> cols; labels for the row nodes then the column nodes,
+    numbered in order of their first node (as scipy numbers them)."""
+    per_row = np.bincount(rows, minlength=n_rows)
+    used = np.concatenate([per_row, np.bincount(cols, minlength=n_cols)]) > 0
+    if rows.size and per_row.max() == used[n_rows:].sum():
+        # a row touches every used column: one component of all used nodes, no graph needed (an
+        # embedding whose trained tokens moved: a graph of that many edges costs ~35 bytes each)
+        first = int(np.argmax(used))
+        opens = ~used
+        opens[first] = True
+        labels = (np.cumsum(opens) - 1).astype(np.int32)
+        labels[used] = labels[first]
+        return int(opens.sum()), labels
     n = n_rows + n_cols
     graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols + n_rows)), shape=(n, n))
     return connected_components(graph, directed=False)
