@@ -100,7 +100,8 @@ def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[in
     lossless = root / f"{Path(tuned[0]).name}-lossless"
     if not (lossless / "decomposed_config.json").exists():
         decompose(tuned[0], base, DecomposedConfig(mode="lossless"), progress=False).save_pretrained(lossless, overwrite=True)
-    return {"base": str(base), "finetuned": [str(t) for t in tuned], "artifacts": artifacts, "lossless": str(lossless), "prompts": prompts, "pad": pad}
+    return {"base": str(base), "finetuned": [str(t) for t in tuned], "artifacts": artifacts, "lossless": str(lossless),
+            "prompts": prompts, "pad": pad}  # fmt: skip
 
 
 def batch(family: dict, rows: list[int]) -> dict[str, torch.Tensor]:
@@ -232,14 +233,17 @@ def targets(res: dict) -> dict:
 
 def markdown(res: dict) -> str:
     lat, ten = res["latency"], res["tenants"]
-    lines = [f"Device: {res['device_name']}; torch threads: {res['threads']}; load average before/after: {res['load_before']} / {res['load_after']}", "",
+    lines = [f"Device: {res['device_name']}; torch threads: {res['threads']}; "
+             f"load average before/after: {res['load_before']} / {res['load_after']}", "",
              "| model | decode ms/token, batch 1 | batch 8 | greedy tokens = original (b1 / b8) |", "| --- | --- | --- | --- |"]  # fmt: skip
     for name, r in lat.items():
-        lines.append(f"| {name} | {r['b1_ms_per_token']:.2f} | {r['b8_ms_per_token']:.2f} | {r['b1_tokens_equal_original']} / {r['b8_tokens_equal_original']} |")
+        same = f"{r['b1_tokens_equal_original']} / {r['b8_tokens_equal_original']}"
+        lines.append(f"| {name} | {r['b1_ms_per_token']:.2f} | {r['b8_ms_per_token']:.2f} | {same} |")
     mib = 2**20
     lines += ["", f"Tenants: {ten['variants']} distinct fine-tune(s), tenant k is fine-tune k mod {ten['variants']}, each loaded as its own copy; "
               f"{res['tenant_tokens']} new tokens per generation, {ROWS} rows in all (row i -> tenant i mod N).",
-              "", f"| fine-tunes N | multi resident MiB | N full models MiB | base + artifacts MiB | multi tok/s | N full models tok/s | one merged model tok/s |",
+              "", "| fine-tunes N | multi resident MiB | N full models MiB | base + artifacts MiB | multi tok/s | N full models tok/s "
+              "| one merged model tok/s |",
               "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for n in TENANTS:
         m, s = ten[f"n{n}"]["multi"], ten[f"n{n}"]["separate"]
@@ -247,7 +251,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {n} | {m['resident_bytes'] / mib:.0f} | {s['resident_bytes'] / mib:.0f} | {budget:.0f} | "
                      f"{m['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | {ten['merged_single']['tokens_per_s']:.1f} |")  # fmt: skip
     lines += ["", "| target | value | limit | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {t['value']:.3f} | {'>=' if k.startswith('tokens') else '<='} {t['target']} | {t['met']} |" for k, t in res["targets"].items()]
+    for k, t in res["targets"].items():
+        lines.append(f"| {k} | {t['value']:.3f} | {'>=' if k.startswith('tokens') else '<='} {t['target']} | {t['met']} |")
     return "\n".join(lines)
 
 

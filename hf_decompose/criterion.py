@@ -138,7 +138,7 @@ def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | 
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     s_np = s.double().numpy()
-    total = float(delta.double().square().sum())
+    total = float(delta.to(torch.float64, copy=True).square_().sum())  # in place: one float64 copy at a time
     tested = min(config.max_rank, len(s_np))
     rank, known = 0, sigma is not None
     for _ in range(10):
@@ -239,7 +239,7 @@ def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geome
         info = result.info
         if result.sigma <= 0:
             continue
-        z2 = (result.residual.double() / result.sigma) ** 2
+        z2 = result.residual.to(torch.float64, copy=True).div_(result.sigma).pow_(2)  # in place: one float64 copy
         if info.group_axis is None:
             key, ids, per_unit, count = f"vector:{name}", np.zeros(1, dtype=np.int64), z2.sum().reshape(1).numpy(), np.array([z2.numel()])
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -52,7 +53,7 @@ def compute_deltas(
         by_layer[info.layer or name].append(info)
     deltas: dict[str, TensorDelta] = {}
     layers = []
-    for i, (layer, infos) in enumerate(tqdm(by_layer.items(), desc="decomposing", unit="layer", disable=not progress)):
+    for i, (layer, infos) in enumerate(tqdm(sorted(by_layer.items(), key=lambda kv: _natural(kv[0])), desc="decomposing", unit="layer", disable=not progress)):
         layer_deltas, stats = resume.cached_layer(cache, i, layer, lambda: _compute_layer(pair, config, geometry, layer, infos))
         deltas.update(layer_deltas)
         layers.append(stats)
@@ -79,6 +80,11 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
 
 
+def _natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def summarize_layers(deltas: dict[str, TensorDelta], hf_config: dict) -> list[dict]:
     """Per-layer statistics of kept deltas (after annealing, where no tests ran)."""
     model_type = hf_config.get("model_type", "")
@@ -90,7 +96,7 @@ def summarize_layers(deltas: dict[str, TensorDelta], hf_config: dict) -> list[di
     for name, d in deltas.items():
         info = describe(name, d.shape, model_type)
         by_layer[info.layer or name].append(info)
-    return [_layer_stats(layer, infos, {i.name: deltas[i.name] for i in infos}, {}, geometry) for layer, infos in by_layer.items()]
+    return [_layer_stats(layer, infos, {i.name: deltas[i.name] for i in infos}, {}, geometry) for layer, infos in sorted(by_layer.items(), key=lambda kv: _natural(kv[0]))]
 
 
 def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDelta], tests: dict, geometry: Geometry | None) -> dict:

@@ -103,7 +103,7 @@ class BlockPart(Part):
 
 
 class SparsePart(Part):
-    """Scattered entries in CSR form (``crow``, ``cols``, ``values``)."""
+    """Scattered entries in CSR form (``crow``, ``cols``, ``values``; int32 indices where they fit)."""
 
     kind = "sparse"
 
@@ -112,10 +112,11 @@ class SparsePart(Part):
         if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
             rows, order = rows.sort(stable=True)
             cols, values = cols[order], values[order]
-        crow = torch.zeros(shape[0] + 1, dtype=torch.long)
-        crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+        index = torch.int32 if max(shape[0], shape[1], rows.numel()) < 2**31 else torch.long
+        crow = torch.zeros(shape[0] + 1, dtype=index)
+        crow[1:] = torch.bincount(rows.long(), minlength=shape[0]).cumsum(0)
         self.register_buffer("crow", crow)
-        self.register_buffer("cols", cols)
+        self.register_buffer("cols", cols.to(index).contiguous())
         self.register_buffer("values", values)
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
@@ -156,7 +157,7 @@ class DeltaOps(nn.Module):
 
     def __init__(self, delta: TensorDelta, base_weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.delta = delta
+        self.delta: TensorDelta | None = delta  # None once only the parts are kept
         if delta.dense is not None:
             self.add_module("dense", DensePart(delta.dense))
         for i, b in enumerate(delta.blocks):

@@ -192,7 +192,7 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     for comp in np.nonzero(dense)[0]:  # few: every other component is stored as sparse entries
         ur = torch.from_numpy(np.nonzero(labels[:n_rows] == comp)[0])
         uc = torch.from_numpy(np.nonzero(labels[n_rows:] == comp)[0])
-        block = values[ur[:, None], uc[None, :]] * mask[ur[:, None], uc[None, :]]
+        block = values[ur[:, None], uc[None, :]].mul_(mask[ur[:, None], uc[None, :]])  # a gathered copy: in place
         delta.blocks.append(Block(ur, uc, block.contiguous()))
     sparse_keep = torch.from_numpy(~dense[entry_label])
     if sparse_keep.any():

@@ -238,6 +238,14 @@ def test_calibration_and_evaluation_prompts_overlap(tmp_path):
         check_disjoint(calib, ["All the world's a stage", "Friends,  Romans, countrymen "])
 
 
+def test_cli_calibration_overlaps_evaluation(tmp_path, pair):
+    (tmp_path / "eval.txt").write_text("Now is the winter of our discontent\nOnce more unto the breach\n")
+    (tmp_path / "calib.txt").write_text("Once more unto the breach\nA horse, a horse\n")
+    with fails(tmp_path, PromptError, "overlap .1 shared.*'Once more unto the breach'"):
+        cli("decompose", *pair, "--output", tmp_path / "out", "--mode", "anneal",
+            "--prompts", tmp_path / "eval.txt", "--calibration", tmp_path / "calib.txt")  # fmt: skip
+
+
 # -- configuration ------------------------------------------------------------------------------
 
 

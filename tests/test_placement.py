@@ -79,7 +79,9 @@ def test_from_pretrained_with_device_map(pair, tmp_path):
     ids = _ids()
     expected = model.generate(input_ids=ids, **GEN)
     model.save_pretrained(tmp_path / "artifact")
-    loaded = DecomposedModel.from_pretrained(tmp_path / "artifact", execution="split", device_map="sequential", max_memory={"cpu": 70_000}, offload_folder=tmp_path / "off")
+    loaded = DecomposedModel.from_pretrained(
+        tmp_path / "artifact", execution="split", device_map="sequential", max_memory={"cpu": 70_000}, offload_folder=tmp_path / "off"
+    )
     assert "disk" in loaded.hf_device_map.values()
     assert torch.equal(loaded.generate(input_ids=ids, **GEN), expected)
 
@@ -98,7 +100,8 @@ def test_spread_balances_substructures_over_devices_and_keeps_base_map(pair):
     parts = spread(model.model, base_map, sizes, {0: 10**9, 1: 10**9, "cpu": 10**9})
     assert set(parts) == set(substructures(model))
     assert set(parts.values()) == {0, 1}
-    load = {d: sum(sum(b.numel() * b.element_size() for b in substructures(model)[n].buffers()) for n, dd in parts.items() if dd == d) for d in (0, 1)}
+    nbytes = {n: sum(b.numel() * b.element_size() for b in p.buffers()) for n, p in substructures(model).items()}
+    load = {d: sum(nbytes[n] for n, dd in parts.items() if dd == d) for d in (0, 1)}
     assert max(load.values()) < 2 * min(load.values())
     tight = spread(model.model, base_map, sizes, {0: 2000, 1: 2000, "cpu": 10**9})  # no GPU room: CPU offload
     assert set(tight.values()) == {"cpu"}
