@@ -5,7 +5,8 @@ fine-tuned model's size in memory (fp32 bytes). Each measurement runs in its own
 * ``lossless``  - `decompose(mode="lossless")` + `save_pretrained`;
 * ``criterion`` - `decompose(mode="criterion")` + `save_pretrained`.
 
-Target: peak <= 1.5x the fine-tuned model's fp32 size. Writes benchmarks/results/memory.json.
+Target: peak <= 1.5x the fine-tuned model's fp32 size; reported both as is and above the imports'
+floor (for a 135M model the interpreter with torch alone is ~0.8x). Writes benchmarks/results/memory.json.
 
     python benchmarks/memory.py [--modes lossless,criterion]
 """
@@ -70,6 +71,7 @@ def main() -> None:
             "peak_over_model": m["peak_rss_bytes"] / size,
             "above_imports_over_model": (m["peak_rss_bytes"] - floor) / size,
             "within_target": m["peak_rss_bytes"] <= TARGET * size,
+            "within_target_above_imports": m["peak_rss_bytes"] - floor <= TARGET * size,
         }
     result = {
         "machine": machine(),

@@ -177,11 +177,10 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
         delta.dense = torch.where(mask, values, torch.zeros_like(values))
         return delta
     rows_used, cols_used = mask.any(1), mask.any(0)
-    dense_enough = int(mask.sum()) >= dense_block_density * mask.numel()
-    if dense_enough and rows_used.all() and cols_used.all() and (mask | ~cols_used).all(1).any():
-        # one row touches every column: a single, dense component spanning the matrix (no graph needed)
-        delta.dense = torch.where(mask, values, torch.zeros_like(values))
-        return delta
+    if (mask | ~cols_used).all(1).any() or (mask | ~rows_used[:, None]).all(0).any():
+        # a row touching every used column (or a column touching every used row) joins everything:
+        # a single component, no graph needed
+        return _single_component(delta, values, mask, rows_used, cols_used, dense_block_density)
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
     n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)
@@ -199,6 +198,23 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
         delta.sparse_indices = torch.stack([rows_all[sparse_keep], cols_all[sparse_keep]])
         delta.sparse_values = values[rows_all[sparse_keep], cols_all[sparse_keep]].contiguous()
         delta.sparse_components = torch.from_numpy(entry_label)[sparse_keep].int()
+    return delta
+
+
+def _single_component(delta: TensorDelta, values: torch.Tensor, mask: torch.Tensor, rows_used: torch.Tensor,
+                      cols_used: torch.Tensor, dense_block_density: float) -> TensorDelta:
+    rows, cols = rows_used.nonzero()[:, 0], cols_used.nonzero()[:, 0]
+    area = rows.numel() * cols.numel()
+    if int(mask.sum()) >= dense_block_density * area and area > 1:
+        if rows.numel() == mask.shape[0] and cols.numel() == mask.shape[1]:
+            delta.dense = torch.where(mask, values, torch.zeros_like(values))
+        else:
+            block = values[rows[:, None], cols[None, :]] * mask[rows[:, None], cols[None, :]]
+            delta.blocks.append(Block(rows, cols, block.contiguous()))
+        return delta
+    r, c = mask.nonzero(as_tuple=True)
+    delta.sparse_indices, delta.sparse_values = torch.stack([r, c]), values[r, c].contiguous()
+    delta.sparse_components = torch.zeros(r.numel(), dtype=torch.int32)
     return delta
 
 

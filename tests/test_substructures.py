@@ -72,3 +72,19 @@ def test_layer_components_chain_heads_and_neurons():
     }
     comps = layer_components(deltas, g)
     assert comps == [{"hidden": 3, "units": 2}, {"hidden": 1, "units": 1}]
+
+
+def test_a_full_row_makes_one_component_without_the_graph():
+    from hf_decompose.substructures import _bipartite_components
+
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(60, 40, generator=gen)
+    mask = torch.rand(60, 40, generator=gen) < 0.05
+    mask[7] = True  # a supported neuron row: every used column hangs on it
+    info = describe("model.layers.0.mlp.gate_proj.weight", (60, 40), "llama")
+    delta = extract(info, values, mask)
+    rows, cols = mask.nonzero(as_tuple=True)
+    _, labels = _bipartite_components(rows.numpy(), cols.numpy(), 60, 40)
+    assert len(set(labels[rows.numpy()].tolist())) == 1  # the graph agrees
+    assert delta.num_substructures() == 1 and delta.num_params() == int(mask.sum())
+    assert torch.equal(delta.to_dense(), torch.where(mask, values, torch.zeros(())))
