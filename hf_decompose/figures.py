@@ -199,18 +199,21 @@ def plot_z_histograms(report: dict, path: Path) -> Path:
 
 
 def plot_annealing(report: dict, path: Path) -> Path:
-    """Per layer: the levels tried (dropped-energy fraction; accepted o, rolled back x) and the level
-    kept, and the kept fraction of the layer's delta parameters after annealing."""
-    trace = (report.get("annealing") or {}).get("trace") or []
+    """Per layer: the levels tried (dropped-energy fraction; accepted o, rolled back x; column "*" is
+    the whole-model temperature) and the level kept, and the kept fraction of each layer's delta."""
+    annealing = report.get("annealing") or {}
+    layers = annealing.get("levels") or []
     fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
-    if not trace:
+    if not layers:
         _placeholder(left, "not annealed")
         right.set_axis_off()
         return _save(fig, path)
-    x = np.arange(len(trace))
-    for i, record in enumerate(trace):
-        for t in record.get("tries", []):
-            left.plot(i, t["level"], "o" if t["accepted"] else "x", color="tab:green" if t["accepted"] else "tab:red", ms=5)
+    names = ["*"] + [r["layer"] for r in layers]
+    column = {name: i for i, name in enumerate(names)}
+    for t in annealing.get("trace", []):
+        ok = t["accepted"]
+        left.plot(column[t["layer"]], t["level"], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
+    for i, record in enumerate(layers, start=1):
         if record.get("level") is not None:
             left.plot([i - 0.4, i + 0.4], [record["level"]] * 2, color="black", lw=2)
     left.plot([], [], "o", color="tab:green", label="accepted")
@@ -218,13 +221,12 @@ def plot_annealing(report: dict, path: Path) -> Path:
     left.plot([], [], color="black", lw=2, label="kept level")
     left.set_ylabel("level (fraction of delta energy dropped)")
     left.legend(fontsize=7)
-    kept = [r["kept_params"] / r["delta_params"] if r.get("delta_params") else np.nan for r in trace]
-    right.bar(x, kept, color="tab:blue")
+    left.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=90, fontsize=7)
+    kept = [r["kept_params"] / r["delta_params"] if r.get("delta_params") else np.nan for r in layers]
+    right.bar(np.arange(1, len(layers) + 1), kept, color="tab:blue")
     right.set_ylabel("kept / delta parameters")
-    precision = report["annealing"].get("precision") or {}
-    right.set_title(f"factors stored in {precision.get('dtype', 'float32')}", fontsize=9)
-    for ax in (left, right):
-        ax.set_xticks(x, [_short(r["layer"]) for r in trace], rotation=90, fontsize=7)
+    right.set_title(f"factors stored in {(annealing.get('precision') or {}).get('dtype', 'float32')}", fontsize=9)
+    right.set_xticks(np.arange(1, len(layers) + 1), [_short(r["layer"]) for r in layers], rotation=90, fontsize=7)
     return _save(fig, path)
 
 

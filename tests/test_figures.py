@@ -31,11 +31,13 @@ def demo_output(tmp_path_factory):
         "max_abs_logit_diff": 0.5, "mean_kl": 1e-3, "top1_agreement": 0.9, "perplexity_reference": 10.0,
         "perplexity_candidate": 10.5, "per_prompt_max_abs_logit_diff": [0.0, 0.5, 1e-3, 2e-2],
     }  # fmt: skip
-    tries = [{"level": lv, "accepted": lv < 0.3} for lv in (0.2, 0.4, 0.3)]
-    decomposed.report["annealing"] = {"trace": [
-        {"layer": "model.layers.0", "tries": tries, "level": 0.2, "kept_params": 300, "delta_params": 1000},
-        {"layer": "model.layers.1", "tries": tries[1:2], "level": None, "kept_params": 1000, "delta_params": 1000},
-    ], "precision": {"dtype": "bfloat16", "accepted": True}}  # fmt: skip
+    decomposed.report["annealing"] = {  # the layout `annealing.anneal` reports
+        "trace": [{"layer": "*", "level": 0.4, "accepted": False}, {"layer": "*", "level": 0.2, "accepted": True},
+                  {"layer": "model.layers.0", "level": 0.3, "accepted": False}],
+        "levels": [{"layer": "model.layers.0", "level": 0.2, "kept_params": 300, "delta_params": 1000},
+                   {"layer": "model.layers.1", "level": None, "kept_params": 1000, "delta_params": 1000}],
+        "precision": {"dtype": "bfloat16", "accepted": True},
+    }  # fmt: skip
     decomposed.save_pretrained(root / "out" / "criterion")
     return root / "out"
 
