@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine  # noqa: E402
 
 from hf_decompose import DecomposedConfig, decompose  # noqa: E402
-from hf_decompose.annealing import GramCollector, continuation_logits, calibrate, rank_for, weighted_lowrank  # noqa: E402
+from hf_decompose.annealing import GramCollector, calibrate, continuation_logits, weighted_lowrank  # noqa: E402
 from hf_decompose.equivalence import greedy_generate  # noqa: E402
 from hf_decompose.modules import DecomposedModule  # noqa: E402
 from hf_decompose.pair import prepare_default_pair  # noqa: E402
@@ -107,7 +107,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     finetuned_bytes = sum(f.stat().st_size for f in pair.finetuned.glob("*.safetensors"))
-    print(f"\n| budget | method | kept | exact match | mean KL | artifact | vs fine-tune |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| budget | method | kept | exact match | mean KL | artifact | vs fine-tune |\n| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
         print(f"| {budget} | {r['method']} | {r['kept_fraction']:.1%} | {r['exact_match_rate']:.0%} | {r['mean_kl']:.2e} | "

@@ -66,7 +66,7 @@ def main() -> None:
             "peak_rss_gib": result["peak_rss_bytes"] / 2**30,
             "rss_over_model": result["peak_rss_bytes"] / model_bytes,
         })
-    print(f"| mode | decompose (s) | read both (s) | ratio (target <= 3) | peak RSS (GiB) | RSS / one model (target <= 2.5) |")
+    print("| mode | decompose (s) | read both (s) | ratio (target <= 3) | peak RSS (GiB) | RSS / one model (target <= 2.5) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['mode']} | {r['decompose_s']:.1f} | {r['read_s']:.1f} | {r['time_ratio']:.1f}x | {r['peak_rss_gib']:.2f} | {r['rss_over_model']:.2f}x |")

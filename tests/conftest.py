@@ -61,6 +61,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """`one_thread` for a whole test module."""
+    with one_thread():
+        yield
+
+
 def tiny_finetune(base: Path, corpus: hp.Corpus) -> PreTrainedModel:
     """The tiny pair's fine-tune of `base`, in memory (what `build_tiny_pair` saves)."""
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)

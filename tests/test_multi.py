@@ -15,13 +15,7 @@ GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 MODES = {"llama": "criterion", "gpt2": "lossless"}  # tied head + blocks/sparse; Conv1D, biases, LayerNorm, wpe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP on a shared, busy CPU makes small ops crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models gain nothing from threads
 
 
 @pytest.fixture(scope="module", params=sorted(MODES))

@@ -15,13 +15,7 @@ from .synthetic import save_pair
 GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP on a shared, busy CPU makes small ops crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models gain nothing from threads
 
 
 @pytest.fixture(scope="module")
