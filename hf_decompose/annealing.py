@@ -170,8 +170,8 @@ def rank_for(s: torch.Tensor, eps: float, floor: int) -> int:
 
 @dataclass
 class _Candidate:
-    info_name: str
-    module_name: str
+    """A matrix's exact delta, its activation-weighted factors and its rank floor."""
+
     full: TensorDelta
     factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     floor: int
@@ -220,7 +220,7 @@ def anneal(
     for n in tqdm(names, desc="spectra", unit="matrix", disable=not progress):
         dense = deltas[n].to_dense()
         floor = spectral_test(dense, config).rank if opts["keep_supported"] else 0
-        cands[n] = _Candidate(n, module_names[n], deltas[n], weighted_lowrank(dense, grams.get(n)), floor)
+        cands[n] = _Candidate(deltas[n], weighted_lowrank(dense, grams.get(n)), floor)
     del grams
     layers: dict[str, list[str]] = defaultdict(list)
     for n in names:
