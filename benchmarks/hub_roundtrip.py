@@ -118,7 +118,7 @@ def main() -> None:
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "pair": {"base": str(pair.base), "finetuned": str(pair.finetuned)},
+        "pair": {"base": pair.base.name, "finetuned": pair.finetuned.name},  # names in the cache, no machine paths
         "mode": args.mode,
         "commit": commit.oid,
         "sizes_bytes": {

@@ -75,7 +75,7 @@ def main() -> None:
         }
     result = {
         "machine": machine(),
-        "pair": {"base": str(pair.base), "finetuned": str(pair.finetuned)},
+        "pair": {"base": pair.base.name, "finetuned": pair.finetuned.name},  # names in the cache, no machine paths
         "finetuned_fp32_bytes": size,
         "imports_peak_rss_bytes": floor,
         "target_peak_over_model": TARGET,
