@@ -22,7 +22,7 @@ from .annealing import anneal_model
 from .criterion import assess_layer
 from .deltas import exact_delta
 from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError
-from .groups import Geometry, ParamInfo, describe
+from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .hub import commit_of, push_artifact
 from .modules import DecomposedModule
 from .placement import place
@@ -103,7 +103,7 @@ def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDel
     entries = sum(int(torch.tensor(d.shape).prod()) for d in deltas.values())
     kept = sum(d.num_params() for d in deltas.values())
     comps = layer_components({n: (i, deltas[n]) for n, i in ((i.name, i) for i in infos)}, geometry)
-    in_graph = {i.name for i in infos if i.role in ("q", "k", "v", "o", "gate", "up", "down", "c_attn", "c_fc", "c_proj")} if comps else set()
+    in_graph = {i.name for i in infos if i.role in READS_HIDDEN | WRITES_HIDDEN} if comps else set()
     rank = sum(d.rank for d in deltas.values())
     others = sum(d.num_substructures() - d.rank for n, d in deltas.items() if n not in in_graph)
     largest = comps[0] if comps else max(
