@@ -92,7 +92,7 @@ def main() -> None:
                 stored += nbytes
                 kept += delta.num_params() if method not in ("magnitude", "dare") else int((delta.dense != 0).sum())
             row = {"budget": budget, "method": method, "kept_fraction": kept / total if method != "bitdelta" else 1 / 32,
-                   "artifact_bytes": stored, **evaluate(model, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}
+                   "artifact_bytes": stored, "stored_fraction": stored / (4 * total), **evaluate(model, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
             for n, mod in modules.items():
@@ -102,15 +102,16 @@ def main() -> None:
         t0 = time.perf_counter()
         annealed = decompose(pair.finetuned, pair.base, DecomposedConfig(mode="anneal"), calibration=pair.calib_prompts, progress=True)
         row = {"budget": None, "method": "anneal (exact target)", "kept_fraction": annealed.report["kept_fraction"],
-               "artifact_bytes": sum(t.numel() * t.element_size() for d in annealed.deltas.values() for t in d.state().values()),
+               "artifact_bytes": annealed.report["size_bytes"]["artifact"], "stored_fraction": annealed.report["stored_fraction"],
+               "annealing_s": annealed.report["annealing"]["seconds"], "levels": [r["level"] for r in annealed.report["annealing"]["levels"]],
                **evaluate(annealed, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(json.dumps(row), flush=True)
     finetuned_bytes = sum(f.stat().st_size for f in pair.finetuned.glob("*.safetensors"))
-    print("\n| budget | method | kept | exact match | mean KL | artifact | vs fine-tune |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| budget | method | kept params | stored bytes | exact match | mean KL | artifact | vs fine-tune |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
-        print(f"| {budget} | {r['method']} | {r['kept_fraction']:.1%} | {r['exact_match_rate']:.0%} | {r['mean_kl']:.2e} | "
+        print(f"| {budget} | {r['method']} | {r['kept_fraction']:.1%} | {r['stored_fraction']:.1%} | {r['exact_match_rate']:.0%} | {r['mean_kl']:.2e} | "
               f"{r['artifact_bytes'] / 2**20:.1f} MiB | {finetuned_bytes / r['artifact_bytes']:.1f}x smaller |")
     name = Path(args.recipe).stem if args.recipe else "default_pair"
     out = Path(__file__).parent / "results" / f"peers_{name}.json"

@@ -2,16 +2,21 @@
 
 Schedule. Transformer layers are annealed in model order (then the embedding / tied head), so a
 later layer is compressed on the activations of the already-annealed earlier ones. A layer moves
-through increasingly aggressive *levels* (the temperature): level eps keeps, per matrix, the fewest
-activation-weighted singular directions whose dropped energy is at most eps of the delta's. With
-``keep_supported`` the criterion's spectrally supported directions are never dropped (a rank floor).
-The schedule first finds one temperature for the whole model (bisection over the levels), then heats
-each layer further, in model order, while the guard holds.
+through increasingly aggressive *levels* (the temperature, `config.Level`). A level has two axes
+of one budget: how many activation-weighted singular directions of each matrix's delta are kept
+exactly (``lr<eps>``: the fewest whose left-out weighted norm is at most eps), and in how many bits
+the rest is stored (``int<bits>[g<group>]``: every remaining entry, rounded to the nearest of
+2^bits - 1 levels per row group, unbiased). ``"int8"`` keeps every entry in 8 bits; ``"lr0.05"``
+keeps directions only. With ``keep_supported`` the criterion's spectrally supported directions are
+never dropped (a rank floor). The schedule first finds one temperature for the whole model
+(bisection over the levels), then heats each layer further, in model order, while the guard holds.
 
 Compensation. The directions are those of ``D L`` where ``L L^T = X^T X + damping`` is the Gram
 of the matrix's calibration inputs: the kept factors are the least-squares optimum of
 ``||(D - U V) X^T||`` for their rank (activation-aware SVD), i.e. the refit of the kept structure
-on the calibration Gram matrix, in closed form.
+on the calibration Gram matrix, in closed form. What they leave is rounded column by column with
+each rounding error pushed onto the columns still to come through ``(X^T X)^-1`` (``error_feedback``,
+`quantize`): the output error, not the weight error, is what is minimised.
 
 Guard. A level is accepted only if, on calibration prompts (disjoint from the evaluation prompts),
 teacher-forced greedy tokens are identical at every position and the margin criterion holds: the
@@ -35,11 +40,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from .config import DecomposedConfig
+from .config import DecomposedConfig, Level
 from .criterion import spectral_test
 from .equivalence import greedy_generate, load_prompts
 from .errors import PromptError
 from .modules import DecomposedModule
+from .quantize import quantize
 from .substructures import TensorDelta
 
 
@@ -170,11 +176,12 @@ def rank_for(s: torch.Tensor, eps: float, floor: int) -> int:
 
 @dataclass
 class _Candidate:
-    """A matrix's exact delta, its activation-weighted factors and its rank floor."""
+    """A matrix's exact delta, its activation-weighted factors, its rank floor and its inputs' Gram."""
 
     full: TensorDelta
     factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     floor: int
+    gram: torch.Tensor | None  # the inputs' X^T X, for error feedback when rounding
 
 
 def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir: Path, base_dir: Path, calibration, config: DecomposedConfig, progress: bool = True) -> tuple[dict[str, TensorDelta], dict]:
@@ -212,7 +219,9 @@ def anneal(
     """
     gram_names = gram_names or module_names
     t0 = time.perf_counter()
-    opts, levels = config.annealing, list(config.annealing["levels"])
+    opts = config.annealing
+    specs = [str(x) if isinstance(x, str) else f"lr{x}" for x in opts["levels"]]
+    levels = [Level.parse(x) for x in opts["levels"]]
     calib = calibrate(model, tokenizer, calibration_prompts, opts["calibration_tokens"])
     names = [n for n, d in deltas.items() if n in module_names and d.dense is not None and len(d.shape) == 2]
     grams = GramCollector({n: model.get_submodule(gram_names[n]) for n in names}).run(model, calib)
@@ -220,7 +229,7 @@ def anneal(
     for n in tqdm(names, desc="spectra", unit="matrix", disable=not progress):
         dense = deltas[n].to_dense()
         floor = spectral_test(dense, config).rank if opts["keep_supported"] else 0
-        cands[n] = _Candidate(deltas[n], weighted_lowrank(dense, grams.get(n)), floor)
+        cands[n] = _Candidate(deltas[n], weighted_lowrank(dense, grams.get(n)), floor, grams.get(n) if opts["error_feedback"] else None)
     del grams
     layers: dict[str, list[str]] = defaultdict(list)
     for n in names:
@@ -229,13 +238,13 @@ def anneal(
     level_of: dict[str, int | None] = dict.fromkeys(order)
 
     def install(layer: str, level: int | None) -> dict[str, TensorDelta]:
-        chosen = {n: cands[n].full if level is None else _lowrank_delta(cands[n], levels[level]) for n in layers[layer]}
+        chosen = {n: cands[n].full if level is None else _level_delta(cands[n], levels[level]) for n in layers[layer]}
         _install(model, chosen, module_names)
         return chosen
 
     def check(label: str, level: int) -> bool:
         ok, stats = guard(model, calib, opts["target"], opts["tolerance"], opts["expected_flips"], opts["positions"])
-        trace.append({"layer": label, "level": levels[level], "accepted": ok, **stats})
+        trace.append({"layer": label, "level": specs[level], "accepted": ok, **stats})
         return ok
 
     trace: list[dict] = []
@@ -269,18 +278,19 @@ def anneal(
     for layer in order:
         chosen = install(layer, level_of[layer])
         kept.update(chosen)
-        per_layer.append({"layer": layer, "level": None if level_of[layer] is None else levels[level_of[layer]],
+        per_layer.append({"layer": layer, "level": None if level_of[layer] is None else specs[level_of[layer]],
                           "kept_params": sum(d.num_params() for d in chosen.values()),
+                          "bytes": sum(d.nbytes() for d in chosen.values()),
                           "delta_params": sum(math.prod(d.shape) for d in chosen.values()),
                           "ranks": {n: chosen[n].rank for n in layers[layer]}})
     precision = _anneal_precision(model, kept, module_names, calib, opts) if opts["precision"] else {"dtype": "float32", "accepted": False}
-    return kept, {"levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
+    return kept, {"ladder": specs, "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
                   "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
 
 
 def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, opts: dict) -> dict:
     """Store low-rank factors in bfloat16 if the guard still passes."""
-    lowrank = {n: d for n, d in kept.items() if d.lowrank_u is not None and n in module_names}
+    lowrank = {n: d for n, d in kept.items() if d.lowrank_u is not None and d.quant_codes is None and n in module_names}
     if not lowrank:
         return {"dtype": "float32", "accepted": False}
     proposal = {n: _with_dtype(d, torch.bfloat16) for n, d in lowrank.items()}
@@ -297,12 +307,20 @@ def _with_dtype(d: TensorDelta, dtype: torch.dtype) -> TensorDelta:
     return TensorDelta(d.name, d.shape, d.transposed, lowrank_u=d.lowrank_u.to(dtype), lowrank_v=d.lowrank_v.to(dtype))
 
 
-def _lowrank_delta(c: _Candidate, eps: float) -> TensorDelta:
-    u, v, s = c.factors
-    r = rank_for(s, eps, c.floor)
-    if r >= min(c.full.shape) or r * sum(c.full.shape) >= c.full.num_params():
-        return c.full
-    return TensorDelta(c.full.name, c.full.shape, c.full.transposed, lowrank_u=u[:, :r].contiguous(), lowrank_v=v[:r].contiguous())
+def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
+    """A matrix's delta at `level`: its leading weighted directions, the rest in low-bit codes."""
+    full, (u, v, s) = c.full, c.factors
+    r = 0 if level.eps is None else rank_for(s, level.eps, c.floor)
+    if level.bits is None:  # low rank only
+        if r >= min(full.shape) or r * sum(full.shape) >= full.num_params():
+            return full
+        return TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u[:, :r].contiguous(), lowrank_v=v[:r].contiguous())
+    # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
+    u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
+    residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
+    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram)
+    delta = TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u, lowrank_v=v, quant_codes=codes, quant_scales=scales)
+    return delta if delta.nbytes() < full.nbytes() else full
 
 
 def _install(model: nn.Module, deltas: dict[str, TensorDelta], module_names: dict[str, str]) -> None:

@@ -5,7 +5,7 @@ Layout of an artifact directory::
     decomposed_config.json      format version, DecomposedConfig, base (id, revision, SHA-256 of
                                 its weight files), per-tensor shapes, SHA-256 of every file here
     decomposition.safetensors   the kept deltas: <tensor>.dense | .block.<i>.* | .sparse.* |
-                                .lowrank.u/.v | .override.*
+                                .lowrank.u/.v | .quant.codes/.scales | .override.*
     decomposition.json          the report (kept fraction, sizes, equivalence, layers, timings)
     config.json, tokenizer ...  the fine-tune's config and tokenizer (small), so the artifact loads alone;
                                 config.json carries the `quantization_config` (quant_method
@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoints import sha256_files
 from .errors import ArtifactError
+from .quantize import bits_of
 from .substructures import TensorDelta
 
 FORMAT_VERSION = 1
@@ -224,7 +225,8 @@ def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
 def _check_parts(d: TensorDelta) -> None:
     """Raise ValueError unless every stored part of `d` is complete, finite and fits its shape."""
     shape = d.shape
-    for group in ((d.sparse_indices, d.sparse_values, d.sparse_components), (d.lowrank_u, d.lowrank_v), (d.override_indices, d.override_values)):
+    pairs = ((d.lowrank_u, d.lowrank_v), (d.override_indices, d.override_values), (d.quant_codes, d.quant_scales))
+    for group in ((d.sparse_indices, d.sparse_values, d.sparse_components), *pairs):
         if len({t is None for t in group}) > 1:
             raise ValueError("a part is stored incompletely")
     parts = [(d.dense, shape, True)]
@@ -239,6 +241,13 @@ def _check_parts(d: TensorDelta) -> None:
     if d.lowrank_u is not None:
         rank = d.lowrank_u.shape[-1]
         parts += [(d.lowrank_u, (shape[0], rank), True), (d.lowrank_v, (rank, shape[1]), True)]
+    if d.quant_codes is not None:
+        if len(shape) != 2 or d.quant_scales.dim() != 2 or d.quant_scales.shape[1] == 0 or shape[1] % d.quant_scales.shape[1]:
+            raise ValueError(f"quantization scales of shape {tuple(d.quant_scales.shape)} do not divide {shape}")
+        if d.quant_codes.dtype != torch.uint8:
+            raise ValueError(f"quantized codes are {d.quant_codes.dtype}, expected packed uint8")
+        bits_of(d.quant_codes, shape)
+        parts += [(d.quant_codes, (d.quant_codes.numel(),), False), (d.quant_scales, (shape[0], d.quant_scales.shape[1]), True)]
     if d.override_values is not None:
         k = d.override_values.numel()
         parts += [(d.override_indices, (k, len(shape)), False), (d.override_values, (k,), True)]
@@ -246,7 +255,7 @@ def _check_parts(d: TensorDelta) -> None:
     for tensor, expected, values in parts:
         if tensor is None:
             continue
-        if tuple(tensor.shape) != expected or (tensor.dtype == torch.float32) != values:
+        if tuple(tensor.shape) != expected or (tensor.dtype in (torch.float32, torch.bfloat16)) != values:
             raise ValueError(f"a part has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {expected}")
         if values and not torch.isfinite(tensor).all():
             raise ValueError("a part holds NaN/Inf values")

@@ -99,6 +99,7 @@ def _structure(report: dict, index: dict) -> str:
         ("mode", f"`{report.get('mode', index.get('config', {}).get('mode'))}`"),
         ("kept fraction of delta parameters", f"{report.get('kept_fraction', 0):.4%}"),
         ("kept / delta parameters", f"{report.get('kept_params', 0):,} / {report.get('delta_params', 0):,}"),
+        ("stored bytes / float32 delta bytes", f"{report.get('stored_fraction', report.get('kept_fraction', 0)):.2%}"),
         ("substructures", f"{report.get('num_substructures', 0):,}"),
         ("execution", f"`{index.get('config', {}).get('execution', 'merged')}`"),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,47 @@ ANNEALING: dict[str, Any] = {
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
-    "levels": [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6],
+    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64"],
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
     "precision": True,
     "keep_supported": False,
+    "error_feedback": True,
 }
+
+
+LEVEL = re.compile(r"^(?:lr(?P<eps>[0-9.]+)(?:$|\+(?=i)))?(?:int(?P<bits>\d+)(?:g(?P<group>\d+))?)?$")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One annealing level: keep the activation-weighted singular directions until at most `eps`
+    of the delta's (weighted) norm is left out (`eps=None`: none), and store what they leave in
+    `bits`-bit integers with one scale per `group` inputs (`bits=None`: drop it; `group=0`: per row).
+
+    Written ``"lr0.5+int3g64"``, ``"int8"`` (every entry in 8 bits), ``"lr0.05"`` (low rank only);
+    a bare number ``0.05`` means ``"lr0.05"``.
+    """
+
+    eps: float | None
+    bits: int | None
+    group: int = 0
+
+    @classmethod
+    def parse(cls, spec: str | float) -> Level:
+        from .quantize import BITS
+
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            spec = f"lr{spec}"
+        match = LEVEL.match(spec) if isinstance(spec, str) and spec else None
+        try:
+            level = cls(None if match["eps"] is None else float(match["eps"]), None if match["bits"] is None else int(match["bits"]), int(match["group"] or 0))
+        except (TypeError, ValueError):
+            raise ConfigError(f"annealing level {spec!r} is not of the form 'lr<eps>', 'int<bits>[g<group>]' or 'lr<eps>+int<bits>[g<group>]'") from None
+        if (level.eps is None and level.bits is None) or (level.eps is not None and not 0 < level.eps <= 1) or (level.bits is not None and level.bits not in BITS):
+            raise ConfigError(f"annealing level {spec!r}: eps must lie in (0, 1] and bits in {BITS}")
+        return level
 
 
 @dataclass
@@ -63,10 +98,11 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``target`` (``"exact"``: teacher-forced greedy tokens identical and at most
             ``expected_flips`` greedy flips expected over ``positions`` unseen positions (the margin
             criterion, `annealing.expected_flips`); ``"top1"``: agreement >= ``tolerance``;
-            ``"kl"``: mean KL <= ``tolerance``), ``levels`` (allowed share of activation-weighted
-            delta energy dropped per matrix: the temperature), ``calibration_prompts``,
+            ``"kl"``: mean KL <= ``tolerance``), ``levels`` (the temperature: `Level` specs such as
+            ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
-            factors), ``keep_supported`` (never drop the criterion's supported singular directions).
+            factors), ``keep_supported`` (never drop the criterion's supported singular directions),
+            ``error_feedback`` (round with the calibration Gram's compensation, GPTQ-style).
         quant_method: always ``"hf_decompose"``: as a transformers ``quantization_config``
             (``from_pretrained(..., quantization_config=DecomposedConfig(base_model=...))``), this
             config makes loading decompose the checkpoint against ``base_model`` (see `hf_decompose.quantizer`).
@@ -119,9 +155,10 @@ class DecomposedConfig(QuantizationConfigMixin):
         a = self.annealing
         if a["target"] not in TARGETS:
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
-        levels = a["levels"]
-        if not isinstance(levels, list) or not levels or any(not isinstance(x, (int, float)) or not 0 < x <= 1 for x in levels) or levels != sorted(levels):
-            raise ConfigError(f"annealing.levels={levels!r} must be a non-empty increasing list of values in (0, 1]")
+        if not isinstance(a["levels"], list) or not a["levels"]:
+            raise ConfigError(f"annealing.levels={a['levels']!r} must be a non-empty list, least aggressive first")
+        for level in a["levels"]:
+            Level.parse(level)
         for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")

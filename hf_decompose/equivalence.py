@@ -1,8 +1,9 @@
 """Equivalence: does the decomposed model generate what the fine-tuned model generates?
 
 Greedy ``generate()`` of both models on held-out prompts, token for token, plus teacher-forced
-logit metrics on the reference continuation (max |logit diff|, mean KL, top-1 agreement) and the
-perplexity of both models on the prompt texts. The summary is computed by the `evaluate` metric
+logit metrics on the reference continuation (max |logit diff|, mean KL, top-1 agreement), the
+reference's own top-1/top-2 margin where a generation diverges (a near-tie there flips under any
+change of the weights), and the perplexity of both models on the prompt texts. The summary is computed by the `evaluate` metric
 ``hf_decompose/metrics/generation_equivalence``.
 """
 
@@ -34,6 +35,7 @@ class EquivalenceResult:
     perplexity_reference: float
     perplexity_candidate: float
     per_prompt_max_abs_logit_diff: list[float] = field(default_factory=list)
+    divergence_margins: list[float | None] = field(default_factory=list)  # reference top-1 - top-2 logit there
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +141,7 @@ def verify_equivalence(
     prompts = load_prompts(prompts)
     ref_tokens = reference_tokens or greedy_generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress)
     cand_tokens = greedy_generate(candidate, tokenizer, prompts, max_new_tokens, batch_size, progress)
-    kl, top1, max_diff = [], [], []  # per prompt: per-position KL and top-1 agreement, max |logit diff|
+    kl, top1, max_diff, margins = [], [], [], []  # per prompt: per-position KL, top-1 agreement, reference margin; max |logit diff|
     nll = {"reference": [0.0, 0], "candidate": [0.0, 0]}
     device = next(reference.parameters()).device
     for start in range(0, len(prompts), batch_size):
@@ -154,6 +156,8 @@ def verify_equivalence(
         max_diff += (cr - cc).abs().amax(dim=(1, 2)).tolist()
         kl += F.kl_div(F.log_softmax(cc, -1), F.log_softmax(cr, -1), log_target=True, reduction="none").sum(-1).tolist()
         top1 += (cr.argmax(-1) == cc.argmax(-1)).int().tolist()
+        top2 = cr.topk(2, dim=-1).values
+        margins += (top2[..., 0] - top2[..., 1]).tolist()
         targets = ids[:, 1:plen]
         valid = mask[:, :plen - 1].bool() & mask[:, 1:plen].bool()
         for key, logits in (("reference", lr), ("candidate", lc)):
@@ -175,4 +179,5 @@ def verify_equivalence(
         perplexity_reference=float(torch.exp(torch.tensor(nll["reference"][0] / max(nll["reference"][1], 1)))),
         perplexity_candidate=float(torch.exp(torch.tensor(nll["candidate"][0] / max(nll["candidate"][1], 1)))),
         per_prompt_max_abs_logit_diff=summary["per_prompt_max_abs_logit_diff"],
+        divergence_margins=[None if d is None else m[d] for d, m in zip(summary["first_divergence"], margins)],
     )

@@ -199,8 +199,8 @@ def plot_z_histograms(report: dict, path: Path) -> Path:
 
 
 def plot_annealing(report: dict, path: Path) -> Path:
-    """Per layer: the levels tried (dropped-energy fraction; accepted o, rolled back x; column "*" is
-    the whole-model temperature) and the level kept, and the kept fraction of each layer's delta."""
+    """Per layer: the levels tried (accepted o, rolled back x; column "*" is the whole-model
+    temperature) and the level kept, and the bytes each layer's delta keeps against float32."""
     annealing = report.get("annealing") or {}
     layers = annealing.get("levels") or []
     fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
@@ -208,24 +208,27 @@ def plot_annealing(report: dict, path: Path) -> Path:
         _placeholder(left, "not annealed")
         right.set_axis_off()
         return _save(fig, path)
+    ladder = [str(x) for x in annealing.get("ladder") or sorted({t["level"] for t in annealing.get("trace", [])}, key=str)]
+    rank = {level: i for i, level in enumerate(ladder)}
     names = ["*"] + [r["layer"] for r in layers]
     column = {name: i for i, name in enumerate(names)}
     for t in annealing.get("trace", []):
         ok = t["accepted"]
-        left.plot(column[t["layer"]], t["level"], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
+        left.plot(column[t["layer"]], rank[str(t["level"])], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
     for i, record in enumerate(layers, start=1):
         if record.get("level") is not None:
-            left.plot([i - 0.4, i + 0.4], [record["level"]] * 2, color="black", lw=2)
+            left.plot([i - 0.4, i + 0.4], [rank[str(record["level"])]] * 2, color="black", lw=2)
     left.plot([], [], "o", color="tab:green", label="accepted")
     left.plot([], [], "x", color="tab:red", label="rolled back")
     left.plot([], [], color="black", lw=2, label="kept level")
-    left.set_ylabel("level (fraction of delta energy dropped)")
+    left.set_yticks(np.arange(len(ladder)), ladder, fontsize=7)
+    left.set_ylabel("level (more aggressive upwards)")
     left.legend(fontsize=7)
     left.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=90, fontsize=7)
-    kept = [r["kept_params"] / r["delta_params"] if r.get("delta_params") else np.nan for r in layers]
-    right.bar(np.arange(1, len(layers) + 1), kept, color="tab:blue")
-    right.set_ylabel("kept / delta parameters")
-    right.set_title(f"factors stored in {(annealing.get('precision') or {}).get('dtype', 'float32')}", fontsize=9)
+    stored = [r.get("bytes", 4 * r["kept_params"]) / (4 * r["delta_params"]) if r.get("delta_params") else np.nan for r in layers]
+    right.bar(np.arange(1, len(layers) + 1), stored, color="tab:blue")
+    right.set_ylabel("stored bytes / float32 delta bytes")
+    right.set_title(f"pure low-rank factors stored in {(annealing.get('precision') or {}).get('dtype', 'float32')}", fontsize=9)
     right.set_xticks(np.arange(1, len(layers) + 1), [_short(r["layer"]) for r in layers], rotation=90, fontsize=7)
     return _save(fig, path)
 

@@ -338,6 +338,7 @@ def decompose(
     t4 = time.perf_counter()
     total = sum(int(torch.tensor(d.shape).prod()) for d in deltas.values())
     kept = sum(d.num_params() for d in deltas.values())
+    stored = sum(d.nbytes() for d in deltas.values())
     index = {
         "config": config.to_dict(),
         "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
@@ -350,8 +351,9 @@ def decompose(
         "kept_fraction": kept / total if total else 0.0,
         "kept_params": kept,
         "delta_params": total,
+        "stored_fraction": stored / (4 * total) if total else 0.0,  # stored bytes over the delta in float32
         "num_substructures": sum(layer["num_substructures"] for layer in layers),
-        "size_bytes": {"artifact": 4 * kept, "finetuned": pair.finetuned.nbytes(), "base": pair.base.nbytes()},
+        "size_bytes": {"artifact": stored, "finetuned": pair.finetuned.nbytes(), "base": pair.base.nbytes()},
         "layers": layers,
         "timings": {"read_and_validate_s": t1 - t0, "criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3},
     }

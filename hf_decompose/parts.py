@@ -2,7 +2,7 @@
 
 A part computes its contribution to ``x @ delta^T`` (linear layers, canonical ``(out, in)``
 layout) or, with ``lookup=True``, the delta rows of token ids (embeddings). Parts are submodules
-of `DeltaOps` (``<module>.ops.dense | .block<i> | .sparse | .override | .lowrank | .bias``), so
+of `DeltaOps` (``<module>.ops.dense | .block<i> | .sparse | .override | .lowrank | .quant | .bias``), so
 Accelerate can address, place and offload each one. `run_split` adds the contributions to the
 base module's output, running them concurrently where that can pay off: CUDA side streams on the
 base's GPU, other GPUs asynchronously, a thread pool on CPU for large pieces.
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantize import codes_of, dequantize
 from .substructures import TensorDelta
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -77,6 +78,25 @@ class LowRankPart(Part):
         if lookup:
             return F.embedding(x, self.u) @ self.v
         return F.linear(F.linear(x, _cast(self.v, x.dtype)), _cast(self.u, x.dtype))
+
+
+class QuantPart(Part):
+    """Every entry in low-bit integer codes (int8 in memory) with bfloat16 group scales."""
+
+    kind = "quant"
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__(codes.shape)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+
+    def cost(self) -> int:
+        return self.codes.numel()
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:
+            return dequantize(self.codes[x], self.scales[x])
+        return F.linear(x, _cast(dequantize(self.codes, self.scales), x.dtype))
 
 
 class BlockPart(Part):
@@ -171,6 +191,8 @@ class DeltaOps(nn.Module):
             self.add_module("override", SparsePart(at[0], at[1], fix, delta.shape))
         if delta.lowrank_u is not None:
             self.add_module("lowrank", LowRankPart(delta.lowrank_u, delta.lowrank_v))
+        if delta.quant_codes is not None:
+            self.add_module("quant", QuantPart(codes_of(delta.quant_codes, delta.quant_scales, delta.shape), delta.quant_scales))
         if bias is not None:
             self.add_module("bias", VectorPart(bias))
 

@@ -15,7 +15,8 @@ def summary_table(report: dict) -> str:
         f"base       {report.get('base_model')}",
         f"fine-tune  {report.get('finetuned_model')}",
         f"mode       {report.get('mode')}",
-        f"kept       {report.get('kept_fraction', 0):.2%} of delta parameters, {report.get('num_substructures', 0)} substructures",
+        f"kept       {report.get('kept_fraction', 0):.2%} of delta parameters, {report.get('num_substructures', 0)} substructures, "
+        f"{report.get('stored_fraction', report.get('kept_fraction', 0)):.2%} of the float32 delta's bytes",
         f"artifact   {_mib(size.get('artifact', 0))} (fine-tune {_mib(size.get('finetuned', 0))}, "
         f"{size.get('finetuned', 0) / max(size.get('artifact', 1), 1):.1f}x smaller)",
     ]

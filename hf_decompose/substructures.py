@@ -10,6 +10,7 @@ the layer's independent substructures.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, group_ids, kv_group_of_head
+from .quantize import codes_of, dequantize
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TensorDelta:
     lowrank_v: torch.Tensor | None = None  # (r, in)
     override_indices: torch.Tensor | None = None  # (k, ndim): entries stored as absolute values
     override_values: torch.Tensor | None = None
+    quant_codes: torch.Tensor | None = None  # every entry in low-bit codes, packed (see `quantize`)
+    quant_scales: torch.Tensor | None = None  # (out, in / group) bfloat16
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -61,10 +65,14 @@ class TensorDelta:
         n += sum(b.values.numel() for b in self.blocks)
         n += 0 if self.sparse_values is None else self.sparse_values.numel()
         n += 0 if self.lowrank_u is None else self.lowrank_u.numel() + self.lowrank_v.numel()
-        return n
+        return n + (0 if self.quant_codes is None else math.prod(self.shape))
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.state().values())
 
     def num_substructures(self) -> int:
-        n = int(self.dense is not None) + len(self.blocks) + self.rank
+        n = int(self.dense is not None) + len(self.blocks) + self.rank + int(self.quant_codes is not None)
         if self.sparse_components is not None and self.sparse_components.numel():
             n += int(torch.unique(self.sparse_components).numel())
         return n
@@ -79,6 +87,8 @@ class TensorDelta:
             out.index_put_(tuple(self.sparse_indices), self.sparse_values, accumulate=True)
         if self.lowrank_u is not None:  # factors may be stored in bfloat16: multiply in float32
             out += self.lowrank_u.float() @ self.lowrank_v.float()
+        if self.quant_codes is not None:
+            out += dequantize(codes_of(self.quant_codes, self.quant_scales, self.shape), self.quant_scales)
         return out
 
     def support(self) -> torch.Tensor:
@@ -86,6 +96,8 @@ class TensorDelta:
         mask = torch.zeros(self.shape, dtype=torch.bool)
         if self.dense is not None:
             mask |= self.dense != 0
+        if self.quant_codes is not None:
+            mask[...] = True
         for b in self.blocks:
             mask[b.rows[:, None], b.cols[None, :]] = True
         if self.sparse_indices is not None:
@@ -98,7 +110,7 @@ class TensorDelta:
         """base weight (stored layout) + kept delta, with overrides written last."""
         merged = weight.detach().float().clone()
         view = merged.t() if self.transposed else merged
-        if self.dense is not None and not self.blocks and self.sparse_values is None and self.lowrank_u is None:
+        if self.dense is not None and not self.blocks and self.sparse_values is None and self.lowrank_u is None and self.quant_codes is None:
             view += self.dense  # the lossless path: one elementwise float32 add, exact by construction
         else:
             view += self.to_dense()
@@ -121,6 +133,8 @@ class TensorDelta:
             out[f"{p}.sparse.components"] = self.sparse_components
         if self.lowrank_u is not None:
             out[f"{p}.lowrank.u"], out[f"{p}.lowrank.v"] = self.lowrank_u, self.lowrank_v
+        if self.quant_codes is not None:
+            out[f"{p}.quant.codes"], out[f"{p}.quant.scales"] = self.quant_codes, self.quant_scales
         if self.override_values is not None:
             out[f"{p}.override.indices"], out[f"{p}.override.values"] = self.override_indices, self.override_values
         # indices fit int32 (shapes < 2^31): half the bytes of int64 on disk
@@ -142,7 +156,7 @@ class TensorDelta:
             name, tuple(shape), transposed, get("dense"), blocks,
             None if idx is None else idx.long(), get("sparse.values"), get("sparse.components"),
             get("lowrank.u"), get("lowrank.v"),
-            None if ovr is None else ovr.long(), get("override.values"),
+            None if ovr is None else ovr.long(), get("override.values"), get("quant.codes"), get("quant.scales"),
         )
 
 

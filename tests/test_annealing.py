@@ -75,3 +75,36 @@ def test_calibration_and_evaluation_sets_are_disjoint(tiny_pair):
     check_disjoint(tiny_pair.calib_prompts, tiny_pair.eval_prompts)
     with pytest.raises(PromptError, match="overlap"):
         check_disjoint(tiny_pair.calib_prompts, tiny_pair.eval_prompts[:3] + tiny_pair.calib_prompts[:1])
+
+
+def test_default_ladder_stores_fewer_bytes_and_keeps_calibration_exact(tiny_pair, exact, tmp_path):
+    # the tiny model has many near-ties: a guard budget for 128 unseen positions lets some levels pass
+    config = DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128})
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, config, calibration=tiny_pair.calib_prompts, progress=False)
+    report, annealing = model.report, model.report["annealing"]
+    assert [layer for layer in annealing["levels"] if layer["level"] is not None]
+    assert report["stored_fraction"] < 1.0 and report["size_bytes"]["artifact"] < 4 * report["delta_params"]
+    assert any(d.quant_codes is not None for d in model.deltas.values())
+    ok, stats = guard(model, exact[2], positions=128)
+    assert ok, stats  # what the guard accepted on calibration still holds
+    loaded = type(model).from_pretrained(model.save_pretrained(tmp_path / "annealed"))
+    ids = exact[2].input_ids[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_error_feedback_beats_plain_rounding_on_a_real_layer(exact):
+    from hf_decompose.quantize import codes_of, dequantize, quantize
+
+    model, _, calib = exact
+    names = {"up": "layers.1.mlp.up_proj", "down": "layers.1.mlp.down_proj", "o": "layers.1.self_attn.o_proj"}
+    modules = {k: _module(model, v) for k, v in names.items()}
+    grams = GramCollector(modules).run(model, calib)
+    for key, module in modules.items():
+        delta, gram = module.delta.to_dense(), grams[key]
+
+        def output_error(packed, scales):
+            e = (delta - dequantize(codes_of(packed, scales, delta.shape), scales)).double()
+            return float(torch.trace(e @ gram.double() @ e.t()))
+
+        assert output_error(*quantize(delta, 3, 16, gram=gram)) < 0.9 * output_error(*quantize(delta, 3, 16)), key

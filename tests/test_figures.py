@@ -32,10 +32,11 @@ def demo_output(tmp_path_factory):
         "perplexity_candidate": 10.5, "per_prompt_max_abs_logit_diff": [0.0, 0.5, 1e-3, 2e-2],
     }  # fmt: skip
     decomposed.report["annealing"] = {  # the layout `annealing.anneal` reports
-        "trace": [{"layer": "*", "level": 0.4, "accepted": False}, {"layer": "*", "level": 0.2, "accepted": True},
-                  {"layer": "model.layers.0", "level": 0.3, "accepted": False}],
-        "levels": [{"layer": "model.layers.0", "level": 0.2, "kept_params": 300, "delta_params": 1000},
-                   {"layer": "model.layers.1", "level": None, "kept_params": 1000, "delta_params": 1000}],
+        "ladder": ["int8", "int4g64", "lr0.5+int3g64"],
+        "trace": [{"layer": "*", "level": "int4g64", "accepted": False}, {"layer": "*", "level": "int8", "accepted": True},
+                  {"layer": "model.layers.0", "level": "int4g64", "accepted": False}],
+        "levels": [{"layer": "model.layers.0", "level": "int8", "kept_params": 1000, "delta_params": 1000, "bytes": 1010},
+                   {"layer": "model.layers.1", "level": None, "kept_params": 1000, "delta_params": 1000, "bytes": 4000}],
         "precision": {"dtype": "bfloat16", "accepted": True},
     }  # fmt: skip
     decomposed.save_pretrained(root / "out" / "criterion")

@@ -1,0 +1,118 @@
+"""Low-bit storage of a delta: symmetric integer codes with one bfloat16 scale per row group.
+
+A matrix ``(out, in)`` is cut into groups of `group` input columns (``group=0``: whole rows); each
+group's values are divided by ``absmax / qmax`` (``qmax = 2^(bits-1) - 1``) and rounded to the
+nearest integer, so the error is unbiased and at most half a step. Codes are stored offset by
+``qmax`` (unsigned) and bit-packed: ``bits`` bits per value, little-endian, in one uint8 stream.
+
+With the Gram ``H = X^T X`` of the matrix's inputs, columns are rounded one at a time and each
+column's rounding error is pushed onto the columns not yet rounded through ``H^-1`` (optimal brain
+surgeon updates, as in GPTQ), so the error of the outputs ``||(W - Q) X^T||`` is what shrinks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+BITS = (2, 3, 4, 5, 6, 8)
+
+
+def group_size(shape: tuple[int, ...], group: int) -> int:
+    """The group actually used: `group` if it divides the row, else the whole row."""
+    return group if group and shape[-1] % group == 0 else shape[-1]
+
+
+def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, scales ``(out, in / group)`` in bfloat16) of a canonical ``(out, in)`` tensor;
+    with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come."""
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not one of {BITS}")
+    out, n_in = values.shape
+    g = group_size(values.shape, group)
+    qmax = 2 ** (bits - 1) - 1
+    if gram is not None:
+        codes, scales = _error_feedback(values.float(), gram, qmax, g)
+    else:
+        x = values.float().reshape(out, n_in // g, g)
+        scales = _scales(x, qmax)
+        codes = _round(x, scales.float(), qmax).reshape(out, n_in)
+    return pack((codes + qmax).to(torch.uint8).reshape(-1), bits), scales.reshape(out, n_in // g).contiguous()
+
+
+def _scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (x.abs().amax(-1, keepdim=True) / qmax).bfloat16()
+
+
+def _round(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.where(step > 0, x / step.clamp_min(1e-38), torch.zeros_like(x)).round_().clamp_(-qmax, qmax)
+
+
+def _error_feedback(w: torch.Tensor, gram: torch.Tensor, qmax: int, g: int, damping: float = 1e-2, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1."""
+    out, n_in = w.shape
+    h = gram.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h += damping * h.diagonal().mean() * torch.eye(n_in, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    w = w.clone()
+    w[:, dead] = 0.0
+    codes = torch.empty_like(w)
+    scales = torch.empty(out, n_in // g, dtype=torch.bfloat16)
+    block = max(g, block // g * g) if g < n_in else block
+    for i1 in range(0, n_in, block):
+        i2 = min(i1 + block, n_in)
+        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:  # a group's scale from its (already compensated) values
+                span = w1[:, i : i + g] if g <= i2 - i1 - i else torch.cat([w1[:, i:], w[:, i2 : col + g]], 1)
+                scales[:, col // g] = _scales(span, qmax)[:, 0]
+            step = scales[:, col // g].float()
+            q = _round(w1[:, i], step, qmax)
+            codes[:, col] = q
+            err1[:, i] = (w1[:, i] - q * step) / h1[i, i]
+            w1[:, i:] -= err1[:, i : i + 1] * h1[i : i + 1, i:]
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, scales
+
+
+def codes_of(packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Signed int8 codes ``(out, in)`` of a packed tensor."""
+    bits = bits_of(packed, shape)
+    qmax = 2 ** (bits - 1) - 1
+    return (unpack(packed, bits, math.prod(shape)).to(torch.int16) - qmax).to(torch.int8).reshape(shape)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values of signed codes ``(..., in)`` with scales ``(..., in / group)``."""
+    g = codes.shape[-1] // scales.shape[-1]
+    return (codes.float().unflatten(-1, (scales.shape[-1], g)) * scales.float()[..., None]).flatten(-2)
+
+
+def bits_of(packed: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """Bits per value, from the packed length (``ceil(n * bits / 8)`` bytes)."""
+    n = math.prod(shape)
+    bits = packed.numel() * 8 // max(n, 1)
+    if bits not in BITS or packed.numel() != math.ceil(n * bits / 8):
+        raise ValueError(f"{packed.numel()} packed bytes fit no bit width for {n} values")
+    return bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (< 2^bits) into ``ceil(n * bits / 8)`` bytes."""
+    if bits == 8:
+        return codes.clone()
+    planes = (codes.numpy()[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack`: n unsigned codes as uint8."""
+    if bits == 8:
+        return packed.clone()
+    planes = np.unpackbits(packed.numpy(), count=n * bits, bitorder="little").reshape(n, bits)
+    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8))

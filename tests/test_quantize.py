@@ -1,0 +1,114 @@
+"""Low-bit deltas: packing is lossless, rounding is within half a step, every path agrees."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, decompose
+from hf_decompose.artifact import WEIGHTS
+from hf_decompose.modules import DecomposedModule
+from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, pack, quantize, unpack
+from hf_decompose.substructures import TensorDelta
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [8, 13, 1000])
+def test_packing_round_trips_and_takes_bits_per_value(bits, n):
+    codes = torch.randint(0, 2**bits, (n,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack(packed, bits, n), codes)
+    assert bits_of(packed, (n,)) == bits
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 16), (3, 16), (2, 0), (5, 7)])
+def test_rounding_stays_within_half_a_step(bits, group):
+    x = torch.randn(12, 48, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 0, 12)[:, None]
+    x[3] = 0.0  # an untouched row stays exactly zero
+    packed, scales = quantize(x, bits, group)
+    g = group if group and 48 % group == 0 else 48
+    assert scales.shape == (12, 48 // g) and scales.dtype == torch.bfloat16
+    y = dequantize(codes_of(packed, scales, x.shape), scales)
+    step = scales.float().repeat_interleave(g, 1)
+    assert ((y - x).abs() <= step / 2 * 1.0001 + 1e-12).all()
+    assert torch.equal(y[3], torch.zeros(48))
+    assert (y - x).abs().max() < x.abs().max() / (2 ** (bits - 1) - 1)
+
+
+def _quantized(module_delta: TensorDelta, bits: int, group: int) -> TensorDelta:
+    d = module_delta
+    packed, scales = quantize(d.to_dense(), bits, group)
+    return TensorDelta(d.name, d.shape, d.transposed, quant_codes=packed, quant_scales=scales)
+
+
+@pytest.fixture(scope="module")
+def quantized_model(tiny_pair):
+    """The tiny fine-tune with every matrix delta (embedding and tied head included) in 4 bits."""
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    for module in model.model.modules():
+        if isinstance(module, DecomposedModule) and module._tied is None and len(module.delta.shape) == 2:
+            q = _quantized(module.delta, 4, 16)
+            module.set_delta(q)
+            model.deltas[q.name] = q
+    return model
+
+
+def test_split_matches_merged_and_the_dense_equivalent(quantized_model):
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = quantized_model(input_ids=ids).logits
+        quantized_model.set_execution("split")
+        split = quantized_model(input_ids=ids).logits
+        quantized_model.set_execution("merged")
+    torch.testing.assert_close(split, merged, rtol=1e-4, atol=1e-4)
+    embed = next(m for m in quantized_model.model.modules() if isinstance(m, DecomposedModule) and isinstance(m.base, nn.Embedding))
+    rows = embed.ops.quant(ids, lookup=True)
+    assert torch.equal(rows, embed.delta.to_dense()[ids])
+
+
+def test_quantized_artifact_round_trips_and_is_smaller(quantized_model, tmp_path):
+    out = quantized_model.save_pretrained(tmp_path / "q4")
+    loaded = DecomposedModel.from_pretrained(out)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, quantized_model(input_ids=ids).logits)
+    dense_bytes = sum(4 * math.prod(d.shape) for d in quantized_model.deltas.values())
+    assert (out / WEIGHTS).stat().st_size < 0.3 * dense_bytes
+
+
+def test_a_truncated_code_stream_is_refused(quantized_model, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from hf_decompose.artifact import INDEX, _write_index, sha256_files
+
+    out = quantized_model.save_pretrained(tmp_path / "cut")
+    tensors = load_file(out / WEIGHTS)
+    name = next(k for k in tensors if k.endswith(".quant.codes"))
+    tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    index = json.loads((out / INDEX).read_text())
+    index["files"] = sha256_files(sorted(p for p in out.iterdir() if p.name in index["files"]))
+    _write_index(out, index)  # a consistent index: only the code stream itself is wrong
+    with pytest.raises(ArtifactError, match=name.rsplit(".quant", 1)[0].replace(".", r"\.")):
+        DecomposedModel.from_pretrained(out)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 16), (3, 0)])
+def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=gen)
+    x = torch.randn(500, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.1 * torch.randn(500, 64, generator=gen)
+    gram = x.t() @ x
+
+    def output_error(packed, scales):
+        e = (w - dequantize(codes_of(packed, scales, w.shape), scales)).double()
+        return float(torch.trace(e @ gram.double() @ e.t()))
+
+    plain, fed = quantize(w, bits, group), quantize(w, bits, group, gram=gram)
+    assert output_error(*fed) < 0.7 * output_error(*plain)
+    # with uncorrelated inputs there is nothing to compensate: the same codes as plain rounding
+    assert torch.equal(quantize(w, bits, group, gram=torch.eye(64))[0], plain[0])
