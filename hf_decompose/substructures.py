@@ -154,17 +154,19 @@ def extract(
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     overrides: tuple[torch.Tensor, torch.Tensor] | None = None,
     dense_block_density: float = 0.5,
+    in_place: bool = False,
 ) -> TensorDelta:
     """Split the supported entries of `values` (canonical layout), plus low-rank factors and
-    overrides, into independent substructures; one dense delta where pieces would cost more."""
-    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density)
+    overrides, into independent substructures; one dense delta where pieces would cost more.
+    With `in_place`, `values` may be overwritten (a full-size dense delta is then no second copy)."""
+    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density, in_place)
     if delta.num_params() > values.numel() and (delta.lowrank_u is not None or delta.blocks or delta.sparse_values is not None):
         return TensorDelta(info.name, tuple(values.shape), info.transposed, dense=delta.to_dense(),
                            override_indices=delta.override_indices, override_values=delta.override_values)
     return delta
 
 
-def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float) -> TensorDelta:
+def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float, in_place: bool) -> TensorDelta:
     """`extract` before the cost check."""
     delta = TensorDelta(info.name, tuple(values.shape), info.transposed)
     if lowrank is not None and lowrank[0].shape[1] > 0:
@@ -173,14 +175,17 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
         delta.override_indices, delta.override_values = overrides
     if not mask.any():
         return delta
-    if mask.all() or values.dim() != 2:
-        delta.dense = torch.where(mask, values, torch.zeros_like(values))
+    if mask.all():
+        delta.dense = values  # shared, not copied: a full-size delta is stored as it is
+        return delta
+    if values.dim() != 2:
+        delta.dense = _masked(values, mask, in_place)
         return delta
     rows_used, cols_used = mask.any(1), mask.any(0)
     if (mask | ~cols_used).all(1).any() or (mask | ~rows_used[:, None]).all(0).any():
         # a row touching every used column (or a column touching every used row) joins everything:
         # a single component, no graph needed
-        return _single_component(delta, values, mask, rows_used, cols_used, dense_block_density)
+        return _single_component(delta, values, mask, rows_used, cols_used, dense_block_density, in_place)
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
     n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)
@@ -191,8 +196,7 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     for comp in np.nonzero(dense)[0]:  # few: every other component is stored as sparse entries
         ur = torch.from_numpy(np.nonzero(labels[:n_rows] == comp)[0])
         uc = torch.from_numpy(np.nonzero(labels[n_rows:] == comp)[0])
-        block = values[ur[:, None], uc[None, :]].mul_(mask[ur[:, None], uc[None, :]])  # a gathered copy: in place
-        delta.blocks.append(Block(ur, uc, block.contiguous()))
+        delta.blocks.append(Block(ur, uc, _block(values, mask, ur, uc)))
     sparse_keep = torch.from_numpy(~dense[entry_label])
     if sparse_keep.any():
         delta.sparse_indices = torch.stack([rows_all[sparse_keep], cols_all[sparse_keep]])
@@ -201,16 +205,35 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     return delta
 
 
+def _block(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(values * mask)[rows][:, cols], contiguous, without temporaries of the block's size: gathered one
+    axis at a time, multiplied a slab of rows at a time (a bool factor is cast to float per slab)."""
+    block, keep = _gather(values, rows, cols).contiguous(), _gather(mask, rows, cols)
+    for b, k in zip(block.split(1024), keep.split(1024)):
+        b.mul_(k)
+    return block
+
+
+def _gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """t[rows][:, cols], one axis at a time (no index grid of the block's size)."""
+    t = t.index_select(0, rows)
+    return t if cols.numel() == t.shape[1] else t.index_select(1, cols)
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """`values` where `mask`, else 0."""
+    return values.masked_fill_(~mask, 0) if in_place else values.masked_fill(~mask, 0)
+
+
 def _single_component(delta: TensorDelta, values: torch.Tensor, mask: torch.Tensor, rows_used: torch.Tensor,
-                      cols_used: torch.Tensor, dense_block_density: float) -> TensorDelta:
+                      cols_used: torch.Tensor, dense_block_density: float, in_place: bool) -> TensorDelta:
     rows, cols = rows_used.nonzero()[:, 0], cols_used.nonzero()[:, 0]
     area = rows.numel() * cols.numel()
-    if int(mask.sum()) >= dense_block_density * area and area > 1:
+    if int(mask.count_nonzero()) >= dense_block_density * area and area > 1:
         if rows.numel() == mask.shape[0] and cols.numel() == mask.shape[1]:
-            delta.dense = torch.where(mask, values, torch.zeros_like(values))
+            delta.dense = _masked(values, mask, in_place)
         else:
-            block = values[rows[:, None], cols[None, :]] * mask[rows[:, None], cols[None, :]]
-            delta.blocks.append(Block(rows, cols, block.contiguous()))
+            delta.blocks.append(Block(rows, cols, _block(values, mask, rows, cols)))
         return delta
     r, c = mask.nonzero(as_tuple=True)
     delta.sparse_indices, delta.sparse_values = torch.stack([r, c]), values[r, c].contiguous()
