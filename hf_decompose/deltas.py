@@ -21,6 +21,8 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tens
     base, finetuned = base.float(), finetuned.float()
     delta = finetuned - base
     bad = _bits(base + delta) != _bits(finetuned)
+    if not bad.any():  # the usual case: no index or value pass needed
+        return delta, torch.zeros(0, delta.dim(), dtype=torch.long), finetuned.new_empty(0)
     for _ in range(4):
         if not bad.any():
             break

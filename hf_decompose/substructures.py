@@ -260,6 +260,26 @@ def _bipartite_components(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_col
     return connected_components(graph, directed=False)
 
 
+def _spanning_pairs(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of at most rows + cols entries whose bipartite graph has the components, and the
+    used rows and columns, of `support`'s: per component, every row paired with one of its columns and
+    every column with one of its rows. Components are all `layer_components` needs of a matrix."""
+    rows_used, cols_used = support.any(1), support.any(0)
+    rows, cols = rows_used.nonzero()[:, 0], cols_used.nonzero()[:, 0]
+    if rows.numel() == 0:
+        return rows, cols
+    full = (support | ~cols_used).all(1)
+    if full.any():  # a row touching every used column joins everything: one component, no graph needed
+        root_row = full.nonzero()[0]
+        return torch.cat([rows, root_row.expand(cols.numel())]), torch.cat([cols[:1].expand(rows.numel()), cols])
+    n_rows = support.shape[0]
+    _, labels = _bipartite_components(*(i.numpy() for i in support.nonzero(as_tuple=True)), n_rows, support.shape[1])
+    row_labels, col_labels = labels[rows.numpy()], labels[n_rows + cols.numpy()]
+    root_row, root_col = np.zeros(labels.max() + 1, dtype=np.int64), np.zeros(labels.max() + 1, dtype=np.int64)
+    root_row[row_labels], root_col[col_labels] = rows.numpy(), cols.numpy()  # any member of each component
+    return torch.cat([rows, torch.from_numpy(root_row[col_labels])]), torch.cat([torch.from_numpy(root_col[row_labels]), cols])
+
+
 def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry: Geometry | None) -> list[dict[str, int]]:
     """Independent substructures of one transformer block's entry-level support.
 
@@ -280,7 +300,7 @@ def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry:
     for info, delta in deltas.values():
         if info.role not in READS_HIDDEN | WRITES_HIDDEN or delta.is_empty():
             continue
-        rows, cols = delta.support().nonzero(as_tuple=True)
+        rows, cols = _spanning_pairs(delta.support())
         if rows.numel() == 0:
             continue
         axis_idx = rows.numpy() if info.group_axis == 0 else cols.numpy()
