@@ -18,6 +18,7 @@ from hf_decompose.cli import main
 from hf_decompose.equivalence import greedy_generate
 from hf_decompose.tensorfile import SafetensorsWriter
 
+from .synthetic import CONFIGS, save_pair
 from .test_reliability import artifact_files, hidden_leftovers
 
 MODES = ["lossless", "criterion"]
@@ -67,6 +68,20 @@ def test_large_tensors_read_in_row_blocks_give_the_same_artifact(tiny_pair, sing
     whole, blocks = _tensors(tmp_path / "whole"), _tensors(tmp_path / "blocks")
     assert whole.keys() == blocks.keys()
     assert all(torch.equal(whole[k], blocks[k]) for k in whole)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_every_architecture_streams_in_row_blocks_to_the_in_memory_artifact(tmp_path, monkeypatch, model_type):
+    """GPT-2's transposed Conv1D weights, untied heads, frozen MLPs (exact zeros, partial masks)."""
+    base, ft = save_pair(tmp_path / "pair", model_type, frozen=("mlp",))
+    for mode in MODES:
+        config = DecomposedConfig(mode=mode, q=0.2)
+        decompose(ft, base, config, progress=False).save_pretrained(tmp_path / f"memory-{mode}")
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "CHUNK_BYTES", 1024)
+            m.setattr(criterion, "CHUNK_BYTES", 1024)
+            decompose_to_disk(ft, base, config, output_dir=tmp_path / f"stream-{mode}", progress=False)
+        assert artifact_files(tmp_path / f"stream-{mode}") == artifact_files(tmp_path / f"memory-{mode}")
 
 
 def test_interrupted_stream_leaves_no_output_and_resumes(tiny_pair, single_thread, tmp_path, monkeypatch, caplog):
