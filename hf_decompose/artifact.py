@@ -13,7 +13,8 @@ Layout of an artifact directory::
     README.md                   the model card (`hf_decompose.card`), not checksummed
 
 Writes are atomic: everything goes to a hidden temporary sibling directory, marked incomplete
-until it is renamed into place; the index checksums itself too. A temporary directory left by a
+until it is renamed into place; the index checksums itself too. The weights file is written tensor by
+tensor (`tensorfile`), so deltas can arrive a layer at a time (`writing`) and never be held twice. A temporary directory left by a
 killed process never loads and is removed by the next write once its process is gone.
 """
 

@@ -1,4 +1,5 @@
-"""`decompose`: checkpoints -> deltas -> criterion -> substructures -> a `DecomposedModel`."""
+"""`decompose`: checkpoints -> deltas -> criterion -> substructures -> a `DecomposedModel`;
+`decompose_to_disk`: the same, layer by layer into an artifact, without the model."""
 
 from __future__ import annotations
 
