@@ -1,12 +1,13 @@
 """Peak resident memory of decomposing the default pair (SmolLM2-135M + its fine-tune), next to the
 fine-tuned model's size in memory (fp32 bytes). Each measurement runs in its own process:
 
-* ``imports``   - the interpreter with torch, transformers and hf_decompose imported (the floor);
-* ``lossless``  - `decompose(mode="lossless")` + `save_pretrained`;
-* ``criterion`` - `decompose(mode="criterion")` + `save_pretrained`.
+* ``imports``              - the interpreter with torch, transformers and hf_decompose imported (the floor);
+* ``<mode> streaming``     - `decompose_to_disk(mode=...)`: layers streamed into the artifact, no model built;
+* ``<mode> in memory``     - `decompose(mode=...)` + `save_pretrained`: the model with every delta, then saved.
 
-Target: peak <= 1.5x the fine-tuned model's fp32 size; reported both as is and above the imports'
-floor (for a 135M model the interpreter with torch alone is ~0.8x). Writes benchmarks/results/memory.json.
+Target: peak <= 1.5x the fine-tuned model's fp32 size (streaming); reported both as is and above the
+imports' floor (for a 135M model the interpreter with torch alone is ~0.8x). Writes
+benchmarks/results/memory.json.
 
     python benchmarks/memory.py [--modes lossless,criterion]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,21 +30,23 @@ PHASE = r"""
 import json, resource, sys, tempfile, time
 import torch, transformers
 import hf_decompose
-from hf_decompose import DecomposedConfig, decompose
-mode, base, ft = sys.argv[1:4]
+from hf_decompose import DecomposedConfig, decompose, decompose_to_disk
+phase, mode, base, ft = sys.argv[1:5]
 t0 = time.perf_counter()
-if mode != "imports":
-    with tempfile.TemporaryDirectory() as out:
+with tempfile.TemporaryDirectory() as out:
+    if phase == "streaming":
+        decompose_to_disk(ft, base, DecomposedConfig(mode=mode), output_dir=f"{out}/artifact", progress=False)
+    elif phase == "in_memory":
         decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(f"{out}/artifact")
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
-def measure(phase: str, base: Path, finetuned: Path) -> dict:
+def measure(phase: str, mode: str, base: Path, finetuned: Path) -> dict:
     """Peak RSS (ru_maxrss) and wall time of one phase, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(finetuned)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(finetuned)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{phase} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{phase} {mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -63,30 +67,33 @@ def main() -> None:
 
     pair = prepare_default_pair()
     size = model_bytes(pair.finetuned)
-    floor = measure("imports", pair.base, pair.finetuned)["peak_rss_bytes"]
-    rows = {}
+    floor = measure("imports", "", pair.base, pair.finetuned)["peak_rss_bytes"]
+    rows: dict[str, dict] = {}
     for mode in args.modes.split(","):
-        m = measure(mode, pair.base, pair.finetuned)
-        rows[mode] = m | {
-            "peak_over_model": m["peak_rss_bytes"] / size,
-            "above_imports_over_model": (m["peak_rss_bytes"] - floor) / size,
-            "within_target": m["peak_rss_bytes"] <= TARGET * size,
-            "within_target_above_imports": m["peak_rss_bytes"] - floor <= TARGET * size,
-        }
+        for phase in ("streaming", "in_memory"):
+            m = measure(phase, mode, pair.base, pair.finetuned)
+            rows.setdefault(mode, {})[phase] = m | {
+                "peak_over_model": m["peak_rss_bytes"] / size,
+                "above_imports_over_model": (m["peak_rss_bytes"] - floor) / size,
+                "within_target": m["peak_rss_bytes"] <= TARGET * size,
+                "within_target_above_imports": m["peak_rss_bytes"] - floor <= TARGET * size,
+            }
     result = {
         "machine": machine(),
         "pair": {"base": pair.base.name, "finetuned": pair.finetuned.name},  # names in the cache, no machine paths
         "finetuned_fp32_bytes": size,
         "imports_peak_rss_bytes": floor,
         "target_peak_over_model": TARGET,
+        "load_average_1min": os.getloadavg()[0],
         "modes": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"fine-tune in memory (fp32): {size / 2**20:,.0f} MiB; imports alone: {floor / 2**20:,.0f} MiB")
-    for mode, m in rows.items():
-        print(f"{mode:<10} peak {m['peak_rss_bytes'] / 2**20:,.0f} MiB = {m['peak_over_model']:.2f}x the model "
-              f"({m['above_imports_over_model']:.2f}x above the imports), {m['seconds']:.0f} s")
+    for mode, phases in rows.items():
+        for phase, m in phases.items():
+            print(f"{mode:<10} {phase:<10} peak {m['peak_rss_bytes'] / 2**20:,.0f} MiB = {m['peak_over_model']:.2f}x the model "
+                  f"({m['above_imports_over_model']:.2f}x above the imports), {m['seconds']:.0f} s")
     print(f"wrote {args.output}")
 
 

@@ -176,12 +176,26 @@ def rank_for(s: torch.Tensor, eps: float, floor: int) -> int:
 
 @dataclass
 class _Candidate:
-    """A matrix's exact delta, its activation-weighted factors, its rank floor and its inputs' Gram."""
+    """A matrix's exact delta, its inputs' Gram ``X^T X`` and, once a level asks, its
+    activation-weighted factors and rank floor."""
 
     full: TensorDelta
-    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    floor: int
-    gram: torch.Tensor | None  # the inputs' X^T X, for error feedback when rounding
+    gram: torch.Tensor | None
+    config: DecomposedConfig
+    _factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    _floor: int | None = None
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._factors is None:
+            self._factors = weighted_lowrank(self.full.to_dense(), self.gram)
+        return self._factors
+
+    @property
+    def floor(self) -> int:
+        if self._floor is None:
+            self._floor = spectral_test(self.full.to_dense(), self.config).rank if self.config.annealing["keep_supported"] else 0
+        return self._floor
 
 
 def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir: Path, base_dir: Path, calibration, config: DecomposedConfig, progress: bool = True) -> tuple[dict[str, TensorDelta], dict]:
@@ -225,11 +239,7 @@ def anneal(
     calib = calibrate(model, tokenizer, calibration_prompts, opts["calibration_tokens"])
     names = [n for n, d in deltas.items() if n in module_names and d.dense is not None and len(d.shape) == 2]
     grams = GramCollector({n: model.get_submodule(gram_names[n]) for n in names}).run(model, calib)
-    cands = {}
-    for n in tqdm(names, desc="spectra", unit="matrix", disable=not progress):
-        dense = deltas[n].to_dense()
-        floor = spectral_test(dense, config).rank if opts["keep_supported"] else 0
-        cands[n] = _Candidate(deltas[n], weighted_lowrank(dense, grams.get(n)), floor, grams.get(n) if opts["error_feedback"] else None)
+    cands = {n: _Candidate(deltas[n], grams.get(n), config) for n in names}
     del grams
     layers: dict[str, list[str]] = defaultdict(list)
     for n in names:
@@ -318,7 +328,7 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
     u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
     residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
-    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram)
+    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None)
     delta = TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u, lowrank_v=v, quant_codes=codes, quant_scales=scales)
     return delta if delta.nbytes() < full.nbytes() else full
 

@@ -13,7 +13,8 @@ Layout of an artifact directory::
     README.md                   the model card (`hf_decompose.card`), not checksummed
 
 Writes are atomic: everything goes to a hidden temporary sibling directory, marked incomplete
-until it is renamed into place; the index checksums itself too. A temporary directory left by a
+until it is renamed into place; the index checksums itself too. The weights file is written tensor by
+tensor (`tensorfile`), so deltas can arrive a layer at a time (`writing`) and never be held twice. A temporary directory left by a
 killed process never loads and is removed by the next write once its process is gone.
 """
 
@@ -31,12 +32,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .checkpoints import sha256_files
 from .errors import ArtifactError
 from .quantize import bits_of
 from .substructures import TensorDelta
+from .tensorfile import SafetensorsWriter, header_reserve
 
 FORMAT_VERSION = 1
 INDEX = "decomposed_config.json"
@@ -56,13 +58,48 @@ def save(
     overwrite: bool = False,
 ) -> Path:
     """Write an artifact atomically; replace an existing artifact only if `overwrite` (see `check_target`)."""
+    with writing(directory, list(deltas), overwrite) as writer:
+        writer.add(deltas)
+        writer.finish(index, report, side_files_from)
+    return writer.target
+
+
+@contextlib.contextmanager
+def writing(directory: str | Path, names: list[str], overwrite: bool = False) -> Iterator[ArtifactWriter]:
+    """An `ArtifactWriter` into a staged copy of `directory`, published atomically once the block ends
+    after `ArtifactWriter.finish`; an exception, or no `finish`, leaves `directory` as it was."""
     target = check_target(directory, overwrite)
     with _staged(target) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
-        for delta in deltas.values():
-            tensors.update(delta.state())
-        # One metadata key only: safetensors writes several in random order (the index holds the version).
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        writer = ArtifactWriter(target, tmp, names)
+        try:
+            yield writer
+        except BaseException:
+            writer.weights.abort()
+            raise
+        if not writer.finished:
+            raise ArtifactError(f"{target}: the artifact was not finished")
+
+
+class ArtifactWriter:
+    """Writes the kept deltas of the tensors `names` as they come (a layer at a time), then the rest of the
+    artifact. The weights file is the same bytes whether deltas come all at once or layer by layer."""
+
+    def __init__(self, target: Path, tmp: Path, names: list[str]):
+        self.target, self.tmp = target, tmp
+        self.weights = SafetensorsWriter(tmp / WEIGHTS, header_reserve(names))
+        self.tensors: dict[str, dict] = {}
+        self.finished = False
+
+    def add(self, deltas: dict[str, TensorDelta]) -> None:
+        for name, delta in deltas.items():
+            for key, tensor in delta.state().items():
+                self.weights.add(key, tensor)
+            self.tensors[name] = {"shape": list(delta.shape), "transposed": delta.transposed}
+
+    def finish(self, index: dict, report: dict, side_files_from: Path | None = None) -> None:
+        """Complete the weights file; add the report, side files, index (with every file's SHA-256) and card."""
+        tmp = self.tmp
+        self.weights.close()
         report = dict(report, size_bytes=dict(report.get("size_bytes", {}), artifact=(tmp / WEIGHTS).stat().st_size))
         report = json.loads(json.dumps(report, sort_keys=True, default=_jsonable))  # as read back: the card renders alike
         if side_files_from is not None:
@@ -72,11 +109,10 @@ def save(
         _add_quantization_config(tmp, index)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
         files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != INCOMPLETE)
-        index = dict(index, format_version=FORMAT_VERSION, files=sha256_files(files))
-        index["tensors"] = {n: {"shape": list(d.shape), "transposed": d.transposed} for n, d in deltas.items()}
+        index = dict(index, format_version=FORMAT_VERSION, files=sha256_files(files), tensors=self.tensors)
         _write_index(tmp, index)
         _write_card(tmp, index, report, side_files_from)
-    return target
+        self.finished = True
 
 
 def check_target(directory: str | Path, overwrite: bool = False) -> Path:

@@ -88,11 +88,12 @@ class CheckpointReader:
     def dtype(self, name: str) -> str:
         return self._dtypes[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor as float32, checked for NaN/Inf."""
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """One tensor (or a slice of its rows) as float32, checked for NaN/Inf. The file is mapped for
+        this call only, so its pages do not stay resident."""
         try:
             with safe_open(self._where[name], framework="pt") as handle:
-                tensor = handle.get_tensor(name)
+                tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({err})") from err
         tensor = tensor.float()
@@ -179,10 +180,16 @@ class CheckpointPair:
     def names(self) -> list[str]:
         return self.base.names()
 
-    def base_tensor(self, name: str) -> torch.Tensor:
-        """The base tensor in the fine-tune's shape: rows of tokens added by the fine-tune are zero."""
-        base, shape = self.base.get(name), self.finetuned.shape(name)
-        return torch.cat([base, base.new_zeros(shape[0] - base.shape[0], *shape[1:])]) if base.shape != shape else base
+    def base_tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The base tensor, or its rows `rows` (a slice with bounds), in the fine-tune's shape: rows of
+        tokens added by the fine-tune are zero."""
+        shape = self.finetuned.shape(name)
+        if self.base.shape(name) == shape:
+            return self.base.get(name, rows)
+        start, stop = (0, shape[0]) if rows is None else (rows.start, rows.stop)
+        have = self.base.shape(name)[0]
+        base = self.base.get(name, slice(min(start, have), min(stop, have)))
+        return torch.cat([base, base.new_zeros(stop - start - base.shape[0], *shape[1:])])
 
     def deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Yield (name, base, fine-tune) one tensor pair at a time, as float32."""

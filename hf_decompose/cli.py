@@ -14,7 +14,7 @@ from . import artifact, resume
 from .config import DecomposedConfig
 from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
 from .errors import DecomposeError
-from .model import DecomposedModel, decompose
+from .model import DecomposedModel, decompose, decompose_to_disk
 from .report import summary_table
 
 
@@ -69,12 +69,23 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         check_disjoint(calibration, prompts)
     out = artifact.check_target(args.output, args.overwrite)
     partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until saved
-    model = decompose(args.finetuned, args.base, config, resume_dir=partial, calibration=calibration)
-    if prompts:
-        reference, tokenizer = _load_reference(model.source_dir)
-        _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-    model.save_pretrained(out, overwrite=args.overwrite)
-    print(summary_table(model.report))
+    if config.mode == "anneal":
+        model = decompose(args.finetuned, args.base, config, resume_dir=partial, calibration=calibration)
+        if prompts:
+            reference, tokenizer = _load_reference(model.source_dir)
+            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        model.save_pretrained(out, overwrite=args.overwrite)
+        report = model.report
+    else:  # no model needed: stream the layers to disk (bounded memory), load the artifact only to verify it
+        decompose_to_disk(args.finetuned, args.base, config, output_dir=out, overwrite=args.overwrite, resume_dir=partial)
+        report = artifact.read_report(out)
+        if prompts:
+            model = DecomposedModel.from_pretrained(out)
+            reference, tokenizer = _load_reference(model.source_dir)
+            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+            artifact.update_report(out, model.report)
+            report = model.report
+    print(summary_table(report))
     if args.push_to_hub:
         from .hub import push_artifact
 

@@ -184,7 +184,7 @@ class DecomposedConfig(QuantizationConfigMixin):
         """Read a recipe; its ``decomposition:`` section if present, else the whole file."""
         try:
             data = yaml.safe_load(Path(path).read_text())
-        except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:
+        except (OSError, ValueError, OverflowError, RecursionError, yaml.YAMLError) as err:  # PyYAML: OverflowError on a huge \U escape
             raise ConfigError(f"cannot read config {path}: {err}") from err
         if isinstance(data, dict) and "decomposition" in data:
             data = data["decomposition"]

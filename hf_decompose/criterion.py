@@ -24,6 +24,7 @@ with the scale known rather than estimated.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 import numpy as np
 import torch
@@ -31,36 +32,72 @@ from scipy import stats
 
 from .config import DecomposedConfig
 from .groups import Geometry, ParamInfo, group_ids
+from .heap import release_free_memory
 
 MAD_TO_SIGMA = 1.4826
 Z_HIST_RANGE, Z_HIST_BINS = 8.0, 64  # per-tensor histogram of entry z, kept in the report for figures
 # Tracy-Widom (beta=1) as a shifted gamma: Chiani (2014), "Distribution of the largest eigenvalue ...".
 _TW1_SHAPE, _TW1_SCALE, _TW1_SHIFT = 46.446, 0.186054, 9.84801
+CHUNK_BYTES = 4 * 2**20  # entry-wise work on a large matrix (an embedding) runs on blocks of rows this size
+
+
+def row_chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`t` as views of consecutive row blocks of about `CHUNK_BYTES` (one block unless `t` is a large matrix),
+    so that entry-wise temporaries stay small."""
+    if t.dim() != 2 or t.numel() * t.element_size() <= CHUNK_BYTES:
+        return (t,)
+    return t.split(max(1, CHUNK_BYTES // (t.shape[1] * t.element_size())))
 
 
 def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig) -> torch.Tensor:
     """Entries whose |z| = |r| / sigma rejects N(0, 1), two-sided, under the configured control.
 
-    Only entries with p <= q can ever be rejected by BH or Bonferroni, so p-values are computed and
-    sorted for those alone; ranks among them equal ranks among all m tests.
+    p falls as |z| grows, so both controls keep the n entries of largest |z|. Only entries with
+    p <= q can be rejected: their |z| alone are sorted, and p-values are computed on the sorted values
+    a block at a time. Entries tied at the cut are kept in row-major order, as a stable sort of the
+    p-values keeps them; the mask is filled a block of rows at a time (no index list of the entries).
     """
     if sigma <= 0:
         return residual != 0
-    z = residual.abs() / sigma
-    candidates = (z >= float(stats.norm.isf(config.q / 2))).nonzero(as_tuple=True)
-    p = 2 * stats.norm.sf(z[candidates].double().numpy())
-    m = residual.numel()
-    if config.correction == "bonferroni":
-        keep = p <= config.q / m
-    else:
-        order = np.argsort(p, kind="stable")
-        below = p[order] <= config.q * np.arange(1, p.size + 1) / m
-        keep = np.zeros(p.size, dtype=bool)
-        if below.any():
-            keep[order[: int(np.nonzero(below)[0].max()) + 1]] = True
+    threshold = float(stats.norm.isf(config.q / 2))
+    blocks = [z[z >= threshold].numpy() for z in _z_blocks(residual, sigma)]
+    z_sorted, start = np.empty(sum(b.size for b in blocks), dtype=np.float32), 0
+    while blocks:  # moved block by block, each freed and its pages returned: never two copies of all the candidates
+        block = blocks.pop(0)
+        z_sorted[start : start + block.size] = block
+        start += block.size
+        del block
+        if blocks:
+            release_free_memory()
+    z_sorted[::-1].sort()  # descending |z|: ascending p
+    m, kept = residual.numel(), 0
+    for start in range(0, z_sorted.size, 1 << 20):
+        p = 2 * stats.norm.sf(z_sorted[start : start + (1 << 20)].astype(np.float64))
+        bound = config.q / m if config.correction == "bonferroni" else config.q * np.arange(start + 1, start + p.size + 1) / m
+        below = np.nonzero(p <= bound)[0]
+        kept = start + int(below[-1]) + 1 if below.size else kept
+    cut = float(z_sorted[kept - 1]) if kept else math.inf
+    ties = kept - int(np.count_nonzero(z_sorted[:kept] > cut))  # how many entries with |z| == cut are kept
+    del z_sorted
     mask = torch.zeros_like(residual, dtype=torch.bool)
-    mask[tuple(c[torch.from_numpy(keep)] for c in candidates)] = True
+    if not kept:
+        return mask
+    start = 0
+    for z in _z_blocks(residual, sigma):
+        rows = mask[start : start + z.shape[0]]
+        torch.gt(z, cut, out=rows)
+        if ties:
+            tied = (z == cut).nonzero()[:ties]
+            rows[tuple(tied.t())] = True
+            ties -= tied.shape[0]
+        start += z.shape[0]
     return mask
+
+
+def _z_blocks(residual: torch.Tensor, sigma: float) -> Iterator[torch.Tensor]:
+    """|residual| / sigma, a block of rows at a time."""
+    for chunk in row_chunks(residual):
+        yield chunk.abs() / sigma
 
 
 def reject(pvalues: np.ndarray, q: float, correction: str) -> np.ndarray:
@@ -84,8 +121,15 @@ def robust_sigma(values: torch.Tensor) -> float:
     flat = values.reshape(-1)
     if flat.numel() > 4_000_000:  # a fixed-stride subsample estimates the median to ~1e-3 relative
         flat = flat[:: flat.numel() // 2_000_000]
-    med = flat.median()
-    return float(MAD_TO_SIGMA * (flat - med).abs().median())
+    med = _median(flat)
+    return float(MAD_TO_SIGMA * _median((flat - med).abs()))
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """`torch.median` of a 1-D tensor (the lower middle value for an even count), by numpy's
+    selection, which is twice as fast."""
+    k = (values.numel() - 1) // 2
+    return torch.from_numpy(np.partition(values.numpy(), k)[k : k + 1]).reshape(())
 
 
 def tracy_widom_sf(x: np.ndarray) -> np.ndarray:
@@ -97,13 +141,15 @@ def spectral_pvalues(singular: np.ndarray, shape: tuple[int, int], sigma: float)
     """p-value of the k-th singular value being noise, after deflating the k-1 before it."""
     m, n = min(shape), max(shape)
     out = np.ones(len(singular))
+    statistics = []
     for k, s in enumerate(singular):
         nk, pk = n - k - 1, m - k
         if nk < 2 or pk < 2 or sigma <= 0:
             break
         a, b = math.sqrt(nk), math.sqrt(pk)
         mu, scale = (a + b) ** 2, (a + b) * (1 / a + 1 / b) ** (1 / 3)
-        out[k] = float(tracy_widom_sf(((s / sigma) ** 2 - mu) / scale))
+        statistics.append(((s / sigma) ** 2 - mu) / scale)
+    out[: len(statistics)] = tracy_widom_sf(np.array(statistics, dtype=np.float64))  # one call: scipy's overhead is per call
     return out
 
 
@@ -138,7 +184,7 @@ def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | 
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     s_np = s.double().numpy()
-    total = float(delta.to(torch.float64, copy=True).square_().sum())  # in place: one float64 copy at a time
+    total = sum(float(c.to(torch.float64, copy=True).square_().sum()) for c in row_chunks(delta))  # one float64 copy at a time
     tested = min(config.max_rank, len(s_np))
     rank, known = 0, sigma is not None
     for _ in range(10):
@@ -183,11 +229,13 @@ def assess_layer(
     config: DecomposedConfig,
     geometry: Geometry | None,
     init_sigma: float | None = None,
+    in_place: bool = False,
 ) -> dict[str, TensorTest]:
     """Run entry, group and spectral tests on one layer's deltas (canonical layout).
 
     `tensors` maps a name to (info, delta); under ``null="init"`` the delta is the weight itself and
-    `init_sigma` the known scale of the initialization distribution.
+    `init_sigma` the known scale of the initialization distribution. With `in_place`, each delta is
+    overwritten by its residual (no second copy of the largest matrix).
     """
     results: dict[str, TensorTest] = {}
     matrix_sigmas = []
@@ -198,8 +246,13 @@ def assess_layer(
         residual = delta
         if config.spectral_test and min(delta.shape) > 1:
             spectral = spectral_test(delta, config, sigma=init_sigma)
+            if len(row_chunks(delta)) > 1:
+                release_free_memory()  # the randomized SVD's temporaries of a large matrix
             if spectral.rank:
-                residual = delta - spectral.u @ spectral.v
+                residual = delta if in_place else torch.empty_like(delta)
+                step = row_chunks(delta)[0].shape[0]
+                for d, r, u in zip(delta.split(step), residual.split(step), spectral.u.split(step)):
+                    torch.sub(d, u @ spectral.v, out=r)
         sigma = init_sigma if init_sigma is not None else robust_sigma(residual)
         matrix_sigmas.append(sigma)
         results[name] = TensorTest(info, residual, sigma, torch.zeros_like(residual, dtype=torch.bool), spectral)
@@ -214,20 +267,28 @@ def assess_layer(
     if config.entry_test:
         for result in results.values():
             result.mask |= entry_support(result.residual, result.sigma, config)
+            if len(row_chunks(result.residual)) > 1:
+                release_free_memory()
     if config.group_test:
         _group_tests(results, config, geometry)
     for result in results.values():
         result.stats |= {
             "entries": result.mask.numel(),
-            "supported_entries": int(result.mask.sum()),
+            "supported_entries": int(result.mask.count_nonzero()),
             "sigma": result.sigma,
             "spectral_rank": result.spectral.rank if result.spectral else 0,
             "spectral_energy": result.spectral.energy_fraction if result.spectral else 0.0,
         }
         if result.sigma > 0:
-            z = (result.residual.float() / result.sigma).clamp(-Z_HIST_RANGE, Z_HIST_RANGE)
-            result.stats["z_hist"] = torch.histc(z, Z_HIST_BINS, -Z_HIST_RANGE, Z_HIST_RANGE).int().tolist()
+            hist = sum(torch.histc((c.float() / result.sigma).clamp_(-Z_HIST_RANGE, Z_HIST_RANGE), Z_HIST_BINS, -Z_HIST_RANGE, Z_HIST_RANGE).long()
+                       for c in row_chunks(result.residual))
+            result.stats["z_hist"] = hist.int().tolist()
     return results
+
+
+def _z2(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(values / sigma)^2 in float64 (in place on one float64 copy)."""
+    return values.to(torch.float64, copy=True).div_(sigma).pow_(2)
 
 
 def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geometry: Geometry | None) -> None:
@@ -239,14 +300,16 @@ def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geome
         info = result.info
         if result.sigma <= 0:
             continue
-        z2 = result.residual.to(torch.float64, copy=True).div_(result.sigma).pow_(2)  # in place: one float64 copy
         if info.group_axis is None:
+            z2 = _z2(result.residual, result.sigma)
             key, ids, per_unit, count = f"vector:{name}", np.zeros(1, dtype=np.int64), z2.sum().reshape(1).numpy(), np.array([z2.numel()])
         else:
             if geometry is None and info.group_kind in ("head", "kv_head"):
                 continue
             other = 1 - info.group_axis
-            per_unit = z2.sum(dim=other).numpy()
+            # row sums of row blocks are the row sums of the whole; column sums are summed whole
+            chunks = row_chunks(result.residual) if other == 1 else (result.residual,)
+            per_unit = torch.cat([_z2(c, result.sigma).sum(dim=other) for c in chunks]).numpy()
             ids = group_ids(info, tuple(result.residual.shape), geometry) if geometry else np.arange(per_unit.size)
             key = f"{info.layer}:{info.group_kind}"
             count = np.full(per_unit.size, result.residual.shape[other])

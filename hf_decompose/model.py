@@ -1,12 +1,15 @@
-"""`decompose`: checkpoints -> deltas -> criterion -> substructures -> a `DecomposedModel`."""
+"""`decompose`: checkpoints -> deltas -> criterion -> substructures -> a `DecomposedModel`;
+`decompose_to_disk`: the same, layer by layer into an artifact, without the model."""
 
 from __future__ import annotations
 
-import ctypes
+import math
 import re
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,22 +26,32 @@ from .criterion import assess_layer
 from .deltas import exact_delta
 from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
+from .heap import release_free_memory
 from .hub import commit_of, push_artifact
 from .modules import DecomposedModule
 from .placement import place
 from .substructures import TensorDelta, extract, layer_components
 
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
-try:
-    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim  # glibc: return freed heap memory to the OS
-except (AttributeError, OSError, TypeError):
-    _MALLOC_TRIM = None
+CHUNK_BYTES = 4 * 2**20  # large tensors are read and differenced this many bytes of rows at a time
 
 
 def compute_deltas(
     pair: CheckpointPair, config: DecomposedConfig, progress: bool = True, cache: resume.LayerCache | None = None
 ) -> tuple[dict[str, TensorDelta], list[dict]]:
-    """Stream the pair one layer at a time; return the kept deltas and per-layer statistics.
+    """The kept deltas of every tensor and the per-layer statistics (`iter_layers`, collected)."""
+    deltas: dict[str, TensorDelta] = {}
+    layers = []
+    for layer_deltas, stats in iter_layers(pair, config, progress, cache):
+        deltas.update(layer_deltas)
+        layers.append(stats)
+    return deltas, layers
+
+
+def iter_layers(
+    pair: CheckpointPair, config: DecomposedConfig, progress: bool = True, cache: resume.LayerCache | None = None
+) -> Iterator[resume.LayerResult]:
+    """Stream the pair one layer at a time: yield each layer's kept deltas and statistics.
 
     Layers found in `cache` are reused, layers computed are added to it.
     """
@@ -51,33 +64,66 @@ def compute_deltas(
     for name in pair.names():
         info = describe(name, pair.finetuned.shape(name), model_type)
         by_layer[info.layer or name].append(info)
-    deltas: dict[str, TensorDelta] = {}
-    layers = []
     for i, (layer, infos) in enumerate(tqdm(sorted(by_layer.items(), key=lambda kv: _natural(kv[0])), desc="decomposing", unit="layer", disable=not progress)):
-        layer_deltas, stats = resume.cached_layer(cache, i, layer, lambda: _compute_layer(pair, config, geometry, layer, infos))
-        deltas.update(layer_deltas)
-        layers.append(stats)
-        if _MALLOC_TRIM is not None:  # kept deltas interleave with freed temporaries: give those pages back
-            _MALLOC_TRIM(0)
-    return deltas, layers
+        yield resume.cached_layer(cache, i, layer, lambda: _compute_layer(pair, config, geometry, layer, infos))
+        release_free_memory()  # kept deltas interleave with freed temporaries: give those pages back
 
 
 def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geometry | None, layer: str, infos: list[ParamInfo]) -> resume.LayerResult:
     layer_deltas = {}
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
-            base, ft = info.canonical(pair.base_tensor(info.name)), info.canonical(pair.finetuned.get(info.name))
-            delta, idx, values = exact_delta(base, ft)
-            layer_deltas[info.name] = extract(info, delta, delta != 0, overrides=(idx, values), dense_block_density=config.dense_block_density)
+            delta, idx, values = _exact_delta(pair, info)
+            nonzero = torch.from_numpy(delta.numpy() != 0)  # numpy: several times faster than torch here
+            layer_deltas[info.name] = extract(info, delta, nonzero, overrides=(idx, values), dense_block_density=config.dense_block_density, in_place=True)
         tests = {}
     else:
-        tensors = {i.name: (i, i.canonical(pair.finetuned.get(i.name)) - i.canonical(pair.base_tensor(i.name))) for i in infos}
-        tests = assess_layer(tensors, config, geometry)
-        del tensors  # the residuals are what is kept: free the deltas before extracting (peak memory)
+        tests = assess_layer({i.name: (i, _delta(pair, i)) for i in infos}, config, geometry, in_place=True)
+        release_free_memory()  # the tests' temporaries, before the substructures are gathered
         for name, t in tests.items():
             lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
-            layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density)
+            layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density, in_place=True)
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
+
+
+def _row_blocks(pair: CheckpointPair, info: ParamInfo) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+    """(rows, base, fine-tune) of one tensor as float32 in canonical layout: whole (rows None), or for a
+    large matrix (an embedding) `CHUNK_BYTES` of rows at a time, so that it is never held three times."""
+    shape = pair.finetuned.shape(info.name)
+    row_bytes = 4 * math.prod(shape[1:])
+    if info.transposed or len(shape) < 2 or shape[0] * row_bytes <= CHUNK_BYTES:
+        yield None, info.canonical(pair.base_tensor(info.name)), info.canonical(pair.finetuned.get(info.name))
+        return
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, shape[0], step):
+        rows = slice(start, min(start + step, shape[0]))
+        yield rows, pair.base_tensor(info.name, rows), pair.finetuned.get(info.name, rows)
+
+
+def _delta(pair: CheckpointPair, info: ParamInfo) -> torch.Tensor:
+    """fine-tune - base, float32, canonical layout."""
+    out = None
+    for rows, base, ft in _row_blocks(pair, info):
+        if rows is None:
+            return ft - base
+        out = torch.empty(pair.finetuned.shape(info.name)) if out is None else out
+        torch.sub(ft, base, out=out[rows])
+    return out
+
+
+def _exact_delta(pair: CheckpointPair, info: ParamInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`deltas.exact_delta` of one tensor, computed a block of rows at a time (it is entry-wise)."""
+    out, indices, values = None, [], []
+    for rows, base, ft in _row_blocks(pair, info):
+        delta, idx, vals = exact_delta(base, ft)
+        if rows is None:
+            return delta, idx, vals
+        out = torch.empty(pair.finetuned.shape(info.name)) if out is None else out
+        out[rows] = delta
+        idx[:, 0] += rows.start
+        indices.append(idx)
+        values.append(vals)
+    return out, torch.cat(indices), torch.cat(values)
 
 
 def _natural(name: str) -> list:
@@ -115,6 +161,7 @@ def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDel
         "kept_fraction": kept / entries if entries else 0.0,
         "kept_params": kept,
         "delta_params": entries,
+        "stored_bytes": sum(d.nbytes() for d in deltas.values()),
         "num_substructures": len(comps) + rank + others,
         "spectral_rank": rank,
         "largest_substructure": largest,
@@ -218,26 +265,19 @@ class DecomposedModel(nn.Module):
 
 def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig) -> nn.Module:
     """Load the base with the fine-tune's config and graft the deltas onto it."""
-    hf_config = AutoConfig.from_pretrained(config_dir)
-    for key in ("quantization_config", "transformers_weights"):  # an artifact's config.json: load the base plainly
-        if hasattr(hf_config, key):
-            delattr(hf_config, key)
-    model = _load_base(base_dir, hf_config)
+    model = _load_base(base_dir, _plain_config(config_dir))
     model.eval()
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = head is not None and embed is not None and head.weight is embed.weight
+    tied = _tied(model)
     wrapped: dict[int, DecomposedModule] = {}
+    names = list(deltas)
     for name, delta in deltas.items():
         if delta.is_empty():
             continue
-        pname = _param_name(name, params)
-        if pname is None and tied and name.endswith("lm_head.weight"):
-            pname = _param_name(next(n for n in deltas if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
-        if pname is None:
-            raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
+        pname = _target_parameter(name, names, model, params)
         owner_name, _, attr = pname.rpartition(".")
         owner = modules[owner_name]
         if attr == "weight" and isinstance(owner, WRAPPABLE):
@@ -251,6 +291,36 @@ def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta]
         head_name = next(n for n, m in model.named_modules() if m is head)
         _set_submodule(model, head_name, DecomposedModule(head, wrapped[id(embed)].delta, config.execution, tied=wrapped[id(embed)]))
     return model
+
+
+def _plain_config(config_dir: Path):
+    """The transformers config of `config_dir`; an artifact's config.json without its quantization entries."""
+    hf_config = AutoConfig.from_pretrained(config_dir)
+    for key in ("quantization_config", "transformers_weights"):  # an artifact's config.json: load the base plainly
+        if hasattr(hf_config, key):
+            delattr(hf_config, key)
+    return hf_config
+
+
+def _tied(model: nn.Module) -> bool:
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _target_parameter(name: str, names: list[str], model: nn.Module, params: dict[str, nn.Parameter]) -> str:
+    """The parameter of `model` that tensor `name`'s delta applies to (a tied LM head's: the input embedding)."""
+    pname = _param_name(name, params)
+    if pname is None and name.endswith("lm_head.weight") and _tied(model):
+        pname = _param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
+    if pname is None:
+        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
+    return pname
+
+
+def _skeleton(config_dir: Path) -> nn.Module:
+    """The fine-tune's model class with no weights (meta device): to check deltas fit it without building it."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(_plain_config(config_dir))
 
 
 def _load_base(base_dir: Path, hf_config) -> nn.Module:
@@ -280,6 +350,64 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+@dataclass
+class _Inputs:
+    """A resolved, validated pair and what its artifact records about it."""
+
+    base_dir: Path
+    ft_dir: Path
+    pair: CheckpointPair
+    base_sha: dict[str, str]
+    cache: resume.LayerCache | None
+    index: dict
+    read_s: float
+
+
+def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resume_dir, hub_kwargs: dict) -> _Inputs:
+    t0 = time.perf_counter()
+    if base_model is None:
+        raise ConfigError("no base model: pass base_model= or set DecomposedConfig.base_model")
+    if config.null == "init":
+        raise ConfigError("null='init' tests weights against their initialization distribution (criterion statistics); "
+                          "building a decomposed model needs null='reference'")
+    base_dir = resolve(base_model, config.base_revision, **hub_kwargs)
+    ft_dir = resolve(finetuned, revision, **hub_kwargs)
+    pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
+    base_sha = sha256_files(pair.base.files)
+    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_key(base_sha, sha256_files(pair.finetuned.files), config))
+    index = {
+        "config": config.to_dict(),
+        "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
+        "finetuned_model": {"id": str(finetuned), "revision": commit_of(ft_dir) or revision},
+    }
+    return _Inputs(base_dir, ft_dir, pair, base_sha, cache, index, time.perf_counter() - t0)
+
+
+def _report(inputs: _Inputs, config: DecomposedConfig, layers: list[dict], timings: dict) -> dict:
+    total = sum(layer["delta_params"] for layer in layers)
+    kept = sum(layer["kept_params"] for layer in layers)
+    stored = sum(layer["stored_bytes"] for layer in layers)
+    pair = inputs.pair
+    return {
+        "base_model": inputs.index["base_model"]["id"],
+        "finetuned_model": inputs.index["finetuned_model"]["id"],
+        "mode": config.mode,
+        "kept_fraction": kept / total if total else 0.0,
+        "kept_params": kept,
+        "delta_params": total,
+        "stored_fraction": stored / (4 * total) if total else 0.0,  # stored bytes over the delta in float32
+        "num_substructures": sum(layer["num_substructures"] for layer in layers),
+        "size_bytes": {"artifact": stored, "finetuned": pair.finetuned.nbytes(), "base": pair.base.nbytes()},
+        "layers": layers,
+        "timings": {"read_and_validate_s": inputs.read_s} | timings,
+    }
+
+
+def _log_resumed(inputs: _Inputs, layers: int, resume_dir) -> None:
+    if inputs.cache is not None and inputs.cache.reused:
+        resume.logger.info("resumed %d of %d layers from %s", inputs.cache.reused, layers, resume_dir)
+
+
 def decompose(
     finetuned: str | Path,
     base_model: str | Path | None = None,
@@ -299,7 +427,8 @@ def decompose(
     With `resume_dir`, finished layers are cached there and reused by a re-run of the same inputs
     and config; `save_pretrained` deletes the cache once the artifact is written. ``mode="anneal"``
     needs `calibration` prompts (a list, dataset or file; keep them disjoint from evaluation prompts). With `device_map`
-    (`max_memory`, `offload_folder`) the model is placed as by `DecomposedModel.dispatch`.
+    (`max_memory`, `offload_folder`) the model is placed as by `DecomposedModel.dispatch`. To write an
+    artifact without building the model (less memory), use `decompose_to_disk`.
 
     Example::
 
@@ -307,56 +436,72 @@ def decompose(
         model.save_pretrained("out")
     """
     config = config or DecomposedConfig()
-    base_model = base_model or config.base_model
-    if base_model is None:
-        raise ConfigError("no base model: pass base_model= or set DecomposedConfig.base_model")
-    if config.null == "init":
-        raise ConfigError("null='init' tests weights against their initialization distribution (criterion statistics); "
-                          "building a decomposed model needs null='reference'")
-    t0 = time.perf_counter()
-    base_dir = resolve(base_model, config.base_revision, **hub_kwargs)
-    ft_dir = resolve(finetuned, revision, **hub_kwargs)
-    pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
-    base_sha = sha256_files(pair.base.files)
-    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_key(base_sha, sha256_files(pair.finetuned.files), config))
+    inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
     t1 = time.perf_counter()
     try:
-        deltas, layers = compute_deltas(pair, config, progress=progress, cache=cache)
+        deltas, layers = compute_deltas(inputs.pair, config, progress=progress, cache=inputs.cache)
         t2 = time.perf_counter()
-        model = build_model(base_dir, ft_dir, deltas, config)
+        model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config)
     except DecomposeError:  # a bad input: nothing to resume
         if resume_dir is not None:
             resume.clear(resume_dir)
         raise
-    if cache is not None and cache.reused:
-        resume.logger.info("resumed %d of %d layers from %s", cache.reused, len(layers), resume_dir)
+    _log_resumed(inputs, len(layers), resume_dir)
     t3 = time.perf_counter()
     annealing_report = None
     if config.mode == "anneal":
-        deltas, annealing_report = anneal_model(model, deltas, ft_dir, base_dir, calibration, config, progress)
-        layers = summarize_layers(deltas, pair.finetuned.config)
+        deltas, annealing_report = anneal_model(model, deltas, inputs.ft_dir, inputs.base_dir, calibration, config, progress)
+        layers = summarize_layers(deltas, inputs.pair.finetuned.config)
     t4 = time.perf_counter()
-    total = sum(int(torch.tensor(d.shape).prod()) for d in deltas.values())
-    kept = sum(d.num_params() for d in deltas.values())
-    stored = sum(d.nbytes() for d in deltas.values())
-    index = {
-        "config": config.to_dict(),
-        "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
-        "finetuned_model": {"id": str(finetuned), "revision": commit_of(ft_dir) or revision},
-    }
-    report = {
-        "base_model": str(base_model),
-        "finetuned_model": str(finetuned),
-        "mode": config.mode,
-        "kept_fraction": kept / total if total else 0.0,
-        "kept_params": kept,
-        "delta_params": total,
-        "stored_fraction": stored / (4 * total) if total else 0.0,  # stored bytes over the delta in float32
-        "num_substructures": sum(layer["num_substructures"] for layer in layers),
-        "size_bytes": {"artifact": stored, "finetuned": pair.finetuned.nbytes(), "base": pair.base.nbytes()},
-        "layers": layers,
-        "timings": {"read_and_validate_s": t1 - t0, "criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3},
-    }
+    report = _report(inputs, config, layers, {"criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3})
     if annealing_report is not None:
         report["annealing"] = annealing_report
-    return DecomposedModel(model, deltas, config, index, report, ft_dir, resume_dir=resume_dir).dispatch(device_map, max_memory, offload_folder)
+    return DecomposedModel(model, deltas, config, inputs.index, report, inputs.ft_dir, resume_dir=resume_dir).dispatch(device_map, max_memory, offload_folder)
+
+
+def decompose_to_disk(
+    finetuned: str | Path,
+    base_model: str | Path | None = None,
+    config: DecomposedConfig | None = None,
+    *,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    resume_dir: str | Path | None = None,
+    **hub_kwargs,
+) -> Path:
+    """`decompose(...).save_pretrained(output_dir)` without building the model: each layer's deltas are
+    written to the artifact as soon as they are computed and then dropped, so memory stays near one
+    layer of each checkpoint (the largest: the embedding). The artifact is the same (its weights file
+    byte for byte; the report's timings aside). Modes ``lossless`` and ``criterion``; ``anneal`` needs
+    the model (use `decompose`). Returns the artifact's directory.
+    """
+    config = config or DecomposedConfig()
+    if config.mode == "anneal":
+        raise ConfigError("mode='anneal' runs the model on calibration prompts: use decompose(...).save_pretrained(...)")
+    artifact.check_target(output_dir, overwrite)  # before any work; a refused target keeps the layer cache
+    inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
+    t1 = time.perf_counter()
+    layers, names = [], inputs.pair.names()
+    try:
+        skeleton = _skeleton(inputs.ft_dir)
+        params = dict(skeleton.named_parameters())
+        with artifact.writing(output_dir, names, overwrite) as writer:
+            for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
+                for name, delta in layer_deltas.items():  # what `build_model` would refuse, refused before it is written
+                    if not delta.is_empty():
+                        _target_parameter(name, names, skeleton, params)
+                writer.add(layer_deltas)
+                layers.append(stats)
+                del layer_deltas
+            timings = {"criterion_and_substructures_s": time.perf_counter() - t1, "build_model_s": 0.0, "annealing_s": 0.0}
+            writer.finish(inputs.index, _report(inputs, config, layers, timings), inputs.ft_dir)
+    except DecomposeError:  # a bad input: nothing to resume
+        if resume_dir is not None:
+            resume.clear(resume_dir)
+        raise
+    _log_resumed(inputs, len(layers), resume_dir)
+    if resume_dir is not None:
+        resume.clear(resume_dir)
+    return writer.target

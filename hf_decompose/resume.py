@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .checkpoints import sha256_files
 from .config import DecomposedConfig
 from .errors import ArtifactError
 from .substructures import TensorDelta
+from .tensorfile import SafetensorsWriter, header_reserve
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -76,7 +77,10 @@ class LayerCache:
         weights = self.directory / f"{index:05d}.safetensors"
         tmp = weights.with_suffix(".tmp")
         try:
-            save_file({k: v for d in deltas.values() for k, v in d.state().items()}, tmp)
+            with SafetensorsWriter(tmp, header_reserve(list(deltas))) as writer:  # no second copy of a large delta
+                for d in deltas.values():
+                    for key, tensor in d.state().items():
+                        writer.add(key, tensor)
             os.replace(tmp, weights)
             tensors = {n: {"shape": list(d.shape), "transposed": d.transposed} for n, d in deltas.items()}
             meta = {"layer": layer, "sha256": sha256_files([weights])[weights.name], "tensors": tensors, "stats": stats}

@@ -168,33 +168,39 @@ def extract(
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     overrides: tuple[torch.Tensor, torch.Tensor] | None = None,
     dense_block_density: float = 0.5,
+    in_place: bool = False,
 ) -> TensorDelta:
     """Split the supported entries of `values` (canonical layout), plus low-rank factors and
-    overrides, into independent substructures; one dense delta where pieces would cost more."""
-    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density)
+    overrides, into independent substructures; one dense delta where pieces would cost more.
+    With `in_place`, `values` may be overwritten (a full-size dense delta is then no second copy)."""
+    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density, in_place)
     if delta.num_params() > values.numel() and (delta.lowrank_u is not None or delta.blocks or delta.sparse_values is not None):
         return TensorDelta(info.name, tuple(values.shape), info.transposed, dense=delta.to_dense(),
                            override_indices=delta.override_indices, override_values=delta.override_values)
     return delta
 
 
-def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float) -> TensorDelta:
+def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float, in_place: bool) -> TensorDelta:
     """`extract` before the cost check."""
     delta = TensorDelta(info.name, tuple(values.shape), info.transposed)
     if lowrank is not None and lowrank[0].shape[1] > 0:
         delta.lowrank_u, delta.lowrank_v = lowrank[0].contiguous(), lowrank[1].contiguous()
     if overrides is not None and overrides[1].numel():
         delta.override_indices, delta.override_values = overrides
-    if not mask.any():
+    m = mask.numpy()  # numpy's boolean reductions are several times faster than torch's on one thread
+    if not m.any():
         return delta
-    if mask.all() or values.dim() != 2:
-        delta.dense = torch.where(mask, values, torch.zeros_like(values))
+    if m.all():
+        delta.dense = values  # shared, not copied: a full-size delta is stored as it is
         return delta
-    rows_used, cols_used = mask.any(1), mask.any(0)
-    if (mask | ~cols_used).all(1).any() or (mask | ~rows_used[:, None]).all(0).any():
+    if values.dim() != 2:
+        delta.dense = _masked(values, mask, in_place)
+        return delta
+    rows_used, cols_used = m.any(1), m.any(0)
+    if (m | ~cols_used).all(1).any() or (m | ~rows_used[:, None]).all(0).any():
         # a row touching every used column (or a column touching every used row) joins everything:
         # a single component, no graph needed
-        return _single_component(delta, values, mask, rows_used, cols_used, dense_block_density)
+        return _single_component(delta, values, mask, torch.from_numpy(rows_used), torch.from_numpy(cols_used), dense_block_density, in_place)
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
     n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)
@@ -205,8 +211,7 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     for comp in np.nonzero(dense)[0]:  # few: every other component is stored as sparse entries
         ur = torch.from_numpy(np.nonzero(labels[:n_rows] == comp)[0])
         uc = torch.from_numpy(np.nonzero(labels[n_rows:] == comp)[0])
-        block = values[ur[:, None], uc[None, :]].mul_(mask[ur[:, None], uc[None, :]])  # a gathered copy: in place
-        delta.blocks.append(Block(ur, uc, block.contiguous()))
+        delta.blocks.append(Block(ur, uc, _block(values, mask, ur, uc)))
     sparse_keep = torch.from_numpy(~dense[entry_label])
     if sparse_keep.any():
         delta.sparse_indices = torch.stack([rows_all[sparse_keep], cols_all[sparse_keep]])
@@ -215,16 +220,35 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     return delta
 
 
+def _block(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(values * mask)[rows][:, cols], contiguous, without temporaries of the block's size: gathered one
+    axis at a time, multiplied a slab of rows at a time (a bool factor is cast to float per slab)."""
+    block, keep = _gather(values, rows, cols).contiguous(), _gather(mask, rows, cols)
+    for b, k in zip(block.split(1024), keep.split(1024)):
+        b.mul_(k)
+    return block
+
+
+def _gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """t[rows][:, cols], one axis at a time (no index grid of the block's size)."""
+    t = t.index_select(0, rows)
+    return t if cols.numel() == t.shape[1] else t.index_select(1, cols)
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """`values` where `mask`, else 0."""
+    return values.masked_fill_(~mask, 0) if in_place else values.masked_fill(~mask, 0)
+
+
 def _single_component(delta: TensorDelta, values: torch.Tensor, mask: torch.Tensor, rows_used: torch.Tensor,
-                      cols_used: torch.Tensor, dense_block_density: float) -> TensorDelta:
+                      cols_used: torch.Tensor, dense_block_density: float, in_place: bool) -> TensorDelta:
     rows, cols = rows_used.nonzero()[:, 0], cols_used.nonzero()[:, 0]
     area = rows.numel() * cols.numel()
-    if int(mask.sum()) >= dense_block_density * area and area > 1:
+    if int(mask.count_nonzero()) >= dense_block_density * area and area > 1:
         if rows.numel() == mask.shape[0] and cols.numel() == mask.shape[1]:
-            delta.dense = torch.where(mask, values, torch.zeros_like(values))
+            delta.dense = _masked(values, mask, in_place)
         else:
-            block = values[rows[:, None], cols[None, :]] * mask[rows[:, None], cols[None, :]]
-            delta.blocks.append(Block(rows, cols, block.contiguous()))
+            delta.blocks.append(Block(rows, cols, _block(values, mask, rows, cols)))
         return delta
     r, c = mask.nonzero(as_tuple=True)
     delta.sparse_indices, delta.sparse_values = torch.stack([r, c]), values[r, c].contiguous()
@@ -251,6 +275,27 @@ def _bipartite_components(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_col
     return connected_components(graph, directed=False)
 
 
+def _spanning_pairs(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of at most rows + cols entries whose bipartite graph has the components, and the
+    used rows and columns, of `support`'s: per component, every row paired with one of its columns and
+    every column with one of its rows. Components are all `layer_components` needs of a matrix."""
+    s = support.numpy()  # numpy's boolean reductions: several times faster than torch's
+    rows_used, cols_used = s.any(1), s.any(0)
+    rows, cols = torch.from_numpy(np.flatnonzero(rows_used)), torch.from_numpy(np.flatnonzero(cols_used))
+    if rows.numel() == 0:
+        return rows, cols
+    full = (s | ~cols_used).all(1)
+    if full.any():  # a row touching every used column joins everything: one component, no graph needed
+        root_row = torch.from_numpy(np.flatnonzero(full)[:1])
+        return torch.cat([rows, root_row.expand(cols.numel())]), torch.cat([cols[:1].expand(rows.numel()), cols])
+    n_rows = support.shape[0]
+    _, labels = _bipartite_components(*(i.numpy() for i in support.nonzero(as_tuple=True)), n_rows, support.shape[1])
+    row_labels, col_labels = labels[rows.numpy()], labels[n_rows + cols.numpy()]
+    root_row, root_col = np.zeros(labels.max() + 1, dtype=np.int64), np.zeros(labels.max() + 1, dtype=np.int64)
+    root_row[row_labels], root_col[col_labels] = rows.numpy(), cols.numpy()  # any member of each component
+    return torch.cat([rows, torch.from_numpy(root_row[col_labels])]), torch.cat([torch.from_numpy(root_col[row_labels]), cols])
+
+
 def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry: Geometry | None) -> list[dict[str, int]]:
     """Independent substructures of one transformer block's entry-level support.
 
@@ -271,7 +316,7 @@ def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry:
     for info, delta in deltas.values():
         if info.role not in READS_HIDDEN | WRITES_HIDDEN or delta.is_empty():
             continue
-        rows, cols = delta.support().nonzero(as_tuple=True)
+        rows, cols = _spanning_pairs(delta.support())
         if rows.numel() == 0:
             continue
         axis_idx = rows.numpy() if info.group_axis == 0 else cols.numpy()

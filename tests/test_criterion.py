@@ -36,6 +36,24 @@ def test_entry_support_equals_full_procedure(correction):
 
 
 @pytest.mark.parametrize("correction", ["bh", "bonferroni"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "vector"])
+def test_entry_support_in_row_blocks_keeps_ties_as_a_stable_sort(monkeypatch, correction, layout):
+    """|z| rounded to quarters: thousands of ties, some at the cut; 1 KiB row blocks."""
+    from scipy import stats
+
+    import hf_decompose.criterion as criterion
+
+    monkeypatch.setattr(criterion, "CHUNK_BYTES", 1024)
+    torch.manual_seed(6)
+    r = (torch.randn(200, 150) * (1 + 3 * (torch.rand(200, 150) < 0.1)) * 4).round() / 4
+    r = {"contiguous": r, "transposed": r.t().contiguous().t(), "vector": r.reshape(-1)}[layout]
+    for q in (0.2, 0.05, 1e-4):
+        full = reject(2 * stats.norm.sf(r.abs().double().numpy()), q, correction).reshape(r.shape)
+        blocks = entry_support(r, 1.0, DecomposedConfig(mode="criterion", q=q, correction=correction))
+        assert np.array_equal(blocks.numpy(), full)
+
+
+@pytest.mark.parametrize("correction", ["bh", "bonferroni"])
 def test_pure_noise_false_positive_rate_at_most_q(correction):
     torch.manual_seed(0)
     config = DecomposedConfig(mode="criterion", q=Q, correction=correction)

@@ -153,7 +153,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("hf_decompose.artifact.save_file", disk_full)
+    monkeypatch.setattr("hf_decompose.artifact.SafetensorsWriter.add", disk_full)
     with pytest.raises(ArtifactError, match="No space left"):
         model.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pair", "taken"]  # no target, no temporary sibling

@@ -88,3 +88,22 @@ def test_a_full_row_makes_one_component_without_the_graph():
     assert len(set(labels[rows.numpy()].tolist())) == 1  # the graph agrees
     assert delta.num_substructures() == 1 and delta.num_params() == int(mask.sum())
     assert torch.equal(delta.to_dense(), torch.where(mask, values, torch.zeros(())))
+
+
+def test_layer_components_from_spanning_pairs_equal_those_of_every_entry(monkeypatch):
+    import hf_decompose.substructures as substructures
+
+    g = Geometry(num_heads=4, num_kv_heads=2, head_dim=4, hidden_size=16)
+    shapes = {"q": (16, 16), "k": (8, 16), "v": (8, 16), "o": (16, 16), "gate": (32, 16), "up": (32, 16), "down": (16, 32)}
+    gen = torch.Generator().manual_seed(3)
+    for density in (0.002, 0.01, 0.05, 0.3, 1.0):
+        deltas = {}
+        for role, shape in shapes.items():
+            block = "self_attn" if role in ("q", "k", "v", "o") else "mlp"
+            info = describe(f"model.layers.0.{block}.{role}_proj.weight", shape, "llama")
+            values = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) < density)
+            deltas[role] = (info, extract(info, values, values != 0))
+        spanning = layer_components(deltas, g)
+        with monkeypatch.context() as m:
+            m.setattr(substructures, "_spanning_pairs", lambda support: support.nonzero(as_tuple=True))
+            assert spanning == layer_components(deltas, g)

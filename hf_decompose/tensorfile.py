@@ -1,0 +1,85 @@
+"""A safetensors file written one tensor at a time, so that no more than the tensor at hand is in memory.
+
+The header (names, dtypes, shapes, offsets) is only known once every tensor is written, so a region is
+reserved for it at the start of the file and filled in, space-padded as safetensors pads its headers,
+at `close`; a header that outgrows its reservation is moved into a fresh file (one sequential copy).
+Tensors keep the order they are added in, except those of fewer than 4 bytes per element (bfloat16
+factors), held back to the end so that every 4-byte tensor stays 4-byte aligned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPES = {torch.float32: "F32", torch.int32: "I32", torch.int64: "I64", torch.bfloat16: "BF16", torch.float16: "F16",
+          torch.float64: "F64", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16"}
+HEADER_BYTES_PER_TENSOR = 6 * 100  # about six parts of ~100 header bytes each (plus its name) per decomposed tensor
+
+
+def header_reserve(names: list[str]) -> int:
+    """Bytes to reserve for the header of an artifact holding the parts of the tensors `names`."""
+    return 8 * math.ceil((1024 + sum(HEADER_BYTES_PER_TENSOR + 6 * len(n) for n in names)) / 8)
+
+
+class SafetensorsWriter:
+    """`add` tensors, then `close`: the file is a valid safetensors file only after `close`."""
+
+    def __init__(self, path: Path, reserve: int, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.reserve = reserve
+        self.entries: dict[str, dict] = {"__metadata__": metadata or {"format": "pt"}}
+        self.offset = 0
+        self.held_back: list[tuple[str, torch.Tensor]] = []
+        self.file = open(self.path, "wb")
+        self.file.seek(8 + reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"tensor {name!r} added twice")
+        if tensor.element_size() < 4:
+            self.held_back.append((name, tensor))
+        else:
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+        self.file.write(memoryview(data))
+        self.entries[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.offset, self.offset + data.nbytes]}
+        self.offset += data.nbytes
+
+    def close(self) -> None:
+        """Write the held-back tensors and the header; the file is complete afterwards."""
+        for name, tensor in sorted(self.held_back, key=lambda nt: -nt[1].element_size()):
+            self._write(name, tensor)
+        self.held_back = []
+        header = json.dumps(self.entries, separators=(",", ":")).encode()
+        if len(header) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", self.reserve) + header + b" " * (self.reserve - len(header)))
+            self.file.close()
+            return
+        self.file.close()
+        size = 8 * math.ceil(len(header) / 8)
+        moved = self.path.with_name(self.path.name + ".tmp")
+        with open(self.path, "rb") as src, open(moved, "wb") as dst:
+            dst.write(struct.pack("<Q", size) + header + b" " * (size - len(header)))
+            src.seek(8 + self.reserve)
+            shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(moved, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close() if kind is None else self.abort()
