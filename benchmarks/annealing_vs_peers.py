@@ -4,7 +4,8 @@ For each budget (share of delta parameters kept) and method: exact-match rate of
 against the fine-tune (held-out prompts), mean KL (teacher-forced on the fine-tune's continuation)
 and artifact bytes. Peers use PEFT's implementations where they exist (`peft.utils.merge_utils`):
 magnitude pruning (TIES' trim), DARE (random drop + rescale); plus per-matrix SVD truncation and a
-1-bit sign + per-matrix scale delta (BitDelta without its distillation). "ours@budget" is this
+1-bit sign + per-matrix scale delta (BitDelta without its distillation) and the whole delta rounded to
+4 or 3 bits per entry (``rtn4``/``rtn3``, one scale per 64 inputs). "ours@budget" is this
 project's activation-weighted low-rank structure at that budget without the guard; "anneal" is the
 guarded annealing with the exact target (its own budget). Vectors (norms) are kept whole by all.
 
@@ -34,6 +35,7 @@ from hf_decompose.annealing import GramCollector, calibrate, continuation_logits
 from hf_decompose.equivalence import greedy_generate  # noqa: E402
 from hf_decompose.modules import DecomposedModule  # noqa: E402
 from hf_decompose.pair import prepare_default_pair  # noqa: E402
+from hf_decompose.quantize import quantize  # noqa: E402
 from hf_decompose.substructures import TensorDelta  # noqa: E402
 
 
@@ -45,6 +47,9 @@ def evaluate(model, tok, ref, prompts, max_new_tokens) -> dict:
             "top1_agreement": float((logits.argmax(-1) == ref.top1).float().mean())}
 
 
+BUDGET_FREE = ("bitdelta", "rtn4", "rtn3")  # every entry kept, in fewer bits
+
+
 def peer_delta(method: str, full: TensorDelta, budget: float, factors=None) -> tuple[TensorDelta, int]:
     """(delta, stored bytes) for one matrix under a peer method at `budget`."""
     d = full.to_dense()
@@ -53,6 +58,10 @@ def peer_delta(method: str, full: TensorDelta, budget: float, factors=None) -> t
         kept = prune(d.clone(), budget, "magnitude" if method == "magnitude" else "random", rescale=method == "dare")
         nnz = int((kept != 0).sum())
         return TensorDelta(full.name, full.shape, full.transposed, dense=kept), nnz * 8  # value + index
+    if method.startswith("rtn"):  # every entry rounded to int<bits>, one scale per 64 inputs, no guard or feedback
+        packed, scales = quantize(d, int(method[3:]), 64)
+        q = TensorDelta(full.name, full.shape, full.transposed, quant_codes=packed, quant_scales=scales)
+        return q, q.nbytes()
     if method == "bitdelta":
         return TensorDelta(full.name, full.shape, full.transposed, dense=d.sign() * d.abs().mean()), math.ceil(m * n / 8) + 4
     r = max(0, int(budget * m * n / (m + n)))
@@ -64,9 +73,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=None)
     parser.add_argument("--budgets", default="50,25,12,6,3,1")
-    parser.add_argument("--methods", default="magnitude,dare,svd,ours,bitdelta")
+    parser.add_argument("--methods", default="magnitude,dare,svd,ours,bitdelta,rtn4,rtn3")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--anneal-report", help="take the annealing row from this decomposition.json (an `hf-decompose demo` "
+                        "artifact of the same pair, verified on the same prompts) instead of annealing again")
     args = parser.parse_args()
     torch.manual_seed(0)
     pair = prepare_default_pair(recipe=args.recipe)
@@ -91,14 +102,25 @@ def main() -> None:
                 mod.set_delta(delta)
                 stored += nbytes
                 kept += delta.num_params() if method not in ("magnitude", "dare") else int((delta.dense != 0).sum())
-            row = {"budget": budget, "method": method, "kept_fraction": kept / total if method != "bitdelta" else 1 / 32,
+            free = method in BUDGET_FREE
+            row = {"budget": None if free else budget, "method": method, "kept_fraction": kept / total,
                    "artifact_bytes": stored, "stored_fraction": stored / (4 * total), **evaluate(model, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
             for n, mod in modules.items():
                 mod.set_delta(full[n])
-        args.methods = args.methods.replace(",bitdelta", "").replace("bitdelta", "")  # one budget-free row
-    if args.anneal:
+        args.methods = ",".join(m for m in args.methods.split(",") if m not in BUDGET_FREE)  # one row each
+    if args.anneal_report:
+        report = json.loads(Path(args.anneal_report).read_text())
+        eq = report["equivalence"]
+        if (eq["num_prompts"], eq["max_new_tokens"]) != (len(pair.eval_prompts), args.max_new_tokens):
+            raise SystemExit(f"{args.anneal_report} was verified on {eq['num_prompts']} x {eq['max_new_tokens']}, not this run's prompts")
+        rows.append({"budget": None, "method": "anneal (exact target)", "kept_fraction": report["kept_fraction"],
+                     "artifact_bytes": report["size_bytes"]["artifact"], "stored_fraction": report["stored_fraction"],
+                     "annealing_s": report["annealing"]["seconds"], "levels": [r["level"] for r in report["annealing"]["levels"]],
+                     "exact_match_rate": eq["exact_match_rate"], "mean_kl": eq["mean_kl"], "top1_agreement": eq["top1_agreement"],
+                     "from": "demo report"})
+    elif args.anneal:
         t0 = time.perf_counter()
         annealed = decompose(pair.finetuned, pair.base, DecomposedConfig(mode="anneal"), calibration=pair.calib_prompts, progress=True)
         row = {"budget": None, "method": "anneal (exact target)", "kept_fraction": annealed.report["kept_fraction"],

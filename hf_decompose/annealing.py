@@ -247,20 +247,24 @@ def anneal(
     order = sorted(layers, key=_layer_key)
     level_of: dict[str, int | None] = dict.fromkeys(order)
 
+    made: dict[tuple[str, int | None], dict[str, TensorDelta]] = {}  # each layer's deltas per level, built once
+
     def install(layer: str, level: int | None) -> dict[str, TensorDelta]:
-        chosen = {n: cands[n].full if level is None else _level_delta(cands[n], levels[level]) for n in layers[layer]}
-        _install(model, chosen, module_names)
-        return chosen
+        if (layer, level) not in made:
+            made[layer, level] = {n: cands[n].full if level is None else _level_delta(cands[n], levels[level]) for n in layers[layer]}
+        _install(model, made[layer, level], module_names)
+        return made[layer, level]
 
     def check(label: str, level: int) -> bool:
         ok, stats = guard(model, calib, opts["target"], opts["tolerance"], opts["expected_flips"], opts["positions"])
         trace.append({"layer": label, "level": specs[level], "accepted": ok, **stats})
+        bar.set_postfix(layer=_short(label), level=specs[level], flips=f"{stats['expected_flips']:.2f}", accepted=ok)
         return ok
 
     trace: list[dict] = []
     # 1. one temperature for the whole model, found by bisection over the levels
     lo, hi, best = 0, len(levels) - 1, None
-    with tqdm(total=len(order) + 2, desc="annealing", unit="step", disable=not progress) as bar:
+    with tqdm(total=len(order), desc="annealing", unit="layer", disable=not progress) as bar:
         while lo <= hi:
             mid = (lo + hi) // 2
             for layer in order:
@@ -272,7 +276,6 @@ def anneal(
         for layer in order:
             install(layer, best)
             level_of[layer] = best
-        bar.update(2)
         # 2. then each layer in model order is heated further while the guard holds
         for layer in order:
             bar.update(1)
@@ -345,6 +348,10 @@ def _layer_of(module_name: str) -> str:
         if p in ("layers", "h") and parts[i + 1].isdigit():
             return ".".join(parts[: i + 2])
     return "~head"  # embeddings / tied head: annealed last, on the final hidden states
+
+
+def _short(layer: str) -> str:
+    return layer.rsplit(".", 1)[-1] if layer[-1:].isdigit() else layer
 
 
 def _layer_key(layer: str) -> tuple[int, str]:

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job on the embedded default pair (SmolLM2 + its Shakespeare fine-tune)")
     demo.add_argument("--output", default="out/demo")
     demo.add_argument("--recipe", default=None, help="YAML recipe of the pair (default: recipes/default_pair.yaml)")
-    demo.add_argument("--modes", default="lossless,criterion", help="comma-separated: lossless, criterion, anneal; the first is the default artifact")
+    demo.add_argument("--modes", default="anneal", help="comma-separated: anneal, lossless, criterion; the first is the default artifact")
     demo.add_argument("--q", type=float, default=0.05)
     generation_args(demo)
     demo.set_defaults(func=cmd_demo)
