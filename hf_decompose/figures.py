@@ -228,7 +228,7 @@ def plot_annealing(report: dict, path: Path) -> Path:
     stored = [r.get("bytes", 4 * r["kept_params"]) / (4 * r["delta_params"]) if r.get("delta_params") else np.nan for r in layers]
     right.bar(np.arange(1, len(layers) + 1), stored, color="tab:blue")
     right.set_ylabel("stored bytes / float32 delta bytes")
-    right.set_title(f"pure low-rank factors stored in {(annealing.get('precision') or {}).get('dtype', 'float32')}", fontsize=9)
+    right.set_title(f"{report.get('stored_fraction', np.nanmean(stored)):.1%} of the float32 delta's bytes overall", fontsize=9)
     right.set_xticks(np.arange(1, len(layers) + 1), [_short(r["layer"]) for r in layers], rotation=90, fontsize=7)
     return _save(fig, path)
 
