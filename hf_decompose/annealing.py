@@ -5,8 +5,8 @@ later layer is compressed on the activations of the already-annealed earlier one
 through increasingly aggressive *levels* (the temperature, `config.Level`). A level has two axes
 of one budget: how many activation-weighted singular directions of each matrix's delta are kept
 exactly (``lr<eps>``: the fewest whose left-out weighted norm is at most eps), and in how many bits
-the rest is stored (``int<bits>[g<group>]``: every remaining entry, rounded to the nearest of
-2^bits - 1 levels per row group, unbiased). ``"int8"`` keeps every entry in 8 bits; ``"lr0.05"``
+the rest is stored (``int<bits>[g<group>]``: every remaining entry as a signed integer of that many
+bits, one scale per group of inputs of a row). ``"int8"`` keeps every entry in 8 bits; ``"lr0.05"``
 keeps directions only. With ``keep_supported`` the criterion's spectrally supported directions are
 never dropped (a rank floor). The schedule first finds one temperature for the whole model
 (bisection over the levels), then heats each layer further, in model order, while the guard holds.
@@ -23,8 +23,8 @@ teacher-forced greedy tokens are identical at every position and the margin crit
 expected number of greedy flips over a budget of unseen positions, from the size of the changes of
 the top-1/top-2 logit gaps and the density of small reference margins, stays below a bound. (A
 worst-case ratio over calibration positions does not carry over: unseen prompts have their own
-near-ties.) A level that fails rolls the layer back to its last accepted level. Precision (bf16 storage of the kept
-factors) is a last annealing step under the same guard.
+near-ties.) A level that fails rolls the layer back to its last accepted level. Precision (bf16
+storage of low-rank-only factors) is a last annealing step under the same guard.
 """
 
 from __future__ import annotations
