@@ -12,6 +12,7 @@ import yaml
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ConfigError
+from .quantize import BITS
 
 QUANT_METHOD = "hf_decompose"  # the name transformers' quantization registry knows this config by
 
@@ -61,8 +62,6 @@ class Level:
 
     @classmethod
     def parse(cls, spec: str | float) -> Level:
-        from .quantize import BITS
-
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
             spec = f"lr{spec}"
         match = LEVEL.match(spec) if isinstance(spec, str) and spec else None

@@ -192,7 +192,7 @@ class DeltaOps(nn.Module):
         if delta.lowrank_u is not None:
             self.add_module("lowrank", LowRankPart(delta.lowrank_u, delta.lowrank_v))
         if delta.quant_codes is not None:
-            self.add_module("quant", QuantPart(codes_of(delta.quant_codes, delta.quant_scales, delta.shape), delta.quant_scales))
+            self.add_module("quant", QuantPart(codes_of(delta.quant_codes, delta.shape), delta.quant_scales))
         if bias is not None:
             self.add_module("bias", VectorPart(bias))
 

@@ -80,7 +80,7 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, qmax: int, g: int, damp
     return codes, scales
 
 
-def codes_of(packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def codes_of(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Signed int8 codes ``(out, in)`` of a packed tensor."""
     bits = bits_of(packed, shape)
     qmax = 2 ** (bits - 1) - 1

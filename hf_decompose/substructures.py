@@ -88,7 +88,7 @@ class TensorDelta:
         if self.lowrank_u is not None:  # factors may be stored in bfloat16: multiply in float32
             out += self.lowrank_u.float() @ self.lowrank_v.float()
         if self.quant_codes is not None:
-            out += dequantize(codes_of(self.quant_codes, self.quant_scales, self.shape), self.quant_scales)
+            out += dequantize(codes_of(self.quant_codes, self.shape), self.quant_scales)
         return out
 
     def support(self) -> torch.Tensor:

@@ -46,22 +46,27 @@ def test_annealing_rolls_back_levels_that_break_equivalence(tiny_pair, exact):
         assert torch.equal(model(input_ids=ids).logits, exact[0](input_ids=ids).logits)  # the exact model, restored
 
 
-def test_compensation_beats_plain_truncation_on_a_real_layer(exact):
+def _layer_grams(exact, names: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(exact delta, calibration Gram of its inputs) of real modules of the tiny fine-tune."""
     model, _, calib = exact
-    names = {"up": "layers.1.mlp.up_proj", "down": "layers.1.mlp.down_proj", "q": "layers.1.self_attn.q_proj"}
     modules = {k: _module(model, v) for k, v in names.items()}
     grams = GramCollector(modules).run(model, calib)
-    for key, module in modules.items():
-        delta, gram = module.delta.to_dense(), grams[key].double()
+    return {k: (m.delta.to_dense(), grams[k]) for k, m in modules.items()}
+
+
+def _output_error(delta: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(delta - approx) X^T||^2 from the Gram X^T X."""
+    e = (delta - approx).double()
+    return float(torch.trace(e @ gram.double() @ e.t()))
+
+
+def test_compensation_beats_plain_truncation_on_a_real_layer(exact):
+    names = {"up": "layers.1.mlp.up_proj", "down": "layers.1.mlp.down_proj", "q": "layers.1.self_attn.q_proj"}
+    for key, (delta, gram) in _layer_grams(exact, names).items():
         r = max(1, min(delta.shape) // 8)
-        u, v, _ = weighted_lowrank(delta, gram)
+        u, v, _ = weighted_lowrank(delta, gram.double())
         pu, pv, _ = weighted_lowrank(delta, None)
-
-        def output_error(a, b):
-            e = (delta - a[:, :r] @ b[:r]).double()
-            return float(torch.trace(e @ gram @ e.t()))
-
-        assert output_error(u, v) < 0.9 * output_error(pu, pv), key
+        assert _output_error(delta, u[:, :r] @ v[:r], gram) < 0.9 * _output_error(delta, pu[:, :r] @ pv[:r], gram), key
 
 
 def test_annealing_needs_calibration_prompts(tiny_pair):
@@ -96,15 +101,11 @@ def test_default_ladder_stores_fewer_bytes_and_keeps_calibration_exact(tiny_pair
 def test_error_feedback_beats_plain_rounding_on_a_real_layer(exact):
     from hf_decompose.quantize import codes_of, dequantize, quantize
 
-    model, _, calib = exact
     names = {"up": "layers.1.mlp.up_proj", "down": "layers.1.mlp.down_proj", "o": "layers.1.self_attn.o_proj"}
-    modules = {k: _module(model, v) for k, v in names.items()}
-    grams = GramCollector(modules).run(model, calib)
-    for key, module in modules.items():
-        delta, gram = module.delta.to_dense(), grams[key]
+    for key, (delta, gram) in _layer_grams(exact, names).items():
 
-        def output_error(packed, scales):
-            e = (delta - dequantize(codes_of(packed, scales, delta.shape), scales)).double()
-            return float(torch.trace(e @ gram.double() @ e.t()))
+        def rounded(packed, scales):
+            return dequantize(codes_of(packed, delta.shape), scales)
 
-        assert output_error(*quantize(delta, 3, 16, gram=gram)) < 0.9 * output_error(*quantize(delta, 3, 16)), key
+        fed, plain = rounded(*quantize(delta, 3, 16, gram=gram)), rounded(*quantize(delta, 3, 16))
+        assert _output_error(delta, fed, gram) < 0.9 * _output_error(delta, plain, gram), key
