@@ -4,7 +4,8 @@ from .auto import AutoDecomposedModelForCausalLM
 from .config import DecomposedConfig
 from .equivalence import EquivalenceResult, load_prompts, verify_equivalence
 from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError, PromptError
-from .model import DecomposedModel, decompose, decompose_to_disk
+from .decomposed import DecomposedModel
+from .model import decompose, decompose_to_disk
 from .multi import MultiDecomposedModel
 from .placement import place, print_device_map
 from .quantizer import DecomposedHfQuantizer  # registers quant_method "hf_decompose" with transformers

@@ -45,6 +45,9 @@ INDEX = "decomposed_config.json"
 WEIGHTS = "decomposition.safetensors"
 REPORT = "decomposition.json"
 CARD = "README.md"
+# config.json's `transformers_weights`: not a file name, so that transformers without the plugin stops
+# with this text instead of loading random weights; the plugin's hook puts `WEIGHTS` back before files resolve.
+WEIGHTS_WITHOUT_PLUGIN = "decomposition (an hf_decompose artifact: `pip install hf-decompose` and `import hf_decompose` to load it)"
 INCOMPLETE = ".incomplete"  # present while a directory is being written
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -312,13 +315,19 @@ def read_report(directory: str | Path) -> dict:
 
 
 def update_report(directory: str | Path, report: dict) -> None:
-    """Replace the report and its checksum, atomically: a copy of the artifact (other files hard-linked)
-    with the new report is swapped in."""
-    directory = Path(directory)
-    index = read_index(directory)
-    with _staged(directory) as tmp:
-        for file in directory.iterdir():
-            if file.is_file() and file.name not in (REPORT, INDEX):
+    """Replace the report and its checksum, atomically (see `copy`)."""
+    copy(directory, directory, report, overwrite=True)
+
+
+def copy(source: str | Path, target: str | Path, report: dict, overwrite: bool = False) -> Path:
+    """Write the artifact `source` (checked) to `target` with `report` as its report, atomically: a staged
+    copy (other files hard-linked where possible) is swapped in; `target` may be `source` itself."""
+    source = Path(source)
+    index = read_index(source)
+    target = check_target(target, overwrite) if Path(target) != source else source
+    with _staged(target) as tmp:
+        for file in source.iterdir():
+            if file.is_file() and file.name not in (REPORT, INDEX, CARD) and file.name in index["files"]:
                 try:
                     os.link(file, tmp / file.name)
                 except OSError:
@@ -326,7 +335,8 @@ def update_report(directory: str | Path, report: dict) -> None:
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
         index["files"][REPORT] = sha256_files([tmp / REPORT])[REPORT]
         _write_index(tmp, index)
-        _write_card(tmp, index, report, directory)
+        _write_card(tmp, index, report, source)
+    return target
 
 
 def _add_quantization_config(directory: Path, index: dict) -> None:
@@ -340,7 +350,7 @@ def _add_quantization_config(directory: Path, index: dict) -> None:
     config = json.loads(path.read_text())
     base = index["base_model"]
     config["quantization_config"] = dict(index["config"], quant_method=QUANT_METHOD, base_model=base["id"], base_revision=base.get("revision"))
-    config["transformers_weights"] = WEIGHTS
+    config["transformers_weights"] = WEIGHTS_WITHOUT_PLUGIN
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -1,4 +1,5 @@
-"""Resolve checkpoints (local directory or Hub id), stream their tensors lazily, pair base and fine-tune."""
+"""Checkpoint directories: stream their tensors lazily, hash their files, pair base and fine-tune
+(`hf_decompose.hub.resolve` turns a Hub id into such a directory)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,6 @@ from .errors import CheckpointError
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab.*", "merges.txt"]
-
-
-def resolve(model: str | Path, revision: str | None = None, **hub_kwargs) -> Path:
-    """A local directory as is, else a Hub snapshot of the files a decomposition reads (see `hf_decompose.hub`)."""
-    from .hub import resolve as hub_resolve
-
-    return hub_resolve(model, revision, **hub_kwargs)
 
 
 def weight_files(directory: Path) -> list[Path]:

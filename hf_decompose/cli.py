@@ -12,16 +12,21 @@ import torch
 
 from . import artifact, resume
 from .config import DecomposedConfig
+from .decomposed import DecomposedModel
 from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
 from .errors import DecomposeError
-from .model import DecomposedModel, decompose, decompose_to_disk
+from .hub import resolve
+from .model import decompose, decompose_to_disk
 from .report import summary_table
 
 
 def _load_reference(path: str | Path):
+    """The fine-tune itself (never an artifact) and its tokenizer: what a decomposition is checked against."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if isinstance(model, DecomposedModel):
+        raise DecomposeError(f"{path} is a decomposed artifact: verify against the fine-tune it was made from (--finetuned)")
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -31,6 +36,15 @@ def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_
                                 reference_tokens=reference_tokens)
     model.report["equivalence"] = result.to_dict()
     model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
+
+
+def _verify_artifact(directory: Path, finetuned: str | Path, prompts: list[str], args: argparse.Namespace) -> dict:
+    """Load the artifact, check it against the fine-tune `finetuned` on `prompts`, record the result in its report."""
+    model = DecomposedModel.from_pretrained(directory)
+    reference, tokenizer = _load_reference(resolve(finetuned))
+    _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    artifact.update_report(directory, model.report)
+    return model.report
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -45,8 +59,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.output)
     summary: dict = {}
     for mode in args.modes.split(","):
-        config = DecomposedConfig(mode=mode, q=args.q)
-        model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts if mode == "anneal" else None)
+        config = DecomposedConfig(mode=mode, q=args.q, calibration=pair.calib_prompts if mode == "anneal" else None)
+        model = decompose(pair.finetuned, pair.base, config)
         _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens)
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
@@ -64,27 +78,16 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     if args.mode:
         config.mode = args.mode
     prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
-    calibration = load_prompts(args.calibration) if args.calibration else None
-    if prompts and calibration:
-        check_disjoint(calibration, prompts)
-    out = artifact.check_target(args.output, args.overwrite)
-    partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until saved
+    if args.calibration:
+        config.calibration = args.calibration
     if config.mode == "anneal":
-        model = decompose(args.finetuned, args.base, config, resume_dir=partial, calibration=calibration)
+        calibration, _ = config.calibration_prompts()
         if prompts:
-            reference, tokenizer = _load_reference(model.source_dir)
-            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-        model.save_pretrained(out, overwrite=args.overwrite)
-        report = model.report
-    else:  # no model needed: stream the layers to disk (bounded memory), load the artifact only to verify it
-        decompose_to_disk(args.finetuned, args.base, config, output_dir=out, overwrite=args.overwrite, resume_dir=partial)
-        report = artifact.read_report(out)
-        if prompts:
-            model = DecomposedModel.from_pretrained(out)
-            reference, tokenizer = _load_reference(model.source_dir)
-            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-            artifact.update_report(out, model.report)
-            report = model.report
+            check_disjoint(calibration, prompts)
+    out = artifact.check_target(args.output, args.overwrite)
+    partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until written
+    decompose_to_disk(args.finetuned, args.base, config, output_dir=out, overwrite=args.overwrite, resume_dir=partial)
+    report = _verify_artifact(out, args.finetuned, prompts, args) if prompts else artifact.read_report(out)
     print(summary_table(report))
     if args.push_to_hub:
         from .hub import push_artifact
@@ -94,12 +97,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    model = DecomposedModel.from_pretrained(args.directory)
-    finetuned = args.finetuned or model.index["finetuned_model"]["id"]
-    reference, tokenizer = _load_reference(finetuned)
-    _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
-    artifact.update_report(args.directory, model.report)
-    print(summary_table(model.report))
+    finetuned = args.finetuned or artifact.read_index(args.directory)["finetuned_model"]["id"]
+    print(summary_table(_verify_artifact(Path(args.directory), finetuned, load_prompts(args.prompts), args)))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -130,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--output", required=True)
     dec.add_argument("--config", help="YAML recipe with a `decomposition:` section")
     dec.add_argument("--mode", choices=["lossless", "criterion", "anneal"])
-    dec.add_argument("--calibration", help="anneal mode: calibration prompts (.txt or .jsonl), disjoint from --prompts")
+    dec.add_argument("--calibration", help="anneal mode: calibration prompts (.txt or .jsonl), disjoint from --prompts (default: a built-in set)")
     dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
     dec.add_argument("--overwrite", action="store_true")
     dec.add_argument("--no-resume", action="store_true", help="do not cache finished layers in .OUTPUT.partial/ for a re-run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import ConfigError
 from .quantize import BITS
 
+NOT_SAVED = {"saved": False}  # field metadata: run-time inputs, never written to a config or an artifact
+HUB_OPTIONS = ("token", "cache_dir", "local_files_only")
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 QUANT_METHOD = "hf_decompose"  # the name transformers' quantization registry knows this config by
 
 MODES = ("lossless", "criterion", "anneal")
@@ -102,6 +106,12 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
             ``error_feedback`` (round with the calibration Gram's compensation, GPTQ-style).
+        calibration: ``mode="anneal"``: the prompts the guard runs on (a list of strings, a prompts
+            file, or a `datasets.Dataset`; keep them disjoint from evaluation prompts); None uses the
+            built-in default set (`DEFAULT_CALIBRATION`) and the report says so. Not saved.
+        calibration_column: the column of a dataset given as `calibration` (default ``prompt`` or ``text``).
+        hub_options: ``token`` / ``cache_dir`` / ``local_files_only`` for the downloads a load makes
+            besides transformers' own (the base checkpoint). Not saved.
         quant_method: always ``"hf_decompose"``: as a transformers ``quantization_config``
             (``from_pretrained(..., quantization_config=DecomposedConfig(base_model=...))``), this
             config makes loading decompose the checkpoint against ``base_model`` (see `hf_decompose.quantizer`).
@@ -121,6 +131,9 @@ class DecomposedConfig(QuantizationConfigMixin):
     dense_block_density: float = 0.5
     seed: int = 0
     annealing: dict[str, Any] = field(default_factory=dict)
+    calibration: Any = field(default=None, repr=False, metadata=NOT_SAVED)
+    calibration_column: str | None = field(default=None, metadata=NOT_SAVED)
+    hub_options: dict[str, Any] = field(default_factory=dict, repr=False, metadata=NOT_SAVED)
     quant_method: str = field(default=QUANT_METHOD, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -151,6 +164,10 @@ class DecomposedConfig(QuantizationConfigMixin):
             raise ConfigError(f"max_rank={self.max_rank!r} must be a non-negative integer")
         if not 0 <= self.dense_block_density <= 1:
             raise ConfigError(f"dense_block_density={self.dense_block_density!r} must lie in [0, 1]")
+        if self.calibration_column is not None and not isinstance(self.calibration_column, str):
+            raise ConfigError(f"calibration_column={self.calibration_column!r} must be a column name")
+        if not isinstance(self.hub_options, dict) or set(self.hub_options) - set(HUB_OPTIONS):
+            raise ConfigError(f"hub_options must be a mapping with keys among {HUB_OPTIONS}")
         a = self.annealing
         if a["target"] not in TARGETS:
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
@@ -163,7 +180,17 @@ class DecomposedConfig(QuantizationConfigMixin):
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The saved fields (run-time inputs such as `calibration` are left out)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("saved", True)}
+
+    def calibration_prompts(self) -> tuple[list[str], str]:
+        """The annealing guard's prompts and where they come from; a bad source raises `PromptError`."""
+        from .equivalence import load_prompts
+
+        source = DEFAULT_CALIBRATION if self.calibration is None else self.calibration
+        prompts = load_prompts(source, column=self.calibration_column)
+        described = "built-in default set" if self.calibration is None else _describe(self.calibration)
+        return prompts[: int(self.annealing["calibration_prompts"])], described
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecomposedConfig:
@@ -191,3 +218,11 @@ class DecomposedConfig(QuantizationConfigMixin):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump({"decomposition": self.to_dict()}, sort_keys=False))
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return f"file {Path(source).name}"
+    if isinstance(source, (list, tuple)):
+        return f"{len(source)} prompts given"
+    return f"{type(source).__name__} ({len(source) if hasattr(source, '__len__') else '?'} rows)"

@@ -60,8 +60,8 @@ def _load_dataset(source: str, split: str | None):
     return data
 
 
-def load_prompts(source, split: str | None = None) -> list[str]:
-    """Prompts from a list of strings, a `datasets.Dataset` (column ``prompt`` or ``text``), a
+def load_prompts(source, split: str | None = None, column: str | None = None) -> list[str]:
+    """Prompts from a list of strings, a `datasets.Dataset` (`column`, default ``prompt`` or ``text``), a
     ``.txt`` (one per line) / ``.jsonl`` (``{"prompt": ...}`` or ``{"text": ...}``) file, or anything
     else `datasets.load_dataset` reads (a .csv / .json / .parquet file, a folder, a Hub dataset id;
     `split` defaults to test, then validation, then train)."""
@@ -83,12 +83,14 @@ def load_prompts(source, split: str | None = None) -> list[str]:
             prompts = [line for line in path.read_text().splitlines() if line.strip()]
         where = str(path)
     elif hasattr(source, "column_names"):
-        column = next((c for c in ("prompt", "text") if c in source.column_names), None)
-        if column is None:
-            raise PromptError(f"dataset has no 'prompt' or 'text' column (columns: {source.column_names})")
+        column = column or next((c for c in ("prompt", "text") if c in source.column_names), None)
+        if column not in source.column_names:
+            raise PromptError(f"dataset has no {column or 'prompt or text'!r} column (columns: {source.column_names})")
         prompts, where = list(source[column]), "dataset"
-    else:
+    elif isinstance(source, (list, tuple)):
         prompts, where = list(source), "prompt list"
+    else:
+        raise PromptError(f"prompts must be a list of strings, a file or a datasets.Dataset, not {type(source).__name__}")
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise PromptError(f"{where}: the prompt set is empty or holds empty/non-text prompts")
     return prompts

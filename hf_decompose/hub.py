@@ -9,13 +9,9 @@ against, never at a moving branch.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import artifact, checkpoints
 from .errors import ArtifactError, CheckpointError
@@ -24,7 +20,6 @@ CONFIG_PATTERNS = [*checkpoints.CONFIG_PATTERNS, "README.md"]  # the card carrie
 WEIGHT_PATTERNS = checkpoints.WEIGHT_PATTERNS
 ARTIFACT_PATTERNS = [artifact.INDEX, artifact.WEIGHTS, artifact.REPORT, *CONFIG_PATTERNS]
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_options: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("hf_decompose_loading_options", default={})
 
 
 def resolve(model: str | Path, revision: str | None = None, *, allow_patterns: list[str] | None = None, **hub_kwargs) -> Path:
@@ -87,24 +82,6 @@ def commit_of(path: str | Path) -> str | None:
     """The commit a Hub snapshot directory holds; `None` for a plain local directory."""
     snapshot = snapshot_of(path)
     return snapshot.commit if snapshot else None
-
-
-@contextlib.contextmanager
-def loading_options(**options: Any) -> Iterator[None]:
-    """Options for the downloads a load triggers beyond transformers' own (the base of a decomposition).
-
-    Keys: ``token``, ``cache_dir``, ``local_files_only`` (as in `from_pretrained`) and ``base_model`` /
-    ``base_revision`` (load an artifact against another base). `AutoDecomposedModelForCausalLM` sets them.
-    """
-    token = _options.set({**_options.get(), **{k: v for k, v in options.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _options.reset(token)
-
-
-def current_loading_options() -> dict[str, Any]:
-    return dict(_options.get())
 
 
 def push_artifact(

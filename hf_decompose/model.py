@@ -16,23 +16,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.pytorch_utils import Conv1D
 
 from . import artifact, resume
-from .checkpoints import CheckpointPair, CheckpointReader, read_config, resolve, sha256_files
+from .checkpoints import CheckpointPair, CheckpointReader, read_config, sha256_files
 from .config import DecomposedConfig
 from .annealing import anneal_model
 from .criterion import assess_layer
 from .deltas import exact_delta
-from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError
+from .decomposed import DecomposedModel
+from .errors import ConfigError, DecomposeError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
-from .hub import commit_of, push_artifact
+from .hub import commit_of, resolve
+from .inject import WRAPPABLE, set_submodule, target_parameter, tied
 from .modules import DecomposedModule
-from .placement import place
 from .substructures import TensorDelta, extract, layer_components
 
-WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
 CHUNK_BYTES = 4 * 2**20  # large tensors are read and differenced this many bytes of rows at a time
 
 
@@ -171,125 +170,34 @@ def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDel
     return stats
 
 
-class DecomposedModel(nn.Module):
-    """A transformers causal LM whose modules are the shared base plus kept substructures.
-
-    Behaves like the wrapped model (``forward``, ``generate``, attributes); adds
-    ``set_execution``, ``save_pretrained`` and ``from_pretrained``.
-    """
-
-    def __init__(
-        self, model: nn.Module, deltas: dict[str, TensorDelta], config: DecomposedConfig, index: dict, report: dict, source_dir: Path,
-        resume_dir: str | Path | None = None,
-    ):
-        super().__init__()
-        self.model = model
-        self.deltas = deltas
-        self.decomposed_config = config
-        self.index = index
-        self.report = report
-        self.source_dir = source_dir  # where config.json and the tokenizer come from
-        self.resume_dir = resume_dir  # the layer cache of `decompose`, deleted once saved
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.model, name)
-
-    def set_execution(self, execution: str) -> DecomposedModel:
-        """Switch every decomposed module to ``"merged"`` or ``"split"``."""
-        if execution not in ("merged", "split"):
-            raise ConfigError(f"execution={execution!r} is not one of ('merged', 'split')")
-        for module in self.model.modules():
-            if isinstance(module, DecomposedModule):
-                module.execution = execution
-        self.decomposed_config.execution = execution
-        return self
-
-    def dispatch(self, device_map="auto", max_memory: dict | None = None, offload_folder: str | Path | None = None, strategy: str = "spread") -> DecomposedModel:
-        """Place base layers and substructures through Accelerate (`placement.place`): ``device_map`` is
-        ``"auto" | "balanced" | "balanced_low_0" | "sequential" | {module name: device}``."""
-        if device_map is not None:
-            place(self, device_map, max_memory=max_memory, offload_folder=offload_folder, strategy=strategy)
-        return self
-
-    def save_pretrained(self, directory: str | Path, overwrite: bool = False, push_to_hub: bool = False, **push_kwargs) -> Path:
-        """Write the artifact (only what differs from the base) atomically; with `push_to_hub`, upload it
-        too (``repo_id`` defaults to the directory's name; other keywords as in `push_to_hub`)."""
-        path = artifact.save(directory, self.deltas, self.index, self.report, self.source_dir, overwrite=overwrite)
-        self.report = artifact.read_report(path)
-        if self.resume_dir is not None:
-            resume.clear(self.resume_dir)
-            self.resume_dir = None
-        if push_to_hub:
-            push_artifact(path, push_kwargs.pop("repo_id", Path(path).name), **push_kwargs)
-        return path
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload the artifact and its model card to the Hub (`hf_decompose.hub.push_artifact` keywords:
-        ``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``, ``tags``); returns the `CommitInfo`."""
-        with tempfile.TemporaryDirectory() as tmp:
-            return push_artifact(artifact.save(Path(tmp) / "artifact", self.deltas, self.index, self.report, self.source_dir), repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, base_model: str | Path | None = None, execution: str | None = None, base_revision: str | None = None,
-        device_map=None, max_memory: dict | None = None, offload_folder: str | Path | None = None, **hub_kwargs
-    ) -> DecomposedModel:
-        """Rebuild from an artifact directory; the base (and its revision) comes from the index unless given.
-        With `device_map` (`max_memory`, `offload_folder`) the model is placed as by `dispatch`."""
-        directory = Path(directory)
-        index, deltas = artifact.load(directory)
-        config = DecomposedConfig.from_dict(index["config"])
-        if execution:
-            config.execution = execution
-        recorded = index["base_model"]
-        base_dir = resolve(base_model or recorded["id"], base_revision or (None if base_model else recorded.get("revision")), **hub_kwargs)
-        actual = sha256_files(CheckpointReader(base_dir).files)
-        if actual != recorded["sha256"]:
-            raise ArtifactError(
-                f"base mismatch: {directory} was decomposed against {recorded['id']} (revision {recorded.get('revision')}, "
-                f"sha256 {sorted(recorded['sha256'].values())[0][:12]}...) but {base_dir} has sha256 {sorted(actual.values())[0][:12]}..."
-            )
-        model = build_model(base_dir, directory, deltas, config)
-        report = artifact.read_report(directory) if (directory / artifact.REPORT).exists() else {}
-        return cls(model, deltas, config, index, report, directory).dispatch(device_map, max_memory, offload_folder)
-
-
 def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig) -> nn.Module:
-    """Load the base with the fine-tune's config and graft the deltas onto it."""
+    """The model annealing starts from: the base with the fine-tune's config, every changed matrix a
+    `DecomposedModule` (so that annealing can swap its delta), vectors merged."""
     model = _load_base(base_dir, _plain_config(config_dir))
     model.eval()
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = _tied(model)
+    is_tied = tied(model)
     wrapped: dict[int, DecomposedModule] = {}
     names = list(deltas)
     for name, delta in deltas.items():
         if delta.is_empty():
             continue
-        pname = _target_parameter(name, names, model, params)
+        pname = target_parameter(name, names, model, params)
         owner_name, _, attr = pname.rpartition(".")
         owner = modules[owner_name]
         if attr == "weight" and isinstance(owner, WRAPPABLE):
             module = DecomposedModule(owner, delta, config.execution)
-            _set_submodule(model, owner_name, module)
+            set_submodule(model, owner_name, module)
             wrapped[id(owner)] = module
         else:  # vectors (norms, biases) and other small tensors: merged in place
             param = getattr(owner, attr)
             setattr(owner, attr, nn.Parameter(delta.merge(param.detach()), requires_grad=False))
-    if tied and id(embed) in wrapped:
+    if is_tied and id(embed) in wrapped:
         head_name = next(n for n, m in model.named_modules() if m is head)
-        _set_submodule(model, head_name, DecomposedModule(head, wrapped[id(embed)].delta, config.execution, tied=wrapped[id(embed)]))
+        set_submodule(model, head_name, DecomposedModule(head, wrapped[id(embed)].delta, config.execution, tied=wrapped[id(embed)]))
     return model
 
 
@@ -300,21 +208,6 @@ def _plain_config(config_dir: Path):
         if hasattr(hf_config, key):
             delattr(hf_config, key)
     return hf_config
-
-
-def _tied(model: nn.Module) -> bool:
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    return head is not None and embed is not None and head.weight is embed.weight
-
-
-def _target_parameter(name: str, names: list[str], model: nn.Module, params: dict[str, nn.Parameter]) -> str:
-    """The parameter of `model` that tensor `name`'s delta applies to (a tied LM head's: the input embedding)."""
-    pname = _param_name(name, params)
-    if pname is None and name.endswith("lm_head.weight") and _tied(model):
-        pname = _param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
-    if pname is None:
-        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
-    return pname
 
 
 def _skeleton(config_dir: Path) -> nn.Module:
@@ -336,18 +229,6 @@ def _load_base(base_dir: Path, hf_config) -> nn.Module:
             if module is not None:
                 module.weight[base_vocab:] = 0
     return model
-
-
-def _param_name(name: str, params: dict[str, nn.Parameter]) -> str | None:
-    if name in params:
-        return name
-    matches = [p for p in params if p.endswith("." + name) or name.endswith("." + p)]
-    return matches[0] if len(matches) == 1 else None
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 @dataclass
@@ -377,10 +258,15 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
     cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_key(base_sha, sha256_files(pair.finetuned.files), config))
     index = {
         "config": config.to_dict(),
-        "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
-        "finetuned_model": {"id": str(finetuned), "revision": commit_of(ft_dir) or revision},
+        "base_model": {"id": _recorded_id(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
+        "finetuned_model": {"id": _recorded_id(finetuned), "revision": commit_of(ft_dir) or revision},
     }
     return _Inputs(base_dir, ft_dir, pair, base_sha, cache, index, time.perf_counter() - t0)
+
+
+def _recorded_id(model: str | Path) -> str:
+    """A Hub id as given; a local directory as its absolute path, so the artifact loads from anywhere."""
+    return str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else str(model)
 
 
 def _report(inputs: _Inputs, config: DecomposedConfig, layers: list[dict], timings: dict) -> dict:
@@ -403,9 +289,9 @@ def _report(inputs: _Inputs, config: DecomposedConfig, layers: list[dict], timin
     }
 
 
-def _log_resumed(inputs: _Inputs, layers: int, resume_dir) -> None:
-    if inputs.cache is not None and inputs.cache.reused:
-        resume.logger.info("resumed %d of %d layers from %s", inputs.cache.reused, layers, resume_dir)
+def _log_resumed(inputs: _Inputs, layers: int, cache: resume.LayerCache | None) -> None:
+    if cache is not None and cache.reused:
+        resume.logger.info("resumed %d of %d layers from %s", cache.reused, layers, cache.directory)
 
 
 def decompose(
@@ -416,19 +302,23 @@ def decompose(
     revision: str | None = None,
     progress: bool = True,
     resume_dir: str | Path | None = None,
+    calibration=None,
     device_map=None,
     max_memory: dict | None = None,
     offload_folder: str | Path | None = None,
-    calibration=None,
+    dtype=None,
     **hub_kwargs,
 ) -> DecomposedModel:
-    """Decompose a fine-tune against its base: the library's one verb.
+    """Decompose a fine-tune against its base: the library's one verb. Returns the `DecomposedModel`
+    (a transformers model of the fine-tune's class) built from the artifact, which is written to a
+    temporary directory first and copied by `save_pretrained`.
 
     With `resume_dir`, finished layers are cached there and reused by a re-run of the same inputs
     and config; `save_pretrained` deletes the cache once the artifact is written. ``mode="anneal"``
-    needs `calibration` prompts (a list, dataset or file; keep them disjoint from evaluation prompts). With `device_map`
-    (`max_memory`, `offload_folder`) the model is placed as by `DecomposedModel.dispatch`. To write an
-    artifact without building the model (less memory), use `decompose_to_disk`.
+    runs on `calibration` prompts (a list, dataset or file; keep them disjoint from evaluation prompts;
+    default: the config's, else a built-in set). `device_map` / `max_memory` / `offload_folder` / `dtype`
+    are as in `DecomposedModel.from_pretrained`. To write an artifact without building the model, use
+    `decompose_to_disk`.
 
     Example::
 
@@ -436,27 +326,19 @@ def decompose(
         model.save_pretrained("out")
     """
     config = config or DecomposedConfig()
-    inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
-    t1 = time.perf_counter()
-    try:
-        deltas, layers = compute_deltas(inputs.pair, config, progress=progress, cache=inputs.cache)
-        t2 = time.perf_counter()
-        model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config)
-    except DecomposeError:  # a bad input: nothing to resume
-        if resume_dir is not None:
-            resume.clear(resume_dir)
-        raise
-    _log_resumed(inputs, len(layers), resume_dir)
-    t3 = time.perf_counter()
-    annealing_report = None
-    if config.mode == "anneal":
-        deltas, annealing_report = anneal_model(model, deltas, inputs.ft_dir, inputs.base_dir, calibration, config, progress)
-        layers = summarize_layers(deltas, inputs.pair.finetuned.config)
-    t4 = time.perf_counter()
-    report = _report(inputs, config, layers, {"criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3})
-    if annealing_report is not None:
-        report["annealing"] = annealing_report
-    return DecomposedModel(model, deltas, config, inputs.index, report, inputs.ft_dir, resume_dir=resume_dir).dispatch(device_map, max_memory, offload_folder)
+    if calibration is not None:
+        config = DecomposedConfig.from_dict(config.to_dict())
+        config.calibration = calibration
+    owned = tempfile.TemporaryDirectory(prefix="hf_decompose-")
+    path = decompose_to_disk(
+        finetuned, base_model, config, output_dir=Path(owned.name) / "artifact", revision=revision, progress=progress,
+        resume_dir=resume_dir, keep_cache=True, **hub_kwargs,
+    )
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = DecomposedModel.from_pretrained(path, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **hub_kwargs, **kwargs)
+    model.decomposition.owned = owned
+    model.decomposition.resume_dir = Path(resume_dir) if resume_dir is not None else None
+    return model
 
 
 def decompose_to_disk(
@@ -469,39 +351,68 @@ def decompose_to_disk(
     revision: str | None = None,
     progress: bool = True,
     resume_dir: str | Path | None = None,
+    keep_cache: bool = False,
     **hub_kwargs,
 ) -> Path:
-    """`decompose(...).save_pretrained(output_dir)` without building the model: each layer's deltas are
-    written to the artifact as soon as they are computed and then dropped, so memory stays near one
-    layer of each checkpoint (the largest: the embedding). The artifact is the same (its weights file
-    byte for byte; the report's timings aside). Modes ``lossless`` and ``criterion``; ``anneal`` needs
-    the model (use `decompose`). Returns the artifact's directory.
+    """Write the artifact of a decomposition to `output_dir` without building the decomposed model;
+    return the artifact's directory.
+
+    Modes ``lossless`` and ``criterion`` stream: each layer's deltas are written as soon as they are
+    computed and then dropped, so memory stays near one layer of each checkpoint (the largest: the
+    embedding). ``anneal`` runs the exact model on the calibration prompts, so it holds one model and
+    the deltas. With `resume_dir`, finished layers are cached there for a re-run of the same inputs and
+    config, and deleted once the artifact is written (unless `keep_cache`).
     """
     config = config or DecomposedConfig()
-    if config.mode == "anneal":
-        raise ConfigError("mode='anneal' runs the model on calibration prompts: use decompose(...).save_pretrained(...)")
     artifact.check_target(output_dir, overwrite)  # before any work; a refused target keeps the layer cache
+    calibration = config.calibration_prompts() if config.mode == "anneal" else None  # bad prompts fail before any read
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
-    t1 = time.perf_counter()
-    layers, names = [], inputs.pair.names()
     try:
-        skeleton = _skeleton(inputs.ft_dir)
-        params = dict(skeleton.named_parameters())
-        with artifact.writing(output_dir, names, overwrite) as writer:
-            for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
-                for name, delta in layer_deltas.items():  # what `build_model` would refuse, refused before it is written
-                    if not delta.is_empty():
-                        _target_parameter(name, names, skeleton, params)
-                writer.add(layer_deltas)
-                layers.append(stats)
-                del layer_deltas
-            timings = {"criterion_and_substructures_s": time.perf_counter() - t1, "build_model_s": 0.0, "annealing_s": 0.0}
-            writer.finish(inputs.index, _report(inputs, config, layers, timings), inputs.ft_dir)
+        if config.mode == "anneal":
+            target = _anneal_to_disk(inputs, config, calibration, output_dir, overwrite, progress)
+        else:
+            target = _stream_to_disk(inputs, config, output_dir, overwrite, progress)
     except DecomposeError:  # a bad input: nothing to resume
         if resume_dir is not None:
             resume.clear(resume_dir)
         raise
-    _log_resumed(inputs, len(layers), resume_dir)
-    if resume_dir is not None:
+    if resume_dir is not None and not keep_cache:
         resume.clear(resume_dir)
+    return target
+
+
+def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overwrite: bool, progress: bool) -> Path:
+    t1 = time.perf_counter()
+    layers, names = [], inputs.pair.names()
+    skeleton = _skeleton(inputs.ft_dir)
+    params = dict(skeleton.named_parameters())
+    with artifact.writing(output_dir, names, overwrite) as writer:
+        for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
+            for name, delta in layer_deltas.items():  # what loading would refuse, refused before it is written
+                if not delta.is_empty():
+                    target_parameter(name, names, skeleton, params)
+            writer.add(layer_deltas)
+            layers.append(stats)
+            del layer_deltas
+        timings = {"criterion_and_substructures_s": time.perf_counter() - t1, "build_model_s": 0.0, "annealing_s": 0.0}
+        writer.finish(inputs.index, _report(inputs, config, layers, timings), inputs.ft_dir)
+    _log_resumed(inputs, len(layers), inputs.cache)
     return writer.target
+
+
+def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tuple[list[str], str], output_dir, overwrite: bool, progress: bool) -> Path:
+    t1 = time.perf_counter()
+    deltas, layers = compute_deltas(inputs.pair, config, progress=progress, cache=inputs.cache)
+    _log_resumed(inputs, len(layers), inputs.cache)
+    t2 = time.perf_counter()
+    model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config)
+    t3 = time.perf_counter()
+    prompts, source = calibration
+    deltas, annealing_report = anneal_model(model, deltas, inputs.ft_dir, inputs.base_dir, prompts, config, progress)
+    del model
+    annealing_report["calibration"] = source
+    layers = summarize_layers(deltas, inputs.pair.finetuned.config)
+    t4 = time.perf_counter()
+    report = _report(inputs, config, layers, {"criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3})
+    report["annealing"] = annealing_report
+    return artifact.save(output_dir, deltas, inputs.index, report, inputs.ft_dir, overwrite=overwrite)

@@ -25,9 +25,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from . import artifact
-from .checkpoints import CheckpointReader, resolve, sha256_files
+from .checkpoints import CheckpointReader, sha256_files
 from .errors import ArtifactError, ConfigError
-from .model import WRAPPABLE, _param_name, _set_submodule
+from .hub import resolve
+from .inject import WRAPPABLE, param_name, set_submodule
 from .parts import DeltaOps, run_split
 from .substructures import TensorDelta
 
@@ -199,7 +200,7 @@ class MultiDecomposedModel(nn.Module):
         tied = self._tied_head()
         if tied is not None and tied[1] in self._wrappers and tied[0] not in self._wrappers:
             head = TenantModule(self._owners[tied[0]], self.routing, tied=self._wrappers[tied[1]])
-            _set_submodule(self.model, tied[0], head)
+            set_submodule(self.model, tied[0], head)
             self._wrappers[tied[0]] = head
         self.names.append(name)
 
@@ -207,7 +208,7 @@ class MultiDecomposedModel(nn.Module):
         tied = self._tied_head()
         out: dict[str, dict[str, TensorDelta]] = defaultdict(dict)
         for key, delta in deltas.items():
-            pname = _param_name(key, self._params)
+            pname = param_name(key, self._params)
             if delta.is_empty() or (pname is None and tied is not None and key.endswith("lm_head.weight")):
                 continue  # a tied head's delta is its embedding's
             if pname is None:
@@ -232,7 +233,7 @@ class MultiDecomposedModel(nn.Module):
     def _wrap(self, owner_name: str, owner: nn.Module, kind: type) -> nn.Module:
         if owner_name not in self._wrappers:
             self._wrappers[owner_name] = kind(owner, self.routing)
-            _set_submodule(self.model, owner_name, self._wrappers[owner_name])
+            set_submodule(self.model, owner_name, self._wrappers[owner_name])
         return self._wrappers[owner_name]
 
     @staticmethod

@@ -111,11 +111,11 @@ class TensorDelta:
         merged = weight.detach().float().clone()
         view = merged.t() if self.transposed else merged
         if self.dense is not None and not self.blocks and self.sparse_values is None and self.lowrank_u is None and self.quant_codes is None:
-            view += self.dense  # the lossless path: one elementwise float32 add, exact by construction
+            view += self.dense.to(view.device)  # the lossless path: one elementwise float32 add, exact by construction
         else:
-            view += self.to_dense()
+            view += self.to_dense().to(view.device)
         if self.override_indices is not None:
-            view[tuple(self.override_indices.t())] = self.override_values
+            view[tuple(self.override_indices.t().to(view.device))] = self.override_values.to(view.device, view.dtype)
         return merged.to(weight.dtype)
 
     # -- serialization -------------------------------------------------------------------------

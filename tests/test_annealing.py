@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_decompose import DecomposedConfig, PromptError, decompose
 from hf_decompose.annealing import GramCollector, calibrate, guard, weighted_lowrank
@@ -11,13 +11,13 @@ from hf_decompose.modules import DecomposedModule
 
 @pytest.fixture(scope="module")
 def exact(tiny_pair):
-    model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless", execution="split"), progress=False)
     tok = AutoTokenizer.from_pretrained(tiny_pair.finetuned)
     return model, tok, calibrate(model, tok, tiny_pair.calib_prompts[:8], 16)
 
 
 def _module(model, suffix):
-    return next(m for n, m in model.model.named_modules() if n.endswith(suffix) and isinstance(m, DecomposedModule))
+    return next(m for n, m in model.named_modules() if n.endswith(suffix) and isinstance(m, DecomposedModule))
 
 
 def test_guard_rejects_a_planted_breaking_step(exact):
@@ -42,8 +42,9 @@ def test_annealing_rolls_back_levels_that_break_equivalence(tiny_pair, exact):
     assert annealing["trace"] and not any(step["accepted"] for step in annealing["trace"])
     assert model.report["kept_fraction"] > 0.99  # everything rolled back to the exact delta
     ids = exact[2].input_ids[:4]
+    finetuned = AutoModelForCausalLM.from_pretrained(tiny_pair.finetuned)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, exact[0](input_ids=ids).logits)  # the exact model, restored
+        assert torch.equal(model(input_ids=ids).logits, finetuned(input_ids=ids).logits)  # the exact delta, restored: the fine-tune
 
 
 def _layer_grams(exact, names: dict[str, str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -69,9 +70,27 @@ def test_compensation_beats_plain_truncation_on_a_real_layer(exact):
         assert _output_error(delta, u[:, :r] @ v[:r], gram) < 0.9 * _output_error(delta, pu[:, :r] @ pv[:r], gram), key
 
 
-def test_annealing_needs_calibration_prompts(tiny_pair):
-    with pytest.raises(PromptError, match="calibration"):
-        decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="anneal"), progress=False)
+def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tiny_pair, tmp_path, monkeypatch):
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a checkpoint was read")
+
+    monkeypatch.setattr("hf_decompose.checkpoints.CheckpointReader.__init__", no_reads)
+    for calibration, message in (([], "empty"), (tmp_path / "missing.txt", "does not exist"), (42, "not int")):
+        with pytest.raises(PromptError, match=message):
+            decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="anneal", calibration=calibration), progress=False)
+        with pytest.raises(PromptError, match=message):
+            AutoModelForCausalLM.from_pretrained(
+                tiny_pair.finetuned, quantization_config=DecomposedConfig(base_model=str(tiny_pair.base), mode="anneal", calibration=calibration)
+            )
+
+
+def test_anneal_through_the_hook_with_the_default_calibration_set(tiny_pair):
+    prompts, source = DecomposedConfig().calibration_prompts()
+    assert source == "built-in default set" and len(prompts) == 32 and len(set(prompts)) == 32
+    config = DecomposedConfig(base_model=str(tiny_pair.base), mode="anneal", annealing={"levels": ["int8"], "calibration_prompts": 4, "calibration_tokens": 8})
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair.finetuned, quantization_config=config)
+    assert model.report["mode"] == "anneal" and model.report["annealing"]["calibration"] == "built-in default set"
+    assert model.report["annealing"]["trace"]  # the guard ran
 
 
 def test_calibration_and_evaluation_sets_are_disjoint(tiny_pair):

@@ -340,12 +340,11 @@ def test_resume_dir_that_is_no_layer_cache(tmp_path, pair):
 
 DISK_FULL = """
 import resource, signal, sys
-from hf_decompose import ArtifactError, DecomposedConfig, decompose
-model = decompose(sys.argv[2], sys.argv[1], DecomposedConfig(), progress=False)
+from hf_decompose import ArtifactError, DecomposedConfig, decompose_to_disk
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
 try:
-    model.save_pretrained(sys.argv[3])
+    decompose_to_disk(sys.argv[2], sys.argv[1], DecomposedConfig(), output_dir=sys.argv[3], progress=False)
 except ArtifactError as err:
     print("ArtifactError:", err)
 """

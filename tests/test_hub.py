@@ -160,8 +160,8 @@ def test_engine_model_and_cli_push(local_hub, tmp_path):  # noqa: F811
     assert index["base_model"]["id"] == str(base)
 
 
-def test_token_of_from_pretrained_reaches_the_base_download(local_hub, tmp_path, monkeypatch):  # noqa: F811
-    """A private base: the token given to plain `AutoModelForCausalLM.from_pretrained` is used to pull it too."""
+def test_token_reaches_the_base_download(local_hub, tmp_path, monkeypatch):  # noqa: F811
+    """A private base: the token reaches its download through the loader's arguments or HF_TOKEN, never by chance."""
     base, ft = save_pair(tmp_path, scale=0.05)
     api = HfApi()
     api.create_repo("acme/private-base", private=True)
@@ -171,8 +171,12 @@ def test_token_of_from_pretrained_reaches_the_base_download(local_hub, tmp_path,
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(CheckpointError, match="cannot fetch 'acme/private-base'"):
         AutoModelForCausalLM.from_pretrained("acme/public-dec-of-private-base", cache_dir=tmp_path / "anonymous")
-    loaded = AutoModelForCausalLM.from_pretrained("acme/public-dec-of-private-base", token=local_hub.token, cache_dir=tmp_path / "authorized")
-    assert (tmp_path / "authorized" / "models--acme--private-base").is_dir()
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = AutoModelForCausalLM.from_pretrained(ft)(ids).logits
+    loaded = AutoDecomposedModelForCausalLM.from_pretrained("acme/public-dec-of-private-base", token=local_hub.token, cache_dir=tmp_path / "authorized")
+    assert (tmp_path / "authorized" / "models--acme--private-base").is_dir()
+    monkeypatch.setenv("HF_TOKEN", local_hub.token)  # plain transformers: huggingface_hub's own token
+    plain = AutoModelForCausalLM.from_pretrained("acme/public-dec-of-private-base", cache_dir=tmp_path / "env")
+    assert (tmp_path / "env" / "models--acme--private-base").is_dir()
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, AutoModelForCausalLM.from_pretrained(ft)(ids).logits)
+        assert torch.equal(loaded(ids).logits, expected) and torch.equal(plain(ids).logits, expected)

@@ -21,21 +21,20 @@ def test_lossless_rebuilds_finetune_bit_for_bit(tmp_path, arch):
     base, ft = save_pair(tmp_path, arch)
     model = decompose(ft, base, DecomposedConfig(mode="lossless"), progress=False)
     reference = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32).eval()
-    ref_params = dict(reference.named_parameters())
-    wrapped = [(n, m) for n, m in model.model.named_modules() if isinstance(m, DecomposedModule)]
-    assert wrapped, "every matrix moved, so every matrix module is decomposed"
-    for name, module in wrapped:
-        expected = ref_params.get(f"{name}.weight")
-        if expected is None:  # a tied head shares the embedding's weight
-            continue
-        merged = module.merged_module().weight
-        assert torch.equal(merged.view(torch.int32), expected.detach().view(torch.int32)), name
+    expected = reference.state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected.keys() and state  # merged: the fine-tune's own modules, parameters and buffers
+    for key, value in expected.items():
+        assert torch.equal(state[key].view(torch.int32), value.view(torch.int32)), key
     x = _ids()
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, reference(input_ids=x).logits)
         merged_logits = model(input_ids=x).logits
         model.set_execution("split")
+        assert any(isinstance(m, DecomposedModule) for m in model.modules()), "every matrix moved, so split wraps them"
         split_logits = model(input_ids=x).logits
+        model.set_execution("merged")  # folds the parts back in: bit for bit again
+        assert torch.equal(model(input_ids=x).logits, merged_logits)
     torch.testing.assert_close(split_logits, merged_logits, rtol=1e-4, atol=1e-4)
 
 
@@ -44,27 +43,25 @@ def test_criterion_merged_equals_dense_model_with_same_weights(tmp_path, arch):
     base, ft = save_pair(tmp_path, arch, scale=1e-3)
     model = decompose(ft, base, DecomposedConfig(mode="criterion", q=0.2), progress=False)
     dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    state = dense.state_dict()
-    for name, module in model.model.named_modules():
-        if isinstance(module, DecomposedModule):
-            state[f"{name}.weight"] = module.merged_module().weight.detach()
-    for name, param in model.model.named_parameters():  # vectors (norms, biases) merged in place
-        key = name.replace(".base.", ".")
-        if not key.endswith(".weight") or param.dim() == 1:
-            state[key] = param.detach()
-    dense.load_state_dict(state)
+    assert not any(isinstance(m, DecomposedModule) for m in model.modules())
+    dense.load_state_dict(model.state_dict())  # merged holds plain weights: base + kept delta
     x = _ids()
     with torch.no_grad():
         merged = model(input_ids=x).logits
         assert torch.equal(merged, dense(input_ids=x).logits)
+        assert not torch.equal(merged, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=x).logits)
         model.set_execution("split")
         torch.testing.assert_close(model(input_ids=x).logits, merged, rtol=1e-4, atol=1e-4)
 
 
 def test_untouched_modules_stay_the_shared_base(tmp_path):
     base, ft = save_pair(tmp_path, "llama", frozen=("layers.0.", "embed_tokens", "norm"))
-    model = decompose(ft, base, DecomposedConfig(mode="lossless"), progress=False)
-    layer0 = model.model.model.layers[0]
+    model = decompose(ft, base, DecomposedConfig(mode="lossless", execution="split"), progress=False)
+    layer0 = model.model.layers[0]
     assert not any(isinstance(m, DecomposedModule) for m in layer0.modules())
-    assert isinstance(model.model.model.layers[1].mlp.up_proj, DecomposedModule)
+    assert isinstance(model.model.layers[1].mlp.up_proj, DecomposedModule)
     assert model.report["layers"][1]["kept_fraction"] == 0.0
+    base_state = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    for key, value in model.set_execution("merged").state_dict().items():
+        if key.startswith("model.layers.0."):
+            assert torch.equal(value, base_state[key]), key

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, decompose
+from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, pack, quantize, unpack
@@ -44,15 +44,14 @@ def _quantized(module_delta: TensorDelta, bits: int, group: int) -> TensorDelta:
 
 
 @pytest.fixture(scope="module")
-def quantized_model(tiny_pair):
+def quantized_model(tiny_pair, tmp_path_factory):
     """The tiny fine-tune with every matrix delta (embedding and tied head included) in 4 bits."""
-    model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
-    for module in model.model.modules():
-        if isinstance(module, DecomposedModule) and module._tied is None and len(module.delta.shape) == 2:
-            q = _quantized(module.delta, 4, 16)
-            module.set_delta(q)
-            model.deltas[q.name] = q
-    return model
+    exact = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    deltas = {n: _quantized(d, 4, 16) if len(d.shape) == 2 and not d.is_empty() else d for n, d in exact.deltas.items()}
+    assert sum(d.quant_codes is not None for d in deltas.values()) > 10
+    d = exact.decomposition
+    out = artifact.save(tmp_path_factory.mktemp("q") / "artifact", deltas, d.index, d.report, d.artifact_dir)
+    return DecomposedModel.from_pretrained(out)
 
 
 def test_split_matches_merged_and_the_dense_equivalent(quantized_model):
@@ -61,11 +60,12 @@ def test_split_matches_merged_and_the_dense_equivalent(quantized_model):
         merged = quantized_model(input_ids=ids).logits
         quantized_model.set_execution("split")
         split = quantized_model(input_ids=ids).logits
+        embed = next(m for m in quantized_model.modules() if isinstance(m, DecomposedModule) and isinstance(m.base, nn.Embedding))
+        rows = embed.ops.quant(ids, lookup=True)
+        assert torch.equal(rows, embed.delta.to_dense()[ids])
         quantized_model.set_execution("merged")
+        assert torch.equal(quantized_model(input_ids=ids).logits, merged)
     torch.testing.assert_close(split, merged, rtol=1e-4, atol=1e-4)
-    embed = next(m for m in quantized_model.model.modules() if isinstance(m, DecomposedModule) and isinstance(m.base, nn.Embedding))
-    rows = embed.ops.quant(ids, lookup=True)
-    assert torch.equal(rows, embed.delta.to_dense()[ids])
 
 
 def test_quantized_artifact_round_trips_and_is_smaller(quantized_model, tmp_path):

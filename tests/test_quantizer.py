@@ -4,12 +4,16 @@ loading through `AutoModelForCausalLM` / `AutoDecomposedModelForCausalLM`, and t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
 
+from hf_decompose import artifact
+from hf_decompose.checkpoints import sha256_files
 from hf_decompose import (
     ArtifactError,
     AutoDecomposedModelForCausalLM,
@@ -17,6 +21,7 @@ from hf_decompose import (
     ConfigError,
     DecomposedConfig,
     DecomposedHfQuantizer,
+    DecomposedModel,
 )
 from hf_decompose.equivalence import greedy_generate
 from hf_decompose.modules import DecomposedModule
@@ -55,18 +60,32 @@ def test_local_round_trip_generates_like_the_finetune(tiny_pair, tmp_path):
     assert _generate(AutoModelForCausalLM.from_pretrained(tiny_pair.base, dtype=torch.float32), tokenizer, prompts) != expected
 
     model = _load(tiny_pair.finetuned, tiny_pair.base)
-    assert type(model).__name__ == "DecomposedLlamaForCausalLM"
-    assert sum(isinstance(m, DecomposedModule) for m in model.modules()) > 10
+    assert type(model).__name__ == "DecomposedLlamaForCausalLM" and isinstance(model, DecomposedModel)
+    assert not any(isinstance(m, DecomposedModule) for m in model.modules())  # merged: the fine-tune's own modules
     assert _generate(model, tokenizer, prompts) == expected
+    assert sum(isinstance(m, DecomposedModule) for m in model.set_execution("split").modules()) > 10
+    assert _generate(model, tokenizer, prompts) == expected
+    model.set_execution("merged")
 
     out = model.save_pretrained(tmp_path / "artifact")
     config = json.loads((out / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant["quant_method"] == "hf_decompose" and quant["base_model"] == str(tiny_pair.base)
-    assert config["transformers_weights"] == "decomposition.safetensors" and not (out / "model.safetensors").exists()
+    assert config["transformers_weights"] == artifact.WEIGHTS_WITHOUT_PLUGIN and not (out / "model.safetensors").exists()
     for loaded in (AutoDecomposedModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
         assert type(loaded).__name__ == "DecomposedLlamaForCausalLM"
         assert _generate(loaded, tokenizer, prompts) == expected
+
+
+def test_without_the_plugin_loading_fails_and_says_what_to_do(tmp_path):
+    """transformers alone must not load an artifact as random weights: it stops, naming the plugin."""
+    base, ft = save_pair(tmp_path)
+    out = _load(ft, base).save_pretrained(tmp_path / "artifact")
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "pip install hf-decompose" in done.stderr and "import hf_decompose" in done.stderr
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "DecomposedLlamaForCausalLM"  # with the plugin: loads
 
 
 def test_dtype_device_map_and_options_pass_through(tmp_path):
@@ -92,9 +111,13 @@ def test_lossless_is_bit_exact_and_tied_embeddings_survive(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits, reference(_ids()).logits)
     reloaded = AutoModelForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "artifact"))
-    assert reloaded.lm_head.delta is reloaded.model.embed_tokens.delta  # one stored delta for the tied pair
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # merged: still one tied weight
     with torch.no_grad():
         assert torch.equal(reloaded(_ids()).logits, reference(_ids()).logits)
+    reloaded.set_execution("split")
+    assert reloaded.lm_head.ops is reloaded.model.embed_tokens.ops  # split: one stored delta for the tied pair
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(_ids()).logits, reference(_ids()).logits)
 
 
 def test_missing_base(tmp_path):
@@ -137,6 +160,11 @@ def test_unknown_quant_method_and_plain_checkpoints(tmp_path):
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["quant_method"] = "mystery"
     (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="config.json: checksum mismatch"):  # a modified file is caught first
+        AutoDecomposedModelForCausalLM.from_pretrained(out)
+    index = json.loads((out / artifact.INDEX).read_text())
+    index["files"]["config.json"] = sha256_files([out / "config.json"])["config.json"]
+    artifact._write_index(out, index)  # consistently re-signed: the config itself must be refused
     with pytest.raises(ArtifactError, match="quant_method 'mystery', not 'hf_decompose'"):
         AutoDecomposedModelForCausalLM.from_pretrained(out)
 
@@ -153,7 +181,8 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("hf_decompose.artifact.SafetensorsWriter.add", disk_full)
+    monkeypatch.setattr("hf_decompose.artifact.os.link", disk_full)  # saving links or copies the artifact's files
+    monkeypatch.setattr("hf_decompose.artifact.shutil.copy2", disk_full)
     with pytest.raises(ArtifactError, match="No space left"):
         model.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pair", "taken"]  # no target, no temporary sibling

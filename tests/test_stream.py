@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_decompose.criterion as criterion
 import hf_decompose.model as model_module
-from hf_decompose import ArtifactError, AutoDecomposedModelForCausalLM, ConfigError, DecomposedConfig, DecomposedModel, artifact, decompose, decompose_to_disk
+from hf_decompose import ArtifactError, AutoDecomposedModelForCausalLM, DecomposedConfig, PromptError, DecomposedModel, artifact, decompose, decompose_to_disk
 from hf_decompose.cli import main
 from hf_decompose.equivalence import greedy_generate
 from hf_decompose.tensorfile import SafetensorsWriter
@@ -108,8 +108,8 @@ def test_interrupted_stream_leaves_no_output_and_resumes(tiny_pair, single_threa
 
 
 def test_refusals(tiny_pair, tmp_path):
-    with pytest.raises(ConfigError, match="anneal"):
-        decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="anneal"), output_dir=tmp_path / "a")
+    with pytest.raises(PromptError, match="empty"):
+        decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="anneal", calibration=[]), output_dir=tmp_path / "a")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="holds no hf_decompose artifact"):

@@ -1,0 +1,105 @@
+"""Module surgery: an artifact's deltas put into a loaded transformers model, and taken out again.
+
+* merged: every changed parameter becomes base + delta in place (computed in float32, stored in the
+  parameter's dtype). Nothing else stays in memory: the model holds what the fine-tune holds.
+* split: matrices (linear, embedding, Conv1D, the tied head) become `DecomposedModule` (the base
+  module plus its substructures, `hf_decompose.parts`); vectors (norms, biases) are merged in place.
+
+A module whose weights Accelerate keeps offloaded (on the meta device) always runs split: its base
+weight is only materialised inside its forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import CheckpointError
+from .modules import DecomposedModule
+from .substructures import TensorDelta
+
+WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
+
+
+def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: str) -> None:
+    """Put `deltas` (checkpoint tensor name -> delta) into `model`, merged or split (see the module docstring)."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
+    names = list(deltas)
+    done: dict[str, TensorDelta] = {}
+    wrapped: dict[str, DecomposedModule] = {}
+    for name, delta in deltas.items():
+        if delta.is_empty():
+            continue
+        pname = target_parameter(name, names, model, params)
+        if pname in done:  # a tied head stored beside its embedding: one delta, applied once
+            continue
+        done[pname] = delta
+        owner_name, _, attr = pname.rpartition(".")
+        owner = modules[owner_name]
+        param = getattr(owner, attr)
+        if attr == "weight" and type(owner) in WRAPPABLE and (execution == "split" or param.device.type == "meta"):
+            wrapped[owner_name] = DecomposedModule(owner, delta, "split")
+            if param.device.type != "meta":
+                wrapped[owner_name].ops.to(param.device)
+            set_submodule(model, owner_name, wrapped[owner_name])
+        else:
+            merge_into(param, delta)
+    _wrap_tied_head(model, modules, wrapped)
+
+
+def merge_into(param: nn.Parameter, delta: TensorDelta) -> None:
+    """param <- param + delta, in place (the same Parameter object, so ties and optimizers keep it)."""
+    if param.device.type == "meta":
+        raise CheckpointError(f"cannot merge the delta of {delta.name!r} into an offloaded parameter")
+    with torch.no_grad():
+        param.data = delta.merge(param.data)
+
+
+def _wrap_tied_head(model: nn.Module, modules: dict[str, nn.Module], wrapped: dict[str, DecomposedModule]) -> None:
+    """A head tied to a wrapped embedding runs the embedding's parts (stored and placed there only)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embed, DecomposedModule) or head is None or isinstance(head, DecomposedModule):
+        return
+    if head.weight is not embed.base.weight:
+        return
+    head_name = next(n for n, m in modules.items() if m is head)
+    set_submodule(model, head_name, DecomposedModule(head, embed.delta, "split", tied=embed))
+
+
+def unwrap(model: nn.Module) -> dict[str, DecomposedModule]:
+    """Put every `DecomposedModule`'s base module back in its place; return the wrappers by name."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, DecomposedModule)}
+    for name, module in found.items():
+        set_submodule(model, name, module.base)
+    return found
+
+
+def tied(model: nn.Module) -> bool:
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed = embed.base if isinstance(embed, DecomposedModule) else embed
+    head = head.base if isinstance(head, DecomposedModule) else head
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def target_parameter(name: str, names: list[str], model: nn.Module, params: dict[str, nn.Parameter]) -> str:
+    """The parameter of `model` that tensor `name`'s delta applies to (a tied LM head's: the input embedding)."""
+    pname = param_name(name, params)
+    if pname is None and name.endswith("lm_head.weight") and tied(model):
+        pname = param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
+    if pname is None:
+        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
+    return pname
+
+
+def param_name(name: str, params: dict[str, nn.Parameter]) -> str | None:
+    if name in params:
+        return name
+    matches = [p for p in params if p.endswith("." + name) or name.endswith("." + p)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
