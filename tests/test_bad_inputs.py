@@ -393,11 +393,10 @@ def test_bf16_base_fp32_finetune_rebuilds_bit_for_bit(tmp_path):
     perturb(base.float(), scale=1e-2).save_pretrained(tmp_path / "ft")
     model = decompose(tmp_path / "ft", tmp_path / "base", DecomposedConfig(mode="lossless"), progress=False)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32).eval()
-    merged = {n: m.merged_module().weight for n, m in model.model.named_modules() if hasattr(m, "merged_module")}
-    for name, param in reference.named_parameters():
-        weight = merged.get(name.removesuffix(".weight"), dict(model.model.named_parameters()).get(name))
-        if weight is not None:
-            assert _same_bits(weight, param), name
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys() and len(expected) > 10
+    for name, param in expected.items():
+        assert _same_bits(state[name], param), name
     ids = torch.arange(0, 24).reshape(2, 12)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
