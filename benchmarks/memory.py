@@ -4,6 +4,9 @@ fine-tuned model's size in memory (fp32 bytes). Each measurement runs in its own
 * ``imports``              - the interpreter with torch, transformers and hf_decompose imported (the floor);
 * ``<mode> streaming``     - `decompose_to_disk(mode=...)`: layers streamed into the artifact, no model built;
 * ``<mode> in memory``     - `decompose(mode=...)` + `save_pretrained`: the model with every delta, then saved.
+* ``loading``              - the plain fine-tune (`AutoModelForCausalLM.from_pretrained`) beside its artifact
+  loaded merged and split (`DecomposedModel.from_pretrained`), each followed by one forward pass: peak RSS
+  and `get_memory_footprint()`. Target: merged at most 1.05x the fine-tune's parameter bytes.
 
 Target: peak <= 1.5x the fine-tuned model's fp32 size (streaming); reported both as is and above the
 imports' floor (for a 135M model the interpreter with torch alone is ~0.8x). Writes
@@ -20,31 +23,42 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _machine import machine  # noqa: E402
 
 TARGET = 1.5
+MERGED_TARGET = 1.05  # merged execution: parameter bytes over the fine-tune's
 PHASE = r"""
 import json, resource, sys, tempfile, time
 import torch, transformers
 import hf_decompose
 from hf_decompose import DecomposedConfig, decompose, decompose_to_disk
-phase, mode, base, ft = sys.argv[1:5]
+phase, mode, base, ft, art = sys.argv[1:6]
 t0 = time.perf_counter()
+footprint = None
 with tempfile.TemporaryDirectory() as out:
     if phase == "streaming":
         decompose_to_disk(ft, base, DecomposedConfig(mode=mode), output_dir=f"{out}/artifact", progress=False)
     elif phase == "in_memory":
         decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(f"{out}/artifact")
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    elif phase.startswith("load_"):
+        if phase == "load_finetune":
+            model = transformers.AutoModelForCausalLM.from_pretrained(ft)
+        else:
+            model = hf_decompose.DecomposedModel.from_pretrained(art, execution=phase.removeprefix("load_"))
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 65).reshape(1, 64))
+        footprint = model.get_memory_footprint()
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "footprint_bytes": footprint}))
 """
 
 
-def measure(phase: str, mode: str, base: Path, finetuned: Path) -> dict:
+def measure(phase: str, mode: str, base: Path, finetuned: Path, artifact: Path | str = "") -> dict:
     """Peak RSS (ru_maxrss) and wall time of one phase, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(finetuned)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(finetuned), str(artifact)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{phase} {mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,6 +77,7 @@ def main() -> None:
     parser.add_argument("--modes", default="lossless,criterion")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "memory.json"))
     args = parser.parse_args()
+    from hf_decompose import DecomposedConfig, decompose_to_disk
     from hf_decompose.pair import prepare_default_pair
 
     pair = prepare_default_pair()
@@ -78,6 +93,16 @@ def main() -> None:
                 "within_target": m["peak_rss_bytes"] <= TARGET * size,
                 "within_target_above_imports": m["peak_rss_bytes"] - floor <= TARGET * size,
             }
+    loading = {"finetune": measure("load_finetune", "", pair.base, pair.finetuned)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            artifact = decompose_to_disk(pair.finetuned, pair.base, DecomposedConfig(mode=mode), output_dir=Path(tmp) / mode, progress=False)
+            for execution in ("merged", "split"):
+                loading[f"{mode} {execution}"] = measure(f"load_{execution}", mode, pair.base, pair.finetuned, artifact)
+    plain = loading["finetune"]
+    for row in loading.values():
+        row["footprint_over_finetune"] = row["footprint_bytes"] / plain["footprint_bytes"]
+        row["peak_over_finetune_load"] = row["peak_rss_bytes"] / plain["peak_rss_bytes"]
     result = {
         "machine": machine(),
         "pair": {"base": pair.base.name, "finetuned": pair.finetuned.name},  # names in the cache, no machine paths
@@ -86,6 +111,8 @@ def main() -> None:
         "target_peak_over_model": TARGET,
         "load_average_1min": os.getloadavg()[0],
         "modes": rows,
+        "loading": loading,
+        "target_merged_footprint_over_finetune": MERGED_TARGET,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -94,6 +121,10 @@ def main() -> None:
         for phase, m in phases.items():
             print(f"{mode:<10} {phase:<10} peak {m['peak_rss_bytes'] / 2**20:,.0f} MiB = {m['peak_over_model']:.2f}x the model "
                   f"({m['above_imports_over_model']:.2f}x above the imports), {m['seconds']:.0f} s")
+    print(f"\n{'load':<22} {'peak RSS':>10} {'/ fine-tune load':>17} {'footprint':>10} {'/ fine-tune':>12}")
+    for name, row in loading.items():
+        print(f"{name:<22} {row['peak_rss_bytes'] / 2**20:>7,.0f} MiB {row['peak_over_finetune_load']:>16.2f}x "
+              f"{row['footprint_bytes'] / 2**20:>6,.0f} MiB {row['footprint_over_finetune']:>11.3f}x")
     print(f"wrote {args.output}")
 
 

@@ -84,6 +84,19 @@ def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tiny_pair, tmp
             )
 
 
+def test_calibration_from_a_list_a_file_or_a_dataset_column(tmp_path):
+    import datasets
+
+    prompts = ["To be, or not to be", "Once upon a time", "The sea was calm"]
+    (tmp_path / "calib.txt").write_text("\n".join(prompts))
+    dataset = datasets.Dataset.from_dict({"question": prompts, "answer": ["a", "b", "c"]})
+    for source, column, described in ((prompts, None, "3 prompts given"), (tmp_path / "calib.txt", None, "file calib.txt"), (dataset, "question", "Dataset (3 rows)")):
+        assert DecomposedConfig(calibration=source, calibration_column=column).calibration_prompts() == (prompts, described)
+    with pytest.raises(PromptError, match="no 'prompt' column"):
+        DecomposedConfig(calibration=dataset, calibration_column="prompt").calibration_prompts()
+    assert "calibration" not in DecomposedConfig(calibration=prompts).to_dict()  # run-time input, never saved
+
+
 def test_anneal_through_the_hook_with_the_default_calibration_set(tiny_pair):
     prompts, source = DecomposedConfig().calibration_prompts()
     assert source == "built-in default set" and len(prompts) == 32 and len(set(prompts)) == 32
