@@ -22,8 +22,12 @@ from .substructures import TensorDelta
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
 
 
-def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: str) -> None:
-    """Put `deltas` (checkpoint tensor name -> delta) into `model`, merged or split (see the module docstring)."""
+def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: str, swappable: bool = False) -> None:
+    """Put `deltas` (checkpoint tensor name -> delta) into `model`, merged or split (see the module docstring).
+
+    `swappable`: every changed matrix becomes a `DecomposedModule` run as `execution`, so that its delta
+    can be swapped (`DecomposedModule.set_delta`: annealing tries several).
+    """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
     names = list(deltas)
@@ -39,8 +43,8 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
         owner_name, _, attr = pname.rpartition(".")
         owner = modules[owner_name]
         param = getattr(owner, attr)
-        if attr == "weight" and type(owner) in WRAPPABLE and (execution == "split" or param.device.type == "meta"):
-            wrapped[owner_name] = DecomposedModule(owner, delta, "split")
+        if attr == "weight" and type(owner) in WRAPPABLE and (swappable or execution == "split" or param.device.type == "meta"):
+            wrapped[owner_name] = DecomposedModule(owner, delta, execution if swappable else "split")
             if param.device.type != "meta":
                 wrapped[owner_name].ops.to(param.device)
             set_submodule(model, owner_name, wrapped[owner_name])
@@ -65,7 +69,7 @@ def _wrap_tied_head(model: nn.Module, modules: dict[str, nn.Module], wrapped: di
     if head.weight is not embed.base.weight:
         return
     head_name = next(n for n, m in modules.items() if m is head)
-    set_submodule(model, head_name, DecomposedModule(head, embed.delta, "split", tied=embed))
+    set_submodule(model, head_name, DecomposedModule(head, embed.delta, embed.execution, tied=embed))
 
 
 def unwrap(model: nn.Module) -> dict[str, DecomposedModule]:

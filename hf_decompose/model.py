@@ -28,8 +28,7 @@ from .errors import ConfigError, DecomposeError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, resolve
-from .inject import WRAPPABLE, set_submodule, target_parameter, tied
-from .modules import DecomposedModule
+from .inject import apply_deltas, target_parameter
 from .substructures import TensorDelta, extract, layer_components
 
 CHUNK_BYTES = 4 * 2**20  # large tensors are read and differenced this many bytes of rows at a time
@@ -172,32 +171,10 @@ def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDel
 
 def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig) -> nn.Module:
     """The model annealing starts from: the base with the fine-tune's config, every changed matrix a
-    `DecomposedModule` (so that annealing can swap its delta), vectors merged."""
+    `DecomposedModule` run as ``config.execution`` (so that annealing can swap its delta), vectors merged."""
     model = _load_base(base_dir, _plain_config(config_dir))
     model.eval()
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    is_tied = tied(model)
-    wrapped: dict[int, DecomposedModule] = {}
-    names = list(deltas)
-    for name, delta in deltas.items():
-        if delta.is_empty():
-            continue
-        pname = target_parameter(name, names, model, params)
-        owner_name, _, attr = pname.rpartition(".")
-        owner = modules[owner_name]
-        if attr == "weight" and isinstance(owner, WRAPPABLE):
-            module = DecomposedModule(owner, delta, config.execution)
-            set_submodule(model, owner_name, module)
-            wrapped[id(owner)] = module
-        else:  # vectors (norms, biases) and other small tensors: merged in place
-            param = getattr(owner, attr)
-            setattr(owner, attr, nn.Parameter(delta.merge(param.detach()), requires_grad=False))
-    if is_tied and id(embed) in wrapped:
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        set_submodule(model, head_name, DecomposedModule(head, wrapped[id(embed)].delta, config.execution, tied=wrapped[id(embed)]))
+    apply_deltas(model, deltas, config.execution, swappable=True)
     return model
 
 
