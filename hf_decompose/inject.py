@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import CheckpointError
+from .errors import ArtifactError, CheckpointError
 from .modules import DecomposedModule
 from .substructures import TensorDelta
 
@@ -43,6 +43,9 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
         owner_name, _, attr = pname.rpartition(".")
         owner = modules[owner_name]
         param = getattr(owner, attr)
+        stored = tuple(reversed(delta.shape)) if delta.transposed else tuple(delta.shape)
+        if tuple(param.shape) != stored:
+            raise ArtifactError(f"tensor {name!r}: its delta has shape {stored}, parameter {pname} of {type(model).__name__} has {tuple(param.shape)}")
         if attr == "weight" and type(owner) in WRAPPABLE and (swappable or execution == "split" or param.device.type == "meta"):
             wrapped[owner_name] = DecomposedModule(owner, delta, execution if swappable else "split")
             if param.device.type != "meta":
