@@ -33,7 +33,7 @@ def render_card(index: dict, report: dict, source_dir: str | Path | None = None,
         metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
         title=f"{_name(repo_id or finetuned.get('id'))} (decomposed)",
         finetuned=finetuned.get("id", "the fine-tuned model"),
-        base=base.get("id", "?"),
+        base=_base(base),
         base_revision=base.get("revision") or "unpinned",
         mode=mode,
         repo_id=repo_id or "path/to/artifact",
@@ -64,6 +64,17 @@ def find_license(source_dir: str | Path | None) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def _base(base: dict) -> str:
+    """The base as the card names it: a Hub id, or why there is none (a local checkpoint; its path stays unsaid)."""
+    if _is_repo_id(base.get("id")):
+        return base["id"]
+    digest = next(iter(sorted((base.get("sha256") or {}).values())), "")
+    return (
+        f"{_name(base.get('id'))}, a local checkpoint (not on the Hub, so this card names no `base_model`: load with "
+        f"`base_model=` pointing at a copy whose weight files match the recorded SHA-256 {digest[:12]}...)"
+    )
 
 
 def _is_repo_id(value) -> bool:

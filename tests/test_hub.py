@@ -153,6 +153,8 @@ def test_engine_model_and_cli_push(local_hub, tmp_path):  # noqa: F811
     base, ft = save_pair(tmp_path, scale=0.05)
     decompose(ft, base, progress=False).push_to_hub("acme/engine-dec", commit_message="engine push")
     assert "decomposed_config.json" in HfApi().list_repo_files("acme/engine-dec")
+    card = ModelCard.load("acme/engine-dec")  # a local base: the card says why it names none, not where it was
+    assert card.data.base_model is None and "a local checkpoint (not on the Hub" in card.text and str(tmp_path) not in card.text
     assert cli_main(["decompose", str(base), str(ft), "--output", str(tmp_path / "out"), "--push-to-hub", "acme/cli-dec"]) == 0
     files = HfApi().list_repo_files("acme/cli-dec")
     assert {"decomposed_config.json", "decomposition.safetensors", "README.md"} <= set(files)
