@@ -32,7 +32,7 @@ def render_card(index: dict, report: dict, source_dir: str | Path | None = None,
     return Template(template).safe_substitute(
         metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
         title=f"{_name(repo_id or finetuned.get('id'))} (decomposed)",
-        finetuned=finetuned.get("id", "the fine-tuned model"),
+        finetuned=finetuned["id"] if _is_repo_id(finetuned.get("id")) else _name(finetuned.get("id") or "the fine-tuned model"),
         base=_base(base),
         base_revision=base.get("revision") or "unpinned",
         mode=mode,
