@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from hf_decompose import ArtifactError, CheckpointError, ConfigError, DecomposedConfig, DecomposedModel, PromptError, decompose
-from hf_decompose.artifact import INCOMPLETE, INDEX, WEIGHTS
+from hf_decompose.artifact import INCOMPLETE, INDEX, WEIGHTS, _write_index
 from hf_decompose.cli import build_parser
 from hf_decompose.equivalence import check_disjoint
 
@@ -301,6 +301,15 @@ def test_artifact_with_an_edited_index(tmp_path, artifact):
     index = json.loads((artifact / INDEX).read_text())
     _rewrite_index(artifact, config=index["config"] | {"q": 0.5})
     with fails(tmp_path, ArtifactError, f"{INDEX}: checksum mismatch"):
+        DecomposedModel.from_pretrained(artifact)
+
+
+@pytest.mark.parametrize("digests", [{}, {"model.safetensors": None}, {"model.safetensors": []}])
+def test_artifact_index_resigned_with_a_malformed_base_digest(tmp_path, artifact, digests):
+    index = json.loads((artifact / INDEX).read_text())
+    index["base_model"]["sha256"] = digests
+    _write_index(artifact, index)  # consistent, re-signed: the structure check must catch it
+    with fails(tmp_path, ArtifactError, "field 'base_model' lacks its id or sha256"):
         DecomposedModel.from_pretrained(artifact)
 
 
