@@ -404,10 +404,10 @@ def test_bf16_base_fp32_finetune_rebuilds_bit_for_bit(tmp_path):
     model = decompose(tmp_path / "ft", tmp_path / "base", DecomposedConfig(mode="lossless"), progress=False)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "ft", dtype=torch.float32).eval()
     merged = {n: m.merged_module().weight for n, m in model.model.named_modules() if hasattr(m, "merged_module")}
+    params = dict(model.model.named_parameters())
     for name, param in reference.named_parameters():
-        weight = merged.get(name.removesuffix(".weight"), dict(model.model.named_parameters()).get(name))
-        if weight is not None:
-            assert _same_bits(weight, param), name
+        weight = merged.get(name.removesuffix(".weight"), params.get(name))
+        assert weight is not None and _same_bits(weight, param), name
     ids = torch.arange(0, 24).reshape(2, 12)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -47,11 +47,14 @@ def _quantized(module_delta: TensorDelta, bits: int, group: int) -> TensorDelta:
 def quantized_model(tiny_pair):
     """The tiny fine-tune with every matrix delta (embedding and tied head included) in 4 bits."""
     model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    quantized = []
     for module in model.model.modules():
         if isinstance(module, DecomposedModule) and module._tied is None and len(module.delta.shape) == 2:
             q = _quantized(module.delta, 4, 16)
             module.set_delta(q)
             model.deltas[q.name] = q
+            quantized.append(q.name)
+    assert len(quantized) == 1 + 7 * 2, quantized  # the embedding and every projection of the 2 layers
     return model
 
 
