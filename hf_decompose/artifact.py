@@ -221,8 +221,8 @@ def read_index(directory: str | Path) -> dict:
     for key in ("files", "tensors", "config", "base_model"):
         if not isinstance(index.get(key), dict):
             raise ArtifactError(f"{path}: field {key!r} is missing or malformed")
-    base = index["base_model"]
-    if not isinstance(base.get("id"), str) or not isinstance(base.get("sha256"), dict):
+    base, digests = index["base_model"], index["base_model"].get("sha256")
+    if not isinstance(base.get("id"), str) or not isinstance(digests, dict) or not digests or not all(isinstance(v, str) for v in digests.values()):
         raise ArtifactError(f"{path}: field 'base_model' lacks its id or sha256")
     if WEIGHTS not in index["files"]:
         raise ArtifactError(f"{path}: {WEIGHTS} is not listed in 'files'")

@@ -1,4 +1,4 @@
-"""The model card of a decomposed artifact, rendered from `model_cards/decomposed_model.md`.
+"""The model card of a decomposed artifact, rendered from the packaged `templates/model_card.md`.
 
 The template is plain Markdown with ``${placeholders}`` (`string.Template`); the YAML metadata
 block carries ``base_model``, ``base_model_relation``, ``library_name: hf_decompose``, tags and
@@ -8,13 +8,26 @@ the fine-tune's license when known.
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from string import Template
 
 import yaml
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "decomposed_model.md"
-_FALLBACK = "---\n${metadata}\n---\n\n# ${title}\n\n${equivalence}\n\n${structure}\n\n${layers}\n\n${size}\n"
+from .errors import DecomposeError
+
+TEMPLATE = ("templates", "model_card.md")
+
+
+def card_template() -> str:
+    """The card template shipped inside the package; a missing one is a broken install, never skipped."""
+    path = resources.files(__package__)
+    for part in TEMPLATE:
+        path = path / part
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise DecomposeError(f"the model-card template {path} is missing from the installed hf_decompose package; reinstall hf-decompose") from err
 
 
 def render_card(index: dict, report: dict, source_dir: str | Path | None = None, repo_id: str | None = None, tags: list[str] | None = None) -> str:
@@ -28,8 +41,7 @@ def render_card(index: dict, report: dict, source_dir: str | Path | None = None,
     metadata["tags"] = list(dict.fromkeys(["hf_decompose", "decomposed", f"decomposition-{mode}", *(tags or [])]))
     if license_ := find_license(source_dir):
         metadata["license"] = license_
-    template = TEMPLATE.read_text() if TEMPLATE.is_file() else _FALLBACK
-    return Template(template).safe_substitute(
+    return Template(card_template()).safe_substitute(
         metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
         title=f"{_name(repo_id or finetuned.get('id'))} (decomposed)",
         finetuned=finetuned["id"] if _is_repo_id(finetuned.get("id")) else _name(finetuned.get("id") or "the fine-tuned model"),

@@ -1,5 +1,6 @@
 """Fuzzing the artifact loader and the config parser: random corruptions fail with the project's own
-error types (`DecomposeError` subclasses), never with anything else, and never load silently."""
+error types (`DecomposeError` subclasses), never with anything else, and never load silently; what
+does load keeps every promise of a successful load (`_loads_or_refuses`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -21,6 +23,8 @@ from hf_decompose.checkpoints import sha256_files
 from .synthetic import save_pair
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+IDS = torch.tensor([[1, 5, 9, 2, 77, 3]])
+VOCAB = 128  # tests.synthetic's models
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,25 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes
 
 EDITS = st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), min_size=1, max_size=4)
 CUT = st.none() | st.integers(0, 2**31)
+
+
+def _loads_or_refuses(directory: Path) -> bool:
+    """Load the artifact as a user does: refused with a project error (False), or loaded (True)
+    keeping every promise of a load: one delta per index entry, of the recorded shape, finite, and
+    a model whose forward pass gives finite logits over the vocabulary."""
+    try:
+        index, deltas = load(directory)
+        model = DecomposedModel.from_pretrained(directory)
+    except DecomposeError:
+        return False
+    assert deltas.keys() == index["tensors"].keys() and len(deltas) > 0
+    for name, delta in deltas.items():
+        dense = delta.to_dense()
+        assert list(dense.shape) == index["tensors"][name]["shape"] and torch.isfinite(dense).all(), name
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    assert logits.shape == (*IDS.shape, VOCAB) and torch.isfinite(logits).all()
+    return True
 
 
 def _resign(work: Path, index: dict) -> None:
@@ -105,9 +128,7 @@ def test_forged_safetensors_headers_fail_cleanly(original, workdir):
         (workdir / WEIGHTS).write_bytes(spoiled)
         _resign(workdir, copy.deepcopy(index))
         try:
-            load(workdir)
-        except DecomposeError:
-            pass
+            _loads_or_refuses(workdir)
         finally:
             _restore(workdir, original, WEIGHTS, INDEX)
 
@@ -155,15 +176,30 @@ def test_index_edits_are_rejected_or_harmless(original, workdir):
                 with pytest.raises(DecomposeError):
                     load(workdir)
             else:
-                try:
-                    load(workdir)
-                    DecomposedConfig.from_dict(edited["config"])
-                except DecomposeError:
-                    pass
+                if _loads_or_refuses(workdir):
+                    assert _valid(DecomposedConfig.from_dict(edited["config"]))
         finally:
             _restore(workdir, original, INDEX)
 
     check()
+
+
+@pytest.mark.parametrize("edit", ["shape", "transposed"])
+def test_forged_tensor_geometry_is_refused_when_the_model_is_built(original, workdir, edit):
+    """A re-signed index whose tensor fits its stored parts but not the model: refused on load, not
+    a RuntimeError at the first forward pass (found by the fuzzer above)."""
+    index = json.loads((original / INDEX).read_text())
+    name = "model.layers.0.self_attn.v_proj.weight"  # (16, 32)
+    if edit == "shape":
+        index["tensors"][name]["shape"][0] = 13
+    else:
+        index["tensors"][name]["transposed"] = True
+    index["index_sha256"] = _digest(index)
+    (workdir / INDEX).write_text(json.dumps(index))
+    try:
+        assert not _loads_or_refuses(workdir)
+    finally:
+        _restore(workdir, original, INDEX)
 
 
 FIELDS = [f for f in DecomposedConfig().to_dict()]

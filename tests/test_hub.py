@@ -85,6 +85,7 @@ def test_round_trip_through_the_hub(local_hub, tiny_pair, tmp_path):  # noqa: F8
     assert not any(name.endswith("model.safetensors") for name in files)
     base_digest = _sha256(tiny_pair.base / "model.safetensors")
     pulled = Path(api.snapshot_download("acme/tiny-ft-decomposed", cache_dir=tmp_path / "check"))
+    assert sorted(p.name for p in pulled.iterdir()) == sorted(files)
     assert all(_sha256(p) != base_digest for p in pulled.iterdir())  # no copy of the base weights
     uploaded, finetuned = sum(files.values()), (tiny_pair.finetuned / "model.safetensors").stat().st_size
     print(f"\nuploaded repo: {uploaded / 2**20:.2f} MiB ({files['decomposition.safetensors'] / 2**20:.2f} MiB decomposition) "

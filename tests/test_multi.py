@@ -109,6 +109,7 @@ def test_placed_with_offloaded_substructures(family, tmp_path):
     ids = _ids(len(rows))
     expected = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
     names = sorted(n for n in placement.substructures(multi) if ".tenants." in n)
+    assert len(names) >= 2, names  # some substructures stay, some go to disk
     multi.dispatch({"": "cpu", **dict.fromkeys(names[::2], "disk")}, offload_folder=tmp_path)
     assert torch.equal(multi.generate(input_ids=ids, decomposed_names=rows, **GEN), expected)
     with pytest.raises(ConfigError, match="before placing"):

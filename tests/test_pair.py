@@ -74,7 +74,7 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
 
 def test_tiny_pair_is_fp32_and_base_and_finetune_differ(tiny_pair):
     base, finetuned = _weights(tiny_pair.base), _weights(tiny_pair.finetuned)
-    assert base.keys() == finetuned.keys()
+    assert base.keys() == finetuned.keys() and len(base) == 2 + 9 * 2  # embedding, final norm, 9 tensors per layer
     assert all(t.dtype == torch.float32 for t in finetuned.values())
     assert all(not torch.equal(base[k], finetuned[k]) for k in base)
     assert "lm_head.weight" not in finetuned  # tied to the input embeddings
@@ -84,6 +84,7 @@ def test_tiny_finetune_is_deterministic(tiny_pair, tiny_finetuner, corpus):
     # Retrain in this process and compare with the cached fine-tune (possibly from an earlier session).
     saved = _weights(tiny_pair.finetuned)
     retrained = tiny_finetuner(tiny_pair.base, corpus).state_dict()
+    assert len(saved) == 2 + 9 * 2 and saved.keys() <= retrained.keys()
     assert all(torch.equal(retrained[k], saved[k]) for k in saved)
 
 
@@ -120,6 +121,7 @@ def test_default_pair_is_cached_and_finetune_differs():
     assert (len(pair.eval_prompts), len(pair.calib_prompts)) == (32, 32)
     base, finetuned = _weights(pair.base), _weights(pair.finetuned)
     assert all(t.dtype == torch.float32 for t in finetuned.values())
+    assert base.keys() == finetuned.keys() and len(base) == 2 + 9 * 30  # SmolLM2-135M: 30 layers
     assert sum(not torch.equal(base[k], finetuned[k]) for k in base) == len(base)
 
 
@@ -130,4 +132,4 @@ def test_default_finetune_is_deterministic(tmp_path):
     corpus = hp.load_corpus(hp.cache_dir())
     a, b = (hp.finetune(base, corpus, recipe, tmp_path / name) for name in "ab")
     wa, wb = _weights(a), _weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa.keys() == wb.keys() and len(wa) == 2 + 9 * 30 and all(torch.equal(wa[k], wb[k]) for k in wa)

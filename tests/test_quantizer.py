@@ -92,7 +92,8 @@ def test_dtype_device_map_and_options_pass_through(tmp_path):
     base, ft = save_pair(tmp_path, scale=0.05)
     model = _load(ft, base, mode="criterion", q=0.2, execution="split", device_map="cpu")
     assert model.config.quantization_config.mode == "criterion"
-    assert all(m.execution == "split" for m in model.modules() if isinstance(m, DecomposedModule))
+    decomposed = [m for m in model.modules() if isinstance(m, DecomposedModule)]
+    assert decomposed and all(m.execution == "split" for m in decomposed)
     out = model.save_pretrained(tmp_path / "artifact")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["mode"] == "criterion"
 

@@ -140,25 +140,40 @@ def _long_pair(root: Path) -> tuple[Path, Path]:
     return root / "base", root / "ft"
 
 
+LONG_PAIR_LAYERS = 26  # 24 decoder layers, the embedding and the final norm
+
+
+def _kill_mid_run(command: list[str], out: Path, cache: Path, attempts: int = 5) -> int:
+    """Run the CLI and SIGKILL it once two layers are cached; return how many were. A run that ends
+    before the kill must have left a complete artifact; it is deleted and the run retried."""
+    for _ in range(attempts):
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not (cache / "00001.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        running = proc.poll() is None
+        proc.kill()
+        proc.wait()
+        if running:
+            assert proc.returncode == -signal.SIGKILL
+            finished = len(list(cache.glob("0*.json")))
+            assert not out.exists() and (cache / "manifest.json").exists(), "a killed run left a partial output"
+            assert 2 <= finished < LONG_PAIR_LAYERS, f"killed after {finished} layers: not mid-run"
+            return finished
+        assert proc.returncode == 0 and not cache.exists(), f"the run ended on its own with {proc.returncode}"
+        artifact.load(out)  # faster than the poll: the output must be complete
+        shutil.rmtree(out)
+    pytest.fail(f"the run finished before it could be killed, {attempts} times")
+
+
 def test_killed_cli_run_leaves_output_absent_or_complete_and_resumes(tmp_path):
     base, ft = _long_pair(tmp_path)
     out, cache = tmp_path / "out", tmp_path / ".out.partial"
     command = [sys.executable, "-m", "hf_decompose", "decompose", str(base), str(ft), "--output", str(out)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (cache / "00001.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.kill()
-    proc.wait()
-    finished = len(list(cache.glob("0*.json")))
-    if out.exists():  # the run was faster than the poll: it must be complete
-        artifact.load(out)
-    else:
-        assert finished >= 2 and (cache / "manifest.json").exists()
+    finished = _kill_mid_run(command, out, cache)
     rerun = subprocess.run(command + ["--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    if finished:
-        assert f"resumed {finished} of 26 layers" in rerun.stderr
+    assert f"resumed {finished} of {LONG_PAIR_LAYERS} layers" in rerun.stderr
     DecomposedModel.from_pretrained(out)
     assert hidden_leftovers(tmp_path) == []
     decompose(ft, base, DecomposedConfig(), progress=False).save_pretrained(tmp_path / "fresh")

@@ -96,6 +96,7 @@ def test_layer_components_from_spanning_pairs_equal_those_of_every_entry(monkeyp
     g = Geometry(num_heads=4, num_kv_heads=2, head_dim=4, hidden_size=16)
     shapes = {"q": (16, 16), "k": (8, 16), "v": (8, 16), "o": (16, 16), "gate": (32, 16), "up": (32, 16), "down": (16, 32)}
     gen = torch.Generator().manual_seed(3)
+    counts = []
     for density in (0.002, 0.01, 0.05, 0.3, 1.0):
         deltas = {}
         for role, shape in shapes.items():
@@ -107,3 +108,5 @@ def test_layer_components_from_spanning_pairs_equal_those_of_every_entry(monkeyp
         with monkeypatch.context() as m:
             m.setattr(substructures, "_spanning_pairs", lambda support: support.nonzero(as_tuple=True))
             assert spanning == layer_components(deltas, g)
+        counts.append(len(spanning))
+    assert max(counts) > 1 and counts[-1] == 1, counts  # many components when sparse, one when dense
