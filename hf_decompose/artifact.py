@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import locks
 from .checkpoints import sha256_files
 from .errors import ArtifactError
 from .quantize import bits_of
@@ -68,16 +69,17 @@ def save(
 def writing(directory: str | Path, names: list[str], overwrite: bool = False) -> Iterator[ArtifactWriter]:
     """An `ArtifactWriter` into a staged copy of `directory`, published atomically once the block ends
     after `ArtifactWriter.finish`; an exception, or no `finish`, leaves `directory` as it was."""
-    target = check_target(directory, overwrite)
-    with _staged(target) as tmp:
-        writer = ArtifactWriter(target, tmp, names)
-        try:
-            yield writer
-        except BaseException:
-            writer.weights.abort()
-            raise
-        if not writer.finished:
-            raise ArtifactError(f"{target}: the artifact was not finished")
+    with locks.owning(directory):
+        target = check_target(directory, overwrite)
+        with _staged(target, overwrite) as tmp:
+            writer = ArtifactWriter(target, tmp, names)
+            try:
+                yield writer
+            except BaseException:
+                writer.weights.abort()
+                raise
+            if not writer.finished:
+                raise ArtifactError(f"{target}: the artifact was not finished")
 
 
 class ArtifactWriter:
@@ -116,11 +118,18 @@ class ArtifactWriter:
 
 
 def check_target(directory: str | Path, overwrite: bool = False) -> Path:
-    """Raise `ArtifactError` unless `directory` is absent, empty, or an artifact and `overwrite` is set."""
+    """Raise `ArtifactError` unless `directory` is absent, empty, or an artifact and `overwrite` is set,
+    and its parent (or the nearest existing ancestor) is a directory this process can write."""
     target = Path(directory)
-    if target.exists() and not target.is_dir():
+    try:
+        _check_writable(target)
+        exists, is_dir = target.exists(), target.is_dir()
+        full = is_dir and any(target.iterdir())
+    except OSError as err:
+        raise ArtifactError(f"cannot write the artifact {target}: {err}") from err
+    if exists and not is_dir:
         raise ArtifactError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()):
+    if full:
         if not (target / INDEX).is_file():
             raise ArtifactError(f"{target} is not empty and holds no hf_decompose artifact: refusing to write over it")
         if not overwrite:
@@ -128,13 +137,25 @@ def check_target(directory: str | Path, overwrite: bool = False) -> Path:
     return target
 
 
+def _check_writable(target: Path) -> None:
+    """Raise `OSError` unless the nearest existing ancestor of `target` is a directory we may write and enter."""
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{ancestor} cannot be entered or written (permission denied)")
+
+
 @contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A temporary directory to write `target` into: renamed into place on success, else deleted."""
+def _staged(target: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary directory to write `target` into: renamed into place on success (over an existing
+    artifact only if `overwrite`), else deleted."""
     tmp = _tempdir(target)
     try:
         yield tmp
-        _publish(tmp, target)
+        _publish(tmp, target, overwrite)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactError(f"cannot write the artifact {target}: {err}") from err
@@ -169,8 +190,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Flush `tmp` to disk, unmark it and rename it into place; an artifact it replaces is moved aside first."""
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Flush `tmp` to disk, unmark it and rename it into place; an artifact it replaces (only if
+    `overwrite`: one may have appeared since `check_target`) is moved aside first."""
+    if not overwrite:
+        check_target(target)
     for path in [*tmp.iterdir(), tmp]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -315,8 +339,8 @@ def update_report(directory: str | Path, report: dict) -> None:
     """Replace the report and its checksum, atomically: a copy of the artifact (other files hard-linked)
     with the new report is swapped in."""
     directory = Path(directory)
-    index = read_index(directory)
-    with _staged(directory) as tmp:
+    with locks.owning(directory), _staged(directory) as tmp:
+        index = read_index(directory)
         for file in directory.iterdir():
             if file.is_file() and file.name not in (REPORT, INDEX):
                 try:

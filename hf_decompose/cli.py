@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, resume
+from . import artifact, locks, resume
 from .config import DecomposedConfig
 from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
-from .errors import DecomposeError
+from .errors import DecomposeError, PromptError
 from .model import DecomposedModel, decompose, decompose_to_disk
 from .report import summary_table
 
@@ -60,11 +60,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
+    with locks.owning(args.output):  # one run per output (and its layer cache), until the artifact is verified and pushed
+        _decompose(args)
+
+
+def _decompose(args: argparse.Namespace) -> None:
     config = DecomposedConfig.from_yaml(args.config) if args.config else DecomposedConfig()
     if args.mode:
         config.mode = args.mode
     prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
     calibration = load_prompts(args.calibration) if args.calibration else None
+    if config.mode == "anneal" and calibration is None:
+        raise PromptError("mode anneal needs calibration prompts: pass --calibration FILE (disjoint from --prompts)")
     if prompts and calibration:
         check_disjoint(calibration, prompts)
     out = artifact.check_target(args.output, args.overwrite)

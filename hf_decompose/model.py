@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from . import artifact, resume
+from . import artifact, locks, resume
 from .checkpoints import CheckpointPair, CheckpointReader, read_config, resolve, sha256_files
 from .config import DecomposedConfig
 from .annealing import anneal_model
 from .criterion import assess_layer
 from .deltas import exact_delta
-from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError
+from .equivalence import load_prompts
+from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError, PromptError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, push_artifact
@@ -374,7 +375,7 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
     ft_dir = resolve(finetuned, revision, **hub_kwargs)
     pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
     base_sha = sha256_files(pair.base.files)
-    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_key(base_sha, sha256_files(pair.finetuned.files), config))
+    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_record(base_sha, sha256_files(pair.finetuned.files), config))
     index = {
         "config": config.to_dict(),
         "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
@@ -436,6 +437,10 @@ def decompose(
         model.save_pretrained("out")
     """
     config = config or DecomposedConfig()
+    if config.mode == "anneal":  # before any checkpoint is read
+        calibration = load_prompts(calibration) if calibration is not None else None
+        if calibration is None:
+            raise PromptError("mode='anneal' needs calibration prompts (decompose(..., calibration=...)), disjoint from evaluation prompts")
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
     t1 = time.perf_counter()
     try:
@@ -446,6 +451,9 @@ def decompose(
         if resume_dir is not None:
             resume.clear(resume_dir)
         raise
+    finally:
+        if inputs.cache is not None:
+            inputs.cache.close()
     _log_resumed(inputs, len(layers), resume_dir)
     t3 = time.perf_counter()
     annealing_report = None
@@ -480,6 +488,11 @@ def decompose_to_disk(
     config = config or DecomposedConfig()
     if config.mode == "anneal":
         raise ConfigError("mode='anneal' runs the model on calibration prompts: use decompose(...).save_pretrained(...)")
+    with locks.owning(output_dir):  # one run per output, from the first check to the published artifact
+        return _decompose_to_disk(finetuned, base_model, config, output_dir, overwrite, revision, progress, resume_dir, hub_kwargs)
+
+
+def _decompose_to_disk(finetuned, base_model, config: DecomposedConfig, output_dir, overwrite: bool, revision, progress: bool, resume_dir, hub_kwargs: dict) -> Path:
     artifact.check_target(output_dir, overwrite)  # before any work; a refused target keeps the layer cache
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
     t1 = time.perf_counter()
@@ -501,6 +514,9 @@ def decompose_to_disk(
         if resume_dir is not None:
             resume.clear(resume_dir)
         raise
+    finally:
+        if inputs.cache is not None:
+            inputs.cache.close()
     _log_resumed(inputs, len(layers), resume_dir)
     if resume_dir is not None:
         resume.clear(resume_dir)
