@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from . import locks
-from .checkpoints import sha256_files
+from .checkpoints import contained, sha256_files
 from .errors import ArtifactError
 from .quantize import bits_of
 from .substructures import TensorDelta
@@ -227,7 +227,7 @@ def read_index(directory: str | Path) -> dict:
     if (directory / INCOMPLETE).exists():
         raise ArtifactError(f"{directory}: an incomplete artifact (its write was interrupted); delete it and decompose again")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(contained(directory, INDEX, ArtifactError).read_text())
     except FileNotFoundError as err:
         raise ArtifactError(f"{directory}: not a decomposed artifact (no {INDEX})") from err
     except (OSError, ValueError, RecursionError) as err:
@@ -248,9 +248,9 @@ def read_index(directory: str | Path) -> dict:
     if WEIGHTS not in index["files"]:
         raise ArtifactError(f"{path}: {WEIGHTS} is not listed in 'files'")
     for name, digest in index["files"].items():
-        file = directory / name
         if name in ("", ".", "..") or Path(name).name != name or not isinstance(digest, str):
             raise ArtifactError(f"{path}: malformed entry {name!r} in 'files'")
+        file = contained(directory, name, ArtifactError)
         if not file.is_file():
             raise ArtifactError(f"{directory}: file {name} listed in {INDEX} is missing")
         if sha256_files([file])[name] != digest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +26,33 @@ def resolve(model: str | Path, revision: str | None = None, **hub_kwargs) -> Pat
     return hub_resolve(model, revision, **hub_kwargs)
 
 
+def contained(directory: Path, name: str, error: type[Exception] = CheckpointError) -> Path:
+    """``directory / name``, refused (`error`) unless `name` is relative without ``..`` and the file, symlinks
+    followed, lies inside `directory` (inside the repo folder for a Hub cache snapshot, whose files link to its blobs)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise error(f"{directory}: file name {name!r} points outside the directory")
+    path = directory / name
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    if path.exists() and not path.resolve().is_relative_to(root):
+        raise error(f"{path} is a link to {path.resolve()}, outside {directory}: refusing to read it")
+    return path
+
+
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in index order when sharded."""
+    """The safetensors files of a checkpoint directory, in index order when sharded; every one inside it."""
     index = directory / "model.safetensors.index.json"
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{directory}: cannot read the directory (permission denied)")
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
+            names = sorted(set(json.loads(contained(directory, index.name).read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index}: unreadable index ({err})") from err
-        files = [directory / name for name in names]
+        files = [contained(directory, name) for name in names]
     else:
-        files = sorted(directory.glob("*.safetensors"))
+        files = [contained(directory, p.name) for p in sorted(directory.glob("*.safetensors"))]
     if not files:
         pickles = sorted(p.name for p in directory.glob("*.bin"))
         hint = f" (found {', '.join(pickles)}: convert to safetensors first)" if pickles else ""
@@ -114,6 +131,8 @@ def read_config(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: no config.json") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err})") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config

@@ -12,8 +12,9 @@ import torch
 
 from . import artifact, locks, resume
 from .config import DecomposedConfig
-from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
-from .errors import DecomposeError, PromptError
+from .checkpoints import CONFIG_PATTERNS, resolve
+from .equivalence import bound_prompts, check_disjoint, context_length, greedy_generate, load_prompts, verify_equivalence
+from .errors import CheckpointError, DecomposeError, PromptError
 from .model import DecomposedModel, decompose, decompose_to_disk
 from .report import summary_table
 
@@ -25,10 +26,23 @@ def _load_reference(path: str | Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int, reference_tokens=None) -> None:
+def _bound_early(finetuned: str, prompts: list[str], args: argparse.Namespace) -> None:
+    """`bound_prompts` with the fine-tune's tokenizer and config, before the long work."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = resolve(finetuned, allow_patterns=CONFIG_PATTERNS)
+    try:
+        tokenizer, config = AutoTokenizer.from_pretrained(directory), AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{finetuned}: cannot load its tokenizer and config ({err})") from err
+    bound_prompts(tokenizer, prompts, args.max_new_tokens, context_length(config), args.max_prompt_tokens)
+
+
+def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int, reference_tokens=None,
+                 max_prompt_tokens: int | None = None) -> None:
     t0 = time.perf_counter()
     result = verify_equivalence(reference, model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                reference_tokens=reference_tokens)
+                                reference_tokens=reference_tokens, max_prompt_tokens=max_prompt_tokens)
     model.report["equivalence"] = result.to_dict()
     model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
 
@@ -41,13 +55,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     prepare_s = time.perf_counter() - t0
     check_disjoint(pair.calib_prompts, pair.eval_prompts)
     reference, tokenizer = _load_reference(pair.finetuned)
-    reference_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
+    reference_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size,
+                                       max_prompt_tokens=args.max_prompt_tokens)
     out = Path(args.output)
     summary: dict = {}
     for mode in args.modes.split(","):
         config = DecomposedConfig(mode=mode, q=args.q)
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts if mode == "anneal" else None)
-        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens)
+        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens, args.max_prompt_tokens)
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
         print(f"\n== {mode} ==\n{summary_table(model.report)}")
@@ -74,13 +89,15 @@ def _decompose(args: argparse.Namespace) -> None:
         raise PromptError("mode anneal needs calibration prompts: pass --calibration FILE (disjoint from --prompts)")
     if prompts and calibration:
         check_disjoint(calibration, prompts)
+    if prompts:
+        _bound_early(args.finetuned, prompts, args)
     out = artifact.check_target(args.output, args.overwrite)
     partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until saved
     if config.mode == "anneal":
         model = decompose(args.finetuned, args.base, config, resume_dir=partial, calibration=calibration)
         if prompts:
             reference, tokenizer = _load_reference(model.source_dir)
-            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
         model.save_pretrained(out, overwrite=args.overwrite)
         report = model.report
     else:  # no model needed: stream the layers to disk (bounded memory), load the artifact only to verify it
@@ -89,7 +106,7 @@ def _decompose(args: argparse.Namespace) -> None:
         if prompts:
             model = DecomposedModel.from_pretrained(out)
             reference, tokenizer = _load_reference(model.source_dir)
-            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+            _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
             artifact.update_report(out, model.report)
             report = model.report
     print(summary_table(report))
@@ -101,10 +118,12 @@ def _decompose(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    prompts = load_prompts(args.prompts)  # bad prompts fail before any checkpoint is read
     model = DecomposedModel.from_pretrained(args.directory)
     finetuned = args.finetuned or model.index["finetuned_model"]["id"]
     reference, tokenizer = _load_reference(finetuned)
-    _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
+    _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                 max_prompt_tokens=args.max_prompt_tokens)
     artifact.update_report(args.directory, model.report)
     print(summary_table(model.report))
 
@@ -122,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     def generation_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-prompt-tokens", type=int, help="truncate longer prompts to this many tokens (with a warning); "
+                       "by default a prompt that does not fit the model's context is refused")
 
     demo = sub.add_parser("demo", help="the main job on the embedded default pair (SmolLM2 + its Shakespeare fine-tune)")
     demo.add_argument("--output", default="out/demo")

@@ -48,7 +48,12 @@ def owning(path: str | Path, what: str = "output") -> Iterator[None]:
         finally:
             _held[file][1] -= 1
         return
-    fd = _acquire(file, path, what)
+    created = _make_parents(file.parent, path)
+    try:
+        fd = _acquire(file, path, what)
+    except BaseException:
+        _remove_empty(created)
+        raise
     _held[file] = [fd, 1]
     try:
         yield
@@ -57,13 +62,34 @@ def owning(path: str | Path, what: str = "output") -> Iterator[None]:
         with contextlib.suppress(OSError):
             file.unlink()  # before the unlock: a waiter that opened this inode sees it gone and retries
         os.close(fd)
+        _remove_empty(created)
+
+
+def _make_parents(directory: Path, path: str | Path) -> list[Path]:
+    """Create `directory` and its missing ancestors; return those created, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+    except OSError as err:
+        _remove_empty(missing)
+        raise ArtifactError(f"cannot create the directory of {path}: {err}") from err
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a run created for its lock if they are still empty (a failed run leaves nothing)."""
+    for d in directories:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _acquire(file: Path, path: str | Path, what: str) -> int:
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ArtifactError(f"cannot create the directory of {path}: {err}") from err
     while True:
         try:
             fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
