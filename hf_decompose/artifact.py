@@ -285,7 +285,9 @@ def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
 def _check_parts(d: TensorDelta) -> None:
     """Raise ValueError unless every stored part of `d` is complete, finite and fits its shape."""
     shape = d.shape
-    pairs = ((d.lowrank_u, d.lowrank_v), (d.override_indices, d.override_values), (d.quant_codes, d.quant_scales))
+    pairs = ((d.lowrank_u, d.lowrank_v), (d.quant_codes, d.quant_scales))
+    if d.override_indices is not None and d.override_values is None:
+        raise ValueError("a part is stored incompletely")
     for group in ((d.sparse_indices, d.sparse_values, d.sparse_components), *pairs):
         if len({t is None for t in group}) > 1:
             raise ValueError("a part is stored incompletely")
@@ -308,14 +310,16 @@ def _check_parts(d: TensorDelta) -> None:
             raise ValueError(f"quantized codes are {d.quant_codes.dtype}, expected packed uint8")
         bits_of(d.quant_codes, shape)
         parts += [(d.quant_codes, (d.quant_codes.numel(),), False), (d.quant_scales, (shape[0], d.quant_scales.shape[1]), True)]
-    if d.override_values is not None:
+    if d.replaces_all:
+        parts += [(d.override_values, shape, True)]
+    elif d.override_values is not None:
         k = d.override_values.numel()
         parts += [(d.override_indices, (k, len(shape)), False), (d.override_values, (k,), True)]
         ranges += list(zip(d.override_indices.t(), shape))
     for tensor, expected, values in parts:
         if tensor is None:
             continue
-        if tuple(tensor.shape) != expected or (tensor.dtype in (torch.float32, torch.bfloat16)) != values:
+        if tuple(tensor.shape) != expected or (tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)) != values:
             raise ValueError(f"a part has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {expected}")
         if values and not torch.isfinite(tensor).all():
             raise ValueError("a part holds NaN/Inf values")

@@ -16,6 +16,7 @@ from .errors import CheckpointError
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab.*", "merges.txt"]
 
 
@@ -123,6 +124,15 @@ class CheckpointReader:
         return sum(f.stat().st_size for f in self.files)
 
 
+def load_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The dtype ``AutoModelForCausalLM.from_pretrained(directory)`` gives the model (transformers'
+    default ``dtype="auto"``): the config's ``dtype``, else that of the first floating-point tensor."""
+    name = reader.config.get("dtype") or reader.config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, name.removeprefix("torch."))
+    return TORCH_DTYPES[next((d for d in map(reader.dtype, reader.names()) if d in TORCH_DTYPES), "F32")]
+
+
 def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     try:
@@ -163,6 +173,7 @@ class CheckpointPair:
 
     def __post_init__(self) -> None:
         b, f = self.base, self.finetuned
+        self.dtype = load_dtype(f)  # what the fine-tune loads as: the base is held in it too
         if b.config.get("model_type") != f.config.get("model_type") or b.config.get("architectures") != f.config.get("architectures"):
             raise CheckpointError(
                 f"architectures differ: base {b.directory} is {b.config.get('model_type')} {b.config.get('architectures')}, "
@@ -200,8 +211,15 @@ class CheckpointPair:
         return self.base.names()
 
     def base_tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The base tensor, or its rows `rows` (a slice with bounds), in the fine-tune's shape: rows of
-        tokens added by the fine-tune are zero."""
+        """The base tensor, or its rows `rows` (a slice with bounds), in the fine-tune's shape (rows of
+        tokens added by the fine-tune are zero), as float32 holding its values rounded to `dtype` (the
+        model's dtype: what a loaded base holds, so what a delta is added to)."""
+        tensor = self._base_tensor(name, rows)
+        if self.dtype in (torch.float16, torch.bfloat16) and TORCH_DTYPES[self.base.dtype(name)] != self.dtype:
+            tensor = tensor.to(self.dtype).float()
+        return tensor
+
+    def _base_tensor(self, name: str, rows: slice | None) -> torch.Tensor:
         shape = self.finetuned.shape(name)
         if self.base.shape(name) == shape:
             return self.base.get(name, rows)

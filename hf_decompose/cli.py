@@ -8,11 +8,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from . import artifact, locks, resume
-from .config import DecomposedConfig
 from .checkpoints import CONFIG_PATTERNS, resolve
+from .config import DecomposedConfig
 from .equivalence import bound_prompts, check_disjoint, context_length, greedy_generate, load_prompts, verify_equivalence
 from .errors import CheckpointError, DecomposeError, PromptError
 from .model import DecomposedModel, decompose, decompose_to_disk
@@ -22,7 +20,7 @@ from .report import summary_table
 def _load_reference(path: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()  # in its own dtype, as people run it
     return model, AutoTokenizer.from_pretrained(path)
 
 

@@ -39,6 +39,7 @@ class EquivalenceResult:
     perplexity_candidate: float
     per_prompt_max_abs_logit_diff: list[float] = field(default_factory=list)
     divergence_margins: list[float | None] = field(default_factory=list)  # reference top-1 - top-2 logit there
+    dtype: str = ""  # the reference's parameter dtype: what the comparison ran in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,4 +238,5 @@ def verify_equivalence(
         perplexity_candidate=float(torch.exp(torch.tensor(nll["candidate"][0] / max(nll["candidate"][1], 1)))),
         per_prompt_max_abs_logit_diff=summary["per_prompt_max_abs_logit_diff"],
         divergence_margins=[None if d is None else m[d] for d, m in zip(summary["first_divergence"], margins)],
+        dtype=str(next(reference.parameters()).dtype).removeprefix("torch."),
     )

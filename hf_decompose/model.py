@@ -19,17 +19,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from . import artifact, locks, resume
-from .checkpoints import CheckpointPair, CheckpointReader, read_config, resolve, sha256_files
+from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, resolve, sha256_files
 from .config import DecomposedConfig
 from .annealing import anneal_model
 from .criterion import assess_layer
-from .deltas import exact_delta
+from .deltas import exact_delta, narrow_delta
 from .equivalence import load_prompts
 from .errors import ArtifactError, CheckpointError, ConfigError, DecomposeError, PromptError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, push_artifact
 from .modules import DecomposedModule
+from .names import Target, TensorTargets
 from .placement import place
 from .substructures import TensorDelta, extract, layer_components
 
@@ -74,9 +75,11 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     layer_deltas = {}
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
-            delta, idx, values = _exact_delta(pair, info)
-            nonzero = torch.from_numpy(delta.numpy() != 0)  # numpy: several times faster than torch here
+            delta, idx, values = _exact_delta(pair, info)  # in the fine-tune's dtype where it is 16-bit
+            nonzero = torch.from_numpy(delta.numpy() != 0) if delta.dtype == torch.float32 else delta != 0  # numpy: faster
             layer_deltas[info.name] = extract(info, delta, nonzero, overrides=(idx, values), dense_block_density=config.dense_block_density, in_place=True)
+            if config.mode == "lossless" and delta.dtype != torch.float32:
+                layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name])
         tests = {}
     else:
         tests = assess_layer({i.name: (i, _delta(pair, i)) for i in infos}, config, geometry, in_place=True)
@@ -85,6 +88,16 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
             lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
             layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density, in_place=True)
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
+
+
+def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta) -> TensorDelta:
+    """`delta`, or where it costs more bytes than the 16-bit fine-tune tensor itself, that tensor's own
+    values (every entry replaced): a lossless artifact is never larger than the fine-tune."""
+    dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
+    if delta.nbytes() <= math.prod(delta.shape) * dtype.itemsize:
+        return delta
+    values = info.canonical(pair.finetuned.get(info.name)).to(dtype).contiguous()
+    return TensorDelta(info.name, delta.shape, info.transposed, override_values=values)
 
 
 def _row_blocks(pair: CheckpointPair, info: ParamInfo) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
@@ -113,13 +126,16 @@ def _delta(pair: CheckpointPair, info: ParamInfo) -> torch.Tensor:
 
 
 def _exact_delta(pair: CheckpointPair, info: ParamInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`deltas.exact_delta` of one tensor, computed a block of rows at a time (it is entry-wise)."""
+    """`deltas.exact_delta` of one tensor, computed a block of rows at a time (it is entry-wise); for a
+    16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype."""
+    dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
+    exact = (lambda b, f: narrow_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
     out, indices, values = None, [], []
     for rows, base, ft in _row_blocks(pair, info):
-        delta, idx, vals = exact_delta(base, ft)
+        delta, idx, vals = exact(base, ft)
         if rows is None:
             return delta, idx, vals
-        out = torch.empty(pair.finetuned.shape(info.name)) if out is None else out
+        out = torch.empty(pair.finetuned.shape(info.name), dtype=delta.dtype) if out is None else out
         out[rows] = delta
         idx[:, 0] += rows.start
         indices.append(idx)
@@ -259,16 +275,19 @@ class DecomposedModel(nn.Module):
                 f"base mismatch: {directory} was decomposed against {recorded['id']} (revision {recorded.get('revision')}, "
                 f"sha256 {sorted(recorded['sha256'].values())[0][:12]}...) but {base_dir} has sha256 {sorted(actual.values())[0][:12]}..."
             )
-        model = build_model(base_dir, directory, deltas, config)
+        dtype = getattr(torch, str(index.get("finetuned_model", {}).get("dtype")), None)  # None: the config's
+        model = build_model(base_dir, directory, deltas, config, dtype if isinstance(dtype, torch.dtype) else None)
         report = artifact.read_report(directory) if (directory / artifact.REPORT).exists() else {}
         return cls(model, deltas, config, index, report, directory).dispatch(device_map, max_memory, offload_folder)
 
 
-def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig) -> nn.Module:
-    """Load the base with the fine-tune's config and graft the deltas onto it."""
-    model = _load_base(base_dir, _plain_config(config_dir))
+def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load the base with the fine-tune's config, in the fine-tune's `dtype` (default: its config's, else
+    float32), and graft the deltas onto it (merged in float32, cast back to each parameter's dtype)."""
+    hf_config = _plain_config(config_dir)
+    model = _load_base(base_dir, hf_config, dtype or _config_dtype(hf_config))
     model.eval()
-    params = dict(model.named_parameters())
+    targets = TensorTargets(model)
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -278,14 +297,18 @@ def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta]
     for name, delta in deltas.items():
         if delta.is_empty():
             continue
-        pname = _target_parameter(name, names, model, params)
-        owner_name, _, attr = pname.rpartition(".")
+        target = _target_parameter(name, names, model, targets)
+        owner_name, _, attr = target.parameter.rpartition(".")
         owner = modules[owner_name]
-        if attr == "weight" and isinstance(owner, WRAPPABLE):
+        if target.strides is not None:  # part of a fused parameter (experts): merged in place there
+            with torch.no_grad():
+                view = target.view(getattr(owner, attr).data)
+                view.copy_(delta.merge(view))
+        elif attr == "weight" and _wrappable(owner):
             module = DecomposedModule(owner, delta, config.execution)
             _set_submodule(model, owner_name, module)
             wrapped[id(owner)] = module
-        else:  # vectors (norms, biases) and other small tensors: merged in place
+        else:  # vectors (norms, biases), other small tensors, modules whose forward is their own: merged in place
             param = getattr(owner, attr)
             setattr(owner, attr, nn.Parameter(delta.merge(param.detach()), requires_grad=False))
     if tied and id(embed) in wrapped:
@@ -308,14 +331,37 @@ def _tied(model: nn.Module) -> bool:
     return head is not None and embed is not None and head.weight is embed.weight
 
 
-def _target_parameter(name: str, names: list[str], model: nn.Module, params: dict[str, nn.Parameter]) -> str:
-    """The parameter of `model` that tensor `name`'s delta applies to (a tied LM head's: the input embedding)."""
-    pname = _param_name(name, params)
-    if pname is None and name.endswith("lm_head.weight") and _tied(model):
-        pname = _param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
-    if pname is None:
-        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
-    return pname
+def _wrappable(module: nn.Module) -> bool:
+    """Modules whose forward `DecomposedModule` reproduces exactly: plain linear, embedding and GPT-2 Conv1D
+    layers, and scaled word embeddings (Gemma's). Subclasses with a forward of their own (OPT's learned
+    positions, called with position ids) are merged in place instead."""
+    return type(module) in WRAPPABLE or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"))
+
+
+def _target_parameter(name: str, names: list[str], model: nn.Module, targets: TensorTargets) -> Target:
+    """Where in `model` tensor `name`'s delta applies (`names.TensorTargets`, transformers' own checkpoint
+    conversion; else a unique parameter whose name ends alike; a tied LM head's: the input embedding)."""
+    target = targets.get(name)
+    if target is None:
+        pname = _param_name(name, targets.params)
+        if pname is None and name.endswith("lm_head.weight") and _tied(model):
+            pname = _param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), targets.params)
+        target = None if pname is None else Target(pname)
+    if target is None:
+        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} "
+                              "(an unsupported module or architecture: nothing was decomposed)")
+    return target
+
+
+def _check_targets(pair: CheckpointPair, ft_dir: Path) -> None:
+    """Refuse, before any work, a checkpoint tensor with no place in the fine-tune's model class (saved
+    buffers, such as old GPT-2 attention masks, aside)."""
+    skeleton = _skeleton(ft_dir)
+    targets, names = TensorTargets(skeleton), pair.names()
+    buffers = tuple(n for n, _ in skeleton.named_buffers())
+    for name in names:
+        if not name.endswith(buffers) and not any(b.endswith("." + name) for b in buffers):
+            _target_parameter(name, names, skeleton, targets)
 
 
 def _skeleton(config_dir: Path) -> nn.Module:
@@ -324,13 +370,21 @@ def _skeleton(config_dir: Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(_plain_config(config_dir))
 
 
-def _load_base(base_dir: Path, hf_config) -> nn.Module:
-    """The base as a float32 model of the fine-tune's config; token rows the fine-tune added start at zero."""
+def _config_dtype(hf_config) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None)
+    dtype = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _load_base(base_dir: Path, hf_config, dtype: torch.dtype) -> nn.Module:
+    """The base as a model of the fine-tune's config in the fine-tune's dtype, loaded as transformers
+    loads the fine-tune (parameters cast on load; buffers such as RoPE's ``inv_freq`` as the model
+    makes them); token rows the fine-tune added start at zero."""
     base_vocab, vocab = read_config(base_dir).get("vocab_size"), getattr(hf_config, "vocab_size", None)
     if base_vocab is None or vocab == base_vocab:
-        return AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=dtype)
     hf_config.vocab_size = base_vocab
-    model = AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=dtype)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the new rows' random init is overwritten
         model.resize_token_embeddings(vocab, mean_resizing=False)
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -374,12 +428,13 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
     base_dir = resolve(base_model, config.base_revision, **hub_kwargs)
     ft_dir = resolve(finetuned, revision, **hub_kwargs)
     pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
+    _check_targets(pair, ft_dir)
     base_sha = sha256_files(pair.base.files)
     cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_record(base_sha, sha256_files(pair.finetuned.files), config))
     index = {
         "config": config.to_dict(),
         "base_model": {"id": str(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
-        "finetuned_model": {"id": str(finetuned), "revision": commit_of(ft_dir) or revision},
+        "finetuned_model": {"id": str(finetuned), "revision": commit_of(ft_dir) or revision, "dtype": str(pair.dtype).removeprefix("torch.")},
     }
     return _Inputs(base_dir, ft_dir, pair, base_sha, cache, index, time.perf_counter() - t0)
 
@@ -446,7 +501,7 @@ def decompose(
     try:
         deltas, layers = compute_deltas(inputs.pair, config, progress=progress, cache=inputs.cache)
         t2 = time.perf_counter()
-        model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config)
+        model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config, inputs.pair.dtype)
     except DecomposeError:  # a bad input: nothing to resume
         if resume_dir is not None:
             resume.clear(resume_dir)
@@ -499,12 +554,12 @@ def _decompose_to_disk(finetuned, base_model, config: DecomposedConfig, output_d
     layers, names = [], inputs.pair.names()
     try:
         skeleton = _skeleton(inputs.ft_dir)
-        params = dict(skeleton.named_parameters())
+        targets = TensorTargets(skeleton)
         with artifact.writing(output_dir, names, overwrite) as writer:
             for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
                 for name, delta in layer_deltas.items():  # what `build_model` would refuse, refused before it is written
                     if not delta.is_empty():
-                        _target_parameter(name, names, skeleton, params)
+                        _target_parameter(name, names, skeleton, targets)
                 writer.add(layer_deltas)
                 layers.append(stats)
                 del layer_deltas
