@@ -492,10 +492,10 @@ def decompose(
         model.save_pretrained("out")
     """
     config = config or DecomposedConfig()
-    if config.mode == "anneal":  # before any checkpoint is read
-        calibration = load_prompts(calibration) if calibration is not None else None
+    if config.mode == "anneal":  # bad or missing calibration fails before any checkpoint is read
         if calibration is None:
             raise PromptError("mode='anneal' needs calibration prompts (decompose(..., calibration=...)), disjoint from evaluation prompts")
+        calibration = load_prompts(calibration)
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
     t1 = time.perf_counter()
     try:
