@@ -80,7 +80,7 @@ def _strided(pname: str, positions: torch.Tensor) -> Target:
         strides.append(int(positions[tuple(step)]) - offset if n > 1 else 1)
     expected = offset + sum(torch.arange(n).reshape([-1 if i == d else 1 for i in range(positions.dim())]) * s
                             for d, (n, s) in enumerate(zip(positions.shape, strides)))  # fmt: skip
-    if not torch.equal(torch.as_tensor(expected).expand(positions.shape), positions):
+    if any(s < 0 for s in strides) or not torch.equal(torch.as_tensor(expected).expand(positions.shape), positions):
         raise CheckpointError(f"transformers converts checkpoint tensors into {pname!r} by more than a strided view: "
                               "this architecture is not supported by hf_decompose")  # fmt: skip
     return Target(pname, tuple(positions.shape), tuple(strides), offset)

@@ -88,3 +88,18 @@ def test_architecture(tmp_path, arch):
             assert torch.isfinite(model(input_ids=ids).logits).all()
     assert 0 < criterion.report["kept_fraction"] < 1
     assert annealed.report["annealing"]["trace"]
+
+
+def test_fused_parameters_map_to_strided_views_and_other_conversions_are_refused():
+    from hf_decompose import CheckpointError
+    from hf_decompose.names import _strided
+
+    fused = torch.arange(4 * 6 * 5).reshape(4, 6, 5)  # 4 experts, [gate | up] rows fused
+    up = fused[2, 3:, :]
+    target = _strided("experts.gate_up_proj", up)
+    assert torch.equal(target.view(fused), up)
+    assert target.view(fused).untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # merged in place
+    assert torch.equal(_strided("p", fused[1].t()).view(fused), fused[1].t())  # a transposed expert
+    for computed in (up.flip(0), up.reshape(-1)[torch.randperm(up.numel(), generator=torch.Generator().manual_seed(0))].reshape(up.shape)):
+        with pytest.raises(CheckpointError, match="by more than a strided view: this architecture is not supported"):
+            _strided("experts.gate_up_proj", computed)
