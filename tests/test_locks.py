@@ -112,12 +112,13 @@ def test_a_layer_cache_in_use_is_refused_naming_its_holder_and_freed_when_it_die
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(ArtifactError, match=rf"cache: this layer cache is in use by another run \(pid {holder.pid} on .*-c"):
-            decompose(ft, base, DecomposedConfig(mode="criterion"), progress=False, resume_dir=cache)
+            decompose(ft, base, DecomposedConfig(mode="lossless"), progress=False, resume_dir=cache)
     finally:
         holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
         holder.wait()
     assert locks.holder(cache)["pid"] == holder.pid  # its lock file is left behind, and does not block
-    decompose(ft, base, DecomposedConfig(mode="criterion"), progress=False, resume_dir=cache)
+    decompose(ft, base, DecomposedConfig(mode="lossless"), progress=False, resume_dir=cache)
+    assert not locks.lock_file(cache).exists()  # released and removed by the run that took it over
 
 
 def test_cache_entries_of_another_configuration_are_never_reused(tmp_path, long_pair, fresh, caplog):
