@@ -34,7 +34,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoints import sha256_files
+from . import locks
+from .checkpoints import contained, sha256_files
 from .errors import ArtifactError
 from .quantize import bits_of
 from .substructures import TensorDelta
@@ -71,16 +72,17 @@ def save(
 def writing(directory: str | Path, names: list[str], overwrite: bool = False) -> Iterator[ArtifactWriter]:
     """An `ArtifactWriter` into a staged copy of `directory`, published atomically once the block ends
     after `ArtifactWriter.finish`; an exception, or no `finish`, leaves `directory` as it was."""
-    target = check_target(directory, overwrite)
-    with _staged(target) as tmp:
-        writer = ArtifactWriter(target, tmp, names)
-        try:
-            yield writer
-        except BaseException:
-            writer.weights.abort()
-            raise
-        if not writer.finished:
-            raise ArtifactError(f"{target}: the artifact was not finished")
+    with locks.owning(directory):
+        target = check_target(directory, overwrite)
+        with _staged(target, overwrite) as tmp:
+            writer = ArtifactWriter(target, tmp, names)
+            try:
+                yield writer
+            except BaseException:
+                writer.weights.abort()
+                raise
+            if not writer.finished:
+                raise ArtifactError(f"{target}: the artifact was not finished")
 
 
 class ArtifactWriter:
@@ -119,11 +121,18 @@ class ArtifactWriter:
 
 
 def check_target(directory: str | Path, overwrite: bool = False) -> Path:
-    """Raise `ArtifactError` unless `directory` is absent, empty, or an artifact and `overwrite` is set."""
+    """Raise `ArtifactError` unless `directory` is absent, empty, or an artifact and `overwrite` is set,
+    and its parent (or the nearest existing ancestor) is a directory this process can write."""
     target = Path(directory)
-    if target.exists() and not target.is_dir():
+    try:
+        _check_writable(target)
+        exists, is_dir = target.exists(), target.is_dir()
+        full = is_dir and any(target.iterdir())
+    except OSError as err:
+        raise ArtifactError(f"cannot write the artifact {target}: {err}") from err
+    if exists and not is_dir:
         raise ArtifactError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()):
+    if full:
         if not (target / INDEX).is_file():
             raise ArtifactError(f"{target} is not empty and holds no hf_decompose artifact: refusing to write over it")
         if not overwrite:
@@ -131,13 +140,25 @@ def check_target(directory: str | Path, overwrite: bool = False) -> Path:
     return target
 
 
+def _check_writable(target: Path) -> None:
+    """Raise `OSError` unless the nearest existing ancestor of `target` is a directory we may write and enter."""
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{ancestor} cannot be entered or written (permission denied)")
+
+
 @contextlib.contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A temporary directory to write `target` into: renamed into place on success, else deleted."""
+def _staged(target: Path, overwrite: bool = True) -> Iterator[Path]:
+    """A temporary directory to write `target` into: renamed into place on success (over an existing
+    artifact only if `overwrite`), else deleted."""
     tmp = _tempdir(target)
     try:
         yield tmp
-        _publish(tmp, target)
+        _publish(tmp, target, overwrite)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ArtifactError(f"cannot write the artifact {target}: {err}") from err
@@ -172,8 +193,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Flush `tmp` to disk, unmark it and rename it into place; an artifact it replaces is moved aside first."""
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Flush `tmp` to disk, unmark it and rename it into place; an artifact it replaces (only if
+    `overwrite`: one may have appeared since `check_target`) is moved aside first."""
+    if not overwrite:
+        check_target(target)
     for path in [*tmp.iterdir(), tmp]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -206,7 +230,7 @@ def read_index(directory: str | Path) -> dict:
     if (directory / INCOMPLETE).exists():
         raise ArtifactError(f"{directory}: an incomplete artifact (its write was interrupted); delete it and decompose again")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(contained(directory, INDEX, ArtifactError).read_text())
     except FileNotFoundError as err:
         raise ArtifactError(f"{directory}: not a decomposed artifact (no {INDEX})") from err
     except (OSError, ValueError, RecursionError) as err:
@@ -227,9 +251,9 @@ def read_index(directory: str | Path) -> dict:
     if WEIGHTS not in index["files"]:
         raise ArtifactError(f"{path}: {WEIGHTS} is not listed in 'files'")
     for name, digest in index["files"].items():
-        file = directory / name
         if name in ("", ".", "..") or Path(name).name != name or not isinstance(digest, str):
             raise ArtifactError(f"{path}: malformed entry {name!r} in 'files'")
+        file = contained(directory, name, ArtifactError)
         if not file.is_file():
             raise ArtifactError(f"{directory}: file {name} listed in {INDEX} is missing")
         if sha256_files([file])[name] != digest:
@@ -264,7 +288,9 @@ def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
 def _check_parts(d: TensorDelta) -> None:
     """Raise ValueError unless every stored part of `d` is complete, finite and fits its shape."""
     shape = d.shape
-    pairs = ((d.lowrank_u, d.lowrank_v), (d.override_indices, d.override_values), (d.quant_codes, d.quant_scales))
+    pairs = ((d.lowrank_u, d.lowrank_v), (d.quant_codes, d.quant_scales))
+    if d.override_indices is not None and d.override_values is None:
+        raise ValueError("a part is stored incompletely")
     for group in ((d.sparse_indices, d.sparse_values, d.sparse_components), *pairs):
         if len({t is None for t in group}) > 1:
             raise ValueError("a part is stored incompletely")
@@ -287,14 +313,16 @@ def _check_parts(d: TensorDelta) -> None:
             raise ValueError(f"quantized codes are {d.quant_codes.dtype}, expected packed uint8")
         bits_of(d.quant_codes, shape)
         parts += [(d.quant_codes, (d.quant_codes.numel(),), False), (d.quant_scales, (shape[0], d.quant_scales.shape[1]), True)]
-    if d.override_values is not None:
+    if d.replaces_all:
+        parts += [(d.override_values, shape, True)]
+    elif d.override_values is not None:
         k = d.override_values.numel()
         parts += [(d.override_indices, (k, len(shape)), False), (d.override_values, (k,), True)]
         ranges += list(zip(d.override_indices.t(), shape))
     for tensor, expected, values in parts:
         if tensor is None:
             continue
-        if tuple(tensor.shape) != expected or (tensor.dtype in (torch.float32, torch.bfloat16)) != values:
+        if tuple(tensor.shape) != expected or (tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)) != values:
             raise ValueError(f"a part has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {expected}")
         if values and not torch.isfinite(tensor).all():
             raise ValueError("a part holds NaN/Inf values")
@@ -322,20 +350,22 @@ def update_report(directory: str | Path, report: dict) -> None:
 def copy(source: str | Path, target: str | Path, report: dict, overwrite: bool = False) -> Path:
     """Write the artifact `source` (checked) to `target` with `report` as its report, atomically: a staged
     copy (other files hard-linked where possible) is swapped in; `target` may be `source` itself."""
-    source = Path(source)
-    index = read_index(source)
-    target = check_target(target, overwrite) if Path(target) != source else source
-    with _staged(target) as tmp:
-        for file in source.iterdir():
-            if file.is_file() and file.name not in (REPORT, INDEX, CARD) and file.name in index["files"]:
-                try:
-                    os.link(file, tmp / file.name)
-                except OSError:
-                    shutil.copy2(file, tmp / file.name)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
-        index["files"][REPORT] = sha256_files([tmp / REPORT])[REPORT]
-        _write_index(tmp, index)
-        _write_card(tmp, index, report, source)
+    source, target = Path(source), Path(target)
+    with locks.owning(target):
+        index = read_index(source)
+        if target != source:
+            check_target(target, overwrite)
+        with _staged(target, overwrite) as tmp:
+            for file in source.iterdir():
+                if file.is_file() and file.name not in (REPORT, INDEX, CARD) and file.name in index["files"]:
+                    try:
+                        os.link(file, tmp / file.name)
+                    except OSError:
+                        shutil.copy2(file, tmp / file.name)
+            (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
+            index["files"][REPORT] = sha256_files([tmp / REPORT])[REPORT]
+            _write_index(tmp, index)
+            _write_card(tmp, index, report, source)
     return target
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +17,37 @@ from .errors import CheckpointError
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab.*", "merges.txt"]
 
 
+def contained(directory: Path, name: str, error: type[Exception] = CheckpointError) -> Path:
+    """``directory / name``, refused (`error`) unless `name` is relative without ``..`` and the file, symlinks
+    followed, lies inside `directory` (inside the repo folder for a Hub cache snapshot, whose files link to its blobs)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise error(f"{directory}: file name {name!r} points outside the directory")
+    path = directory / name
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    if path.exists() and not path.resolve().is_relative_to(root):
+        raise error(f"{path} is a link to {path.resolve()}, outside {directory}: refusing to read it")
+    return path
+
+
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in index order when sharded."""
+    """The safetensors files of a checkpoint directory, in index order when sharded; every one inside it."""
     index = directory / "model.safetensors.index.json"
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise CheckpointError(f"{directory}: cannot read the directory (permission denied)")
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
+            names = sorted(set(json.loads(contained(directory, index.name).read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index}: unreadable index ({err})") from err
-        files = [directory / name for name in names]
+        files = [contained(directory, name) for name in names]
     else:
-        files = sorted(directory.glob("*.safetensors"))
+        files = [contained(directory, p.name) for p in sorted(directory.glob("*.safetensors"))]
     if not files:
         pickles = sorted(p.name for p in directory.glob("*.bin"))
         hint = f" (found {', '.join(pickles)}: convert to safetensors first)" if pickles else ""
@@ -100,6 +118,15 @@ class CheckpointReader:
         return sum(f.stat().st_size for f in self.files)
 
 
+def load_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The dtype ``AutoModelForCausalLM.from_pretrained(directory)`` gives the model (transformers'
+    default ``dtype="auto"``): the config's ``dtype``, else that of the first floating-point tensor."""
+    name = reader.config.get("dtype") or reader.config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, name.removeprefix("torch."))
+    return TORCH_DTYPES[next((d for d in map(reader.dtype, reader.names()) if d in TORCH_DTYPES), "F32")]
+
+
 def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     try:
@@ -108,6 +135,8 @@ def read_config(directory: Path) -> dict:
         raise CheckpointError(f"{directory}: no config.json") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: invalid JSON ({err})") from err
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err})") from err
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
@@ -138,6 +167,7 @@ class CheckpointPair:
 
     def __post_init__(self) -> None:
         b, f = self.base, self.finetuned
+        self.dtype = load_dtype(f)  # what the fine-tune loads as: the base is held in it too
         if b.config.get("model_type") != f.config.get("model_type") or b.config.get("architectures") != f.config.get("architectures"):
             raise CheckpointError(
                 f"architectures differ: base {b.directory} is {b.config.get('model_type')} {b.config.get('architectures')}, "
@@ -175,8 +205,15 @@ class CheckpointPair:
         return self.base.names()
 
     def base_tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The base tensor, or its rows `rows` (a slice with bounds), in the fine-tune's shape: rows of
-        tokens added by the fine-tune are zero."""
+        """The base tensor, or its rows `rows` (a slice with bounds), in the fine-tune's shape (rows of
+        tokens added by the fine-tune are zero), as float32 holding its values rounded to `dtype` (the
+        model's dtype: what a loaded base holds, so what a delta is added to)."""
+        tensor = self._base_tensor(name, rows)
+        if self.dtype in (torch.float16, torch.bfloat16) and TORCH_DTYPES[self.base.dtype(name)] != self.dtype:
+            tensor = tensor.to(self.dtype).float()
+        return tensor
+
+    def _base_tensor(self, name: str, rows: slice | None) -> torch.Tensor:
         shape = self.finetuned.shape(name)
         if self.base.shape(name) == shape:
             return self.base.get(name, rows)

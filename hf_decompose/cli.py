@@ -8,14 +8,13 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
-from . import artifact, resume
+from . import artifact, locks, resume
+from .checkpoints import CONFIG_PATTERNS
+from .hub import resolve
 from .config import DecomposedConfig
 from .decomposed import DecomposedModel
-from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
-from .errors import DecomposeError
-from .hub import resolve
+from .equivalence import bound_prompts, check_disjoint, context_length, greedy_generate, load_prompts, verify_equivalence
+from .errors import CheckpointError, DecomposeError
 from .model import decompose, decompose_to_disk
 from .report import summary_table
 
@@ -24,16 +23,29 @@ def _load_reference(path: str | Path):
     """The fine-tune itself (never an artifact) and its tokenizer: what a decomposition is checked against."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()  # in its own dtype, as people run it
     if isinstance(model, DecomposedModel):
         raise DecomposeError(f"{path} is a decomposed artifact: verify against the fine-tune it was made from (--finetuned)")
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int, reference_tokens=None) -> None:
+def _bound_early(finetuned: str, prompts: list[str], args: argparse.Namespace) -> None:
+    """`bound_prompts` with the fine-tune's tokenizer and config, before the long work."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = resolve(finetuned, allow_patterns=CONFIG_PATTERNS)
+    try:
+        tokenizer, config = AutoTokenizer.from_pretrained(directory), AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{finetuned}: cannot load its tokenizer and config ({err})") from err
+    bound_prompts(tokenizer, prompts, args.max_new_tokens, context_length(config), args.max_prompt_tokens)
+
+
+def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_tokens: int, batch_size: int, reference_tokens=None,
+                 max_prompt_tokens: int | None = None) -> None:
     t0 = time.perf_counter()
     result = verify_equivalence(reference, model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                reference_tokens=reference_tokens)
+                                reference_tokens=reference_tokens, max_prompt_tokens=max_prompt_tokens)
     model.report["equivalence"] = result.to_dict()
     model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
 
@@ -42,7 +54,7 @@ def _verify_artifact(directory: Path, finetuned: str | Path, prompts: list[str],
     """Load the artifact, check it against the fine-tune `finetuned` on `prompts`, record the result in its report."""
     model = DecomposedModel.from_pretrained(directory)
     reference, tokenizer = _load_reference(resolve(finetuned))
-    _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+    _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
     artifact.update_report(directory, model.report)
     return model.report
 
@@ -55,13 +67,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     prepare_s = time.perf_counter() - t0
     check_disjoint(pair.calib_prompts, pair.eval_prompts)
     reference, tokenizer = _load_reference(pair.finetuned)
-    reference_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
+    reference_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size,
+                                       max_prompt_tokens=args.max_prompt_tokens)
     out = Path(args.output)
     summary: dict = {}
     for mode in args.modes.split(","):
         config = DecomposedConfig(mode=mode, q=args.q, calibration=pair.calib_prompts if mode == "anneal" else None)
         model = decompose(pair.finetuned, pair.base, config)
-        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens)
+        _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens, args.max_prompt_tokens)
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
         print(f"\n== {mode} ==\n{summary_table(model.report)}")
@@ -74,6 +87,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
+    with locks.owning(args.output):  # one run per output (and its layer cache), until the artifact is verified and pushed
+        _decompose(args)
+
+
+def _decompose(args: argparse.Namespace) -> None:
     config = DecomposedConfig.from_yaml(args.config) if args.config else DecomposedConfig()
     if args.mode:
         config.mode = args.mode
@@ -84,6 +102,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
         calibration, _ = config.calibration_prompts()
         if prompts:
             check_disjoint(calibration, prompts)
+    if prompts:
+        _bound_early(args.finetuned, prompts, args)
     out = artifact.check_target(args.output, args.overwrite)
     partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until written
     decompose_to_disk(args.finetuned, args.base, config, output_dir=out, overwrite=args.overwrite, resume_dir=partial)
@@ -97,8 +117,9 @@ def cmd_decompose(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    prompts = load_prompts(args.prompts)  # bad prompts fail before any checkpoint is read
     finetuned = args.finetuned or artifact.read_index(args.directory)["finetuned_model"]["id"]
-    print(summary_table(_verify_artifact(Path(args.directory), finetuned, load_prompts(args.prompts), args)))
+    print(summary_table(_verify_artifact(Path(args.directory), finetuned, prompts, args)))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -114,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     def generation_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--max-prompt-tokens", type=int, help="truncate longer prompts to this many tokens (with a warning); "
+                       "by default a prompt that does not fit the model's context is refused")
 
     demo = sub.add_parser("demo", help="the main job on the embedded default pair (SmolLM2 + its Shakespeare fine-tune)")
     demo.add_argument("--output", default="out/demo")

@@ -311,7 +311,8 @@ def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geome
             chunks = row_chunks(result.residual) if other == 1 else (result.residual,)
             per_unit = torch.cat([_z2(c, result.sigma).sum(dim=other) for c in chunks]).numpy()
             ids = group_ids(info, tuple(result.residual.shape), geometry) if geometry else np.arange(per_unit.size)
-            key = f"{info.layer}:{info.group_kind}"
+            # a kind the groups know pools across the layer's tensors; an unrecognised matrix is its own group
+            key = f"{info.layer}:{info.group_kind}" if info.role != "matrix" else f"{info.layer}:{info.group_kind}:{name}"
             count = np.full(per_unit.size, result.residual.shape[other])
         size = int(ids.max()) + 1
         sums.setdefault(key, np.zeros(size))

@@ -22,7 +22,7 @@ from . import artifact, hub, inject, resume
 from .checkpoints import CheckpointReader
 from .config import QUANT_METHOD, DecomposedConfig
 from .errors import ArtifactError, CheckpointError, ConfigError
-from .modules import DecomposedModule
+from .names import Target, TensorTargets
 from .substructures import TensorDelta
 
 PUSH_KEYS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "tags")
@@ -144,28 +144,26 @@ class DecomposedModel:
                 if module._tied is None:
                     inject.merge_into(module.base.weight, module.delta)
         else:
-            self._restore_base(deltas)
-            inject.apply_deltas(self, {n: d for n, d in deltas.items() if d.is_empty() or _is_matrix(n, self)}, "split")
+            split = _split_targets(self, deltas)
+            self._restore_base({n: deltas[n] for n in split}, split)
+            inject.apply_deltas(self, {n: deltas[n] for n in split}, "split")
         self.decomposition.config.execution = execution
         self._record_versions()
         return self
 
-    def _restore_base(self, deltas: dict[str, TensorDelta]) -> None:
-        """Read back the base values of the matrices the merge changed (vectors stay merged)."""
+    def _restore_base(self, deltas: dict[str, TensorDelta], targets: dict[str, Target]) -> None:
+        """Read back the base values of the matrices the merge changed (`targets`: where each delta went)."""
         reader = CheckpointReader(self.decomposition.base_dir)
-        params = dict(self.named_parameters())
-        names, seen = list(deltas), set()
-        for name, delta in deltas.items():
-            if delta.is_empty() or not _is_matrix(name, self):
+        params = dict(self.named_parameters(remove_duplicate=False))
+        seen = set()
+        for name, target in targets.items():
+            if target.parameter in seen:  # a tied head stored beside its embedding
                 continue
-            pname = inject.target_parameter(name, names, self, params)
-            if pname in seen:  # a tied head stored beside its embedding
-                continue
-            seen.add(pname)
-            param = params[pname]
+            seen.add(target.parameter)
+            param = params[target.parameter]
             base = reader.get(name) if name in reader.names() else None
             if base is None or base.shape != param.shape:  # a tied head, or a vocabulary the fine-tune grew
-                base = param.detach().float() - _stored_layout(delta, param)
+                base = param.detach().float() - _stored_layout(deltas[name], param)
             with torch.no_grad():
                 param.data = base.to(param.device, param.dtype)
 
@@ -219,14 +217,18 @@ def _one_device(device_map: Any) -> bool:
     return isinstance(device_map, (int, torch.device)) or device_map in ("cpu", "cuda", "mps") or str(device_map).startswith("cuda:")
 
 
-def _is_matrix(name: str, model: nn.Module) -> bool:
-    params = dict(model.named_parameters())
-    pname = inject.param_name(name, params)
-    if pname is None:  # a tied head
-        return True
-    owner = model.get_submodule(pname.rpartition(".")[0])
-    owner = owner.base if isinstance(owner, DecomposedModule) else owner
-    return pname.endswith("weight") and type(owner) in inject.WRAPPABLE
+def _split_targets(model: nn.Module, deltas: dict[str, TensorDelta]) -> dict[str, Target]:
+    """The deltas split execution runs as substructures (whole weights of wrappable modules), with their targets;
+    the others (vectors, entries of fused parameters, modules with a forward of their own) stay merged."""
+    targets, names, out = TensorTargets(model), list(deltas), {}
+    for name, delta in deltas.items():
+        if delta.is_empty():
+            continue
+        target = inject.target_parameter(name, names, model, targets)
+        owner_name, _, attr = target.parameter.rpartition(".")
+        if target.strides is None and attr == "weight" and inject.wrappable(model.get_submodule(owner_name)):
+            out[name] = target
+    return out
 
 
 def _stored_layout(delta: TensorDelta, param: torch.Tensor) -> torch.Tensor:

@@ -36,3 +36,41 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tens
     delta[where] = d
     bad = _mismatch(b, d, f)
     return delta, torch.stack(where, 1)[bad], f[bad]
+
+
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+
+
+def narrow_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (delta, override_indices, override_values) in `dtype`, the fine-tune's own 16-bit dtype,
+    so that a lossless artifact is no larger than the fine-tune.
+
+    `base` and `finetuned` are float32 holding the values as stored. Merging as `TensorDelta.merge`
+    does, in float32 then cast to the model's dtype, ``(base + delta).to(model_dtype)`` equals
+    ``finetuned.to(model_dtype)`` bit for bit, except at the override indices, where the fine-tune's
+    value (exact in `dtype`) is stored as is. Entries identical in both have delta exactly 0. The
+    rounded difference is almost always such a delta; a few nudges by one step of `dtype` fix most of
+    the rest (a delta that spans many more binades than the fine-tune's value), and what remains
+    becomes an override. The nudges work on the gathered mismatched entries only.
+    """
+    delta = (finetuned - base).to(dtype)
+    target = finetuned.to(model_dtype)
+    where = _narrow_mismatch(base, delta, target).nonzero(as_tuple=True)
+    if not where[0].numel():  # the usual case
+        return delta, torch.zeros(0, delta.dim(), dtype=torch.long), finetuned.new_empty(0, dtype=dtype)
+    b, f, d = base[where], target[where], delta[where]
+    for _ in range(4):
+        bad = _narrow_mismatch(b, d, f)
+        if not bad.any():
+            break
+        up = (b + d.float()).to(model_dtype) < f
+        d = torch.where(bad, torch.nextafter(d, torch.where(up, torch.inf, -torch.inf).to(dtype)), d)
+    delta[where] = d
+    bad = _narrow_mismatch(b, d, f)
+    return delta, torch.stack(where, 1)[bad], finetuned[where][bad].to(dtype)
+
+
+def _narrow_mismatch(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Where (base + delta) in float32, cast to `target`'s dtype, differs from `target` bit for bit."""
+    bits = _BITS[target.dtype]
+    return torch.from_numpy((base + delta.float()).to(target.dtype).view(bits).numpy() != target.view(bits).numpy())

@@ -10,6 +10,7 @@ change of the weights), and the perplexity of both models on the prompt texts. T
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from tqdm.auto import tqdm
 from .errors import PromptError
 from .metrics import load_generation_equivalence
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+logger = logging.getLogger(__name__)
 DATASET_FILES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -36,6 +39,7 @@ class EquivalenceResult:
     perplexity_candidate: float
     per_prompt_max_abs_logit_diff: list[float] = field(default_factory=list)
     divergence_margins: list[float | None] = field(default_factory=list)  # reference top-1 - top-2 logit there
+    dtype: str = ""  # the reference's parameter dtype: what the comparison ran in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,14 +77,20 @@ def load_prompts(source, split: str | None = None, column: str | None = None) ->
         path = Path(source)
         if not path.is_file():
             raise PromptError(f"prompt file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise PromptError(f"{path}: not UTF-8 text ({err}); prompt files must be UTF-8") from err
+        except OSError as err:
+            raise PromptError(f"cannot read the prompt file {path}: {err}") from err
         if path.suffix == ".jsonl":
             try:
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
                 prompts = [row.get("prompt", row.get("text")) for row in rows]
             except (json.JSONDecodeError, AttributeError) as err:
                 raise PromptError(f"{path}: not JSON lines with a 'prompt' or 'text' field ({err})") from err
         else:
-            prompts = [line for line in path.read_text().splitlines() if line.strip()]
+            prompts = [line for line in text.splitlines() if line.strip()]
         where = str(path)
     elif hasattr(source, "column_names"):
         column = column or next((c for c in ("prompt", "text") if c in source.column_names), None)
@@ -104,6 +114,42 @@ def check_disjoint(calib: list[str], eval: list[str]) -> None:
         raise PromptError(f"calibration and evaluation prompts overlap ({len(overlap)} shared), e.g. {overlap[0][:80]!r}")
 
 
+def context_length(config) -> int | None:
+    """The longest sequence a model's config admits (None when it states none)."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def bound_prompts(tokenizer, prompts: list[str], max_new_tokens: int, context: int | None, max_prompt_tokens: int | None = None) -> None:
+    """Check prompt lengths before any model runs. Prompts over `max_prompt_tokens` tokens will be
+    truncated to it (a warning says which); a prompt that, with `max_new_tokens`, would not fit the
+    model's `context` raises `PromptError` naming it."""
+    if max_prompt_tokens is not None and (type(max_prompt_tokens) is not int or max_prompt_tokens < 1):
+        raise PromptError(f"max_prompt_tokens={max_prompt_tokens!r} must be a positive integer")
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    if max_prompt_tokens is not None:
+        long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
+        if long:
+            logger.warning("%d prompt(s) longer than %d tokens are truncated to it (prompt %d: %d tokens)",
+                           len(long), max_prompt_tokens, long[0], lengths[long[0]])
+        lengths = [min(n, max_prompt_tokens) for n in lengths]
+    if context is not None:
+        worst = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[worst] + max_new_tokens > context:
+            raise PromptError(
+                f"prompt {worst} ({prompts[worst][:40]!r}...) has {lengths[worst]} tokens: with {max_new_tokens} new tokens it exceeds "
+                f"the model's context of {context}; shorten it or pass --max-prompt-tokens / max_prompt_tokens= to truncate"
+            )
+
+
+def _encode(tokenizer, prompts: list[str], max_prompt_tokens: int | None):
+    truncate = {} if max_prompt_tokens is None else {"truncation": True, "max_length": max_prompt_tokens}
+    return tokenizer(prompts, return_tensors="pt", padding=True, **truncate)
+
+
 def _prepare(tokenizer):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -112,13 +158,21 @@ def _prepare(tokenizer):
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8, progress: bool = False) -> list[torch.Tensor]:
-    """New tokens of greedy generation, one tensor per prompt (padded to max_new_tokens after EOS)."""
+def greedy_generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8, progress: bool = False, max_prompt_tokens: int | None = None
+) -> list[torch.Tensor]:
+    """New tokens of greedy generation, one tensor per prompt (padded to max_new_tokens after EOS);
+    prompt lengths are checked first (`bound_prompts`)."""
     tokenizer = _prepare(tokenizer)
+    bound_prompts(tokenizer, prompts, max_new_tokens, context_length(model.config), max_prompt_tokens)
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, max_prompt_tokens)
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool, max_prompt_tokens: int | None) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     outputs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
+        batch = _encode(tokenizer, prompts[start : start + batch_size], max_prompt_tokens).to(device)
         out = model.generate(
             **batch, do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
@@ -137,17 +191,21 @@ def verify_equivalence(
     batch_size: int = 8,
     progress: bool = True,
     reference_tokens: list[torch.Tensor] | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> EquivalenceResult:
     """Compare greedy generations and teacher-forced logits of `candidate` against `reference`
-    (pass `reference_tokens`, from `greedy_generate`, to compare several candidates with one run)."""
+    (pass `reference_tokens`, from `greedy_generate`, to compare several candidates with one run).
+    Prompt lengths are checked before either model runs (`bound_prompts`)."""
     prompts = load_prompts(prompts)
-    ref_tokens = reference_tokens or greedy_generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress)
-    cand_tokens = greedy_generate(candidate, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    tokenizer = _prepare(tokenizer)
+    bound_prompts(tokenizer, prompts, max_new_tokens, context_length(reference.config), max_prompt_tokens)
+    ref_tokens = reference_tokens or _generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress, max_prompt_tokens)
+    cand_tokens = _generate(candidate, tokenizer, prompts, max_new_tokens, batch_size, progress, max_prompt_tokens)
     kl, top1, max_diff, margins = [], [], [], []  # per prompt: per-position KL, top-1 agreement, reference margin; max |logit diff|
     nll = {"reference": [0.0, 0], "candidate": [0.0, 0]}
     device = next(reference.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        enc = _encode(tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
         cont = torch.stack(ref_tokens[start : start + batch_size])
         ids = torch.cat([enc["input_ids"], cont], 1).to(device)
         mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1).to(device)
@@ -182,4 +240,5 @@ def verify_equivalence(
         perplexity_candidate=float(torch.exp(torch.tensor(nll["candidate"][0] / max(nll["candidate"][1], 1)))),
         per_prompt_max_abs_logit_diff=summary["per_prompt_max_abs_logit_diff"],
         divergence_margins=[None if d is None else m[d] for d, m in zip(summary["first_divergence"], margins)],
+        dtype=str(next(reference.parameters()).dtype).removeprefix("torch."),
     )

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import ArtifactError, CheckpointError
 from .modules import DecomposedModule
+from .names import Target, TensorTargets
 from .substructures import TensorDelta
 
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
@@ -26,27 +27,33 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
     """Put `deltas` (checkpoint tensor name -> delta) into `model`, merged or split (see the module docstring).
 
     `swappable`: every changed matrix becomes a `DecomposedModule` run as `execution`, so that its delta
-    can be swapped (`DecomposedModule.set_delta`: annealing tries several).
+    can be swapped (`DecomposedModule.set_delta`: annealing tries several). Entries of a fused parameter
+    (mixture-of-experts weights stored per expert) are always merged in place, through their view.
     """
-    params = dict(model.named_parameters())
+    targets = TensorTargets(model)
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
     names = list(deltas)
-    done: dict[str, TensorDelta] = {}
+    done: set[str] = set()
     wrapped: dict[str, DecomposedModule] = {}
     for name, delta in deltas.items():
         if delta.is_empty():
             continue
-        pname = target_parameter(name, names, model, params)
-        if pname in done:  # a tied head stored beside its embedding: one delta, applied once
+        target = target_parameter(name, names, model, targets)
+        if target.strides is None and target.parameter in done:  # a tied head stored beside its embedding: applied once
             continue
-        done[pname] = delta
-        owner_name, _, attr = pname.rpartition(".")
+        done.add(target.parameter)
+        owner_name, _, attr = target.parameter.rpartition(".")
         owner = modules[owner_name]
         param = getattr(owner, attr)
         stored = tuple(reversed(delta.shape)) if delta.transposed else tuple(delta.shape)
-        if tuple(param.shape) != stored:
-            raise ArtifactError(f"tensor {name!r}: its delta has shape {stored}, parameter {pname} of {type(model).__name__} has {tuple(param.shape)}")
-        if attr == "weight" and type(owner) in WRAPPABLE and (swappable or execution == "split" or param.device.type == "meta"):
+        shape = tuple(param.shape) if target.strides is None else target.shape
+        if shape != stored:
+            raise ArtifactError(f"tensor {name!r}: its delta has shape {stored}, parameter {target.parameter} of {type(model).__name__} has {shape}")
+        if target.strides is not None:
+            with torch.no_grad():
+                view = target.view(param.data)
+                view.copy_(delta.merge(view))
+        elif attr == "weight" and wrappable(owner) and (swappable or execution == "split" or param.device.type == "meta"):
             wrapped[owner_name] = DecomposedModule(owner, delta, execution if swappable else "split")
             if param.device.type != "meta":
                 wrapped[owner_name].ops.to(param.device)
@@ -54,6 +61,13 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
         else:
             merge_into(param, delta)
     _wrap_tied_head(model, modules, wrapped)
+
+
+def wrappable(module: nn.Module) -> bool:
+    """Modules whose forward `DecomposedModule` reproduces exactly: plain linear, embedding and GPT-2 Conv1D
+    layers, and scaled word embeddings (Gemma's). Subclasses with a forward of their own (OPT's learned
+    positions, called with position ids) are merged in place instead."""
+    return type(module) in WRAPPABLE or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"))
 
 
 def merge_into(param: nn.Parameter, delta: TensorDelta) -> None:
@@ -90,14 +104,19 @@ def tied(model: nn.Module) -> bool:
     return head is not None and embed is not None and head.weight is embed.weight
 
 
-def target_parameter(name: str, names: list[str], model: nn.Module, params: dict[str, nn.Parameter]) -> str:
-    """The parameter of `model` that tensor `name`'s delta applies to (a tied LM head's: the input embedding)."""
-    pname = param_name(name, params)
-    if pname is None and name.endswith("lm_head.weight") and tied(model):
-        pname = param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), params)
-    if pname is None:
-        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} (an unsupported module)")
-    return pname
+def target_parameter(name: str, names: list[str], model: nn.Module, targets: TensorTargets) -> Target:
+    """Where in `model` tensor `name`'s delta applies (`names.TensorTargets`, transformers' own checkpoint
+    conversion; else a unique parameter whose name ends alike; a tied LM head's: the input embedding)."""
+    target = targets.get(name)
+    if target is None:
+        pname = param_name(name, targets.params)
+        if pname is None and name.endswith("lm_head.weight") and tied(model):
+            pname = param_name(next(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), targets.params)
+        target = None if pname is None else Target(pname)
+    if target is None:
+        raise CheckpointError(f"tensor {name!r} has no matching parameter in {type(model).__name__} "
+                              "(an unsupported module or architecture: nothing was decomposed)")
+    return target
 
 
 def param_name(name: str, params: dict[str, nn.Parameter]) -> str | None:

@@ -17,18 +17,19 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from . import artifact, resume
-from .checkpoints import CheckpointPair, CheckpointReader, read_config, sha256_files
+from . import artifact, locks, resume
+from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, sha256_files
 from .config import DecomposedConfig
 from .annealing import anneal_model
 from .criterion import assess_layer
-from .deltas import exact_delta
+from .deltas import exact_delta, narrow_delta
 from .decomposed import DecomposedModel
 from .errors import ConfigError, DecomposeError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, resolve
 from .inject import apply_deltas, target_parameter
+from .names import TensorTargets
 from .substructures import TensorDelta, extract, layer_components
 
 CHUNK_BYTES = 4 * 2**20  # large tensors are read and differenced this many bytes of rows at a time
@@ -71,9 +72,11 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     layer_deltas = {}
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
-            delta, idx, values = _exact_delta(pair, info)
-            nonzero = torch.from_numpy(delta.numpy() != 0)  # numpy: several times faster than torch here
+            delta, idx, values = _exact_delta(pair, info)  # in the fine-tune's dtype where it is 16-bit
+            nonzero = torch.from_numpy(delta.numpy() != 0) if delta.dtype == torch.float32 else delta != 0  # numpy: faster
             layer_deltas[info.name] = extract(info, delta, nonzero, overrides=(idx, values), dense_block_density=config.dense_block_density, in_place=True)
+            if config.mode == "lossless" and delta.dtype != torch.float32:
+                layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name])
         tests = {}
     else:
         tests = assess_layer({i.name: (i, _delta(pair, i)) for i in infos}, config, geometry, in_place=True)
@@ -82,6 +85,16 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
             lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
             layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density, in_place=True)
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
+
+
+def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta) -> TensorDelta:
+    """`delta`, or where it costs more bytes than the 16-bit fine-tune tensor itself, that tensor's own
+    values (every entry replaced): a lossless artifact is never larger than the fine-tune."""
+    dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
+    if delta.nbytes() <= math.prod(delta.shape) * dtype.itemsize:
+        return delta
+    values = info.canonical(pair.finetuned.get(info.name)).to(dtype).contiguous()
+    return TensorDelta(info.name, delta.shape, info.transposed, override_values=values)
 
 
 def _row_blocks(pair: CheckpointPair, info: ParamInfo) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
@@ -110,13 +123,16 @@ def _delta(pair: CheckpointPair, info: ParamInfo) -> torch.Tensor:
 
 
 def _exact_delta(pair: CheckpointPair, info: ParamInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`deltas.exact_delta` of one tensor, computed a block of rows at a time (it is entry-wise)."""
+    """`deltas.exact_delta` of one tensor, computed a block of rows at a time (it is entry-wise); for a
+    16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype."""
+    dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
+    exact = (lambda b, f: narrow_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
     out, indices, values = None, [], []
     for rows, base, ft in _row_blocks(pair, info):
-        delta, idx, vals = exact_delta(base, ft)
+        delta, idx, vals = exact(base, ft)
         if rows is None:
             return delta, idx, vals
-        out = torch.empty(pair.finetuned.shape(info.name)) if out is None else out
+        out = torch.empty(pair.finetuned.shape(info.name), dtype=delta.dtype) if out is None else out
         out[rows] = delta
         idx[:, 0] += rows.start
         indices.append(idx)
@@ -169,10 +185,12 @@ def _layer_stats(layer: str, infos: list[ParamInfo], deltas: dict[str, TensorDel
     return stats
 
 
-def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig) -> nn.Module:
-    """The model annealing starts from: the base with the fine-tune's config, every changed matrix a
-    `DecomposedModule` run as ``config.execution`` (so that annealing can swap its delta), vectors merged."""
-    model = _load_base(base_dir, _plain_config(config_dir))
+def build_model(base_dir: Path, config_dir: Path, deltas: dict[str, TensorDelta], config: DecomposedConfig, dtype: torch.dtype | None = None) -> nn.Module:
+    """The model annealing starts from: the base with the fine-tune's config in the fine-tune's `dtype`
+    (default: its config's, else float32), every changed matrix a `DecomposedModule` run as
+    ``config.execution`` (so that annealing can swap its delta), other deltas merged in place."""
+    hf_config = _plain_config(config_dir)
+    model = _load_base(base_dir, hf_config, dtype or _config_dtype(hf_config))
     model.eval()
     apply_deltas(model, deltas, config.execution, swappable=True)
     return model
@@ -187,19 +205,38 @@ def _plain_config(config_dir: Path):
     return hf_config
 
 
+def _check_targets(pair: CheckpointPair, ft_dir: Path) -> None:
+    """Refuse, before any work, a checkpoint tensor with no place in the fine-tune's model class (saved
+    buffers, such as old GPT-2 attention masks, aside)."""
+    skeleton = _skeleton(ft_dir)
+    targets, names = TensorTargets(skeleton), pair.names()
+    buffers = tuple(n for n, _ in skeleton.named_buffers())
+    for name in names:
+        if not name.endswith(buffers) and not any(b.endswith("." + name) for b in buffers):
+            target_parameter(name, names, skeleton, targets)
+
+
 def _skeleton(config_dir: Path) -> nn.Module:
     """The fine-tune's model class with no weights (meta device): to check deltas fit it without building it."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(_plain_config(config_dir))
 
 
-def _load_base(base_dir: Path, hf_config) -> nn.Module:
-    """The base as a float32 model of the fine-tune's config; token rows the fine-tune added start at zero."""
+def _config_dtype(hf_config) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None)
+    dtype = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _load_base(base_dir: Path, hf_config, dtype: torch.dtype) -> nn.Module:
+    """The base as a model of the fine-tune's config in the fine-tune's dtype, loaded as transformers
+    loads the fine-tune (parameters cast on load; buffers such as RoPE's ``inv_freq`` as the model
+    makes them); token rows the fine-tune added start at zero."""
     base_vocab, vocab = read_config(base_dir).get("vocab_size"), getattr(hf_config, "vocab_size", None)
     if base_vocab is None or vocab == base_vocab:
-        return AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=dtype)
     hf_config.vocab_size = base_vocab
-    model = AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, config=hf_config, dtype=dtype)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the new rows' random init is overwritten
         model.resize_token_embeddings(vocab, mean_resizing=False)
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -231,12 +268,13 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
     base_dir = resolve(base_model, config.base_revision, **hub_kwargs)
     ft_dir = resolve(finetuned, revision, **hub_kwargs)
     pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
+    _check_targets(pair, ft_dir)
     base_sha = sha256_files(pair.base.files)
-    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_key(base_sha, sha256_files(pair.finetuned.files), config))
+    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_record(base_sha, sha256_files(pair.finetuned.files), config))
     index = {
         "config": config.to_dict(),
         "base_model": {"id": _recorded_id(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
-        "finetuned_model": {"id": _recorded_id(finetuned), "revision": commit_of(ft_dir) or revision},
+        "finetuned_model": {"id": _recorded_id(finetuned), "revision": commit_of(ft_dir) or revision, "dtype": str(pair.dtype).removeprefix("torch.")},
     }
     return _Inputs(base_dir, ft_dir, pair, base_sha, cache, index, time.perf_counter() - t0)
 
@@ -341,6 +379,13 @@ def decompose_to_disk(
     config, and deleted once the artifact is written (unless `keep_cache`).
     """
     config = config or DecomposedConfig()
+    with locks.owning(output_dir):  # one run per output, from the first check to the published artifact
+        return _decompose_to_disk(finetuned, base_model, config, output_dir, overwrite, revision, progress, resume_dir, keep_cache, hub_kwargs)
+
+
+def _decompose_to_disk(
+    finetuned, base_model, config: DecomposedConfig, output_dir, overwrite: bool, revision, progress: bool, resume_dir, keep_cache: bool, hub_kwargs: dict
+) -> Path:
     artifact.check_target(output_dir, overwrite)  # before any work; a refused target keeps the layer cache
     calibration = config.calibration_prompts() if config.mode == "anneal" else None  # bad prompts fail before any read
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
@@ -353,6 +398,9 @@ def decompose_to_disk(
         if resume_dir is not None:
             resume.clear(resume_dir)
         raise
+    finally:
+        if inputs.cache is not None:
+            inputs.cache.close()
     if resume_dir is not None and not keep_cache:
         resume.clear(resume_dir)
     return target
@@ -362,12 +410,12 @@ def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overw
     t1 = time.perf_counter()
     layers, names = [], inputs.pair.names()
     skeleton = _skeleton(inputs.ft_dir)
-    params = dict(skeleton.named_parameters())
+    targets = TensorTargets(skeleton)
     with artifact.writing(output_dir, names, overwrite) as writer:
         for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
             for name, delta in layer_deltas.items():  # what loading would refuse, refused before it is written
                 if not delta.is_empty():
-                    target_parameter(name, names, skeleton, params)
+                    target_parameter(name, names, skeleton, targets)
             writer.add(layer_deltas)
             layers.append(stats)
             del layer_deltas
@@ -382,7 +430,7 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
     deltas, layers = compute_deltas(inputs.pair, config, progress=progress, cache=inputs.cache)
     _log_resumed(inputs, len(layers), inputs.cache)
     t2 = time.perf_counter()
-    model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config)
+    model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config, inputs.pair.dtype)
     t3 = time.perf_counter()
     prompts, source = calibration
     deltas, annealing_report = anneal_model(model, deltas, inputs.ft_dir, inputs.base_dir, prompts, config, progress)

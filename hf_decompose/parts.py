@@ -184,8 +184,10 @@ class DeltaOps(nn.Module):
             self.add_module(f"block{i}", BlockPart(b.rows, b.cols, b.values, delta.shape))
         if delta.sparse_values is not None:
             self.add_module("sparse", SparsePart(delta.sparse_indices[0], delta.sparse_indices[1], delta.sparse_values, delta.shape))
-        if delta.override_values is not None:  # overridden entries: the correction on top of the rest
-            canonical = base_weight.t() if delta.transposed else base_weight
+        canonical = base_weight.t() if delta.transposed else base_weight
+        if delta.replaces_all:  # every entry replaced: the whole difference to the base
+            self.add_module("override", DensePart(delta.override_values.float() - canonical.detach().float().cpu() - delta.to_dense()))
+        elif delta.override_values is not None:  # overridden entries: the correction on top of the rest
             at = tuple(delta.override_indices.t())
             fix = delta.override_values - canonical.detach().float().cpu()[at] - delta.to_dense()[at]
             self.add_module("override", SparsePart(at[0], at[1], fix, delta.shape))

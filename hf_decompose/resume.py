@@ -2,8 +2,10 @@
 
 A cache directory holds ``manifest.json`` (its key: a hash of both checkpoints' weight files and of
 the config) and, per finished layer ``i``, ``<i>.safetensors`` (the layer's `TensorDelta` parts)
-and ``<i>.json`` (layer name, tensor shapes, statistics, the weights' SHA-256), the JSON written
-last as the entry's commit mark. A cache with another key is wiped; a damaged entry is recomputed.
+and ``<i>.json`` (layer name, tensor shapes, statistics, the weights' SHA-256, and the full record
+the key hashes: configuration and both checkpoints' SHA-256), the JSON written last as the entry's
+commit mark. An entry is reused only when its own key matches; a cache with another key is wiped; a
+damaged entry is recomputed. One process at a time owns a cache (`locks.owning`, held until `close`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import locks
 from .checkpoints import sha256_files
 from .config import DecomposedConfig
 from .errors import ArtifactError
@@ -35,35 +38,56 @@ logger = logging.getLogger(__name__)
 LayerResult = tuple[dict[str, TensorDelta], dict]
 
 
-def cache_key(base_sha: dict[str, str], finetuned_sha: dict[str, str], config: DecomposedConfig) -> str:
-    """Hash of everything a layer's result depends on."""
+def cache_record(base_sha: dict[str, str], finetuned_sha: dict[str, str], config: DecomposedConfig) -> dict:
+    """Everything a layer's result depends on: the format, both checkpoints' file hashes, the configuration."""
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_KEY}
-    blob = json.dumps({"format": CACHE_FORMAT, "base": base_sha, "finetuned": finetuned_sha, "config": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json.loads(json.dumps({"format": CACHE_FORMAT, "base": base_sha, "finetuned": finetuned_sha, "config": settings}, default=str))
+
+
+def cache_key(record: dict) -> str:
+    """SHA-256 of a `cache_record`."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 class LayerCache:
-    """Finished layers of one decomposition, keyed by `cache_key`."""
+    """Finished layers of one decomposition, each entry keyed by `cache_key` of `record`; the directory is
+    owned (locked) by this object until `close`."""
 
-    def __init__(self, directory: str | Path, key: str):
+    def __init__(self, directory: str | Path, record: dict):
         self.directory = Path(directory)
+        self.record, self.key = record, cache_key(record)
         self.reused = 0
-        manifest = self.directory / MANIFEST
-        if self.directory.is_dir() and any(self.directory.iterdir()) and not manifest.is_file():
-            raise ArtifactError(f"{self.directory} is not empty and is no layer cache: refusing to use it for one")
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(locks.owning(self.directory, "layer cache"))
         try:
-            if _read_json(manifest).get("key") != key:
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self) -> None:
+        manifest = self.directory / MANIFEST
+        try:
+            if self.directory.is_dir() and any(self.directory.iterdir()) and not manifest.is_file():
+                raise ArtifactError(f"{self.directory} is not empty and is no layer cache: refusing to use it for one")
+            if _read_json(manifest).get("key") != self.key:
                 clear(self.directory)
             self.directory.mkdir(parents=True, exist_ok=True)
-            _write_atomic(manifest, json.dumps({"key": key}))
+            _write_atomic(manifest, json.dumps({"key": self.key, "record": self.record}))
         except OSError as err:
             raise ArtifactError(f"cannot create the layer cache {self.directory}: {err}") from err
 
+    def close(self) -> None:
+        """Release the directory's lock (the entries stay for a re-run)."""
+        self._lock.close()
+
     def get(self, index: int, layer: str) -> LayerResult | None:
-        """The cached result of layer `index`, or None when absent or damaged."""
+        """The cached result of layer `index`, or None when absent, damaged or computed from other inputs or settings."""
         meta = _read_json(self.directory / f"{index:05d}.json")
         weights = self.directory / f"{index:05d}.safetensors"
-        if meta.get("layer") != layer or not weights.is_file() or sha256_files([weights])[weights.name] != meta.get("sha256"):
+        if meta.get("key") != self.key or meta.get("record") != self.record or meta.get("layer") != layer:
+            return None
+        if not weights.is_file() or sha256_files([weights])[weights.name] != meta.get("sha256"):
             return None
         try:
             tensors = load_file(weights)
@@ -83,7 +107,7 @@ class LayerCache:
                         writer.add(key, tensor)
             os.replace(tmp, weights)
             tensors = {n: {"shape": list(d.shape), "transposed": d.transposed} for n, d in deltas.items()}
-            meta = {"layer": layer, "sha256": sha256_files([weights])[weights.name], "tensors": tensors, "stats": stats}
+            meta = {"key": self.key, "record": self.record, "layer": layer, "sha256": sha256_files([weights])[weights.name], "tensors": tensors, "stats": stats}
             _write_atomic(self.directory / f"{index:05d}.json", json.dumps(meta, default=_jsonable))
         except (OSError, SafetensorError) as err:
             raise ArtifactError(f"cannot write the layer cache {self.directory}: {err}") from err
@@ -105,9 +129,15 @@ def cached_layer(cache: LayerCache | None, index: int, layer: str, compute: Call
 
 
 def clear(directory: str | Path) -> None:
-    """Delete a layer cache (a directory holding a cache manifest; anything else is left alone)."""
-    if (Path(directory) / MANIFEST).is_file():
-        shutil.rmtree(directory, ignore_errors=True)
+    """Delete a layer cache (a directory holding a cache manifest; anything else is left alone), unless
+    another process owns it now."""
+    if not (Path(directory) / MANIFEST).is_file():
+        return
+    try:
+        with locks.owning(directory, "layer cache"):
+            shutil.rmtree(directory, ignore_errors=True)
+    except ArtifactError as err:
+        logger.info("left the layer cache in place: %s", err)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ class TensorDelta:
     lowrank_u: torch.Tensor | None = None  # (out, r), singular values folded in
     lowrank_v: torch.Tensor | None = None  # (r, in)
     override_indices: torch.Tensor | None = None  # (k, ndim): entries stored as absolute values
-    override_values: torch.Tensor | None = None
+    override_values: torch.Tensor | None = None  # (k,), or the whole tensor (no indices): every entry replaced
     quant_codes: torch.Tensor | None = None  # every entry in low-bit codes, packed (see `quantize`)
     quant_scales: torch.Tensor | None = None  # (out, in / group) bfloat16
 
@@ -55,12 +55,20 @@ class TensorDelta:
     def rank(self) -> int:
         return 0 if self.lowrank_u is None else int(self.lowrank_u.shape[1])
 
+    @property
+    def replaces_all(self) -> bool:
+        """Every entry is stored as its absolute value (the exact values of a 16-bit fine-tune, when a
+        delta would cost more bytes than they do)."""
+        return self.override_values is not None and self.override_indices is None
+
     def is_empty(self) -> bool:
         return self.num_params() == 0 and self.override_values is None
 
     def num_params(self) -> int:
         """Stored delta parameters: kept entries plus low-rank factor parameters (an override
-        replaces an entry already counted)."""
+        replaces an entry already counted; a whole replaced tensor counts every entry)."""
+        if self.replaces_all:
+            return self.override_values.numel()
         n = 0 if self.dense is None else self.dense.numel()
         n += sum(b.values.numel() for b in self.blocks)
         n += 0 if self.sparse_values is None else self.sparse_values.numel()
@@ -79,12 +87,12 @@ class TensorDelta:
 
     # -- dense views ---------------------------------------------------------------------------
     def to_dense(self) -> torch.Tensor:
-        """The kept delta as one canonical tensor (overrides excluded)."""
-        out = torch.zeros(self.shape) if self.dense is None else self.dense.clone()
+        """The kept delta as one canonical float32 tensor (overrides excluded; parts may be stored in 16 bits)."""
+        out = torch.zeros(self.shape) if self.dense is None else self.dense.to(torch.float32, copy=True)
         for b in self.blocks:
-            out[b.rows[:, None], b.cols[None, :]] += b.values
+            out[b.rows[:, None], b.cols[None, :]] += b.values.float()
         if self.sparse_values is not None:
-            out.index_put_(tuple(self.sparse_indices), self.sparse_values, accumulate=True)
+            out.index_put_(tuple(self.sparse_indices), self.sparse_values.float(), accumulate=True)
         if self.lowrank_u is not None:  # factors may be stored in bfloat16: multiply in float32
             out += self.lowrank_u.float() @ self.lowrank_v.float()
         if self.quant_codes is not None:
@@ -104,12 +112,17 @@ class TensorDelta:
             mask[tuple(self.sparse_indices)] = True
         if self.override_indices is not None:
             mask[tuple(self.override_indices.t())] = True
+        if self.replaces_all:
+            mask[...] = True
         return mask
 
     def merge(self, weight: torch.Tensor) -> torch.Tensor:
         """base weight (stored layout) + kept delta, with overrides written last."""
         merged = weight.detach().float().clone()
         view = merged.t() if self.transposed else merged
+        if self.replaces_all:
+            view.copy_(self.override_values.to(view.device))
+            return merged.to(weight.dtype)
         if self.dense is not None and not self.blocks and self.sparse_values is None and self.lowrank_u is None and self.quant_codes is None:
             view += self.dense.to(view.device)  # the lossless path: one elementwise float32 add, exact by construction
         else:
@@ -135,8 +148,10 @@ class TensorDelta:
             out[f"{p}.lowrank.u"], out[f"{p}.lowrank.v"] = self.lowrank_u, self.lowrank_v
         if self.quant_codes is not None:
             out[f"{p}.quant.codes"], out[f"{p}.quant.scales"] = self.quant_codes, self.quant_scales
+        if self.override_indices is not None:
+            out[f"{p}.override.indices"] = self.override_indices
         if self.override_values is not None:
-            out[f"{p}.override.indices"], out[f"{p}.override.values"] = self.override_indices, self.override_values
+            out[f"{p}.override.values"] = self.override_values
         # indices fit int32 (shapes < 2^31): half the bytes of int64 on disk
         return {k: (v.int() if v.dtype == torch.int64 else v).contiguous() for k, v in out.items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -400,3 +401,156 @@ def test_bf16_base_fp32_finetune_rebuilds_bit_for_bit(tmp_path):
     ids = torch.arange(0, 24).reshape(2, 12)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+# -- bounds: prompt lengths, encodings, paths, calibration ---------------------------------------
+
+
+@pytest.fixture
+def tokenized(pair) -> tuple[Path, Path]:
+    """The pair with a small word-level tokenizer (the synthetic pair has none)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", *"to be or not that is the question short".split()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>")
+    for directory in pair:
+        tokenizer.save_pretrained(directory)
+    return pair
+
+
+class _MustNotRun(torch.nn.Module):
+    """A model that fails if it is ever run: proves a check came before any allocation."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.weight = config, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the model ran")
+
+    generate = forward
+
+
+def test_prompt_longer_than_the_context_is_refused_before_any_model_runs(tmp_path, tokenized):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hf_decompose.equivalence import verify_equivalence
+
+    ft = tokenized[1]
+    model = _MustNotRun(AutoConfig.from_pretrained(ft))
+    with fails(tmp_path, PromptError, r"prompt 1 .* has \d+ tokens: with 8 new tokens it exceeds the model's context of 64"):
+        verify_equivalence(model, model, AutoTokenizer.from_pretrained(ft), ["short", "to be " * 20_000], max_new_tokens=8)
+
+
+def test_cli_long_prompt_is_refused_before_decomposing(tmp_path, tokenized):
+    (tmp_path / "prompts.txt").write_text("short\n" + "to be " * 20_000 + "\n")
+    with fails(tmp_path, PromptError, "exceeds the model's context of 64.*--max-prompt-tokens"):
+        cli("decompose", *tokenized, "--output", tmp_path / "out", "--prompts", tmp_path / "prompts.txt", "--max-new-tokens", "8")
+
+
+def test_max_prompt_tokens_truncates_with_a_warning(tmp_path, tokenized, caplog):
+    from transformers import AutoTokenizer
+
+    from hf_decompose.equivalence import verify_equivalence
+
+    ft = tokenized[1]
+    reference = AutoModelForCausalLM.from_pretrained(ft).eval()
+    result = verify_equivalence(reference, reference, AutoTokenizer.from_pretrained(ft), ["short", "to be " * 20_000],
+                                max_new_tokens=8, max_prompt_tokens=16, progress=False)  # fmt: skip
+    assert result.exact_match_rate == 1.0 and result.max_abs_logit_diff == 0
+    assert "1 prompt(s) longer than 16 tokens are truncated to it (prompt 1:" in caplog.text
+    with pytest.raises(PromptError, match="max_prompt_tokens=0 must be a positive integer"):
+        verify_equivalence(reference, reference, AutoTokenizer.from_pretrained(ft), ["short"], max_prompt_tokens=0)
+
+
+@pytest.mark.parametrize("command", ["decompose", "verify"])
+def test_prompt_file_that_is_not_utf8(tmp_path, pair, artifact, command):
+    (tmp_path / "prompts.txt").write_bytes(b"To be\n\xff\xfe\x00binary\x89PNG\n")
+    argv = ("decompose", *pair, "--output", tmp_path / "out") if command == "decompose" else ("verify", artifact)
+    with fails(tmp_path, PromptError, r"prompts\.txt: not UTF-8 text"):
+        cli(*argv, "--prompts", tmp_path / "prompts.txt")
+
+
+def test_output_whose_parent_is_a_file(tmp_path, pair):
+    (tmp_path / "notes.txt").write_text("not a directory")
+    with fails(tmp_path, ArtifactError, r"notes\.txt/out.*Not a directory"):
+        cli("decompose", *pair, "--output", tmp_path / "notes.txt" / "out")
+
+
+def test_output_in_new_directories_leaves_none_behind_on_failure(tmp_path, pair):
+    (tmp_path / "prompts.txt").write_text("")
+    with fails(tmp_path, PromptError, "the prompt set is empty"):
+        cli("decompose", *pair, "--output", tmp_path / "a" / "b" / "out", "--prompts", tmp_path / "prompts.txt")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root enters and writes any directory")
+def test_output_whose_parent_cannot_be_entered(tmp_path, pair):
+    (tmp_path / "locked").mkdir(mode=0o600)
+    try:
+        with fails(tmp_path, ArtifactError, "locked.*Permission denied|permission denied"):
+            cli("decompose", *pair, "--output", tmp_path / "locked" / "out")
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
+def test_checkpoint_that_cannot_be_read(tmp_path, pair):
+    base, ft = pair
+    ft.chmod(0o000)
+    try:
+        with fails(tmp_path, CheckpointError, "ft.*(permission denied|Permission denied)"):
+            cli("decompose", base, ft, "--output", tmp_path / "out")
+    finally:
+        ft.chmod(0o755)
+
+
+def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tmp_path, pair):
+    base, ft = pair
+    (ft / "model.safetensors").write_bytes(b"")  # reading it would fail with a CheckpointError
+    (tmp_path / "calib.txt").write_text("\n\n")
+    with fails(tmp_path, PromptError, "empty"):
+        cli("decompose", base, ft, "--output", tmp_path / "out", "--mode", "anneal", "--calibration", tmp_path / "calib.txt")
+    with fails(tmp_path, PromptError, "empty"):
+        decompose(ft, base, DecomposedConfig(mode="anneal", calibration=[]), progress=False)
+
+
+def test_shard_named_outside_the_checkpoint_directory(tmp_path, sharded):
+    base, ft, shards = sharded
+    shutil.copy(shards[0], tmp_path / "outside.safetensors")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: "../outside.safetensors" if v == shards[0].name else v for k, v in index["weight_map"].items()}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    with fails(tmp_path, CheckpointError, r"file name '\.\./outside\.safetensors' points outside the directory"):
+        cli("decompose", base, ft, "--output", tmp_path / "out")
+
+
+def test_shard_that_is_a_symlink_to_outside(tmp_path, sharded):
+    base, ft, shards = sharded
+    shards[0].rename(tmp_path / "elsewhere.safetensors")
+    shards[0].symlink_to(tmp_path / "elsewhere.safetensors")
+    with fails(tmp_path, CheckpointError, f"{shards[0].name} is a link to .*elsewhere.safetensors, outside"):
+        cli("decompose", base, ft, "--output", tmp_path / "out")
+
+
+def test_artifact_weights_that_are_a_symlink_to_outside(tmp_path, artifact):
+    (artifact / WEIGHTS).rename(tmp_path / "elsewhere.safetensors")
+    (artifact / WEIGHTS).symlink_to(tmp_path / "elsewhere.safetensors")
+    with fails(tmp_path, ArtifactError, f"{WEIGHTS} is a link to .*elsewhere.safetensors, outside"):
+        DecomposedModel.from_pretrained(artifact)
+
+
+def test_symlinks_inside_a_hub_snapshot_are_followed(tmp_path, llama_pair):
+    """A Hub cache snapshot links each file to the repo's blobs: inside the repo, so it is read."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in llama_pair[0].iterdir():
+        shutil.copy(file, repo / "blobs" / file.name)
+        (snapshot / file.name).symlink_to(Path("../..") / "blobs" / file.name)
+    from hf_decompose.checkpoints import CheckpointReader
+
+    assert CheckpointReader(snapshot).names() == CheckpointReader(llama_pair[0]).names()

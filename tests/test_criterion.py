@@ -141,3 +141,33 @@ def test_robust_sigma_ignores_outliers():
     x = torch.randn(100_000) * 2.0
     x[:1000] = 1e3
     assert abs(robust_sigma(x) - 2.0) < 0.05
+
+
+@pytest.mark.parametrize("arch", ["falcon", "gpt_neox"])
+def test_matrices_of_unknown_roles_are_tested_per_tensor_never_pooled(arch):
+    """Falcon's and GPT-NeoX's projections are no kind the groups know: each is its own group test,
+    whatever else the layer holds (pooled, rows of unrelated matrices shared one test)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                                  num_attention_heads=4, new_decoder_architecture=False)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(0)
+    layer = {}
+    for name, p in model.named_parameters():
+        if ".0." in name and p.dim() == 2:
+            delta = torch.randn(p.shape, generator=gen)
+            delta[:3] += 1.5  # a few supported rows in every matrix
+            layer[name] = (describe(name, tuple(p.shape), arch), delta)
+    unknown = [n for n, (info, _) in layer.items() if info.role == "matrix"]
+    assert len(unknown) >= 3 and len({layer[n][1].shape[0] for n in unknown}) > 1  # the larger first used to crash
+    cfg = DecomposedConfig(mode="criterion", spectral_test=False)
+    together = assess_layer({n: (i, d.clone()) for n, (i, d) in layer.items()}, cfg, Geometry.from_config(config.to_dict()))
+    for name in unknown:
+        info, delta = layer[name]
+        alone = assess_layer({name: (info, delta.clone())}, cfg, Geometry.from_config(config.to_dict()))[name]
+        assert np.array_equal(together[name].group_pvalues, alone.group_pvalues), name
+        assert together[name].group_pvalues.size == delta.shape[0]
+        assert torch.equal(together[name].mask, alone.mask)
+        assert together[name].mask[:3].all(1).all() and together[name].stats["supported_groups"] >= 3

@@ -76,7 +76,7 @@ def test_round_trip_through_the_hub(local_hub, tiny_pair, tmp_path):  # noqa: F8
     model = AutoModelForCausalLM.from_pretrained("acme/tiny-ft", quantization_config=DecomposedConfig(base_model="acme/tiny-base"))
     index = model.decomposition.index
     assert index["base_model"]["revision"] == api.model_info("acme/tiny-base").sha  # pinned to a commit
-    assert index["finetuned_model"] == {"id": "acme/tiny-ft", "revision": api.model_info("acme/tiny-ft").sha}
+    assert index["finetuned_model"] == {"id": "acme/tiny-ft", "revision": api.model_info("acme/tiny-ft").sha, "dtype": "float32"}
     commit = model.push_to_hub("acme/tiny-ft-decomposed")
     assert commit.oid == api.model_info("acme/tiny-ft-decomposed").sha
 

@@ -1,0 +1,92 @@
+"""Checkpoint tensor names -> model parameters, through transformers' own checkpoint conversion.
+
+transformers 5 loads some checkpoints through conversions (`transformers.conversion_mapping`): legacy
+renames, and mixture-of-experts weights stored per expert in checkpoints (``experts.3.w1.weight``) but
+fused into 3-D parameters of the model (``experts.gate_up_proj``). `TensorTargets` asks transformers'
+own reverse conversion (`revert_weight_conversion`, what ``save_pretrained`` writes) which checkpoint
+tensors each parameter becomes: on meta tensors for names and shapes, and for a parameter that a
+converter splits, fuses or transposes, on an index probe, so that each checkpoint tensor maps to a
+strided view of the parameter (a conversion that is no view is refused). No name is renamed by hand here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor lives in a model: a parameter, whole (`strides` None, same shape), or a
+    strided view of it (entries of a fused parameter: offset and strides into the flat parameter)."""
+
+    parameter: str
+    shape: tuple[int, ...] | None = None
+    strides: tuple[int, ...] | None = None
+    offset: int = 0
+
+    def view(self, param: torch.Tensor) -> torch.Tensor:
+        """The entries of `param` (contiguous) that the checkpoint tensor holds, in its shape."""
+        if self.strides is None:
+            return param
+        flat = param.view(-1)
+        return flat.as_strided(self.shape, self.strides, flat.storage_offset() + self.offset)
+
+
+class TensorTargets:
+    """The `Target` of every checkpoint tensor name of `model`'s class, as transformers saves it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self._targets: dict[str, Target] = {}
+        converted = []
+        for pname, param in self.params.items():
+            saved = _revert(model, {pname: torch.empty(param.shape, dtype=param.dtype, device="meta")})
+            if list(saved) == [pname] or (len(saved) == 1 and tuple(next(iter(saved.values())).shape) == tuple(param.shape)):
+                self._targets.setdefault(next(iter(saved)), Target(pname))
+            elif saved:
+                converted.append(pname)
+        self._converted = converted  # probed on first use
+
+    def get(self, name: str) -> Target | None:
+        """The target of checkpoint tensor `name` (None when the model has no such parameter)."""
+        if name not in self._targets and self._converted:
+            self._probe()
+        return self._targets.get(name)
+
+    def _probe(self) -> None:
+        """Run the reverse conversion of each converted parameter on its flat indices (one at a time)."""
+        for pname in self._converted:
+            param = self.params[pname]
+            probe = torch.arange(param.numel(), dtype=torch.int64).reshape(param.shape)
+            for name, positions in _revert(self.model, {pname: probe}).items():
+                self._targets.setdefault(name, _strided(pname, positions))
+        self._converted = []
+
+
+def _strided(pname: str, positions: torch.Tensor) -> Target:
+    """`positions` as offset and strides; a conversion that is no strided view (one that computes) is refused."""
+    from .errors import CheckpointError
+
+    first = [0] * positions.dim()
+    offset = int(positions[tuple(first)]) if positions.numel() else 0
+    strides = []
+    for d, n in enumerate(positions.shape):
+        step = list(first)
+        step[d] = 1 if n > 1 else 0
+        strides.append(int(positions[tuple(step)]) - offset if n > 1 else 1)
+    expected = offset + sum(torch.arange(n).reshape([-1 if i == d else 1 for i in range(positions.dim())]) * s
+                            for d, (n, s) in enumerate(zip(positions.shape, strides)))  # fmt: skip
+    if any(s < 0 for s in strides) or not torch.equal(torch.as_tensor(expected).expand(positions.shape), positions):
+        raise CheckpointError(f"transformers converts checkpoint tensors into {pname!r} by more than a strided view: "
+                              "this architecture is not supported by hf_decompose")  # fmt: skip
+    return Target(pname, tuple(positions.shape), tuple(strides), offset)
+
+
+def _revert(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, state)

@@ -1,0 +1,105 @@
+"""Every supported architecture, as checkpoints ship: tiny random configs, sharded bfloat16 pairs (the
+fine-tune is the base plus a structured change). Lossless rebuilds the fine-tune bit for bit (parameters,
+buffers, generations), criterion and anneal run, and the artifact reloads through plain
+`AutoModelForCausalLM` (after ``import hf_decompose``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_decompose  # noqa: F401  (registers the from_pretrained hook)
+from hf_decompose import DecomposedConfig, DecomposedModel, decompose, decompose_to_disk
+
+from .conftest import _tiny_tokenizer
+from .test_dtypes import assert_same_model, effective_state
+
+CALIBRATION = ["to be or not", "that is the question", "whether tis nobler", "in the mind to suffer"]
+TOKENIZER = _tiny_tokenizer(CALIBRATION * 4, 300, 64)  # byte-level BPE: every model type's tokenizer class reads it
+COMMON = dict(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=0, bos_token_id=0)  # fmt: skip
+MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+ARCHITECTURES = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "mistral": {"tie_word_embeddings": False},
+    "gemma2": {"head_dim": 8},
+    "gemma3_text": {"head_dim": 8},
+    "phi3": {},
+    "olmo2": {},
+    "gpt2": {"n_positions": 64},
+    "gpt_neox": {},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 64},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "shared_expert_intermediate_size": 32, **MOE},
+    "qwen3_moe": {"num_experts": 4, "head_dim": 8, **MOE},
+}
+
+
+def _structured_change(model: torch.nn.Module, seed: int = 1) -> None:
+    """A fine-tune's kind of change: a few rows of every matrix (every expert's), some whole vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            rows = p[..., :3, :] if p.dim() >= 2 else p
+            rows.add_((torch.randn(rows.shape, generator=gen) * 2e-2).to(p.dtype))
+
+
+def _pair(root: Path, arch: str) -> tuple[Path, Path]:
+    config = AutoConfig.for_model(arch, **COMMON | ARCHITECTURES[arch])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    for name in ("base", "ft"):
+        if name == "ft":
+            _structured_change(model)
+        model.save_pretrained(root / name, max_shard_size="20KB")
+        TOKENIZER.save_pretrained(root / name)
+    return root / "base", root / "ft"
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_architecture(tmp_path, arch):
+    base, ft = _pair(tmp_path, arch)
+    assert len(list(ft.glob("*.safetensors"))) > 1, "the pair should be sharded"
+    reference = AutoModelForCausalLM.from_pretrained(ft).eval()
+    assert reference.dtype == torch.bfloat16
+
+    out = decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "lossless", progress=False)
+    assert_same_model(DecomposedModel.from_pretrained(out), reference)
+    assert_same_model(decompose(ft, base, DecomposedConfig(mode="lossless"), progress=False), reference)
+
+    plain = AutoModelForCausalLM.from_pretrained(out)  # the from_pretrained hook
+    got, want = effective_state(plain), dict(reference.named_parameters())
+    assert all(torch.equal(got[n], p) for n, p in want.items()), [n for n, p in want.items() if not torch.equal(got[n], p)][:3]
+    with torch.no_grad():
+        assert plain(input_ids=torch.arange(2, 10)[None]).logits.shape == (1, 8, reference.config.vocab_size)
+
+    ids = torch.arange(2, 10)[None]
+    criterion = decompose(ft, base, DecomposedConfig(mode="criterion"), progress=False)
+    annealed = decompose(ft, base, DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 4, "calibration_tokens": 4}),
+                         calibration=CALIBRATION, progress=False)  # fmt: skip
+    with torch.no_grad():
+        for model in (criterion, annealed):
+            assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert 0 < criterion.report["kept_fraction"] < 1
+    assert annealed.report["annealing"]["trace"]
+
+
+def test_fused_parameters_map_to_strided_views_and_other_conversions_are_refused():
+    from hf_decompose import CheckpointError
+    from hf_decompose.names import _strided
+
+    fused = torch.arange(4 * 6 * 5).reshape(4, 6, 5)  # 4 experts, [gate | up] rows fused
+    up = fused[2, 3:, :]
+    target = _strided("experts.gate_up_proj", up)
+    assert torch.equal(target.view(fused), up)
+    assert target.view(fused).untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()  # merged in place
+    assert torch.equal(_strided("p", fused[1].t()).view(fused), fused[1].t())  # a transposed expert
+    for computed in (up.flip(0), up.reshape(-1)[torch.randperm(up.numel(), generator=torch.Generator().manual_seed(0))].reshape(up.shape)):
+        with pytest.raises(CheckpointError, match="by more than a strided view: this architecture is not supported"):
+            _strided("experts.gate_up_proj", computed)
