@@ -27,12 +27,11 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from . import locks
 from .checkpoints import contained, sha256_files
@@ -263,26 +262,62 @@ def read_index(directory: str | Path) -> dict:
 
 def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
     """Read an artifact: its index and the per-tensor deltas, checksums and shapes verified."""
-    directory = Path(directory)
     index = read_index(directory)
-    try:
-        tensors = load_file(directory / WEIGHTS)
-    except (SafetensorError, OSError) as err:
-        raise ArtifactError(f"{directory / WEIGHTS}: unreadable ({err})") from err
-    deltas = {}
-    for name, meta in index["tensors"].items():
+    reader = DeltaReader(directory, index)
+    deltas = dict(reader.items())
+    reader.check_all_used()
+    return index, deltas
+
+
+class DeltaReader(Mapping):
+    """The deltas of a checked artifact (`read_index`), read one tensor at a time: a caller that puts each
+    into a model and drops it never holds more than one."""
+
+    def __init__(self, directory: str | Path, index: dict):
+        self.path, self.index = Path(directory) / WEIGHTS, index
+        try:
+            self._handle = safe_open(self.path, framework="pt")
+            self._keys = set(self._handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise ArtifactError(f"{self.path}: unreadable ({err})") from err
+        self._used: set[str] = set()
+
+    def __getitem__(self, name: str) -> TensorDelta:
+        meta = self.index["tensors"][name]
         try:
             shape, transposed = meta["shape"], meta["transposed"]
             if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(transposed, bool):
                 raise ValueError(f"shape {shape!r}, transposed {transposed!r}")
-            deltas[name] = TensorDelta.from_state(name, tuple(shape), transposed, tensors)
-            _check_parts(deltas[name])
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
-            raise ArtifactError(f"{directory}: entry for tensor {name!r} is malformed ({err})") from err
-    stray = sorted(set(tensors) - {key for delta in deltas.values() for key in delta.state()})
-    if stray:
-        raise ArtifactError(f"{directory / WEIGHTS}: tensor {stray[0]!r} belongs to no entry of {INDEX}")
-    return index, deltas
+            delta = TensorDelta.from_state(name, tuple(shape), transposed, _Tensors(self, name))
+            _check_parts(delta)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError) as err:
+            raise ArtifactError(f"{self.path.parent}: entry for tensor {name!r} is malformed ({err})") from err
+        return delta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index["tensors"])
+
+    def __len__(self) -> int:
+        return len(self.index["tensors"])
+
+    def check_all_used(self) -> None:
+        """After every entry was read: refuse a tensor of the file that no entry owns."""
+        stray = sorted(self._keys - self._used)
+        if stray:
+            raise ArtifactError(f"{self.path}: tensor {stray[0]!r} belongs to no entry of {INDEX}")
+
+
+class _Tensors:
+    """The stored parts of one entry, read on request (what `TensorDelta.from_state` asks for)."""
+
+    def __init__(self, reader: DeltaReader, name: str):
+        self.reader, self.prefix = reader, f"{name}."
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key not in self.reader._keys or not key.startswith(self.prefix):
+            return None
+        self.reader._used.add(key)
+        return self.reader._handle.get_tensor(key)
 
 
 def _check_parts(d: TensorDelta) -> None:

@@ -36,19 +36,22 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
     done: set[str] = set()
     wrapped: dict[str, DecomposedModule] = {}
     for name, delta in deltas.items():
-        if delta.is_empty():
-            continue
-        target = target_parameter(name, names, model, targets)
-        if target.strides is None and target.parameter in done:  # a tied head stored beside its embedding: applied once
-            continue
-        done.add(target.parameter)
+        try:
+            target = target_parameter(name, names, model, targets)
+        except CheckpointError:
+            if delta.is_empty():  # a saved buffer (old GPT-2 attention masks): nothing to put in
+                continue
+            raise
         owner_name, _, attr = target.parameter.rpartition(".")
         owner = modules[owner_name]
         param = getattr(owner, attr)
         stored = tuple(reversed(delta.shape)) if delta.transposed else tuple(delta.shape)
         shape = tuple(param.shape) if target.strides is None else target.shape
-        if shape != stored:
+        if shape != stored:  # checked for unchanged tensors too: an entry must describe the model
             raise ArtifactError(f"tensor {name!r}: its delta has shape {stored}, parameter {target.parameter} of {type(model).__name__} has {shape}")
+        if delta.is_empty() or (target.strides is None and target.parameter in done):  # a tied head beside its embedding: once
+            continue
+        done.add(target.parameter)
         if target.strides is not None:
             with torch.no_grad():
                 view = target.view(param.data)

@@ -114,13 +114,15 @@ class DecomposedHfQuantizer(HfQuantizer):
                 finetuned, config.base_model, config, revision=revision, output_dir=Path(self.owned.name) / "artifact",
                 **self._hub_options(self.finetuned_dir),
             )
-        index, deltas = artifact.load(self.artifact_dir)
+        index = artifact.read_index(self.artifact_dir)
+        deltas = artifact.DeltaReader(self.artifact_dir, index)  # one tensor at a time: merged, never held beside the weights
         if self.vocab is not None:
             _grow_vocabulary(model, *self.vocab)
         saved = DecomposedConfig.from_dict(dict(index["config"]))
         saved.execution = config.execution
         saved.base_model, saved.base_revision = index["base_model"]["id"], index["base_model"].get("revision")
         inject.apply_deltas(model, deltas, saved.execution)
+        deltas.check_all_used()
         del deltas
         release_free_memory()
         model.__class__ = decomposed_class(type(model))
