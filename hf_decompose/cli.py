@@ -33,6 +33,15 @@ def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_
     model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
 
 
+def _measure_floor(reference, tokenizer, prompts, base: str | Path, args: argparse.Namespace, reference_tokens=None) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from .floor import noise_floor
+
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    return noise_floor(reference, tokenizer, load_prompts(prompts), args.max_new_tokens, args.batch_size, base_model, reference_tokens=reference_tokens)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .pair import prepare_default_pair
 
@@ -44,17 +53,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     reference_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size)
     out = Path(args.output)
     summary: dict = {}
+    floor = None  # measured once, recorded in every mode's report
     for mode in args.modes.split(","):
         config = DecomposedConfig(mode=mode, q=args.q)
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts if mode == "anneal" else None)
         _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens)
+        floor = floor or _measure_floor(reference, tokenizer, pair.eval_prompts, pair.base, args, reference_tokens)
+        model.report["noise_floor"] = floor
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
         print(f"\n== {mode} ==\n{summary_table(model.report)}")
         summary[mode] = model.report
         del model
     first = args.modes.split(",")[0]
-    top = dict(summary[first], default_mode=first, modes={m: {k: r[k] for k in ("kept_fraction", "size_bytes", "equivalence")} for m, r in summary.items()})
+    top = dict(summary[first], default_mode=first, modes={m: {k: r[k] for k in ("kept_fraction", "stored_fraction", "size_bytes", "equivalence")} for m, r in summary.items()})
     (out / artifact.REPORT).write_text(json.dumps(top, indent=2, sort_keys=True))
     print(f"\nwrote {out}/ ({', '.join(summary)}) in {time.perf_counter() - t0:.0f} s")
 
@@ -98,6 +110,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
     finetuned = args.finetuned or model.index["finetuned_model"]["id"]
     reference, tokenizer = _load_reference(finetuned)
     _verify_into(model, reference, tokenizer, load_prompts(args.prompts), args.max_new_tokens, args.batch_size)
+    if args.floor:
+        model.report["noise_floor"] = _measure_floor(reference, tokenizer, args.prompts, args.base or model.index["base_model"]["id"], args)
     artifact.update_report(args.directory, model.report)
     print(summary_table(model.report))
 
@@ -143,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("directory")
     ver.add_argument("--prompts", required=True)
     ver.add_argument("--finetuned", help="the fine-tune to compare against (default: the one recorded)")
+    ver.add_argument("--floor", action="store_true", help="also measure the noise floor: the fine-tune in bfloat16, at another batch size / thread count, with its delta in bfloat16")
+    ver.add_argument("--base", help="with --floor: the base (default: the one recorded)")
     generation_args(ver)
     ver.set_defaults(func=cmd_verify)
 
