@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import artifact, resume
-from .config import DecomposedConfig
+from .config import ANNEALING, TARGETS, DecomposedConfig
 from .equivalence import check_disjoint, greedy_generate, load_prompts, verify_equivalence
 from .errors import DecomposeError
 from .model import DecomposedModel, decompose, decompose_to_disk
@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     summary: dict = {}
     floor = None  # measured once, recorded in every mode's report
     for mode in args.modes.split(","):
-        config = DecomposedConfig(mode=mode, q=args.q)
+        config = DecomposedConfig(mode=mode, q=args.q, annealing={"target": args.target})
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts if mode == "anneal" else None)
         _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens)
         floor = floor or _measure_floor(reference, tokenizer, pair.eval_prompts, pair.base, args, reference_tokens)
@@ -75,6 +75,9 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     config = DecomposedConfig.from_yaml(args.config) if args.config else DecomposedConfig()
     if args.mode:
         config.mode = args.mode
+    if args.target:
+        config.annealing["target"] = args.target
+        config.validate()
     prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
     calibration = load_prompts(args.calibration) if args.calibration else None
     if prompts and calibration:
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default=None, help="YAML recipe of the pair (default: recipes/default_pair.yaml)")
     demo.add_argument("--modes", default="anneal", help="comma-separated: anneal, lossless, criterion; the first is the default artifact")
     demo.add_argument("--q", type=float, default=0.05)
+    demo.add_argument("--target", choices=TARGETS, default=ANNEALING["target"], help="anneal mode: the equivalence target (exact = lossless, tie, floor)")
     generation_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--output", required=True)
     dec.add_argument("--config", help="YAML recipe with a `decomposition:` section")
     dec.add_argument("--mode", choices=["lossless", "criterion", "anneal"])
+    dec.add_argument("--target", choices=TARGETS, help="anneal mode: the equivalence target (exact = lossless, tie, floor; default tie)")
     dec.add_argument("--calibration", help="anneal mode: calibration prompts (.txt or .jsonl), disjoint from --prompts")
     dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
     dec.add_argument("--overwrite", action="store_true")

@@ -17,7 +17,7 @@ from .quantize import BITS
 QUANT_METHOD = "hf_decompose"  # the name transformers' quantization registry knows this config by
 
 MODES = ("lossless", "criterion", "anneal")
-TARGETS = ("exact", "top1", "kl")
+TARGETS = ("exact", "tie", "floor", "identical", "top1", "kl")
 NULLS = ("reference", "init")
 CORRECTIONS = ("bh", "bonferroni")
 EXECUTIONS = ("merged", "split")
@@ -29,7 +29,8 @@ FIELD_TYPES = {
 
 
 ANNEALING: dict[str, Any] = {
-    "target": "exact",
+    "target": "tie",
+    "tie_tolerance": 1e-3,
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
@@ -94,10 +95,15 @@ class DecomposedConfig(QuantizationConfigMixin):
         dense_block_density: components at least this dense are stored as dense blocks.
         seed: seed for anything random (prompt sampling, randomized solvers).
         annealing: the schedule and guard of ``mode="anneal"``, merged over `ANNEALING`:
-            ``target`` (``"exact"``: teacher-forced greedy tokens identical and at most
-            ``expected_flips`` greedy flips expected over ``positions`` unseen positions (the margin
-            criterion, `annealing.expected_flips`); ``"top1"``: agreement >= ``tolerance``;
-            ``"kl"``: mean KL <= ``tolerance``), ``levels`` (the temperature: `Level` specs such as
+            ``target``, a level of one guard (`annealing.guard`, teacher-forced on calibration):
+            ``"exact"`` (lossless: nothing is annealed); ``"tie"`` (the default: every position
+            tie-equivalent, i.e. top-1 kept or a near-tie of margin below ``tie_tolerance`` logits
+            swapped, and at most ``expected_flips`` greedy flips expected at margins above it over
+            ``positions`` unseen positions, the margin criterion `annealing.expected_flips`);
+            ``"floor"`` (no more flips expected above ``tie_tolerance`` and no higher mean KL than
+            the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
+            kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
+            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
@@ -158,7 +164,7 @@ class DecomposedConfig(QuantizationConfigMixin):
             raise ConfigError(f"annealing.levels={a['levels']!r} must be a non-empty list, least aggressive first")
         for level in a["levels"]:
             Level.parse(level)
-        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance"):
+        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance", "tie_tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
 
