@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .config import DecomposedConfig, Level
+from .allocation import solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, load_prompts
 from .errors import ConfigError, PromptError
@@ -331,30 +332,13 @@ def anneal(
         return ok
 
     trace: list[dict] = []
-    # 1. one temperature for the whole model, found by bisection over the levels
-    lo, hi, best = 0, len(levels) - 1, None
     with tqdm(total=len(order), desc="annealing", unit="layer", disable=not progress) as bar:
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            for layer in order:
-                install(layer, mid)
-            if check("*", mid):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
+        if opts["schedule"] == "knapsack" and target in ("tie", "identical", "floor"):
+            level_of.update(_knapsack(order, specs, install, cands, layers, model, calib, judge, trace, bar))
+        else:
+            level_of.update(_ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar))
         for layer in order:
-            install(layer, best)
-            level_of[layer] = best
-        # 2. then each layer in model order is heated further while the guard holds
-        for layer in order:
-            bar.update(1)
-            nxt = 0 if best is None else best + 1
-            while nxt < len(levels) and time.perf_counter() - t0 < opts["max_time_s"]:
-                install(layer, nxt)
-                if not check(layer, nxt):
-                    install(layer, level_of[layer])  # roll back to the last accepted level
-                    break
-                level_of[layer], nxt = nxt, nxt + 1
+            install(layer, level_of[layer])
     kept = dict(deltas)
     per_layer = []
     for layer in order:
@@ -368,6 +352,82 @@ def anneal(
     precision = _anneal_precision(model, kept, module_names, calib, judge) if opts["precision"] else {"dtype": "float32", "accepted": False}
     return kept, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "ladder": specs, "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
                   "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
+
+
+def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar) -> dict[str, int | None]:
+    """One temperature for the whole model by bisection over the levels, then each layer in model
+    order heated further while the guard holds (rolled back to its last accepted level)."""
+    t0 = time.perf_counter()
+    lo, hi, best = 0, n_levels - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        for layer in order:
+            install(layer, mid)
+        if check("*", mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    level_of = dict.fromkeys(order, best)
+    for layer in order:
+        install(layer, best)
+    for layer in order:
+        bar.update(1)
+        nxt = 0 if best is None else best + 1
+        while nxt < n_levels and time.perf_counter() - t0 < seconds:
+            install(layer, nxt)
+            if not check(layer, nxt):
+                install(layer, level_of[layer])
+                break
+            level_of[layer], nxt = nxt, nxt + 1
+    return level_of
+
+
+def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: dict, model, calib: Calibration, judge: dict,
+              trace: list[dict], bar, tries: int = 8) -> dict[str, int | None]:
+    """Sensitivity-driven allocation (`allocation`): probe each layer alone at its most damaging
+    level, scale to every level by the weighted output error, solve the knapsack for a damage
+    budget, and bisect the budget against the guard (the largest accepted budget is kept)."""
+    n_levels = len(specs)
+    option: list[int | None] = [None, *range(n_levels)]  # option j of every layer: exact, then each level
+    costs, errors = [], []
+    for layer in order:  # bytes and calibration-weighted output error of every level
+        full = {n: cands[n].full.to_dense() for n in layers[layer]}
+        per_level = [install(layer, k) for k in range(n_levels)]
+        costs.append([float(sum(cands[n].full.nbytes() for n in layers[layer]))] + [float(sum(d.nbytes() for d in m.values())) for m in per_level])
+        errors.append([0.0] + [sum(weighted_error(full[n] - m[n].to_dense(), cands[n].gram) for n in m) for m in per_level])
+        install(layer, None)
+    floor = judge["floor"]
+    damages = []
+    for i, layer in enumerate(order):  # each layer alone at its most damaging level
+        bar.update(1)
+        probe = max(range(n_levels), key=lambda k: errors[i][k + 1])
+        install(layer, probe)
+        _, stats = guard(model, calib, **judge)
+        install(layer, None)
+        trace.append({"layer": layer, "level": specs[probe], "accepted": None, "probe": True, **stats})
+        worst = errors[i][probe + 1]
+        if floor is None:  # flips scale with the RMS gap change: their squares add
+            unit = [stats["expected_flips"] ** 2 / judge["max_flips"] ** 2]
+        else:
+            unit = [stats["expected_flips"] ** 2 / max(floor.expected_flips, 1e-12) ** 2 + stats["mean_kl"] / max(floor.mean_kl, 1e-30)]
+        damages.append([unit[0] * e / worst if worst > 0 else 0.0 for e in errors[i]])
+    accepted, lo, hi, scale = None, 0.0, None, 1.0
+    for _ in range(tries):  # the largest budget the guard accepts: grow x4 until a failure, then bisect
+        choice = solve(costs, damages, scale)
+        for layer, j in zip(order, choice):
+            install(layer, option[j])
+        ok = not any(choice)  # all exact: nothing to judge
+        if not ok:
+            ok, stats = guard(model, calib, **judge)
+            trace.append({"layer": "*", "level": f"budget x{scale:.3g}", "accepted": ok, "bytes": sum(c[j] for c, j in zip(costs, choice)), **stats})
+        if ok:
+            accepted, lo = choice, scale
+            scale = scale * 4 if hi is None else (lo * hi) ** 0.5
+        else:
+            hi = scale
+            scale = (lo * hi) ** 0.5 if lo > 0 else scale / 4
+    choice = accepted or [0] * len(order)
+    return {layer: option[j] for layer, j in zip(order, choice)}
 
 
 def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, judge: dict) -> dict:

@@ -18,6 +18,7 @@ QUANT_METHOD = "hf_decompose"  # the name transformers' quantization registry kn
 
 MODES = ("lossless", "criterion", "anneal")
 TARGETS = ("exact", "tie", "floor", "identical", "top1", "kl")
+SCHEDULES = ("knapsack", "ladder")
 NULLS = ("reference", "init")
 CORRECTIONS = ("bh", "bonferroni")
 EXECUTIONS = ("merged", "split")
@@ -34,7 +35,8 @@ ANNEALING: dict[str, Any] = {
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
-    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64"],
+    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1"],
+    "schedule": "knapsack",
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
@@ -103,7 +105,10 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``"floor"`` (no more flips expected above ``tie_tolerance`` and no higher mean KL than
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
-            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``levels`` (the temperature: `Level` specs such as
+            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"knapsack"``:
+            bits allocated per layer from measured sensitivity, `hf_decompose.allocation`, for the
+            tie / identical / floor targets; ``"ladder"``: one temperature by bisection, then each
+            layer heated in model order), ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
@@ -160,6 +165,8 @@ class DecomposedConfig(QuantizationConfigMixin):
         a = self.annealing
         if a["target"] not in TARGETS:
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
+        if a["schedule"] not in SCHEDULES:
+            raise ConfigError(f"annealing.schedule={a['schedule']!r} is not one of {SCHEDULES}")
         if not isinstance(a["levels"], list) or not a["levels"]:
             raise ConfigError(f"annealing.levels={a['levels']!r} must be a non-empty list, least aggressive first")
         for level in a["levels"]:

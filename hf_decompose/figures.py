@@ -215,6 +215,8 @@ def plot_annealing(report: dict, path: Path) -> Path:
     names = ["*"] + [r["layer"] for r in layers]
     column = {name: i for i, name in enumerate(names)}
     for t in annealing.get("trace", []):
+        if t.get("probe") or str(t["level"]) not in rank:  # knapsack probes and budget checks are no ladder steps
+            continue
         ok = t["accepted"]
         left.plot(column[t["layer"]], rank[str(t["level"])], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
     for i, record in enumerate(layers, start=1):

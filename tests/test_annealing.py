@@ -152,3 +152,30 @@ def test_targets_exact_is_lossless_and_floor_is_bounded_by_bf16(tiny_pair, exact
             assert t["mean_kl"] <= annealing["floor"]["mean_kl"] and t["expected_flips_above_tolerance"] <= annealing["floor"]["expected_flips"]
     with pytest.raises(ConfigError, match="target"):
         DecomposedConfig(mode="anneal", annealing={"target": "close"})
+
+
+def test_knapsack_spends_damage_where_it_buys_most_bytes():
+    """Two layers, one sensitive: the budget goes to the insensitive one (a ladder walked in order
+    heats the first layer first); every budget's allocation stays within it."""
+    import itertools
+
+    from hf_decompose.allocation import solve, weighted_error
+
+    costs = [[100.0, 50.0, 10.0], [100.0, 50.0, 10.0]]
+    damages = [[0.0, 0.5, 4.0], [0.0, 0.01, 0.2]]  # layer 0 is 20x as sensitive
+    assert solve(costs, damages, 0.25) == [0, 2]
+    assert solve(costs, damages, 0.75) == [1, 2]
+    assert solve(costs, damages, 0.0) == [0, 0] and solve(costs, damages, 10.0) == [2, 2]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        c = (torch.rand(4, 4, generator=gen) * 100).tolist()
+        d = [[0.0, *row] for row in torch.rand(4, 3, generator=gen).tolist()]
+        budget = float(torch.rand(1, generator=gen)) * 2
+        choice = solve(c, d, budget)
+        assert sum(d[i][j] for i, j in enumerate(choice)) <= budget
+        best = min(sum(c[i][j] for i, j in enumerate(ch)) for ch in itertools.product(range(4), repeat=4) if sum(d[i][j] for i, j in enumerate(ch)) <= budget)
+        assert sum(c[i][j] for i, j in enumerate(choice)) <= 1.5 * best  # the Lagrangian sweep is near the optimum
+    e = torch.randn(3, 5, generator=gen)
+    x = torch.randn(50, 5, generator=gen)
+    assert weighted_error(e, x.t() @ x) == pytest.approx(float((x @ e.t()).square().sum()), rel=1e-6)
+    assert weighted_error(e, None) == pytest.approx(float(e.square().sum()), rel=1e-6)
