@@ -24,7 +24,7 @@ from scipy import stats  # noqa: E402
 from . import artifact  # noqa: E402
 from .criterion import Z_HIST_BINS, Z_HIST_RANGE  # noqa: E402
 from .errors import ArtifactError  # noqa: E402
-from .report import bits_per_param, floor_rows, grades_line, stored_bytes, summary_table  # noqa: E402
+from .report import bits_per_param, floor_rows, stored_bytes, summary_table  # noqa: E402
 from .substructures import TensorDelta, _bipartite_components  # noqa: E402
 
 FIGSIZE = (10.0, 4.0)
@@ -247,7 +247,8 @@ def plot_grades(ax, eq: dict, floor: dict) -> None:
         ax.bar(x + (i - 1) * 0.27, [r.get(key, np.nan) * r["num_prompts"] for _, r in rows], width=0.27, color=color, label=label)
     ax.set_xticks(x, [label.removeprefix("floor: ") for label, _ in rows], rotation=30, fontsize=7, ha="right")
     ax.set_ylabel("prompts")
-    ax.set_title("against the fine-tune: artifact and noise floor", fontsize=8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("artifact and noise floor vs the fine-tune", fontsize=8)
     ax.legend(fontsize=6)
 
 
@@ -269,7 +270,11 @@ def plot_equivalence(report: dict, path: Path) -> Path:
     left.set_xlabel("first divergent new token")
     left.set_ylabel("prompts")
     left.yaxis.set_major_locator(MaxNLocator(integer=True))
-    left.set_title(grades_line(eq).replace(", ", "\n", 1) if "tie_equivalent_rate" in eq else f"{eq['exact_match_rate']:.0%} identical on {eq['num_prompts']} prompts", fontsize=8)
+    n = eq["num_prompts"]
+    title = f"{round(eq['exact_match_rate'] * n)} / {n} identical"
+    if "tie_equivalent_rate" in eq:
+        title += f"\n{round(eq['tie_equivalent_rate'] * n)} tie-equivalent, {round(eq['logprobs_close_rate'] * n)} vLLM-close"
+    left.set_title(title, fontsize=8)
     left.legend(fontsize=7)
     diffs = np.asarray(eq.get("per_prompt_max_abs_logit_diff") or [], dtype=np.float64)
     if diffs.size:
@@ -280,7 +285,7 @@ def plot_equivalence(report: dict, path: Path) -> Path:
         right.set_xscale("log")
         right.set_xlabel("max |logit diff| per prompt (teacher-forced)")
         right.yaxis.set_major_locator(MaxNLocator(integer=True))
-        right.set_title(f"{int((diffs == 0).sum())} prompts with exactly 0 (shown at the left edge)", fontsize=9)
+        right.set_title(f"{int((diffs == 0).sum())} prompts at exactly 0 (left edge)", fontsize=8)
     else:
         _placeholder(right, f"per-prompt logit diffs not recorded\n(max {eq.get('max_abs_logit_diff', 0):.3g})")
     return _save(fig, path)
