@@ -337,8 +337,6 @@ def anneal(
             level_of.update(_knapsack(order, specs, install, cands, layers, model, calib, judge, trace, bar))
         else:
             level_of.update(_ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar))
-        for layer in order:
-            install(layer, level_of[layer])
     kept = dict(deltas)
     per_layer = []
     for layer in order:
