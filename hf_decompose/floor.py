@@ -2,7 +2,8 @@
 
 Each variant is the same fine-tune served differently, graded on the same prompts as a decomposed
 model (`equivalence.compare`): ``bfloat16`` (weights and compute in bfloat16, as most people serve
-it), ``batch_size`` (generated and scored one prompt at a time: no padding, other matmul shapes),
+it), ``batch_size`` (generated at twice the batch size, scored one prompt at a time: other padding
+and matmul shapes),
 ``threads`` (another CPU thread count) and ``delta_bfloat16`` (the weights rebuilt as base +
 bfloat16(fine-tune - base); needs the base). A decomposed model whose grades and KL match the
 floor's is as close to the fine-tune as the fine-tune is to itself when deployed.
@@ -69,19 +70,19 @@ def with_bf16_delta(finetuned: nn.Module, base: nn.Module) -> nn.Module:
     return model
 
 
-def variant(name: str, finetuned: nn.Module, base: nn.Module | None = None) -> tuple[nn.Module, str, int | None]:
+def variant(name: str, finetuned: nn.Module, base: nn.Module | None = None, batch_size: int = 8) -> tuple[nn.Module, str, int]:
     """(the fine-tune served as variant `name`, a description, the batch size it generates at)."""
     if name == "bfloat16":
-        return copy.deepcopy(finetuned).to(torch.bfloat16), "weights and compute in bfloat16", None
+        return copy.deepcopy(finetuned).to(torch.bfloat16), "weights and compute in bfloat16", batch_size
     if name == "batch_size":
-        return Deployed(finetuned, rows=True), "one prompt per batch (no padding)", 1
+        return Deployed(finetuned, rows=True), f"generated {2 * batch_size} prompts per batch, scored one at a time", 2 * batch_size
     if name == "threads":
         n = 1 if torch.get_num_threads() > 1 else 2
-        return Deployed(finetuned, threads=n), f"{n} CPU thread(s) instead of {torch.get_num_threads()}", None
+        return Deployed(finetuned, threads=n), f"{n} CPU thread(s) instead of {torch.get_num_threads()}", batch_size
     if name == "delta_bfloat16":
         if base is None:
             raise ConfigError("the delta_bfloat16 floor needs the base model")
-        return with_bf16_delta(finetuned, base), "base + bfloat16(fine-tune - base)", None
+        return with_bf16_delta(finetuned, base), "base + bfloat16(fine-tune - base)", batch_size
     raise ConfigError(f"unknown noise-floor variant {name!r}; expected one of {VARIANTS}")
 
 
@@ -107,8 +108,8 @@ def noise_floor(
     ref_tokens = reference_tokens or greedy_generate(finetuned, tokenizer, prompts, max_new_tokens, batch_size, progress)
     out = {}
     for name in names:
-        model, setting, gen_batch = variant(name, finetuned, base)
-        tokens = greedy_generate(model, tokenizer, prompts, len(ref_tokens[0]), gen_batch or batch_size, progress)
+        model, setting, gen_batch = variant(name, finetuned, base, batch_size)
+        tokens = greedy_generate(model, tokenizer, prompts, len(ref_tokens[0]), gen_batch, progress)
         result: EquivalenceResult = compare(finetuned, model, tokenizer, prompts, ref_tokens, tokens, batch_size, tie_tolerance)
         out[name] = result.to_dict() | {"setting": setting}
         del model
