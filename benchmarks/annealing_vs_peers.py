@@ -7,7 +7,7 @@ magnitude pruning (TIES' trim), DARE (random drop + rescale); plus per-matrix SV
 1-bit sign + per-matrix scale delta (BitDelta without its distillation) and the whole delta rounded to
 4 or 3 bits per entry (``rtn4``/``rtn3``, one scale per 64 inputs). "ours@budget" is this
 project's activation-weighted low-rank structure at that budget without the guard; "anneal" is the
-guarded annealing with the exact target (its own budget). Vectors (norms) are kept whole by all.
+guarded annealing with the default (tie) target (its own budget). Vectors (norms) are kept whole by all.
 
     python benchmarks/annealing_vs_peers.py [--recipe recipes/default_pair.yaml] [--budgets 50,25,12,6,3,1]
 
@@ -115,7 +115,7 @@ def main() -> None:
         eq = report["equivalence"]
         if (eq["num_prompts"], eq["max_new_tokens"]) != (len(pair.eval_prompts), args.max_new_tokens):
             raise SystemExit(f"{args.anneal_report} was verified on {eq['num_prompts']} x {eq['max_new_tokens']}, not this run's prompts")
-        rows.append({"budget": None, "method": "anneal (exact target)", "kept_fraction": report["kept_fraction"],
+        rows.append({"budget": None, "method": "anneal (tie target)", "kept_fraction": report["kept_fraction"],
                      "artifact_bytes": report["size_bytes"]["artifact"], "stored_fraction": report["stored_fraction"],
                      "annealing_s": report["annealing"]["seconds"], "levels": [r["level"] for r in report["annealing"]["levels"]],
                      "exact_match_rate": eq["exact_match_rate"], "mean_kl": eq["mean_kl"], "top1_agreement": eq["top1_agreement"],
@@ -123,7 +123,7 @@ def main() -> None:
     elif args.anneal:
         t0 = time.perf_counter()
         annealed = decompose(pair.finetuned, pair.base, DecomposedConfig(mode="anneal"), calibration=pair.calib_prompts, progress=True)
-        row = {"budget": None, "method": "anneal (exact target)", "kept_fraction": annealed.report["kept_fraction"],
+        row = {"budget": None, "method": "anneal (tie target)", "kept_fraction": annealed.report["kept_fraction"],
                "artifact_bytes": annealed.report["size_bytes"]["artifact"], "stored_fraction": annealed.report["stored_fraction"],
                "annealing_s": annealed.report["annealing"]["seconds"], "levels": [r["level"] for r in annealed.report["annealing"]["levels"]],
                **evaluate(annealed, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}

@@ -19,11 +19,13 @@ each rounding error pushed onto the columns still to come through ``(X^T X)^-1``
 `quantize`): the output error, not the weight error, is what is minimised.
 
 Guard. A level is accepted only if, on calibration prompts (disjoint from the evaluation prompts),
-teacher-forced greedy tokens are identical at every position and the margin criterion holds: the
-expected number of greedy flips over a budget of unseen positions, from the size of the changes of
-the top-1/top-2 logit gaps and the density of small reference margins, stays below a bound. (A
-worst-case ratio over calibration positions does not carry over: unseen prompts have their own
-near-ties.) A level that fails rolls the layer back to its last accepted level. Precision (bf16
+the target holds teacher-forced (`guard`). The default, ``tie``: every position keeps the reference's
+greedy token or swaps a near-tie (reference margin below ``tie_tolerance``) with its runner-up, and
+the margin criterion holds: the expected number of greedy flips at margins above the tolerance over
+a budget of unseen positions, from the size of the changes of the top-1/top-2 logit gaps and the
+density of small reference margins, stays below a bound. ``floor`` bounds the same expectation and
+the mean KL by the fine-tune's own in bfloat16; ``exact`` anneals nothing. (A worst-case ratio over
+calibration positions does not carry over: unseen prompts have their own near-ties.) A level that fails rolls the layer back to its last accepted level. Precision (bf16
 storage of low-rank-only factors) is a last annealing step under the same guard.
 """
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,9 +43,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .config import DecomposedConfig, Level
+from .allocation import solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, load_prompts
-from .errors import PromptError
+from .errors import ConfigError, PromptError
+from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import quantize
 from .substructures import TensorDelta
@@ -84,36 +88,86 @@ def continuation_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     return torch.cat(out)
 
 
-def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int) -> float:
-    """Expected greedy flips over `positions` unseen positions (the margin criterion).
+def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tolerance: float = 0.0) -> float:
+    """Expected greedy flips over `positions` unseen positions whose reference margin exceeds
+    `tolerance` (the margin criterion; tolerance 0 counts every flip).
 
-    A position flips when the change of its top-1/top-2 gap exceeds its margin. With gap changes of
-    scale s (RMS over the calibration positions) and reference margins of density f0 near zero
-    (0.1 / the 10th-percentile margin), E[flips] = positions x f0 x s / sqrt(2 pi).
+    A position of margin m flips when the change d of its top-1/top-2 gap exceeds m. With gap
+    changes d ~ N(0, s^2) (s: RMS over the calibration positions) and reference margins of density
+    f0 near zero (0.1 / the 10th-percentile margin), E[flips above t] = positions x f0 x E[(d - t)+]
+    = positions x f0 x (s phi(t/s) - t (1 - Phi(t/s))), which is positions x f0 x s / sqrt(2 pi) at t = 0.
     """
     ref_gap = calib.margin
     top1 = logits.gather(-1, calib.top1[..., None])[..., 0]
     top2 = logits.gather(-1, calib.second[..., None])[..., 0]
     s = float(((top1 - top2) - ref_gap).square().mean().sqrt())
     f0 = 0.1 / max(float(ref_gap.flatten().quantile(0.1)), 1e-6)
-    return positions * f0 * s / math.sqrt(2 * math.pi)
+    if s == 0.0:
+        return 0.0
+    z = tolerance / s
+    tail = s * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) - tolerance * 0.5 * math.erfc(z / math.sqrt(2))
+    return positions * f0 * tail
 
 
-def guard(model: nn.Module, calib: Calibration, target: str = "exact", tolerance: float = 0.99, max_flips: float = 0.5,
-          positions: int = 2048, batch_size: int = 8) -> tuple[bool, dict]:
-    """Judge the current model against the calibration reference.
+def tie_equivalent(calib: Calibration, logits: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Per calibration position: the model's top-1 is the reference's, or the reference's margin
+    is below `tolerance` and the two swapped their top-2 (a near-tie resolved the other way)."""
+    top2 = logits.topk(2, dim=-1).indices
+    swapped = (calib.margin < tolerance) & (top2[..., 0] == calib.second) & (top2[..., 1] == calib.top1)
+    return (top2[..., 0] == calib.top1) | swapped
 
-    ``exact``: every teacher-forced calibration top-1 is kept (greedy generation on the calibration
-    prompts is then identical) and the expected flips over `positions` unseen positions stay below
-    `max_flips`; ``top1``: top-1 agreement >= `tolerance`; ``kl``: mean KL(reference || model) <= `tolerance`.
+
+@dataclass
+class Floor:
+    """What serving the fine-tune in bfloat16 does on the calibration prompts: the floor target's bound."""
+
+    expected_flips: float
+    mean_kl: float
+
+
+def kl_to(calib: Calibration, logits: torch.Tensor) -> float:
+    """Mean KL(reference || model) over the calibration positions."""
+    return float(torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
+
+
+@torch.no_grad()
+def measure_floor(bf16_model: nn.Module, calib: Calibration, positions: int, tie_tolerance: float, batch_size: int = 8) -> Floor:
+    """The floor target's bound from the fine-tune served in bfloat16 (`bf16_model`)."""
+    logits = continuation_logits(bf16_model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+    return Floor(expected_flips(calib, logits, positions, tie_tolerance), kl_to(calib, logits))
+
+
+def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: float = 0.99, max_flips: float = 0.5,
+          positions: int = 2048, batch_size: int = 8, tie_tolerance: float = TIE_TOLERANCE, floor: Floor | None = None) -> tuple[bool, dict]:
+    """Judge the current model against the calibration reference (teacher-forced on its continuations).
+
+    ``exact``: every logit identical (lossless). ``identical``: every calibration top-1 kept (greedy
+    generation on the calibration prompts is then identical) and at most `max_flips` greedy flips
+    expected over `positions` unseen positions. ``tie``: every position tie-equivalent
+    (`tie_equivalent`, margin below `tie_tolerance`) and at most `max_flips` flips expected at
+    margins above `tie_tolerance` (the fine-tune's fp32 deployment floor shows none). ``floor``: no
+    more flips expected above `tie_tolerance` and no higher mean KL than `floor` (the fine-tune
+    served in bfloat16). ``top1``: top-1 agreement >= `tolerance`; ``kl``: mean KL <= `tolerance`.
     """
     logits = continuation_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
     agree = float((logits.argmax(-1) == calib.top1).float().mean())
-    kl = float(torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
+    kl = kl_to(calib, logits)
     flips = expected_flips(calib, logits, positions)
-    stats = {"top1_agreement": agree, "expected_flips": flips, "max_abs_logit_diff": float((logits - calib.logits).abs().max()), "mean_kl": kl}
+    above = expected_flips(calib, logits, positions, tie_tolerance)
+    tie = float(tie_equivalent(calib, logits, tie_tolerance).float().mean())
+    max_diff = float((logits - calib.logits).abs().max())
+    stats = {"top1_agreement": agree, "tie_agreement": tie, "expected_flips": flips, "expected_flips_above_tolerance": above,
+             "max_abs_logit_diff": max_diff, "mean_kl": kl}
     if target == "exact":
+        return max_diff == 0.0, stats
+    if target == "identical":
         return agree == 1.0 and flips <= max_flips, stats
+    if target == "tie":
+        return tie == 1.0 and above <= max_flips, stats
+    if target == "floor":
+        if floor is None:
+            raise ConfigError("the floor target needs the bfloat16 floor measured on the calibration prompts (`measure_floor`)")
+        return above <= floor.expected_flips and kl <= floor.mean_kl, stats
     if target == "top1":
         return agree >= tolerance, stats
     return kl <= tolerance, stats
@@ -213,7 +267,12 @@ def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir
             if module._tied is None:
                 module_names[module.delta.name] = name
             gram_names[module.delta.name] = name  # a tied head (visited after its embedding) weighs by its inputs
-    return anneal(model, deltas, tokenizer, prompts, config, module_names, gram_names, progress)
+    floor_model = None
+    if config.annealing["target"] == "floor":  # the bound: the fine-tune itself, served in bfloat16
+        from transformers import AutoModelForCausalLM
+
+        floor_model = AutoModelForCausalLM.from_pretrained(finetuned_dir, dtype=torch.bfloat16).eval()
+    return anneal(model, deltas, tokenizer, prompts, config, module_names, gram_names, progress, floor_model)
 
 
 def anneal(
@@ -225,18 +284,29 @@ def anneal(
     module_names: dict[str, str],
     gram_names: dict[str, str] | None = None,
     progress: bool = True,
+    floor_model: nn.Module | None = None,
 ) -> tuple[dict[str, TensorDelta], dict]:
     """Anneal `model` (built exact from `deltas`) in place; return the kept deltas and the trace.
 
     `module_names` maps a delta's tensor name to its `DecomposedModule` in `model`; `gram_names`
-    to the module whose inputs weigh it (default: the same).
+    to the module whose inputs weigh it (default: the same). The ``floor`` target needs
+    `floor_model`, the fine-tune served in bfloat16; the ``exact`` target keeps every delta as is.
     """
     gram_names = gram_names or module_names
     t0 = time.perf_counter()
     opts = config.annealing
+    target = opts["target"]
+    if target == "exact":  # lossless: nothing to anneal
+        return dict(deltas), {"target": target, "ladder": [], "levels": [], "trace": [], "precision": {"dtype": "float32", "accepted": False},
+                              "calibration_prompts": len(calibration_prompts), "calibration_tokens": opts["calibration_tokens"], "seconds": 0.0}
+    if target == "floor" and floor_model is None:
+        raise ConfigError("annealing.target='floor' needs the fine-tune served in bfloat16 (anneal(..., floor_model=...))")
     specs = [str(x) if isinstance(x, str) else f"lr{x}" for x in opts["levels"]]
     levels = [Level.parse(x) for x in opts["levels"]]
     calib = calibrate(model, tokenizer, calibration_prompts, opts["calibration_tokens"])
+    floor = None if floor_model is None else measure_floor(floor_model, calib, opts["positions"], opts["tie_tolerance"])
+    judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
+             "tie_tolerance": opts["tie_tolerance"], "floor": floor}
     names = [n for n, d in deltas.items() if n in module_names and d.dense is not None and len(d.shape) == 2]
     grams = GramCollector({n: model.get_submodule(gram_names[n]) for n in names}).run(model, calib)
     cands = {n: _Candidate(deltas[n], grams.get(n), config) for n in names}
@@ -256,36 +326,17 @@ def anneal(
         return made[layer, level]
 
     def check(label: str, level: int) -> bool:
-        ok, stats = guard(model, calib, opts["target"], opts["tolerance"], opts["expected_flips"], opts["positions"])
+        ok, stats = guard(model, calib, **judge)
         trace.append({"layer": label, "level": specs[level], "accepted": ok, **stats})
         bar.set_postfix(layer=_short(label), level=specs[level], flips=f"{stats['expected_flips']:.2f}", accepted=ok)
         return ok
 
     trace: list[dict] = []
-    # 1. one temperature for the whole model, found by bisection over the levels
-    lo, hi, best = 0, len(levels) - 1, None
     with tqdm(total=len(order), desc="annealing", unit="layer", disable=not progress) as bar:
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            for layer in order:
-                install(layer, mid)
-            if check("*", mid):
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        for layer in order:
-            install(layer, best)
-            level_of[layer] = best
-        # 2. then each layer in model order is heated further while the guard holds
-        for layer in order:
-            bar.update(1)
-            nxt = 0 if best is None else best + 1
-            while nxt < len(levels) and time.perf_counter() - t0 < opts["max_time_s"]:
-                install(layer, nxt)
-                if not check(layer, nxt):
-                    install(layer, level_of[layer])  # roll back to the last accepted level
-                    break
-                level_of[layer], nxt = nxt, nxt + 1
+        if opts["schedule"] == "knapsack" and target in ("tie", "identical", "floor"):
+            level_of.update(_knapsack(order, specs, install, cands, layers, model, calib, judge, trace, bar))
+        else:
+            level_of.update(_ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar))
     kept = dict(deltas)
     per_layer = []
     for layer in order:
@@ -296,19 +347,95 @@ def anneal(
                           "bytes": sum(d.nbytes() for d in chosen.values()),
                           "delta_params": sum(math.prod(d.shape) for d in chosen.values()),
                           "ranks": {n: chosen[n].rank for n in layers[layer]}})
-    precision = _anneal_precision(model, kept, module_names, calib, opts) if opts["precision"] else {"dtype": "float32", "accepted": False}
-    return kept, {"ladder": specs, "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
+    precision = _anneal_precision(model, kept, module_names, calib, judge) if opts["precision"] else {"dtype": "float32", "accepted": False}
+    return kept, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "ladder": specs, "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
                   "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
 
 
-def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, opts: dict) -> dict:
+def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar) -> dict[str, int | None]:
+    """One temperature for the whole model by bisection over the levels, then each layer in model
+    order heated further while the guard holds (rolled back to its last accepted level)."""
+    t0 = time.perf_counter()
+    lo, hi, best = 0, n_levels - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        for layer in order:
+            install(layer, mid)
+        if check("*", mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    level_of = dict.fromkeys(order, best)
+    for layer in order:
+        install(layer, best)
+    for layer in order:
+        bar.update(1)
+        nxt = 0 if best is None else best + 1
+        while nxt < n_levels and time.perf_counter() - t0 < seconds:
+            install(layer, nxt)
+            if not check(layer, nxt):
+                install(layer, level_of[layer])
+                break
+            level_of[layer], nxt = nxt, nxt + 1
+    return level_of
+
+
+def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: dict, model, calib: Calibration, judge: dict,
+              trace: list[dict], bar, tries: int = 8) -> dict[str, int | None]:
+    """Sensitivity-driven allocation (`allocation`): probe each layer alone at its most damaging
+    level, scale to every level by the weighted output error, solve the knapsack for a damage
+    budget, and bisect the budget against the guard (the largest accepted budget is kept)."""
+    n_levels = len(specs)
+    option: list[int | None] = [None, *range(n_levels)]  # option j of every layer: exact, then each level
+    costs, errors = [], []
+    for layer in order:  # bytes and calibration-weighted output error of every level
+        full = {n: cands[n].full.to_dense() for n in layers[layer]}
+        per_level = [install(layer, k) for k in range(n_levels)]
+        costs.append([float(sum(cands[n].full.nbytes() for n in layers[layer]))] + [float(sum(d.nbytes() for d in m.values())) for m in per_level])
+        errors.append([0.0] + [sum(weighted_error(full[n] - m[n].to_dense(), cands[n].gram) for n in m) for m in per_level])
+        install(layer, None)
+    floor = judge["floor"]
+    damages = []
+    for i, layer in enumerate(order):  # each layer alone at its most damaging level
+        bar.update(1)
+        probe = max(range(n_levels), key=lambda k: errors[i][k + 1])
+        install(layer, probe)
+        _, stats = guard(model, calib, **judge)
+        install(layer, None)
+        trace.append({"layer": layer, "level": specs[probe], "accepted": None, "probe": True, **stats})
+        worst = errors[i][probe + 1]
+        if floor is None:  # flips scale with the RMS gap change: their squares add
+            unit = [stats["expected_flips"] ** 2 / judge["max_flips"] ** 2]
+        else:
+            unit = [stats["expected_flips"] ** 2 / max(floor.expected_flips, 1e-12) ** 2 + stats["mean_kl"] / max(floor.mean_kl, 1e-30)]
+        damages.append([unit[0] * e / worst if worst > 0 else 0.0 for e in errors[i]])
+    accepted, lo, hi, scale = None, 0.0, None, 1.0
+    for _ in range(tries):  # the largest budget the guard accepts: grow x4 until a failure, then bisect
+        choice = solve(costs, damages, scale)
+        for layer, j in zip(order, choice):
+            install(layer, option[j])
+        ok = not any(choice)  # all exact: nothing to judge
+        if not ok:
+            ok, stats = guard(model, calib, **judge)
+            trace.append({"layer": "*", "level": f"budget x{scale:.3g}", "accepted": ok, "bytes": sum(c[j] for c, j in zip(costs, choice)), **stats})
+        if ok:
+            accepted, lo = choice, scale
+            scale = scale * 4 if hi is None else (lo * hi) ** 0.5
+        else:
+            hi = scale
+            scale = (lo * hi) ** 0.5 if lo > 0 else scale / 4
+    choice = accepted or [0] * len(order)
+    return {layer: option[j] for layer, j in zip(order, choice)}
+
+
+def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, judge: dict) -> dict:
     """Store low-rank factors in bfloat16 if the guard still passes."""
     lowrank = {n: d for n, d in kept.items() if d.lowrank_u is not None and d.quant_codes is None and n in module_names}
     if not lowrank:
         return {"dtype": "float32", "accepted": False}
     proposal = {n: _with_dtype(d, torch.bfloat16) for n, d in lowrank.items()}
     _install(model, proposal, module_names)
-    ok, stats = guard(model, calib, opts["target"], opts["tolerance"], opts["expected_flips"], opts["positions"])
+    ok, stats = guard(model, calib, **judge)
     if ok:
         kept.update(proposal)
     else:

@@ -15,6 +15,7 @@ from string import Template
 import yaml
 
 from .errors import DecomposeError
+from .report import bits_per_param, floor_rows, stored_bytes
 
 TEMPLATE = ("templates", "model_card.md")
 
@@ -49,7 +50,7 @@ def render_card(index: dict, report: dict, source_dir: str | Path | None = None,
         base_revision=base.get("revision") or "unpinned",
         mode=mode,
         repo_id=repo_id or "path/to/artifact",
-        equivalence=_equivalence(report.get("equivalence")),
+        equivalence=_equivalence(report.get("equivalence"), report.get("noise_floor")),
         structure=_structure(report, index),
         layers=_layers(report.get("layers", [])),
         size=_size(report.get("size_bytes", {})),
@@ -104,25 +105,41 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
-def _equivalence(eq: dict | None) -> str:
+def _equivalence(eq: dict | None, floor: dict | None = None) -> str:
     if not eq:
         return "Not measured for this upload (run `hf-decompose verify DIR --prompts PROMPTS` and push again)."
+    n = eq["num_prompts"]
     rows = [
-        ("greedy `generate()` identical", f"{eq['exact_match_rate']:.0%} of {eq['num_prompts']} held-out prompts x {eq['max_new_tokens']} new tokens"),
+        ("greedy `generate()` identical", f"{eq['exact_match_rate']:.0%} of {n} held-out prompts x {eq['max_new_tokens']} new tokens"),
         ("max abs logit difference", f"{eq['max_abs_logit_diff']:.3g}"),
         ("mean KL(fine-tune || decomposed)", f"{eq['mean_kl']:.3g}"),
         ("top-1 agreement", f"{eq['top1_agreement']:.2%}"),
         ("perplexity, fine-tune -> decomposed", f"{eq['perplexity_reference']:.3f} -> {eq['perplexity_candidate']:.3f}"),
     ]
-    return _table(("metric", "value"), rows)
+    if "tie_equivalent_rate" in eq:
+        rows[1:1] = [
+            (f"tie-equivalent (identical, or first divergence at a fine-tune margin < {eq['tie_tolerance']:g} logits, top-2 swapped)",
+             f"{round(eq['tie_equivalent_rate'] * n)} / {n}"),
+            ("vLLM `check_logprobs_close` (at the first divergence each token in the other's top 5)", f"{round(eq['logprobs_close_rate'] * n)} / {n}"),
+        ]
+    text = _table(("metric", "value"), rows)
+    if floor:
+        text += ("\n\nThe noise floor: the fine-tune against itself as deployments serve it, on the same prompts.\n\n"
+                 + _table(("model", "identical", "tie-equivalent", "vLLM-close", "mean KL", "setting"), [
+                     (label, str(round(r["exact_match_rate"] * r["num_prompts"])), str(round(r.get("tie_equivalent_rate", 0) * r["num_prompts"])),
+                      str(round(r.get("logprobs_close_rate", 0) * r["num_prompts"])), f"{r['mean_kl']:.2g}", r.get("setting", "this artifact"))
+                     for label, r in floor_rows(eq, floor)]))
+    return text
 
 
 def _structure(report: dict, index: dict) -> str:
+    stored, params = stored_bytes(report), report.get("delta_params", 0)
     rows = [
-        ("mode", f"`{report.get('mode', index.get('config', {}).get('mode'))}`"),
-        ("kept fraction of delta parameters", f"{report.get('kept_fraction', 0):.4%}"),
-        ("kept / delta parameters", f"{report.get('kept_params', 0):,} / {report.get('delta_params', 0):,}"),
+        ("bits per delta parameter", f"{bits_per_param(stored, params):.2f} (32 for the delta in float32)"),
+        ("stored bytes", f"{stored:,} ({_mib(stored)}) for {params:,} delta parameters"),
         ("stored bytes / float32 delta bytes", f"{report.get('stored_fraction', report.get('kept_fraction', 0)):.2%}"),
+        ("mode", f"`{report.get('mode', index.get('config', {}).get('mode'))}`"),
+        *([] if report.get("mode") == "anneal" else [("delta entries in the support (the rest exactly zero)", f"{report.get('kept_fraction', 0):.4%}")]),
         ("substructures", f"{report.get('num_substructures', 0):,}"),
         ("execution", f"`{index.get('config', {}).get('execution', 'merged')}`"),
     ]
@@ -136,8 +153,10 @@ def _layers(layers: list[dict]) -> str:
     for layer in layers:
         largest = layer.get("largest_substructure") or {}
         shape = " x ".join(f"{v} {k}" for k, v in largest.items()) if largest else "-"
-        rows.append((f"`{layer['name']}`", f"{layer['kept_fraction']:.2%}", str(layer["num_substructures"]), str(layer["spectral_rank"]), shape))
-    return _table(("layer", "kept", "substructures", "spectral rank", "largest substructure"), rows)
+        stored = layer.get("stored_bytes", 4 * layer["kept_params"])
+        rows.append((f"`{layer['name']}`", f"{bits_per_param(stored, layer['delta_params']):.2f}", _mib(stored), str(layer["num_substructures"]),
+                     str(layer["spectral_rank"]), shape))
+    return _table(("layer", "bits per delta parameter", "stored", "substructures", "spectral rank", "largest substructure"), rows)
 
 
 def _size(size: dict) -> str:

@@ -8,13 +8,15 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from . import artifact, locks, resume
 from .checkpoints import CONFIG_PATTERNS
-from .hub import resolve
-from .config import DecomposedConfig
+from .config import ANNEALING, TARGETS, DecomposedConfig
 from .decomposed import DecomposedModel
 from .equivalence import bound_prompts, check_disjoint, context_length, greedy_generate, load_prompts, verify_equivalence
 from .errors import CheckpointError, DecomposeError
+from .hub import resolve
 from .model import decompose, decompose_to_disk
 from .report import summary_table
 
@@ -50,13 +52,25 @@ def _verify_into(model: DecomposedModel, reference, tokenizer, prompts, max_new_
     model.report.setdefault("timings", {})["verify_s"] = time.perf_counter() - t0
 
 
-def _verify_artifact(directory: Path, finetuned: str | Path, prompts: list[str], args: argparse.Namespace) -> dict:
-    """Load the artifact, check it against the fine-tune `finetuned` on `prompts`, record the result in its report."""
+def _verify_artifact(directory: Path, finetuned: str | Path, prompts: list[str], args: argparse.Namespace, floor_base: str | None = None) -> dict:
+    """Load the artifact, check it against the fine-tune `finetuned` on `prompts` (with `floor_base`, the fine-tune's
+    own noise floor too), record the result in its report."""
     model = DecomposedModel.from_pretrained(directory)
     reference, tokenizer = _load_reference(resolve(finetuned))
     _verify_into(model, reference, tokenizer, prompts, args.max_new_tokens, args.batch_size, max_prompt_tokens=args.max_prompt_tokens)
+    if floor_base is not None:
+        model.report["noise_floor"] = _measure_floor(reference, tokenizer, prompts, floor_base, args)
     artifact.update_report(directory, model.report)
     return model.report
+
+
+def _measure_floor(reference, tokenizer, prompts, base: str | Path, args: argparse.Namespace, reference_tokens=None) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from .floor import noise_floor
+
+    base_model = AutoModelForCausalLM.from_pretrained(resolve(base), dtype=torch.float32).eval()
+    return noise_floor(reference, tokenizer, load_prompts(prompts), args.max_new_tokens, args.batch_size, base_model, reference_tokens=reference_tokens)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -71,17 +85,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                        max_prompt_tokens=args.max_prompt_tokens)
     out = Path(args.output)
     summary: dict = {}
+    floor = None  # measured once, recorded in every mode's report
     for mode in args.modes.split(","):
-        config = DecomposedConfig(mode=mode, q=args.q, calibration=pair.calib_prompts if mode == "anneal" else None)
+        config = DecomposedConfig(mode=mode, q=args.q, annealing={"target": args.target},
+                                  calibration=pair.calib_prompts if mode == "anneal" else None)
         model = decompose(pair.finetuned, pair.base, config)
         _verify_into(model, reference, tokenizer, pair.eval_prompts, args.max_new_tokens, args.batch_size, reference_tokens, args.max_prompt_tokens)
+        floor = floor or _measure_floor(reference, tokenizer, pair.eval_prompts, pair.base, args, reference_tokens)
+        model.report["noise_floor"] = floor
         model.report["timings"]["prepare_pair_s"] = prepare_s
         model.save_pretrained(out / mode, overwrite=True)
         print(f"\n== {mode} ==\n{summary_table(model.report)}")
         summary[mode] = model.report
         del model
     first = args.modes.split(",")[0]
-    top = dict(summary[first], default_mode=first, modes={m: {k: r[k] for k in ("kept_fraction", "size_bytes", "equivalence")} for m, r in summary.items()})
+    top = dict(summary[first], default_mode=first, modes={m: {k: r[k] for k in ("kept_fraction", "stored_fraction", "size_bytes", "equivalence")} for m, r in summary.items()})
     (out / artifact.REPORT).write_text(json.dumps(top, indent=2, sort_keys=True))
     print(f"\nwrote {out}/ ({', '.join(summary)}) in {time.perf_counter() - t0:.0f} s")
 
@@ -95,6 +113,9 @@ def _decompose(args: argparse.Namespace) -> None:
     config = DecomposedConfig.from_yaml(args.config) if args.config else DecomposedConfig()
     if args.mode:
         config.mode = args.mode
+    if args.target:
+        config.annealing["target"] = args.target
+        config.validate()
     prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
     if args.calibration:
         config.calibration = args.calibration
@@ -118,8 +139,10 @@ def _decompose(args: argparse.Namespace) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts)  # bad prompts fail before any checkpoint is read
-    finetuned = args.finetuned or artifact.read_index(args.directory)["finetuned_model"]["id"]
-    print(summary_table(_verify_artifact(Path(args.directory), finetuned, prompts, args)))
+    index = artifact.read_index(args.directory)
+    finetuned = args.finetuned or index["finetuned_model"]["id"]
+    floor_base = (args.base or index["base_model"]["id"]) if args.floor else None
+    print(summary_table(_verify_artifact(Path(args.directory), finetuned, prompts, args, floor_base)))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -143,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default=None, help="YAML recipe of the pair (default: recipes/default_pair.yaml)")
     demo.add_argument("--modes", default="anneal", help="comma-separated: anneal, lossless, criterion; the first is the default artifact")
     demo.add_argument("--q", type=float, default=0.05)
+    demo.add_argument("--target", choices=TARGETS, default=ANNEALING["target"], help="anneal mode: the equivalence target (exact = lossless, tie, floor)")
     generation_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -152,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--output", required=True)
     dec.add_argument("--config", help="YAML recipe with a `decomposition:` section")
     dec.add_argument("--mode", choices=["lossless", "criterion", "anneal"])
+    dec.add_argument("--target", choices=TARGETS, help="anneal mode: the equivalence target (exact = lossless, tie, floor; default tie)")
     dec.add_argument("--calibration", help="anneal mode: calibration prompts (.txt or .jsonl), disjoint from --prompts (default: a built-in set)")
     dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
     dec.add_argument("--overwrite", action="store_true")
@@ -165,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("directory")
     ver.add_argument("--prompts", required=True)
     ver.add_argument("--finetuned", help="the fine-tune to compare against (default: the one recorded)")
+    ver.add_argument("--floor", action="store_true", help="also measure the noise floor: the fine-tune in bfloat16, at another batch size / thread count, with its delta in bfloat16")
+    ver.add_argument("--base", help="with --floor: the base (default: the one recorded)")
     generation_args(ver)
     ver.set_defaults(func=cmd_verify)
 

@@ -21,7 +21,8 @@ DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 QUANT_METHOD = "hf_decompose"  # the name transformers' quantization registry knows this config by
 
 MODES = ("lossless", "criterion", "anneal")
-TARGETS = ("exact", "top1", "kl")
+TARGETS = ("exact", "tie", "floor", "identical", "top1", "kl")
+SCHEDULES = ("knapsack", "ladder")
 NULLS = ("reference", "init")
 CORRECTIONS = ("bh", "bonferroni")
 EXECUTIONS = ("merged", "split")
@@ -33,11 +34,13 @@ FIELD_TYPES = {
 
 
 ANNEALING: dict[str, Any] = {
-    "target": "exact",
+    "target": "tie",
+    "tie_tolerance": 1e-3,
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
-    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64"],
+    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1"],
+    "schedule": "knapsack",
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
@@ -98,10 +101,18 @@ class DecomposedConfig(QuantizationConfigMixin):
         dense_block_density: components at least this dense are stored as dense blocks.
         seed: seed for anything random (prompt sampling, randomized solvers).
         annealing: the schedule and guard of ``mode="anneal"``, merged over `ANNEALING`:
-            ``target`` (``"exact"``: teacher-forced greedy tokens identical and at most
-            ``expected_flips`` greedy flips expected over ``positions`` unseen positions (the margin
-            criterion, `annealing.expected_flips`); ``"top1"``: agreement >= ``tolerance``;
-            ``"kl"``: mean KL <= ``tolerance``), ``levels`` (the temperature: `Level` specs such as
+            ``target``, a level of one guard (`annealing.guard`, teacher-forced on calibration):
+            ``"exact"`` (lossless: nothing is annealed); ``"tie"`` (the default: every position
+            tie-equivalent, i.e. top-1 kept or a near-tie of margin below ``tie_tolerance`` logits
+            swapped, and at most ``expected_flips`` greedy flips expected at margins above it over
+            ``positions`` unseen positions, the margin criterion `annealing.expected_flips`);
+            ``"floor"`` (no more flips expected above ``tie_tolerance`` and no higher mean KL than
+            the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
+            kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
+            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"knapsack"``:
+            bits allocated per layer from measured sensitivity, `hf_decompose.allocation`, for the
+            tie / identical / floor targets; ``"ladder"``: one temperature by bisection, then each
+            layer heated in model order), ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
@@ -171,11 +182,13 @@ class DecomposedConfig(QuantizationConfigMixin):
         a = self.annealing
         if a["target"] not in TARGETS:
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
+        if a["schedule"] not in SCHEDULES:
+            raise ConfigError(f"annealing.schedule={a['schedule']!r} is not one of {SCHEDULES}")
         if not isinstance(a["levels"], list) or not a["levels"]:
             raise ConfigError(f"annealing.levels={a['levels']!r} must be a non-empty list, least aggressive first")
         for level in a["levels"]:
             Level.parse(level)
-        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance"):
+        for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance", "tie_tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
 

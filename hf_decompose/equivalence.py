@@ -5,6 +5,13 @@ logit metrics on the reference continuation (max |logit diff|, mean KL, top-1 ag
 reference's own top-1/top-2 margin where a generation diverges (a near-tie there flips under any
 change of the weights), and the perplexity of both models on the prompt texts. The summary is computed by the `evaluate` metric
 ``hf_decompose/metrics/generation_equivalence``.
+
+Three grades, reported together (see the metric for the exact rules): *exact* (identical token
+sequences), *tie-equivalent* (identical, or the first divergence is a near-tie of the fine-tune,
+margin below ``tie_tolerance`` = 1e-3 logits by default, resolved the other way: each model's
+token is the other's runner-up) and vLLM's ``check_logprobs_close`` rule (at the first divergence
+each token is in the other's top 5). `noise_floor` measures the same grades for the fine-tune
+against itself under deployment changes (`hf_decompose.floor`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import PromptError
 from .metrics import load_generation_equivalence
+from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE, TOP_K
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 logger = logging.getLogger(__name__)
@@ -40,6 +48,13 @@ class EquivalenceResult:
     per_prompt_max_abs_logit_diff: list[float] = field(default_factory=list)
     divergence_margins: list[float | None] = field(default_factory=list)  # reference top-1 - top-2 logit there
     dtype: str = ""  # the reference's parameter dtype: what the comparison ran in
+    identical: int = 0  # prompts with identical continuations (the exact grade)
+    tie_equivalent_rate: float = 0.0
+    logprobs_close_rate: float = 0.0  # vLLM's check_logprobs_close rule
+    tie_tolerance: float = TIE_TOLERANCE
+    tie_equivalent: list[bool] = field(default_factory=list)
+    logprobs_close: list[bool] = field(default_factory=list)
+    candidate_divergence_margins: list[float | None] = field(default_factory=list)  # candidate's own margin there
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,6 +207,8 @@ def verify_equivalence(
     progress: bool = True,
     reference_tokens: list[torch.Tensor] | None = None,
     max_prompt_tokens: int | None = None,
+    *,
+    tie_tolerance: float = TIE_TOLERANCE,
 ) -> EquivalenceResult:
     """Compare greedy generations and teacher-forced logits of `candidate` against `reference`
     (pass `reference_tokens`, from `greedy_generate`, to compare several candidates with one run).
@@ -201,7 +218,15 @@ def verify_equivalence(
     bound_prompts(tokenizer, prompts, max_new_tokens, context_length(reference.config), max_prompt_tokens)
     ref_tokens = reference_tokens or _generate(reference, tokenizer, prompts, max_new_tokens, batch_size, progress, max_prompt_tokens)
     cand_tokens = _generate(candidate, tokenizer, prompts, max_new_tokens, batch_size, progress, max_prompt_tokens)
-    kl, top1, max_diff, margins = [], [], [], []  # per prompt: per-position KL, top-1 agreement, reference margin; max |logit diff|
+    return compare(reference, candidate, tokenizer, prompts, ref_tokens, cand_tokens, batch_size, tie_tolerance, max_prompt_tokens)
+
+
+@torch.no_grad()
+def compare(reference, candidate, tokenizer, prompts: list[str], ref_tokens: list[torch.Tensor], cand_tokens: list[torch.Tensor],
+            batch_size: int = 8, tie_tolerance: float = TIE_TOLERANCE, max_prompt_tokens: int | None = None) -> EquivalenceResult:
+    """Grade continuations already generated, with both models' teacher-forced logits on the reference's."""
+    tokenizer = _prepare(tokenizer)
+    kl, top1, max_diff, margins, cand_margins, ref_top, cand_top = [], [], [], [], [], [], []  # per prompt
     nll = {"reference": [0.0, 0], "candidate": [0.0, 0]}
     device = next(reference.parameters()).device
     for start in range(0, len(prompts), batch_size):
@@ -216,8 +241,10 @@ def verify_equivalence(
         max_diff += (cr - cc).abs().amax(dim=(1, 2)).tolist()
         kl += F.kl_div(F.log_softmax(cc, -1), F.log_softmax(cr, -1), log_target=True, reduction="none").sum(-1).tolist()
         top1 += (cr.argmax(-1) == cc.argmax(-1)).int().tolist()
-        top2 = cr.topk(2, dim=-1).values
-        margins += (top2[..., 0] - top2[..., 1]).tolist()
+        for logits, tops, gaps in ((cr, ref_top, margins), (cc, cand_top, cand_margins)):
+            best = logits.topk(TOP_K, dim=-1)
+            tops += best.indices.tolist()
+            gaps += (best.values[..., 0] - best.values[..., 1]).tolist()
         targets = ids[:, 1:plen]
         valid = mask[:, :plen - 1].bool() & mask[:, 1:plen].bool()
         for key, logits in (("reference", lr), ("candidate", lc)):
@@ -227,18 +254,27 @@ def verify_equivalence(
     summary = load_generation_equivalence().compute(
         predictions=[t.tolist() for t in cand_tokens], references=[t.tolist() for t in ref_tokens],
         position_kl=kl, position_top1=top1, prompt_max_abs_logit_diff=max_diff,
+        reference_top=ref_top, candidate_top=cand_top, reference_margin=margins, tie_tolerance=tie_tolerance,
     )
+    divergence = summary["first_divergence"]
     return EquivalenceResult(
         exact_match_rate=summary["exact_match_rate"],
         num_prompts=len(prompts),
-        max_new_tokens=max_new_tokens,
-        first_divergence=summary["first_divergence"],
+        max_new_tokens=len(ref_tokens[0]) if ref_tokens else 0,
+        first_divergence=divergence,
         max_abs_logit_diff=summary["max_abs_logit_diff"],
         mean_kl=summary["mean_kl"],
         top1_agreement=summary["top1_agreement"],
         perplexity_reference=float(torch.exp(torch.tensor(nll["reference"][0] / max(nll["reference"][1], 1)))),
         perplexity_candidate=float(torch.exp(torch.tensor(nll["candidate"][0] / max(nll["candidate"][1], 1)))),
         per_prompt_max_abs_logit_diff=summary["per_prompt_max_abs_logit_diff"],
-        divergence_margins=[None if d is None else m[d] for d, m in zip(summary["first_divergence"], margins)],
+        divergence_margins=summary["divergence_margins"],
         dtype=str(next(reference.parameters()).dtype).removeprefix("torch."),
+        identical=sum(d is None for d in divergence),
+        tie_equivalent_rate=summary["tie_equivalent_rate"],
+        logprobs_close_rate=summary["logprobs_close_rate"],
+        tie_tolerance=tie_tolerance,
+        tie_equivalent=summary["tie_equivalent"],
+        logprobs_close=summary["logprobs_close"],
+        candidate_divergence_margins=[None if d is None or d >= len(m) else m[d] for d, m in zip(divergence, cand_margins)],
     )

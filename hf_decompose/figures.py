@@ -1,9 +1,9 @@
 """`hf-decompose inspect`: a Markdown report with figures (matplotlib, Agg) of decomposed artifacts.
 
-For each artifact: kept fraction and substructures per layer, the block structure of chosen
+For each artifact: bits per delta parameter and substructures per layer, the block structure of chosen
 tensors (support permuted so that each component is a contiguous block), histograms of the entry
 test statistic z against its N(0, 1) null, the annealing trace per layer, and the first-divergence
-and max |logit diff| histograms of the equivalence run.
+and max |logit diff| histograms of the equivalence run with its three grades beside the noise floor.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from scipy import stats  # noqa: E402
 from . import artifact  # noqa: E402
 from .criterion import Z_HIST_BINS, Z_HIST_RANGE  # noqa: E402
 from .errors import ArtifactError  # noqa: E402
-from .report import summary_table  # noqa: E402
+from .report import bits_per_param, floor_rows, stored_bytes, summary_table  # noqa: E402
 from .substructures import TensorDelta, _bipartite_components  # noqa: E402
 
 FIGSIZE = (10.0, 4.0)
@@ -57,7 +57,7 @@ def write_report(directory: str | Path, output: str | Path | None = None, tensor
         _, deltas = artifact.load(art)
         prefix = art.name if art != directory else "artifact"
         figures = {
-            "Kept fraction and substructures per layer": plot_layers(report, out / f"{prefix}_layers.png"),
+            "Bits per delta parameter and substructures per layer": plot_layers(report, out / f"{prefix}_layers.png"),
             "Block structure (support, components permuted into blocks)": plot_blocks(deltas, out / f"{prefix}_blocks.png", tensors, max_blocks),
             "Entry test statistic z against its N(0, 1) null": plot_z_histograms(report, out / f"{prefix}_z.png"),
             "Annealing trace per layer": plot_annealing(report, out / f"{prefix}_annealing.png"),
@@ -91,7 +91,7 @@ def _short(name: str) -> str:
 
 
 def plot_layers(report: dict, path: Path) -> Path:
-    """Bars: kept fraction (log scale when it spans decades) and number of substructures per layer."""
+    """Bars: stored bits per delta parameter (log scale when they span decades) and number of substructures per layer."""
     layers = report.get("layers", [])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(FIGSIZE[0], 6), sharex=True)
     if not layers:
@@ -99,12 +99,14 @@ def plot_layers(report: dict, path: Path) -> Path:
         bottom.set_axis_off()
         return _save(fig, path)
     x = np.arange(len(layers))
-    kept = np.array([layer["kept_fraction"] for layer in layers])
-    top.bar(x, np.maximum(kept, 1e-9), color="tab:blue")
-    if kept.max() > 0 and kept[kept > 0].min() < kept.max() / 100:
+    bits = np.array([bits_per_param(layer.get("stored_bytes", 4 * layer["kept_params"]), layer["delta_params"]) for layer in layers])
+    top.bar(x, np.maximum(bits, 1e-6), color="tab:blue")
+    if bits.max() > 0 and bits[bits > 0].min() < bits.max() / 100:
         top.set_yscale("log")
-    top.set_ylabel("kept fraction of delta")
-    top.set_title(f"mode {report.get('mode')}: {report.get('kept_fraction', 0):.2%} kept overall")
+    top.set_ylabel("bits per delta parameter")
+    stored = stored_bytes(report)
+    top.set_title(f"mode {report.get('mode')}: {bits_per_param(stored, report.get('delta_params', 0)):.2f} bits per delta parameter, "
+                  f"{stored / 2**20:,.1f} MiB stored")
     bottom.bar(x, [layer["num_substructures"] for layer in layers], color="tab:orange")
     bottom.set_ylabel("substructures")
     bottom.set_xticks(x, [_short(layer["name"]) for layer in layers], rotation=90, fontsize=7)
@@ -213,6 +215,8 @@ def plot_annealing(report: dict, path: Path) -> Path:
     names = ["*"] + [r["layer"] for r in layers]
     column = {name: i for i, name in enumerate(names)}
     for t in annealing.get("trace", []):
+        if t.get("probe") or str(t["level"]) not in rank:  # knapsack probes and budget checks are no ladder steps
+            continue
         ok = t["accepted"]
         left.plot(column[t["layer"]], rank[str(t["level"])], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
     for i, record in enumerate(layers, start=1):
@@ -225,22 +229,40 @@ def plot_annealing(report: dict, path: Path) -> Path:
     left.set_ylabel("level (more aggressive upwards)")
     left.legend(fontsize=7)
     left.set_xticks(np.arange(len(names)), [_short(n) for n in names], rotation=90, fontsize=7)
-    stored = [r.get("bytes", 4 * r["kept_params"]) / (4 * r["delta_params"]) if r.get("delta_params") else np.nan for r in layers]
-    right.bar(np.arange(1, len(layers) + 1), stored, color="tab:blue")
-    right.set_ylabel("stored bytes / float32 delta bytes")
-    right.set_title(f"{report.get('stored_fraction', np.nanmean(stored)):.1%} of the float32 delta's bytes overall", fontsize=9)
+    bits = [bits_per_param(r.get("bytes", 4 * r["kept_params"]), r["delta_params"]) if r.get("delta_params") else np.nan for r in layers]
+    right.bar(np.arange(1, len(layers) + 1), bits, color="tab:blue")
+    right.set_ylabel("bits per delta parameter")
+    right.set_title(f"{8 * sum(r.get('bytes', 0) for r in layers) / max(sum(r.get('delta_params', 0) for r in layers), 1):.2f} bits per annealed "
+                    f"delta parameter ({report.get('stored_fraction', 0):.1%} of the float32 delta overall)", fontsize=9)
     right.set_xticks(np.arange(1, len(layers) + 1), [_short(r["layer"]) for r in layers], rotation=90, fontsize=7)
     return _save(fig, path)
 
 
+def plot_grades(ax, eq: dict, floor: dict) -> None:
+    """Grouped bars: prompts identical / tie-equivalent / vLLM-close, the artifact beside each floor variant."""
+    rows = floor_rows(eq, floor)
+    x = np.arange(len(rows))
+    for i, (key, label, color) in enumerate((("exact_match_rate", "identical", "tab:green"), ("tie_equivalent_rate", "tie-equivalent", "tab:blue"),
+                                             ("logprobs_close_rate", "vLLM-close", "tab:gray"))):
+        ax.bar(x + (i - 1) * 0.27, [r.get(key, np.nan) * r["num_prompts"] for _, r in rows], width=0.27, color=color, label=label)
+    ax.set_xticks(x, [label.removeprefix("floor: ") for label, _ in rows], rotation=30, fontsize=7, ha="right")
+    ax.set_ylabel("prompts")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("artifact and noise floor vs the fine-tune", fontsize=8)
+    ax.legend(fontsize=6)
+
+
 def plot_equivalence(report: dict, path: Path) -> Path:
-    """Histograms of the first divergent token per prompt and of each prompt's max |logit diff|."""
+    """Histograms of the first divergent token per prompt and of each prompt's max |logit diff|, and
+    the three grades beside the noise floor's."""
     eq = report.get("equivalence") or {}
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    fig, (left, right, grades) = plt.subplots(1, 3, figsize=FIGSIZE)
     if not eq:
         _placeholder(left, "no equivalence run")
         right.set_axis_off()
+        grades.set_axis_off()
         return _save(fig, path)
+    plot_grades(grades, eq, report.get("noise_floor") or {})
     n_new = eq["max_new_tokens"]
     divergent = [d for d in eq["first_divergence"] if d is not None]
     left.hist(divergent, bins=np.linspace(0, n_new, min(n_new, 32) + 1), color="tab:orange", label="diverged")
@@ -248,7 +270,11 @@ def plot_equivalence(report: dict, path: Path) -> Path:
     left.set_xlabel("first divergent new token")
     left.set_ylabel("prompts")
     left.yaxis.set_major_locator(MaxNLocator(integer=True))
-    left.set_title(f"{eq['exact_match_rate']:.0%} identical on {eq['num_prompts']} prompts", fontsize=9)
+    n = eq["num_prompts"]
+    title = f"{round(eq['exact_match_rate'] * n)} / {n} identical"
+    if "tie_equivalent_rate" in eq:
+        title += f"\n{round(eq['tie_equivalent_rate'] * n)} tie-equivalent, {round(eq['logprobs_close_rate'] * n)} vLLM-close"
+    left.set_title(title, fontsize=8)
     left.legend(fontsize=7)
     diffs = np.asarray(eq.get("per_prompt_max_abs_logit_diff") or [], dtype=np.float64)
     if diffs.size:
@@ -259,7 +285,7 @@ def plot_equivalence(report: dict, path: Path) -> Path:
         right.set_xscale("log")
         right.set_xlabel("max |logit diff| per prompt (teacher-forced)")
         right.yaxis.set_major_locator(MaxNLocator(integer=True))
-        right.set_title(f"{int((diffs == 0).sum())} prompts with exactly 0 (shown at the left edge)", fontsize=9)
+        right.set_title(f"{int((diffs == 0).sum())} prompts at exactly 0 (left edge)", fontsize=8)
     else:
         _placeholder(right, f"per-prompt logit diffs not recorded\n(max {eq.get('max_abs_logit_diff', 0):.3g})")
     return _save(fig, path)

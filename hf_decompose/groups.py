@@ -10,6 +10,8 @@ weights are stored transposed and flagged here.
 
 from __future__ import annotations
 
+import functools
+
 import re
 from dataclasses import dataclass
 
@@ -39,9 +41,21 @@ class Geometry:
         heads = config.get("num_attention_heads") or config.get("n_head")
         if not hidden or not heads:
             raise ValueError("config lacks hidden_size/num_attention_heads")
-        kv = config.get("num_key_value_heads") or heads
+        kv = (config.get("num_key_value_heads") if _declares(config.get("model_type"), "num_key_value_heads") else None) or heads
         head_dim = config.get("head_dim") or hidden // heads
         return cls(int(heads), int(kv), int(head_dim), int(hidden))
+
+
+@functools.cache
+def _declares(model_type: str | None, key: str) -> bool:
+    """Whether the model type's config reads `key` (a config.json may carry keys its model ignores, such as
+    an OPT config with ``num_key_value_heads``)."""
+    from transformers import AutoConfig
+
+    try:
+        return hasattr(AutoConfig.for_model(model_type), key)
+    except (ValueError, KeyError, TypeError):
+        return True
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ A matrix ``(out, in)`` is cut into groups of `group` input columns (``group=0``:
 group's values are divided by ``absmax / qmax`` (``qmax = 2^(bits-1) - 1``) and rounded to the
 nearest integer, so the error is unbiased and at most half a step. Codes are stored offset by
 ``qmax`` (unsigned) and bit-packed: ``bits`` bits per value, little-endian, in one uint8 stream.
+One bit (BitDelta's sign codes) stores ``sign(x)`` as 0 / 1 with the group's mean ``|x|`` as its
+scale (the least-squares scale of sign codes); zero rounds to +1.
 
 With the Gram ``H = X^T X`` of the matrix's inputs, columns are rounded one at a time and each
 column's rounding error is pushed onto the columns not yet rounded through ``H^-1`` (optimal brain
@@ -17,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-BITS = (2, 3, 4, 5, 6, 8)
+BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def group_size(shape: tuple[int, ...], group: int) -> int:
@@ -39,14 +41,19 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
         x = values.float().reshape(out, n_in // g, g)
         scales = _scales(x, qmax)
         codes = _round(x, scales.float(), qmax).reshape(out, n_in)
-    return pack((codes + qmax).to(torch.uint8).reshape(-1), bits), scales.reshape(out, n_in // g).contiguous()
+    unsigned = (codes > 0) if bits == 1 else codes + qmax
+    return pack(unsigned.to(torch.uint8).reshape(-1), bits), scales.reshape(out, n_in // g).contiguous()
 
 
 def _scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    if qmax == 0:  # one bit: sign codes, the mean magnitude as scale
+        return x.abs().mean(-1, keepdim=True).bfloat16()
     return (x.abs().amax(-1, keepdim=True) / qmax).bfloat16()
 
 
 def _round(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
+    if qmax == 0:
+        return torch.where(x >= 0, 1.0, -1.0)
     return torch.where(step > 0, x / step.clamp_min(1e-38), torch.zeros_like(x)).round_().clamp_(-qmax, qmax)
 
 
@@ -83,8 +90,9 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, qmax: int, g: int, damp
 def codes_of(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Signed int8 codes ``(out, in)`` of a packed tensor."""
     bits = bits_of(packed, shape)
-    qmax = 2 ** (bits - 1) - 1
-    return (unpack(packed, bits, math.prod(shape)).to(torch.int16) - qmax).to(torch.int8).reshape(shape)
+    unsigned = unpack(packed, bits, math.prod(shape)).to(torch.int16)
+    codes = 2 * unsigned - 1 if bits == 1 else unsigned - (2 ** (bits - 1) - 1)
+    return codes.to(torch.int8).reshape(shape)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

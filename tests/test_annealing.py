@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_decompose import DecomposedConfig, PromptError, decompose
+from hf_decompose import ConfigError, DecomposedConfig, PromptError, decompose
 from hf_decompose.annealing import GramCollector, calibrate, guard, weighted_lowrank
 from hf_decompose.modules import DecomposedModule
 
@@ -142,3 +142,74 @@ def test_error_feedback_beats_plain_rounding_on_a_real_layer(exact):
 
         fed, plain = rounded(*quantize(delta, 3, 16, gram=gram)), rounded(*quantize(delta, 3, 16))
         assert _output_error(delta, fed, gram) < 0.9 * _output_error(delta, plain, gram), key
+
+
+def test_tie_rule_and_flips_above_the_tolerance():
+    """Teacher-forced tie-equivalence accepts a swapped near-tie only; flips expected above a
+    tolerance are fewer than at any margin, and the same at tolerance 0."""
+    from hf_decompose.annealing import Calibration, expected_flips, tie_equivalent
+
+    ref = torch.tensor([[[5.0, 4.9995, 0.0], [3.0, 1.0, 0.0], [2.0, 1.9999, 1.0]]])  # margins 5e-4, 2, 1e-4
+    top2 = ref.topk(2, dim=-1)
+    calib = Calibration(torch.zeros(1, 1), torch.ones(1, 1), 0, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], ref)
+    swapped = ref.clone()
+    swapped[0, 0, :2] = torch.tensor([4.9995, 5.0])  # the near-tie resolved the other way
+    assert tie_equivalent(calib, swapped, 1e-3).tolist() == [[True, True, True]]
+    assert tie_equivalent(calib, swapped, 1e-4).tolist() == [[False, True, True]]  # 5e-4 is no tie at 1e-4
+    large = ref.clone()
+    large[0, 1, :2] = torch.tensor([1.0, 3.0])  # a margin of 2 flipped
+    assert tie_equivalent(calib, large, 1e-3).tolist() == [[True, False, True]]
+    third = ref.clone()
+    third[0, 2, 2] = 3.0  # the near-tie lost to a third token
+    assert tie_equivalent(calib, third, 1e-3).tolist() == [[True, True, False]]
+    noisy = ref + 0.01 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
+    assert expected_flips(calib, noisy, 100, 0.0) > expected_flips(calib, noisy, 100, 1e-2) > expected_flips(calib, noisy, 100, 1e-1) > 0
+    assert expected_flips(calib, ref, 100, 1e-3) == 0.0
+
+
+def test_targets_exact_is_lossless_and_floor_is_bounded_by_bf16(tiny_pair, exact):
+    _, _, calib = exact
+    config = DecomposedConfig(mode="anneal", annealing={"target": "exact", "calibration_prompts": 4, "calibration_tokens": 8})
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, config, calibration=tiny_pair.calib_prompts, progress=False)
+    assert model.report["annealing"]["target"] == "exact" and not model.report["annealing"]["trace"]
+    ids = calib.input_ids[:4]
+    finetuned = AutoModelForCausalLM.from_pretrained(tiny_pair.finetuned)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, finetuned(input_ids=ids).logits)  # exact: the lossless artifact
+    floor_config = DecomposedConfig(mode="anneal", annealing={"target": "floor", "calibration_prompts": 8, "calibration_tokens": 16, "positions": 128})
+    floored = decompose(tiny_pair.finetuned, tiny_pair.base, floor_config, calibration=tiny_pair.calib_prompts, progress=False)
+    annealing = floored.report["annealing"]
+    assert annealing["target"] == "floor" and annealing["floor"]["mean_kl"] > 0
+    assert floored.report["stored_fraction"] < model.report["stored_fraction"]
+    for t in annealing["trace"]:  # every accepted level keeps within the bf16 floor
+        if t["accepted"]:
+            assert t["mean_kl"] <= annealing["floor"]["mean_kl"] and t["expected_flips_above_tolerance"] <= annealing["floor"]["expected_flips"]
+    with pytest.raises(ConfigError, match="target"):
+        DecomposedConfig(mode="anneal", annealing={"target": "close"})
+
+
+def test_knapsack_spends_damage_where_it_buys_most_bytes():
+    """Two layers, one sensitive: the budget goes to the insensitive one (a ladder walked in order
+    heats the first layer first); every budget's allocation stays within it."""
+    import itertools
+
+    from hf_decompose.allocation import solve, weighted_error
+
+    costs = [[100.0, 50.0, 10.0], [100.0, 50.0, 10.0]]
+    damages = [[0.0, 0.5, 4.0], [0.0, 0.01, 0.2]]  # layer 0 is 20x as sensitive
+    assert solve(costs, damages, 0.25) == [0, 2]
+    assert solve(costs, damages, 0.75) == [1, 2]
+    assert solve(costs, damages, 0.0) == [0, 0] and solve(costs, damages, 10.0) == [2, 2]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        c = (torch.rand(4, 4, generator=gen) * 100).tolist()
+        d = [[0.0, *row] for row in torch.rand(4, 3, generator=gen).tolist()]
+        budget = float(torch.rand(1, generator=gen)) * 2
+        choice = solve(c, d, budget)
+        assert sum(d[i][j] for i, j in enumerate(choice)) <= budget
+        best = min(sum(c[i][j] for i, j in enumerate(ch)) for ch in itertools.product(range(4), repeat=4) if sum(d[i][j] for i, j in enumerate(ch)) <= budget)
+        assert sum(c[i][j] for i, j in enumerate(choice)) <= 1.5 * best  # the Lagrangian sweep is near the optimum
+    e = torch.randn(3, 5, generator=gen)
+    x = torch.randn(50, 5, generator=gen)
+    assert weighted_error(e, x.t() @ x) == pytest.approx(float((x @ e.t()).square().sum()), rel=1e-6)
+    assert weighted_error(e, None) == pytest.approx(float(e.square().sum()), rel=1e-6)

@@ -42,12 +42,14 @@ ARCHITECTURES = {
 
 
 def _structured_change(model: torch.nn.Module, seed: int = 1) -> None:
-    """A fine-tune's kind of change: a few rows of every matrix (every expert's), some whole vectors."""
+    """A fine-tune's kind of change: a few rows of every matrix (every expert's), some whole vectors, and a
+    small change of every entry (what annealing stores in few bits)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             rows = p[..., :3, :] if p.dim() >= 2 else p
             rows.add_((torch.randn(rows.shape, generator=gen) * 2e-2).to(p.dtype))
+            p.add_((torch.randn(p.shape, generator=gen) * 2e-3).to(p.dtype))
 
 
 def _pair(root: Path, arch: str) -> tuple[Path, Path]:

@@ -3,6 +3,7 @@
 import json
 
 import evaluate
+import torch
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -77,3 +78,68 @@ def test_load_prompts_through_datasets(tmp_path):
         load_prompts(tmp_path / "missing.csv")
     with pytest.raises(PromptError, match="does not exist"):
         load_prompts(tmp_path / "missing.txt")
+
+
+
+PROMPT = ["w1 w2 w3"]
+
+
+def _planted(rank: int, gap: float):
+    """The random mistral (untied head) with, at the first new token of PROMPT, the logit of its
+    rank-`rank` token moved (along that position's hidden state) to the top-1's logit minus `gap`:
+    gap > 0 plants a margin of `gap`, gap < 0 makes that token win by -gap (rank 0: the top-1 is
+    raised by `gap`)."""
+    model, tokenizer = random_model("mistral"), _tokenizer()
+    seen = {}
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0][0, -1].detach().clone()))
+    with torch.no_grad():
+        logits = model(**tokenizer(PROMPT, return_tensors="pt")).logits[0, -1]
+        handle.remove()
+        order = logits.argsort(descending=True)
+        top, other, h = int(order[0]), int(order[rank]), seen["h"]
+        shift = gap if rank == 0 else logits[top] - logits[other] - gap
+        model.lm_head.weight[other] += shift * h / h.dot(h)
+    return model, tokenizer
+
+
+def test_grades_of_a_planted_near_tie():
+    """A near-tie (margin 5e-5) flipped: not exact, tie-equivalent, vLLM-close. A large margin
+    (1.0) flipped to the runner-up: neither exact nor tie-equivalent, vLLM-close. The reference's
+    rank-20 token made to win: no grade passes."""
+    reference, tokenizer = _planted(1, 5e-5)
+    candidate, _ = _planted(1, -5e-5)
+    tie = verify_equivalence(reference, candidate, tokenizer, PROMPT, max_new_tokens=4, progress=False)
+    assert tie.first_divergence == [0] and tie.identical == 0 and tie.exact_match_rate == 0
+    assert tie.divergence_margins[0] == pytest.approx(5e-5, abs=2e-5) and tie.divergence_margins[0] < tie.tie_tolerance
+    assert tie.tie_equivalent == [True] and tie.tie_equivalent_rate == 1 and tie.logprobs_close == [True] and tie.logprobs_close_rate == 1
+    strict = verify_equivalence(reference, candidate, tokenizer, PROMPT, max_new_tokens=4, progress=False, tie_tolerance=1e-5)
+    assert strict.tie_equivalent == [False] and strict.logprobs_close == [True]  # the tolerance is the rule's knob
+
+    reference, _ = _planted(0, 1.0)
+    candidate, _ = _planted(1, -1.0)
+    flip = verify_equivalence(reference, candidate, tokenizer, PROMPT, max_new_tokens=4, progress=False)
+    assert flip.first_divergence == [0] and flip.divergence_margins[0] > 1.0
+    assert flip.tie_equivalent == [False] and flip.tie_equivalent_rate == 0 and flip.logprobs_close == [True]
+
+    far, _ = _planted(20, -1.0)
+    wrong = verify_equivalence(random_model("mistral"), far, tokenizer, PROMPT, max_new_tokens=4, progress=False)
+    assert wrong.first_divergence == [0] and wrong.tie_equivalent == [False] and wrong.logprobs_close == [False]
+    same = verify_equivalence(reference, reference, tokenizer, PROMPT, max_new_tokens=4, progress=False)
+    assert same.identical == 1 and same.tie_equivalent == [True] and same.logprobs_close == [True]
+
+
+def test_noise_floor_of_a_random_model():
+    from hf_decompose.floor import noise_floor
+
+    tokenizer = _tokenizer()
+    prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+    ft = perturb(random_model("llama"), 0.05)
+    floor = noise_floor(ft, tokenizer, prompts, max_new_tokens=8, batch_size=4, base=random_model("llama"))
+    assert list(floor) == ["bfloat16", "batch_size", "threads", "delta_bfloat16"]
+    for name, row in floor.items():
+        assert row["num_prompts"] == 4 and row["setting"] and len(row["tie_equivalent"]) == 4, name
+        assert row["identical"] <= round(row["tie_equivalent_rate"] * 4) <= round(row["logprobs_close_rate"] * 4)
+    assert floor["bfloat16"]["mean_kl"] > floor["threads"]["mean_kl"]  # bf16 serving moves the logits far more
+    assert floor["delta_bfloat16"]["mean_kl"] > 0
+    with pytest.raises(PromptError):
+        noise_floor(ft, tokenizer, [])

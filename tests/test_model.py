@@ -64,3 +64,7 @@ def test_cli_decompose_and_verify(tiny_pair, tmp_path):
     assert main(["verify", str(out), "--prompts", str(prompts), "--max-new-tokens", "8"]) == 0
     assert json.loads((out / "decomposition.json").read_text())["equivalence"]["max_new_tokens"] == 8
     assert main(["verify", str(tmp_path / "missing"), "--prompts", str(prompts)]) == 2
+    assert main(["verify", str(out), "--prompts", str(prompts), "--max-new-tokens", "8", "--floor"]) == 0
+    report = json.loads((out / "decomposition.json").read_text())
+    assert sorted(report["noise_floor"]) == ["batch_size", "bfloat16", "delta_bfloat16", "threads"]
+    assert report["equivalence"]["identical"] == 6 and report["equivalence"]["tie_equivalent_rate"] == 1.0

@@ -37,6 +37,19 @@ def test_rounding_stays_within_half_a_step(bits, group):
     assert (y - x).abs().max() < x.abs().max() / (2 ** (bits - 1) - 1)
 
 
+def test_one_bit_stores_signs_with_the_mean_magnitude():
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    x[2] = 0.0
+    packed, scales = quantize(x, 1, 16)
+    assert packed.numel() == 6 * 32 // 8 and bits_of(packed, x.shape) == 1
+    codes = codes_of(packed, x.shape)
+    assert set(codes.unique().tolist()) == {-1, 1} and torch.equal(codes[x > 0], torch.ones_like(codes[x > 0]))
+    assert torch.allclose(scales.float(), x.abs().unflatten(1, (2, 16)).mean(-1).bfloat16().float())
+    y = dequantize(codes, scales)
+    assert torch.equal(y[2], torch.zeros(32))
+    assert (y - x).square().sum() < x.square().sum()  # the sign with its mean magnitude beats dropping
+
+
 def _quantized(module_delta: TensorDelta, bits: int, group: int) -> TensorDelta:
     d = module_delta
     packed, scales = quantize(d.to_dense(), bits, group)

@@ -1,0 +1,70 @@
+"""Each annealing target on a pair: the bytes it needed and its three grades beside the noise floor.
+
+For each target (default: tie, floor): anneal the pair's fine-tune on its calibration prompts,
+verify on its 32 held-out prompts x 64 tokens (exact / tie-equivalent / vLLM-close, mean KL) and
+record stored bytes, bits per delta parameter, the fraction of the float32 delta and the time.
+Reads the pair's noise floor from results/noise_floor_<pair>.json when present (benchmarks/noise_floor.py).
+    flock /tmp/hf_decompose_bench.lock python benchmarks/targets.py [--recipe recipes/long_wd_pair.yaml] [--targets tie,floor]
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from _machine import machine
+from hf_decompose import DecomposedConfig, decompose, verify_equivalence
+from hf_decompose.equivalence import greedy_generate
+from hf_decompose.pair import prepare_default_pair
+from hf_decompose.report import bits_per_param, summary_table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default=None)
+    parser.add_argument("--targets", default="tie,floor")
+    parser.add_argument("--schedule", default="knapsack")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    pair = prepare_default_pair(recipe=args.recipe)
+    name = Path(args.recipe).stem if args.recipe else "default_pair"
+    reference = AutoModelForCausalLM.from_pretrained(pair.finetuned, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pair.finetuned)
+    ref_tokens = greedy_generate(reference, tokenizer, pair.eval_prompts, args.max_new_tokens)
+    floor_file = RESULTS / f"noise_floor_{name}.json"
+    floor = json.loads(floor_file.read_text())["floor"] if floor_file.is_file() else None
+    out_file = RESULTS / f"targets_{name}.json"
+    rows = json.loads(out_file.read_text())["rows"] if out_file.is_file() else {}
+    for target in args.targets.split(","):
+        t0, load0 = time.perf_counter(), os.getloadavg()
+        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule})
+        model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
+        eq = verify_equivalence(reference, model, tokenizer, pair.eval_prompts, args.max_new_tokens, reference_tokens=ref_tokens, progress=False)
+        model.report["equivalence"] = eq.to_dict()
+        if floor:
+            model.report["noise_floor"] = floor
+        report = model.report
+        stored = report["size_bytes"]["artifact"]
+        rows[f"{target}/{args.schedule}"] = {
+            "target": target, "schedule": args.schedule, "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
+            "bits_per_param": bits_per_param(stored, report["delta_params"]), "finetuned_over_artifact": report["size_bytes"]["finetuned"] / stored,
+            "identical": eq.identical, "tie_equivalent": round(eq.tie_equivalent_rate * eq.num_prompts), "vllm_close": round(eq.logprobs_close_rate * eq.num_prompts),
+            "mean_kl": eq.mean_kl, "divergence_margins": eq.divergence_margins, "annealing_s": report["annealing"]["seconds"],
+            "levels": {r["layer"]: r["level"] for r in report["annealing"]["levels"]}, "floor_bound": report["annealing"].get("floor"),
+            "precision": report["annealing"]["precision"].get("dtype"), "seconds": time.perf_counter() - t0,
+            "load_average": {"start": load0, "end": os.getloadavg()},
+        }
+        print(f"\n== target {target} ({args.schedule}) ==\n{summary_table(report)}", flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        out_file.write_text(json.dumps({"pair": name, "machine": machine(), "rows": rows}, indent=2))
+        del model
+
+
+if __name__ == "__main__":
+    main()
