@@ -81,21 +81,45 @@ class LowRankPart(Part):
 
 
 class QuantPart(Part):
-    """Every entry in low-bit integer codes (int8 in memory) with bfloat16 group scales."""
+    """Every entry in low-bit integer codes (int8 in memory) with bfloat16 group scales.
+
+    On CPU, codes of at most 4 bits in groups of 32 to 256 columns (rows a multiple of 16) also keep an int4-packed copy
+    (half a byte per entry) for PyTorch's fused dequantize-matmul kernel, which reads the packed
+    codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
+    stay float16), within bfloat16 rounding of the reference ``x @ dequantize(codes, scales)^T``.
+    Other codes run the reference (a float32 matrix per call).
+    """
 
     kind = "quant"
+    FUSED_GROUPS = (32, 64, 128, 256)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         super().__init__(codes.shape)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
+        group = codes.shape[-1] // max(scales.shape[-1], 1)
+        self.group = group
+        if codes.device.type == "cpu" and group in self.FUSED_GROUPS and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
+            step = scales.float().t().contiguous()  # (in / group, out, [scale, zero]): zero 0, codes offset by 8
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
 
     def cost(self) -> int:
         return self.codes.numel()
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` runs through the packed int4 kernel."""
+        return "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu"
+
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
             return dequantize(self.codes[x], self.scales[x])
+        if self.fused(x):
+            dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, _cast(self.scale_zeros, dtype))
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
         return F.linear(x, _cast(dequantize(self.codes, self.scales), x.dtype))
 
 
