@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -72,6 +73,79 @@ class Routing:
             ]
         return self._cache[key]
 
+    def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Rows padded into one slab per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
+        positions of the used slots, their rows, M). Padding slots repeat row 0 and are never used."""
+        key = (names, batch, device)
+        if key not in self._cache:
+            where: dict[str, list[int]] = {n: [] for n in names}
+            for name, idx in self.groups(batch, device):
+                if name[0] in where:
+                    where[name[0]] = list(range(batch)) if idx is None else idx.tolist()
+            m = max(1, *map(len, where.values()))
+            gather = [r for n in names for r in where[n] + [0] * (m - len(where[n]))]
+            pos = [t * m + i for t, n in enumerate(names) for i in range(len(where[n]))]
+            rows = [r for n in names for r in where[n]]
+            self._cache[key] = (*(torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)), m)
+        return self._cache[key]
+
+
+class _Stacked:
+    """The tenants of one module in batched form: low-rank factors zero-padded to one rank and
+    stacked (two `bmm`), biases stacked; the other parts run per fine-tune on its slab of rows."""
+
+    def __init__(self, tenants: list[DeltaOps], device: torch.device):
+        lowrank = [t.lowrank if hasattr(t, "lowrank") else None for t in tenants]
+        self.u = self.v = self.bias = None
+        if any(p is not None for p in lowrank):
+            shape = next(p for p in lowrank if p is not None).shape
+            rank = max(p.u.shape[1] for p in lowrank if p is not None)
+            dtype = next(p for p in lowrank if p is not None).u.dtype
+            self.u = torch.zeros(len(tenants), shape[0], rank, dtype=dtype, device=device)
+            self.v = torch.zeros(len(tenants), rank, shape[1], dtype=dtype, device=device)
+            for t, p in enumerate(lowrank):
+                if p is not None:
+                    self.u[t, :, : p.u.shape[1]] = p.u
+                    self.v[t, : p.v.shape[0]] = p.v
+        if any(hasattr(t, "bias") for t in tenants):
+            ref = next(t.bias.bias for t in tenants if hasattr(t, "bias"))
+            self.bias = torch.stack([t.bias.bias if hasattr(t, "bias") else torch.zeros_like(ref) for t in tenants])
+        self.rest = [[p for name, p in t.named_children() if name not in ("lowrank", "bias")] for t in tenants]
+        self.shape = next(p.shape for t in tenants for p in t.children() if len(p.shape) == 2)
+        self.dtype = next(b.dtype for t in tenants for b in t.buffers() if b.is_floating_point())
+
+    def __call__(self, x: torch.Tensor, lookup: bool) -> torch.Tensor:
+        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows."""
+        out = None
+        if self.u is not None:
+            if lookup:  # each fine-tune's rows of u, then one bmm with v
+                ids = x + torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (x.dim() - 1)) * self.u.shape[1]
+                rows = F.embedding(ids.flatten(1), self.u.flatten(0, 1))
+                out = torch.bmm(rows, self.v).view(*x.shape, -1)
+            else:
+                flat = x.flatten(1, -2)
+                out = torch.bmm(torch.bmm(flat, _cast(self.v, x.dtype).transpose(1, 2)), _cast(self.u, x.dtype).transpose(1, 2))
+                out = out.view(*x.shape[:-1], -1)
+        if any(self.rest):
+            rest = torch.stack([self._rest(parts, x[t], lookup) for t, parts in enumerate(self.rest)])
+            out = rest if out is None else out + rest
+        if self.bias is not None:
+            bias = _cast(self.bias, x.dtype).view(self.bias.shape[0], *[1] * (x.dim() - 2), -1)
+            out = bias.expand(*x.shape[:-1], -1) if out is None else out + bias
+        return out
+
+    def _rest(self, parts: list[nn.Module], x: torch.Tensor, lookup: bool) -> torch.Tensor:
+        if not parts:  # this fine-tune has none of the looped kinds
+            return x.new_zeros(*x.shape, self.shape[1], dtype=self.dtype) if lookup else x.new_zeros(*x.shape[:-1], self.shape[0])
+        out = parts[0](x, lookup)
+        for p in parts[1:]:
+            out = out + p(x, lookup)
+        return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
 
 class TenantModule(nn.Module):
     """A shared base matrix module plus per-fine-tune substructures (``tenants.<name>.<part>``)."""
@@ -86,6 +160,7 @@ class TenantModule(nn.Module):
         object.__setattr__(self, "routing", routing)
         self.lookup = isinstance(base, nn.Embedding)
         self.parallel = "auto"
+        object.__setattr__(self, "_batched", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = getattr(self.base, "embed_scale", None) if self.lookup else None  # Gemma's scaled embeddings
@@ -99,13 +174,23 @@ class TenantModule(nn.Module):
         if groups[0][1] is None:  # one selection for the whole batch: the split path
             parts = [p for t in groups[0][0] if t in self.tenants for p in self.tenants[t].parts()]
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
-        y = self.base(x)
-        for names, idx in groups:  # each group of rows adds its own fine-tune's parts
-            rows = x.index_select(0, idx)
-            c = sum(self.tenants[t](rows, self.lookup) for t in names if t in self.tenants).to(y.dtype)
-            c = c * scale.to(c.dtype) if scale is not None else c
-            y = y.index_put((idx,), c, accumulate=True)  # (index_add is slow on a busy CPU)
-        return y
+        y = self.base(x)  # every row's base output, then every fine-tune's parts in batched kernels
+        names = tuple(self.tenants)
+        gather, pos, rows, m = self.routing.layout(names, batch, x.device)
+        slabs = x.index_select(0, gather).unflatten(0, (len(names), m))
+        c = self._stacked(x.device)(slabs, self.lookup).flatten(0, 1).index_select(0, pos).to(y.dtype)
+        c = c * scale.to(c.dtype) if scale is not None else c
+        return y.index_put((rows,), c, accumulate=True)  # (index_add is slow on a busy CPU)
+
+    def _stacked(self, device: torch.device) -> _Stacked:
+        key = (tuple(self.tenants), device)
+        if self._batched is None or self._batched[0] != key:
+            object.__setattr__(self, "_batched", (key, _Stacked(list(self.tenants.values()), device)))
+        return self._batched[1]
+
+    def _apply(self, fn, recurse=True):  # a move or a cast restacks lazily
+        object.__setattr__(self, "_batched", None)
+        return super()._apply(fn, recurse)
 
 
 class TenantVectors(nn.Module):
