@@ -8,7 +8,7 @@ builds its own random Llama pairs with substructures of every kind (dense vector
 factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda``:
 
 * ``merged``: logits bit-identical to the dense fine-tune; ``split``: within 1e-4 and identical
-  greedy tokens, with parallel execution off and on CUDA streams;
+  greedy tokens, with the dynamic and the static cache (``cache_implementation="static"``);
 * several fine-tunes over one base: a mixed batch generates, row by row, what each fine-tune
   (and the base) generates alone;
 * device maps: substructures offloaded to CPU and to disk, ``"auto"`` under a small
@@ -16,7 +16,7 @@ factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda`
   greedy tokens.
 
 Timings (a ~0.15B-parameter model): decode ms/token at batch 1 and 8 (128 new tokens) of the dense
-fine-tune, merged, split and split on streams; N = 1, 2, 4, 8 fine-tunes: GPU memory and tokens/s
+fine-tune, merged, split and split with the static cache; N = 1, 2, 4, 8 fine-tunes: GPU memory and tokens/s
 of one `MultiDecomposedModel` against N dense models and one merged model (8 rows in all).
 Results, the device named, go to the output file after every section; sections that would overrun
 the time budget are skipped and say so. Exit status: 0 every check passed, 1 a check failed,
@@ -82,7 +82,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel, artifact  # noqa: E402
 from hf_decompose.checkpoints import CheckpointReader, sha256_files  # noqa: E402
-from hf_decompose.parts import set_parallel  # noqa: E402
 from hf_decompose.placement import substructures  # noqa: E402
 from hf_decompose.substructures import Block, TensorDelta  # noqa: E402
 
@@ -185,14 +184,13 @@ def check_merged_split(fam: dict, device: str) -> dict:
     out = {"merged_bit_identical": torch.equal(merged, logits(reference, ids)),
            "merged_tokens_equal_dense": torch.equal(tokens, generate(reference, ids, 16))}
     model.set_execution("split")
-    for mode in ("off", "streams"):
-        set_parallel(model, mode)
-        split = logits(model, ids)
-        out[f"split_{mode}_max_abs_diff"] = (split - merged).abs().max().item()
-        out[f"split_{mode}_close"] = bool(torch.allclose(split, merged, rtol=1e-4, atol=1e-4))
-        out[f"split_{mode}_tokens_equal"] = torch.equal(generate(model, ids, 16), tokens)
+    split = logits(model, ids)
+    out["split_max_abs_diff"] = (split - merged).abs().max().item()
+    out["split_close"] = bool(torch.allclose(split, merged, rtol=1e-4, atol=1e-4))
+    out["split_tokens_equal"] = torch.equal(generate(model, ids, 16), tokens)
+    out["split_static_cache_tokens_equal"] = torch.equal(generate(model, ids, 16, cache_implementation="static"), tokens)
     out["ok"] = out["merged_bit_identical"] and out["merged_tokens_equal_dense"] and all(
-        out[f"split_{m}_{k}"] for m in ("off", "streams") for k in ("close", "tokens_equal"))
+        out[k] for k in ("split_close", "split_tokens_equal", "split_static_cache_tokens_equal"))
     return out
 
 
@@ -237,13 +235,12 @@ def time_latency(fam: dict, device: str, new_tokens: int, repeats: int) -> dict:
     reference = dense(fam["dense"][0], device)
     model = DecomposedModel.from_pretrained(fam["artifacts"][0], base_model=fam["base"]).to(device)
 
-    def use(execution: str, parallel: str = "off"):
-        model.set_execution(execution)
-        set_parallel(model, parallel)
-        return model
+    def use(execution: str):
+        return model.set_execution(execution)
 
-    variants = {"dense": lambda: reference, "merged": lambda: use("merged"), "split": lambda: use("split"),
-                "split_streams": lambda: use("split", "streams")}
+    variants = {"dense": lambda: reference, "merged": lambda: use("merged"), "split": lambda: use("split")}
+    static = {"split_static": dict(cache_implementation="static")}  # extra generate() arguments of a variant
+    variants["split_static"] = variants["split"]
     out: dict = {}
     for rows in (1, 8):
         ids = prompts(rows, fam["vocab"], device)
@@ -252,8 +249,8 @@ def time_latency(fam: dict, device: str, new_tokens: int, repeats: int) -> dict:
         ms = {name: [] for name in variants}
         for _ in range(repeats):
             for name, get in variants.items():
-                m = get()
-                full, first = seconds(lambda: generate(m, ids, new_tokens), device), seconds(lambda: generate(m, ids, 1), device)
+                m, kw = get(), static.get(name, {})
+                full, first = seconds(lambda: generate(m, ids, new_tokens, **kw), device), seconds(lambda: generate(m, ids, 1, **kw), device)
                 ms[name].append((full - first) / (new_tokens - 1) * 1e3)
         for name, values in ms.items():
             out.setdefault(name, {})[f"b{rows}_ms_per_token"] = statistics.median(values)
