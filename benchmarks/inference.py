@@ -157,6 +157,13 @@ def generate(model, inputs: dict, new_tokens: int, pad: int, **kwargs) -> torch.
                           temperature=None, top_p=None, top_k=None, **kwargs)  # fmt: skip
 
 
+def _parallel(model, mode: str):
+    from hf_decompose.parts import set_parallel
+
+    set_parallel(model, mode)
+    return model
+
+
 def _seconds(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -174,7 +181,8 @@ def latency(family: dict, new_tokens: int, repeats: int) -> dict:
     variants = {
         "original": lambda: original,
         "merged": lambda: criterion.set_execution("merged"),
-        "split": lambda: criterion.set_execution("split"),
+        "split": lambda: _parallel(criterion.set_execution("split"), "auto"),  # a thread pool for large parts
+        "split_serial": lambda: _parallel(criterion.set_execution("split"), "off"),
         "split_lossless": lambda: lossless.set_execution("split"),
     }
     out: dict = {}
