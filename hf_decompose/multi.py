@@ -6,7 +6,9 @@
     multi.generate(**batch, decomposed_names=["poet", "legal", None])   # per row; None is the base
 
 Matrices (linear, embedding, tied head) become a `TenantModule`: the base output of the whole
-batch, plus each row's own substructures. Modules with other changed tensors (norm weights and
+batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
+step (`Routing.layout`) into one padded slab per fine-tune; low-rank factors and biases of every
+fine-tune run stacked (two `bmm`), so the kernel count does not grow with the fine-tunes. Modules with other changed tensors (norm weights and
 biases) become `TenantVectors`: a small copy of the module per fine-tune, run on that fine-tune's
 rows. Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
 """
@@ -92,7 +94,11 @@ class Routing:
 
 class _Stacked:
     """The tenants of one module in batched form: low-rank factors zero-padded to one rank and
-    stacked (two `bmm`), biases stacked; the other parts run per fine-tune on its slab of rows."""
+    stacked (two `bmm`), biases stacked; the other parts run per fine-tune on its slab of rows.
+
+    Low-bit codes stay per fine-tune: one fused int4 kernel over all fine-tunes' codes stacked
+    (every row times every fine-tune) took 2.5 ms against 0.77 ms for eight kernels of one row
+    each (8 fine-tunes of 1536 x 576, 3-bit group 64, CPU, one thread)."""
 
     def __init__(self, tenants: list[DeltaOps], device: torch.device):
         lowrank = [t.lowrank if hasattr(t, "lowrank") else None for t in tenants]
