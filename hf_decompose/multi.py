@@ -8,8 +8,8 @@
 Matrices (linear, embedding, tied head) become a `TenantModule`: the base output of the whole
 batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
 step (`Routing.layout`) into one padded slab per fine-tune; low-rank factors and biases of every
-fine-tune run stacked (two `bmm`), so the kernel count does not grow with the fine-tunes. Modules with other changed tensors (norm weights and
-biases) become `TenantVectors`: a small copy of the module per fine-tune, run on that fine-tune's
+fine-tune run stacked (two `bmm`), so their kernel count does not grow with the fine-tunes.
+Modules with other changed tensors (norm weights and biases) become `TenantVectors`: a small copy of the module per fine-tune, run on that fine-tune's
 rows. Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
 """
 
@@ -75,9 +75,9 @@ class Routing:
             ]
         return self._cache[key]
 
-    def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Rows padded into one slab per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
-        positions of the used slots, their rows, M). Padding slots repeat row 0 and are never used."""
+    def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Rows padded into one slab of M per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
+        positions of the used slots, their rows, rows used per fine-tune). Padding repeats row 0, unused."""
         key = (names, batch, device)
         if key not in self._cache:
             where: dict[str, list[int]] = {n: [] for n in names}
@@ -88,7 +88,8 @@ class Routing:
             gather = [r for n in names for r in where[n] + [0] * (m - len(where[n]))]
             pos = [t * m + i for t, n in enumerate(names) for i in range(len(where[n]))]
             rows = [r for n in names for r in where[n]]
-            self._cache[key] = (*(torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)), m)
+            used = tuple(len(where[n]) for n in names)
+            self._cache[key] = (*(torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)), used)
         return self._cache[key]
 
 
@@ -101,7 +102,7 @@ class _Stacked:
     each (8 fine-tunes of 1536 x 576, 3-bit group 64, CPU, one thread)."""
 
     def __init__(self, tenants: list[DeltaOps], device: torch.device):
-        lowrank = [t.lowrank if hasattr(t, "lowrank") else None for t in tenants]
+        lowrank = [t.lowrank if _stackable(t, "lowrank", device) else None for t in tenants]
         self.u = self.v = self.bias = None
         if any(p is not None for p in lowrank):
             shape = next(p for p in lowrank if p is not None).shape
@@ -113,15 +114,18 @@ class _Stacked:
                 if p is not None:
                     self.u[t, :, : p.u.shape[1]] = p.u
                     self.v[t, : p.v.shape[0]] = p.v
-        if any(hasattr(t, "bias") for t in tenants):
-            ref = next(t.bias.bias for t in tenants if hasattr(t, "bias"))
-            self.bias = torch.stack([t.bias.bias if hasattr(t, "bias") else torch.zeros_like(ref) for t in tenants])
-        self.rest = [[p for name, p in t.named_children() if name not in ("lowrank", "bias")] for t in tenants]
+        biases = [t.bias.bias if _stackable(t, "bias", device) else None for t in tenants]
+        if any(b is not None for b in biases):
+            ref = next(b for b in biases if b is not None)
+            self.bias = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])
+        stacked = [(lowrank[t] is not None, biases[t] is not None) for t in range(len(tenants))]
+        self.rest = [[p for name, p in t.named_children() if not (name == "lowrank" and s[0] or name == "bias" and s[1])]
+                     for t, s in zip(tenants, stacked)]  # fmt: skip
         self.shape = next(p.shape for t in tenants for p in t.children() if len(p.shape) == 2)
         self.dtype = next(b.dtype for t in tenants for b in t.buffers() if b.is_floating_point())
 
-    def __call__(self, x: torch.Tensor, lookup: bool) -> torch.Tensor:
-        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows."""
+    def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...]) -> torch.Tensor:
+        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real)."""
         out = None
         if self.u is not None:
             if lookup:  # each fine-tune's rows of u, then one bmm with v
@@ -133,7 +137,7 @@ class _Stacked:
                 out = torch.bmm(torch.bmm(flat, _cast(self.v, x.dtype).transpose(1, 2)), _cast(self.u, x.dtype).transpose(1, 2))
                 out = out.view(*x.shape[:-1], -1)
         if any(self.rest):
-            rest = torch.stack([self._rest(parts, x[t], lookup) for t, parts in enumerate(self.rest)])
+            rest = torch.stack([self._rest(parts if used[t] else [], x[t], lookup) for t, parts in enumerate(self.rest)])
             out = rest if out is None else out + rest
         if self.bias is not None:
             bias = _cast(self.bias, x.dtype).view(self.bias.shape[0], *[1] * (x.dim() - 2), -1)
@@ -147,6 +151,12 @@ class _Stacked:
         for p in parts[1:]:
             out = out + p(x, lookup)
         return out
+
+
+def _stackable(ops: DeltaOps, part: str, device: torch.device) -> bool:
+    """A part that can join the stack: resident on the module's device, not placed by Accelerate."""
+    p = getattr(ops, part, None)
+    return p is not None and "_hf_hook" not in p.__dict__ and all(b.device == device for b in p.buffers())
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -182,9 +192,9 @@ class TenantModule(nn.Module):
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
         y = self.base(x)  # every row's base output, then every fine-tune's parts in batched kernels
         names = tuple(self.tenants)
-        gather, pos, rows, m = self.routing.layout(names, batch, x.device)
-        slabs = x.index_select(0, gather).unflatten(0, (len(names), m))
-        c = self._stacked(x.device)(slabs, self.lookup).flatten(0, 1).index_select(0, pos).to(y.dtype)
+        gather, pos, rows, used = self.routing.layout(names, batch, x.device)
+        slabs = x.index_select(0, gather).unflatten(0, (len(names), -1))
+        c = self._stacked(x.device)(slabs, self.lookup, used).flatten(0, 1).index_select(0, pos).to(y.dtype)
         c = c * scale.to(c.dtype) if scale is not None else c
         return y.index_put((rows,), c, accumulate=True)  # (index_add is slow on a busy CPU)
 
@@ -366,6 +376,9 @@ class MultiDecomposedModel(nn.Module):
         from .placement import place
 
         place(self, device_map, **kwargs)
+        for module in self.modules():  # offloaded parts leave the stacks: restack on the next step
+            if isinstance(module, TenantModule):
+                object.__setattr__(module, "_batched", None)
         return self
 
     def __getattr__(self, name: str):

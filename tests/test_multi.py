@@ -150,3 +150,13 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(monkeypatch):
     for i, name in enumerate(rows):
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)
     assert (mixed[0] - mixed[2]).abs().max() > 0.1 and (mixed[1] - mixed[2]).abs().max() > 0.1
+
+
+def test_offloaded_parts_leave_the_stacks(family, tmp_path):
+    rows = ["c", None, "a", "b"]
+    ids = _ids(len(rows))
+    expected = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES}).generate(input_ids=ids, decomposed_names=rows, **GEN)
+    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    names = sorted(n for n in placement.substructures(multi) if ".tenants." in n)
+    multi.dispatch({"": "cpu", **dict.fromkeys(names[1::2], "disk")}, offload_folder=tmp_path)  # placed before any step
+    assert torch.equal(multi.generate(input_ids=ids, decomposed_names=rows, **GEN), expected)
