@@ -8,7 +8,7 @@ builds its own random Llama pairs with substructures of every kind (dense vector
 factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda``:
 
 * ``merged``: logits bit-identical to the dense fine-tune; ``split``: within 1e-4 and identical
-  greedy tokens, with parallel execution off and on CUDA streams;
+  greedy tokens, with the dynamic and the static cache (``cache_implementation="static"``);
 * several fine-tunes over one base: a mixed batch generates, row by row, what each fine-tune
   (and the base) generates alone;
 * device maps: substructures offloaded to CPU and to disk, ``"auto"`` under a small
@@ -16,8 +16,9 @@ factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda`
   greedy tokens.
 
 Timings (a ~0.15B-parameter model): decode ms/token at batch 1 and 8 (128 new tokens) of the dense
-fine-tune, merged, split and split on streams; N = 1, 2, 4, 8 fine-tunes: GPU memory and tokens/s
-of one `MultiDecomposedModel` against N dense models and one merged model (8 rows in all).
+fine-tune, merged, split and split with the static cache; N = 1, 2, 4, 8 fine-tunes: GPU memory and tokens/s
+of one `MultiDecomposedModel` against N dense models and one merged model (8 rows in all); once
+with low-rank + sparse / block deltas, once with anneal-style low-rank + 3-bit deltas (``*_lowbit``).
 Results, the device named, go to the output file after every section; sections that would overrun
 the time budget are skipped and say so. Exit status: 0 every check passed, 1 a check failed,
 3 no CUDA device (nothing run). ``--device cpu`` runs the same on CPU with tiny sizes (a dry run).
@@ -34,6 +35,7 @@ import json
 import platform
 import statistics
 import sys
+import shutil
 import tempfile
 import time
 import traceback
@@ -82,8 +84,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 
 from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel, artifact  # noqa: E402
 from hf_decompose.checkpoints import CheckpointReader, sha256_files  # noqa: E402
-from hf_decompose.parts import set_parallel  # noqa: E402
 from hf_decompose.placement import substructures  # noqa: E402
+from hf_decompose.quantize import quantize  # noqa: E402
 from hf_decompose.substructures import Block, TensorDelta  # noqa: E402
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -94,7 +96,8 @@ MID = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidde
 
 # -- a base and fine-tunes with known substructures ---------------------------------------------
 def make_delta(name: str, base: torch.Tensor, gen: torch.Generator, kind: int, scale: float) -> TensorDelta:
-    """A delta of one tensor: vectors dense; matrices low-rank + sparse (kind 0), block + low-rank (1) or dense (2)."""
+    """A delta of one tensor: vectors dense; matrices low-rank + sparse (kind 0), block + low-rank (1), dense (2)
+    or, as annealing stores them, low-rank + a 3-bit group-64 residual (3)."""
     if base.dim() == 1:
         return TensorDelta(name, tuple(base.shape), dense=torch.randn(base.shape, generator=gen) * scale)
     out, inp = base.shape
@@ -105,7 +108,9 @@ def make_delta(name: str, base: torch.Tensor, gen: torch.Generator, kind: int, s
     rank = 4
     delta.lowrank_u = torch.randn(out, rank, generator=gen) * scale
     delta.lowrank_v = torch.randn(rank, inp, generator=gen) / inp**0.5
-    if kind == 0:
+    if kind == 3:
+        delta.quant_codes, delta.quant_scales = quantize(torch.randn(out, inp, generator=gen) * scale / 8, 3, 64)
+    elif kind == 0:
         flat = torch.randperm(out * inp, generator=gen)[: max(1, out * inp // 100)].sort().values
         delta.sparse_indices = torch.stack([flat // inp, flat % inp])
         delta.sparse_values = torch.randn(flat.numel(), generator=gen) * scale
@@ -117,9 +122,9 @@ def make_delta(name: str, base: torch.Tensor, gen: torch.Generator, kind: int, s
     return delta
 
 
-def build_family(root: Path, config: dict, tenants: int, dense_copies: int, kinds: int) -> dict:
-    """Random base, `tenants` artifacts of known deltas (matrix kinds cycling through the first
-    `kinds`), and the dense fine-tunes of the first `dense_copies`."""
+def build_family(root: Path, config: dict, tenants: int, dense_copies: int, kinds: tuple[int, ...]) -> dict:
+    """Random base, `tenants` artifacts of known deltas (matrix kinds cycling through `kinds`), and
+    the dense fine-tunes of the first `dense_copies`."""
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**config)).eval()
     base.save_pretrained(root / "base")
@@ -128,7 +133,7 @@ def build_family(root: Path, config: dict, tenants: int, dense_copies: int, kind
     family = {"base": root / "base", "artifacts": [], "dense": [], "vocab": config["vocab_size"]}
     for k in range(tenants):
         gen = torch.Generator().manual_seed(100 + k)
-        deltas = {n: make_delta(n, p.detach(), gen, i % kinds, 0.02) for i, (n, p) in enumerate(params.items())}
+        deltas = {n: make_delta(n, p.detach(), gen, kinds[i % len(kinds)], 0.02) for i, (n, p) in enumerate(params.items())}
         index = {"config": DecomposedConfig(mode="criterion").to_dict(), "finetuned_model": {"id": f"ft{k}", "revision": None},
                  "base_model": {"id": str(root / "base"), "revision": None, "sha256": sha}}  # fmt: skip
         family["artifacts"].append(artifact.save(root / f"art{k}", deltas, index, {}, root / "base"))
@@ -185,14 +190,13 @@ def check_merged_split(fam: dict, device: str) -> dict:
     out = {"merged_bit_identical": torch.equal(merged, logits(reference, ids)),
            "merged_tokens_equal_dense": torch.equal(tokens, generate(reference, ids, 16))}
     model.set_execution("split")
-    for mode in ("off", "streams"):
-        set_parallel(model, mode)
-        split = logits(model, ids)
-        out[f"split_{mode}_max_abs_diff"] = (split - merged).abs().max().item()
-        out[f"split_{mode}_close"] = bool(torch.allclose(split, merged, rtol=1e-4, atol=1e-4))
-        out[f"split_{mode}_tokens_equal"] = torch.equal(generate(model, ids, 16), tokens)
+    split = logits(model, ids)
+    out["split_max_abs_diff"] = (split - merged).abs().max().item()
+    out["split_close"] = bool(torch.allclose(split, merged, rtol=1e-4, atol=1e-4))
+    out["split_tokens_equal"] = torch.equal(generate(model, ids, 16), tokens)
+    out["split_static_cache_tokens_equal"] = torch.equal(generate(model, ids, 16, cache_implementation="static"), tokens)
     out["ok"] = out["merged_bit_identical"] and out["merged_tokens_equal_dense"] and all(
-        out[f"split_{m}_{k}"] for m in ("off", "streams") for k in ("close", "tokens_equal"))
+        out[k] for k in ("split_close", "split_tokens_equal", "split_static_cache_tokens_equal"))
     return out
 
 
@@ -237,13 +241,12 @@ def time_latency(fam: dict, device: str, new_tokens: int, repeats: int) -> dict:
     reference = dense(fam["dense"][0], device)
     model = DecomposedModel.from_pretrained(fam["artifacts"][0], base_model=fam["base"]).to(device)
 
-    def use(execution: str, parallel: str = "off"):
-        model.set_execution(execution)
-        set_parallel(model, parallel)
-        return model
+    def use(execution: str):
+        return model.set_execution(execution)
 
-    variants = {"dense": lambda: reference, "merged": lambda: use("merged"), "split": lambda: use("split"),
-                "split_streams": lambda: use("split", "streams")}
+    variants = {"dense": lambda: reference, "merged": lambda: use("merged"), "split": lambda: use("split")}
+    static = {"split_static": dict(cache_implementation="static")}  # extra generate() arguments of a variant
+    variants["split_static"] = variants["split"]
     out: dict = {}
     for rows in (1, 8):
         ids = prompts(rows, fam["vocab"], device)
@@ -252,8 +255,8 @@ def time_latency(fam: dict, device: str, new_tokens: int, repeats: int) -> dict:
         ms = {name: [] for name in variants}
         for _ in range(repeats):
             for name, get in variants.items():
-                m = get()
-                full, first = seconds(lambda: generate(m, ids, new_tokens), device), seconds(lambda: generate(m, ids, 1), device)
+                m, kw = get(), static.get(name, {})
+                full, first = seconds(lambda: generate(m, ids, new_tokens, **kw), device), seconds(lambda: generate(m, ids, 1, **kw), device)
                 ms[name].append((full - first) / (new_tokens - 1) * 1e3)
         for name, values in ms.items():
             out.setdefault(name, {})[f"b{rows}_ms_per_token"] = statistics.median(values)
@@ -322,19 +325,20 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         tmp = Path(tmp)
-        tiny = build_family(tmp / "tiny", TINY, tenants=3, dense_copies=1, kinds=3)
+        tiny = build_family(tmp / "tiny", TINY, tenants=3, dense_copies=1, kinds=(0, 1, 2))
         section("merged_split", lambda: check_merged_split(tiny, args.device))
         section("multi_tenant", lambda: check_multi(tiny, args.device))
         section("device_maps", lambda: check_device_maps(tiny, args.device, tmp))
-        try:
-            mid = build_family(tmp / "mid", MID if gpu else TINY, tenants=8, dense_copies=8, kinds=2)  # no dense deltas
-        except Exception:
-            res["sections"]["timing_models"] = {"ok": False, "error": traceback.format_exc()}
-            mid = None
         new_tokens = 128 if gpu else 8
-        if mid is not None:
-            section("latency", lambda: time_latency(mid, args.device, new_tokens, repeats=3), estimate_s=120)
-            section("tenants", lambda: time_tenants(mid, args.device, new_tokens), estimate_s=120)
+        for label, kinds in (("", (0, 1)), ("_lowbit", (3,))):  # no dense deltas; then anneal-style low-rank + 3-bit
+            try:
+                mid = build_family(tmp / f"mid{label}", MID if gpu else TINY, tenants=8, dense_copies=8, kinds=kinds)
+            except Exception:
+                res["sections"][f"timing_models{label}"] = {"ok": False, "error": traceback.format_exc()}
+                continue
+            section(f"latency{label}", lambda: time_latency(mid, args.device, new_tokens, repeats=3), estimate_s=120)
+            section(f"tenants{label}", lambda: time_tenants(mid, args.device, new_tokens), estimate_s=120)
+            shutil.rmtree(tmp / f"mid{label}")
     checks = [s for s in res["sections"].values() if "ok" in s]
     res["all_checks_ok"] = all(s["ok"] for s in checks)
     args.output.write_text(json.dumps(res, indent=2, default=str))

@@ -6,8 +6,10 @@
     multi.generate(**batch, decomposed_names=["poet", "legal", None])   # per row; None is the base
 
 Matrices (linear, embedding, tied head) become a `TenantModule`: the base output of the whole
-batch, plus each row's own substructures. Modules with other changed tensors (norm weights and
-biases) become `TenantVectors`: a small copy of the module per fine-tune, run on that fine-tune's
+batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
+step (`Routing.layout`) into one padded slab per fine-tune; low-rank factors and biases of every
+fine-tune run stacked (two `bmm`), so their kernel count does not grow with the fine-tunes.
+Modules with other changed tensors (norm weights and biases) become `TenantVectors`: a small copy of the module per fine-tune, run on that fine-tune's
 rows. Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
 """
 
@@ -21,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -72,6 +75,93 @@ class Routing:
             ]
         return self._cache[key]
 
+    def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Rows padded into one slab of M per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
+        positions of the used slots, their rows, rows used per fine-tune). Padding repeats row 0, unused."""
+        key = (names, batch, device)
+        if key not in self._cache:
+            where: dict[str, list[int]] = {n: [] for n in names}
+            for name, idx in self.groups(batch, device):
+                if name[0] in where:
+                    where[name[0]] = list(range(batch)) if idx is None else idx.tolist()
+            m = max(1, *map(len, where.values()))
+            gather = [r for n in names for r in where[n] + [0] * (m - len(where[n]))]
+            pos = [t * m + i for t, n in enumerate(names) for i in range(len(where[n]))]
+            rows = [r for n in names for r in where[n]]
+            used = tuple(len(where[n]) for n in names)
+            self._cache[key] = (*(torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)), used)
+        return self._cache[key]
+
+
+class _Stacked:
+    """The tenants of one module in batched form: low-rank factors zero-padded to one rank and
+    stacked (two `bmm`), biases stacked; the other parts run per fine-tune on its slab of rows.
+
+    Low-bit codes stay per fine-tune: one fused int4 kernel over all fine-tunes' codes stacked
+    (every row times every fine-tune) took 2.5 ms against 0.77 ms for eight kernels of one row
+    each (8 fine-tunes of 1536 x 576, 3-bit group 64, CPU, one thread)."""
+
+    def __init__(self, tenants: list[DeltaOps], device: torch.device):
+        lowrank = [t.lowrank if _stackable(t, "lowrank", device) else None for t in tenants]
+        self.u = self.v = self.bias = None
+        if any(p is not None for p in lowrank):
+            shape = next(p for p in lowrank if p is not None).shape
+            rank = max(p.u.shape[1] for p in lowrank if p is not None)
+            dtype = next(p for p in lowrank if p is not None).u.dtype
+            self.u = torch.zeros(len(tenants), shape[0], rank, dtype=dtype, device=device)
+            self.v = torch.zeros(len(tenants), rank, shape[1], dtype=dtype, device=device)
+            for t, p in enumerate(lowrank):
+                if p is not None:
+                    self.u[t, :, : p.u.shape[1]] = p.u
+                    self.v[t, : p.v.shape[0]] = p.v
+        biases = [t.bias.bias if _stackable(t, "bias", device) else None for t in tenants]
+        if any(b is not None for b in biases):
+            ref = next(b for b in biases if b is not None)
+            self.bias = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])
+        stacked = [(lowrank[t] is not None, biases[t] is not None) for t in range(len(tenants))]
+        self.rest = [[p for name, p in t.named_children() if not (name == "lowrank" and s[0] or name == "bias" and s[1])]
+                     for t, s in zip(tenants, stacked)]  # fmt: skip
+        self.shape = next(p.shape for t in tenants for p in t.children() if len(p.shape) == 2)
+        self.dtype = next(b.dtype for t in tenants for b in t.buffers() if b.is_floating_point())
+
+    def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...]) -> torch.Tensor:
+        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real)."""
+        out = None
+        if self.u is not None:
+            if lookup:  # each fine-tune's rows of u, then one bmm with v
+                ids = x + torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (x.dim() - 1)) * self.u.shape[1]
+                rows = F.embedding(ids.flatten(1), self.u.flatten(0, 1))
+                out = torch.bmm(rows, self.v).view(*x.shape, -1)
+            else:
+                flat = x.flatten(1, -2)
+                out = torch.bmm(torch.bmm(flat, _cast(self.v, x.dtype).transpose(1, 2)), _cast(self.u, x.dtype).transpose(1, 2))
+                out = out.view(*x.shape[:-1], -1)
+        if any(self.rest):
+            rest = torch.stack([self._rest(parts if used[t] else [], x[t], lookup) for t, parts in enumerate(self.rest)])
+            out = rest if out is None else out + rest
+        if self.bias is not None:
+            bias = _cast(self.bias, x.dtype).view(self.bias.shape[0], *[1] * (x.dim() - 2), -1)
+            out = bias.expand(*x.shape[:-1], -1) if out is None else out + bias
+        return out
+
+    def _rest(self, parts: list[nn.Module], x: torch.Tensor, lookup: bool) -> torch.Tensor:
+        if not parts:  # this fine-tune has none of the looped kinds
+            return x.new_zeros(*x.shape, self.shape[1], dtype=self.dtype) if lookup else x.new_zeros(*x.shape[:-1], self.shape[0])
+        out = parts[0](x, lookup)
+        for p in parts[1:]:
+            out = out + p(x, lookup)
+        return out
+
+
+def _stackable(ops: DeltaOps, part: str, device: torch.device) -> bool:
+    """A part that can join the stack: resident on the module's device, not placed by Accelerate."""
+    p = getattr(ops, part, None)
+    return p is not None and "_hf_hook" not in p.__dict__ and all(b.device == device for b in p.buffers())
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
 
 class TenantModule(nn.Module):
     """A shared base matrix module plus per-fine-tune substructures (``tenants.<name>.<part>``)."""
@@ -86,6 +176,7 @@ class TenantModule(nn.Module):
         object.__setattr__(self, "routing", routing)
         self.lookup = isinstance(base, nn.Embedding)
         self.parallel = "auto"
+        object.__setattr__(self, "_batched", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = getattr(self.base, "embed_scale", None) if self.lookup else None  # Gemma's scaled embeddings
@@ -99,13 +190,23 @@ class TenantModule(nn.Module):
         if groups[0][1] is None:  # one selection for the whole batch: the split path
             parts = [p for t in groups[0][0] if t in self.tenants for p in self.tenants[t].parts()]
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
-        y = self.base(x)
-        for names, idx in groups:  # each group of rows adds its own fine-tune's parts
-            rows = x.index_select(0, idx)
-            c = sum(self.tenants[t](rows, self.lookup) for t in names if t in self.tenants).to(y.dtype)
-            c = c * scale.to(c.dtype) if scale is not None else c
-            y = y.index_put((idx,), c, accumulate=True)  # (index_add is slow on a busy CPU)
-        return y
+        y = self.base(x)  # every row's base output, then every fine-tune's parts in batched kernels
+        names = tuple(self.tenants)
+        gather, pos, rows, used = self.routing.layout(names, batch, x.device)
+        slabs = x.index_select(0, gather).unflatten(0, (len(names), -1))
+        c = self._stacked(x.device)(slabs, self.lookup, used).flatten(0, 1).index_select(0, pos).to(y.dtype)
+        c = c * scale.to(c.dtype) if scale is not None else c
+        return y.index_put((rows,), c, accumulate=True)  # (index_add is slow on a busy CPU)
+
+    def _stacked(self, device: torch.device) -> _Stacked:
+        key = (tuple(self.tenants), device)
+        if self._batched is None or self._batched[0] != key:
+            object.__setattr__(self, "_batched", (key, _Stacked(list(self.tenants.values()), device)))
+        return self._batched[1]
+
+    def _apply(self, fn, recurse=True):  # a move or a cast restacks lazily
+        object.__setattr__(self, "_batched", None)
+        return super()._apply(fn, recurse)
 
 
 class TenantVectors(nn.Module):
@@ -275,6 +376,9 @@ class MultiDecomposedModel(nn.Module):
         from .placement import place
 
         place(self, device_map, **kwargs)
+        for module in self.modules():  # offloaded parts leave the stacks: restack on the next step
+            if isinstance(module, TenantModule):
+                object.__setattr__(module, "_batched", None)
         return self
 
     def __getattr__(self, name: str):

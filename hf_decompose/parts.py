@@ -4,8 +4,9 @@ A part computes its contribution to ``x @ delta^T`` (linear layers, canonical ``
 layout) or, with ``lookup=True``, the delta rows of token ids (embeddings). Parts are submodules
 of `DeltaOps` (``<module>.ops.dense | .block<i> | .sparse | .override | .lowrank | .quant | .bias``), so
 Accelerate can address, place and offload each one. `run_split` adds the contributions to the
-base module's output, running them concurrently where that can pay off: CUDA side streams on the
-base's GPU, other GPUs asynchronously, a thread pool on CPU for large pieces.
+base module's output, running them concurrently where that can pay off: other GPUs asynchronously,
+a thread pool on CPU for large pieces. (CUDA side streams were slower than one stream on an H200:
+22.3 vs 30.4 ms/token at batch 1; the parts' kernels are too small to overlap, so they are gone.)
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from .substructures import TensorDelta
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-PARALLEL = ("auto", "off", "threads", "streams")
+PARALLEL = ("auto", "off", "threads")
 THREAD_MIN_MACS = 1 << 24  # a CPU piece worth a thread hand-off (about a millisecond of work)
-STREAM_MIN_MACS = 1 << 22  # a GPU piece worth a side stream
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -81,21 +81,45 @@ class LowRankPart(Part):
 
 
 class QuantPart(Part):
-    """Every entry in low-bit integer codes (int8 in memory) with bfloat16 group scales."""
+    """Every entry in low-bit integer codes (int8 in memory) with bfloat16 group scales.
+
+    On CPU, codes of at most 4 bits in groups of 32 to 256 columns (rows a multiple of 16) also keep an int4-packed copy
+    (half a byte per entry) for PyTorch's fused dequantize-matmul kernel, which reads the packed
+    codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
+    stay float16), within bfloat16 rounding of the reference ``x @ dequantize(codes, scales)^T``.
+    Other codes run the reference (a float32 matrix per call).
+    """
 
     kind = "quant"
+    FUSED_GROUPS = (32, 64, 128, 256)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         super().__init__(codes.shape)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
+        group = codes.shape[-1] // max(scales.shape[-1], 1)
+        self.group = group
+        if codes.device.type == "cpu" and group in self.FUSED_GROUPS and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
+            step = scales.float().t().contiguous()  # (in / group, out, [scale, zero]): zero 0, codes offset by 8
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
 
     def cost(self) -> int:
         return self.codes.numel()
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` runs through the packed int4 kernel."""
+        return "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu"
+
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
             return dequantize(self.codes[x], self.scales[x])
+        if self.fused(x):
+            dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, _cast(self.scale_zeros, dtype))
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
         return F.linear(x, _cast(dequantize(self.codes, self.scales), x.dtype))
 
 
@@ -211,7 +235,7 @@ class DeltaOps(nn.Module):
 
 
 def set_parallel(model: nn.Module, mode: str) -> None:
-    """Set how split modules run their parts: "auto", "off", "threads" (CPU) or "streams" (CUDA)."""
+    """Set how split modules run their parts: "auto", "off" or "threads" (CPU)."""
     if mode not in PARALLEL:
         raise ValueError(f"parallel={mode!r} is not one of {PARALLEL}")
     for module in model.modules():
@@ -233,9 +257,7 @@ def run_split(
     """
     rows = x.numel() if lookup else x.numel() // x.shape[-1]
     how = _plan(parts, x, rows, parallel)
-    if how == "streams":
-        y, contributions = _on_streams(base, parts, x, lookup)
-    elif how == "threads":
+    if how == "threads":
         y, contributions = _on_threads(base, parts, x, lookup, rows, parallel == "threads")
     else:  # parts on other devices start first (asynchronous there), then the base here
         pending = {i: p(x, lookup) for i, p in enumerate(parts) if _device(p, x) != x.device}
@@ -248,11 +270,8 @@ def run_split(
 
 
 def _plan(parts: Sequence[nn.Module], x: torch.Tensor, rows: int, parallel: str) -> str:
-    if parallel == "off" or not parts:
+    if parallel == "off" or not parts or x.device.type != "cpu":
         return "off"
-    if x.is_cuda:
-        big = any(_device(p, x) == x.device and p.cost() * rows >= STREAM_MIN_MACS for p in parts)
-        return "streams" if parallel == "streams" or (parallel == "auto" and big) else "off"
     big = sum(p.cost() * rows >= THREAD_MIN_MACS for p in parts)
     return "threads" if parallel == "threads" or (parallel == "auto" and big and (os.cpu_count() or 1) > 1) else "off"
 
@@ -281,29 +300,3 @@ def _on_threads(base, parts, x, lookup, rows, force):
 def _in_modes(part: nn.Module, x: torch.Tensor, lookup: bool, grad: bool, inference: bool) -> torch.Tensor:
     with torch.inference_mode(inference), torch.set_grad_enabled(grad):
         return part(x, lookup)
-
-
-def _streams_for(device: torch.device, n: int) -> list[torch.cuda.Stream]:
-    pool = _STREAMS.setdefault(device, [])
-    while len(pool) < n:
-        pool.append(torch.cuda.Stream(device))
-    return pool[:n]
-
-
-_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
-
-
-def _on_streams(base, parts, x, lookup):
-    main = torch.cuda.current_stream(x.device)
-    local = [i for i, p in enumerate(parts) if _device(p, x) == x.device]
-    results = {i: p(x, lookup) for i, p in enumerate(parts) if i not in local}  # other devices: asynchronous already
-    streams = _streams_for(x.device, len(local))
-    for i, stream in zip(local, streams):
-        stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            results[i] = parts[i](x, lookup)
-    y = base(x)
-    for i, stream in zip(local, streams):
-        main.wait_stream(stream)
-        results[i].record_stream(main)
-    return y, [results[i] for i in range(len(parts))]

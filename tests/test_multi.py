@@ -7,6 +7,9 @@ from transformers import AutoModelForCausalLM
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
 from hf_decompose import placement
 from hf_decompose.multi import TenantModule, TenantVectors
+from hf_decompose.parts import LowRankPart, QuantPart
+from hf_decompose.quantize import quantize
+from hf_decompose.substructures import TensorDelta
 
 from .synthetic import perturb, random_model
 
@@ -114,3 +117,47 @@ def test_placed_with_offloaded_substructures(family, tmp_path):
     assert torch.equal(multi.generate(input_ids=ids, decomposed_names=rows, **GEN), expected)
     with pytest.raises(ConfigError, match="before placing"):
         multi.load_decomposed("d", family / "art_a")
+
+
+def _lowrank_quant(base, seed: int, rank: int = 2, bits: int = 3, group: int = 32) -> dict[str, TensorDelta]:
+    """A fine-tune as annealing stores one: low rank plus a low-bit residual on every matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, p in base.named_parameters():
+        if p.dim() == 2:
+            u, v = torch.randn(p.shape[0], rank + seed % 2, generator=gen) * 0.05, torch.randn(rank + seed % 2, p.shape[1], generator=gen)
+            codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-2, bits, group)
+            deltas[name] = TensorDelta(name, tuple(p.shape), lowrank_u=u, lowrank_v=v, quant_codes=codes, quant_scales=scales)
+    return deltas
+
+
+def test_mixed_rows_run_batched_and_equal_each_finetune_alone(monkeypatch):
+    base = random_model("llama")
+    deltas = {name: _lowrank_quant(base, seed=i) for i, name in enumerate(NAMES)}
+    multi = MultiDecomposedModel(base, {})
+    for name in NAMES:
+        multi.add_decomposed(name, deltas[name])
+    assert any(p.fused(torch.zeros(1)) for p in multi.modules() if isinstance(p, QuantPart)), "the fused low-bit kernel runs"
+    rows = ["b", None, "a", "c", "a"]
+    ids = _ids(len(rows))
+    with torch.no_grad():
+        alone = torch.cat([multi(input_ids=ids[i : i + 1], decomposed_names=[n]).logits for i, n in enumerate(rows)])
+        monkeypatch.setattr(LowRankPart, "forward", None)  # mixed rows: low rank in stacked bmm, never per fine-tune
+        mixed = multi(input_ids=ids, decomposed_names=rows).logits
+    # the low-bit kernel rounds activations to bfloat16: a reassociated float32 sum can move them a step
+    torch.testing.assert_close(mixed, alone, rtol=1e-3, atol=1e-3)
+    monkeypatch.undo()
+    out = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
+    for i, name in enumerate(rows):
+        assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)
+    assert (mixed[0] - mixed[2]).abs().max() > 0.1 and (mixed[1] - mixed[2]).abs().max() > 0.1
+
+
+def test_offloaded_parts_leave_the_stacks(family, tmp_path):
+    rows = ["c", None, "a", "b"]
+    ids = _ids(len(rows))
+    expected = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES}).generate(input_ids=ids, decomposed_names=rows, **GEN)
+    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    names = sorted(n for n in placement.substructures(multi) if ".tenants." in n)
+    multi.dispatch({"": "cpu", **dict.fromkeys(names[1::2], "disk")}, offload_folder=tmp_path)  # placed before any step
+    assert torch.equal(multi.generate(input_ids=ids, decomposed_names=rows, **GEN), expected)

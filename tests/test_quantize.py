@@ -125,3 +125,24 @@ def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
     assert output_error(*fed) < 0.7 * output_error(*plain)
     # with uncorrelated inputs there is nothing to compensate: the same codes as plain rounding
     assert torch.equal(quantize(w, bits, group, gram=torch.eye(64))[0], plain[0])
+
+
+@pytest.mark.parametrize("shape,bits,group,fused", [((48, 64), 3, 32, True), ((32, 256), 4, 64, True), ((16, 64), 4, 16, False), ((16, 64), 5, 32, False), ((10, 64), 3, 32, False)])
+def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, fused):
+    from hf_decompose.parts import QuantPart
+
+    gen = torch.Generator().manual_seed(bits)
+    packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group)
+    codes = codes_of(packed, shape)
+    part = QuantPart(codes, scales)
+    x = torch.randn(3, 5, shape[1], generator=gen)
+    assert part.fused(x) == fused
+    assert set(part.state_dict()) == {"codes", "scales"}  # the packed copy is derived, never stored
+    reference = x @ dequantize(codes, scales).t()
+    y = part(x)
+    assert y.shape == reference.shape and y.dtype == x.dtype
+    if fused:  # bfloat16 products: within its rounding of the reference
+        torch.testing.assert_close(y, reference, rtol=0, atol=8e-3 * float(reference.abs().max()))
+        torch.testing.assert_close(part(x.bfloat16()).float(), reference, rtol=0, atol=1e-2 * float(reference.abs().max()))
+    else:
+        torch.testing.assert_close(y, reference)
