@@ -276,8 +276,8 @@ class DeltaReader(Mapping):
     def __init__(self, directory: str | Path, index: dict):
         self.path, self.index = Path(directory) / WEIGHTS, index
         try:
-            self._handle = safe_open(self.path, framework="pt")
-            self._keys = set(self._handle.keys())
+            with safe_open(self.path, framework="pt") as handle:
+                self._keys = set(handle.keys())
         except (SafetensorError, OSError) as err:
             raise ArtifactError(f"{self.path}: unreadable ({err})") from err
         self._used: set[str] = set()
@@ -288,9 +288,10 @@ class DeltaReader(Mapping):
             shape, transposed = meta["shape"], meta["transposed"]
             if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(transposed, bool):
                 raise ValueError(f"shape {shape!r}, transposed {transposed!r}")
-            delta = TensorDelta.from_state(name, tuple(shape), transposed, _Tensors(self, name))
+            with safe_open(self.path, framework="pt") as handle:  # mapped for this entry only: its pages do not stay resident
+                delta = TensorDelta.from_state(name, tuple(shape), transposed, _Tensors(self, handle, name))
             _check_parts(delta)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError, OSError) as err:
             raise ArtifactError(f"{self.path.parent}: entry for tensor {name!r} is malformed ({err})") from err
         return delta
 
@@ -310,14 +311,14 @@ class DeltaReader(Mapping):
 class _Tensors:
     """The stored parts of one entry, read on request (what `TensorDelta.from_state` asks for)."""
 
-    def __init__(self, reader: DeltaReader, name: str):
-        self.reader, self.prefix = reader, f"{name}."
+    def __init__(self, reader: DeltaReader, handle, name: str):
+        self.reader, self.handle, self.prefix = reader, handle, f"{name}."
 
     def get(self, key: str) -> torch.Tensor | None:
         if key not in self.reader._keys or not key.startswith(self.prefix):
             return None
         self.reader._used.add(key)
-        return self.reader._handle.get_tensor(key)
+        return self.handle.get_tensor(key)
 
 
 def _check_parts(d: TensorDelta) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import ArtifactError, CheckpointError
+from .heap import release_free_memory
 from .modules import DecomposedModule
 from .names import Target, TensorTargets
 from .substructures import TensorDelta
@@ -79,6 +80,7 @@ def merge_into(param: nn.Parameter, delta: TensorDelta) -> None:
         raise CheckpointError(f"cannot merge the delta of {delta.name!r} into an offloaded parameter")
     with torch.no_grad():
         param.data = delta.merge(param.data)
+    release_free_memory()  # the merge's temporaries, before the next tensor's
 
 
 def _wrap_tied_head(model: nn.Module, modules: dict[str, nn.Module], wrapped: dict[str, DecomposedModule]) -> None:
