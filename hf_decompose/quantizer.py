@@ -43,6 +43,7 @@ from .config import QUANT_METHOD, DecomposedConfig
 from .decomposed import DecomposedModel, Decomposition, decomposed_class
 from .errors import ArtifactError, ConfigError
 from .heap import release_free_memory
+from .model import decompose_to_disk
 from .modules import DecomposedModule
 
 
@@ -106,8 +107,6 @@ class DecomposedHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config
         if not self.pre_quantized:
-            from .model import decompose_to_disk
-
             self.owned = tempfile.TemporaryDirectory(prefix="hf_decompose-")
             finetuned, revision = self.finetuned
             self.artifact_dir = decompose_to_disk(
