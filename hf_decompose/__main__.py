@@ -1,3 +1,5 @@
+"""``python -m hf_decompose``: the `hf-decompose` command."""
+
 from .cli import main
 
 raise SystemExit(main())

@@ -152,3 +152,10 @@ def test_full_training_works_and_dequantize_is_the_way_out(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "hf_decompose" not in (tmp_path / "plain" / "config.json").read_text()
+
+
+def test_the_command_runs_as_a_module_too():
+    """`python -m hf_decompose` (and `python -m hf_decompose.cli`) is the `hf-decompose` command, never a silent no-op."""
+    for module in ("hf_decompose", "hf_decompose.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "usage: hf-decompose" in done.stdout, (module, done.stderr[-500:])
