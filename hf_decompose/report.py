@@ -48,11 +48,11 @@ def summary_table(report: dict) -> str:
         f"({report.get('stored_fraction', 0):.2%} of the float32 delta), {report.get('num_substructures', 0)} substructures",
     ]
     if report.get("mode") != "anneal":  # entries of the support (in anneal mode low-rank factors and codes are not entries)
-        lines.append(f"support    kept {report.get('kept_fraction', 0):.2%} of delta entries (the rest exactly zero)")
-    lines += [
-        f"artifact   {_mib(size.get('artifact', 0))} (fine-tune {_mib(size.get('finetuned', 0))}, "
-        f"{size.get('finetuned', 0) / max(size.get('artifact', 1), 1):.1f}x smaller)",
-    ]
+        rest = "exactly zero" if report.get("mode") == "lossless" else "removed as unsupported"
+        lines.append(f"support    kept {report.get('kept_fraction', 0):.2%} of delta entries (the rest {rest})")
+    artifact, finetuned = size.get("artifact", 0), size.get("finetuned", 0)
+    ratio = f"{finetuned / artifact:.1f}x smaller" if 0 < artifact < finetuned else f"{artifact / max(finetuned, 1):.3f}x its size"
+    lines.append(f"artifact   {_mib(artifact)} (fine-tune {_mib(finetuned)}, {ratio})")
     if eq:
         lines.append(
             f"generate   {grades_line(eq)} on {eq['num_prompts']} prompts x {eq['max_new_tokens']} tokens; "
