@@ -225,8 +225,7 @@ def _split_targets(model: nn.Module, deltas: dict[str, TensorDelta]) -> dict[str
         if delta.is_empty():
             continue
         target = inject.target_parameter(name, names, model, targets)
-        owner_name, _, attr = target.parameter.rpartition(".")
-        if target.strides is None and attr == "weight" and inject.wrappable(model.get_submodule(owner_name)):
+        if inject.runs_split(target, model.get_submodule(target.parameter.rpartition(".")[0])):
             out[name] = target
     return out
 

@@ -16,7 +16,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import ArtifactError, CheckpointError
-from .heap import release_free_memory
 from .modules import DecomposedModule
 from .names import Target, TensorTargets
 from .substructures import TensorDelta
@@ -57,7 +56,7 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
             with torch.no_grad():
                 view = target.view(param.data)
                 view.copy_(delta.merge(view))
-        elif attr == "weight" and wrappable(owner) and (swappable or execution == "split" or param.device.type == "meta"):
+        elif runs_split(target, owner) and (swappable or execution == "split" or param.device.type == "meta"):
             wrapped[owner_name] = DecomposedModule(owner, delta, execution if swappable else "split")
             if param.device.type != "meta":
                 wrapped[owner_name].ops.to(param.device)
@@ -65,6 +64,12 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
         else:
             merge_into(param, delta)
     _wrap_tied_head(model, modules, wrapped)
+
+
+def runs_split(target: Target, owner: nn.Module) -> bool:
+    """Whether split execution runs this delta as substructures: the whole weight of a `wrappable` module
+    (vectors, entries of fused parameters and modules with a forward of their own stay merged)."""
+    return target.strides is None and target.parameter.rpartition(".")[2] == "weight" and wrappable(owner)
 
 
 def wrappable(module: nn.Module) -> bool:
@@ -80,7 +85,6 @@ def merge_into(param: nn.Parameter, delta: TensorDelta) -> None:
         raise CheckpointError(f"cannot merge the delta of {delta.name!r} into an offloaded parameter")
     with torch.no_grad():
         param.data = delta.merge(param.data)
-    release_free_memory()  # the merge's temporaries, before the next tensor's
 
 
 def _wrap_tied_head(model: nn.Module, modules: dict[str, nn.Module], wrapped: dict[str, DecomposedModule]) -> None:
