@@ -36,7 +36,7 @@ from hf_decompose.equivalence import greedy_generate  # noqa: E402
 from hf_decompose.modules import DecomposedModule  # noqa: E402
 from hf_decompose.pair import prepare_default_pair  # noqa: E402
 from hf_decompose.quantize import quantize  # noqa: E402
-from hf_decompose.substructures import TensorDelta  # noqa: E402
+from hf_decompose.parts import DensePart, LowRankPart, QuantPart, TensorDelta  # noqa: E402
 
 
 def evaluate(model, tok, ref, prompts, max_new_tokens) -> dict:
@@ -57,16 +57,16 @@ def peer_delta(method: str, full: TensorDelta, budget: float, factors=None) -> t
     if method in ("magnitude", "dare"):
         kept = prune(d.clone(), budget, "magnitude" if method == "magnitude" else "random", rescale=method == "dare")
         nnz = int((kept != 0).sum())
-        return TensorDelta(full.name, full.shape, full.transposed, dense=kept), nnz * 8  # value + index
+        return TensorDelta(full.name, full.shape, full.transposed, [DensePart(kept)]), nnz * 8  # value + index
     if method.startswith("rtn"):  # every entry rounded to int<bits>, one scale per 64 inputs, no guard or feedback
         packed, scales = quantize(d, int(method[3:]), 64)
-        q = TensorDelta(full.name, full.shape, full.transposed, quant_codes=packed, quant_scales=scales)
+        q = TensorDelta(full.name, full.shape, full.transposed, [QuantPart.from_packed(packed, scales, full.shape)])
         return q, q.nbytes()
     if method == "bitdelta":
-        return TensorDelta(full.name, full.shape, full.transposed, dense=d.sign() * d.abs().mean()), math.ceil(m * n / 8) + 4
+        return TensorDelta(full.name, full.shape, full.transposed, [DensePart(d.sign() * d.abs().mean())]), math.ceil(m * n / 8) + 4
     r = max(0, int(budget * m * n / (m + n)))
     u, v, _ = factors if method == "ours" else weighted_lowrank(d, None)
-    return TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u[:, :r].contiguous(), lowrank_v=v[:r].contiguous()), 4 * r * (m + n)
+    return TensorDelta(full.name, full.shape, full.transposed, [LowRankPart(u[:, :r].contiguous(), v[:r].contiguous())]), 4 * r * (m + n)
 
 
 def main() -> None:

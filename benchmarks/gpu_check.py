@@ -86,7 +86,7 @@ from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel
 from hf_decompose.checkpoints import CheckpointReader, sha256_files  # noqa: E402
 from hf_decompose.placement import substructures  # noqa: E402
 from hf_decompose.quantize import quantize  # noqa: E402
-from hf_decompose.substructures import Block, TensorDelta  # noqa: E402
+from hf_decompose.parts import BlockPart, DensePart, LowRankPart, QuantPart, SparsePart, TensorDelta  # noqa: E402
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
@@ -99,27 +99,23 @@ def make_delta(name: str, base: torch.Tensor, gen: torch.Generator, kind: int, s
     """A delta of one tensor: vectors dense; matrices low-rank + sparse (kind 0), block + low-rank (1), dense (2)
     or, as annealing stores them, low-rank + a 3-bit group-64 residual (3)."""
     if base.dim() == 1:
-        return TensorDelta(name, tuple(base.shape), dense=torch.randn(base.shape, generator=gen) * scale)
+        return TensorDelta(name, tuple(base.shape), parts=[DensePart(torch.randn(base.shape, generator=gen) * scale)])
     out, inp = base.shape
-    delta = TensorDelta(name, (out, inp))
     if kind == 2:
-        delta.dense = torch.randn(out, inp, generator=gen) * scale / 4
-        return delta
+        return TensorDelta(name, (out, inp), parts=[DensePart(torch.randn(out, inp, generator=gen) * scale / 4)])
     rank = 4
-    delta.lowrank_u = torch.randn(out, rank, generator=gen) * scale
-    delta.lowrank_v = torch.randn(rank, inp, generator=gen) / inp**0.5
+    parts = [LowRankPart(torch.randn(out, rank, generator=gen) * scale, torch.randn(rank, inp, generator=gen) / inp**0.5)]
     if kind == 3:
-        delta.quant_codes, delta.quant_scales = quantize(torch.randn(out, inp, generator=gen) * scale / 8, 3, 64)
+        parts.append(QuantPart.from_packed(*quantize(torch.randn(out, inp, generator=gen) * scale / 8, 3, 64), (out, inp)))
     elif kind == 0:
         flat = torch.randperm(out * inp, generator=gen)[: max(1, out * inp // 100)].sort().values
-        delta.sparse_indices = torch.stack([flat // inp, flat % inp])
-        delta.sparse_values = torch.randn(flat.numel(), generator=gen) * scale
-        delta.sparse_components = torch.zeros(flat.numel(), dtype=torch.int32)
+        values = torch.randn(flat.numel(), generator=gen) * scale
+        parts.append(SparsePart(flat // inp, flat % inp, values, (out, inp), torch.zeros(flat.numel(), dtype=torch.int32)))
     else:
         rows = torch.randperm(out, generator=gen)[: max(1, out // 8)].sort().values
         cols = torch.randperm(inp, generator=gen)[: max(1, inp // 4)].sort().values
-        delta.blocks = [Block(rows, cols, torch.randn(rows.numel(), cols.numel(), generator=gen) * scale)]
-    return delta
+        parts.append(BlockPart(rows, cols, torch.randn(rows.numel(), cols.numel(), generator=gen) * scale, (out, inp)))
+    return TensorDelta(name, (out, inp), parts=parts)
 
 
 def build_family(root: Path, config: dict, tenants: int, dense_copies: int, kinds: tuple[int, ...]) -> dict:

@@ -99,7 +99,7 @@ def synthetic_family(root: Path, layers: int) -> dict:
 
     from hf_decompose import artifact
     from hf_decompose.quantize import quantize
-    from hf_decompose.substructures import TensorDelta
+    from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
 
     root = root / f"synthetic-{layers}"
     lowbit, lossless = root / "ft0-lowrank-int3g64", root / "ft0-lossless"
@@ -115,7 +115,7 @@ def synthetic_family(root: Path, layers: int) -> dict:
                 if p.dim() == 2:
                     u, v = torch.randn(p.shape[0], 16, generator=gen) * 0.01, torch.randn(16, p.shape[1], generator=gen) * 0.01
                     codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-3, 3, 64)
-                    deltas[name] = TensorDelta(name, tuple(p.shape), lowrank_u=u, lowrank_v=v, quant_codes=codes, quant_scales=scales)
+                    deltas[name] = TensorDelta(name, tuple(p.shape), parts=[LowRankPart(u, v), QuantPart.from_packed(codes, scales, tuple(p.shape))])
                     p.copy_(deltas[name].merge(p))
         model.save_pretrained(root / "ft0")
         exact = decompose(root / "ft0", root / "base", DecomposedConfig(mode="lossless"), progress=False)

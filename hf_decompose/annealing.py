@@ -50,7 +50,7 @@ from .errors import ConfigError, PromptError
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import quantize
-from .substructures import TensorDelta
+from .parts import LowRankPart, QuantPart, TensorDelta
 
 
 @dataclass
@@ -307,7 +307,7 @@ def anneal(
     floor = None if floor_model is None else measure_floor(floor_model, calib, opts["positions"], opts["tie_tolerance"])
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
              "tie_tolerance": opts["tie_tolerance"], "floor": floor}
-    names = [n for n, d in deltas.items() if n in module_names and d.dense is not None and len(d.shape) == 2]
+    names = [n for n, d in deltas.items() if n in module_names and d.get("dense") is not None and len(d.shape) == 2]
     grams = GramCollector({n: model.get_submodule(gram_names[n]) for n in names}).run(model, calib)
     cands = {n: _Candidate(deltas[n], grams.get(n), config) for n in names}
     del grams
@@ -430,7 +430,7 @@ def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: 
 
 def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, judge: dict) -> dict:
     """Store low-rank factors in bfloat16 if the guard still passes."""
-    lowrank = {n: d for n, d in kept.items() if d.lowrank_u is not None and d.quant_codes is None and n in module_names}
+    lowrank = {n: d for n, d in kept.items() if [p.kind for p in d.parts] == ["lowrank"] and n in module_names}
     if not lowrank:
         return {"dtype": "float32", "accepted": False}
     proposal = {n: _with_dtype(d, torch.bfloat16) for n, d in lowrank.items()}
@@ -444,7 +444,8 @@ def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[st
 
 
 def _with_dtype(d: TensorDelta, dtype: torch.dtype) -> TensorDelta:
-    return TensorDelta(d.name, d.shape, d.transposed, lowrank_u=d.lowrank_u.to(dtype), lowrank_v=d.lowrank_v.to(dtype))
+    lowrank = d.get("lowrank")
+    return TensorDelta(d.name, d.shape, d.transposed, [LowRankPart(lowrank.u.to(dtype), lowrank.v.to(dtype))])
 
 
 def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
@@ -454,12 +455,13 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     if level.bits is None:  # low rank only
         if r >= min(full.shape) or r * sum(full.shape) >= full.num_params():
             return full
-        return TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u[:, :r].contiguous(), lowrank_v=v[:r].contiguous())
+        return TensorDelta(full.name, full.shape, full.transposed, [LowRankPart(u[:, :r].contiguous(), v[:r].contiguous())])
     # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
     u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
     residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
     codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None)
-    delta = TensorDelta(full.name, full.shape, full.transposed, lowrank_u=u, lowrank_v=v, quant_codes=codes, quant_scales=scales)
+    parts = [QuantPart.from_packed(codes, scales, full.shape)] + ([] if u is None else [LowRankPart(u, v)])
+    delta = TensorDelta(full.name, full.shape, full.transposed, parts)
     return delta if delta.nbytes() < full.nbytes() else full
 
 

@@ -4,8 +4,8 @@ Layout of an artifact directory::
 
     decomposed_config.json      format version, DecomposedConfig, base (id, revision, SHA-256 of
                                 its weight files), per-tensor shapes, SHA-256 of every file here
-    decomposition.safetensors   the kept deltas: <tensor>.dense | .block.<i>.* | .sparse.* |
-                                .lowrank.u/.v | .quant.codes/.scales | .override.*
+    decomposition.safetensors   the kept deltas, per tensor its parts (`hf_decompose.parts`): <tensor>.dense |
+                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes/.scales
     decomposition.json          the report (kept fraction, sizes, equivalence, layers, timings)
     config.json, tokenizer ...  the fine-tune's config and tokenizer (small), so the artifact loads alone;
                                 config.json carries the `quantization_config` (quant_method
@@ -36,8 +36,7 @@ from safetensors import SafetensorError, safe_open
 from . import locks
 from .checkpoints import contained, sha256_files
 from .errors import ArtifactError
-from .quantize import bits_of
-from .substructures import TensorDelta
+from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
 
 FORMAT_VERSION = 1
@@ -289,8 +288,7 @@ class DeltaReader(Mapping):
             if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(transposed, bool):
                 raise ValueError(f"shape {shape!r}, transposed {transposed!r}")
             with safe_open(self.path, framework="pt") as handle:  # mapped for this entry only: its pages do not stay resident
-                delta = TensorDelta.from_state(name, tuple(shape), transposed, _Tensors(self, handle, name))
-            _check_parts(delta)
+                delta = TensorDelta.from_state(name, tuple(shape), transposed, _Tensors(self, handle, name))  # checks each part
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError, OSError) as err:
             raise ArtifactError(f"{self.path.parent}: entry for tensor {name!r} is malformed ({err})") from err
         return delta
@@ -319,52 +317,6 @@ class _Tensors:
             return None
         self.reader._used.add(key)
         return self.handle.get_tensor(key)
-
-
-def _check_parts(d: TensorDelta) -> None:
-    """Raise ValueError unless every stored part of `d` is complete, finite and fits its shape."""
-    shape = d.shape
-    pairs = ((d.lowrank_u, d.lowrank_v), (d.quant_codes, d.quant_scales))
-    if d.override_indices is not None and d.override_values is None:
-        raise ValueError("a part is stored incompletely")
-    for group in ((d.sparse_indices, d.sparse_values, d.sparse_components), *pairs):
-        if len({t is None for t in group}) > 1:
-            raise ValueError("a part is stored incompletely")
-    parts = [(d.dense, shape, True)]
-    ranges = []
-    for b in d.blocks:
-        parts += [(b.rows, (b.rows.numel(),), False), (b.cols, (b.cols.numel(),), False), (b.values, (b.rows.numel(), b.cols.numel()), True)]
-        ranges += [(b.rows, shape[0]), (b.cols, shape[1])]
-    if d.sparse_values is not None:
-        nnz = d.sparse_values.numel()
-        parts += [(d.sparse_indices, (len(shape), nnz), False), (d.sparse_values, (nnz,), True), (d.sparse_components, (nnz,), False)]
-        ranges += list(zip(d.sparse_indices, shape))
-    if d.lowrank_u is not None:
-        rank = d.lowrank_u.shape[-1]
-        parts += [(d.lowrank_u, (shape[0], rank), True), (d.lowrank_v, (rank, shape[1]), True)]
-    if d.quant_codes is not None:
-        if len(shape) != 2 or d.quant_scales.dim() != 2 or d.quant_scales.shape[1] == 0 or shape[1] % d.quant_scales.shape[1]:
-            raise ValueError(f"quantization scales of shape {tuple(d.quant_scales.shape)} do not divide {shape}")
-        if d.quant_codes.dtype != torch.uint8:
-            raise ValueError(f"quantized codes are {d.quant_codes.dtype}, expected packed uint8")
-        bits_of(d.quant_codes, shape)
-        parts += [(d.quant_codes, (d.quant_codes.numel(),), False), (d.quant_scales, (shape[0], d.quant_scales.shape[1]), True)]
-    if d.replaces_all:
-        parts += [(d.override_values, shape, True)]
-    elif d.override_values is not None:
-        k = d.override_values.numel()
-        parts += [(d.override_indices, (k, len(shape)), False), (d.override_values, (k,), True)]
-        ranges += list(zip(d.override_indices.t(), shape))
-    for tensor, expected, values in parts:
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != expected or (tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)) != values:
-            raise ValueError(f"a part has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {expected}")
-        if values and not torch.isfinite(tensor).all():
-            raise ValueError("a part holds NaN/Inf values")
-    for index, bound in ranges:
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
-            raise ValueError(f"an index lies outside [0, {bound})")
 
 
 def read_report(directory: str | Path) -> dict:

@@ -23,7 +23,7 @@ from .checkpoints import CheckpointReader
 from .config import QUANT_METHOD, DecomposedConfig
 from .errors import ArtifactError, CheckpointError, ConfigError
 from .names import Target, TensorTargets
-from .substructures import TensorDelta
+from .parts import TensorDelta
 
 PUSH_KEYS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "tags")
 

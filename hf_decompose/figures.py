@@ -25,7 +25,8 @@ from . import artifact  # noqa: E402
 from .criterion import Z_HIST_BINS, Z_HIST_RANGE  # noqa: E402
 from .errors import ArtifactError  # noqa: E402
 from .report import bits_per_param, floor_rows, stored_bytes, summary_table  # noqa: E402
-from .substructures import TensorDelta, _bipartite_components  # noqa: E402
+from .parts import TensorDelta  # noqa: E402
+from .substructures import _bipartite_components  # noqa: E402
 
 FIGSIZE = (10.0, 4.0)
 DPI = 100
@@ -140,12 +141,12 @@ def _pool(mask: np.ndarray, size: int = MAX_PIXELS) -> np.ndarray:
 
 def plot_blocks(deltas: dict[str, TensorDelta], path: Path, tensors: list[str] | None = None, max_blocks: int = 3) -> Path:
     """The support of chosen matrices after the permutation that groups their components."""
-    matrices = {n: d for n, d in deltas.items() if len(d.shape) == 2 and (d.blocks or d.sparse_values is not None or d.dense is not None)}
+    matrices = {n: d for n, d in deltas.items() if len(d.shape) == 2 and any(p.kind in ("dense", "block", "sparse") for p in d.parts)}
     if tensors:
         chosen = [n for n in matrices if any(t in n for t in tensors)][:max_blocks]
     else:
         # most components first; among equals, partial supports before fully dense ones
-        chosen = sorted(matrices, key=lambda n: (matrices[n].rank - matrices[n].num_substructures(), matrices[n].dense is not None))[:max_blocks]
+        chosen = sorted(matrices, key=lambda n: (matrices[n].rank - matrices[n].num_substructures(), matrices[n].get("dense") is not None))[:max_blocks]
     fig, axes = plt.subplots(1, max(len(chosen), 1), figsize=FIGSIZE, squeeze=False)
     if not chosen:
         _placeholder(axes[0, 0], "no entry-level support to show\n(empty or low-rank only)")

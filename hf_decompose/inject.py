@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import ArtifactError, CheckpointError
 from .modules import DecomposedModule
 from .names import Target, TensorTargets
-from .substructures import TensorDelta
+from .parts import TensorDelta
 
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
 

@@ -30,7 +30,8 @@ from .heap import release_free_memory
 from .hub import commit_of, resolve
 from .inject import apply_deltas, target_parameter
 from .names import TensorTargets
-from .substructures import TensorDelta, extract, layer_components
+from .parts import OverridePart, TensorDelta
+from .substructures import extract, layer_components
 
 CHUNK_BYTES = 4 * 2**20  # large tensors are read and differenced this many bytes of rows at a time
 
@@ -94,7 +95,7 @@ def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta
     if delta.nbytes() <= math.prod(delta.shape) * dtype.itemsize:
         return delta
     values = info.canonical(pair.finetuned.get(info.name)).to(dtype).contiguous()
-    return TensorDelta(info.name, delta.shape, info.transposed, override_values=values)
+    return TensorDelta(info.name, delta.shape, info.transposed, [OverridePart(values, None, delta.shape)])
 
 
 def _row_blocks(pair: CheckpointPair, info: ParamInfo) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .parts import DeltaOps, run_split
-from .substructures import TensorDelta
+from .parts import DeltaOps, TensorDelta, run_split
 
 
 class DecomposedModule(nn.Module):

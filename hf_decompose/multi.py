@@ -32,8 +32,7 @@ from .checkpoints import CheckpointReader, sha256_files
 from .errors import ArtifactError, ConfigError
 from .hub import resolve
 from .inject import WRAPPABLE, param_name, set_submodule
-from .parts import DeltaOps, run_split
-from .substructures import TensorDelta
+from .parts import DeltaOps, TensorDelta, run_split
 
 Names = str | Sequence[str] | None
 

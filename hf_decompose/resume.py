@@ -28,7 +28,7 @@ from . import locks
 from .checkpoints import sha256_files
 from .config import DecomposedConfig
 from .errors import ArtifactError
-from .substructures import TensorDelta
+from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
 
 CACHE_FORMAT = 1

@@ -10,169 +10,13 @@ the layer's independent substructures.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, group_ids, kv_group_of_head
-from .quantize import codes_of, dequantize
-
-
-@dataclass
-class Block:
-    """A dense block of the delta on rows x cols (canonical layout)."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    values: torch.Tensor
-
-
-@dataclass
-class TensorDelta:
-    """Everything kept of one tensor's delta, in canonical (out, in) layout."""
-
-    name: str
-    shape: tuple[int, ...]
-    transposed: bool = False
-    dense: torch.Tensor | None = None
-    blocks: list[Block] = field(default_factory=list)
-    sparse_indices: torch.Tensor | None = None  # (ndim, nnz)
-    sparse_values: torch.Tensor | None = None
-    sparse_components: torch.Tensor | None = None
-    lowrank_u: torch.Tensor | None = None  # (out, r), singular values folded in
-    lowrank_v: torch.Tensor | None = None  # (r, in)
-    override_indices: torch.Tensor | None = None  # (k, ndim): entries stored as absolute values
-    override_values: torch.Tensor | None = None  # (k,), or the whole tensor (no indices): every entry replaced
-    quant_codes: torch.Tensor | None = None  # every entry in low-bit codes, packed (see `quantize`)
-    quant_scales: torch.Tensor | None = None  # (out, in / group) bfloat16
-
-    # -- sizes ---------------------------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return 0 if self.lowrank_u is None else int(self.lowrank_u.shape[1])
-
-    @property
-    def replaces_all(self) -> bool:
-        """Every entry is stored as its absolute value (the exact values of a 16-bit fine-tune, when a
-        delta would cost more bytes than they do)."""
-        return self.override_values is not None and self.override_indices is None
-
-    def is_empty(self) -> bool:
-        return self.num_params() == 0 and self.override_values is None
-
-    def num_params(self) -> int:
-        """Stored delta parameters: kept entries plus low-rank factor parameters (an override
-        replaces an entry already counted; a whole replaced tensor counts every entry)."""
-        if self.replaces_all:
-            return self.override_values.numel()
-        n = 0 if self.dense is None else self.dense.numel()
-        n += sum(b.values.numel() for b in self.blocks)
-        n += 0 if self.sparse_values is None else self.sparse_values.numel()
-        n += 0 if self.lowrank_u is None else self.lowrank_u.numel() + self.lowrank_v.numel()
-        return n + (0 if self.quant_codes is None else math.prod(self.shape))
-
-    def nbytes(self) -> int:
-        """Bytes of the stored tensors."""
-        return sum(t.numel() * t.element_size() for t in self.state().values())
-
-    def num_substructures(self) -> int:
-        n = int(self.dense is not None) + len(self.blocks) + self.rank + int(self.quant_codes is not None)
-        if self.sparse_components is not None and self.sparse_components.numel():
-            n += int(torch.unique(self.sparse_components).numel())
-        return n
-
-    # -- dense views ---------------------------------------------------------------------------
-    def to_dense(self) -> torch.Tensor:
-        """The kept delta as one canonical float32 tensor (overrides excluded; parts may be stored in 16 bits)."""
-        out = torch.zeros(self.shape) if self.dense is None else self.dense.to(torch.float32, copy=True)
-        for b in self.blocks:
-            out[b.rows[:, None], b.cols[None, :]] += b.values.float()
-        if self.sparse_values is not None:
-            out.index_put_(tuple(self.sparse_indices), self.sparse_values.float(), accumulate=True)
-        if self.lowrank_u is not None:  # factors may be stored in bfloat16: multiply in float32
-            out += self.lowrank_u.float() @ self.lowrank_v.float()
-        if self.quant_codes is not None:
-            out += dequantize(codes_of(self.quant_codes, self.shape), self.quant_scales)
-        return out
-
-    def support(self) -> torch.Tensor:
-        """Entries touched by the kept entry-level delta (low-rank parts excluded)."""
-        mask = torch.zeros(self.shape, dtype=torch.bool)
-        if self.dense is not None:
-            mask |= self.dense != 0
-        if self.quant_codes is not None:
-            mask[...] = True
-        for b in self.blocks:
-            mask[b.rows[:, None], b.cols[None, :]] = True
-        if self.sparse_indices is not None:
-            mask[tuple(self.sparse_indices)] = True
-        if self.override_indices is not None:
-            mask[tuple(self.override_indices.t())] = True
-        if self.replaces_all:
-            mask[...] = True
-        return mask
-
-    def merge(self, weight: torch.Tensor) -> torch.Tensor:
-        """base weight (stored layout) + kept delta, with overrides written last."""
-        merged = weight.detach().float().clone()
-        view = merged.t() if self.transposed else merged
-        if self.replaces_all:
-            view.copy_(self.override_values.to(view.device))
-            return merged.to(weight.dtype)
-        if self.dense is not None and not self.blocks and self.sparse_values is None and self.lowrank_u is None and self.quant_codes is None:
-            view += self.dense.to(view.device)  # the lossless path: one elementwise float32 add, exact by construction
-        else:
-            view += self.to_dense().to(view.device)
-        if self.override_indices is not None:
-            view[tuple(self.override_indices.t().to(view.device))] = self.override_values.to(view.device, view.dtype)
-        return merged.to(weight.dtype)
-
-    # -- serialization -------------------------------------------------------------------------
-    def state(self) -> dict[str, torch.Tensor]:
-        """Tensors to store, keyed ``<name>.<part>``."""
-        out: dict[str, torch.Tensor] = {}
-        p = self.name
-        if self.dense is not None:
-            out[f"{p}.dense"] = self.dense
-        for i, b in enumerate(self.blocks):
-            out[f"{p}.block.{i}.rows"], out[f"{p}.block.{i}.cols"], out[f"{p}.block.{i}.values"] = b.rows, b.cols, b.values
-        if self.sparse_values is not None:
-            out[f"{p}.sparse.indices"] = self.sparse_indices
-            out[f"{p}.sparse.values"] = self.sparse_values
-            out[f"{p}.sparse.components"] = self.sparse_components
-        if self.lowrank_u is not None:
-            out[f"{p}.lowrank.u"], out[f"{p}.lowrank.v"] = self.lowrank_u, self.lowrank_v
-        if self.quant_codes is not None:
-            out[f"{p}.quant.codes"], out[f"{p}.quant.scales"] = self.quant_codes, self.quant_scales
-        if self.override_indices is not None:
-            out[f"{p}.override.indices"] = self.override_indices
-        if self.override_values is not None:
-            out[f"{p}.override.values"] = self.override_values
-        # indices fit int32 (shapes < 2^31): half the bytes of int64 on disk
-        return {k: (v.int() if v.dtype == torch.int64 else v).contiguous() for k, v in out.items()}
-
-    @classmethod
-    def from_state(cls, name: str, shape: tuple[int, ...], transposed: bool, tensors: dict[str, torch.Tensor]) -> TensorDelta:
-        def get(part: str) -> torch.Tensor | None:
-            return tensors.get(f"{name}.{part}")
-
-        blocks = []
-        i = 0
-        while get(f"block.{i}.values") is not None:
-            blocks.append(Block(get(f"block.{i}.rows").long(), get(f"block.{i}.cols").long(), get(f"block.{i}.values")))
-            i += 1
-        idx = get("sparse.indices")
-        ovr = get("override.indices")
-        return cls(
-            name, tuple(shape), transposed, get("dense"), blocks,
-            None if idx is None else idx.long(), get("sparse.values"), get("sparse.components"),
-            get("lowrank.u"), get("lowrank.v"),
-            None if ovr is None else ovr.long(), get("override.values"), get("quant.codes"), get("quant.scales"),
-        )
+from .parts import BlockPart, DensePart, LowRankPart, OverridePart, SparsePart, TensorDelta
 
 
 def extract(
@@ -189,28 +33,27 @@ def extract(
     overrides, into independent substructures; one dense delta where pieces would cost more.
     With `in_place`, `values` may be overwritten (a full-size dense delta is then no second copy)."""
     delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density, in_place)
-    if delta.num_params() > values.numel() and (delta.lowrank_u is not None or delta.blocks or delta.sparse_values is not None):
-        return TensorDelta(info.name, tuple(values.shape), info.transposed, dense=delta.to_dense(),
-                           override_indices=delta.override_indices, override_values=delta.override_values)
+    if delta.num_params() > values.numel() and any(p.kind in ("lowrank", "block", "sparse") for p in delta.parts):
+        return TensorDelta(info.name, tuple(values.shape), info.transposed, [DensePart(delta.to_dense()), *delta.of("override")])
     return delta
 
 
 def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float, in_place: bool) -> TensorDelta:
     """`extract` before the cost check."""
-    delta = TensorDelta(info.name, tuple(values.shape), info.transposed)
+    shape = tuple(values.shape)
+    kept: list = []
     if lowrank is not None and lowrank[0].shape[1] > 0:
-        delta.lowrank_u, delta.lowrank_v = lowrank[0].contiguous(), lowrank[1].contiguous()
+        kept.append(LowRankPart(lowrank[0].contiguous(), lowrank[1].contiguous()))
     if overrides is not None and overrides[1].numel():
-        delta.override_indices, delta.override_values = overrides
+        kept.append(OverridePart(overrides[1], overrides[0], shape))
+    delta = TensorDelta(info.name, shape, info.transposed, kept)
     m = mask.numpy()  # numpy's boolean reductions are several times faster than torch's on one thread
     if not m.any():
         return delta
     if m.all():
-        delta.dense = values  # shared, not copied: a full-size delta is stored as it is
-        return delta
+        return _with(delta, DensePart(values))  # shared, not copied: a full-size delta is stored as it is
     if values.dim() != 2:
-        delta.dense = _masked(values, mask, in_place)
-        return delta
+        return _with(delta, DensePart(_masked(values, mask, in_place)))
     rows_used, cols_used = m.any(1), m.any(0)
     if (m | ~cols_used).all(1).any() or (m | ~rows_used[:, None]).all(0).any():
         # a row touching every used column (or a column touching every used row) joins everything:
@@ -223,16 +66,21 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     nnz = np.bincount(entry_label, minlength=n_comp)
     area = np.bincount(labels[:n_rows], minlength=n_comp) * np.bincount(labels[n_rows:], minlength=n_comp)
     dense = (nnz >= dense_block_density * area) & (area > 1)
+    pieces = []
     for comp in np.nonzero(dense)[0]:  # few: every other component is stored as sparse entries
         ur = torch.from_numpy(np.nonzero(labels[:n_rows] == comp)[0])
         uc = torch.from_numpy(np.nonzero(labels[n_rows:] == comp)[0])
-        delta.blocks.append(Block(ur, uc, _block(values, mask, ur, uc)))
+        pieces.append(BlockPart(ur, uc, _block(values, mask, ur, uc), shape))
     sparse_keep = torch.from_numpy(~dense[entry_label])
     if sparse_keep.any():
-        delta.sparse_indices = torch.stack([rows_all[sparse_keep], cols_all[sparse_keep]])
-        delta.sparse_values = values[rows_all[sparse_keep], cols_all[sparse_keep]].contiguous()
-        delta.sparse_components = torch.from_numpy(entry_label)[sparse_keep].int()
-    return delta
+        r, c = rows_all[sparse_keep], cols_all[sparse_keep]
+        pieces.append(SparsePart(r, c, values[r, c].contiguous(), shape, torch.from_numpy(entry_label)[sparse_keep].int()))
+    return _with(delta, *pieces)
+
+
+def _with(delta: TensorDelta, *parts) -> TensorDelta:
+    """`delta` with `parts` added."""
+    return TensorDelta(delta.name, delta.shape, delta.transposed, [*delta.parts, *parts])
 
 
 def _block(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -261,14 +109,10 @@ def _single_component(delta: TensorDelta, values: torch.Tensor, mask: torch.Tens
     area = rows.numel() * cols.numel()
     if int(mask.count_nonzero()) >= dense_block_density * area and area > 1:
         if rows.numel() == mask.shape[0] and cols.numel() == mask.shape[1]:
-            delta.dense = _masked(values, mask, in_place)
-        else:
-            delta.blocks.append(Block(rows, cols, _block(values, mask, rows, cols)))
-        return delta
+            return _with(delta, DensePart(_masked(values, mask, in_place)))
+        return _with(delta, BlockPart(rows, cols, _block(values, mask, rows, cols), delta.shape))
     r, c = mask.nonzero(as_tuple=True)
-    delta.sparse_indices, delta.sparse_values = torch.stack([r, c]), values[r, c].contiguous()
-    delta.sparse_components = torch.zeros(r.numel(), dtype=torch.int32)
-    return delta
+    return _with(delta, SparsePart(r, c, values[r, c].contiguous(), delta.shape, torch.zeros(r.numel(), dtype=torch.int32)))
 
 
 def _bipartite_components(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_cols: int) -> tuple[int, np.ndarray]:

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_decompose import ConfigError, DecomposedConfig, PromptError, decompose
 from hf_decompose.annealing import GramCollector, calibrate, guard, weighted_lowrank
 from hf_decompose.modules import DecomposedModule
+from hf_decompose.parts import DensePart
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_guard_rejects_a_planted_breaking_step(exact):
     assert guard(model, calib)[0]
     module = _module(model, "layers.0.mlp.down_proj")
     full = module.delta
-    broken = type(full)(full.name, full.shape, full.transposed, dense=full.dense * -20)
+    broken = type(full)(full.name, full.shape, full.transposed, [DensePart(full.get("dense").weight * -20)])
     module.set_delta(broken)
     ok, stats = guard(model, calib)
     module.set_delta(full)
@@ -122,7 +123,7 @@ def test_default_ladder_stores_fewer_bytes_and_keeps_calibration_exact(tiny_pair
     report, annealing = model.report, model.report["annealing"]
     assert [layer for layer in annealing["levels"] if layer["level"] is not None]
     assert report["stored_fraction"] < 1.0 and report["size_bytes"]["artifact"] < 4 * report["delta_params"]
-    assert any(d.quant_codes is not None for d in model.deltas.values())
+    assert any(d.get("quant") is not None for d in model.deltas.values())
     ok, stats = guard(model, exact[2], positions=128)
     assert ok, stats  # what the guard accepted on calibration still holds
     loaded = type(model).from_pretrained(model.save_pretrained(tmp_path / "annealed"))

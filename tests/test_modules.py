@@ -68,20 +68,20 @@ def test_untouched_modules_stay_the_shared_base(tmp_path):
 
 
 def test_split_low_rank_and_low_bit_parts_never_build_the_float_matrix(monkeypatch):
-    import hf_decompose.parts as parts
+    import hf_decompose.parts.quant as quant
+    from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
     from hf_decompose.quantize import quantize
-    from hf_decompose.substructures import TensorDelta
 
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(128, 96, bias=False)
     codes, scales = quantize(torch.randn(96, 128, generator=gen) * 1e-2, 3, 64)
-    delta = TensorDelta("weight", (96, 128), lowrank_u=torch.randn(96, 4, generator=gen), lowrank_v=torch.randn(4, 128, generator=gen) * 0.1,
-                        quant_codes=codes, quant_scales=scales)  # fmt: skip
+    lowrank = LowRankPart(torch.randn(96, 4, generator=gen), torch.randn(4, 128, generator=gen) * 0.1)
+    delta = TensorDelta("weight", (96, 128), parts=[lowrank, QuantPart.from_packed(codes, scales, (96, 128))])
     module = DecomposedModule(base, delta)
     x = torch.randn(3, 5, 128, generator=gen)
     with torch.no_grad():
         merged = module(x)
         module.execution = "split"
-        monkeypatch.setattr(parts, "dequantize", None)  # the fused kernel reads the packed codes only
+        monkeypatch.setattr(quant, "dequantize", None)  # the fused kernel reads the packed codes only
         split = module(x)
     torch.testing.assert_close(split, merged, rtol=0, atol=1e-2 * float((merged - base(x)).abs().max()))

@@ -7,9 +7,8 @@ from transformers import AutoModelForCausalLM
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
 from hf_decompose import placement
 from hf_decompose.multi import TenantModule, TenantVectors
-from hf_decompose.parts import LowRankPart, QuantPart
+from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import quantize
-from hf_decompose.substructures import TensorDelta
 
 from .synthetic import perturb, random_model
 
@@ -127,7 +126,7 @@ def _lowrank_quant(base, seed: int, rank: int = 2, bits: int = 3, group: int = 3
         if p.dim() == 2:
             u, v = torch.randn(p.shape[0], rank + seed % 2, generator=gen) * 0.05, torch.randn(rank + seed % 2, p.shape[1], generator=gen)
             codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-2, bits, group)
-            deltas[name] = TensorDelta(name, tuple(p.shape), lowrank_u=u, lowrank_v=v, quant_codes=codes, quant_scales=scales)
+            deltas[name] = TensorDelta(name, tuple(p.shape), parts=[LowRankPart(u, v), QuantPart.from_packed(codes, scales, tuple(p.shape))])
     return deltas
 
 

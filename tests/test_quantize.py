@@ -9,8 +9,8 @@ from torch import nn
 from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
+from hf_decompose.parts import QuantPart, TensorDelta
 from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, pack, quantize, unpack
-from hf_decompose.substructures import TensorDelta
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -53,7 +53,7 @@ def test_one_bit_stores_signs_with_the_mean_magnitude():
 def _quantized(module_delta: TensorDelta, bits: int, group: int) -> TensorDelta:
     d = module_delta
     packed, scales = quantize(d.to_dense(), bits, group)
-    return TensorDelta(d.name, d.shape, d.transposed, quant_codes=packed, quant_scales=scales)
+    return TensorDelta(d.name, d.shape, d.transposed, [QuantPart.from_packed(packed, scales, d.shape)])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def quantized_model(tiny_pair, tmp_path_factory):
     """The tiny fine-tune with every matrix delta (embedding and tied head included) in 4 bits."""
     exact = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
     deltas = {n: _quantized(d, 4, 16) if len(d.shape) == 2 and not d.is_empty() else d for n, d in exact.deltas.items()}
-    assert sum(d.quant_codes is not None for d in deltas.values()) == 1 + 7 * 2  # the embedding and every projection of the 2 layers
+    assert sum(d.get("quant") is not None for d in deltas.values()) == 1 + 7 * 2  # the embedding and every projection of the 2 layers
     d = exact.decomposition
     out = artifact.save(tmp_path_factory.mktemp("q") / "artifact", deltas, d.index, d.report, d.artifact_dir)
     return DecomposedModel.from_pretrained(out)
@@ -129,12 +129,10 @@ def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
 
 @pytest.mark.parametrize("shape,bits,group,fused", [((48, 64), 3, 32, True), ((32, 256), 4, 64, True), ((16, 64), 4, 16, False), ((16, 64), 5, 32, False), ((10, 64), 3, 32, False)])
 def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, fused):
-    from hf_decompose.parts import QuantPart
-
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group)
     codes = codes_of(packed, shape)
-    part = QuantPart(codes, scales)
+    part = QuantPart.from_packed(packed, scales, shape).runtime(torch.zeros(shape), lambda: torch.zeros(shape))  # as a split module runs it
     x = torch.randn(3, 5, shape[1], generator=gen)
     assert part.fused(x) == fused
     assert set(part.state_dict()) == {"codes", "scales"}  # the packed copy is derived, never stored

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose, resume
-from hf_decompose.substructures import TensorDelta
+from hf_decompose.parts import DensePart, TensorDelta
 
 from .synthetic import perturb, save_pair
 
@@ -94,7 +94,7 @@ class _SigtermWhileSaving(TensorDelta):
 def test_sigterm_during_save_removes_the_temporary_directory(tmp_path):
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         pytest.skip("SIGTERM is handled by the test runner")
-    deltas = {"w": TensorDelta("w", (2, 2), dense=torch.ones(2, 2)), "x": _SigtermWhileSaving("x", (2,))}
+    deltas = {"w": TensorDelta("w", (2, 2), parts=[DensePart(torch.ones(2, 2))]), "x": _SigtermWhileSaving("x", (2,))}
     with pytest.raises(SystemExit), resume.sigterm_as_exit():
         artifact.save(tmp_path / "out", deltas, {"config": {}, "base_model": {"id": "b", "sha256": {}}}, {})
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

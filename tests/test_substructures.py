@@ -3,7 +3,8 @@
 import torch
 
 from hf_decompose.groups import Geometry, describe
-from hf_decompose.substructures import TensorDelta, extract, layer_components
+from hf_decompose.parts import TensorDelta
+from hf_decompose.substructures import extract, layer_components
 
 
 def _planted_blocks(seed=0):
@@ -26,10 +27,9 @@ def test_recovers_planted_blocks_under_permutation():
     values, truth = _planted_blocks()
     info = describe("model.layers.0.mlp.up_proj.weight", tuple(values.shape), "llama")
     delta = extract(info, values, values != 0)
-    found = [({int(r) for r in b.rows}, {int(c) for c in b.cols}) for b in delta.blocks]
-    if delta.sparse_indices is not None:  # a single entry is a 1x1 component, stored sparse
-        for r, c in delta.sparse_indices.t().tolist():
-            found.append(({r}, {c}))
+    found = [({int(r) for r in b.rows}, {int(c) for c in b.cols}) for b in delta.of("block")]
+    for sparse in delta.of("sparse"):  # a single entry is a 1x1 component, stored sparse
+        found += [({r}, {c}) for r, c in zip(sparse.rows.tolist(), sparse.cols.tolist())]
     assert sorted(map(str, found)) == sorted(map(str, truth))
     assert delta.num_substructures() == 4
     assert torch.equal(delta.to_dense(), values)
@@ -42,7 +42,7 @@ def test_sparse_components_and_state_round_trip():
     u, v = torch.randn(50, 2, generator=gen), torch.randn(2, 20, generator=gen)
     info = describe("model.layers.0.self_attn.q_proj.weight", (50, 20), "llama")
     delta = extract(info, values, mask, lowrank=(u, v), dense_block_density=1.01)
-    assert delta.blocks == [] and delta.sparse_values.numel() == int(mask.sum())
+    assert delta.of("block") == [] and delta.get("sparse").values.numel() == int(mask.sum())
     assert delta.rank == 2
     expected = torch.where(mask, values, torch.zeros(())) + u @ v
     torch.testing.assert_close(delta.to_dense(), expected)

@@ -1,0 +1,53 @@
+"""Low rank: supported singular directions, ``u @ v`` with the singular values folded into u."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Part, cast, expect, register_part
+
+
+@register_part
+class LowRankPart(Part):
+    """``u`` ``(out, r)`` and ``v`` ``(r, in)``, run as two skinny matmuls (never their product)."""
+
+    kind = "lowrank"
+    order = 50
+    fields = ("u", "v")
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor):
+        super().__init__((u.shape[0], v.shape[1]))
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
+
+    @property
+    def rank(self) -> int:
+        return int(self.u.shape[1])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"u": self.u, "v": self.v}
+
+    @classmethod
+    def from_state(cls, shape, tensors):
+        u, v = tensors["u"], tensors["v"]
+        if len(shape) != 2 or u.dim() != 2 or v.dim() != 2:
+            raise ValueError(f"low-rank factors {tuple(u.shape)} and {tuple(v.shape)} do not fit {tuple(shape)}")
+        part = cls(u, v)
+        part.shape = tuple(shape)
+        return part
+
+    def check(self) -> None:
+        expect(self.u, (self.shape[0], self.rank), values=True)
+        expect(self.v, (self.rank, self.shape[1]), values=True)
+
+    def num_substructures(self) -> int:
+        return self.rank  # each supported direction is its own substructure
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out += self.u.float() @ self.v.float()  # factors may be stored in bfloat16: multiply in float32
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:
+            return F.embedding(x, self.u) @ self.v
+        return F.linear(F.linear(x, cast(self.v, x.dtype)), cast(self.u, x.dtype))

@@ -1,0 +1,95 @@
+"""Low-bit codes: every entry of a matrix delta as a signed integer code times a bfloat16 group scale.
+
+Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry) with scales ``(out, in / group)``;
+held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of 32 to 256 columns (rows a
+multiple of 16) also get an int4-packed copy for PyTorch's fused dequantize-matmul kernel, which reads
+the packed codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
+stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. Other codes run that
+reference (a float32 matrix per call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..quantize import bits_of, codes_of, dequantize, pack
+from .base import Part, cast, expect, register_part
+
+
+@register_part
+class QuantPart(Part):
+    kind = "quant"
+    order = 60
+    fields = ("codes", "scales")
+    FUSED_GROUPS = (32, 64, 128, 256)
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int):
+        super().__init__(codes.shape)
+        self.bits = bits
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.group = codes.shape[-1] // max(scales.shape[-1], 1)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> QuantPart:
+        """From `quantize`'s packed codes and scales."""
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"quantized codes are {packed.dtype}, expected packed uint8")
+        if len(shape) != 2 or scales.dim() != 2 or scales.shape[1] == 0 or shape[1] % scales.shape[1]:
+            raise ValueError(f"quantization scales of shape {tuple(scales.shape)} do not divide {tuple(shape)}")
+        return cls(codes_of(packed, shape), scales, bits_of(packed, shape))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        qmax = 2 ** (self.bits - 1) - 1
+        unsigned = (self.codes > 0) if self.bits == 1 else self.codes.to(torch.int16) + qmax
+        return {"codes": pack(unsigned.to(torch.uint8).reshape(-1), self.bits), "scales": self.scales}
+
+    @classmethod
+    def from_state(cls, shape, tensors):
+        return cls.from_packed(tensors["codes"], tensors["scales"], shape)
+
+    def check(self) -> None:
+        expect(self.scales, (self.shape[0], self.scales.shape[1]), values=True)
+
+    def nbytes(self) -> int:
+        return math.ceil(self.codes.numel() * self.bits / 8) + self.scales.numel() * self.scales.element_size()
+
+    def num_params(self) -> int:
+        return self.codes.numel()
+
+    def add_to(self, out: torch.Tensor) -> None:
+        out += dequantize(self.codes, self.scales)
+
+    def mark(self, mask: torch.Tensor) -> None:
+        mask[...] = True
+
+    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor]) -> Part:
+        part = super().runtime(base, rest)
+        codes, scales = self.codes, self.scales
+        if codes.device.type == "cpu" and self.group in self.FUSED_GROUPS and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
+            step = scales.float().t().contiguous()  # (in / group, out, [scale, zero]): zero 0, codes offset by 8
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
+            part.register_buffer("packed", packed, persistent=False)
+            part.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
+        return part
+
+    def cost(self) -> int:
+        return self.codes.numel()
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` runs through the packed int4 kernel."""
+        return "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:
+            return dequantize(self.codes[x], self.scales[x])
+        if self.fused(x):
+            dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, cast(self.scale_zeros, dtype))
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        return F.linear(x, cast(dequantize(self.codes, self.scales), x.dtype))
