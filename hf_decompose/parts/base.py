@@ -36,6 +36,11 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def stored(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as the artifact stores it: indices fit int32 (shapes < 2^31), half the bytes of int64."""
+    return (t.int() if t.dtype == torch.int64 else t).contiguous()
+
+
 class Part(nn.Module):
     """One substructure of a tensor's delta, in the canonical ``(out, in)`` layout of `shape`.
 
@@ -89,8 +94,8 @@ class Part(nn.Module):
         raise NotImplementedError
 
     def nbytes(self) -> int:
-        """Bytes of the stored tensors."""
-        return sum(t.numel() * t.element_size() for t in self.state().values())
+        """Bytes of the stored tensors (see `stored`)."""
+        return sum(t.numel() * (4 if t.dtype == torch.int64 else t.element_size()) for t in self.state().values())
 
     def num_params(self) -> int:
         """Delta parameters this part stores (an entry it replaces counts where it is kept)."""

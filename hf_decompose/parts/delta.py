@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import PART_KINDS, Part
+from .base import PART_KINDS, Part, stored
 from .override import OverridePart
 
 
@@ -104,8 +104,7 @@ class TensorDelta:
                 i = index[p.kind] = index.get(p.kind, -1) + 1
             for f, t in p.state().items():
                 out[f"{self.name}.{p.key(f, i)}"] = t
-        # indices fit int32 (shapes < 2^31): half the bytes of int64 on disk
-        return {k: (v.int() if v.dtype == torch.int64 else v).contiguous() for k, v in out.items()}
+        return {k: stored(v) for k, v in out.items()}
 
     @classmethod
     def from_state(cls, name: str, shape: tuple[int, ...], transposed: bool, tensors) -> TensorDelta:
