@@ -29,7 +29,7 @@ class DecomposedModule(nn.Module):
             object.__setattr__(self, "ops", tied.ops)
             tied._followers.append(self)
         else:
-            self.ops = DeltaOps(delta, base.weight)
+            self.ops = DeltaOps(delta, base.weight, lookup=isinstance(base, nn.Embedding))
         self.execution = execution
         self.parallel = "auto"  # how split runs its parts: see `parts.set_parallel`
         object.__setattr__(self, "_tied", tied)  # a tied lm_head shares its embedding's merged weight
@@ -42,7 +42,7 @@ class DecomposedModule(nn.Module):
     def set_delta(self, delta: TensorDelta) -> None:
         """Swap in another delta (annealing tries several); tied heads follow."""
         device = self.base.weight.device
-        self.ops = DeltaOps(delta, self.base.weight).to(device if device.type != "meta" else "cpu")
+        self.ops = DeltaOps(delta, self.base.weight, lookup=isinstance(self.base, nn.Embedding)).to(device if device.type != "meta" else "cpu")
         object.__setattr__(self, "_merged", None)
         for follower in self._followers:
             object.__setattr__(follower, "ops", self.ops)

@@ -340,7 +340,7 @@ class MultiDecomposedModel(nn.Module):
     def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
         weight = attrs["weight"] if "weight" in attrs else TensorDelta("weight", tuple(owner.weight.shape))
         bias = attrs["bias"].merge(owner.bias.detach()) - owner.bias.detach().float() if "bias" in attrs else None
-        ops = DeltaOps(weight, owner.weight, bias)
+        ops = DeltaOps(weight, owner.weight, bias, lookup=isinstance(owner, nn.Embedding))
         ops.delta = None  # a fine-tune keeps its parts only: what only the `TensorDelta` holds is freed
         return ops
 

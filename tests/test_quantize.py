@@ -132,15 +132,19 @@ def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, f
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group)
     codes = codes_of(packed, shape)
-    part = QuantPart.from_packed(packed, scales, shape).runtime(torch.zeros(shape), lambda: torch.zeros(shape))  # as a split module runs it
+    stored = QuantPart.from_packed(packed, scales, shape)
+    part = stored.runtime(torch.zeros(shape), lambda: torch.zeros(shape))  # as a split linear module runs it
     x = torch.randn(3, 5, shape[1], generator=gen)
     assert part.fused(x) == fused
-    assert set(part.state_dict()) == {"codes", "scales"}  # the packed copy is derived, never stored
+    assert set(stored.state()) == {"codes", "scales"} and torch.equal(stored.state()["codes"], packed)  # the int4 copy is never stored
+    assert (part.codes is None) == fused  # run fused, a matrix holds the int4 copy alone
     reference = x @ dequantize(codes, scales).t()
     y = part(x)
     assert y.shape == reference.shape and y.dtype == x.dtype
     if fused:  # bfloat16 products: within its rounding of the reference
         torch.testing.assert_close(y, reference, rtol=0, atol=8e-3 * float(reference.abs().max()))
         torch.testing.assert_close(part(x.bfloat16()).float(), reference, rtol=0, atol=1e-2 * float(reference.abs().max()))
+        part.fused = lambda x: False  # where the kernel cannot run (another device), the codes come back from the int4 copy
+        torch.testing.assert_close(part(x), reference)
     else:
         torch.testing.assert_close(y, reference)

@@ -113,10 +113,10 @@ class Part(nn.Module):
         """Set the entries this part touches in `mask` (entry-level parts; low rank touches none)."""
 
     # -- execution -----------------------------------------------------------------------------
-    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor]) -> Part:
+    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor], lookup: bool = False) -> Part:
         """The module that runs this part beside the base `base` (canonical layout; `rest()` is the
-        dense sum of the additive parts): its own view of the same tensors, so that moving it (Accelerate
-        placement) leaves the stored delta where it is."""
+        dense sum of the additive parts; `lookup`: the module is an embedding, its rows are looked up): its
+        own view of the same tensors, so that moving it (Accelerate placement) leaves the stored delta where it is."""
         return copy.deepcopy(self, memo={id(t): t for t in self._buffers.values() if t is not None})
 
     def cost(self) -> int:

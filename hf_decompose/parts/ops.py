@@ -27,9 +27,10 @@ THREAD_MIN_MACS = 1 << 24  # a CPU piece worth a thread hand-off (about a millis
 
 
 class DeltaOps(nn.Module):
-    """The run-time parts of one matrix delta (views of the `TensorDelta`'s tensors), plus a bias delta."""
+    """The run-time parts of one matrix delta (views of the `TensorDelta`'s tensors), plus a bias delta;
+    `lookup`: the matrix is an embedding's (its rows are looked up too)."""
 
-    def __init__(self, delta: TensorDelta, base_weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, delta: TensorDelta, base_weight: torch.Tensor, bias: torch.Tensor | None = None, lookup: bool = False):
         super().__init__()
         self.delta: TensorDelta | None = delta  # None once only the parts are kept
         canonical = base_weight.t() if delta.transposed else base_weight
@@ -46,7 +47,7 @@ class DeltaOps(nn.Module):
             if part.numbered:
                 count[name] = count.get(name, -1) + 1
                 name = f"{name}{count[name]}"
-            self.add_module(name, part.runtime(canonical, rest))
+            self.add_module(name, part.runtime(canonical, rest, lookup))
         if bias is not None:
             self.add_module("bias", VectorPart(bias))
 

@@ -73,7 +73,7 @@ class OverridePart(Part):
         else:
             mask[tuple(self.indices.t())] = True
 
-    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor]) -> Part:
+    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor], lookup: bool = False) -> Part:
         """The correction on top of the base and the other parts: dense for a whole tensor, else sparse entries."""
         base = base.detach().float().cpu()
         if self.indices is None:

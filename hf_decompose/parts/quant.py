@@ -2,10 +2,11 @@
 
 Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry) with scales ``(out, in / group)``;
 held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of 32 to 256 columns (rows a
-multiple of 16) also get an int4-packed copy for PyTorch's fused dequantize-matmul kernel, which reads
+multiple of 16) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
 the packed codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
-stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. Other codes run that
-reference (a float32 matrix per call).
+stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is then all the
+run-time part holds (half a byte per entry; an embedding also keeps its int8 codes for looking rows up).
+Other codes run that reference (a float32 matrix per call).
 """
 
 from __future__ import annotations
@@ -67,18 +68,30 @@ class QuantPart(Part):
     def mark(self, mask: torch.Tensor) -> None:
         mask[...] = True
 
-    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor]) -> Part:
-        part = super().runtime(base, rest)
+    def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor], lookup: bool = False) -> Part:
+        part = super().runtime(base, rest, lookup)
         codes, scales = self.codes, self.scales
         if codes.device.type == "cpu" and self.group in self.FUSED_GROUPS and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
             step = scales.float().t().contiguous()  # (in / group, out, [scale, zero]): zero 0, codes offset by 8
             packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
             part.register_buffer("packed", packed, persistent=False)
             part.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
+            if not lookup:
+                part.codes = None  # the packed copy is all a matrix's forward reads
         return part
 
+    def _apply(self, fn, recurse=True):
+        """Moved to another device, the int4 copy (a CPU kernel's layout) gives way to the int8 codes it holds
+        (to the meta device, as Accelerate offloads, it stays: it comes back with the weights)."""
+        super()._apply(fn, recurse)
+        if "packed" in self._buffers and self.packed.device.type not in ("cpu", "meta"):
+            if self.codes is None:
+                self.codes = _int4_codes(self.packed.cpu(), self.group, self.shape).to(self.packed.device)
+            del self._buffers["packed"], self._buffers["scale_zeros"]
+        return self
+
     def cost(self) -> int:
-        return self.codes.numel()
+        return math.prod(self.shape)
 
     def fused(self, x: torch.Tensor) -> bool:
         """Whether ``x`` runs through the packed int4 kernel."""
@@ -92,4 +105,14 @@ class QuantPart(Part):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, cast(self.scale_zeros, dtype))
             return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
-        return F.linear(x, cast(dequantize(self.codes, self.scales), x.dtype))
+        codes = self.codes if self.codes is not None else _int4_codes(self.packed.cpu(), self.group, self.shape).to(x.device)
+        return F.linear(x, cast(dequantize(codes, self.scales), x.dtype))
+
+
+def _int4_codes(packed: torch.Tensor, group: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The int8 codes ``(out, in)`` an int4-packed CPU copy holds: the fused kernel run on the identity with unit
+    scales (small integers, exact in bfloat16)."""
+    n_out, n_in = shape
+    unit = torch.stack([torch.ones(n_in // group, n_out), torch.zeros(n_in // group, n_out)], -1).bfloat16()
+    eye = torch.eye(n_in, dtype=torch.bfloat16)
+    return torch._weight_int4pack_mm_for_cpu(eye, packed, group, unit).t().round().to(torch.int8).contiguous()
