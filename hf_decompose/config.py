@@ -39,8 +39,8 @@ ANNEALING: dict[str, Any] = {
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
-    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1"],
-    "schedule": "ladder",
+    "levels": ["int6", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1", "lr0.5"],
+    "schedule": "knapsack",
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
@@ -110,9 +110,9 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``"floor"`` (no more flips expected above ``tie_tolerance`` and no higher mean KL than
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
-            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``, the default: one temperature by bisection,
-            then each layer heated in model order; ``"knapsack"``: bits allocated per layer from
-            measured sensitivity, `hf_decompose.allocation`, for the tie / identical / floor targets), ``levels`` (the temperature: `Level` specs such as
+            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"knapsack"``, the default: a level per matrix from
+            its measured gap sensitivity, `hf_decompose.allocation`, for the tie / identical / floor
+            targets; ``"ladder"``: one temperature by bisection, then each layer heated in model order), ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
