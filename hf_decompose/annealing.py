@@ -411,6 +411,7 @@ def _knapsack(names: list[str], specs: list[str], delta_at, put, cands: dict, mo
     sensitivity = gap_sensitivity(model, calib, weighers, changes, draws)
     floor = judge["floor"]  # the gap change the guard's bound allows: flips = positions x f0 x s / sqrt(2 pi)
     bound = floor.expected_flips if floor is not None else judge["max_flips"]
+    stat = "expected_flips" if judge["target"] == "identical" else "expected_flips_above_tolerance"
     f0 = 0.1 / max(float(calib.margin.flatten().quantile(0.1)), 1e-6)
     allowed = (bound * math.sqrt(2 * math.pi) / (positions * f0)) ** 2
     damages = []
@@ -420,7 +421,9 @@ def _knapsack(names: list[str], specs: list[str], delta_at, put, cands: dict, mo
     trace.append({"layer": "*", "level": "sensitivity", "accepted": None, "probe": True, "draws": draws,
                   "predicted_gap_rms_at_probes": math.sqrt(sum(sensitivity.values())), "allowed_gap_rms": math.sqrt(allowed)})
     accepted, lo, hi, scale = None, 0.0, None, 1.0
-    for _ in range(tries):  # the largest budget the guard accepts: grow x4 until a failure, then bisect
+    for _ in range(tries):  # the largest budget the guard accepts: grow until a failure, then bisect
+        if hi is not None and lo > 0 and hi / lo < 1.2:  # within 20%: a few bytes left to win
+            break
         choice = solve(costs, damages, scale)
         put({n: delta_at(n, option[j]) for n, j in zip(names, choice)})
         ok = not any(choice)  # all exact: nothing to judge
@@ -430,7 +433,9 @@ def _knapsack(names: list[str], specs: list[str], delta_at, put, cands: dict, mo
             bar.set_postfix(budget=f"x{scale:.3g}", flips=f"{stats['expected_flips_above_tolerance']:.2f}", accepted=ok)
         if ok:
             accepted, lo = choice, scale
-            scale = scale * 4 if hi is None else (lo * hi) ** 0.5
+            # flips grow with the gap change, i.e. with the square root of the budget: step toward the bound
+            flips = stats[stat] if any(choice) else 0.0
+            scale = scale * min(16.0, max(1.5, (bound / flips) ** 2 if flips > 0 else 16.0)) if hi is None else (lo * hi) ** 0.5
         else:
             hi = scale
             scale = (lo * hi) ** 0.5 if lo > 0 else scale / 4
