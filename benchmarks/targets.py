@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default=None)
     parser.add_argument("--targets", default="tie,floor")
-    parser.add_argument("--schedule", default="knapsack")
+    parser.add_argument("--schedule", default=DecomposedConfig().annealing["schedule"])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
     pair = prepare_default_pair(recipe=args.recipe)

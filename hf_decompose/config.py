@@ -40,7 +40,7 @@ ANNEALING: dict[str, Any] = {
     "expected_flips": 0.5,
     "positions": 2048,
     "levels": ["int6", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1", "lr0.5"],
-    "schedule": "knapsack",
+    "schedule": "ladder",
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
@@ -110,9 +110,10 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``"floor"`` (no more flips expected above ``tie_tolerance`` and no higher mean KL than
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
-            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"knapsack"``, the default: a level per matrix from
-            its measured gap sensitivity, `hf_decompose.allocation`, for the tie / identical / floor
-            targets; ``"ladder"``: one temperature by bisection, then each layer heated in model order), ``levels`` (the temperature: `Level` specs such as
+            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``, the default: one temperature by bisection,
+            then each layer heated in model order; ``"knapsack"``: a level per matrix from its
+            measured gap sensitivity, `hf_decompose.allocation`, for the tie / identical / floor
+            targets), ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
