@@ -39,7 +39,7 @@ ANNEALING: dict[str, Any] = {
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
-    "levels": ["int6", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1", "lr0.5"],
+    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1"],
     "schedule": "ladder",
     "calibration_prompts": 32,
     "calibration_tokens": 32,
