@@ -5,6 +5,7 @@ verify on its 32 held-out prompts x 64 tokens (exact / tie-equivalent / vLLM-clo
 record stored bytes, bits per delta parameter, the fraction of the float32 delta and the time.
 Reads the pair's noise floor from results/noise_floor_<pair>.json when present (benchmarks/noise_floor.py).
     flock /tmp/hf_decompose_bench.lock python benchmarks/targets.py [--recipe recipes/long_wd_pair.yaml] [--targets tie,floor]
+        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5]
 """
 
 import argparse
@@ -29,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default=None)
     parser.add_argument("--targets", default="tie,floor")
-    parser.add_argument("--schedule", default="knapsack")
+    parser.add_argument("--schedule", default=DecomposedConfig().annealing["schedule"])
+    parser.add_argument("--levels", default=None, help="comma-separated annealing levels (default: the config's)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
     pair = prepare_default_pair(recipe=args.recipe)
@@ -43,7 +45,8 @@ def main() -> None:
     rows = json.loads(out_file.read_text())["rows"] if out_file.is_file() else {}
     for target in args.targets.split(","):
         t0, load0 = time.perf_counter(), os.getloadavg()
-        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule})
+        levels = {"levels": args.levels.split(",")} if args.levels else {}
+        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, **levels})
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
         eq = verify_equivalence(reference, model, tokenizer, pair.eval_prompts, args.max_new_tokens, reference_tokens=ref_tokens, progress=False)
         model.report["equivalence"] = eq.to_dict()
@@ -52,7 +55,7 @@ def main() -> None:
         report = model.report
         stored = report["size_bytes"]["artifact"]
         rows[f"{target}/{args.schedule}"] = {
-            "target": target, "schedule": args.schedule, "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
+            "target": target, "schedule": args.schedule, "levels_tried": config.annealing["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
             "bits_per_param": bits_per_param(stored, report["delta_params"]), "finetuned_over_artifact": report["size_bytes"]["finetuned"] / stored,
             "identical": eq.identical, "tie_equivalent": round(eq.tie_equivalent_rate * eq.num_prompts), "vllm_close": round(eq.logprobs_close_rate * eq.num_prompts),
             "mean_kl": eq.mean_kl, "divergence_margins": eq.divergence_margins, "annealing_s": report["annealing"]["seconds"],

@@ -43,14 +43,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .config import DecomposedConfig, Level
-from .allocation import solve, weighted_error
+from .allocation import gap_sensitivity, solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, load_prompts
 from .errors import ConfigError, PromptError
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import quantize
-from .parts import LowRankPart, QuantPart, TensorDelta
+from .parts import FullQuantPart, LowRankPart, QuantPart, TensorDelta
 
 
 @dataclass
@@ -315,15 +315,17 @@ def anneal(
     for n in names:
         layers[_layer_of(module_names[n])].append(n)
     order = sorted(layers, key=_layer_key)
-    level_of: dict[str, int | None] = dict.fromkeys(order)
+    made: dict[tuple[str, int], TensorDelta] = {}  # each matrix's delta per level, built once
 
-    made: dict[tuple[str, int | None], dict[str, TensorDelta]] = {}  # each layer's deltas per level, built once
+    def delta_at(name: str, level: int | None) -> TensorDelta:
+        if level is None:
+            return cands[name].full
+        if (name, level) not in made:
+            made[name, level] = _level_delta(cands[name], levels[level])
+        return made[name, level]
 
-    def install(layer: str, level: int | None) -> dict[str, TensorDelta]:
-        if (layer, level) not in made:
-            made[layer, level] = {n: cands[n].full if level is None else _level_delta(cands[n], levels[level]) for n in layers[layer]}
-        _install(model, made[layer, level], module_names)
-        return made[layer, level]
+    def install(layer: str, level: int | None) -> None:
+        _install(model, {n: delta_at(n, level) for n in layers[layer]}, module_names)
 
     def check(label: str, level: int) -> bool:
         ok, stats = guard(model, calib, **judge)
@@ -332,21 +334,30 @@ def anneal(
         return ok
 
     trace: list[dict] = []
-    with tqdm(total=len(order), desc="annealing", unit="layer", disable=not progress) as bar:
-        if opts["schedule"] == "knapsack" and target in ("tie", "identical", "floor"):
-            level_of.update(_knapsack(order, specs, install, cands, layers, model, calib, judge, trace, bar))
+    knapsack = opts["schedule"] == "knapsack" and target in ("tie", "identical", "floor")
+    with tqdm(total=len(names) if knapsack else len(order), desc="annealing", unit="matrix" if knapsack else "layer", disable=not progress) as bar:
+        if knapsack:
+            weighers = {n: model.get_submodule(gram_names[n]) for n in names}
+            put = lambda chosen: _install(model, chosen, module_names)  # noqa: E731
+            choice = _knapsack(names, specs, delta_at, put, cands, model, weighers, calib, judge, trace, bar, opts["positions"])
         else:
-            level_of.update(_ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar))
+            level_of = _ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar)
+            choice = {n: level_of[layer] for layer in order for n in layers[layer]}
     kept = dict(deltas)
     per_layer = []
     for layer in order:
-        chosen = install(layer, level_of[layer])
+        chosen = {n: delta_at(n, choice[n]) for n in layers[layer]}
+        _install(model, chosen, module_names)
         kept.update(chosen)
-        per_layer.append({"layer": layer, "level": None if level_of[layer] is None else specs[level_of[layer]],
+        picks = [choice[n] for n in layers[layer]]
+        common = max(picks, key=picks.count)  # the layer's most common level (the figure's mark)
+        per_layer.append({"layer": layer, "level": None if common is None else specs[common],
+                          "matrix_levels": {n: None if choice[n] is None else specs[choice[n]] for n in layers[layer]},
                           "kept_params": sum(d.num_params() for d in chosen.values()),
                           "bytes": sum(d.nbytes() for d in chosen.values()),
                           "delta_params": sum(math.prod(d.shape) for d in chosen.values()),
                           "ranks": {n: chosen[n].rank for n in layers[layer]}})
+    del made
     precision = _anneal_precision(model, kept, module_names, calib, judge) if opts["precision"] else {"dtype": "float32", "accepted": False}
     return kept, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "ladder": specs, "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
                   "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
@@ -380,52 +391,56 @@ def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar
     return level_of
 
 
-def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: dict, model, calib: Calibration, judge: dict,
-              trace: list[dict], bar, tries: int = 8) -> dict[str, int | None]:
-    """Sensitivity-driven allocation (`allocation`): probe each layer alone at its most damaging
-    level, scale to every level by the weighted output error, solve the knapsack for a damage
-    budget, and bisect the budget against the guard (the largest accepted budget is kept)."""
+def _knapsack(names: list[str], specs: list[str], delta_at, put, cands: dict, model, weighers: dict[str, nn.Module], calib: Calibration,
+              judge: dict, trace: list[dict], bar, positions: int, draws: int = 8, tries: int = 8) -> dict[str, int | None]:
+    """Sensitivity-driven allocation per matrix (`allocation`): every matrix at every level (bytes and
+    calibration-weighted output error), its gap sensitivity measured once at its most damaging level
+    (`gap_sensitivity`), the knapsack solved for a budget of predicted gap variance, and the budget
+    bisected against the guard (the largest accepted budget is kept)."""
     n_levels = len(specs)
-    option: list[int | None] = [None, *range(n_levels)]  # option j of every layer: exact, then each level
+    option: list[int | None] = [None, *range(n_levels)]  # option j of every matrix: exact, then each level
     costs, errors = [], []
-    for layer in order:  # bytes and calibration-weighted output error of every level
-        full = {n: cands[n].full.to_dense() for n in layers[layer]}
-        per_level = [install(layer, k) for k in range(n_levels)]
-        costs.append([float(sum(cands[n].full.nbytes() for n in layers[layer]))] + [float(sum(d.nbytes() for d in m.values())) for m in per_level])
-        errors.append([0.0] + [sum(weighted_error(full[n] - m[n].to_dense(), cands[n].gram) for n in m) for m in per_level])
-        install(layer, None)
-    floor = judge["floor"]
-    damages = []
-    for i, layer in enumerate(order):  # each layer alone at its most damaging level
+    for n in names:  # bytes and calibration-weighted output error of every level
+        full = cands[n].full.to_dense()
+        per_level = [delta_at(n, k) for k in range(n_levels)]
+        costs.append([float(cands[n].full.nbytes())] + [float(d.nbytes()) for d in per_level])
+        errors.append([0.0] + [weighted_error(full - d.to_dense(), cands[n].gram) for d in per_level])
         bar.update(1)
-        probe = max(range(n_levels), key=lambda k: errors[i][k + 1])
-        install(layer, probe)
-        _, stats = guard(model, calib, **judge)
-        install(layer, None)
-        trace.append({"layer": layer, "level": specs[probe], "accepted": None, "probe": True, **stats})
-        worst = errors[i][probe + 1]
-        if floor is None:  # flips scale with the RMS gap change: their squares add
-            unit = [stats["expected_flips"] ** 2 / judge["max_flips"] ** 2]
-        else:
-            unit = [stats["expected_flips"] ** 2 / max(floor.expected_flips, 1e-12) ** 2 + stats["mean_kl"] / max(floor.mean_kl, 1e-30)]
-        damages.append([unit[0] * e / worst if worst > 0 else 0.0 for e in errors[i]])
+    probe = {n: max(range(n_levels), key=lambda k, i=i: errors[i][k + 1]) for i, n in enumerate(names)}
+    changes = {n: (lambda n=n: cands[n].full.to_dense() - delta_at(n, probe[n]).to_dense()) for n in names}
+    sensitivity = gap_sensitivity(model, calib, weighers, changes, draws)
+    floor = judge["floor"]  # the gap change the guard's bound allows: flips = positions x f0 x s / sqrt(2 pi)
+    bound = floor.expected_flips if floor is not None else judge["max_flips"]
+    stat = "expected_flips" if judge["target"] == "identical" else "expected_flips_above_tolerance"
+    f0 = 0.1 / max(float(calib.margin.flatten().quantile(0.1)), 1e-6)
+    allowed = (bound * math.sqrt(2 * math.pi) / (positions * f0)) ** 2
+    damages = []
+    for i, n in enumerate(names):
+        worst = errors[i][probe[n] + 1]
+        damages.append([sensitivity[n] * e / worst / allowed if worst > 0 else 0.0 for e in errors[i]])
+    trace.append({"layer": "*", "level": "sensitivity", "accepted": None, "probe": True, "draws": draws,
+                  "predicted_gap_rms_at_probes": math.sqrt(sum(sensitivity.values())), "allowed_gap_rms": math.sqrt(allowed)})
     accepted, lo, hi, scale = None, 0.0, None, 1.0
-    for _ in range(tries):  # the largest budget the guard accepts: grow x4 until a failure, then bisect
+    for _ in range(tries):  # the largest budget the guard accepts: grow until a failure, then bisect
+        if hi is not None and lo > 0 and hi / lo < 1.2:  # within 20%: a few bytes left to win
+            break
         choice = solve(costs, damages, scale)
-        for layer, j in zip(order, choice):
-            install(layer, option[j])
+        put({n: delta_at(n, option[j]) for n, j in zip(names, choice)})
         ok = not any(choice)  # all exact: nothing to judge
         if not ok:
             ok, stats = guard(model, calib, **judge)
             trace.append({"layer": "*", "level": f"budget x{scale:.3g}", "accepted": ok, "bytes": sum(c[j] for c, j in zip(costs, choice)), **stats})
+            bar.set_postfix(budget=f"x{scale:.3g}", flips=f"{stats['expected_flips_above_tolerance']:.2f}", accepted=ok)
         if ok:
             accepted, lo = choice, scale
-            scale = scale * 4 if hi is None else (lo * hi) ** 0.5
+            # flips grow with the gap change, i.e. with the square root of the budget: step toward the bound
+            flips = stats[stat] if any(choice) else 0.0
+            scale = scale * min(16.0, max(1.5, (bound / flips) ** 2 if flips > 0 else 16.0)) if hi is None else (lo * hi) ** 0.5
         else:
             hi = scale
             scale = (lo * hi) ** 0.5 if lo > 0 else scale / 4
-    choice = accepted or [0] * len(order)
-    return {layer: option[j] for layer, j in zip(order, choice)}
+    choice = accepted or [0] * len(names)
+    return {n: option[j] for n, j in zip(names, choice)}
 
 
 def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, judge: dict) -> dict:
@@ -459,8 +474,10 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
     u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
     residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
-    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None)
-    parts = [QuantPart.from_packed(codes, scales, full.shape)] + ([] if u is None else [LowRankPart(u, v)])
+    grid = c.config.annealing["grid"] if level.bits > 1 else "signed"  # one bit is the same on both grids
+    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None, grid=grid)
+    kind = FullQuantPart if grid == "full" else QuantPart
+    parts = [kind.from_packed(codes, scales, full.shape)] + ([] if u is None else [LowRankPart(u, v)])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)
     return delta if delta.nbytes() < full.nbytes() else full
 

@@ -13,7 +13,7 @@ import yaml
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ConfigError
-from .quantize import BITS
+from .quantize import BITS, GRIDS
 
 NOT_SAVED = {"saved": False}  # field metadata: run-time inputs, never written to a config or an artifact
 HUB_OPTIONS = ("token", "cache_dir", "local_files_only")
@@ -47,6 +47,7 @@ ANNEALING: dict[str, Any] = {
     "precision": True,
     "keep_supported": False,
     "error_feedback": True,
+    "grid": "full",
 }
 
 
@@ -110,12 +111,15 @@ class DecomposedConfig(QuantizationConfigMixin):
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
             >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``, the default: one temperature by bisection,
-            then each layer heated in model order; ``"knapsack"``: bits allocated per layer from
-            measured sensitivity, `hf_decompose.allocation`, for the tie / identical / floor targets), ``levels`` (the temperature: `Level` specs such as
+            then each layer heated in model order; ``"knapsack"``: a level per matrix from its
+            measured gap sensitivity, `hf_decompose.allocation`, for the tie / identical / floor
+            targets), ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
-            ``error_feedback`` (round with the calibration Gram's compensation, GPTQ-style).
+            ``error_feedback`` (round with the calibration Gram's compensation, GPTQ-style), ``grid``
+            (``"full"``: codes of 2 bits and more use all their levels, `hf_decompose.quantize`;
+            ``"signed"``: the symmetric grid with a zero of earlier artifacts).
         calibration: ``mode="anneal"``: the prompts the guard runs on (a list of strings, a prompts
             file, or a `datasets.Dataset`; keep them disjoint from evaluation prompts); None uses the
             built-in default set (`DEFAULT_CALIBRATION`) and the report says so. Not saved.
@@ -181,6 +185,8 @@ class DecomposedConfig(QuantizationConfigMixin):
         a = self.annealing
         if a["target"] not in TARGETS:
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
+        if a["grid"] not in GRIDS:
+            raise ConfigError(f"annealing.grid={a['grid']!r} is not one of {GRIDS}")
         if a["schedule"] not in SCHEDULES:
             raise ConfigError(f"annealing.schedule={a['schedule']!r} is not one of {SCHEDULES}")
         if not isinstance(a["levels"], list) or not a["levels"]:

@@ -1,11 +1,20 @@
 """Low-bit storage of a delta: symmetric integer codes with one bfloat16 scale per row group.
 
 A matrix ``(out, in)`` is cut into groups of `group` input columns (``group=0``: whole rows); each
-group's values are divided by ``absmax / qmax`` (``qmax = 2^(bits-1) - 1``) and rounded to the
-nearest integer, so the error is unbiased and at most half a step. Codes are stored offset by
-``qmax`` (unsigned) and bit-packed: ``bits`` bits per value, little-endian, in one uint8 stream.
-One bit (BitDelta's sign codes) stores ``sign(x)`` as 0 / 1 with the group's mean ``|x|`` as its
-scale (the least-squares scale of sign codes); zero rounds to +1.
+group's values are divided by its scale and rounded to the nearest code of a grid, so the error is
+at most half a step. Two grids:
+
+- ``signed`` (the first format): the integers ``-qmax..qmax`` (``qmax = 2^(bits-1) - 1``) with
+  scale ``absmax / qmax``; it leaves one of the ``2^bits`` codes unused, which at 2 bits is a
+  quarter of them (3 levels: -1, 0, 1).
+- ``full``: every code used, the odd integers ``-(2^bits - 1)..2^bits - 1`` (2 bits: -3, -1, 1, 3),
+  with the scale (half a step) whose rounding error is smallest among clipped absmax candidates
+  (outliers clipped where that lowers the group's error, as GPTQ's and AWQ's clip searches do).
+
+Codes are stored offset to unsigned (``c + qmax``, or ``(c + 2^bits - 1) / 2``) and bit-packed:
+``bits`` bits per value, little-endian, in one uint8 stream. One bit is the same in both grids
+(BitDelta's sign codes): ``sign(x)`` as 0 / 1 with the group's mean ``|x|`` as its scale (the
+least-squares scale of sign codes); zero rounds to +1.
 
 With the Gram ``H = X^T X`` of the matrix's inputs, columns are rounded one at a time and each
 column's rounding error is pushed onto the columns not yet rounded through ``H^-1`` (optimal brain
@@ -20,6 +29,8 @@ import numpy as np
 import torch
 
 BITS = (1, 2, 3, 4, 5, 6, 8)
+GRIDS = ("signed", "full")
+CLIPS = tuple(1.0 - 0.05 * i for i in range(12))  # the clipped absmax candidates of the full grid's scale search
 
 
 def group_size(shape: tuple[int, ...], group: int) -> int:
@@ -27,37 +38,64 @@ def group_size(shape: tuple[int, ...], group: int) -> int:
     return group if group and shape[-1] % group == 0 else shape[-1]
 
 
-def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed codes, scales ``(out, in / group)`` in bfloat16) of a canonical ``(out, in)`` tensor;
-    with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come."""
+def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None, grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, scales ``(out, in / group)`` in bfloat16) of a canonical ``(out, in)`` tensor
+    on `grid`; with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is not one of {GRIDS}")
     out, n_in = values.shape
     g = group_size(values.shape, group)
-    qmax = 2 ** (bits - 1) - 1
+    grid_ = _Grid(bits, grid)
     if gram is not None:
-        codes, scales = _error_feedback(values.float(), gram, qmax, g)
+        codes, scales = _error_feedback(values.float(), gram, grid_, g)
     else:
         x = values.float().reshape(out, n_in // g, g)
-        scales = _scales(x, qmax)
-        codes = _round(x, scales.float(), qmax).reshape(out, n_in)
-    unsigned = (codes > 0) if bits == 1 else codes + qmax
-    return pack(unsigned.to(torch.uint8).reshape(-1), bits), scales.reshape(out, n_in // g).contiguous()
+        scales = grid_.scales(x)
+        codes = grid_.round(x, scales.float()).reshape(out, n_in)
+    return pack(grid_.unsigned(codes).reshape(-1), bits), scales.reshape(out, n_in // g).contiguous()
 
 
-def _scales(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    if qmax == 0:  # one bit: sign codes, the mean magnitude as scale
-        return x.abs().mean(-1, keepdim=True).bfloat16()
-    return (x.abs().amax(-1, keepdim=True) / qmax).bfloat16()
+class _Grid:
+    """The codes of `bits` bits on a grid: rounding, scales, and the unsigned stored form."""
+
+    def __init__(self, bits: int, grid: str):
+        self.bits, self.full = bits, grid == "full" or bits == 1
+        self.qmax = 2**bits - 1 if self.full else 2 ** (bits - 1) - 1  # the largest code
+
+    def round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.bits == 1:
+            return torch.where(x >= 0, 1.0, -1.0)
+        y = torch.where(scale > 0, x / scale.clamp_min(1e-38), torch.zeros_like(x))
+        if self.full:  # the nearest odd integer
+            return (2 * torch.floor(y / 2) + 1).clamp_(-self.qmax, self.qmax)
+        return y.round_().clamp_(-self.qmax, self.qmax)
+
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """Per group (last dim) of `x`: the mean magnitude (one bit), absmax / qmax (signed), or
+        the clipped absmax / qmax of smallest rounding error (full)."""
+        if self.bits == 1:
+            return x.abs().mean(-1, keepdim=True).bfloat16()
+        amax = x.abs().amax(-1, keepdim=True)
+        if not self.full:
+            return (amax / self.qmax).bfloat16()
+        best, best_err = None, None
+        for clip in CLIPS:
+            scale = (amax * clip / self.qmax).bfloat16()
+            err = (self.round(x, scale.float()) * scale.float() - x).square().sum(-1, keepdim=True)
+            if best is None:
+                best, best_err = scale, err
+            else:
+                better = err < best_err
+                best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+        return best
+
+    def unsigned(self, codes: torch.Tensor) -> torch.Tensor:
+        return ((codes + self.qmax) / 2 if self.full else codes + self.qmax).to(torch.uint8)
 
 
-def _round(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
-    if qmax == 0:
-        return torch.where(x >= 0, 1.0, -1.0)
-    return torch.where(step > 0, x / step.clamp_min(1e-38), torch.zeros_like(x)).round_().clamp_(-qmax, qmax)
-
-
-def _error_feedback(w: torch.Tensor, gram: torch.Tensor, qmax: int, g: int, damping: float = 1e-2, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def _error_feedback(w: torch.Tensor, gram: torch.Tensor, grid: _Grid, g: int, damping: float = 1e-2, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1."""
     out, n_in = w.shape
     h = gram.double().clone()
@@ -77,9 +115,9 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, qmax: int, g: int, damp
             col = i1 + i
             if col % g == 0:  # a group's scale from its (already compensated) values
                 span = w1[:, i : i + g] if g <= i2 - i1 - i else torch.cat([w1[:, i:], w[:, i2 : col + g]], 1)
-                scales[:, col // g] = _scales(span, qmax)[:, 0]
+                scales[:, col // g] = grid.scales(span)[:, 0]
             step = scales[:, col // g].float()
-            q = _round(w1[:, i], step, qmax)
+            q = grid.round(w1[:, i], step)
             codes[:, col] = q
             err1[:, i] = (w1[:, i] - q * step) / h1[i, i]
             w1[:, i:] -= err1[:, i : i + 1] * h1[i : i + 1, i:]
@@ -87,12 +125,12 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, qmax: int, g: int, damp
     return codes, scales
 
 
-def codes_of(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Signed int8 codes ``(out, in)`` of a packed tensor."""
+def codes_of(packed: torch.Tensor, shape: tuple[int, ...], grid: str = "signed") -> torch.Tensor:
+    """Signed codes ``(out, in)`` of a packed tensor on `grid` (int8; int16 for 8 bits on the full grid)."""
     bits = bits_of(packed, shape)
     unsigned = unpack(packed, bits, math.prod(shape)).to(torch.int16)
-    codes = 2 * unsigned - 1 if bits == 1 else unsigned - (2 ** (bits - 1) - 1)
-    return codes.to(torch.int8).reshape(shape)
+    codes = 2 * unsigned - (2**bits - 1) if grid == "full" or bits == 1 else unsigned - (2 ** (bits - 1) - 1)
+    return codes.to(torch.int16 if (grid == "full" and bits == 8) else torch.int8).reshape(shape)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

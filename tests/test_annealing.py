@@ -123,7 +123,7 @@ def test_default_ladder_stores_fewer_bytes_and_keeps_calibration_exact(tiny_pair
     report, annealing = model.report, model.report["annealing"]
     assert [layer for layer in annealing["levels"] if layer["level"] is not None]
     assert report["stored_fraction"] < 1.0 and report["size_bytes"]["artifact"] < 4 * report["delta_params"]
-    assert any(d.get("quant") is not None for d in model.deltas.values())
+    assert any(d.get("quant") is not None or d.get("quantfull") is not None for d in model.deltas.values())
     ok, stats = guard(model, exact[2], positions=128)
     assert ok, stats  # what the guard accepted on calibration still holds
     loaded = type(model).from_pretrained(model.save_pretrained(tmp_path / "annealed"))
@@ -214,3 +214,39 @@ def test_knapsack_spends_damage_where_it_buys_most_bytes():
     x = torch.randn(50, 5, generator=gen)
     assert weighted_error(e, x.t() @ x) == pytest.approx(float((x @ e.t()).square().sum()), rel=1e-6)
     assert weighted_error(e, None) == pytest.approx(float(e.square().sum()), rel=1e-6)
+
+
+def test_gap_sensitivity_predicts_the_gap_change_of_a_small_change(exact):
+    """First order: the measured mean square change of the reference top-1/top-2 gaps that a small
+    change of one matrix causes is what `gap_sensitivity` predicts (Hutchinson over 64 draws)."""
+    from hf_decompose.allocation import gap_sensitivity
+    from hf_decompose.annealing import continuation_logits
+
+    model, _, calib = exact
+    module = _module(model, "layers.1.self_attn.o_proj")
+    full = module.delta
+    change = torch.randn(full.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    predicted = gap_sensitivity(model, calib, {"o": module}, {"o": lambda: change}, draws=64)["o"]
+
+    def gaps(logits):
+        return logits.gather(-1, calib.top1[..., None])[..., 0] - logits.gather(-1, calib.second[..., None])[..., 0]
+
+    before = gaps(continuation_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, 8))
+    module.set_delta(type(full)(full.name, full.shape, full.transposed, [DensePart(full.to_dense() + change)]))
+    after = gaps(continuation_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, 8))
+    module.set_delta(full)
+    measured = float((after - before).square().mean())
+    assert measured > 0 and 0.5 < predicted / measured < 2.0
+
+
+def test_knapsack_allocates_per_matrix_and_the_guard_holds(tiny_pair, exact):
+    config = DecomposedConfig(mode="anneal", annealing={"schedule": "knapsack", "calibration_prompts": 8, "calibration_tokens": 16, "positions": 128,
+                                                        "levels": ["int4g16", "int2g16", "int1g16"], "precision": False})
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, config, calibration=tiny_pair.calib_prompts, progress=False)
+    annealing = model.report["annealing"]
+    picks = [level for layer in annealing["levels"] for level in layer["matrix_levels"].values()]
+    assert len(picks) == 1 + 7 * 2 and any(p is not None for p in picks)  # every matrix chose, some were annealed
+    assert annealing["trace"][0]["level"] == "sensitivity" and annealing["trace"][0]["predicted_gap_rms_at_probes"] > 0
+    accepted = [t for t in annealing["trace"] if t["accepted"]]
+    assert accepted and model.report["size_bytes"]["artifact"] < 4 * model.report["delta_params"]
+    assert guard(model, exact[2], positions=128)[0]  # what the guard accepted on calibration still holds

@@ -44,7 +44,7 @@ def diagonal_kind():
 
 
 def test_kinds_are_registered_in_storage_and_summation_order():
-    assert list(PART_KINDS) == ["dense", "block", "sparse", "override", "lowrank", "quant"]
+    assert list(PART_KINDS) == ["dense", "block", "sparse", "override", "lowrank", "quant", "quantfull"]
     with pytest.raises(ValueError, match="already registered"):
         register_part(type("Another", (DensePart,), {}))
     delta = TensorDelta("w", (4, 4), parts=[LowRankPart(torch.ones(4, 1), torch.ones(1, 4)), DensePart(torch.ones(4, 4))])

@@ -9,7 +9,7 @@ from torch import nn
 from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
-from hf_decompose.parts import QuantPart, TensorDelta
+from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
 from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, pack, quantize, unpack
 
 
@@ -50,18 +50,56 @@ def test_one_bit_stores_signs_with_the_mean_magnitude():
     assert (y - x).square().sum() < x.square().sum()  # the sign with its mean magnitude beats dropping
 
 
-def _quantized(module_delta: TensorDelta, bits: int, group: int) -> TensorDelta:
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_full_grid_uses_every_code_and_stays_within_half_a_step(bits):
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-6, 0, 12)[:, None]
+    x[3] = 0.0
+    packed, scales = quantize(x, bits, 32, grid="full")
+    assert packed.numel() == math.ceil(x.numel() * bits / 8)
+    codes = codes_of(packed, x.shape, "full")
+    assert set(codes.unique().tolist()) <= set(range(-(2**bits) + 1, 2**bits, 2))  # odd codes: 2^bits levels, none at zero
+    if bits <= 3:
+        assert len(codes.unique()) == 2**bits  # every code in use
+    y = dequantize(codes, scales)
+    assert torch.equal(y[3], torch.zeros(64))
+    step = 2 * scales.float().repeat_interleave(32, 1)
+    clipped = x.abs() > (2**bits - 1) * scales.float().repeat_interleave(32, 1)  # clipped outliers sit on the outermost code
+    assert ((y - x).abs()[~clipped] <= step[~clipped] / 2 * 1.0001 + 1e-12).all()
+    assert torch.equal(y[clipped].sign(), x[clipped].sign())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("feedback", [False, True])
+def test_the_full_grid_rounds_closer_than_the_signed_grid(bits, feedback):
+    """Measured on Gaussian values: 2-bit signed codes (3 levels at absmax) lose to 1-bit signs; the full grid does not."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 256, generator=gen), torch.randn(1024, 256, generator=gen)
+    gram = x.t() @ x if feedback else None
+
+    def error(grid, b):
+        packed, scales = quantize(w, b, 64, gram=gram, grid=grid)
+        e = dequantize(codes_of(packed, w.shape, grid), scales) - w
+        return float(((e @ (x.t() @ x)) * e).sum())
+
+    assert error("full", bits) < 0.8 * error("signed", bits)
+    assert error("full", bits) < error("full", bits - 1) / 2.5  # each bit more at least 2.5x less output error
+
+
+def _quantized(module_delta: TensorDelta, bits: int, group: int, grid: str) -> TensorDelta:
     d = module_delta
-    packed, scales = quantize(d.to_dense(), bits, group)
-    return TensorDelta(d.name, d.shape, d.transposed, [QuantPart.from_packed(packed, scales, d.shape)])
+    packed, scales = quantize(d.to_dense(), bits, group, grid=grid)
+    kind = FullQuantPart if grid == "full" else QuantPart
+    return TensorDelta(d.name, d.shape, d.transposed, [kind.from_packed(packed, scales, d.shape)])
 
 
-@pytest.fixture(scope="module")
-def quantized_model(tiny_pair, tmp_path_factory):
-    """The tiny fine-tune with every matrix delta (embedding and tied head included) in 4 bits."""
+@pytest.fixture(scope="module", params=[("signed", 4), ("full", 3)], ids=["signed4", "full3"])
+def quantized_model(request, tiny_pair, tmp_path_factory):
+    """The tiny fine-tune with every matrix delta (embedding and tied head included) in 4 bits (3 on the full grid)."""
+    grid, bits = request.param
     exact = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
-    deltas = {n: _quantized(d, 4, 16) if len(d.shape) == 2 and not d.is_empty() else d for n, d in exact.deltas.items()}
-    assert sum(d.get("quant") is not None for d in deltas.values()) == 1 + 7 * 2  # the embedding and every projection of the 2 layers
+    deltas = {n: _quantized(d, bits, 16, grid) if len(d.shape) == 2 and not d.is_empty() else d for n, d in exact.deltas.items()}
+    kind = "quantfull" if grid == "full" else "quant"
+    assert sum(d.get(kind) is not None for d in deltas.values()) == 1 + 7 * 2  # the embedding and every projection of the 2 layers
     d = exact.decomposition
     out = artifact.save(tmp_path_factory.mktemp("q") / "artifact", deltas, d.index, d.report, d.artifact_dir)
     return DecomposedModel.from_pretrained(out)
@@ -74,7 +112,7 @@ def test_split_matches_merged_and_the_dense_equivalent(quantized_model):
         quantized_model.set_execution("split")
         split = quantized_model(input_ids=ids).logits
         embed = next(m for m in quantized_model.modules() if isinstance(m, DecomposedModule) and isinstance(m.base, nn.Embedding))
-        rows = embed.ops.quant(ids, lookup=True)
+        rows = getattr(embed.ops, embed.delta.parts[0].kind)(ids, lookup=True)
         assert torch.equal(rows, embed.delta.to_dense()[ids])
         quantized_model.set_execution("merged")
         assert torch.equal(quantized_model(input_ids=ids).logits, merged)
@@ -100,7 +138,7 @@ def test_a_truncated_code_stream_is_refused(quantized_model, tmp_path):
 
     out = quantized_model.save_pretrained(tmp_path / "cut")
     tensors = load_file(out / WEIGHTS)
-    name = next(k for k in tensors if k.endswith(".quant.codes"))
+    name = next(k for k in tensors if k.endswith(".codes"))
     tensors[name] = tensors[name][:-1].clone()
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
     index = json.loads((out / INDEX).read_text())
@@ -127,12 +165,15 @@ def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
     assert torch.equal(quantize(w, bits, group, gram=torch.eye(64))[0], plain[0])
 
 
-@pytest.mark.parametrize("shape,bits,group,fused", [((48, 64), 3, 32, True), ((32, 256), 4, 64, True), ((16, 64), 4, 16, False), ((16, 64), 5, 32, False), ((10, 64), 3, 32, False)])
-def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, fused):
+@pytest.mark.parametrize("shape,bits,group,fused,grid", [((48, 64), 3, 32, True, "signed"), ((32, 256), 4, 64, True, "signed"), ((16, 64), 4, 16, False, "signed"),
+                                                        ((16, 64), 5, 32, False, "signed"), ((10, 64), 3, 32, False, "signed"), ((48, 64), 3, 32, True, "full"),
+                                                        ((32, 128), 2, 64, True, "full"), ((32, 64), 4, 32, False, "full")])
+def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, fused, grid):
     gen = torch.Generator().manual_seed(bits)
-    packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group)
-    codes = codes_of(packed, shape)
-    stored = QuantPart.from_packed(packed, scales, shape)
+    packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group, grid=grid)
+    codes = codes_of(packed, shape, grid)
+    kind = FullQuantPart if grid == "full" else QuantPart
+    stored = kind.from_packed(packed, scales, shape)
     part = stored.runtime(torch.zeros(shape), lambda: torch.zeros(shape))  # as a split linear module runs it
     x = torch.randn(3, 5, shape[1], generator=gen)
     assert part.fused(x) == fused

@@ -1,8 +1,8 @@
 """Substructure kinds: one registered `Part` class per kind, a tensor's delta as a list of them.
 
-Each kind is one file: `dense`, `block`, `sparse`, `override`, `lowrank`, `quant` (low-bit codes), stored and
-summed in that order (their `order`); `vector` is the run-time form of a bias delta. A new kind is a `Part`
-subclass decorated with `register_part`, in a file imported here so that it registers.
+Each kind is one file: `dense`, `block`, `sparse`, `override`, `lowrank`, `quant` (low-bit codes),
+`quantfull` (low-bit codes on the full grid), stored and summed in that order (their `order`); `vector`
+is the run-time form of a bias delta. A new kind is a `Part` subclass decorated with `register_part`, in a file imported here so that it registers.
 """
 
 from .base import PART_KINDS, Part, register_part
@@ -12,11 +12,12 @@ from .sparse import SparsePart
 from .override import OverridePart
 from .lowrank import LowRankPart
 from .quant import QuantPart
+from .quantfull import FullQuantPart
 from .vector import VectorPart
 from .delta import TensorDelta
 from .ops import DeltaOps, run_split, set_parallel
 
 __all__ = [
-    "PART_KINDS", "BlockPart", "DeltaOps", "DensePart", "LowRankPart", "OverridePart", "Part", "QuantPart",
+    "PART_KINDS", "BlockPart", "DeltaOps", "DensePart", "FullQuantPart", "LowRankPart", "OverridePart", "Part", "QuantPart",
     "SparsePart", "TensorDelta", "VectorPart", "register_part", "run_split", "set_parallel",
 ]

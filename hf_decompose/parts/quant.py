@@ -38,11 +38,15 @@ class QuantPart(Part):
     @classmethod
     def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> QuantPart:
         """From `quantize`'s packed codes and scales."""
+        cls._check_packed(packed, scales, shape)
+        return cls(codes_of(packed, shape), scales, bits_of(packed, shape))
+
+    @staticmethod
+    def _check_packed(packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> None:
         if packed.dtype != torch.uint8:
             raise ValueError(f"quantized codes are {packed.dtype}, expected packed uint8")
         if len(shape) != 2 or scales.dim() != 2 or scales.shape[1] == 0 or shape[1] % scales.shape[1]:
             raise ValueError(f"quantization scales of shape {tuple(scales.shape)} do not divide {tuple(shape)}")
-        return cls(codes_of(packed, shape), scales, bits_of(packed, shape))
 
     def state(self) -> dict[str, torch.Tensor]:
         qmax = 2 ** (self.bits - 1) - 1
