@@ -115,11 +115,10 @@ class QuantPart(Part):
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
             return dequantize(self.codes[x], self.scales[x])
-        if self.fused(x):
+        if "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu":  # `fused`, inlined
             dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, _cast(self.scale_zeros, dtype))
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(dtype), self.packed, self.group, _cast(self.scale_zeros, dtype))
+            return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
         return F.linear(x, _cast(dequantize(self.codes, self.scales), x.dtype))
 
 
@@ -256,13 +255,18 @@ def run_split(
     The order of the sum is fixed, so every way of running gives the same numbers.
     """
     rows = x.numel() if lookup else x.numel() // x.shape[-1]
-    how = _plan(parts, x, rows, parallel)
-    if how == "threads":
+    if _plan(parts, x, rows, parallel) == "threads":
         y, contributions = _on_threads(base, parts, x, lookup, rows, parallel == "threads")
-    else:  # parts on other devices start first (asynchronous there), then the base here
+    elif any("_hf_hook" in p.__dict__ for p in parts):  # placed parts: those on other devices start first (asynchronous there)
         pending = {i: p(x, lookup) for i, p in enumerate(parts) if _device(p, x) != x.device}
         y = base(x)
         contributions = [pending[i] if i in pending else p(x, lookup) for i, p in enumerate(parts)]
+    else:  # the common case, kept lean: every part here, one after another (per-call overhead counts at batch 1)
+        y = base(x)
+        for p in parts:
+            c = p(x, lookup)
+            y = y + (c if scale is None else c * scale.to(c.dtype)).to(y.dtype)
+        return y
     for c in contributions:
         c = c.to(y.device, y.dtype)
         y = y + (c * scale.to(c.dtype) if scale is not None else c)
@@ -272,8 +276,14 @@ def run_split(
 def _plan(parts: Sequence[nn.Module], x: torch.Tensor, rows: int, parallel: str) -> str:
     if parallel == "off" or not parts or x.device.type != "cpu":
         return "off"
-    big = sum(p.cost() * rows >= THREAD_MIN_MACS for p in parts)
-    return "threads" if parallel == "threads" or (parallel == "auto" and big and (os.cpu_count() or 1) > 1) else "off"
+    if parallel == "threads":
+        return "threads"
+    return "threads" if _cores() > 1 and any(p.cost() * rows >= THREAD_MIN_MACS for p in parts) else "off"
+
+
+@cache
+def _cores() -> int:
+    return os.cpu_count() or 1
 
 
 def _device(part: nn.Module, x: torch.Tensor) -> torch.device:
