@@ -11,7 +11,7 @@ decode step, interleaved rounds.
 Every case records the bytes a step must read (`_bytes.step_bytes`: the base once plus each active
 fine-tune's substructures in the form the kernels read) and the byte bound: merged tokens/s x base
 bytes / bytes read. Uses `inference.py`'s synthetic family (``--synthetic LAYERS [--hidden H]``; the
-output says "synthetic") or the default pair's anneal artifact.
+output says "synthetic") or the default pair's anneal artifact (``--mode``; built and cached on first use).
 
     python benchmarks/decode_steps.py --synthetic 12 [--threads 2]
 """
@@ -70,6 +70,7 @@ def run(cases: dict, rounds: int) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", type=int, default=0, metavar="LAYERS")
+    parser.add_argument("--mode", default="anneal", help="how the default pair is decomposed")
     parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
@@ -82,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     from hf_decompose.pair import cache_dir
 
     root = cache_dir() / "benchmarks"
-    family = synthetic_family(root, args.synthetic, args.hidden) if args.synthetic else default_family(1, root)
+    family = synthetic_family(root, args.synthetic, args.hidden) if args.synthetic else default_family(1, root, args.mode)
     vocab = AutoModelForCausalLM.from_pretrained(family["base"]).config.vocab_size
     ids = torch.randint(1, vocab, (ROWS, 16), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(family["finetuned"][0], dtype=torch.float32).eval()
     decomposed = DecomposedModel.from_pretrained(family["artifacts"][0])
-    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else "default pair, anneal artifact"
+    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else f"default pair, {args.mode} artifact"
 
     def split(mode: str):
         set_parallel(decomposed.set_execution("split"), mode)

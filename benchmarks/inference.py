@@ -48,8 +48,9 @@ TARGETS = {"merged_vs_original": 1.03, "split_vs_merged_b1": 1.15, "memory_n8_vs
 
 
 # -- the models --------------------------------------------------------------------------------
-def default_family(n: int, root: Path) -> dict:
-    """The default pair plus n - 1 recipe variants, decomposed (criterion; lossless for the first)."""
+def default_family(n: int, root: Path, mode: str = "criterion") -> dict:
+    """The default pair plus n - 1 recipe variants, decomposed (`mode`, ``"anneal"`` for the anneal artifact;
+    lossless for the first too)."""
     from transformers import AutoTokenizer
 
     from hf_decompose.pair import TRAIN_PLAYS, FinetuneRecipe, prepare_default_pair
@@ -63,7 +64,7 @@ def default_family(n: int, root: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(pair.finetuned)
     prompts = [tokenizer(p)["input_ids"] for p in pair.eval_prompts[:ROWS]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _decomposed(pair.base, tuned, root, prompts, pad)
+    return _decomposed(pair.base, tuned, root, prompts, pad, mode)
 
 
 def quick_family(n: int, root: Path) -> dict:
@@ -130,12 +131,12 @@ def synthetic_family(root: Path, layers: int, hidden: int = 1024) -> dict:
             "prompts": prompts, "pad": 0}  # fmt: skip
 
 
-def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int) -> dict:
+def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int, mode: str = "criterion") -> dict:
     artifacts = []
     for ft in tuned:
-        out = root / f"{Path(ft).name}-criterion"
+        out = root / f"{Path(ft).name}-{mode}"
         if not (out / "decomposed_config.json").exists():
-            decompose(ft, base, DecomposedConfig(mode="criterion"), progress=False).save_pretrained(out, overwrite=True)
+            decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(out, overwrite=True)
         artifacts.append(str(out))
     lossless = root / f"{Path(tuned[0]).name}-lossless"
     if not (lossless / "decomposed_config.json").exists():
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random models instead of the default pair")
     parser.add_argument("--synthetic", type=int, default=0, metavar="LAYERS",
                         help="a random Llama of this many layers with a low-rank + 3-bit fine-tune instead of the default pair")
+    parser.add_argument("--mode", default="criterion", help="how the default pair is decomposed (anneal: the anneal artifact)")
     parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             family = synthetic_family(cache_dir() / "benchmarks", args.synthetic, args.hidden)
         else:
             (cache_dir() / "benchmarks").mkdir(parents=True, exist_ok=True)
-            family = default_family(args.variants, cache_dir() / "benchmarks")
+            family = default_family(args.variants, cache_dir() / "benchmarks", args.mode)
         res = run(family, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
