@@ -3,12 +3,15 @@
 decode step, interleaved rounds.
 
 * batch 1: the original fine-tune, the decomposed model merged, split (thread pool on / off);
-* 8 rows: one merged model; a `MultiDecomposedModel` with N = 8 fine-tunes (row i -> fine-tune i);
-  8 separate full models run one after another, one row each: 8 x the original's batch-1 step (the
-  models are alike and none fits a CPU cache, so this is what eight copies cost, without their memory).
+* 8 rows: one merged model; a decomposed model serving N = 1, 2, 4, 8 fine-tunes by name (row i ->
+  fine-tune i mod N); 8 separate full models run one after another, one row each: 8 x the original's
+  batch-1 step (the models are alike and none fits a CPU cache, so this is what eight copies cost,
+  without their memory).
 
-The byte bound of N fine-tunes at 8 rows: merged tokens/s x base bytes / (base bytes + N artifacts).
-Uses `inference.py`'s synthetic family (``--synthetic LAYERS``) or the default pair.
+Every case records the bytes a step must read (`_bytes.step_bytes`: the base once plus each active
+fine-tune's substructures in the form the kernels read) and the byte bound: merged tokens/s x base
+bytes / bytes read. Uses `inference.py`'s synthetic family (``--synthetic LAYERS [--hidden H]``; the
+output says "synthetic") or the default pair's anneal artifact (``--mode``; built and cached on first use).
 
     python benchmarks/decode_steps.py --synthetic 12 [--threads 2]
 """
@@ -28,14 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _bytes import resident_bytes, step_bytes  # noqa: E402
 from _machine import machine  # noqa: E402
 from inference import default_family, synthetic_family  # noqa: E402
 
-from hf_decompose import DecomposedModel, MultiDecomposedModel  # noqa: E402
+from hf_decompose import DecomposedModel  # noqa: E402
 from hf_decompose.parts import set_parallel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-N = 8
+ROWS = 8
+TENANTS = (1, 2, 4, 8)
 
 
 @torch.no_grad()
@@ -52,8 +57,10 @@ def step_ms(model, ids: torch.Tensor, steps: int, **kwargs) -> float:
 
 
 def run(cases: dict, rounds: int) -> dict[str, list[float]]:
-    """Interleaved rounds, so drifting load hits every case alike."""
+    """Interleaved rounds after a warm-up one, so drifting load hits every case alike."""
     times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()
     for _ in range(rounds):
         for name, fn in cases.items():
             times[name].append(fn())
@@ -63,9 +70,12 @@ def run(cases: dict, rounds: int) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", type=int, default=0, metavar="LAYERS")
+    parser.add_argument("--mode", default="anneal", help="how the default pair is decomposed")
+    parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -73,12 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     from hf_decompose.pair import cache_dir
 
     root = cache_dir() / "benchmarks"
-    family = synthetic_family(root, args.synthetic) if args.synthetic else default_family(1, root)
+    family = synthetic_family(root, args.synthetic, args.hidden) if args.synthetic else default_family(1, root, args.mode)
     vocab = AutoModelForCausalLM.from_pretrained(family["base"]).config.vocab_size
-    ids = torch.randint(1, vocab, (N, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, vocab, (ROWS, 16), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(family["finetuned"][0], dtype=torch.float32).eval()
     decomposed = DecomposedModel.from_pretrained(family["artifacts"][0])
-    base_bytes = sum(p.numel() * p.element_size() for p in original.parameters())
+    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else f"default pair, {args.mode} artifact"
 
     def split(mode: str):
         set_parallel(decomposed.set_execution("split"), mode)
@@ -91,35 +101,59 @@ def main(argv: list[str] | None = None) -> None:
         "split_b1": lambda: step_ms(split("auto"), ids[:1], args.steps),
         "split_serial_b1": lambda: step_ms(split("off"), ids[:1], args.steps),
     }, args.rounds)  # fmt: skip
+    read = {"original": step_bytes(original), "merged": step_bytes(decomposed.set_execution("merged")), "split": step_bytes(split("auto"))}
     del original
-    gc.collect()
     decomposed.set_execution("merged")
-    multi = MultiDecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(N)})
-    names = [f"ft{k}" for k in range(N)]
-    times.update(run({
-        "merged_b8": lambda: step_ms(decomposed, ids, args.steps),
-        "multi_n8_b8": lambda: step_ms(multi, ids, args.steps, decomposed_names=names),
-    }, args.rounds))  # fmt: skip
-    times["separate_n8_b8"] = [N * t for t in times["original_b1"]]
-    ms = {k: statistics.median(v) for k, v in times.items()}
+    gc.collect()
+    times.update(run({"merged_b8": lambda: step_ms(decomposed, ids, args.steps)}, args.rounds))
+    memory: dict[str, dict] = {}
     art_bytes = Path(family["artifacts"][0], "decomposition.safetensors").stat().st_size
-    tok = {k: (N if k.endswith("b8") else 1) * 1e3 / v for k, v in ms.items()}
-    bound = tok["merged_b8"] * base_bytes / (base_bytes + N * art_bytes)
+    for n in TENANTS:  # one model per N, so that a stack holds only the fine-tunes it serves
+        multi = DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(n)})
+        names = [f"ft{i % n}" for i in range(ROWS)]
+        times.update(run({f"multi_n{n}_b8": lambda: step_ms(multi, ids, args.steps, decomposed_names=names)}, args.rounds))
+        read[f"multi_n{n}"] = step_bytes(multi)
+        memory[f"multi_n{n}"] = {"resident_bytes": resident_bytes(multi), "budget_bytes": int(1.1 * (read["original"]["base"] + n * art_bytes))}
+        del multi
+        gc.collect()
+    times["separate_n8_b8"] = [ROWS * t for t in times["original_b1"]]
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    tok = {k: (ROWS if k.endswith("b8") else 1) * 1e3 / v for k, v in ms.items()}
+    base = read["original"]["base"]
+    per_step = {k: r["base"] + sum(r["parts"].values()) for k, r in read.items()}
+    bound = {"split_b1": tok["merged_b1"] * base / per_step["split"],
+             **{f"multi_n{n}_b8": tok["merged_b8"] * base / per_step[f"multi_n{n}"] for n in TENANTS}}  # fmt: skip
     ratios = {
         "merged_vs_original_b1": (ms["merged_b1"] / ms["original_b1"], 1.03, "<="),
         "split_vs_merged_b1": (ms["split_b1"] / ms["merged_b1"], 1.15, "<="),
         "multi_n8_vs_separate": (tok["multi_n8_b8"] / tok["separate_n8_b8"], 2.0, ">="),
-        "multi_n8_vs_bound": (tok["multi_n8_b8"] / bound, 0.8, ">="),
+        "multi_n8_vs_bound": (tok["multi_n8_b8"] / bound["multi_n8_b8"], 0.8, ">="),
+        "multi_n8_memory_vs_budget": (memory["multi_n8"]["resident_bytes"] / memory["multi_n8"]["budget_bytes"], 1.0, "<="),
     }
-    res = {"device": machine(), "threads": args.threads, "synthetic_layers": args.synthetic, "steps": args.steps, "rounds": args.rounds,
-           "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()], "ms_per_step": ms, "ms_all": times,
-           "tokens_per_s": tok, "base_bytes": base_bytes, "artifact_bytes": art_bytes,
-           "bytes_per_step": {"merged": base_bytes, "split": base_bytes + art_bytes, "multi_n8": base_bytes + N * art_bytes},
-           "bound_tokens_per_s_n8": bound,
+    res = {"model": label, "device": machine(), "threads": args.threads, "synthetic_layers": args.synthetic, "hidden": args.hidden,
+           "steps": args.steps, "rounds": args.rounds, "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
+           "ms_per_step": ms, "ms_all": times, "tokens_per_s": tok, "artifact_file_bytes": art_bytes, "bytes_read_per_step": per_step,
+           "bytes_read": read, "bound_tokens_per_s": bound, "memory": memory,
            "targets": {k: {"value": v, "target": t, "met": v <= t if op == "<=" else v >= t} for k, (v, t, op) in ratios.items()}}  # fmt: skip
-    out = RESULTS / f"decode_steps{'_synthetic' if args.synthetic else ''}.json"
+    out = args.output or RESULTS / f"decode_steps{f'_synthetic{args.synthetic}' if args.synthetic else ''}.json"
     out.write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("load_before", "load_after", "ms_per_step", "tokens_per_s", "bound_tokens_per_s_n8", "targets")}, indent=1))
+    print(table(res))
+
+
+def table(res: dict) -> str:
+    mib, ms, tok = 2**20, res["ms_per_step"], res["tokens_per_s"]
+    lines = [f"{res['model']}; {res['device']['cpu']}, {res['threads']} threads; load average {res['load_before']} -> {res['load_after']}", "",
+             "| case | ms/step | tokens/s | MiB read/step | byte bound tok/s |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for case in ms:
+        key = case.rsplit("_b", 1)[0].replace("_serial", "")
+        read = res["bytes_read_per_step"].get(key)
+        bound = res["bound_tokens_per_s"].get(case)
+        lines.append(f"| {case} | {ms[case]:.1f} | {tok[case]:.1f} | {'' if read is None else f'{read / mib:.0f}'} | "
+                     f"{'' if bound is None else f'{bound:.1f}'} |")  # fmt: skip
+    lines += ["", "| target | value | limit | met |", "| --- | ---: | ---: | --- |"]
+    for k, t in res["targets"].items():
+        lines.append(f"| {k} | {t['value']:.3f} | {t['target']} | {t['met']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda`
   greedy tokens.
 
 Timings (a ~0.15B-parameter model): decode ms/token at batch 1 and 8 (128 new tokens) of the dense
-fine-tune, merged, split and split with the static cache; N = 1, 2, 4, 8 fine-tunes: GPU memory and tokens/s
-of one `MultiDecomposedModel` against N dense models and one merged model (8 rows in all); once
+fine-tune, merged, split and split with the static cache, with the bytes each step reads and the byte bound;
+N = 1, 2, 4, 8 fine-tunes: GPU memory, tokens/s and bytes per step of one model serving them by name against
+N dense models and one merged model (8 rows in all), the byte bound, and N = 8 with the static cache; once
 with low-rank + sparse / block deltas, once with anneal-style low-rank + 3-bit deltas (``*_lowbit``).
 Results, the device named, go to the output file after every section; sections that would overrun
 the time budget are skipped and say so. Exit status: 0 every check passed, 1 a check failed,
@@ -80,6 +81,8 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.append(_StubFinder())
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _bytes import step_bytes  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel, artifact  # noqa: E402
@@ -256,6 +259,11 @@ def time_latency(fam: dict, device: str, new_tokens: int, repeats: int) -> dict:
                 ms[name].append((full - first) / (new_tokens - 1) * 1e3)
         for name, values in ms.items():
             out.setdefault(name, {})[f"b{rows}_ms_per_token"] = statistics.median(values)
+    for name, get in variants.items():  # bytes a decode step reads; the byte bound is merged's time scaled by them
+        read = step_bytes(get())
+        out[name]["bytes_per_step"] = read["base"] + sum(read["parts"].values())
+    for name in variants:
+        out[name]["b1_bound_ms_per_token"] = out["merged"]["b1_ms_per_token"] * out[name]["bytes_per_step"] / out["merged"]["bytes_per_step"]
     return out
 
 
@@ -271,8 +279,10 @@ def time_tenants(fam: dict, device: str, new_tokens: int) -> dict:
         run(models, 4)
         memory = (torch.cuda.memory_allocated() - before) if device.startswith("cuda") else None
         t = seconds(lambda: run(models, new_tokens), device)
+        read = [step_bytes(m) for m in (models if isinstance(models, list) else [models])]
         del models
-        return {"memory_bytes": memory, "tokens_per_s": 8 * new_tokens / t}
+        return {"memory_bytes": memory, "tokens_per_s": 8 * new_tokens / t,
+                "bytes_per_step": sum(r["base"] + sum(r["parts"].values()) for r in read)}  # fmt: skip
 
     out["merged_single"] = measure(lambda: DecomposedModel.from_pretrained(fam["artifacts"][0], base_model=fam["base"]).to(device),
                                    lambda m, n: generate(m, ids, n))  # fmt: skip
@@ -284,6 +294,14 @@ def time_tenants(fam: dict, device: str, new_tokens: int) -> dict:
         )
         out[f"n{n}_dense"] = measure(lambda: [dense(fam["dense"][k], device) for k in range(n)],
                                      lambda ms, t: [generate(m, ids[k::n], t) for k, m in enumerate(ms)])  # fmt: skip
+        # the byte bound: one merged model's tokens/s scaled by base bytes / (base + the N fine-tunes' substructures)
+        out[f"n{n}_multi"]["bound_tokens_per_s"] = (out["merged_single"]["tokens_per_s"] * out["merged_single"]["bytes_per_step"]
+                                                    / out[f"n{n}_multi"]["bytes_per_step"])  # fmt: skip
+    names = [f"t{i % 8}" for i in range(8)]
+    out["n8_multi_static"] = measure(  # transformers' static cache (a CUDA decode step can then be a CUDA graph)
+        lambda: MultiDecomposedModel.from_pretrained({f"t{k}": fam["artifacts"][k] for k in range(8)}, base_model=fam["base"]).to(device),
+        lambda m, t: generate(m, ids, t, decomposed_names=names, cache_implementation="static"),
+    )
     return out
 
 

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _bytes import step_bytes as read_bytes  # noqa: E402
 from _machine import machine  # noqa: E402
 
 from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose  # noqa: E402
@@ -47,8 +48,9 @@ TARGETS = {"merged_vs_original": 1.03, "split_vs_merged_b1": 1.15, "memory_n8_vs
 
 
 # -- the models --------------------------------------------------------------------------------
-def default_family(n: int, root: Path) -> dict:
-    """The default pair plus n - 1 recipe variants, decomposed (criterion; lossless for the first)."""
+def default_family(n: int, root: Path, mode: str = "criterion") -> dict:
+    """The default pair plus n - 1 recipe variants, decomposed (`mode`, ``"anneal"`` for the anneal artifact;
+    lossless for the first too)."""
     from transformers import AutoTokenizer
 
     from hf_decompose.pair import TRAIN_PLAYS, FinetuneRecipe, prepare_default_pair
@@ -62,7 +64,7 @@ def default_family(n: int, root: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(pair.finetuned)
     prompts = [tokenizer(p)["input_ids"] for p in pair.eval_prompts[:ROWS]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _decomposed(pair.base, tuned, root, prompts, pad)
+    return _decomposed(pair.base, tuned, root, prompts, pad, mode)
 
 
 def quick_family(n: int, root: Path) -> dict:
@@ -91,21 +93,22 @@ def quick_family(n: int, root: Path) -> dict:
     return _decomposed(root / "base", tuned, root, prompts, pad=0)
 
 
-def synthetic_family(root: Path, layers: int) -> dict:
-    """A random Llama (1024 wide, `layers` layers, 32k vocabulary, tied head: ~0.17B at 12 layers) and a
-    fine-tune stored the way annealing stores one: rank-16 factors plus a 3-bit group-64 residual on
-    every matrix. Built through the public API (`TensorDelta`, `quantize`, `artifact.save`)."""
+def synthetic_family(root: Path, layers: int, hidden: int = 1024) -> dict:
+    """A random Llama (`hidden` wide, `layers` layers, 32k vocabulary, tied head: ~0.17B at 1024 x 12,
+    ~1B at 2048 x 18) and a fine-tune stored the way annealing stores one: rank-16 factors plus a 3-bit
+    group-64 residual on every matrix. Built through the public API (`TensorDelta`, `quantize`, `artifact.save`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_decompose import artifact
     from hf_decompose.quantize import quantize
     from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
 
-    root = root / f"synthetic-{layers}"
+    root = root / (f"synthetic-{layers}" if hidden == 1024 else f"synthetic-{hidden}x{layers}")
     lowbit, lossless = root / "ft0-lowrank-int3g64", root / "ft0-lossless"
+    heads, ffn = hidden // 64, 256 * round(2.75 * hidden / 256)
     if not (lowbit / "decomposed_config.json").exists():
-        config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
-                             num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
+        config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=heads // 4, max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(root / "base")
         model = LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
@@ -128,12 +131,12 @@ def synthetic_family(root: Path, layers: int) -> dict:
             "prompts": prompts, "pad": 0}  # fmt: skip
 
 
-def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int) -> dict:
+def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int, mode: str = "criterion") -> dict:
     artifacts = []
     for ft in tuned:
-        out = root / f"{Path(ft).name}-criterion"
+        out = root / f"{Path(ft).name}-{mode}"
         if not (out / "decomposed_config.json").exists():
-            decompose(ft, base, DecomposedConfig(mode="criterion"), progress=False).save_pretrained(out, overwrite=True)
+            decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(out, overwrite=True)
         artifacts.append(str(out))
     lossless = root / f"{Path(tuned[0]).name}-lossless"
     if not (lossless / "decomposed_config.json").exists():
@@ -186,13 +189,16 @@ def latency(family: dict, new_tokens: int, repeats: int) -> dict:
         "split_lossless": lambda: lossless.set_execution("split"),
     }
     out: dict = {}
+    for name, get in variants.items():  # bytes a decode step reads: the base, plus the substructures when split
+        read = read_bytes(get())
+        out[name] = {"bytes_per_step": read["base"] + sum(read["parts"].values())}
     for rows in (1, ROWS):
         inputs, pad = batch(family, list(range(rows))), family["pad"]
         reference = generate(original, inputs, new_tokens, pad)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for name, get in variants.items():  # warm up (merged copies are built on first use)
             same = torch.equal(generate(get(), inputs, new_tokens, pad), reference)
-            out.setdefault(name, {})[f"b{rows}_tokens_equal_original"] = same
+            out[name][f"b{rows}_tokens_equal_original"] = same
         for _ in range(repeats):  # interleaved, so drifting load hits every variant alike
             for name, get in variants.items():
                 model = get()
@@ -291,16 +297,17 @@ def bound_tokens(ten: dict, n: int) -> float:
 
 def markdown(res: dict) -> str:
     lat, ten = res["latency"], res["tenants"]
-    lines = [f"Device: {res['device_name']}; torch threads: {res['threads']}; "
+    model = "quick: tiny random models" if res["quick"] else (f"synthetic random Llama, {res['synthetic_layers']} layers x {res.get('hidden', 1024)}, "
+             "low-rank + 3-bit fine-tune" if res["synthetic_layers"] else "default pair")  # fmt: skip
+    lines = [f"Model: {model}. Device: {res['device_name']}; torch threads: {res['threads']}; "
              f"load average before/after: {res['load_before']} / {res['load_after']}", "",
-             "| model | decode ms/token, batch 1 | batch 8 | greedy tokens = original (b1 / b8) |", "| --- | --- | --- | --- |"]  # fmt: skip
+             "| model | decode ms/token, batch 1 | batch 8 | MiB read per step | byte bound ms/token, batch 1 | greedy tokens = original (b1 / b8) |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, r in lat.items():
         same = f"{r['b1_tokens_equal_original']} / {r['b8_tokens_equal_original']}"
-        lines.append(f"| {name} | {r['b1_ms_per_token']:.2f} | {r['b8_ms_per_token']:.2f} | {same} |")
+        bound = lat["merged"]["b1_ms_per_token"] * r["bytes_per_step"] / lat["merged"]["bytes_per_step"]
+        lines.append(f"| {name} | {r['b1_ms_per_token']:.2f} | {r['b8_ms_per_token']:.2f} | {r['bytes_per_step'] / 2**20:.0f} | {bound:.2f} | {same} |")
     mib, ten = 2**20, res["tenants"]
-    bound = lat["merged"]["b1_ms_per_token"] * step_bytes(ten, 1) / ten["base_bytes"]
-    lines += ["", f"Bytes per decode step: base {ten['base_bytes'] / mib:.1f} MiB (original, merged); split reads the base plus "
-              f"{ten['artifact_bytes'][0] / mib:.1f} MiB of substructures: byte bound {bound:.2f} ms/token at batch 1 (merged x bytes ratio)."]
     lines += ["", f"Tenants: {ten['variants']} distinct fine-tune(s), tenant k is fine-tune k mod {ten['variants']}, each loaded as its own copy; "
               f"{res['tenant_tokens']} new tokens per generation, {ROWS} rows in all (row i -> tenant i mod N).",
               "", "| fine-tunes N | multi resident MiB | N full models MiB | base + artifacts MiB (bytes per step) | multi tok/s | N full models tok/s "
@@ -321,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random models instead of the default pair")
     parser.add_argument("--synthetic", type=int, default=0, metavar="LAYERS",
                         help="a random Llama of this many layers with a low-rank + 3-bit fine-tune instead of the default pair")
+    parser.add_argument("--mode", default="criterion", help="how the default pair is decomposed (anneal: the anneal artifact)")
+    parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -342,10 +351,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick:
             family = quick_family(max(TENANTS), Path(tmp))
         elif args.synthetic:
-            family = synthetic_family(cache_dir() / "benchmarks", args.synthetic)
+            family = synthetic_family(cache_dir() / "benchmarks", args.synthetic, args.hidden)
         else:
             (cache_dir() / "benchmarks").mkdir(parents=True, exist_ok=True)
-            family = default_family(args.variants, cache_dir() / "benchmarks")
+            family = default_family(args.variants, cache_dir() / "benchmarks", args.mode)
         res = run(family, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(res, indent=2))
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(family: dict, args: argparse.Namespace) -> dict:
     info = machine()
     res = {"device": info, "device_name": info["gpu"] or f"CPU: {info['cpu']} ({info['cores']} cores)",
-           "threads": torch.get_num_threads(), "quick": args.quick, "synthetic_layers": args.synthetic, "new_tokens": args.new_tokens, "tenant_tokens": args.tenant_tokens,
+           "threads": torch.get_num_threads(), "quick": args.quick, "synthetic_layers": args.synthetic, "hidden": args.hidden, "new_tokens": args.new_tokens, "tenant_tokens": args.tenant_tokens,
            "repeats": args.repeats,
            "load_before": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     res["latency"] = latency(family, args.new_tokens, args.repeats)

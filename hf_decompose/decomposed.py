@@ -22,6 +22,7 @@ from . import artifact, hub, inject, resume
 from .checkpoints import CheckpointReader
 from .config import QUANT_METHOD, DecomposedConfig
 from .errors import ArtifactError, CheckpointError, ConfigError
+from .multi import MultiTenant, Tenancy, routed
 from .names import Target, TensorTargets
 from .parts import TensorDelta
 
@@ -32,7 +33,7 @@ PUSH_KEYS = ("token", "private", "revision", "commit_message", "commit_descripti
 class Decomposition:
     """What a decomposed model carries besides its modules (``model.decomposition``)."""
 
-    artifact_dir: Path  # the artifact the modules were built from (checked, never modified)
+    artifact_dir: Path | None  # the artifact the modules were built from (checked, never modified); None: fine-tunes by name
     base_dir: Path  # the base checkpoint it was built on
     config: DecomposedConfig
     index: dict
@@ -42,7 +43,7 @@ class Decomposition:
     owned: Any = None  # a temporary directory holding `artifact_dir`, removed with the model
 
 
-class DecomposedModel:
+class DecomposedModel(MultiTenant):
     """Mixed into the class of every decomposed transformers model (see the module docstring)."""
 
     decomposition: Decomposition
@@ -60,7 +61,7 @@ class DecomposedModel:
     @property
     def deltas(self) -> dict[str, TensorDelta]:
         """The artifact's deltas, read from disk on each access (the model does not keep them beside its weights)."""
-        return artifact.load(self.decomposition.artifact_dir)[1]
+        return artifact.load(self._own_artifact())[1]
 
     @property
     def execution(self) -> str:
@@ -99,6 +100,9 @@ class DecomposedModel:
         """
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if isinstance(pretrained_model_name_or_path, dict):  # several fine-tunes by name, over their base
+            return cls._from_artifacts(pretrained_model_name_or_path, base_model, base_revision, revision=revision, token=token,
+                                       cache_dir=cache_dir, local_files_only=local_files_only)  # fmt: skip
         hub_options = {"token": token, "cache_dir": str(cache_dir) if cache_dir else None, "local_files_only": local_files_only}
         hub_options = {k: v for k, v in hub_options.items() if v is not None}
         try:
@@ -126,6 +130,29 @@ class DecomposedModel:
             model.dispatch(device_map, max_memory=max_memory, offload_folder=offload_folder)
         return model
 
+    @classmethod
+    def from_base(cls, base_model: str | Path, revision: str | None = None, **hub_kwargs: Any):
+        """The base alone (float32), serving fine-tunes by name: add them with `load_decomposed` / `add_decomposed`."""
+        from transformers import AutoModelForCausalLM
+
+        from .checkpoints import sha256_files
+
+        base_dir = hub.resolve(base_model, revision, **hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        return serving(model, sha256_files(CheckpointReader(base_dir).files), base_dir)
+
+    @classmethod
+    def _from_artifacts(cls, artifacts: dict[str, str | Path], base_model: str | Path | None, base_revision: str | None, revision: str | None = None, **hub_kwargs: Any):
+        """`from_pretrained` of ``{name: artifact}``: the base (the first artifact's unless given), then each fine-tune."""
+        if not artifacts:
+            raise ConfigError("from_pretrained({}): give at least one {name: artifact}")
+        dirs = {n: hub.resolve(a, revision, allow_patterns=hub.ARTIFACT_PATTERNS, **hub_kwargs) for n, a in artifacts.items()}
+        first = artifact.read_index(next(iter(dirs.values())))["base_model"]
+        model = cls.from_base(base_model or first["id"], base_revision if base_model else first.get("revision"), **hub_kwargs)
+        for name, directory in dirs.items():
+            model.load_decomposed(name, directory)
+        return model
+
     # -- running ----------------------------------------------------------------------------------
     def set_execution(self, execution: str):
         """Run ``"merged"`` (one dense weight per module, the fine-tune's memory and kernels) or ``"split"``
@@ -135,6 +162,7 @@ class DecomposedModel:
             raise ConfigError(f"execution={execution!r} is not one of ('merged', 'split')")
         if execution == self.execution:
             return self
+        self._own_artifact()
         if getattr(self, "hf_device_map", None) is not None and len(set(map(str, self.hf_device_map.values()))) > 1:
             raise ConfigError("the model is placed on several devices: load it again with execution=... to change how it runs")
         deltas = self.deltas
@@ -173,6 +201,7 @@ class DecomposedModel:
 
         if device_map is not None:
             place(self, device_map, max_memory=max_memory, offload_folder=offload_folder, strategy=strategy)
+            self.restack()  # offloaded tenants' parts leave the stacks
         return self
 
     # -- saving -----------------------------------------------------------------------------------
@@ -182,7 +211,7 @@ class DecomposedModel:
         name). Other transformers keywords are ignored: the weights are the artifact's, never full ones."""
         self._check_unchanged()
         d = self.decomposition
-        path = artifact.copy(d.artifact_dir, save_directory, d.report, overwrite=overwrite)
+        path = artifact.copy(self._own_artifact(), save_directory, d.report, overwrite=overwrite)
         d.report = artifact.read_report(path)
         if d.resume_dir is not None:
             resume.clear(d.resume_dir)
@@ -196,6 +225,13 @@ class DecomposedModel:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.save_pretrained(Path(tmp) / "artifact")
             return hub.push_artifact(path, repo_id, **{k: v for k, v in kwargs.items() if k in PUSH_KEYS})
+
+    def _own_artifact(self) -> Path:
+        """The artifact this model was built from; `ConfigError` for a model serving fine-tunes by name."""
+        if self.decomposition.artifact_dir is None:
+            raise ConfigError(f"this model serves fine-tunes by name ({self.decomposed_names}) over its base, it has no artifact "
+                              "of its own: save, merge or split each fine-tune from DecomposedModel.from_pretrained(artifact)")
+        return self.decomposition.artifact_dir
 
     def _record_versions(self) -> None:
         self.decomposition.versions = {n: p._version for n, p in self.named_parameters()}
@@ -255,5 +291,15 @@ def decomposed_class(cls: type) -> type:
     if issubclass(cls, DecomposedModel):
         return cls
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Decomposed{cls.__name__}", (DecomposedModel, cls), {"__module__": __name__})
+        _CLASSES[cls] = type(f"Decomposed{cls.__name__}", (DecomposedModel, cls), {"__module__": __name__, "forward": routed(cls.forward)})
     return _CLASSES[cls]
+
+
+def serving(model: nn.Module, base_sha256: dict[str, str], base_dir: Path | None = None) -> DecomposedModel:
+    """Turn a loaded base model into a `DecomposedModel` serving fine-tunes by name (in place)."""
+    if isinstance(model, DecomposedModel):
+        raise ConfigError("the model is decomposed already: start from the base model")
+    model.__class__ = decomposed_class(type(model))
+    model.decomposition = Decomposition(None, base_dir, DecomposedConfig(execution="split"), {}, {})
+    model.tenancy = Tenancy(model, base_sha256)
+    return model

@@ -1,9 +1,12 @@
 """Many fine-tunes over one base: the base is loaded and run once, each fine-tune adds its substructures.
 
-    multi = MultiDecomposedModel.from_pretrained({"poet": "out/poet", "legal": "out/legal"})
-    multi.load_decomposed("chat", "out/chat")          # more artifacts of the same base
-    multi.set_active("poet")                           # or ["poet", "chat"]: their deltas add up
-    multi.generate(**batch, decomposed_names=["poet", "legal", None])   # per row; None is the base
+    model = DecomposedModel.from_pretrained({"poet": "out/poet", "legal": "out/legal"})
+    model.load_decomposed("chat", "out/chat")          # more artifacts of the same base
+    model.set_active("poet")                           # or ["poet", "chat"]: their deltas add up
+    model.generate(**batch, decomposed_names=["poet", "legal", None])   # per row; None is the base
+
+The model is the one decomposed-model type (`DecomposedModel`, the base's transformers class with the
+mixin in front); `MultiTenant` is the part of that mixin that serves fine-tunes by name.
 
 Matrices (linear, embedding, tied head) become a `TenantModule`: the base output of the whole
 batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -25,12 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from . import artifact
-from .checkpoints import CheckpointReader, sha256_files
 from .errors import ArtifactError, ConfigError
-from .hub import resolve
 from .inject import WRAPPABLE, param_name, set_submodule
 from .parts import DeltaOps, TensorDelta, run_split
 
@@ -249,71 +250,108 @@ class TenantVectors(nn.Module):
         return y
 
 
-class MultiDecomposedModel(nn.Module):
-    """One base model serving several decomposed fine-tunes of it (PEFT's multi-adapter shape)."""
+class Tenancy:
+    """What a model serving fine-tunes by name keeps beside its modules (``model.tenancy``)."""
 
     def __init__(self, model: nn.Module, base_sha256: dict[str, str]):
-        super().__init__()
-        self.model = model
         self.base_sha256 = base_sha256
         self.routing = Routing()
         self.names: list[str] = []
-        object.__setattr__(self, "_params", dict(model.named_parameters()))  # as loaded, before wrapping
-        object.__setattr__(self, "_owners", dict(model.named_modules()))
-        object.__setattr__(self, "_wrappers", {})
+        self.params = dict(model.named_parameters())  # as loaded, before wrapping
+        self.owners = dict(model.named_modules())
+        self.wrappers: dict[str, nn.Module] = {}
 
-    @classmethod
-    def from_base(cls, base_model: str | Path, revision: str | None = None, **hub_kwargs) -> MultiDecomposedModel:
-        """The base alone (float32); add fine-tunes with `load_decomposed` / `add_decomposed`."""
-        base_dir = resolve(base_model, revision, **hub_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        return cls(model, sha256_files(CheckpointReader(base_dir).files))
 
-    @classmethod
-    def from_pretrained(cls, artifacts: dict[str, str | Path], base_model: str | Path | None = None, **hub_kwargs) -> MultiDecomposedModel:
-        """Load several artifacts of one base; the base comes from the first artifact's index unless given."""
-        first = artifact.read_index(next(iter(artifacts.values())))["base_model"]
-        multi = cls.from_base(base_model or first["id"], None if base_model else first.get("revision"), **hub_kwargs)
-        for name, directory in artifacts.items():
-            multi.load_decomposed(name, directory)
-        return multi
+class MultiTenant:
+    """Many fine-tunes over one base, mixed into `DecomposedModel` (see the module docstring).
 
-    def load_decomposed(self, name: str, directory: str | Path) -> None:
+    A model made by `DecomposedModel.from_base` (or ``from_pretrained({name: artifact})``) holds the
+    base alone; each `load_decomposed` adds a fine-tune's substructures under a name."""
+
+    tenancy: Tenancy | None = None
+
+    @property
+    def decomposed_names(self) -> list[str]:
+        """The fine-tunes loaded by name."""
+        return list(self.tenancy.names) if self.tenancy is not None else []
+
+    def load_decomposed(self, name: str, directory: str | Path):
         """Add the fine-tune saved in an artifact directory under `name`."""
         index, deltas = artifact.load(directory)
-        if index["base_model"]["sha256"] != self.base_sha256:
+        if index["base_model"]["sha256"] != self._tenants().base_sha256:
             raise ArtifactError(f"{directory} was decomposed against another base ({index['base_model']['id']}) than this model's")
-        self.add_decomposed(name, deltas)
+        return self.add_decomposed(name, deltas)
 
-    def add_decomposed(self, name: str, deltas: dict[str, TensorDelta]) -> None:
+    def add_decomposed(self, name: str, deltas: dict[str, TensorDelta]):
         """Add a fine-tune given as its deltas (e.g. ``decompose(...).deltas``) under `name`."""
-        if name in self.names or not name or "." in name:
+        t = self._tenants()
+        if name in t.names or not name or "." in name:
             raise ConfigError(f"fine-tune name {name!r} is taken or invalid (non-empty, no dots)")
-        if getattr(self.model, "hf_device_map", None) is not None:
+        if getattr(self, "hf_device_map", None) is not None:
             raise ConfigError("load every fine-tune before placing the model on devices")
         for owner_name, attrs in self._by_owner(deltas).items():
-            owner = self._owners[owner_name]
+            owner = t.owners[owner_name]
             if isinstance(owner, WRAPPABLE):
-                self._wrap(owner_name, owner, TenantModule).tenants[name] = self._ops(owner, attrs)
+                self._wrap(owner_name, owner, TenantModule).tenants[name] = _ops(owner, attrs)
             else:
                 self._wrap(owner_name, owner, TenantVectors).add(name, attrs)
         tied = self._tied_head()
-        if tied is not None and tied[1] in self._wrappers and tied[0] not in self._wrappers:
-            head = TenantModule(self._owners[tied[0]], self.routing, tied=self._wrappers[tied[1]])
-            set_submodule(self.model, tied[0], head)
-            self._wrappers[tied[0]] = head
-        self.names.append(name)
+        if tied is not None and tied[1] in t.wrappers and tied[0] not in t.wrappers:
+            head = TenantModule(t.owners[tied[0]], t.routing, tied=t.wrappers[tied[1]])
+            set_submodule(self, tied[0], head)
+            t.wrappers[tied[0]] = head
+        t.names.append(name)
+        return self
+
+    def set_active(self, names: Names):
+        """Apply these fine-tunes to every row (None or []: the base alone)."""
+        names = [names] if isinstance(names, str) else list(names or [])
+        self._check_names(names)
+        self._tenants().routing.active = tuple(names)
+        return self
+
+    def generate(self, *args, decomposed_names: Sequence[str | None] | None = None, **kwargs):
+        """`generate`, with an optional fine-tune per batch row (``decomposed_names``; None: the base)."""
+        with self._rows(decomposed_names):
+            return super().generate(*args, **kwargs)
+
+    def restack(self) -> None:
+        """Forget the batched forms of the tenants (after a move or a placement): rebuilt on the next step."""
+        for module in self.modules():
+            if isinstance(module, TenantModule):
+                object.__setattr__(module, "_batched", None)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _tenants(self) -> Tenancy:
+        if self.tenancy is None:
+            raise ConfigError(
+                "this model runs its own fine-tune; to serve several by name, load them over their base: "
+                "DecomposedModel.from_pretrained({name: artifact, ...}) or DecomposedModel.from_base(base)"
+            )
+        return self.tenancy
+
+    def _check_names(self, names: Sequence[str | None]) -> None:
+        known = self.decomposed_names
+        unknown = sorted({n for n in names if n is not None and n not in known})
+        if unknown:
+            raise ConfigError(f"unknown fine-tune(s) {unknown}; loaded: {known}")
+
+    def _rows(self, names: Sequence[str | None] | None) -> contextlib.AbstractContextManager:
+        if names is None:
+            return contextlib.nullcontext()
+        self._check_names(names)
+        return self._tenants().routing.per_row(names)
 
     def _by_owner(self, deltas: dict[str, TensorDelta]) -> dict[str, dict[str, TensorDelta]]:
-        tied = self._tied_head()
+        t, tied = self.tenancy, self._tied_head()
         out: dict[str, dict[str, TensorDelta]] = defaultdict(dict)
         for key, delta in deltas.items():
-            pname = param_name(key, self._params)
+            pname = param_name(key, t.params)
             if delta.is_empty() or (pname is None and tied is not None and key.endswith("lm_head.weight")):
                 continue  # a tied head's delta is its embedding's
             if pname is None:
-                raise ArtifactError(f"tensor {key!r} has no matching parameter in {type(self.model).__name__}")
-            param = self._params[pname]
+                raise ArtifactError(f"tensor {key!r} has no matching parameter in {type(self).__name__}")
+            param = t.params[pname]
             if math.prod(delta.shape) != param.numel():
                 raise ArtifactError(f"tensor {key!r}: delta shape {delta.shape} does not fit the base's {tuple(param.shape)}")
             owner, _, attr = pname.rpartition(".")
@@ -322,66 +360,62 @@ class MultiDecomposedModel(nn.Module):
 
     def _tied_head(self) -> tuple[str, str] | None:
         """(head name, embedding name) when the head's weight is the embedding's."""
-        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        embed, head = self.get_input_embeddings(), self.get_output_embeddings()
         base_embed = embed.base if isinstance(embed, TenantModule) else embed
         base_head = head.base if isinstance(head, TenantModule) else head
         if base_head is None or base_head.weight is not base_embed.weight:
             return None
-        names = {id(m): n for n, m in self._owners.items()}
+        names = {id(m): n for n, m in self.tenancy.owners.items()}
         return names[id(base_head)], names[id(base_embed)]
 
     def _wrap(self, owner_name: str, owner: nn.Module, kind: type) -> nn.Module:
-        if owner_name not in self._wrappers:
-            self._wrappers[owner_name] = kind(owner, self.routing)
-            set_submodule(self.model, owner_name, self._wrappers[owner_name])
-        return self._wrappers[owner_name]
+        t = self.tenancy
+        if owner_name not in t.wrappers:
+            t.wrappers[owner_name] = kind(owner, t.routing)
+            set_submodule(self, owner_name, t.wrappers[owner_name])
+        return t.wrappers[owner_name]
+
+
+def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
+    weight = attrs["weight"] if "weight" in attrs else TensorDelta("weight", tuple(owner.weight.shape))
+    bias = attrs["bias"].merge(owner.bias.detach()) - owner.bias.detach().float() if "bias" in attrs else None
+    ops = DeltaOps(weight, owner.weight, bias, lookup=isinstance(owner, nn.Embedding))
+    ops.delta = None  # a fine-tune keeps its parts only: what only the `TensorDelta` holds is freed
+    return ops
+
+
+def routed(forward):
+    """`forward` taking ``decomposed_names`` (a fine-tune per batch row); its signature stays the original's."""
+
+    @functools.wraps(forward)
+    def call(self, *args, decomposed_names: Sequence[str | None] | None = None, **kwargs):
+        if decomposed_names is None:
+            return forward(self, *args, **kwargs)
+        with self._rows(decomposed_names):
+            return forward(self, *args, **kwargs)
+
+    return call
+
+
+class MultiDecomposedModel:
+    """Constructors of a `DecomposedModel` serving fine-tunes by name (the one decomposed-model type).
+
+    ``MultiDecomposedModel(model)`` turns a loaded base model into one (in place);
+    ``MultiDecomposedModel.from_pretrained({name: artifact})`` is ``DecomposedModel.from_pretrained({name: artifact})``."""
+
+    def __new__(cls, model: nn.Module, base_sha256: dict[str, str] | None = None):
+        from .decomposed import serving
+
+        return serving(model, base_sha256 or {})
 
     @staticmethod
-    def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
-        weight = attrs["weight"] if "weight" in attrs else TensorDelta("weight", tuple(owner.weight.shape))
-        bias = attrs["bias"].merge(owner.bias.detach()) - owner.bias.detach().float() if "bias" in attrs else None
-        ops = DeltaOps(weight, owner.weight, bias, lookup=isinstance(owner, nn.Embedding))
-        ops.delta = None  # a fine-tune keeps its parts only: what only the `TensorDelta` holds is freed
-        return ops
+    def from_base(base_model: str | Path, revision: str | None = None, **hub_kwargs):
+        from .decomposed import DecomposedModel
 
-    def set_active(self, names: Names) -> MultiDecomposedModel:
-        """Apply these fine-tunes to every row (None or []: the base alone)."""
-        names = [names] if isinstance(names, str) else list(names or [])
-        self._check(names)
-        self.routing.active = tuple(names)
-        return self
+        return DecomposedModel.from_base(base_model, revision, **hub_kwargs)
 
-    def _check(self, names: Sequence[str | None]) -> None:
-        unknown = sorted({n for n in names if n is not None and n not in self.names})
-        if unknown:
-            raise ConfigError(f"unknown fine-tune(s) {unknown}; loaded: {self.names}")
+    @staticmethod
+    def from_pretrained(artifacts: dict[str, str | Path], base_model: str | Path | None = None, **hub_kwargs):
+        from .decomposed import DecomposedModel
 
-    def _rows(self, names: Sequence[str | None] | None):
-        if names is not None:
-            self._check(names)
-        return self.routing.per_row(names)
-
-    def forward(self, *args, decomposed_names: Sequence[str | None] | None = None, **kwargs):
-        with self._rows(decomposed_names):
-            return self.model(*args, **kwargs)
-
-    def generate(self, *args, decomposed_names: Sequence[str | None] | None = None, **kwargs):
-        """`generate`, with an optional fine-tune per batch row (``decomposed_names``)."""
-        with self._rows(decomposed_names):
-            return self.model.generate(*args, **kwargs)
-
-    def dispatch(self, device_map="auto", **kwargs) -> MultiDecomposedModel:
-        """Place base layers and every fine-tune's substructures (see `placement.place`)."""
-        from .placement import place
-
-        place(self, device_map, **kwargs)
-        for module in self.modules():  # offloaded parts leave the stacks: restack on the next step
-            if isinstance(module, TenantModule):
-                object.__setattr__(module, "_batched", None)
-        return self
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.model, name)
+        return DecomposedModel.from_pretrained(artifacts, base_model=base_model, **hub_kwargs)

@@ -49,7 +49,7 @@ def _ids(rows: int):
 
 
 def test_mixed_batch_equals_each_finetune_alone(family):
-    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    multi = DecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
     assert any(isinstance(m, TenantVectors) for m in multi.modules()), "norm / bias deltas are per fine-tune"
     rows = ["a", "b", None, "c", "a"]
     ids = _ids(len(rows))
@@ -88,6 +88,25 @@ def test_storage_is_the_base_once_plus_the_artifacts(family):
     total = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*multi.parameters(), *multi.buffers()]}
     artifacts = sum((family / f"art_{n}" / "decomposition.safetensors").stat().st_size for n in NAMES)
     assert sum(total.values()) <= 1.1 * (base_bytes + artifacts)
+
+
+def test_one_type(family):
+    """Fine-tunes by name live on the same type as one decomposed fine-tune; the old name only constructs it."""
+    multi = MultiDecomposedModel.from_pretrained({"a": family / "art_a"})
+    single = DecomposedModel.from_pretrained(family / "art_a")
+    assert type(multi) is type(single) and isinstance(multi, DecomposedModel)
+    assert multi.decomposed_names == ["a"] and not any(isinstance(m, MultiDecomposedModel) for m in multi.modules())
+    base = AutoModelForCausalLM.from_pretrained(family / "base").eval()
+    assert MultiDecomposedModel(base) is base and isinstance(base, DecomposedModel)  # in place
+    with pytest.raises(ConfigError, match="own fine-tune"):
+        single.load_decomposed("b", family / "art_b")
+    with pytest.raises(ConfigError, match="unknown"):
+        single.generate(input_ids=_ids(1), decomposed_names=["a"], **GEN)
+    with pytest.raises(ConfigError, match="no artifact of its own"):
+        multi.set_execution("merged")
+    with pytest.raises(ConfigError, match="no artifact of its own"):
+        multi.save_pretrained(family / "never")
+    assert not (family / "never").exists()
 
 
 def test_errors(family, tmp_path):

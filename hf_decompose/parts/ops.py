@@ -85,13 +85,18 @@ def run_split(
     The order of the sum is fixed, so every way of running gives the same numbers.
     """
     rows = x.numel() if lookup else x.numel() // x.shape[-1]
-    how = _plan(parts, x, rows, parallel)
-    if how == "threads":
+    if _plan(parts, x, rows, parallel) == "threads":
         y, contributions = _on_threads(base, parts, x, lookup, rows, parallel == "threads")
-    else:  # parts on other devices start first (asynchronous there), then the base here
+    elif any("_hf_hook" in p.__dict__ for p in parts):  # placed parts: those on other devices start first (asynchronous there)
         pending = {i: p(x, lookup) for i, p in enumerate(parts) if _device(p, x) != x.device}
         y = base(x)
         contributions = [pending[i] if i in pending else p(x, lookup) for i, p in enumerate(parts)]
+    else:  # the common case, kept lean: every part here, one after another (per-call overhead counts at batch 1)
+        y = base(x)
+        for p in parts:
+            c = p(x, lookup).to(y.dtype)
+            y = y + (c * scale.to(c.dtype) if scale is not None else c)
+        return y
     for c in contributions:
         c = c.to(y.device, y.dtype)
         y = y + (c * scale.to(c.dtype) if scale is not None else c)
@@ -101,8 +106,14 @@ def run_split(
 def _plan(parts: Sequence[nn.Module], x: torch.Tensor, rows: int, parallel: str) -> str:
     if parallel == "off" or not parts or x.device.type != "cpu":
         return "off"
-    big = sum(p.cost() * rows >= THREAD_MIN_MACS for p in parts)
-    return "threads" if parallel == "threads" or (parallel == "auto" and big and (os.cpu_count() or 1) > 1) else "off"
+    if parallel == "threads":
+        return "threads"
+    return "threads" if _cores() > 1 and any(p.cost() * rows >= THREAD_MIN_MACS for p in parts) else "off"
+
+
+@cache
+def _cores() -> int:
+    return os.cpu_count() or 1
 
 
 def _device(part: nn.Module, x: torch.Tensor) -> torch.device:
