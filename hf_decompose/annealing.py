@@ -376,7 +376,7 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     floor = None if floor_of is None else floor_of(calib)
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
              "tie_tolerance": opts["tie_tolerance"], "floor": floor}
-    cands = _Candidates(layers, exact_of, engine.grams, config)
+    cands = _Candidates(layers, exact_of, engine.grams, config, made.store if isinstance(made, _StoredLevels) else None)
     order = sorted(layers, key=_layer_key)
     level_of: dict[str, int | None] = dict.fromkeys(order)
 
@@ -420,25 +420,55 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
 
 
 class _Candidates:
-    """The `_Candidate`s of one layer at a time (exact deltas, the Grams of their inputs on the exact
-    model), made when a tensor of another layer is asked for."""
+    """The `_Candidate`s of a layer (exact deltas, the Grams of their inputs on the exact model), made
+    when first asked for. Without a `store` every layer's stay in memory; with one, only the layer last
+    asked for does, and a layer left behind leaves its Grams and factors there for a later visit."""
 
-    def __init__(self, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], grams, config: DecomposedConfig):
+    def __init__(self, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], grams, config: DecomposedConfig,
+                 store: DeltaStore | None = None):
         self.layer_of = {n: layer for layer, names in layers.items() for n in names}
-        self.exact_of, self.grams, self.config = exact_of, grams, config
+        self.exact_of, self.grams, self.config, self.store = exact_of, grams, config, store
         self.layer: str | None = None
         self.items: dict[str, _Candidate] = {}
+        self.held: dict[str, dict[str, _Candidate]] = {}
 
     def __getitem__(self, name: str) -> _Candidate:
         layer = self.layer_of[name]
         if layer != self.layer:
             self.clear()
-            deltas = self.exact_of(layer)
-            grams = self.grams(layer, list(deltas))
-            self.items, self.layer = {n: _Candidate(d, grams.get(n), self.config) for n, d in deltas.items()}, layer
+            self.items, self.layer = self.held.get(layer) or self._make(layer), layer
+            if self.store is None:
+                self.held[layer] = self.items
         return self.items[name]
 
+    def _make(self, layer: str) -> dict[str, _Candidate]:
+        deltas = self.exact_of(layer)
+        key = f"candidates:{layer}"
+        if self.store is None or key not in self.store:
+            grams = self.grams(layer, list(deltas))
+            return {n: _Candidate(d, grams.get(n), self.config) for n, d in deltas.items()}
+        saved = self.store.get_tensors(key)
+        items = {}
+        for n, d in deltas.items():
+            factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
+            floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
+            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor)
+        return items
+
     def clear(self) -> None:
+        """Forget the layer last asked for (with a store: saved there first, its Grams and factors)."""
+        if self.store is not None and self.layer is not None:
+            key = f"candidates:{self.layer}"
+            saved = {} if key not in self.store else self.store.get_tensors(key)
+            for n, c in self.items.items():
+                if c.gram is not None:
+                    saved[f"{n}.gram"] = c.gram
+                if c._factors is not None:
+                    saved.update({f"{n}.{k}": t for k, t in zip("uvs", c._factors)})
+                if c._floor is not None:
+                    saved[f"{n}.floor"] = torch.tensor(c._floor)
+            if saved:
+                self.store.put_tensors(key, saved)
         self.layer, self.items = None, {}
 
 

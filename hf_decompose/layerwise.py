@@ -13,6 +13,10 @@ and the hidden states.
 from __future__ import annotations
 
 import copy
+import itertools
+import json
+import os
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from .checkpoints import TORCH_DTYPES
 from .errors import CheckpointError
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
 from .names import TensorTargets
@@ -33,16 +38,19 @@ Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
 
 class Layerwise:
     """`hf_config`'s model in `dtype` with weights `weights(name)` (a checkpoint tensor by name, any
-    float dtype) for checkpoint tensors `names`; decoder layer ``i`` gets ``layer_deltas(i)`` put in
-    (`execution`, swappable) whenever it is materialised. Resident deltas go in with `set_resident`."""
+    float dtype) for checkpoint tensors `names`, those of decoder layers read by `layer_weights` (default:
+    `weights`) every time a layer is materialised; decoder layer ``i`` gets ``layer_deltas(i)`` put in
+    (`execution`, swappable) whenever it is. Resident deltas go in with `set_resident`."""
 
     def __init__(self, hf_config, dtype: torch.dtype, names: list[str], weights: Callable[[str], torch.Tensor],
-                 layer_deltas: Callable[[int], dict[str, TensorDelta]] | None = None, execution: str = "merged", batch_size: int = 8):
+                 layer_weights: Callable[[str], torch.Tensor] | None = None, layer_deltas: Callable[[int], dict[str, TensorDelta]] | None = None,
+                 execution: str = "merged", batch_size: int = 8):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         model.eval()
         self.targets = TensorTargets(model)
-        self.names, self.weights, self.dtype, self.execution, self.batch_size = names, weights, dtype, execution, batch_size
+        self.names, self.dtype, self.execution, self.batch_size = names, dtype, execution, batch_size
+        self.weights, self.layer_weights = weights, layer_weights or weights
         self.layer_deltas = layer_deltas or (lambda i: {})
         self.prefix, layers = _decoder_layers(model)
         self.meta_layers = list(layers)
@@ -99,7 +107,7 @@ class Layerwise:
         skip = f"{self.prefix}.{index}." if index is not None else ""
         for name in self.by_layer.get(index, []):
             target = self.targets.get(name) or target_parameter(name, self.names, self.model, self.targets)
-            tensor = self.weights(name).to(self.dtype)
+            tensor = (self.weights if index is None else self.layer_weights)(name).to(self.dtype)
             pname = target.parameter[len(skip) :]
             owner_name, _, attr = pname.rpartition(".")
             owner = root.get_submodule(owner_name)
@@ -221,17 +229,28 @@ class DeltaStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files: dict[str, tuple[Path, dict[str, tuple[tuple[int, ...], bool]]]] = {}
+        self._count = itertools.count()
 
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
     def put(self, key: str, deltas: dict[str, TensorDelta]) -> None:
-        path = self.directory / f"{len(self._files):05d}.safetensors"
+        path = self.directory / f"{next(self._count):05d}.safetensors"
         save_file({k: v for d in deltas.values() for k, v in d.state().items()}, path)
         self._files[key] = (path, {n: (tuple(d.shape), d.transposed) for n, d in deltas.items()})
 
     def names(self, key: str) -> list[str]:
         return list(self._files[key][1])
+
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Plain tensors under `key` (read back whole by `get_tensors`)."""
+        path = self.directory / f"{next(self._count):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        self._files[key] = (path, {})
+
+    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        with safe_open(self._files[key][0], framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}
 
     def get(self, key: str, names: list[str] | None = None) -> dict[str, TensorDelta]:
         path, meta = self._files[key]
@@ -243,3 +262,27 @@ class DeltaStore:
                 tensors = {k: handle.get_tensor(k) for k in keys if k.startswith(n + ".")}
                 out[n] = TensorDelta.from_state(n, meta[n][0], meta[n][1], tensors)
         return out
+
+
+class RawTensors:
+    """Tensors of safetensors files read with one ``pread`` each, in their stored dtype: no mapping whose
+    pages fault in on every read, no checks (the files were read and checked once already)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, int, int, torch.dtype, list[int]]] = {}
+        for file in files:
+            with open(file, "rb") as handle:
+                size = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start, stop = entry["data_offsets"]
+                    self._where[name] = (file, 8 + size + start, stop - start, TORCH_DTYPES[entry["dtype"]], entry["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        file, offset, nbytes, dtype, shape = self._where[name]
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        with open(file, "rb", buffering=0) as handle:
+            if os.preadv(handle.fileno(), [out.numpy()], offset) != nbytes:
+                raise CheckpointError(f"{file}: tensor {name!r} is cut short")
+        return out.view(dtype).view(shape)

@@ -213,3 +213,33 @@ def test_knapsack_spends_damage_where_it_buys_most_bytes():
     x = torch.randn(50, 5, generator=gen)
     assert weighted_error(e, x.t() @ x) == pytest.approx(float((x @ e.t()).square().sum()), rel=1e-6)
     assert weighted_error(e, None) == pytest.approx(float(e.square().sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("tied, annealing", [
+    (True, {"levels": ["lr0.003", "lr0.01", "lr0.03"]}),  # low-rank-only levels: the bfloat16 precision step is accepted
+    (False, {"schedule": "knapsack"}),
+])  # fmt: skip
+def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_untied, tied, annealing):
+    """`decompose` anneals one decoder layer at a time (`layerwise`); annealing the whole model held in
+    memory makes the same guard calls with the same statistics and keeps the same deltas."""
+    from hf_decompose.annealing import anneal_model
+    from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
+    from hf_decompose.model import build_model, compute_deltas
+
+    pair = tiny_pair if tied else tiny_pair_untied
+    config = DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128, **annealing})
+    streamed = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=False)
+    checkpoints = CheckpointPair(CheckpointReader(pair.base), CheckpointReader(pair.finetuned))
+    deltas, _ = compute_deltas(checkpoints, config, progress=False)
+    model = build_model(pair.base, pair.finetuned, deltas, config, checkpoints.dtype)
+    kept, report = anneal_model(model, deltas, pair.finetuned, pair.base, pair.calib_prompts, config, progress=False)
+    annealed = streamed.report["annealing"]
+    assert [x["level"] for x in annealed["levels"]] == [x["level"] for x in report["levels"]]
+    assert any(x["level"] is not None for x in report["levels"])  # something was annealed
+    keys = ("accepted", "level", "layer", "expected_flips", "mean_kl", "max_abs_logit_diff", "top1_agreement", "tie_agreement")
+    assert [{k: t.get(k) for k in keys} for t in annealed["trace"]] == [{k: t.get(k) for k in keys} for t in report["trace"]]
+    assert annealed["precision"] == report["precision"]
+    assert report["precision"]["accepted"] == tied
+    assert set(streamed.deltas) == set(kept)
+    for name, delta in kept.items():
+        assert torch.equal(streamed.deltas[name].to_dense(), delta.to_dense()), name
