@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,11 +103,19 @@ def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tol
     f0 near zero (0.1 / the 10th-percentile margin), E[flips above t] = positions x f0 x E[(d - t)+]
     = positions x f0 x (s phi(t/s) - t (1 - Phi(t/s))), which is positions x f0 x s / sqrt(2 pi) at t = 0.
     """
-    ref_gap = calib.margin
+    return _flips(calib, float(_gap_change(calib, logits).square().mean().sqrt()), positions, tolerance)
+
+
+def _gap_change(calib: Calibration, logits: torch.Tensor) -> torch.Tensor:
+    """The change of each position's reference top-1/top-2 logit gap."""
     top1 = logits.gather(-1, calib.top1[..., None])[..., 0]
     top2 = logits.gather(-1, calib.second[..., None])[..., 0]
-    s = float(((top1 - top2) - ref_gap).square().mean().sqrt())
-    f0 = 0.1 / max(float(ref_gap.flatten().quantile(0.1)), 1e-6)
+    return (top1 - top2) - calib.margin
+
+
+def _flips(calib: Calibration, s: float, positions: int, tolerance: float) -> float:
+    """`expected_flips` from the RMS gap change `s`."""
+    f0 = 0.1 / max(float(calib.margin.flatten().quantile(0.1)), 1e-6)
     if s == 0.0:
         return 0.0
     z = tolerance / s
@@ -133,14 +141,40 @@ class Floor:
 
 def kl_to(calib: Calibration, logits: torch.Tensor) -> float:
     """Mean KL(reference || model) over the calibration positions."""
-    return float(torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
+    return float(_kl(calib, logits).mean())
+
+
+def _kl(calib: Calibration, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per calibration position."""
+    return torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
 
 
 @torch.no_grad()
 def measure_floor(bf16_model: nn.Module, calib: Calibration, positions: int, tie_tolerance: float, batch_size: int = 8) -> Floor:
     """The floor target's bound from the fine-tune served in bfloat16 (`bf16_model`)."""
-    logits = continuation_logits(bf16_model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
-    return Floor(expected_flips(calib, logits, positions, tie_tolerance), kl_to(calib, logits))
+    batches = _batch_logits(bf16_model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+    stats = _scores(calib, batches, positions, tie_tolerance)
+    return Floor(stats["expected_flips_above_tolerance"], stats["mean_kl"])
+
+
+def _scores(calib: Calibration, batches: Iterable[torch.Tensor], positions: int, tie_tolerance: float) -> dict[str, float]:
+    """The guard's statistics, gathered one batch of continuation logits at a time (consecutive rows of
+    the calibration set), so that no (prompts, tokens, vocab) tensor but the reference's is held."""
+    n, agree, tie, square, kl, max_diff, start = 0, 0, 0, 0.0, 0.0, 0.0, 0
+    for logits in batches:
+        rows = slice(start, start + logits.shape[0])
+        start = rows.stop
+        ref = Calibration(calib.input_ids[rows], calib.attention_mask[rows], calib.prompt_len, calib.top1[rows], calib.second[rows],
+                          calib.margin[rows], calib.logits[rows])
+        n += ref.top1.numel()
+        agree += int((logits.argmax(-1) == ref.top1).sum())
+        tie += int(tie_equivalent(ref, logits, tie_tolerance).sum())
+        square += float(_gap_change(ref, logits).double().square().sum())
+        kl += float(_kl(ref, logits).double().sum())
+        max_diff = max(max_diff, float((logits - ref.logits).abs().max()))
+    s = math.sqrt(square / n)
+    return {"top1_agreement": agree / n, "tie_agreement": tie / n, "expected_flips": _flips(calib, s, positions, 0.0),
+            "expected_flips_above_tolerance": _flips(calib, s, positions, tie_tolerance), "max_abs_logit_diff": max_diff, "mean_kl": kl / n}
 
 
 def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: float = 0.99, max_flips: float = 0.5,
@@ -157,17 +191,12 @@ def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: 
     `model`: a model, or an annealing engine (`_StreamEngine`: the model run layer by layer).
     """
     if isinstance(model, nn.Module):
-        logits = continuation_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+        batches = _batch_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
     else:
-        logits = torch.cat(list(model.logits(calib)))
-    agree = float((logits.argmax(-1) == calib.top1).float().mean())
-    kl = kl_to(calib, logits)
-    flips = expected_flips(calib, logits, positions)
-    above = expected_flips(calib, logits, positions, tie_tolerance)
-    tie = float(tie_equivalent(calib, logits, tie_tolerance).float().mean())
-    max_diff = float((logits - calib.logits).abs().max())
-    stats = {"top1_agreement": agree, "tie_agreement": tie, "expected_flips": flips, "expected_flips_above_tolerance": above,
-             "max_abs_logit_diff": max_diff, "mean_kl": kl}
+        batches = model.logits(calib)
+    stats = _scores(calib, batches, positions, tie_tolerance)
+    agree, tie, flips, above, max_diff, kl = (stats[k] for k in ("top1_agreement", "tie_agreement", "expected_flips", "expected_flips_above_tolerance",
+                                                                  "max_abs_logit_diff", "mean_kl"))
     if target == "exact":
         return max_diff == 0.0, stats
     if target == "identical":
@@ -655,8 +684,8 @@ class _StreamEngine:
         for _, hidden in bf16.run(hidden, calls, 0):
             pass
         keep = calib.input_ids.shape[1] - calib.prompt_len + 1
-        logits = torch.cat([x[:, :-1].float() for x in bf16.head(hidden, calib.input_ids, calib.attention_mask, keep)])
-        return Floor(expected_flips(calib, logits, positions, tie_tolerance), kl_to(calib, logits))
+        stats = _scores(calib, (x[:, :-1].float() for x in bf16.head(hidden, calib.input_ids, calib.attention_mask, keep)), positions, tie_tolerance)
+        return Floor(stats["expected_flips_above_tolerance"], stats["mean_kl"])
 
 
 def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar) -> dict[str, int | None]:
