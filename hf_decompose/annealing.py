@@ -578,6 +578,7 @@ class _StreamEngine:
         self.exact_inputs: dict[int, Hidden] = {}
         self.calls: list = []
         self.calib: Calibration | None = None
+        self.keep_inputs = False
         lw.layer_deltas = self._deltas
 
     def _deltas(self, index: int) -> dict[str, TensorDelta]:
@@ -632,8 +633,9 @@ class _StreamEngine:
         ids = torch.cat([enc["input_ids"], cont], 1)
         mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)
         self.calib = Calibration(ids, mask, enc["input_ids"].shape[1], *(torch.empty(0),) * 4)
+        self.keep_inputs = True  # every layer's input on the exact model: its Grams' inputs
         logits = torch.cat(list(self.logits(self.calib)))
-        self.exact_inputs = dict(self.inputs)
+        self.exact_inputs, self.keep_inputs = dict(self.inputs), False
         top2 = logits.topk(2, dim=-1)
         self.calib = Calibration(ids, mask, self.calib.prompt_len, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], logits)
         return self.calib
@@ -646,9 +648,12 @@ class _StreamEngine:
         start = max(self.inputs)
         hidden = self.inputs[start]
         for i, hidden in self.lw.run(hidden, self.calls, start):
-            self.inputs[i] = hidden
+            if i == start + 1 or self.keep_inputs:
+                self.inputs[i] = hidden
+        if not self.keep_inputs:  # a schedule moves a layer at a time: earlier layers' inputs are not asked for again
+            self.inputs = {i: h for i, h in self.inputs.items() if i in (0, start, start + 1)}
         keep = calib.input_ids.shape[1] - calib.prompt_len + 1
-        for logits in self.lw.head(self.inputs[len(self.lw.meta_layers)], calib.input_ids, calib.attention_mask, keep):
+        for logits in self.lw.head(hidden, calib.input_ids, calib.attention_mask, keep):
             yield logits[:, :-1].float()
 
     @torch.no_grad()
@@ -658,7 +663,7 @@ class _StreamEngine:
         bs = self.lw.batch_size
         if index is None:  # the head: its input is the final norm's output (no head delta changes it)
             collector = GramCollector({n: self.lw.model.get_submodule(self.gram_names[n]) for n in names})
-            final = self.exact_inputs[len(self.lw.meta_layers)]
+            final = self.exact_inputs.pop(len(self.lw.meta_layers))
             batches = self.lw.head(final, calib.input_ids, calib.attention_mask)
             for b in range(len(final)):
                 collector.mask = calib.attention_mask[b * bs : (b + 1) * bs]
@@ -668,7 +673,7 @@ class _StreamEngine:
         layer_module = self.lw.layer(index, self._deltas_exact(index))
         skip = len(f"{self.lw.prefix}.{index}.")
         collector = GramCollector({n: layer_module.get_submodule(self.gram_names[n][skip:]) for n in names})
-        for b, h in enumerate(self.exact_inputs[index]):
+        for b, h in enumerate(self.exact_inputs.pop(index)):  # asked for once: the candidates keep their Grams
             collector.mask = calib.attention_mask[b * bs : (b + 1) * bs]
             layer_module(h, *self.calls[b][index][0], **self.calls[b][index][1])
         return collector.close()

@@ -375,8 +375,10 @@ def decompose_to_disk(
 
     Modes ``lossless`` and ``criterion`` stream: each layer's deltas are written as soon as they are
     computed and then dropped, so memory stays near one layer of each checkpoint (the largest: the
-    embedding). ``anneal`` runs the exact model on the calibration prompts, so it holds one model and
-    the deltas. With `resume_dir`, finished layers are cached there for a re-run of the same inputs and
+    embedding). ``anneal`` streams too: the exact deltas and every level built go to a scratch store on
+    disk, the guard runs the model one decoder layer at a time (`layerwise`), so it holds the resident
+    modules (embeddings, head), one layer, the calibration set's hidden states per layer and its
+    reference logits. With `resume_dir`, finished layers are cached there for a re-run of the same inputs and
     config, and deleted once the artifact is written (unless `keep_cache`).
     """
     config = config or DecomposedConfig()
