@@ -626,8 +626,10 @@ class _StreamEngine:
     def calibrate(self, tokenizer, prompts: list[str], tokens: int) -> Calibration:
         """Greedy continuations from the fine-tune's own runner; reference logits (and the exact model's
         inputs of every layer, for the Grams) from this one."""
-        reference = self.reference(self.lw.dtype)
-        cont = torch.stack(greedy_generate(reference.model, tokenizer, prompts, tokens))
+        reference, bs = self.reference(self.lw.dtype), self.lw.batch_size
+        batches = [prompts[s : s + bs] for s in range(0, len(prompts), bs)]  # as `greedy_generate` batches them
+        cont = torch.stack([t for batch in reference.in_step([lambda b=b: greedy_generate(reference.model, tokenizer, b, tokens, bs) for b in batches])
+                            for t in batch])
         del reference
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         ids = torch.cat([enc["input_ids"], cont], 1)

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -181,7 +182,41 @@ class Layerwise:
         finally:
             self.mode, self._inject = "stream", None
 
+    def in_step(self, jobs: list[Callable[[], object]]) -> list:
+        """Run `jobs` (each a forward or `generate` on this model, all making the same layer calls) in lock
+        step, one thread each and one at a time, so that each decoder layer is materialised once for every
+        call it serves: a generation of n batches reads each layer once per new token, not n times.
+        A job that fails or stops short fails them all."""
+        step = _Lockstep(self, len(jobs))
+        results: list = [None] * len(jobs)
+        errors: list[BaseException] = []
+
+        def work(k: int) -> None:
+            with step.lock:
+                try:
+                    results[k] = jobs[k]()
+                except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                    errors.append(err)
+                step.finished += 1
+                if step.barrier.n_waiting:  # the others wait for a layer call this job will never make
+                    step.barrier.abort()
+
+        self.mode, self._step = "lockstep", step
+        try:
+            threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(jobs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            self.mode, self._step = "stream", None
+        if errors:
+            raise errors[0]
+        return results
+
     def _call(self, index: int, args: tuple, kwargs: dict):
+        if self.mode == "lockstep":
+            return self._step.call(index, args, kwargs)
         if self.mode == "capture":
             self._calls[index] = (args, kwargs)
             return args[0]
@@ -189,6 +224,34 @@ class Layerwise:
             return self._inject if index == len(self.meta_layers) - 1 else args[0]
         layer = self.layer(index)
         return layer(*args, **kwargs)
+
+
+class _Lockstep:
+    """The rendezvous of `Layerwise.in_step`: every job holds `lock` while it runs; at a layer call it lets
+    go and waits for the others; the last to arrive materialises the layer for all."""
+
+    def __init__(self, owner: Layerwise, parties: int):
+        self.owner, self.lock, self.finished = owner, threading.Lock(), 0
+        self.barrier = threading.Barrier(parties, action=self._materialise)
+        self.index: int | None = None
+        self.layer: nn.Module | None = None
+
+    def _materialise(self) -> None:
+        self.layer = None
+        self.layer = self.owner.layer(self.index)
+
+    def call(self, index: int, args: tuple, kwargs: dict):
+        if self.index is not None and self.index != index and self.barrier.n_waiting:
+            raise RuntimeError("jobs run in lock step called different layers")
+        self.index = index
+        self.lock.release()
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise RuntimeError("jobs run in lock step made different numbers of layer calls") from None
+        finally:
+            self.lock.acquire()
+        return self.layer(*args, **kwargs)
 
 
 class _Proxy(nn.Module):
