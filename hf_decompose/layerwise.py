@@ -69,7 +69,7 @@ class Layerwise:
         set_submodule(model, self.prefix, nn.ModuleList(_Proxy(self, i) for i in range(len(layers))))
         self.model = model
         self._load(model, None)
-        self.mode, self._calls, self._inject = "stream", None, None
+        self.mode, self._calls, self._inject, self._arity = "stream", None, None, None
 
     # -- structure -----------------------------------------------------------------------------
     def index_of(self, name: str) -> int | None:
@@ -182,6 +182,9 @@ class Layerwise:
         finally:
             self.mode, self._inject = "stream", None
 
+    def _as_output(self, hidden: torch.Tensor):
+        return (hidden, *(None,) * (self._arity - 1)) if self._arity else hidden
+
     def in_step(self, jobs: list[Callable[[], object]]) -> list:
         """Run `jobs` (each a forward or `generate` on this model, all making the same layer calls) in lock
         step, one thread each and one at a time, so that each decoder layer is materialised once for every
@@ -219,9 +222,12 @@ class Layerwise:
             return self._step.call(index, args, kwargs)
         if self.mode == "capture":
             self._calls[index] = (args, kwargs)
-            return args[0]
+            if self._arity is None:  # what a layer returns (a tensor, or a tuple, as Falcon's): proxies answer alike
+                out = self.layer(index)(*args, **kwargs)
+                self._arity = len(out) if isinstance(out, tuple) else 0
+            return self._as_output(args[0])
         if self.mode == "inject":
-            return self._inject if index == len(self.meta_layers) - 1 else args[0]
+            return self._as_output(self._inject if index == len(self.meta_layers) - 1 else args[0])
         layer = self.layer(index)
         return layer(*args, **kwargs)
 
