@@ -627,10 +627,10 @@ class _StreamEngine:
         """Greedy continuations from the fine-tune's own runner; reference logits (and the exact model's
         inputs of every layer, for the Grams) from this one."""
         reference, bs = self.reference(self.lw.dtype), self.lw.batch_size
-        batches = [prompts[s : s + bs] for s in range(0, len(prompts), bs)]  # as `greedy_generate` batches them
-        cont = torch.stack([t for batch in reference.in_step([lambda b=b: greedy_generate(reference.model, tokenizer, b, tokens, bs) for b in batches])
-                            for t in batch])
-        del reference
+        jobs = [lambda b=prompts[s : s + bs], m=reference.model: greedy_generate(m, tokenizer, b, tokens, bs)  # batched as `greedy_generate` does
+                for s in range(0, len(prompts), bs)]
+        cont = torch.stack([t for batch in reference.in_step(jobs) for t in batch])
+        del reference, jobs
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         ids = torch.cat([enc["input_ids"], cont], 1)
         mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)

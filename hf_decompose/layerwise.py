@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from .checkpoints import TORCH_DTYPES
 from .errors import CheckpointError
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
-from .names import TensorTargets
+from .names import Target, TensorTargets
 from .substructures import TensorDelta
 
 Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
@@ -40,19 +40,19 @@ Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
 class Layerwise:
     """`hf_config`'s model in `dtype` with weights `weights(name)` (a checkpoint tensor by name, any
     float dtype) for checkpoint tensors `names`, those of decoder layers read by `layer_weights` (default:
-    `weights`) every time a layer is materialised; decoder layer ``i`` gets ``layer_deltas(i)`` put in
-    (`execution`, swappable) whenever it is. Resident deltas go in with `set_resident`."""
+    `weights`) every time a layer is materialised; decoder layer ``i`` gets ``layer_deltas(i)`` (an
+    attribute: none by default) put in (`execution`, swappable) whenever it is. Resident deltas go in with
+    `set_resident`."""
 
     def __init__(self, hf_config, dtype: torch.dtype, names: list[str], weights: Callable[[str], torch.Tensor],
-                 layer_weights: Callable[[str], torch.Tensor] | None = None, layer_deltas: Callable[[int], dict[str, TensorDelta]] | None = None,
-                 execution: str = "merged", batch_size: int = 8):
+                 layer_weights: Callable[[str], torch.Tensor] | None = None, execution: str = "merged", batch_size: int = 8):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         model.eval()
         self.targets = TensorTargets(model)
-        self.names, self.dtype, self.execution, self.batch_size = names, dtype, execution, batch_size
+        self.dtype, self.execution, self.batch_size = dtype, execution, batch_size
         self.weights, self.layer_weights = weights, layer_weights or weights
-        self.layer_deltas = layer_deltas or (lambda i: {})
+        self.layer_deltas: Callable[[int], dict[str, TensorDelta]] = lambda i: {}
         self.prefix, layers = _decoder_layers(model)
         self.meta_layers = list(layers)
         aliases: dict[int, list[str]] = {}
@@ -60,12 +60,13 @@ class Layerwise:
             aliases.setdefault(id(param), []).append(pname)
         self.aliases = {p: names_ for names_ in aliases.values() for p in names_}
         self.by_layer: dict[int | None, list[str]] = {}
+        self.target_of: dict[str, Target] = {}
         for name in names:
             try:
-                target = target_parameter(name, names, model, self.targets)
+                self.target_of[name] = target_parameter(name, names, model, self.targets)
             except CheckpointError:
                 continue  # a saved buffer: transformers computes it
-            self.by_layer.setdefault(self.index_of(target.parameter), []).append(name)
+            self.by_layer.setdefault(self.index_of(self.target_of[name].parameter), []).append(name)
         set_submodule(model, self.prefix, nn.ModuleList(_Proxy(self, i) for i in range(len(layers))))
         self.model = model
         self._load(model, None)
@@ -87,7 +88,7 @@ class Layerwise:
             modules.update({f"{self.prefix}.{i}.{n}".rstrip("."): m for n, m in layer.named_modules()})
         module_names = {}
         for name in names:
-            target = self.targets.get(name) or target_parameter(name, self.names, self.model, self.targets)
+            target = self.target_of[name]
             owner = target.parameter.rpartition(".")[0]
             if runs_split(target, modules[owner]):
                 module_names[name] = owner
@@ -107,7 +108,7 @@ class Layerwise:
         """Read the weights of layer `index` (None: the resident tensors) into `root`, in `dtype`."""
         skip = f"{self.prefix}.{index}." if index is not None else ""
         for name in self.by_layer.get(index, []):
-            target = self.targets.get(name) or target_parameter(name, self.names, self.model, self.targets)
+            target = self.target_of[name]
             tensor = (self.weights if index is None else self.layer_weights)(name).to(self.dtype)
             pname = target.parameter[len(skip) :]
             owner_name, _, attr = pname.rpartition(".")
@@ -161,11 +162,12 @@ class Layerwise:
             self.mode, self._calls = "stream", None
         return hidden, calls
 
-    def run(self, hidden: Hidden, calls: list, start: int, layer_of: Callable[[int], nn.Module] | None = None) -> Iterator[tuple[int, Hidden]]:
-        """Run `hidden` (the inputs of layer `start`) through layers start..N-1; yield (i, the inputs of
-        layer i) for i = start+1..N (N: the final hidden states)."""
+    def run(self, hidden: Hidden, calls: list, start: int) -> Iterator[tuple[int, Hidden]]:
+        """Run `hidden` (the inputs of layer `start`, per batch; `calls`: from `capture`) through layers
+        start..N-1, each materialised once; yield (i, the inputs of layer i) for i = start+1..N (N: the
+        final hidden states)."""
         for i in range(start, len(self.meta_layers)):
-            layer = (layer_of or self.layer)(i)
+            layer = self.layer(i)
             hidden = [_out(layer(h, *calls[b][i][0], **calls[b][i][1])) for b, h in enumerate(hidden)]
             del layer
             yield i + 1, hidden
