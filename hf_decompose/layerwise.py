@@ -202,9 +202,7 @@ class Layerwise:
                     results[k] = jobs[k]()
                 except BaseException as err:  # noqa: BLE001 - handed to the caller below
                     errors.append(err)
-                step.finished += 1
-                if step.barrier.n_waiting:  # the others wait for a layer call this job will never make
-                    step.barrier.abort()
+                step.barrier.abort()  # jobs alike are past their last layer call; any other call now fails
 
         self.mode, self._step = "lockstep", step
         try:
@@ -239,7 +237,7 @@ class _Lockstep:
     go and waits for the others; the last to arrive materialises the layer for all."""
 
     def __init__(self, owner: Layerwise, parties: int):
-        self.owner, self.lock, self.finished = owner, threading.Lock(), 0
+        self.owner, self.lock = owner, threading.Lock()
         self.barrier = threading.Barrier(parties, action=self._materialise)
         self.index: int | None = None
         self.layer: nn.Module | None = None
