@@ -486,9 +486,9 @@ class _Candidates:
 
     def clear(self) -> None:
         """Forget the layer last asked for (with a store: saved there first, its Grams and factors)."""
-        if self.store is not None and self.layer is not None:
-            key = f"candidates:{self.layer}"
-            saved = {} if key not in self.store else self.store.get_tensors(key)
+        key = f"candidates:{self.layer}"
+        if self.store is not None and self.layer is not None and key not in self.store:  # a first visit builds every factor it needs
+            saved = {}
             for n, c in self.items.items():
                 if c.gram is not None:
                     saved[f"{n}.gram"] = c.gram
