@@ -2,7 +2,9 @@
 fine-tuned model's size in memory (fp32 bytes). Each measurement runs in its own process:
 
 * ``imports``              - the interpreter with torch, transformers and hf_decompose imported (the floor);
-* ``<mode> streaming``     - `decompose_to_disk(mode=...)`: layers streamed into the artifact, no model built;
+* ``<mode> streaming``     - `decompose_to_disk(mode=...)`: layers streamed into the artifact, no model built
+  (``anneal``: on the pair's calibration prompts, the guard run one decoder layer at a time; its row also
+  records the annealing time, the level chosen per layer and the number of guard calls);
 * ``<mode> in memory``     - `decompose(mode=...)` + `save_pretrained`: the model with every delta, then saved.
 * ``loading``              - the plain fine-tune (`AutoModelForCausalLM.from_pretrained`) beside its artifact
   loaded merged and split (`DecomposedModel.from_pretrained`), each followed by one forward pass: peak RSS
@@ -12,7 +14,7 @@ Target: peak <= 1.5x the fine-tuned model's fp32 size (streaming); reported both
 imports' floor (for a 135M model the interpreter with torch alone is ~0.8x). Writes
 benchmarks/results/memory.json.
 
-    python benchmarks/memory.py [--modes lossless,criterion]
+    flock /tmp/hf_decompose_bench.lock python benchmarks/memory.py [--modes lossless,criterion,anneal] [--phases streaming,in_memory,loading]
 """
 
 from __future__ import annotations
@@ -36,14 +38,18 @@ import json, resource, sys, tempfile, time
 import torch, transformers
 import hf_decompose
 from hf_decompose import DecomposedConfig, decompose, decompose_to_disk
-phase, mode, base, ft, art = sys.argv[1:6]
+phase, mode, base, ft, art, calibration = sys.argv[1:7]
 t0 = time.perf_counter()
-footprint = None
+footprint, annealing = None, None
+config = DecomposedConfig(mode=mode, calibration=calibration or None)
 with tempfile.TemporaryDirectory() as out:
     if phase == "streaming":
-        decompose_to_disk(ft, base, DecomposedConfig(mode=mode), output_dir=f"{out}/artifact", progress=False)
+        path = decompose_to_disk(ft, base, config, output_dir=f"{out}/artifact", progress=False)
+        if mode == "anneal":
+            a = json.loads((path / "decomposition.json").read_text())["annealing"]
+            annealing = {"seconds": a["seconds"], "guard_calls": len(a["trace"]), "levels": {x["layer"]: x["level"] for x in a["levels"]}}
     elif phase == "in_memory":
-        decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(f"{out}/artifact")
+        decompose(ft, base, config, progress=False).save_pretrained(f"{out}/artifact")
     elif phase.startswith("load_"):
         if phase == "load_finetune":
             model = transformers.AutoModelForCausalLM.from_pretrained(ft)
@@ -52,13 +58,14 @@ with tempfile.TemporaryDirectory() as out:
         with torch.no_grad():
             model(input_ids=torch.arange(1, 65).reshape(1, 64))
         footprint = model.get_memory_footprint()
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "footprint_bytes": footprint}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "footprint_bytes": footprint, "annealing": annealing}))
 """
 
 
-def measure(phase: str, mode: str, base: Path, finetuned: Path, artifact: Path | str = "") -> dict:
-    """Peak RSS (ru_maxrss) and wall time of one phase, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(finetuned), str(artifact)], capture_output=True, text=True)
+def measure(phase: str, mode: str, base: Path, finetuned: Path, artifact: Path | str = "", calibration: Path | str = "") -> dict:
+    """Peak RSS (ru_maxrss) and wall time of one phase, in a fresh process (`calibration`: a prompts file)."""
+    proc = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(finetuned), str(artifact), str(calibration)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{phase} {mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -75,6 +82,7 @@ def model_bytes(finetuned: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="lossless,criterion")
+    parser.add_argument("--phases", default="streaming,in_memory,loading")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "memory.json"))
     args = parser.parse_args()
     from hf_decompose import DecomposedConfig, decompose_to_disk
@@ -83,26 +91,34 @@ def main() -> None:
     pair = prepare_default_pair()
     size = model_bytes(pair.finetuned)
     floor = measure("imports", "", pair.base, pair.finetuned)["peak_rss_bytes"]
+    phases = args.phases.split(",")
+    scratch = tempfile.TemporaryDirectory()
+    calibration = Path(scratch.name) / "calibration.txt"
+    calibration.write_text("\n".join(pair.calib_prompts))  # one prompt a line (none holds a newline)
     rows: dict[str, dict] = {}
     for mode in args.modes.split(","):
-        for phase in ("streaming", "in_memory"):
-            m = measure(phase, mode, pair.base, pair.finetuned)
+        for phase in [p for p in ("streaming", "in_memory") if p in phases]:
+            m = measure(phase, mode, pair.base, pair.finetuned, calibration=calibration if mode == "anneal" else "")
             rows.setdefault(mode, {})[phase] = m | {
+                "load_average_1min": os.getloadavg()[0],
                 "peak_over_model": m["peak_rss_bytes"] / size,
                 "above_imports_over_model": (m["peak_rss_bytes"] - floor) / size,
                 "within_target": m["peak_rss_bytes"] <= TARGET * size,
                 "within_target_above_imports": m["peak_rss_bytes"] - floor <= TARGET * size,
             }
-    loading = {"finetune": measure("load_finetune", "", pair.base, pair.finetuned)}
+    loading = {"finetune": measure("load_finetune", "", pair.base, pair.finetuned)} if "loading" in phases else {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
-            artifact = decompose_to_disk(pair.finetuned, pair.base, DecomposedConfig(mode=mode), output_dir=Path(tmp) / mode, progress=False)
+        for mode in args.modes.split(",") if loading else []:
+            config = DecomposedConfig(mode=mode, calibration=calibration if mode == "anneal" else None)
+            artifact = decompose_to_disk(pair.finetuned, pair.base, config, output_dir=Path(tmp) / mode, progress=False)
             for execution in ("merged", "split"):
                 loading[f"{mode} {execution}"] = measure(f"load_{execution}", mode, pair.base, pair.finetuned, artifact)
-    plain = loading["finetune"]
+    scratch.cleanup()
     for row in loading.values():
-        row["footprint_over_finetune"] = row["footprint_bytes"] / plain["footprint_bytes"]
-        row["peak_over_finetune_load"] = row["peak_rss_bytes"] / plain["peak_rss_bytes"]
+        row["footprint_over_finetune"] = row["footprint_bytes"] / loading["finetune"]["footprint_bytes"]
+        row["peak_over_finetune_load"] = row["peak_rss_bytes"] / loading["finetune"]["peak_rss_bytes"]
+    output = Path(args.output)
+    earlier = json.loads(output.read_text()) if output.is_file() else {}  # rows of modes and loads not measured now stay
     result = {
         "machine": machine(),
         "pair": {"base": pair.base.name, "finetuned": pair.finetuned.name},  # names in the cache, no machine paths
@@ -110,19 +126,19 @@ def main() -> None:
         "imports_peak_rss_bytes": floor,
         "target_peak_over_model": TARGET,
         "load_average_1min": os.getloadavg()[0],
-        "modes": rows,
-        "loading": loading,
+        "modes": earlier.get("modes", {}) | rows,
+        "loading": loading or earlier.get("loading", {}),
         "target_merged_footprint_over_finetune": MERGED_TARGET,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"fine-tune in memory (fp32): {size / 2**20:,.0f} MiB; imports alone: {floor / 2**20:,.0f} MiB")
-    for mode, phases in rows.items():
-        for phase, m in phases.items():
+    for mode, measured in rows.items():
+        for phase, m in measured.items():
             print(f"{mode:<10} {phase:<10} peak {m['peak_rss_bytes'] / 2**20:,.0f} MiB = {m['peak_over_model']:.2f}x the model "
                   f"({m['above_imports_over_model']:.2f}x above the imports), {m['seconds']:.0f} s")
     print(f"\n{'load':<22} {'peak RSS':>10} {'/ fine-tune load':>17} {'footprint':>10} {'/ fine-tune':>12}")
-    for name, row in loading.items():
+    for name, row in result["loading"].items():
         print(f"{name:<22} {row['peak_rss_bytes'] / 2**20:>7,.0f} MiB {row['peak_over_finetune_load']:>16.2f}x "
               f"{row['footprint_bytes'] / 2**20:>6,.0f} MiB {row['footprint_over_finetune']:>11.3f}x")
     print(f"wrote {args.output}")

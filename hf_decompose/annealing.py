@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,10 +44,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .config import DecomposedConfig, Level
-from .allocation import gap_sensitivity, solve, weighted_error
+from .allocation import solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, load_prompts
 from .errors import ConfigError, PromptError
+from .layerwise import DeltaStore, Hidden, Layerwise
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import quantize
@@ -81,11 +83,15 @@ def calibrate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: i
 
 @torch.no_grad()
 def continuation_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> torch.Tensor:
-    out, keep = [], ids.shape[1] - plen + 1  # the lm_head runs on the continuation positions only
+    return torch.cat(list(_batch_logits(model, ids, mask, plen, batch_size)))
+
+
+@torch.no_grad()
+def _batch_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> Iterator[torch.Tensor]:
+    keep = ids.shape[1] - plen + 1  # the lm_head runs on the continuation positions only
     for s in range(0, ids.shape[0], batch_size):
         logits = model(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size], logits_to_keep=keep).logits
-        out.append(logits[:, :-1].float())
-    return torch.cat(out)
+        yield logits[:, :-1].float()
 
 
 def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tolerance: float = 0.0) -> float:
@@ -97,11 +103,19 @@ def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tol
     f0 near zero (0.1 / the 10th-percentile margin), E[flips above t] = positions x f0 x E[(d - t)+]
     = positions x f0 x (s phi(t/s) - t (1 - Phi(t/s))), which is positions x f0 x s / sqrt(2 pi) at t = 0.
     """
-    ref_gap = calib.margin
+    return _flips(calib, float(_gap_change(calib, logits).square().mean().sqrt()), positions, tolerance)
+
+
+def _gap_change(calib: Calibration, logits: torch.Tensor) -> torch.Tensor:
+    """The change of each position's reference top-1/top-2 logit gap."""
     top1 = logits.gather(-1, calib.top1[..., None])[..., 0]
     top2 = logits.gather(-1, calib.second[..., None])[..., 0]
-    s = float(((top1 - top2) - ref_gap).square().mean().sqrt())
-    f0 = 0.1 / max(float(ref_gap.flatten().quantile(0.1)), 1e-6)
+    return (top1 - top2) - calib.margin
+
+
+def _flips(calib: Calibration, s: float, positions: int, tolerance: float) -> float:
+    """`expected_flips` from the RMS gap change `s`."""
+    f0 = 0.1 / max(float(calib.margin.flatten().quantile(0.1)), 1e-6)
     if s == 0.0:
         return 0.0
     z = tolerance / s
@@ -127,14 +141,40 @@ class Floor:
 
 def kl_to(calib: Calibration, logits: torch.Tensor) -> float:
     """Mean KL(reference || model) over the calibration positions."""
-    return float(torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean())
+    return float(_kl(calib, logits).mean())
+
+
+def _kl(calib: Calibration, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per calibration position."""
+    return torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
 
 
 @torch.no_grad()
 def measure_floor(bf16_model: nn.Module, calib: Calibration, positions: int, tie_tolerance: float, batch_size: int = 8) -> Floor:
     """The floor target's bound from the fine-tune served in bfloat16 (`bf16_model`)."""
-    logits = continuation_logits(bf16_model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
-    return Floor(expected_flips(calib, logits, positions, tie_tolerance), kl_to(calib, logits))
+    batches = _batch_logits(bf16_model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+    stats = _scores(calib, batches, positions, tie_tolerance)
+    return Floor(stats["expected_flips_above_tolerance"], stats["mean_kl"])
+
+
+def _scores(calib: Calibration, batches: Iterable[torch.Tensor], positions: int, tie_tolerance: float) -> dict[str, float]:
+    """The guard's statistics, gathered one batch of continuation logits at a time (consecutive rows of
+    the calibration set), so that no (prompts, tokens, vocab) tensor but the reference's is held."""
+    n, agree, tie, square, kl, max_diff, start = 0, 0, 0, 0.0, 0.0, 0.0, 0
+    for logits in batches:
+        rows = slice(start, start + logits.shape[0])
+        start = rows.stop
+        ref = Calibration(calib.input_ids[rows], calib.attention_mask[rows], calib.prompt_len, calib.top1[rows], calib.second[rows],
+                          calib.margin[rows], calib.logits[rows])
+        n += ref.top1.numel()
+        agree += int((logits.argmax(-1) == ref.top1).sum())
+        tie += int(tie_equivalent(ref, logits, tie_tolerance).sum())
+        square += float(_gap_change(ref, logits).double().square().sum())
+        kl += float(_kl(ref, logits).double().sum())
+        max_diff = max(max_diff, float((logits - ref.logits).abs().max()))
+    s = math.sqrt(square / n)
+    return {"top1_agreement": agree / n, "tie_agreement": tie / n, "expected_flips": _flips(calib, s, positions, 0.0),
+            "expected_flips_above_tolerance": _flips(calib, s, positions, tie_tolerance), "max_abs_logit_diff": max_diff, "mean_kl": kl / n}
 
 
 def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: float = 0.99, max_flips: float = 0.5,
@@ -148,16 +188,15 @@ def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: 
     margins above `tie_tolerance` (the fine-tune's fp32 deployment floor shows none). ``floor``: no
     more flips expected above `tie_tolerance` and no higher mean KL than `floor` (the fine-tune
     served in bfloat16). ``top1``: top-1 agreement >= `tolerance`; ``kl``: mean KL <= `tolerance`.
+    `model`: a model, or an annealing engine (`_StreamEngine`: the model run layer by layer).
     """
-    logits = continuation_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
-    agree = float((logits.argmax(-1) == calib.top1).float().mean())
-    kl = kl_to(calib, logits)
-    flips = expected_flips(calib, logits, positions)
-    above = expected_flips(calib, logits, positions, tie_tolerance)
-    tie = float(tie_equivalent(calib, logits, tie_tolerance).float().mean())
-    max_diff = float((logits - calib.logits).abs().max())
-    stats = {"top1_agreement": agree, "tie_agreement": tie, "expected_flips": flips, "expected_flips_above_tolerance": above,
-             "max_abs_logit_diff": max_diff, "mean_kl": kl}
+    if isinstance(model, nn.Module):
+        batches = _batch_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+    else:
+        batches = model.logits(calib)
+    stats = _scores(calib, batches, positions, tie_tolerance)
+    agree, tie, flips, above, max_diff, kl = (stats[k] for k in ("top1_agreement", "tie_agreement", "expected_flips", "expected_flips_above_tolerance",
+                                                                  "max_abs_logit_diff", "mean_kl"))
     if target == "exact":
         return max_diff == 0.0, stats
     if target == "identical":
@@ -197,6 +236,10 @@ class GramCollector:
         for s in range(0, calib.input_ids.shape[0], batch_size):
             self.mask = calib.attention_mask[s : s + batch_size]
             model(input_ids=calib.input_ids[s : s + batch_size], attention_mask=self.mask)
+        return self.close()
+
+    def close(self) -> dict[str, torch.Tensor]:
+        """Remove the hooks; the Grams gathered."""
         for h in self.handles:
             h.remove()
         return self.grams
@@ -252,15 +295,24 @@ class _Candidate:
         return self._floor
 
 
-def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir: Path, base_dir: Path, calibration, config: DecomposedConfig, progress: bool = True) -> tuple[dict[str, TensorDelta], dict]:
-    """Anneal a model built exact from `deltas`, with the fine-tune's tokenizer (or the base's)."""
+def _tokenizer(finetuned_dir: Path, base_dir: Path):
+    """The fine-tune's tokenizer, or the base's."""
+    try:
+        return AutoTokenizer.from_pretrained(finetuned_dir)
+    except (OSError, ValueError):
+        return AutoTokenizer.from_pretrained(base_dir)
+
+
+def _prompts(calibration, config: DecomposedConfig) -> list[str]:
     if calibration is None:
         raise PromptError("mode='anneal' needs calibration prompts (decompose(..., calibration=...)), disjoint from evaluation prompts")
-    prompts = load_prompts(calibration)[: int(config.annealing["calibration_prompts"])]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
-    except (OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    return load_prompts(calibration)[: int(config.annealing["calibration_prompts"])]
+
+
+def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir: Path, base_dir: Path, calibration, config: DecomposedConfig, progress: bool = True) -> tuple[dict[str, TensorDelta], dict]:
+    """Anneal a model held in memory, built exact from `deltas` (`model.build_model`), with the fine-tune's
+    tokenizer (or the base's). `anneal_streaming` does the same without the model."""
+    prompts = _prompts(calibration, config)
     module_names, gram_names = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, DecomposedModule):
@@ -272,7 +324,7 @@ def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir
         from transformers import AutoModelForCausalLM
 
         floor_model = AutoModelForCausalLM.from_pretrained(finetuned_dir, dtype=torch.bfloat16).eval()
-    return anneal(model, deltas, tokenizer, prompts, config, module_names, gram_names, progress, floor_model)
+    return anneal(model, deltas, _tokenizer(finetuned_dir, base_dir), prompts, config, module_names, gram_names, progress, floor_model)
 
 
 def anneal(
@@ -292,75 +344,355 @@ def anneal(
     to the module whose inputs weigh it (default: the same). The ``floor`` target needs
     `floor_model`, the fine-tune served in bfloat16; the ``exact`` target keeps every delta as is.
     """
-    gram_names = gram_names or module_names
+    if config.annealing["target"] == "floor" and floor_model is None:
+        raise ConfigError("annealing.target='floor' needs the fine-tune served in bfloat16 (anneal(..., floor_model=...))")
+    names = [n for n, d in deltas.items() if n in module_names and d.get("dense") is not None and len(d.shape) == 2]
+    layers: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        layers[_layer_of(module_names[n])].append(n)
+    engine = _ModelEngine(model, module_names, gram_names or module_names, {n: deltas[n] for n in names})
+    floor = (lambda calib: measure_floor(floor_model, calib, config.annealing["positions"], config.annealing["tie_tolerance"])) if floor_model is not None else None
+    made: dict = {}
+    choice, overrides, report = _drive(engine, dict(layers), lambda layer: {n: deltas[n] for n in layers[layer]}, made, tokenizer,
+                                       calibration_prompts, config, progress, floor)
+    kept = dict(deltas)
+    for key in choice.values():
+        kept.update(made[key])
+    kept.update(overrides)
+    return kept, report
+
+
+def anneal_streaming(lw: Layerwise, annealed: dict[str, list[str]], store: DeltaStore, exact_key: dict[str, str], module_names: dict[str, str],
+                     gram_names: dict[str, str], tokenizer, calibration_prompts: list[str], config: DecomposedConfig, progress: bool = True,
+                     reference: Callable[[torch.dtype], Layerwise] | None = None) -> tuple[Callable[[str], dict[str, TensorDelta]], dict]:
+    """Anneal layer by layer (`layerwise`): `lw` runs the base with the exact deltas of `store` (tensor name
+    -> its key there: `exact_key`); `annealed` lists the tensors annealed per layer. `reference(dtype)` is
+    the fine-tune's own runner in a dtype (greedy continuations; the floor target's bfloat16 bound).
+
+    Returns the kept deltas of a tensor group as a function (what the artifact writer asks for) and the report.
+    """
+    made = _StoredLevels(store, exact_key, annealed)
+    engine = _StreamEngine(lw, module_names, gram_names, made, reference)
+    floor = None
+    if config.annealing["target"] == "floor":
+        floor = lambda calib: engine.floor(calib, config.annealing["positions"], config.annealing["tie_tolerance"])  # noqa: E731
+    choice, overrides, report = _drive(engine, annealed, made.exact, made, tokenizer, calibration_prompts, config, progress, floor)
+    chosen = {n: key for key in choice.values() for n in made.names(key)}
+
+    def kept(key: str) -> dict[str, TensorDelta]:
+        out = store.get(key)
+        for name in [n for n in out if n in chosen and chosen[n][1] is not None]:
+            out[name] = made.get(chosen[name], [name])[name]
+        out.update({n: d for n, d in overrides.items() if n in out})
+        return out
+
+    return kept, report
+
+
+def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], made, tokenizer,
+           calibration_prompts: list[str], config: DecomposedConfig, progress: bool, floor_of) -> tuple[dict, dict, dict]:
+    """The schedule on an engine (`_ModelEngine`, `_StreamEngine`): returns each layer's chosen (layer,
+    level) key in `made`, the deltas the precision step replaced, and the report."""
     t0 = time.perf_counter()
     opts = config.annealing
     target = opts["target"]
     if target == "exact":  # lossless: nothing to anneal
-        return dict(deltas), {"target": target, "ladder": [], "levels": [], "trace": [], "precision": {"dtype": "float32", "accepted": False},
-                              "calibration_prompts": len(calibration_prompts), "calibration_tokens": opts["calibration_tokens"], "seconds": 0.0}
-    if target == "floor" and floor_model is None:
-        raise ConfigError("annealing.target='floor' needs the fine-tune served in bfloat16 (anneal(..., floor_model=...))")
+        return {}, {}, {"target": target, "ladder": [], "levels": [], "trace": [], "precision": {"dtype": "float32", "accepted": False},
+                        "calibration_prompts": len(calibration_prompts), "calibration_tokens": opts["calibration_tokens"], "seconds": 0.0}
     specs = [str(x) if isinstance(x, str) else f"lr{x}" for x in opts["levels"]]
     levels = [Level.parse(x) for x in opts["levels"]]
-    calib = calibrate(model, tokenizer, calibration_prompts, opts["calibration_tokens"])
-    floor = None if floor_model is None else measure_floor(floor_model, calib, opts["positions"], opts["tie_tolerance"])
+    calib = engine.calibrate(tokenizer, calibration_prompts, opts["calibration_tokens"])
+    floor = None if floor_of is None else floor_of(calib)
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
              "tie_tolerance": opts["tie_tolerance"], "floor": floor}
-    names = [n for n, d in deltas.items() if n in module_names and d.get("dense") is not None and len(d.shape) == 2]
-    grams = GramCollector({n: model.get_submodule(gram_names[n]) for n in names}).run(model, calib)
-    cands = {n: _Candidate(deltas[n], grams.get(n), config) for n in names}
-    del grams
-    layers: dict[str, list[str]] = defaultdict(list)
-    for n in names:
-        layers[_layer_of(module_names[n])].append(n)
+    cands = _Candidates(layers, exact_of, engine.grams, config, made.store if isinstance(made, _StoredLevels) else None)
     order = sorted(layers, key=_layer_key)
-    made: dict[tuple[str, int], TensorDelta] = {}  # each matrix's delta per level, built once
+    level_of: dict[str, int | None] = dict.fromkeys(order)
 
-    def delta_at(name: str, level: int | None) -> TensorDelta:
-        if level is None:
-            return cands[name].full
-        if (name, level) not in made:
-            made[name, level] = _level_delta(cands[name], levels[level])
-        return made[name, level]
-
-    def install(layer: str, level: int | None) -> None:
-        _install(model, {n: delta_at(n, level) for n in layers[layer]}, module_names)
+    def install(layer: str, level: int | None) -> dict[str, TensorDelta]:
+        key = (layer, level)
+        if key not in made:
+            made[key] = exact_of(layer) if level is None else {n: _level_delta(cands[n], levels[level]) for n in layers[layer]}
+        engine.install(layer, key, made)
+        return made[key]
 
     def check(label: str, level: int) -> bool:
-        ok, stats = guard(model, calib, **judge)
+        ok, stats = guard(engine, calib, **judge)
         trace.append({"layer": label, "level": specs[level], "accepted": ok, **stats})
         bar.set_postfix(layer=_short(label), level=specs[level], flips=f"{stats['expected_flips']:.2f}", accepted=ok)
         return ok
 
     trace: list[dict] = []
-    knapsack = opts["schedule"] == "knapsack" and target in ("tie", "identical", "floor")
-    with tqdm(total=len(names) if knapsack else len(order), desc="annealing", unit="matrix" if knapsack else "layer", disable=not progress) as bar:
-        if knapsack:
-            weighers = {n: model.get_submodule(gram_names[n]) for n in names}
-            put = lambda chosen: _install(model, chosen, module_names)  # noqa: E731
-            choice = _knapsack(names, specs, delta_at, put, cands, model, weighers, calib, judge, trace, bar, opts["positions"])
+    with tqdm(total=len(order), desc="annealing", unit="layer", disable=not progress) as bar:
+        if opts["schedule"] == "knapsack" and target in ("tie", "identical", "floor"):
+            level_of.update(_knapsack(order, specs, install, cands, layers, engine, calib, judge, trace, bar))
         else:
-            level_of = _ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar)
-            choice = {n: level_of[layer] for layer in order for n in layers[layer]}
-    kept = dict(deltas)
-    per_layer = []
+            level_of.update(_ladder(order, len(levels), install, check, opts["max_time_s"] - (time.perf_counter() - t0), bar))
+    cands.clear()
+    per_layer, lowrank = [], {}
     for layer in order:
-        chosen = {n: delta_at(n, choice[n]) for n in layers[layer]}
-        _install(model, chosen, module_names)
-        kept.update(chosen)
-        picks = [choice[n] for n in layers[layer]]
-        common = max(picks, key=picks.count)  # the layer's most common level (the figure's mark)
-        per_layer.append({"layer": layer, "level": None if common is None else specs[common],
-                          "matrix_levels": {n: None if choice[n] is None else specs[choice[n]] for n in layers[layer]},
+        chosen = install(layer, level_of[layer])
+        lowrank.update({n: d for n, d in chosen.items() if [p.kind for p in d.parts] == ["lowrank"]})
+        per_layer.append({"layer": layer, "level": None if level_of[layer] is None else specs[level_of[layer]],
                           "kept_params": sum(d.num_params() for d in chosen.values()),
                           "bytes": sum(d.nbytes() for d in chosen.values()),
                           "delta_params": sum(math.prod(d.shape) for d in chosen.values()),
                           "ranks": {n: chosen[n].rank for n in layers[layer]}})
-    del made
-    precision = _anneal_precision(model, kept, module_names, calib, judge) if opts["precision"] else {"dtype": "float32", "accepted": False}
-    return kept, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "ladder": specs, "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
-                  "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
+        del chosen
+    overrides = dict(lowrank)
+    precision = _anneal_precision(engine, overrides, engine.module_names, calib, judge) if opts["precision"] else {"dtype": "float32", "accepted": False}
+    overrides = {n: d for n, d in overrides.items() if d is not lowrank[n]}
+    choice = {layer: (layer, level_of[layer]) for layer in order}
+    return choice, overrides, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "ladder": specs,
+                               "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
+                               "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
+
+
+class _Candidates:
+    """The `_Candidate`s of a layer (exact deltas, the Grams of their inputs on the exact model), made
+    when first asked for. Without a `store` every layer's stay in memory; with one, only the layer last
+    asked for does, and a layer left behind leaves its Grams and factors there for a later visit."""
+
+    def __init__(self, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], grams, config: DecomposedConfig,
+                 store: DeltaStore | None = None):
+        self.layer_of = {n: layer for layer, names in layers.items() for n in names}
+        self.exact_of, self.grams, self.config, self.store = exact_of, grams, config, store
+        self.layer: str | None = None
+        self.items: dict[str, _Candidate] = {}
+        self.held: dict[str, dict[str, _Candidate]] = {}
+
+    def __getitem__(self, name: str) -> _Candidate:
+        layer = self.layer_of[name]
+        if layer != self.layer:
+            self.clear()
+            self.items, self.layer = self.held.get(layer) or self._make(layer), layer
+            if self.store is None:
+                self.held[layer] = self.items
+        return self.items[name]
+
+    def _make(self, layer: str) -> dict[str, _Candidate]:
+        deltas = self.exact_of(layer)
+        key = f"candidates:{layer}"
+        if self.store is None or key not in self.store:
+            grams = self.grams(layer, list(deltas))
+            return {n: _Candidate(d, grams.get(n), self.config) for n, d in deltas.items()}
+        saved = self.store.get_tensors(key)
+        items = {}
+        for n, d in deltas.items():
+            factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
+            floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
+            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor)
+        return items
+
+    def clear(self) -> None:
+        """Forget the layer last asked for (with a store: saved there first, its Grams and factors)."""
+        key = f"candidates:{self.layer}"
+        if self.store is not None and self.layer is not None and key not in self.store:  # a first visit builds every factor it needs
+            saved = {}
+            for n, c in self.items.items():
+                if c.gram is not None:
+                    saved[f"{n}.gram"] = c.gram
+                if c._factors is not None:
+                    saved.update({f"{n}.{k}": t for k, t in zip("uvs", c._factors)})
+                if c._floor is not None:
+                    saved[f"{n}.floor"] = torch.tensor(c._floor)
+            if saved:
+                self.store.put_tensors(key, saved)
+        self.layer, self.items = None, {}
+
+
+class _ModelEngine:
+    """Annealing on a model held in memory: every module a `DecomposedModule` whose delta is swapped."""
+
+    def __init__(self, model: nn.Module, module_names: dict[str, str], gram_names: dict[str, str], annealed: dict[str, TensorDelta]):
+        self.model, self.module_names, self.gram_names, self.annealed = model, module_names, gram_names, annealed
+        self._grams: dict[str, torch.Tensor] | None = None
+        self.calib: Calibration | None = None
+
+    def calibrate(self, tokenizer, prompts: list[str], tokens: int) -> Calibration:
+        self.calib = calibrate(self.model, tokenizer, prompts, tokens)
+        self._grams = GramCollector({n: self.model.get_submodule(self.gram_names[n]) for n in self.annealed}).run(self.model, self.calib)
+        return self.calib
+
+    def grams(self, layer: str, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self._grams[n] for n in names if n in self._grams}
+
+    def install(self, layer: str, key, made) -> None:
+        _install(self.model, made[key], self.module_names)
+
+    def install_deltas(self, deltas: dict[str, TensorDelta]) -> None:
+        _install(self.model, deltas, self.module_names)
+
+    def logits(self, calib: Calibration, batch_size: int = 8) -> Iterator[torch.Tensor]:
+        return _batch_logits(self.model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+
+
+class _StoredLevels:
+    """Each layer's deltas per level, built once, kept on disk (`DeltaStore`); level None: the exact deltas."""
+
+    def __init__(self, store: DeltaStore, exact_key: dict[str, str], layers: dict[str, list[str]]):
+        self.store, self.exact_key = store, exact_key
+        self.layer_names = dict(layers)
+
+    def __contains__(self, key) -> bool:
+        return key[1] is None or self._key(key) in self.store
+
+    def __setitem__(self, key, deltas: dict[str, TensorDelta]) -> None:
+        if key[1] is not None:
+            self.store.put(self._key(key), deltas)
+
+    def __getitem__(self, key) -> dict[str, TensorDelta]:
+        return self.get(key, None)
+
+    def get(self, key, names: list[str] | None) -> dict[str, TensorDelta]:
+        names = self.layer_names[key[0]] if names is None else names
+        if key[1] is None:
+            by_key: dict[str, list[str]] = defaultdict(list)
+            for n in names:
+                by_key[self.exact_key[n]].append(n)
+            return {n: d for k, ns in by_key.items() for n, d in self.store.get(k, ns).items()}
+        return self.store.get(self._key(key), names)
+
+    def names(self, key) -> list[str]:
+        return self.layer_names[key[0]]
+
+    def exact(self, layer: str) -> dict[str, TensorDelta]:
+        return self.get((layer, None), None)
+
+    @staticmethod
+    def _key(key) -> str:
+        return f"{key[0]}@{key[1]}"
+
+
+class _StreamEngine:
+    """Annealing layer by layer (`Layerwise`): each decoder layer's installed level is a key into the
+    stored levels, read when the layer is materialised; the hidden states entering each layer are kept for
+    the installed state, so a change in layer i reruns layers i..N only."""
+
+    def __init__(self, lw: Layerwise, module_names: dict[str, str], gram_names: dict[str, str], made: _StoredLevels, reference):
+        self.lw, self.module_names, self.gram_names, self.made, self.reference = lw, module_names, gram_names, made, reference
+        self.installed: dict[int, tuple] = {}  # decoder layer -> its installed (layer, level) key
+        self.overrides: dict[int, dict[str, TensorDelta]] = defaultdict(dict)  # the precision step's proposals
+        self.fixed: dict[int, dict[str, TensorDelta]] = {}  # deltas of tensors not annealed (norms, biases), read once
+        self.inputs: dict[int, Hidden] = {}  # hidden states entering layer i in the installed state
+        self.exact_inputs: dict[int, Hidden] = {}
+        self.calls: list = []
+        self.calib: Calibration | None = None
+        self.keep_inputs = False
+        lw.layer_deltas = self._deltas
+
+    def _deltas(self, index: int) -> dict[str, TensorDelta]:
+        if index not in self.fixed:
+            names = [n for n in self.lw.by_layer.get(index, []) if n not in self.module_names]
+            self.fixed[index] = self.made.get((None, None), names) if names else {}
+        out = dict(self.fixed[index])
+        key = self.installed.get(index)
+        out.update(self.made[key] if key is not None else self._exact_annealed(index))
+        out.update(self.overrides[index])
+        return out
+
+    def _exact_annealed(self, index: int) -> dict[str, TensorDelta]:
+        names = [n for n in self.lw.by_layer.get(index, []) if n in self.module_names]
+        return self.made.get((None, None), names) if names else {}
+
+    def _index(self, layer: str) -> int | None:
+        return self.lw.index_of(layer + ".")
+
+    def install(self, layer: str, key, made) -> None:
+        index = self._index(layer)
+        if index is None:  # the resident embedding / head: swapped in place, every layer's input may change
+            _install(self.lw.model, made[key], self.module_names)
+            self.inputs.clear()
+            return
+        if self.installed.get(index) != key:
+            self.installed[index] = key
+            self._invalidate(index)
+
+    def install_deltas(self, deltas: dict[str, TensorDelta]) -> None:
+        resident = {n: d for n, d in deltas.items() if self._index(self.module_names[n]) is None}
+        if resident:
+            _install(self.lw.model, resident, self.module_names)
+            self.inputs.clear()
+        for n, d in deltas.items():
+            index = self._index(self.module_names[n])
+            if index is not None:
+                self.overrides[index][n] = d
+                self._invalidate(index)
+
+    def _invalidate(self, index: int) -> None:
+        for i in [i for i in self.inputs if i > index]:
+            del self.inputs[i]
+
+    def calibrate(self, tokenizer, prompts: list[str], tokens: int) -> Calibration:
+        """Greedy continuations from the fine-tune's own runner; reference logits (and the exact model's
+        inputs of every layer, for the Grams) from this one."""
+        reference, bs = self.reference(self.lw.dtype), self.lw.batch_size
+        jobs = [lambda b=prompts[s : s + bs], m=reference.model: greedy_generate(m, tokenizer, b, tokens, bs)  # batched as `greedy_generate` does
+                for s in range(0, len(prompts), bs)]
+        cont = torch.stack([t for batch in reference.in_step(jobs) for t in batch])
+        del reference, jobs
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        ids = torch.cat([enc["input_ids"], cont], 1)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)
+        self.calib = Calibration(ids, mask, enc["input_ids"].shape[1], *(torch.empty(0),) * 4)
+        self.keep_inputs = True  # every layer's input on the exact model: its Grams' inputs
+        logits = torch.cat(list(self.logits(self.calib)))
+        self.exact_inputs, self.keep_inputs = dict(self.inputs), False
+        top2 = logits.topk(2, dim=-1)
+        self.calib = Calibration(ids, mask, self.calib.prompt_len, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], logits)
+        return self.calib
+
+    @torch.no_grad()
+    def logits(self, calib: Calibration) -> Iterator[torch.Tensor]:
+        """The installed state's logits at the continuation positions, batch by batch."""
+        if 0 not in self.inputs:
+            self.inputs[0], self.calls = self.lw.capture(calib.input_ids, calib.attention_mask)
+        start = max(self.inputs)
+        hidden = self.inputs[start]
+        for i, hidden in self.lw.run(hidden, self.calls, start):
+            if i == start + 1 or self.keep_inputs:
+                self.inputs[i] = hidden
+        if not self.keep_inputs:  # a schedule moves a layer at a time: earlier layers' inputs are not asked for again
+            self.inputs = {i: h for i, h in self.inputs.items() if i in (0, start, start + 1)}
+        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
+        for logits in self.lw.head(hidden, calib.input_ids, calib.attention_mask, keep):
+            yield logits[:, :-1].float()
+
+    @torch.no_grad()
+    def grams(self, layer: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """X^T X of the inputs of `names`' modules on the exact model (its cached layer inputs)."""
+        calib, index = self.calib, self._index(layer)
+        bs = self.lw.batch_size
+        if index is None:  # the head: its input is the final norm's output (no head delta changes it)
+            collector = GramCollector({n: self.lw.model.get_submodule(self.gram_names[n]) for n in names})
+            final = self.exact_inputs.pop(len(self.lw.meta_layers))
+            batches = self.lw.head(final, calib.input_ids, calib.attention_mask)
+            for b in range(len(final)):
+                collector.mask = calib.attention_mask[b * bs : (b + 1) * bs]
+                next(batches)
+            batches.close()
+            return collector.close()
+        layer_module = self.lw.layer(index, self._deltas_exact(index))
+        skip = len(f"{self.lw.prefix}.{index}.")
+        collector = GramCollector({n: layer_module.get_submodule(self.gram_names[n][skip:]) for n in names})
+        for b, h in enumerate(self.exact_inputs.pop(index)):  # asked for once: the candidates keep their Grams
+            collector.mask = calib.attention_mask[b * bs : (b + 1) * bs]
+            layer_module(h, *self.calls[b][index][0], **self.calls[b][index][1])
+        return collector.close()
+
+    def _deltas_exact(self, index: int) -> dict[str, TensorDelta]:
+        self._deltas(index)  # reads the fixed deltas
+        return {**self.fixed[index], **self._exact_annealed(index)}
+
+    def floor(self, calib: Calibration, positions: int, tie_tolerance: float) -> Floor:
+        """The floor target's bound: the fine-tune served in bfloat16, layer by layer."""
+        bf16 = self.reference(torch.bfloat16)
+        hidden, calls = bf16.capture(calib.input_ids, calib.attention_mask)
+        for _, hidden in bf16.run(hidden, calls, 0):
+            pass
+        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
+        stats = _scores(calib, (x[:, :-1].float() for x in bf16.head(hidden, calib.input_ids, calib.attention_mask, keep)), positions, tie_tolerance)
+        return Floor(stats["expected_flips_above_tolerance"], stats["mean_kl"])
 
 
 def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar) -> dict[str, int | None]:
@@ -391,56 +723,52 @@ def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar
     return level_of
 
 
-def _knapsack(names: list[str], specs: list[str], delta_at, put, cands: dict, model, weighers: dict[str, nn.Module], calib: Calibration,
-              judge: dict, trace: list[dict], bar, positions: int, draws: int = 8, tries: int = 8) -> dict[str, int | None]:
-    """Sensitivity-driven allocation per matrix (`allocation`): every matrix at every level (bytes and
-    calibration-weighted output error), its gap sensitivity measured once at its most damaging level
-    (`gap_sensitivity`), the knapsack solved for a budget of predicted gap variance, and the budget
-    bisected against the guard (the largest accepted budget is kept)."""
+def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: dict, model, calib: Calibration, judge: dict,
+              trace: list[dict], bar, tries: int = 8) -> dict[str, int | None]:
+    """Sensitivity-driven allocation (`allocation`): probe each layer alone at its most damaging
+    level, scale to every level by the weighted output error, solve the knapsack for a damage
+    budget, and bisect the budget against the guard (the largest accepted budget is kept)."""
     n_levels = len(specs)
-    option: list[int | None] = [None, *range(n_levels)]  # option j of every matrix: exact, then each level
+    option: list[int | None] = [None, *range(n_levels)]  # option j of every layer: exact, then each level
     costs, errors = [], []
-    for n in names:  # bytes and calibration-weighted output error of every level
-        full = cands[n].full.to_dense()
-        per_level = [delta_at(n, k) for k in range(n_levels)]
-        costs.append([float(cands[n].full.nbytes())] + [float(d.nbytes()) for d in per_level])
-        errors.append([0.0] + [weighted_error(full - d.to_dense(), cands[n].gram) for d in per_level])
-        bar.update(1)
-    probe = {n: max(range(n_levels), key=lambda k, i=i: errors[i][k + 1]) for i, n in enumerate(names)}
-    changes = {n: (lambda n=n: cands[n].full.to_dense() - delta_at(n, probe[n]).to_dense()) for n in names}
-    sensitivity = gap_sensitivity(model, calib, weighers, changes, draws)
-    floor = judge["floor"]  # the gap change the guard's bound allows: flips = positions x f0 x s / sqrt(2 pi)
-    bound = floor.expected_flips if floor is not None else judge["max_flips"]
-    stat = "expected_flips" if judge["target"] == "identical" else "expected_flips_above_tolerance"
-    f0 = 0.1 / max(float(calib.margin.flatten().quantile(0.1)), 1e-6)
-    allowed = (bound * math.sqrt(2 * math.pi) / (positions * f0)) ** 2
+    for layer in order:  # bytes and calibration-weighted output error of every level
+        full = {n: cands[n].full.to_dense() for n in layers[layer]}
+        per_level = [install(layer, k) for k in range(n_levels)]
+        costs.append([float(sum(cands[n].full.nbytes() for n in layers[layer]))] + [float(sum(d.nbytes() for d in m.values())) for m in per_level])
+        errors.append([0.0] + [sum(weighted_error(full[n] - m[n].to_dense(), cands[n].gram) for n in m) for m in per_level])
+        install(layer, None)
+    floor = judge["floor"]
     damages = []
-    for i, n in enumerate(names):
-        worst = errors[i][probe[n] + 1]
-        damages.append([sensitivity[n] * e / worst / allowed if worst > 0 else 0.0 for e in errors[i]])
-    trace.append({"layer": "*", "level": "sensitivity", "accepted": None, "probe": True, "draws": draws,
-                  "predicted_gap_rms_at_probes": math.sqrt(sum(sensitivity.values())), "allowed_gap_rms": math.sqrt(allowed)})
+    for i, layer in enumerate(order):  # each layer alone at its most damaging level
+        bar.update(1)
+        probe = max(range(n_levels), key=lambda k: errors[i][k + 1])
+        install(layer, probe)
+        _, stats = guard(model, calib, **judge)
+        install(layer, None)
+        trace.append({"layer": layer, "level": specs[probe], "accepted": None, "probe": True, **stats})
+        worst = errors[i][probe + 1]
+        if floor is None:  # flips scale with the RMS gap change: their squares add
+            unit = [stats["expected_flips"] ** 2 / judge["max_flips"] ** 2]
+        else:
+            unit = [stats["expected_flips"] ** 2 / max(floor.expected_flips, 1e-12) ** 2 + stats["mean_kl"] / max(floor.mean_kl, 1e-30)]
+        damages.append([unit[0] * e / worst if worst > 0 else 0.0 for e in errors[i]])
     accepted, lo, hi, scale = None, 0.0, None, 1.0
-    for _ in range(tries):  # the largest budget the guard accepts: grow until a failure, then bisect
-        if hi is not None and lo > 0 and hi / lo < 1.2:  # within 20%: a few bytes left to win
-            break
+    for _ in range(tries):  # the largest budget the guard accepts: grow x4 until a failure, then bisect
         choice = solve(costs, damages, scale)
-        put({n: delta_at(n, option[j]) for n, j in zip(names, choice)})
+        for layer, j in zip(order, choice):
+            install(layer, option[j])
         ok = not any(choice)  # all exact: nothing to judge
         if not ok:
             ok, stats = guard(model, calib, **judge)
             trace.append({"layer": "*", "level": f"budget x{scale:.3g}", "accepted": ok, "bytes": sum(c[j] for c, j in zip(costs, choice)), **stats})
-            bar.set_postfix(budget=f"x{scale:.3g}", flips=f"{stats['expected_flips_above_tolerance']:.2f}", accepted=ok)
         if ok:
             accepted, lo = choice, scale
-            # flips grow with the gap change, i.e. with the square root of the budget: step toward the bound
-            flips = stats[stat] if any(choice) else 0.0
-            scale = scale * min(16.0, max(1.5, (bound / flips) ** 2 if flips > 0 else 16.0)) if hi is None else (lo * hi) ** 0.5
+            scale = scale * 4 if hi is None else (lo * hi) ** 0.5
         else:
             hi = scale
             scale = (lo * hi) ** 0.5 if lo > 0 else scale / 4
-    choice = accepted or [0] * len(names)
-    return {n: option[j] for n, j in zip(names, choice)}
+    choice = accepted or [0] * len(order)
+    return {layer: option[j] for layer, j in zip(order, choice)}
 
 
 def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[str, str], calib: Calibration, judge: dict) -> dict:
@@ -483,6 +811,9 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
 
 
 def _install(model: nn.Module, deltas: dict[str, TensorDelta], module_names: dict[str, str]) -> None:
+    if not isinstance(model, nn.Module):  # an annealing engine
+        model.install_deltas(deltas)
+        return
     for name, delta in deltas.items():
         module = model.get_submodule(module_names[name])
         module.set_delta(delta)

@@ -111,9 +111,8 @@ class DecomposedConfig(QuantizationConfigMixin):
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
             >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``, the default: one temperature by bisection,
-            then each layer heated in model order; ``"knapsack"``: a level per matrix from its
-            measured gap sensitivity, `hf_decompose.allocation`, for the tie / identical / floor
-            targets), ``levels`` (the temperature: `Level` specs such as
+            then each layer heated in model order; ``"knapsack"``: a level per layer from its
+            probed sensitivity, `hf_decompose.allocation`, for the tie / identical / floor targets), ``levels`` (the temperature: `Level` specs such as
             ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),

@@ -23,14 +23,16 @@ from .parts import TensorDelta
 WRAPPABLE = (nn.Linear, nn.Embedding, Conv1D)
 
 
-def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: str, swappable: bool = False) -> None:
+def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: str, swappable: bool = False,
+                 targets: TensorTargets | None = None) -> None:
     """Put `deltas` (checkpoint tensor name -> delta) into `model`, merged or split (see the module docstring).
 
     `swappable`: every changed matrix becomes a `DecomposedModule` run as `execution`, so that its delta
-    can be swapped (`DecomposedModule.set_delta`: annealing tries several). Entries of a fused parameter
+    can be swapped (`DecomposedModule.set_delta`: annealing tries several). `targets`: the model's
+    `TensorTargets`, when the caller has them already. Entries of a fused parameter
     (mixture-of-experts weights stored per expert) are always merged in place, through their view.
     """
-    targets = TensorTargets(model)
+    targets = targets or TensorTargets(model)
     modules = dict(model.named_modules())  # owners as loaded, before any is wrapped
     names = list(deltas)
     done: set[str] = set()

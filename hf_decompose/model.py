@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from . import artifact, locks, resume
 from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, sha256_files
 from .config import DecomposedConfig
-from .annealing import anneal_model
+from .annealing import _layer_of, _tokenizer, anneal_streaming
 from .criterion import assess_layer
 from .deltas import exact_delta, narrow_delta
 from .decomposed import DecomposedModel
@@ -29,6 +29,7 @@ from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, resolve
 from .inject import apply_deltas, target_parameter
+from .layerwise import DeltaStore, Layerwise, RawTensors
 from .names import TensorTargets
 from .parts import OverridePart, TensorDelta
 from .substructures import extract, layer_components
@@ -375,8 +376,10 @@ def decompose_to_disk(
 
     Modes ``lossless`` and ``criterion`` stream: each layer's deltas are written as soon as they are
     computed and then dropped, so memory stays near one layer of each checkpoint (the largest: the
-    embedding). ``anneal`` runs the exact model on the calibration prompts, so it holds one model and
-    the deltas. With `resume_dir`, finished layers are cached there for a re-run of the same inputs and
+    embedding). ``anneal`` streams too: the exact deltas and every level built go to a scratch store on
+    disk, the guard runs the model one decoder layer at a time (`layerwise`), so it holds the resident
+    modules (embeddings, head), one layer, the calibration set's hidden states per layer and its
+    reference logits. With `resume_dir`, finished layers are cached there for a re-run of the same inputs and
     config, and deleted once the artifact is written (unless `keep_cache`).
     """
     config = config or DecomposedConfig()
@@ -427,18 +430,48 @@ def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overw
 
 
 def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tuple[list[str], str], output_dir, overwrite: bool, progress: bool) -> Path:
+    """Anneal layer by layer (`annealing.anneal_streaming`): the exact deltas stream to a scratch store on
+    disk, the guard runs one decoder layer at a time, the artifact is written a layer at a time."""
     t1 = time.perf_counter()
-    deltas, layers = compute_deltas(inputs.pair, config, progress=progress, cache=inputs.cache)
-    _log_resumed(inputs, len(layers), inputs.cache)
-    t2 = time.perf_counter()
-    model = build_model(inputs.base_dir, inputs.ft_dir, deltas, config, inputs.pair.dtype)
-    t3 = time.perf_counter()
-    prompts, source = calibration
-    deltas, annealing_report = anneal_model(model, deltas, inputs.ft_dir, inputs.base_dir, prompts, config, progress)
-    del model
-    annealing_report["calibration"] = source
-    layers = summarize_layers(deltas, inputs.pair.finetuned.config)
-    t4 = time.perf_counter()
-    report = _report(inputs, config, layers, {"criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3})
-    report["annealing"] = annealing_report
-    return artifact.save(output_dir, deltas, inputs.index, report, inputs.ft_dir, overwrite=overwrite)
+    pair, prompts, source = inputs.pair, *calibration
+    with tempfile.TemporaryDirectory(prefix="hf_decompose-anneal-") as scratch:
+        store = DeltaStore(scratch)
+        groups, exact_key, annealable = [], {}, []
+        for i, (layer_deltas, _) in enumerate(iter_layers(pair, config, progress, inputs.cache)):
+            store.put(str(i), layer_deltas)
+            groups.append(str(i))
+            exact_key.update(dict.fromkeys(layer_deltas, str(i)))
+            annealable += [n for n, d in layer_deltas.items() if d.get("dense") is not None and len(d.shape) == 2]
+            del layer_deltas
+        _log_resumed(inputs, len(groups), inputs.cache)
+        t2 = time.perf_counter()
+        hf_config = _plain_config(inputs.ft_dir)
+        lw = Layerwise(hf_config, pair.dtype, pair.names(), pair.base_tensor, RawTensors(pair.base.files).get, execution=config.execution)
+        module_names, gram_names = lw.split_modules(annealable)
+        resident = lw.by_layer.get(None, [])
+        lw.set_resident({n: d for g in groups for n, d in store.get(g, [n for n in store.names(g) if n in resident]).items()})
+        annealed: dict[str, list[str]] = defaultdict(list)
+        for n in module_names:
+            annealed[_layer_of(module_names[n])].append(n)
+
+        def reference(dtype: torch.dtype) -> Layerwise:  # the fine-tune itself, read layer by layer
+            return Layerwise(hf_config, dtype, pair.names(), pair.finetuned.get, RawTensors(pair.finetuned.files).get)
+
+        t3 = time.perf_counter()
+        tokenizer = _tokenizer(inputs.ft_dir, inputs.base_dir)
+        kept, annealing_report = anneal_streaming(lw, dict(annealed), store, exact_key, module_names, gram_names, tokenizer, prompts, config,
+                                                  progress, reference)
+        del lw
+        annealing_report["calibration"] = source
+        t4 = time.perf_counter()
+        with artifact.writing(output_dir, pair.names(), overwrite) as writer:
+            layers = []
+            for g in groups:
+                group = kept(g)
+                writer.add(group)
+                layers += summarize_layers(group, pair.finetuned.config)
+                del group
+            report = _report(inputs, config, layers, {"criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3})
+            report["annealing"] = annealing_report
+            writer.finish(inputs.index, report, inputs.ft_dir)
+    return writer.target

@@ -1,0 +1,357 @@
+"""A causal LM run one decoder layer at a time, the way GPTQ-style quantizers process a block at a time.
+
+The model's class is built with its parameters on the meta device (buffers real); only the modules
+outside the decoder layers (embeddings, final norm, head) are loaded. Each decoder layer is replaced
+by a proxy, so the model's own forward (masks, positions, norm, head, `generate` with its cache) still
+runs; a proxy either materialises its layer (weights read from the checkpoint, deltas put in as
+`inject.apply_deltas` does) for the one call, or records the arguments the model passes it, or hands
+back hidden states computed elsewhere. `run` takes the other path: layer by layer over cached hidden
+states, each layer materialised once for every batch. Peak memory: the resident modules, one layer,
+and the hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from .checkpoints import TORCH_DTYPES
+from .errors import CheckpointError
+from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
+from .names import Target, TensorTargets
+from .parts import TensorDelta
+
+Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
+
+
+class Layerwise:
+    """`hf_config`'s model in `dtype` with weights `weights(name)` (a checkpoint tensor by name, any
+    float dtype) for checkpoint tensors `names`, those of decoder layers read by `layer_weights` (default:
+    `weights`) every time a layer is materialised; decoder layer ``i`` gets ``layer_deltas(i)`` (an
+    attribute: none by default) put in (`execution`, swappable) whenever it is. Resident deltas go in with
+    `set_resident`."""
+
+    def __init__(self, hf_config, dtype: torch.dtype, names: list[str], weights: Callable[[str], torch.Tensor],
+                 layer_weights: Callable[[str], torch.Tensor] | None = None, execution: str = "merged", batch_size: int = 8):
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model.eval()
+        self.targets = TensorTargets(model)
+        self.dtype, self.execution, self.batch_size = dtype, execution, batch_size
+        self.weights, self.layer_weights = weights, layer_weights or weights
+        self.layer_deltas: Callable[[int], dict[str, TensorDelta]] = lambda i: {}
+        self.prefix, layers = _decoder_layers(model)
+        self.meta_layers = list(layers)
+        aliases: dict[int, list[str]] = {}
+        for pname, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(pname)
+        self.aliases = {p: names_ for names_ in aliases.values() for p in names_}
+        self.by_layer: dict[int | None, list[str]] = {}
+        self.target_of: dict[str, Target] = {}
+        for name in names:
+            try:
+                self.target_of[name] = target_parameter(name, names, model, self.targets)
+            except CheckpointError:
+                continue  # a saved buffer: transformers computes it
+            self.by_layer.setdefault(self.index_of(self.target_of[name].parameter), []).append(name)
+        set_submodule(model, self.prefix, nn.ModuleList(_Proxy(self, i) for i in range(len(layers))))
+        self.model = model
+        self._load(model, None)
+        self.mode, self._calls, self._inject, self._arity = "stream", None, None, None
+
+    # -- structure -----------------------------------------------------------------------------
+    def index_of(self, name: str) -> int | None:
+        """The decoder layer a parameter or module name lies in (None: resident)."""
+        head = self.prefix + "."
+        if not name.startswith(head):
+            return None
+        return int(name[len(head) :].split(".", 1)[0])
+
+    def split_modules(self, names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Of checkpoint tensors `names`, those whose delta runs as a `DecomposedModule` (swappable): each
+        one's module, and the module whose inputs weigh it (a tied head's, for the embedding it shares)."""
+        modules = dict(self.model.named_modules())
+        for i, layer in enumerate(self.meta_layers):
+            modules.update({f"{self.prefix}.{i}.{n}".rstrip("."): m for n, m in layer.named_modules()})
+        module_names = {}
+        for name in names:
+            target = self.target_of[name]
+            owner = target.parameter.rpartition(".")[0]
+            if runs_split(target, modules[owner]):
+                module_names[name] = owner
+        gram_names = dict(module_names)
+        head = self.model.get_output_embeddings()
+        if head is not None and tied(self.model):
+            head_name = next(n for n, m in modules.items() if m is head)
+            gram_names.update({n: head_name for n, m in module_names.items() if modules[m] is self.model.get_input_embeddings()})
+        return module_names, gram_names
+
+    def set_resident(self, deltas: dict[str, TensorDelta]) -> None:
+        """Put the deltas of resident tensors into the model (changed matrices swappable)."""
+        apply_deltas(self.model, deltas, self.execution, swappable=True, targets=self.targets)
+
+    # -- materialising -------------------------------------------------------------------------
+    def _load(self, root: nn.Module, index: int | None) -> None:
+        """Read the weights of layer `index` (None: the resident tensors) into `root`, in `dtype`."""
+        skip = f"{self.prefix}.{index}." if index is not None else ""
+        for name in self.by_layer.get(index, []):
+            target = self.target_of[name]
+            tensor = (self.weights if index is None else self.layer_weights)(name).to(self.dtype)
+            pname = target.parameter[len(skip) :]
+            owner_name, _, attr = pname.rpartition(".")
+            owner = root.get_submodule(owner_name)
+            param = getattr(owner, attr)
+            if target.strides is not None:  # entries of a fused parameter
+                if param.device.type == "meta":
+                    param = nn.Parameter(torch.zeros(param.shape, dtype=self.dtype), requires_grad=False)
+                    owner._parameters[attr] = param
+                target.view(param.data).copy_(tensor)
+                continue
+            param = nn.Parameter(tensor.reshape(param.shape), requires_grad=False)
+            for alias in self.aliases.get(target.parameter, [target.parameter]):
+                o_name, _, a = alias[len(skip) :].rpartition(".") if alias.startswith(skip) else ("", "", "")
+                if a:
+                    root.get_submodule(o_name)._parameters[a] = param
+        if index is None:
+            root.tie_weights()  # a tied head shares the embedding just read
+        missing = [n for n, p in root.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise CheckpointError(f"no checkpoint tensor holds {missing[0]!r}: the layer-by-layer runner cannot build it")
+
+    def layer(self, index: int, deltas: dict[str, TensorDelta] | None = None) -> nn.Module:
+        """Decoder layer `index` with its weights read and `deltas` (default ``layer_deltas(index)``) put in."""
+        layer = copy.deepcopy(self.meta_layers[index], {id(self.model.config): self.model.config})
+        self._load(layer, index)
+        deltas = self.layer_deltas(index) if deltas is None else deltas
+        if deltas:
+            name = f"{self.prefix}.{index}"
+            proxy = self.model.get_submodule(name)
+            set_submodule(self.model, name, layer)
+            try:
+                apply_deltas(self.model, deltas, self.execution, swappable=True, targets=self.targets)
+                layer = self.model.get_submodule(name)
+            finally:
+                set_submodule(self.model, name, proxy)
+        return layer
+
+    # -- running -------------------------------------------------------------------------------
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[Hidden, list]:
+        """The hidden states entering layer 0 and the arguments the model passes each layer, per batch."""
+        hidden, calls = [], []
+        self.mode = "capture"
+        try:
+            for s in range(0, input_ids.shape[0], self.batch_size):
+                self._calls = {}
+                self.model(input_ids=input_ids[s : s + self.batch_size], attention_mask=attention_mask[s : s + self.batch_size], logits_to_keep=1, use_cache=False)
+                hidden.append(self._calls[0][0][0])
+                calls.append({i: (args[1:], kwargs) for i, (args, kwargs) in self._calls.items()})
+        finally:
+            self.mode, self._calls = "stream", None
+        return hidden, calls
+
+    def run(self, hidden: Hidden, calls: list, start: int) -> Iterator[tuple[int, Hidden]]:
+        """Run `hidden` (the inputs of layer `start`, per batch; `calls`: from `capture`) through layers
+        start..N-1, each materialised once; yield (i, the inputs of layer i) for i = start+1..N (N: the
+        final hidden states)."""
+        for i in range(start, len(self.meta_layers)):
+            layer = self.layer(i)
+            hidden = [_out(layer(h, *calls[b][i][0], **calls[b][i][1])) for b, h in enumerate(hidden)]
+            del layer
+            yield i + 1, hidden
+
+    def head(self, hidden: Hidden, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> Iterator[torch.Tensor]:
+        """The model's logits, batch by batch, from final hidden states (the model's norm and head)."""
+        self.mode = "inject"
+        try:
+            for b, h in enumerate(hidden):
+                s = b * self.batch_size
+                self._inject = h
+                yield self.model(input_ids=input_ids[s : s + self.batch_size], attention_mask=attention_mask[s : s + self.batch_size],
+                                 logits_to_keep=logits_to_keep, use_cache=False).logits
+        finally:
+            self.mode, self._inject = "stream", None
+
+    def _as_output(self, hidden: torch.Tensor):
+        return (hidden, *(None,) * (self._arity - 1)) if self._arity else hidden
+
+    def in_step(self, jobs: list[Callable[[], object]]) -> list:
+        """Run `jobs` (each a forward or `generate` on this model, all making the same layer calls) in lock
+        step, one thread each and one at a time, so that each decoder layer is materialised once for every
+        call it serves: a generation of n batches reads each layer once per new token, not n times.
+        A job that fails or stops short fails them all."""
+        step = _Lockstep(self, len(jobs))
+        results: list = [None] * len(jobs)
+        errors: list[BaseException] = []
+
+        def work(k: int) -> None:
+            with step.lock:
+                try:
+                    results[k] = jobs[k]()
+                except BaseException as err:  # noqa: BLE001 - handed to the caller below
+                    errors.append(err)
+                step.barrier.abort()  # jobs alike are past their last layer call; any other call now fails
+
+        self.mode, self._step = "lockstep", step
+        try:
+            threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(jobs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            self.mode, self._step = "stream", None
+        if errors:
+            raise errors[0]
+        return results
+
+    def _call(self, index: int, args: tuple, kwargs: dict):
+        if self.mode == "lockstep":
+            return self._step.call(index, args, kwargs)
+        if self.mode == "capture":
+            self._calls[index] = (args, kwargs)
+            if self._arity is None:  # what a layer returns (a tensor, or a tuple, as Falcon's): proxies answer alike
+                out = self.layer(index)(*args, **kwargs)
+                self._arity = len(out) if isinstance(out, tuple) else 0
+            return self._as_output(args[0])
+        if self.mode == "inject":
+            return self._as_output(self._inject if index == len(self.meta_layers) - 1 else args[0])
+        layer = self.layer(index)
+        return layer(*args, **kwargs)
+
+
+class _Lockstep:
+    """The rendezvous of `Layerwise.in_step`: every job holds `lock` while it runs; at a layer call it lets
+    go and waits for the others; the last to arrive materialises the layer for all."""
+
+    def __init__(self, owner: Layerwise, parties: int):
+        self.owner, self.lock = owner, threading.Lock()
+        self.barrier = threading.Barrier(parties, action=self._materialise)
+        self.index: int | None = None
+        self.layer: nn.Module | None = None
+
+    def _materialise(self) -> None:
+        self.layer = None
+        self.layer = self.owner.layer(self.index)
+
+    def call(self, index: int, args: tuple, kwargs: dict):
+        if self.index is not None and self.index != index and self.barrier.n_waiting:
+            raise RuntimeError("jobs run in lock step called different layers")
+        self.index = index
+        self.lock.release()
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise RuntimeError("jobs run in lock step made different numbers of layer calls") from None
+        finally:
+            self.lock.acquire()
+        return self.layer(*args, **kwargs)
+
+
+class _Proxy(nn.Module):
+    """Stands in for decoder layer `index`: the owner decides what a call does (`Layerwise._call`)."""
+
+    def __init__(self, owner: Layerwise, index: int):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)
+        self.index = index
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.owner.meta_layers[self.index], name)  # attention_type and the like
+
+    def forward(self, *args, **kwargs):
+        return self.owner._call(self.index, args, kwargs)
+
+
+def _out(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and ModuleList of the decoder layers: the ModuleList of ``num_hidden_layers`` blocks."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
+            return name, module
+    raise CheckpointError(f"{type(model).__name__}: no decoder layer list found; annealing runs layer by layer and needs one")
+
+
+class DeltaStore:
+    """Deltas kept on disk, a safetensors file per `put`, read back (whole or by tensor name) on demand."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, tuple[Path, dict[str, tuple[tuple[int, ...], bool]]]] = {}
+        self._count = itertools.count()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def put(self, key: str, deltas: dict[str, TensorDelta]) -> None:
+        path = self.directory / f"{next(self._count):05d}.safetensors"
+        save_file({k: v for d in deltas.values() for k, v in d.state().items()}, path)
+        self._files[key] = (path, {n: (tuple(d.shape), d.transposed) for n, d in deltas.items()})
+
+    def names(self, key: str) -> list[str]:
+        return list(self._files[key][1])
+
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Plain tensors under `key` (read back whole by `get_tensors`)."""
+        path = self.directory / f"{next(self._count):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+        self._files[key] = (path, {})
+
+    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        with safe_open(self._files[key][0], framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+
+    def get(self, key: str, names: list[str] | None = None) -> dict[str, TensorDelta]:
+        path, meta = self._files[key]
+        names = list(meta) if names is None else names
+        with safe_open(path, framework="pt") as handle:
+            keys = handle.keys()
+            out = {}
+            for n in names:
+                tensors = {k: handle.get_tensor(k) for k in keys if k.startswith(n + ".")}
+                out[n] = TensorDelta.from_state(n, meta[n][0], meta[n][1], tensors)
+        return out
+
+
+class RawTensors:
+    """Tensors of safetensors files read with one ``pread`` each, in their stored dtype: no mapping whose
+    pages fault in on every read, no checks (the files were read and checked once already)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, int, int, torch.dtype, list[int]]] = {}
+        for file in files:
+            with open(file, "rb") as handle:
+                size = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start, stop = entry["data_offsets"]
+                    self._where[name] = (file, 8 + size + start, stop - start, TORCH_DTYPES[entry["dtype"]], entry["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        file, offset, nbytes, dtype, shape = self._where[name]
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        with open(file, "rb", buffering=0) as handle:
+            if os.preadv(handle.fileno(), [out.numpy()], offset) != nbytes:
+                raise CheckpointError(f"{file}: tensor {name!r} is cut short")
+        return out.view(dtype).view(shape)

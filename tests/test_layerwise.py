@@ -1,0 +1,43 @@
+"""The model run one decoder layer at a time (`layerwise`) computes what the model in memory computes."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
+from hf_decompose.equivalence import greedy_generate
+from hf_decompose.layerwise import Layerwise, RawTensors
+from hf_decompose.model import _plain_config
+
+
+def _runner(pair) -> Layerwise:
+    checkpoints = CheckpointPair(CheckpointReader(pair.base), CheckpointReader(pair.finetuned))
+    ft = checkpoints.finetuned
+    return Layerwise(_plain_config(pair.finetuned), checkpoints.dtype, checkpoints.names(), ft.get, RawTensors(ft.files).get)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_layer_by_layer_logits_and_generations_are_the_models(tiny_pair, tiny_pair_untied, tied):
+    pair = tiny_pair if tied else tiny_pair_untied
+    lw, model = _runner(pair), AutoModelForCausalLM.from_pretrained(pair.finetuned).eval()
+    tok = AutoTokenizer.from_pretrained(pair.finetuned)
+    prompts = pair.calib_prompts[:12]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = torch.cat([model(input_ids=enc["input_ids"][s : s + 8], attention_mask=enc["attention_mask"][s : s + 8]).logits for s in (0, 8)])
+        hidden, calls = lw.capture(enc["input_ids"], enc["attention_mask"])
+        for _, hidden in lw.run(hidden, calls, 0):
+            pass
+        got = torch.cat(list(lw.head(hidden, enc["input_ids"], enc["attention_mask"])))
+    assert torch.equal(got, want)
+    sequential = greedy_generate(model, tok, prompts, 8)
+    jobs = [lambda b=prompts[s : s + 8]: greedy_generate(lw.model, tok, b, 8) for s in (0, 8)]
+    in_step = [t for batch in lw.in_step(jobs) for t in batch]  # each layer read once per new token for both batches
+    assert all(torch.equal(a, b) for a, b in zip(sequential, in_step, strict=True))
+
+
+def test_jobs_in_lock_step_that_diverge_fail_instead_of_waiting_forever(tiny_pair):
+    lw = _runner(tiny_pair)
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="lock step"):
+        lw.in_step([lambda: lw.model(input_ids=ids), lambda: lw.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)])
