@@ -60,7 +60,7 @@ def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig
     if sigma <= 0:
         return residual != 0
     threshold = float(stats.norm.isf(config.q / 2))
-    blocks = [z[z >= threshold].numpy() for z in _z_blocks(residual, sigma)]
+    blocks = [z[z >= threshold].cpu().numpy() for z in _z_blocks(residual, sigma)]
     z_sorted, start = np.empty(sum(b.size for b in blocks), dtype=np.float32), 0
     while blocks:  # moved block by block, each freed and its pages returned: never two copies of all the candidates
         block = blocks.pop(0)
@@ -126,9 +126,11 @@ def robust_sigma(values: torch.Tensor) -> float:
 
 
 def _median(values: torch.Tensor) -> torch.Tensor:
-    """`torch.median` of a 1-D tensor (the lower middle value for an even count), by numpy's
+    """`torch.median` of a 1-D tensor (the lower middle value for an even count); on CPU by numpy's
     selection, which is twice as fast."""
     k = (values.numel() - 1) // 2
+    if values.device.type != "cpu":
+        return values.kthvalue(k + 1).values
     return torch.from_numpy(np.partition(values.numpy(), k)[k : k + 1]).reshape(())
 
 
@@ -151,6 +153,19 @@ def spectral_pvalues(singular: np.ndarray, shape: tuple[int, int], sigma: float)
         statistics.append(((s / sigma) ** 2 - mu) / scale)
     out[: len(statistics)] = tracy_widom_sf(np.array(statistics, dtype=np.float64))  # one call: scipy's overhead is per call
     return out
+
+
+def randomized_svd(a: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u, s, vh) of the leading `k` singular triplets of `a` (Halko, Martinsson & Tropp 2011, with
+    `niter` power iterations). The random test matrix is drawn on CPU from `seed` (the global RNG is
+    untouched) and moved to `a`'s device, so CPU and CUDA start from the same subspace."""
+    omega = torch.randn(a.shape[1], k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        q = torch.linalg.qr(a.T @ q).Q
+        q = torch.linalg.qr(a @ q).Q
+    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return q @ ub, s, vh
 
 
 @dataclass
@@ -176,14 +191,10 @@ def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | 
     m, n = min(delta.shape), max(delta.shape)
     k = min(config.max_rank + 8, m)
     if k < m // 2:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(config.seed)
-        u, s, v = torch.svd_lowrank(delta, q=k, niter=3)
-        torch.random.set_rng_state(gen_state)
-        vh = v.t()
+        u, s, vh = randomized_svd(delta, k, niter=3, seed=config.seed)
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    s_np = s.double().numpy()
+    s_np = s.double().cpu().numpy()
     total = sum(float(c.to(torch.float64, copy=True).square_().sum()) for c in row_chunks(delta))  # one float64 copy at a time
     tested = min(config.max_rank, len(s_np))
     rank, known = 0, sigma is not None
@@ -302,14 +313,14 @@ def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geome
             continue
         if info.group_axis is None:
             z2 = _z2(result.residual, result.sigma)
-            key, ids, per_unit, count = f"vector:{name}", np.zeros(1, dtype=np.int64), z2.sum().reshape(1).numpy(), np.array([z2.numel()])
+            key, ids, per_unit, count = f"vector:{name}", np.zeros(1, dtype=np.int64), z2.sum().reshape(1).cpu().numpy(), np.array([z2.numel()])
         else:
             if geometry is None and info.group_kind in ("head", "kv_head"):
                 continue
             other = 1 - info.group_axis
             # row sums of row blocks are the row sums of the whole; column sums are summed whole
             chunks = row_chunks(result.residual) if other == 1 else (result.residual,)
-            per_unit = torch.cat([_z2(c, result.sigma).sum(dim=other) for c in chunks]).numpy()
+            per_unit = torch.cat([_z2(c, result.sigma).sum(dim=other) for c in chunks]).cpu().numpy()
             ids = group_ids(info, tuple(result.residual.shape), geometry) if geometry else np.arange(per_unit.size)
             # a kind the groups know pools across the layer's tensors; an unrecognised matrix is its own group
             key = f"{info.layer}:{info.group_kind}" if info.role != "matrix" else f"{info.layer}:{info.group_kind}:{name}"
@@ -327,7 +338,7 @@ def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geome
     for name, key, ids in members:
         result = results[name]
         result.group_pvalues = pvalues[key][ids]
-        hit = torch.from_numpy(supported[key][ids])
+        hit = torch.from_numpy(supported[key][ids]).to(result.mask.device)
         if result.info.group_axis is None:
             result.mask |= bool(hit[0])
         elif result.info.group_axis == 0:
