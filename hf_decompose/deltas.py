@@ -13,6 +13,14 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a.numpy() != b.numpy())
 
 
+def _where(mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`mask.nonzero(as_tuple=True)`; on CPU by numpy (several times faster, and a quick exit when none)."""
+    if mask.device.type != "cpu":
+        return mask.nonzero(as_tuple=True)
+    m = mask.numpy()
+    return tuple(torch.from_numpy(i) for i in m.nonzero()) if m.any() else (torch.zeros(0, dtype=torch.long),) * m.ndim
+
+
 def _mismatch(base: torch.Tensor, delta: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """Where fl(base + delta) and `finetuned` differ bit for bit."""
     return _differ((base + delta).view(torch.int32), finetuned.view(torch.int32))
@@ -29,7 +37,7 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tens
     """
     base, finetuned = base.float(), finetuned.float()
     delta = finetuned - base
-    where = _mismatch(base, delta, finetuned).nonzero(as_tuple=True)
+    where = _where(_mismatch(base, delta, finetuned))
     if not where[0].numel():  # the usual case
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0)
     b, f, d = base[where], finetuned[where], delta[where]
@@ -61,7 +69,7 @@ def narrow_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype
     """
     delta = (finetuned - base).to(dtype)
     target = finetuned.to(model_dtype)
-    where = _narrow_mismatch(base, delta, target).nonzero(as_tuple=True)
+    where = _where(_narrow_mismatch(base, delta, target))
     if not where[0].numel():  # the usual case
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)
     b, f, d = base[where], target[where], delta[where]
