@@ -37,8 +37,11 @@ TARGETS = {"lossless": 3.0, "criterion": 10.0}  # on CPU; on CUDA 3.0 for both
 PHASE = r"""
 import json, resource, sys, tempfile, time
 from pathlib import Path
-phase, mode, base, ft, device = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+phase, mode, base, ft, device, threads = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 t0 = time.perf_counter()
+import torch
+if threads:
+    torch.set_num_threads(threads)
 if phase == "read":
     from safetensors.torch import load_file
 else:
@@ -61,8 +64,8 @@ print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": re
 """
 
 
-def run_phase(phase: str, mode: str, base: Path, ft: Path, device: str = "auto") -> dict:
-    out = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(ft), device], check=True, capture_output=True, text=True)
+def run_phase(phase: str, mode: str, base: Path, ft: Path, device: str = "auto", threads: int = 0) -> dict:
+    out = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(ft), device, str(threads)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--modes", default="lossless,criterion")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="DecomposedConfig.device: auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in every phase (0: torch's default)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "decompose_speed.json"))
     args = parser.parse_args()
     import torch
@@ -82,12 +86,12 @@ def main() -> None:
     pair = prepare_default_pair()
     load_before = os.getloadavg()[0]
     model_bytes = CheckpointReader(pair.finetuned).nbytes()
-    run_phase("read", "", pair.base, pair.finetuned)  # warm the page cache: every phase reads from memory
+    run_phase("read", "", pair.base, pair.finetuned, threads=args.threads)  # warm the page cache: every phase reads from memory
     phases = [(p, m) for m in args.modes.split(",") for p in ("in_memory", "streaming")]
     rounds = []
     for _ in range(args.repeats):
-        read = run_phase("read", "", pair.base, pair.finetuned)
-        rounds.append({"read": read} | {f"{m} {p}": run_phase(p, m, pair.base, pair.finetuned, args.device) for p, m in phases})
+        read = run_phase("read", "", pair.base, pair.finetuned, threads=args.threads)
+        rounds.append({"read": read} | {f"{m} {p}": run_phase(p, m, pair.base, pair.finetuned, args.device, args.threads) for p, m in phases})
     rows = []
     for p, m in phases:
         key, target = f"{m} {p}", 3.0 if cuda else TARGETS.get(m, 3.0)
@@ -122,6 +126,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "device": args.device,
         "cuda": cuda,
+        "threads": args.threads or torch.get_num_threads(),
         "load_average_before_1min": load_before,
         "rows": rows,
         "rounds": rounds,

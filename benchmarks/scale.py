@@ -55,9 +55,11 @@ RANK, LOWRANK_SCALE, NOISE = 8, 1e-3, 2e-4
 
 PHASE = r"""
 import json, resource, sys, tempfile, time
-phase, base, ft, device, out = sys.argv[1:6]
+phase, base, ft, device, out, threads = sys.argv[1:7]
 t0 = time.perf_counter()
 import torch
+if int(threads):
+    torch.set_num_threads(int(threads))
 if phase == "read":
     from pathlib import Path
     from safetensors.torch import load_file
@@ -167,9 +169,9 @@ def _write_shard(save_file, shard: tuple[dict, dict], k: int, base_dir: Path, ft
         save_file(tensors, str(d / f"shard-{k}.safetensors"), metadata={"format": "pt"})
 
 
-def run_phase(phase: str, base: Path, ft: Path, device: str, tmp: Path) -> dict:
+def run_phase(phase: str, base: Path, ft: Path, device: str, tmp: Path, threads: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(ft), device, str(tmp)], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(ft), device, str(tmp), str(threads)], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -206,6 +208,8 @@ def main() -> None:
     parser.add_argument("--sizes", default=None, help=f"default {CPU_SIZES} on CPU, {GPU_SIZES} on CUDA; any of {', '.join(SIZES)}")
     parser.add_argument("--modes", default="lossless,criterion")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in every phase (0: torch's default); 1 keeps a shared machine's "
+                        "descheduled threads from stalling every parallel op")
     parser.add_argument("--build-only", action="store_true", help="build (or find) the checkpoints and stop")
     parser.add_argument("--output", default=str(RESULTS / "scale.json"))
     args = parser.parse_args()
@@ -225,10 +229,10 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     for size, (base, ft) in pairs.items():
         params, checkpoint = count_params(ft), sum(p.stat().st_size for p in ft.glob("*.safetensors"))
-        run_phase("read", base, ft, args.device, tmp)  # warm the page cache: every phase reads from memory
-        read = run_phase("read", base, ft, args.device, tmp)
+        run_phase("read", base, ft, args.device, tmp, args.threads)  # warm the page cache: every phase reads from memory
+        read = run_phase("read", base, ft, args.device, tmp, args.threads)
         for phase in ["read", *args.modes.split(",")]:
-            r = read if phase == "read" else run_phase(phase, base, ft, args.device, tmp)
+            r = read if phase == "read" else run_phase(phase, base, ft, args.device, tmp, args.threads)
             rows.append({
                 "size": size, "params": params, "checkpoint_bytes": checkpoint, "phase": phase, "seconds": r["seconds"], "imports_s": r["imports_s"],
                 "read_s": read["seconds"], "ratio": r["seconds"] / read["seconds"], "ns_per_param": 1e9 * r["seconds"] / params,
@@ -237,13 +241,13 @@ def main() -> None:
             print(_row(rows[-1]), flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     acceptance = _acceptance(rows, cuda)
-    print("\nsynthetic Llama family (random weights), device", args.device, "\n")
+    print(f"\nsynthetic Llama family (random weights), device {args.device}, torch threads {args.threads or torch.get_num_threads()}\n")
     print("| size | params | checkpoint (GiB) | phase | seconds | x read | ns / param | peak RSS (GiB) | RSS / checkpoint | peak GPU (GiB) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(_row(r))
     print(json.dumps(acceptance, indent=2))
-    result = {"synthetic": True, "machine": machine(), "device": args.device, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    result = {"synthetic": True, "machine": machine(), "device": args.device, "threads": args.threads or torch.get_num_threads(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "family": {s: {"config": SIZES[s], "rank": RANK, "lowrank_scale": LOWRANK_SCALE,
               "noise": NOISE} for s in sizes}, "acceptance": acceptance, "rows": rows}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
