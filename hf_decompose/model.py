@@ -75,11 +75,12 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     layer_deltas = {}
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
-            delta, idx, values = _exact_delta(pair, info, device)  # in the fine-tune's dtype where it is 16-bit
+            delta, idx, values, finetuned = _exact_delta(pair, info, device)  # in the fine-tune's dtype where it is 16-bit
             nonzero = torch.from_numpy(delta.numpy() != 0) if delta.dtype == torch.float32 else delta != 0  # numpy: faster
             layer_deltas[info.name] = extract(info, delta, nonzero, overrides=(idx, values), dense_block_density=config.dense_block_density, in_place=True)
             if config.mode == "lossless" and delta.dtype != torch.float32:
-                layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name])
+                layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name], finetuned)
+            del finetuned
         tests = {}
     else:
         tests = assess_layer({i.name: (i, _delta(pair, i, device)) for i in infos}, config, geometry, in_place=True)
@@ -90,13 +91,15 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
 
 
-def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta) -> TensorDelta:
+def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta, finetuned: torch.Tensor | None) -> TensorDelta:
     """`delta`, or where it costs more bytes than the 16-bit fine-tune tensor itself, that tensor's own
-    values (every entry replaced): a lossless artifact is never larger than the fine-tune."""
+    values (every entry replaced): a lossless artifact is never larger than the fine-tune. `finetuned`:
+    the tensor as read for the delta (canonical, float32), or None to read it again."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
     if delta.nbytes() <= math.prod(delta.shape) * dtype.itemsize:
         return delta
-    values = info.canonical(pair.finetuned.get(info.name)).to(dtype).contiguous()
+    finetuned = info.canonical(pair.finetuned.get(info.name)) if finetuned is None else finetuned
+    values = finetuned.to("cpu", dtype).contiguous()
     return TensorDelta(info.name, delta.shape, info.transposed, override_values=values)
 
 
@@ -125,22 +128,23 @@ def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch
     return out
 
 
-def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`deltas.exact_delta` of one tensor computed on `device` a block of rows at a time (it is entry-wise),
-    returned on CPU; for a 16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype."""
+    returned on CPU; for a 16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype. Last, the
+    fine-tune tensor as read when it was read whole (else None: not held beside the delta)."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
     exact = (lambda b, f: narrow_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
     out, indices, values = None, [], []
     for rows, base, ft in _row_blocks(pair, info, device):
         delta, idx, vals = exact(base, ft)
         if rows is None:
-            return delta.cpu(), idx.cpu(), vals.cpu()
+            return delta.cpu(), idx.cpu(), vals.cpu(), ft
         out = torch.empty(pair.finetuned.shape(info.name), dtype=delta.dtype) if out is None else out
         out[rows] = delta
         idx[:, 0] += rows.start
         indices.append(idx.cpu())
         values.append(vals.cpu())
-    return out, torch.cat(indices), torch.cat(values)
+    return out, torch.cat(indices), torch.cat(values), None
 
 
 def _natural(name: str) -> list:
