@@ -200,7 +200,7 @@ def main() -> None:
                 delta, nbytes = peer_delta(method, full[n], budget, factors[n])
                 mod.set_delta(delta)
                 stored += nbytes
-                kept += delta.num_params() if method not in ("magnitude", "dare") else int((delta.dense != 0).sum())
+                kept += delta.num_params() if method not in ("magnitude", "dare") else int((delta.get("dense").weight != 0).sum())
             free = method in BUDGET_FREE
             row = {"budget": None if free else budget, "method": method, "kept_fraction": kept / total,
                    "artifact_bytes": stored, "stored_fraction": stored / (4 * total), **evaluate(model, tok, ref, pair.eval_prompts, args.max_new_tokens), "seconds": time.perf_counter() - t0}

@@ -11,6 +11,9 @@ factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda`
   greedy tokens, with the dynamic and the static cache (``cache_implementation="static"``);
 * several fine-tunes over one base: a mixed batch generates, row by row, what each fine-tune
   (and the base) generates alone;
+* decomposition on the device (``DecomposedConfig(device=...)``) against CPU, lossless and criterion:
+  the same stored tensors and support (lossless bit for bit), logits within 1e-3 (annealing's levels
+  are not compared here: the tiny pairs have no tokenizer for its calibration prompts);
 * device maps: substructures offloaded to CPU and to disk, ``"auto"`` under a small
   ``max_memory``, and with two or more GPUs ``"balanced"`` with the substructures spread: identical
   greedy tokens.
@@ -85,7 +88,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _bytes import step_bytes  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel, artifact  # noqa: E402
+from hf_decompose import DecomposedConfig, DecomposedModel, MultiDecomposedModel, artifact, decompose_to_disk  # noqa: E402
 from hf_decompose.checkpoints import CheckpointReader, sha256_files  # noqa: E402
 from hf_decompose.placement import substructures  # noqa: E402
 from hf_decompose.quantize import quantize  # noqa: E402
@@ -209,6 +212,30 @@ def check_multi(fam: dict, device: str) -> dict:
              for k, a in enumerate(fam["artifacts"][:3])}
     equal = [torch.equal(mixed[i], generate(alone[r] if r else base, ids[i : i + 1], 16)[0]) for i, r in enumerate(rows)]
     return {"rows": rows, "rows_equal_alone": equal, "ok": all(equal)}
+
+
+def check_decompose_devices(fam: dict, device: str, tmp: Path) -> dict:
+    """Decompose the first fine-tune on `device` and on CPU: same tensors and support, logits within tolerance."""
+    from safetensors.torch import load_file
+
+    ids = prompts(3, TINY["vocab_size"], device, seed=4)
+    out, ok = {}, True
+    for mode in ("lossless", "criterion"):
+        arts = {d: decompose_to_disk(fam["dense"][0], fam["base"], DecomposedConfig(mode=mode, device=d), output_dir=tmp / f"on_{d}_{mode}",
+                                     progress=False) for d in dict.fromkeys((device, "cpu"))}  # fmt: skip
+        on, cpu = (load_file(arts[d] / artifact.WEIGHTS) for d in (device, "cpu"))
+        same = on.keys() == cpu.keys() and all(on[k].shape == cpu[k].shape for k in on)
+        floats = [k for k in on if on[k].is_floating_point()] if same else []
+        on_logits, cpu_logits = (logits(DecomposedModel.from_pretrained(arts[d], base_model=fam["base"]).to(device), ids) for d in (device, "cpu"))
+        out[mode] = {
+            "same_tensors": same,
+            "same_support": same and all(torch.equal(on[k], cpu[k]) for k in on if k not in floats),  # indices, block rows / cols
+            "bit_identical": same and all(torch.equal(on[k], cpu[k]) for k in on),
+            "max_value_diff": max(((on[k].float() - cpu[k].float()).abs().max().item() for k in floats), default=0.0),
+            "max_logit_diff": (on_logits - cpu_logits).abs().max().item(),
+        }
+        ok &= out[mode]["same_support"] and out[mode]["max_logit_diff"] <= 1e-3 and (mode != "lossless" or out[mode]["bit_identical"])
+    return out | {"ok": ok}
 
 
 def check_device_maps(fam: dict, device: str, tmp: Path) -> dict:
@@ -342,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = build_family(tmp / "tiny", TINY, tenants=3, dense_copies=1, kinds=(0, 1, 2))
         section("merged_split", lambda: check_merged_split(tiny, args.device))
         section("multi_tenant", lambda: check_multi(tiny, args.device))
+        section("decompose_devices", lambda: check_decompose_devices(tiny, args.device, tmp))
         section("device_maps", lambda: check_device_maps(tiny, args.device, tmp))
         new_tokens = 128 if gpu else 8
         for label, kinds in (("", (0, 1)), ("_lowbit", (3,))):  # no dense deltas; then anneal-style low-rank + 3-bit

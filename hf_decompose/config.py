@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -125,6 +126,10 @@ class DecomposedConfig(QuantizationConfigMixin):
         calibration_column: the column of a dataset given as `calibration` (default ``prompt`` or ``text``).
         hub_options: ``token`` / ``cache_dir`` / ``local_files_only`` for the downloads a load makes
             besides transformers' own (the base checkpoint). Not saved.
+        device: where the per-layer work runs (deltas, the criterion's tests and SVDs, Gram matrices and
+            error-feedback rounding): ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
+            ``"cuda:1"``... Layers stream from the files to it and their results back to CPU. Not saved:
+            the result is the same on every device up to float tolerance.
         quant_method: always ``"hf_decompose"``: as a transformers ``quantization_config``
             (``from_pretrained(..., quantization_config=DecomposedConfig(base_model=...))``), this
             config makes loading decompose the checkpoint against ``base_model`` (see `hf_decompose.quantizer`).
@@ -147,6 +152,7 @@ class DecomposedConfig(QuantizationConfigMixin):
     calibration: Any = field(default=None, repr=False, metadata=NOT_SAVED)
     calibration_column: str | None = field(default=None, metadata=NOT_SAVED)
     hub_options: dict[str, Any] = field(default_factory=dict, repr=False, metadata=NOT_SAVED)
+    device: str = field(default="auto", metadata=NOT_SAVED)
     quant_method: str = field(default=QUANT_METHOD, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -181,6 +187,7 @@ class DecomposedConfig(QuantizationConfigMixin):
             raise ConfigError(f"calibration_column={self.calibration_column!r} must be a column name")
         if not isinstance(self.hub_options, dict) or set(self.hub_options) - set(HUB_OPTIONS):
             raise ConfigError(f"hub_options must be a mapping with keys among {HUB_OPTIONS}")
+        self.torch_device()
         a = self.annealing
         if a["target"] not in TARGETS:
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
@@ -195,6 +202,10 @@ class DecomposedConfig(QuantizationConfigMixin):
         for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance", "tie_tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
+
+    def torch_device(self) -> torch.device:
+        """The device `device` names (``"auto"`` resolved); `ConfigError` if it is not available here."""
+        return resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """The saved fields (run-time inputs such as `calibration` are left out)."""
@@ -235,6 +246,24 @@ class DecomposedConfig(QuantizationConfigMixin):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump({"decomposition": self.to_dict()}, sort_keys=False))
+
+
+def resolve_device(spec: Any) -> torch.device:
+    """``"auto"`` -> the first CUDA device when present, else CPU; ``"cpu"`` / ``"cuda[:N]"`` checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec) if isinstance(spec, str) else None
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={spec!r} is not 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(f"device={spec!r} is not available: this machine has {have}")
+    return device
 
 
 def _describe(source: Any) -> str:

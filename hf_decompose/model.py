@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tempfile
@@ -71,75 +72,81 @@ def iter_layers(
 
 
 def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geometry | None, layer: str, infos: list[ParamInfo]) -> resume.LayerResult:
+    """One layer's kept deltas and statistics, computed on ``config.device``; the results are on CPU."""
+    device = config.torch_device()
     layer_deltas = {}
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
-            delta, idx, values = _exact_delta(pair, info)  # in the fine-tune's dtype where it is 16-bit
+            delta, idx, values, finetuned = _exact_delta(pair, info, device)  # in the fine-tune's dtype where it is 16-bit
             nonzero = torch.from_numpy(delta.numpy() != 0) if delta.dtype == torch.float32 else delta != 0  # numpy: faster
             layer_deltas[info.name] = extract(info, delta, nonzero, overrides=(idx, values), dense_block_density=config.dense_block_density, in_place=True)
             if config.mode == "lossless" and delta.dtype != torch.float32:
-                layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name])
+                layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name], finetuned)
+            del finetuned
         tests = {}
     else:
-        tests = assess_layer({i.name: (i, _delta(pair, i)) for i in infos}, config, geometry, in_place=True)
+        tests = assess_layer({i.name: (i, _delta(pair, i, device)) for i in infos}, config, geometry, in_place=True)
         release_free_memory()  # the tests' temporaries, before the substructures are gathered
         for name, t in tests.items():
-            lowrank = (t.spectral.u, t.spectral.v) if t.spectral and t.spectral.rank else None
-            layer_deltas[name] = extract(t.info, t.residual, t.mask, lowrank=lowrank, dense_block_density=config.dense_block_density, in_place=True)
+            lowrank = (t.spectral.u.cpu(), t.spectral.v.cpu()) if t.spectral and t.spectral.rank else None
+            layer_deltas[name] = extract(t.info, t.residual.cpu(), t.mask.cpu(), lowrank=lowrank, dense_block_density=config.dense_block_density, in_place=True)
     return layer_deltas, _layer_stats(layer, infos, layer_deltas, tests, geometry)
 
 
-def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta) -> TensorDelta:
+def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta, finetuned: torch.Tensor | None) -> TensorDelta:
     """`delta`, or where it costs more bytes than the 16-bit fine-tune tensor itself, that tensor's own
-    values (every entry replaced): a lossless artifact is never larger than the fine-tune."""
+    values (every entry replaced): a lossless artifact is never larger than the fine-tune. `finetuned`:
+    the tensor as read for the delta (canonical, float32), or None to read it again."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
     if delta.nbytes() <= math.prod(delta.shape) * dtype.itemsize:
         return delta
-    values = info.canonical(pair.finetuned.get(info.name)).to(dtype).contiguous()
+    finetuned = info.canonical(pair.finetuned.get(info.name)) if finetuned is None else finetuned
+    values = finetuned.to("cpu", dtype).contiguous()
     return TensorDelta(info.name, delta.shape, info.transposed, [OverridePart(values, None, delta.shape)])
 
 
-def _row_blocks(pair: CheckpointPair, info: ParamInfo) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
-    """(rows, base, fine-tune) of one tensor as float32 in canonical layout: whole (rows None), or for a
-    large matrix (an embedding) `CHUNK_BYTES` of rows at a time, so that it is never held three times."""
+def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+    """(rows, base, fine-tune) of one tensor as float32 in canonical layout on `device`: whole (rows None),
+    or for a large matrix (an embedding) `CHUNK_BYTES` of rows at a time, so that it is never held three times."""
     shape = pair.finetuned.shape(info.name)
     row_bytes = 4 * math.prod(shape[1:])
     if info.transposed or len(shape) < 2 or shape[0] * row_bytes <= CHUNK_BYTES:
-        yield None, info.canonical(pair.base_tensor(info.name)), info.canonical(pair.finetuned.get(info.name))
+        yield None, info.canonical(pair.base_tensor(info.name)).to(device), info.canonical(pair.finetuned.get(info.name)).to(device)
         return
     step = max(1, CHUNK_BYTES // row_bytes)
     for start in range(0, shape[0], step):
         rows = slice(start, min(start + step, shape[0]))
-        yield rows, pair.base_tensor(info.name, rows), pair.finetuned.get(info.name, rows)
+        yield rows, pair.base_tensor(info.name, rows).to(device), pair.finetuned.get(info.name, rows).to(device)
 
 
-def _delta(pair: CheckpointPair, info: ParamInfo) -> torch.Tensor:
-    """fine-tune - base, float32, canonical layout."""
+def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch.Tensor:
+    """fine-tune - base, float32, canonical layout, on `device`."""
     out = None
-    for rows, base, ft in _row_blocks(pair, info):
+    for rows, base, ft in _row_blocks(pair, info, device):
         if rows is None:
-            return ft - base
-        out = torch.empty(pair.finetuned.shape(info.name)) if out is None else out
+            return ft.sub_(base)
+        out = torch.empty(pair.finetuned.shape(info.name), device=device) if out is None else out
         torch.sub(ft, base, out=out[rows])
     return out
 
 
-def _exact_delta(pair: CheckpointPair, info: ParamInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`deltas.exact_delta` of one tensor, computed a block of rows at a time (it is entry-wise); for a
-    16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype."""
+def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`deltas.exact_delta` of one tensor computed on `device` a block of rows at a time (it is entry-wise),
+    returned on CPU; for a 16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype. Last, the
+    fine-tune tensor as read when it was read whole (else None: not held beside the delta)."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
     exact = (lambda b, f: narrow_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
     out, indices, values = None, [], []
-    for rows, base, ft in _row_blocks(pair, info):
+    for rows, base, ft in _row_blocks(pair, info, device):
         delta, idx, vals = exact(base, ft)
         if rows is None:
-            return delta, idx, vals
+            return delta.cpu(), idx.cpu(), vals.cpu(), ft
         out = torch.empty(pair.finetuned.shape(info.name), dtype=delta.dtype) if out is None else out
         out[rows] = delta
         idx[:, 0] += rows.start
-        indices.append(idx)
-        values.append(vals)
-    return out, torch.cat(indices), torch.cat(values)
+        indices.append(idx.cpu())
+        values.append(vals.cpu())
+    return out, torch.cat(indices), torch.cat(values), None
 
 
 def _natural(name: str) -> list:
@@ -344,8 +351,7 @@ def decompose(
     """
     config = config or DecomposedConfig()
     if calibration is not None:
-        config = DecomposedConfig.from_dict(config.to_dict())
-        config.calibration = calibration
+        config = dataclasses.replace(config, calibration=calibration)
     owned = tempfile.TemporaryDirectory(prefix="hf_decompose-")
     path = decompose_to_disk(
         finetuned, base_model, config, output_dir=Path(owned.name) / "artifact", revision=revision, progress=progress,

@@ -40,7 +40,8 @@ def group_size(shape: tuple[int, ...], group: int) -> int:
 
 def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None, grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes, scales ``(out, in / group)`` in bfloat16) of a canonical ``(out, in)`` tensor
-    on `grid`; with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come."""
+    on `grid`; with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come.
+    Computed on `values`' device (`gram` moved there); the results are on CPU."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
     if grid not in GRIDS:
@@ -49,12 +50,12 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
     g = group_size(values.shape, group)
     grid_ = _Grid(bits, grid)
     if gram is not None:
-        codes, scales = _error_feedback(values.float(), gram, grid_, g)
+        codes, scales = _error_feedback(values.float(), gram.to(values.device), grid_, g)
     else:
         x = values.float().reshape(out, n_in // g, g)
         scales = grid_.scales(x)
         codes = grid_.round(x, scales.float()).reshape(out, n_in)
-    return pack(grid_.unsigned(codes).reshape(-1), bits), scales.reshape(out, n_in // g).contiguous()
+    return pack(grid_.unsigned(codes).reshape(-1).cpu(), bits), scales.reshape(out, n_in // g).contiguous().cpu()
 
 
 class _Grid:
@@ -101,16 +102,16 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, grid: _Grid, g: int, da
     h = gram.double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    h += damping * h.diagonal().mean() * torch.eye(n_in, dtype=h.dtype)
+    h += damping * h.diagonal().mean() * torch.eye(n_in, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     w = w.clone()
     w[:, dead] = 0.0
     codes = torch.empty_like(w)
-    scales = torch.empty(out, n_in // g, dtype=torch.bfloat16)
+    scales = torch.empty(out, n_in // g, dtype=torch.bfloat16, device=w.device)
     block = max(g, block // g * g) if g < n_in else block
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        w1, err1, h1 = w[:, i1:i2].clone(), torch.zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        w1, err1, h1 = w[:, i1:i2].clone(), w.new_zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:  # a group's scale from its (already compensated) values

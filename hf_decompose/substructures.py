@@ -55,9 +55,7 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     if values.dim() != 2:
         return _with(delta, DensePart(_masked(values, mask, in_place)))
     rows_used, cols_used = m.any(1), m.any(0)
-    if (m | ~cols_used).all(1).any() or (m | ~rows_used[:, None]).all(0).any():
-        # a row touching every used column (or a column touching every used row) joins everything:
-        # a single component, no graph needed
+    if _one_component(m, rows_used, cols_used):  # no graph needed
         return _single_component(delta, values, mask, torch.from_numpy(rows_used), torch.from_numpy(cols_used), dense_block_density, in_place)
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
@@ -132,6 +130,21 @@ def _bipartite_components(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_col
     n = n_rows + n_cols
     graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols + n_rows)), shape=(n, n))
     return connected_components(graph, directed=False)
+
+
+def _one_component(m: np.ndarray, rows_used: np.ndarray, cols_used: np.ndarray, steps: int = 4) -> bool:
+    """Whether the used rows and columns of the support `m` form one component, by reach from its fullest
+    row, a pass over `m` per step: once every used column is reached, so is every used row. A dense
+    support with scattered gaps (a 16-bit fine-tune leaves some entries unchanged) joins in a step or two."""
+    rows = np.zeros_like(rows_used)
+    rows[np.argmax(np.count_nonzero(m, axis=1))] = True
+    n_cols = np.count_nonzero(cols_used)
+    for _ in range(steps):
+        cols = m[rows].any(0)
+        if np.count_nonzero(cols) == n_cols:
+            return True
+        rows = (m & cols).any(1)
+    return False
 
 
 def _spanning_pairs(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

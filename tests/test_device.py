@@ -1,0 +1,105 @@
+"""`DecomposedConfig.device`: where the per-layer work runs, validated, never saved, same results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_decompose.model as model_module
+from hf_decompose import ConfigError, DecomposedConfig, artifact, decompose_to_disk
+from hf_decompose.criterion import randomized_svd
+from hf_decompose.quantize import quantize
+
+CUDA = torch.cuda.is_available()
+
+
+def test_device_defaults_to_auto_and_is_a_run_time_option(tmp_path):
+    config = DecomposedConfig(device="cpu")
+    assert DecomposedConfig().device == "auto" and DecomposedConfig().torch_device() == torch.device("cuda" if CUDA else "cpu")
+    assert config.torch_device() == torch.device("cpu")
+    assert "device" not in config.to_dict() and config.to_dict() == DecomposedConfig().to_dict()
+    config.to_yaml(tmp_path / "recipe.yaml")
+    assert "device" not in (tmp_path / "recipe.yaml").read_text()
+    assert DecomposedConfig.from_dict({"mode": "criterion", "device": "cpu"}).device == "cpu"
+
+
+@pytest.mark.parametrize("spec", ["tpu", "cuda:x", "", 0, "meta"])
+def test_unknown_devices_are_refused_by_name(spec):
+    with pytest.raises(ConfigError, match=f"device={spec!r}"):
+        DecomposedConfig(device=spec)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_refused_naming_the_value(spec):
+    with pytest.raises(ConfigError, match=rf"device='{spec}' is not available: this machine has no CUDA device"):
+        DecomposedConfig(mode="criterion", device=spec)
+
+
+def test_a_missing_cuda_index_is_refused():
+    with pytest.raises(ConfigError, match=r"device='cuda:99' is not available"):
+        DecomposedConfig(device="cuda:99")
+
+
+def test_randomized_svd_finds_the_leading_triplets_and_leaves_the_global_rng_alone():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 8, generator=gen) @ torch.randn(8, 200, generator=gen) + 1e-3 * torch.randn(300, 200, generator=gen)
+    state = torch.random.get_rng_state()
+    u, s, vh = randomized_svd(a, 16, niter=3, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    exact = torch.linalg.svdvals(a)
+    assert torch.allclose(s[:8], exact[:8], rtol=1e-5)
+    assert torch.allclose((u[:, :8] * s[:8]) @ vh[:8], a, atol=1e-2)
+    u2, s2, _ = randomized_svd(a, 16, niter=3, seed=0)
+    assert torch.equal(s, s2) and torch.equal(u, u2)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "criterion"])
+def test_explicit_cpu_runs_the_work_there_and_writes_the_default_artifact(tiny_pair, single_thread, tmp_path, monkeypatch, mode):
+    decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode=mode), output_dir=tmp_path / "default", progress=False)
+    seen = []
+    for name in ("assess_layer", "exact_delta"):
+        real = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, _real=real, **k: seen.append({t.device for t in _tensors(a)}) or _real(*a, **k))
+    decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode=mode, device="cpu"), output_dir=tmp_path / "cpu", progress=False)
+    assert seen and all(devices == {torch.device("cpu")} for devices in seen)
+    default, cpu = load_file(tmp_path / "default" / artifact.WEIGHTS), load_file(tmp_path / "cpu" / artifact.WEIGHTS)
+    assert default.keys() == cpu.keys() and all(torch.equal(default[k], cpu[k]) for k in default)
+    index = json.loads((tmp_path / "cpu" / artifact.INDEX).read_text())
+    assert "device" not in index["config"]
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    """The tensors among `assess_layer`'s or `exact_delta`'s arguments."""
+    out = [a for a in args if isinstance(a, torch.Tensor)]
+    for a in args:
+        if isinstance(a, dict):
+            out += [t for _, t in a.values()]
+    return out
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["lossless", "criterion"])
+def test_cuda_and_cpu_agree(tiny_pair, tmp_path, mode):
+    for device in ("cpu", "cuda"):
+        decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode=mode, device=device), output_dir=tmp_path / device, progress=False)
+    cpu, cuda = load_file(tmp_path / "cpu" / artifact.WEIGHTS), load_file(tmp_path / "cuda" / artifact.WEIGHTS)
+    assert cpu.keys() == cuda.keys()
+    for k in cpu:
+        if cpu[k].is_floating_point():
+            assert torch.allclose(cpu[k].float(), cuda[k].float(), rtol=1e-3, atol=1e-5), k
+        else:
+            assert torch.equal(cpu[k], cuda[k]), k
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_error_feedback_rounding_agrees_on_cuda():
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 128, generator=gen), torch.randn(256, 128, generator=gen)
+    cpu = quantize(w, 4, 64, gram=x.T @ x)
+    cuda = quantize(w.cuda(), 4, 64, gram=(x.T @ x).cuda())
+    assert all(t.device.type == "cpu" for t in cuda)
+    assert (cpu[0] != cuda[0]).float().mean() < 0.01 and torch.allclose(cpu[1].float(), cuda[1].float(), rtol=1e-2)
