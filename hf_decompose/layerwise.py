@@ -241,10 +241,15 @@ class _Lockstep:
         self.barrier = threading.Barrier(parties, action=self._materialise)
         self.index: int | None = None
         self.layer: nn.Module | None = None
+        self.failure: BaseException | None = None  # what broke the rendezvous, raised in every job
 
     def _materialise(self) -> None:
         self.layer = None
-        self.layer = self.owner.layer(self.index)
+        try:
+            self.layer = self.owner.layer(self.index)
+        except BaseException as err:
+            self.failure = err
+            raise
 
     def call(self, index: int, args: tuple, kwargs: dict):
         if self.index is not None and self.index != index and self.barrier.n_waiting:
@@ -254,6 +259,8 @@ class _Lockstep:
         try:
             self.barrier.wait()
         except threading.BrokenBarrierError:
+            if self.failure is not None:
+                raise self.failure from None
             raise RuntimeError("jobs run in lock step made different numbers of layer calls") from None
         finally:
             self.lock.acquire()
