@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--targets", default="tie,floor")
     parser.add_argument("--schedule", default=DecomposedConfig().annealing["schedule"])
     parser.add_argument("--levels", default=None, help="comma-separated annealing levels (default: the config's)")
+    parser.add_argument("--grid", default=DecomposedConfig().annealing["grid"], help="low-bit grid: signed or full")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
     pair = prepare_default_pair(recipe=args.recipe)
@@ -46,7 +47,7 @@ def main() -> None:
     for target in args.targets.split(","):
         t0, load0 = time.perf_counter(), os.getloadavg()
         levels = {"levels": args.levels.split(",")} if args.levels else {}
-        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, **levels})
+        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, "grid": args.grid, **levels})
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
         eq = verify_equivalence(reference, model, tokenizer, pair.eval_prompts, args.max_new_tokens, reference_tokens=ref_tokens, progress=False)
         model.report["equivalence"] = eq.to_dict()
@@ -54,7 +55,7 @@ def main() -> None:
             model.report["noise_floor"] = floor
         report = model.report
         stored = report["size_bytes"]["artifact"]
-        rows[f"{target}/{args.schedule}"] = {
+        rows[f"{target}/{args.schedule}/{args.grid}"] = {
             "target": target, "schedule": args.schedule, "levels_tried": config.annealing["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
             "bits_per_param": bits_per_param(stored, report["delta_params"]), "finetuned_over_artifact": report["size_bytes"]["finetuned"] / stored,
             "identical": eq.identical, "tie_equivalent": round(eq.tie_equivalent_rate * eq.num_prompts), "vllm_close": round(eq.logprobs_close_rate * eq.num_prompts),

@@ -48,7 +48,7 @@ ANNEALING: dict[str, Any] = {
     "precision": True,
     "keep_supported": False,
     "error_feedback": True,
-    "grid": "full",
+    "grid": "signed",
 }
 
 
@@ -118,8 +118,8 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
             ``error_feedback`` (round with the calibration Gram's compensation, GPTQ-style), ``grid``
-            (``"full"``: codes of 2 bits and more use all their levels, `hf_decompose.quantize`;
-            ``"signed"``: the symmetric grid with a zero of earlier artifacts).
+            (``"signed"``, the default: the symmetric grid with a zero; ``"full"``: codes of 2 bits
+            and more use all their levels, `hf_decompose.quantize`; it lost on the default pair).
         calibration: ``mode="anneal"``: the prompts the guard runs on (a list of strings, a prompts
             file, or a `datasets.Dataset`; keep them disjoint from evaluation prompts); None uses the
             built-in default set (`DEFAULT_CALIBRATION`) and the report says so. Not saved.
