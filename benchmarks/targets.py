@@ -30,8 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default=None)
     parser.add_argument("--targets", default="tie,floor")
-    parser.add_argument("--schedule", default=DecomposedConfig().annealing["schedule"])
-    parser.add_argument("--levels", default=None, help="comma-separated annealing levels (default: the config's)")
+    parser.add_argument("--schedule", default=None, help="ladder or knapsack (default: the target's)")
+    parser.add_argument("--levels", default=None, help="comma-separated annealing levels (default: the target's)")
     parser.add_argument("--grid", default=DecomposedConfig().annealing["grid"], help="low-bit grid: signed or full")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -48,6 +48,7 @@ def main() -> None:
         t0, load0 = time.perf_counter(), os.getloadavg()
         levels = {"levels": args.levels.split(",")} if args.levels else {}
         config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, "grid": args.grid, **levels})
+        opts = config.annealing_options()
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
         eq = verify_equivalence(reference, model, tokenizer, pair.eval_prompts, args.max_new_tokens, reference_tokens=ref_tokens, progress=False)
         model.report["equivalence"] = eq.to_dict()
@@ -55,8 +56,9 @@ def main() -> None:
             model.report["noise_floor"] = floor
         report = model.report
         stored = report["size_bytes"]["artifact"]
-        rows[f"{target}/{args.schedule}/{args.grid}"] = {
-            "target": target, "schedule": args.schedule, "levels_tried": config.annealing["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
+        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "")
+        rows[key] = {
+            "target": target, "schedule": opts["schedule"], "levels_tried": opts["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
             "bits_per_param": bits_per_param(stored, report["delta_params"]), "finetuned_over_artifact": report["size_bytes"]["finetuned"] / stored,
             "identical": eq.identical, "tie_equivalent": round(eq.tie_equivalent_rate * eq.num_prompts), "vllm_close": round(eq.logprobs_close_rate * eq.num_prompts),
             "mean_kl": eq.mean_kl, "divergence_margins": eq.divergence_margins, "annealing_s": report["annealing"]["seconds"],
@@ -64,7 +66,7 @@ def main() -> None:
             "precision": report["annealing"]["precision"].get("dtype"), "seconds": time.perf_counter() - t0,
             "load_average": {"start": load0, "end": os.getloadavg()},
         }
-        print(f"\n== target {target} ({args.schedule}) ==\n{summary_table(report)}", flush=True)
+        print(f"\n== target {target} ({opts['schedule']}) ==\n{summary_table(report)}", flush=True)
         RESULTS.mkdir(exist_ok=True)
         out_file.write_text(json.dumps({"pair": name, "machine": machine(), "rows": rows}, indent=2))
         del model

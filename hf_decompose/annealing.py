@@ -52,7 +52,7 @@ from .layerwise import DeltaStore, Hidden, Layerwise
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import quantize
-from .parts import FullQuantPart, LowRankPart, QuantPart, TensorDelta
+from .parts import FullQuantPart, LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 
 
 @dataclass
@@ -394,7 +394,7 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     """The schedule on an engine (`_ModelEngine`, `_StreamEngine`): returns each layer's chosen (layer,
     level) key in `made`, the deltas the precision step replaced, and the report."""
     t0 = time.perf_counter()
-    opts = config.annealing
+    opts = config.annealing_options()
     target = opts["target"]
     if target == "exact":  # lossless: nothing to anneal
         return {}, {}, {"target": target, "ladder": [], "levels": [], "trace": [], "precision": {"dtype": "float32", "accepted": False},
@@ -443,7 +443,7 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     precision = _anneal_precision(engine, overrides, engine.module_names, calib, judge) if opts["precision"] else {"dtype": "float32", "accepted": False}
     overrides = {n: d for n, d in overrides.items() if d is not lowrank[n]}
     choice = {layer: (layer, level_of[layer]) for layer in order}
-    return choice, overrides, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "ladder": specs,
+    return choice, overrides, {"target": target, "tie_tolerance": opts["tie_tolerance"], "floor": None if floor is None else asdict(floor), "schedule": opts["schedule"], "ladder": specs,
                                "levels": per_layer, "trace": trace, "precision": precision, "calibration_prompts": len(calibration_prompts),
                                "calibration_tokens": opts["calibration_tokens"], "seconds": time.perf_counter() - t0}
 
@@ -793,6 +793,8 @@ def _with_dtype(d: TensorDelta, dtype: torch.dtype) -> TensorDelta:
 
 def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     """A matrix's delta at `level`: its leading weighted directions, the rest in low-bit codes."""
+    if level.mix is not None:
+        return _mixed_lowrank(c, level.mix)
     full, (u, v, s) = c.full, c.factors
     r = 0 if level.eps is None else rank_for(s, level.eps, c.floor)
     if level.bits is None:  # low rank only
@@ -806,6 +808,48 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None, grid=grid)
     kind = FullQuantPart if grid == "full" else QuantPart
     parts = [kind.from_packed(codes, scales, full.shape)] + ([] if u is None else [LowRankPart(u, v)])
+    delta = TensorDelta(full.name, full.shape, full.transposed, parts)
+    return delta if delta.nbytes() < full.nbytes() else full
+
+
+# relative squared error of one factor rounded to b bits with a scale per direction (full grid, Gaussian entries)
+FACTOR_ERROR = {0: 0.5, 2: 0.12, 3: 0.037, 4: 0.0113, 5: 0.0033, 6: 0.00095, 8: 6.4e-5}
+
+
+def mixed_widths(s: torch.Tensor, shape: tuple[int, int], bits: float) -> list[int]:
+    """Bits per factor entry of each direction (0: dropped) within `bits` per matrix entry: reverse water-filling
+    over the directions' weighted energies ``s^2`` (Delta-CoMe's mixed precision, allocated by the numbers
+    rather than by rank position). A direction at b bits leaves ``s^2 * 2 * FACTOR_ERROR[b]`` (u and v both
+    rounded); each step up is taken in order of error removed per stored bit while the budget lasts."""
+    m, n = shape
+    ladder = sorted(FACTOR_ERROR)
+    energy = s.double().square().tolist()
+    steps = []  # (error removed per bit, direction, width): within a direction the ratios fall, so the order keeps steps in sequence
+    for i, e in enumerate(energy):
+        for lo, hi in zip(ladder, ladder[1:]):
+            cost = (hi - lo) * (m + n) + (32 if lo == 0 else 0)  # a direction's first step pays its two bfloat16 scales
+            steps.append((2 * e * (FACTOR_ERROR[lo] - FACTOR_ERROR[hi]) / cost, cost, i, hi))
+    widths, budget = [0] * len(energy), bits * m * n
+    for gain, cost, i, width in sorted(steps, key=lambda t: -t[0]):
+        if gain <= 0 or cost > budget:
+            break
+        widths[i], budget = width, budget - cost
+    return widths
+
+
+def _mixed_lowrank(c: _Candidate, bits: float) -> TensorDelta:
+    """A matrix's delta as its weighted directions in low-bit factors (`mixed_widths`) within `bits` per entry,
+    the rest dropped; each width's factors rounded with the calibration Gram's compensation."""
+    full, (u, v, s) = c.full, c.factors
+    widths = torch.tensor(mixed_widths(s, full.shape, bits))
+    parts, dense = [], full.to_dense()
+    gram = c.gram if c.config.annealing["error_feedback"] else None
+    for width in sorted({int(w) for w in widths if w}, reverse=True):
+        idx = (widths == width).nonzero()[:, 0]
+        part = QuantLowRankPart.quantize(u[:, idx], v[idx], width, gram, None if gram is None else dense)
+        parts.append(part)
+        du, dv = part.factors()
+        dense = dense - du @ dv  # the next width's refit sees what this one left
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)
     return delta if delta.nbytes() < full.nbytes() else full
 

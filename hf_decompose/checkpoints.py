@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def sha256_files_in_background(files: list[Path]) -> Future[dict[str, str]]:
+    """`sha256_files` on a thread of its own (hashlib releases the GIL): the hashes of large checkpoints
+    come while the caller works on their tensors."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="hf_decompose-sha256")
+    future = executor.submit(sha256_files, files)
+    executor.shutdown(wait=False)
+    return future
+
+
 def sha256_files(files: list[Path]) -> dict[str, str]:
     """SHA-256 of each file, keyed by file name."""
     digests = {}
@@ -100,16 +110,16 @@ class CheckpointReader:
     def dtype(self, name: str) -> str:
         return self._dtypes[name]
 
-    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """One tensor (or a slice of its rows) as float32, checked for NaN/Inf. The file is mapped for
-        this call only, so its pages do not stay resident."""
+    def get(self, name: str, rows: slice | None = None, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """One tensor (or a slice of its rows) as `dtype` (None: as stored), checked for NaN/Inf. The file
+        is mapped for this call only, so its pages do not stay resident."""
         try:
             with safe_open(self._where[name], framework="pt") as handle:
                 tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({err})") from err
-        tensor = tensor.float()
-        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():  # one cheap pass first
+        tensor = tensor if dtype is None else tensor.to(dtype)
+        if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():  # one cheap pass first
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{self.directory}: tensor {name!r} has {bad} NaN/Inf value(s)")
         return tensor
@@ -204,22 +214,22 @@ class CheckpointPair:
     def names(self) -> list[str]:
         return self.base.names()
 
-    def base_tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def base_tensor(self, name: str, rows: slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base tensor, or its rows `rows` (a slice with bounds), in the fine-tune's shape (rows of
-        tokens added by the fine-tune are zero), as float32 holding its values rounded to `dtype` (the
-        model's dtype: what a loaded base holds, so what a delta is added to)."""
-        tensor = self._base_tensor(name, rows)
-        if self.dtype in (torch.float16, torch.bfloat16) and TORCH_DTYPES[self.base.dtype(name)] != self.dtype:
-            tensor = tensor.to(self.dtype).float()
-        return tensor
+        tokens added by the fine-tune are zero), as `dtype` holding its values rounded to ``self.dtype``
+        (the model's dtype: what a loaded base holds, so what a delta is added to)."""
+        stored = TORCH_DTYPES[self.base.dtype(name)]
+        if self.dtype in (torch.float16, torch.bfloat16) and stored != self.dtype:
+            return self._base_tensor(name, rows, None).to(self.dtype).to(dtype)
+        return self._base_tensor(name, rows, dtype)
 
-    def _base_tensor(self, name: str, rows: slice | None) -> torch.Tensor:
+    def _base_tensor(self, name: str, rows: slice | None, dtype: torch.dtype | None) -> torch.Tensor:
         shape = self.finetuned.shape(name)
         if self.base.shape(name) == shape:
-            return self.base.get(name, rows)
+            return self.base.get(name, rows, dtype)
         start, stop = (0, shape[0]) if rows is None else (rows.start, rows.stop)
         have = self.base.shape(name)[0]
-        base = self.base.get(name, slice(min(start, have), min(stop, have)))
+        base = self.base.get(name, slice(min(start, have), min(stop, have)), dtype)
         return torch.cat([base, base.new_zeros(stop - start - base.shape[0], *shape[1:])])
 
     def deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

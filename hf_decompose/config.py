@@ -40,8 +40,8 @@ ANNEALING: dict[str, Any] = {
     "tolerance": 0.99,
     "expected_flips": 0.5,
     "positions": 2048,
-    "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1"],
-    "schedule": "ladder",
+    "levels": None,  # the target's (`TARGET_SCHEDULES`)
+    "schedule": None,
     "calibration_prompts": 32,
     "calibration_tokens": 32,
     "max_time_s": 900,
@@ -52,6 +52,17 @@ ANNEALING: dict[str, Any] = {
 }
 
 
+# `levels` and `schedule` where they are not set, per target: the floor target's budget goes by knapsack over
+# fine one-bit levels and low rank alone (2.78% of the float32 delta on the default pair against 3.45% with
+# the ladder's levels; README), every other target climbs the ladder (it beat the knapsack at the tie target).
+LADDER = {"schedule": "ladder", "levels": ["int8", "int6", "int5", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1"]}
+TARGET_SCHEDULES: dict[str, dict[str, Any]] = {
+    "floor": {"schedule": "knapsack", "levels": ["int6", "int4g64", "lr0.5+int3g64", "lr0.5+int2g64", "lr0.5+int1g64", "lr0.5+int1g128",
+                                                 "lr0.5+int1g256", "lr0.5+int1", "lr0.5", "lr0.7", "lr1"]},
+}
+
+
+MIX = re.compile(r"^mix(?P<bits>[0-9]+(?:\.[0-9]+)?)$")
 LEVEL = re.compile(r"^(?:lr(?P<eps>[0-9.]+)(?:$|\+(?=i)))?(?:int(?P<bits>\d+)(?:g(?P<group>\d+))?)?$")
 
 
@@ -59,25 +70,34 @@ LEVEL = re.compile(r"^(?:lr(?P<eps>[0-9.]+)(?:$|\+(?=i)))?(?:int(?P<bits>\d+)(?:
 class Level:
     """One annealing level: keep the activation-weighted singular directions until at most `eps`
     of the delta's (weighted) norm is left out (`eps=None`: none), and store what they leave in
-    `bits`-bit integers with one scale per `group` inputs (`bits=None`: drop it; `group=0`: per row).
+    `bits`-bit integers with one scale per `group` inputs (`bits=None`: drop it; `group=0`: per row; a
+    `group` that does not divide the row: its largest divisor below `group`, `quantize.group_size`).
 
     Written ``"lr0.5+int3g64"``, ``"int8"`` (every entry in 8 bits), ``"lr0.05"`` (low rank only);
-    a bare number ``0.05`` means ``"lr0.05"``.
+    a bare number ``0.05`` means ``"lr0.05"``. ``"mix1.5"`` (`mix`): Delta-CoMe's mixed precision at 1.5
+    bits per entry, the leading weighted directions in low-bit factors (8, then 3, then 2 bits) while the
+    budget lasts, the rest dropped.
     """
 
     eps: float | None
     bits: int | None
     group: int = 0
+    mix: float | None = None
 
     @classmethod
     def parse(cls, spec: str | float) -> Level:
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
             spec = f"lr{spec}"
+        mix = MIX.match(spec) if isinstance(spec, str) else None
+        if mix:
+            if not 0 < float(mix["bits"]) <= 32:
+                raise ConfigError(f"annealing level {spec!r}: a mixed-precision budget must lie in (0, 32] bits per entry")
+            return cls(None, None, 0, float(mix["bits"]))
         match = LEVEL.match(spec) if isinstance(spec, str) and spec else None
         try:
             level = cls(None if match["eps"] is None else float(match["eps"]), None if match["bits"] is None else int(match["bits"]), int(match["group"] or 0))
         except (TypeError, ValueError):
-            raise ConfigError(f"annealing level {spec!r} is not of the form 'lr<eps>', 'int<bits>[g<group>]' or 'lr<eps>+int<bits>[g<group>]'") from None
+            raise ConfigError(f"annealing level {spec!r} is not of the form 'lr<eps>', 'int<bits>[g<group>]', 'lr<eps>+int<bits>[g<group>]' or 'mix<bits>'") from None
         if (level.eps is None and level.bits is None) or (level.eps is not None and not 0 < level.eps <= 1) or (level.bits is not None and level.bits not in BITS):
             raise ConfigError(f"annealing level {spec!r}: eps must lie in (0, 1] and bits in {BITS}")
         return level
@@ -111,10 +131,12 @@ class DecomposedConfig(QuantizationConfigMixin):
             ``"floor"`` (no more flips expected above ``tie_tolerance`` and no higher mean KL than
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
-            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``, the default: one temperature by bisection,
+            >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``: one temperature by bisection,
             then each layer heated in model order; ``"knapsack"``: a level per layer from its
             probed sensitivity, `hf_decompose.allocation`, for the tie / identical / floor targets), ``levels`` (the temperature: `Level` specs such as
-            ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first), ``calibration_prompts``,
+            ``"int8"`` or ``"lr0.5+int3g64"``, least aggressive first; ``levels`` and ``schedule`` left None are
+            the target's, `TARGET_SCHEDULES`: the knapsack over fine one-bit levels for ``floor``, else the
+            ladder of `LADDER`), ``calibration_prompts``,
             ``calibration_tokens``, ``max_time_s``, ``precision`` (try bfloat16 storage of kept
             factors), ``keep_supported`` (never drop the criterion's supported singular directions),
             ``error_feedback`` (round with the calibration Gram's compensation, GPTQ-style), ``grid``
@@ -193,15 +215,20 @@ class DecomposedConfig(QuantizationConfigMixin):
             raise ConfigError(f"annealing.target={a['target']!r} is not one of {TARGETS}")
         if a["grid"] not in GRIDS:
             raise ConfigError(f"annealing.grid={a['grid']!r} is not one of {GRIDS}")
-        if a["schedule"] not in SCHEDULES:
-            raise ConfigError(f"annealing.schedule={a['schedule']!r} is not one of {SCHEDULES}")
-        if not isinstance(a["levels"], list) or not a["levels"]:
-            raise ConfigError(f"annealing.levels={a['levels']!r} must be a non-empty list, least aggressive first")
-        for level in a["levels"]:
+        if a["schedule"] is not None and a["schedule"] not in SCHEDULES:
+            raise ConfigError(f"annealing.schedule={a['schedule']!r} is not one of {SCHEDULES} (or None: the target's)")
+        if a["levels"] is not None and (not isinstance(a["levels"], list) or not a["levels"]):
+            raise ConfigError(f"annealing.levels={a['levels']!r} must be a non-empty list, least aggressive first (or None: the target's)")
+        for level in a["levels"] or []:
             Level.parse(level)
         for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance", "tie_tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")
+
+    def annealing_options(self) -> dict[str, Any]:
+        """`annealing` with the target's `levels` and `schedule` where they are None (`TARGET_SCHEDULES`)."""
+        a = self.annealing
+        return a | {k: v for k, v in TARGET_SCHEDULES.get(a["target"], LADDER).items() if a[k] is None}
 
     def torch_device(self) -> torch.device:
         """The device `device` names (``"auto"`` resolved); `ConfigError` if it is not available here."""

@@ -59,7 +59,8 @@ def narrow_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype
     """Return (delta, override_indices, override_values) in `dtype`, the fine-tune's own 16-bit dtype,
     so that a lossless artifact is no larger than the fine-tune.
 
-    `base` and `finetuned` are float32 holding the values as stored. Merging as `TensorDelta.merge`
+    `base` and `finetuned` are float32 holding the values as stored, or both in `dtype` when it is
+    `model_dtype` (16-bit arithmetic computes in float32 and rounds once: the same values). Merging as `TensorDelta.merge`
     does, in float32 then cast to the model's dtype, ``(base + delta).to(model_dtype)`` equals
     ``finetuned.to(model_dtype)`` bit for bit, except at the override indices, where the fine-tune's
     value (exact in `dtype`) is stored as is. Entries identical in both have delta exactly 0. The
@@ -87,4 +88,5 @@ def narrow_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype
 def _narrow_mismatch(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Where (base + delta) in float32, cast to `target`'s dtype, differs from `target` bit for bit."""
     bits = _BITS[target.dtype]
-    return _differ((base + delta.float()).to(target.dtype).view(bits), target.view(bits))
+    total = base + delta if base.dtype == delta.dtype == target.dtype else (base.float() + delta.float()).to(target.dtype)
+    return _differ(total.view(bits), target.view(bits))

@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import artifact, locks, resume
-from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, sha256_files
+from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, sha256_files, sha256_files_in_background
 from .config import DecomposedConfig
 from .annealing import _layer_of, _tokenizer, anneal_streaming
 from .criterion import assess_layer
@@ -105,18 +106,18 @@ def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta
     return TensorDelta(info.name, delta.shape, info.transposed, [OverridePart(values, None, delta.shape)])
 
 
-def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
-    """(rows, base, fine-tune) of one tensor as float32 in canonical layout on `device`: whole (rows None),
+def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
+    """(rows, base, fine-tune) of one tensor as `dtype` in canonical layout on `device`: whole (rows None),
     or for a large matrix (an embedding) `CHUNK_BYTES` of rows at a time, so that it is never held three times."""
     shape = pair.finetuned.shape(info.name)
     row_bytes = 4 * math.prod(shape[1:])
     if info.transposed or len(shape) < 2 or shape[0] * row_bytes <= CHUNK_BYTES:
-        yield None, info.canonical(pair.base_tensor(info.name)).to(device), info.canonical(pair.finetuned.get(info.name)).to(device)
+        yield None, info.canonical(pair.base_tensor(info.name, dtype=dtype)).to(device), info.canonical(pair.finetuned.get(info.name, dtype=dtype)).to(device)
         return
     step = max(1, CHUNK_BYTES // row_bytes)
     for start in range(0, shape[0], step):
         rows = slice(start, min(start + step, shape[0]))
-        yield rows, pair.base_tensor(info.name, rows).to(device), pair.finetuned.get(info.name, rows).to(device)
+        yield rows, pair.base_tensor(info.name, rows, dtype).to(device), pair.finetuned.get(info.name, rows, dtype).to(device)
 
 
 def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch.Tensor:
@@ -136,8 +137,11 @@ def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) ->
     fine-tune tensor as read when it was read whole (else None: not held beside the delta)."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
     exact = (lambda b, f: narrow_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
+    # a 16-bit tensor of the model's own dtype is read and compared as stored (narrow_delta's arithmetic
+    # in float32 rounds alike): half the bytes of float32 copies
+    read_as = dtype if dtype == pair.dtype and dtype in (torch.float16, torch.bfloat16) else torch.float32
     out, indices, values = None, [], []
-    for rows, base, ft in _row_blocks(pair, info, device):
+    for rows, base, ft in _row_blocks(pair, info, device, read_as):
         delta, idx, vals = exact(base, ft)
         if rows is None:
             return delta.cpu(), idx.cpu(), vals.cpu(), ft
@@ -261,10 +265,14 @@ class _Inputs:
     base_dir: Path
     ft_dir: Path
     pair: CheckpointPair
-    base_sha: dict[str, str]
+    base_sha: Future[dict[str, str]]  # hashed while the layers are worked on
     cache: resume.LayerCache | None
-    index: dict
+    index: dict  # the artifact's record of the inputs, but the base's file hashes (`record`)
     read_s: float
+
+    def record(self) -> dict:
+        """The artifact's record of the inputs, the base's file hashes included (waited for)."""
+        return dict(self.index, base_model=dict(self.index["base_model"], sha256=self.base_sha.result()))
 
 
 def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resume_dir, hub_kwargs: dict) -> _Inputs:
@@ -278,11 +286,11 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
     ft_dir = resolve(finetuned, revision, **hub_kwargs)
     pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
     _check_targets(pair, ft_dir)
-    base_sha = sha256_files(pair.base.files)
-    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_record(base_sha, sha256_files(pair.finetuned.files), config))
+    base_sha = sha256_files_in_background(pair.base.files)
+    cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_record(base_sha.result(), sha256_files(pair.finetuned.files), config))
     index = {
         "config": config.to_dict(),
-        "base_model": {"id": _recorded_id(base_model), "revision": commit_of(base_dir) or config.base_revision, "sha256": base_sha},  # pinned
+        "base_model": {"id": _recorded_id(base_model), "revision": commit_of(base_dir) or config.base_revision},  # pinned by `record`'s hashes
         "finetuned_model": {"id": _recorded_id(finetuned), "revision": commit_of(ft_dir) or revision, "dtype": str(pair.dtype).removeprefix("torch.")},
     }
     return _Inputs(base_dir, ft_dir, pair, base_sha, cache, index, time.perf_counter() - t0)
@@ -430,7 +438,7 @@ def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overw
             layers.append(stats)
             del layer_deltas
         timings = {"criterion_and_substructures_s": time.perf_counter() - t1, "build_model_s": 0.0, "annealing_s": 0.0}
-        writer.finish(inputs.index, _report(inputs, config, layers, timings), inputs.ft_dir)
+        writer.finish(inputs.record(), _report(inputs, config, layers, timings), inputs.ft_dir)
     _log_resumed(inputs, len(layers), inputs.cache)
     return writer.target
 
@@ -479,5 +487,5 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
                 del group
             report = _report(inputs, config, layers, {"criterion_and_substructures_s": t2 - t1, "build_model_s": t3 - t2, "annealing_s": t4 - t3})
             report["annealing"] = annealing_report
-            writer.finish(inputs.index, report, inputs.ft_dir)
+            writer.finish(inputs.record(), report, inputs.ft_dir)
     return writer.target

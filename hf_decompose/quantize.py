@@ -1,6 +1,6 @@
 """Low-bit storage of a delta: symmetric integer codes with one bfloat16 scale per row group.
 
-A matrix ``(out, in)`` is cut into groups of `group` input columns (``group=0``: whole rows); each
+A matrix ``(out, in)`` is cut into groups of at most `group` input columns (``group=0``: whole rows); each
 group's values are divided by its scale and rounded to the nearest code of a grid, so the error is
 at most half a step. Two grids:
 
@@ -34,8 +34,10 @@ CLIPS = tuple(1.0 - 0.05 * i for i in range(12))  # the clipped absmax candidate
 
 
 def group_size(shape: tuple[int, ...], group: int) -> int:
-    """The group actually used: `group` if it divides the row, else the whole row."""
-    return group if group and shape[-1] % group == 0 else shape[-1]
+    """The group actually used: the largest divisor of the row of at most `group` entries (a 576-wide row
+    in groups of 128 uses groups of 96), the whole row for ``group=0``."""
+    n = shape[-1]
+    return next((g for g in range(min(group, n), 0, -1) if n % g == 0), n) if group else n
 
 
 def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None, grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 The header (names, dtypes, shapes, offsets) is only known once every tensor is written, so a region is
 reserved for it at the start of the file and filled in, space-padded as safetensors pads its headers,
 at `close`; a header that outgrows its reservation is moved into a fresh file (one sequential copy).
-Tensors keep the order they are added in, except those of fewer than 4 bytes per element (bfloat16
-factors), held back to the end so that every 4-byte tensor stays 4-byte aligned.
+Tensors keep the order they are added in, except those whose size is not a multiple of 4 bytes (an odd
+number of bfloat16 values, int8 codes), held back to the end so that every 4-byte tensor stays 4-byte
+aligned; every other tensor is written at once, so memory holds no more than the tensor at hand.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class SafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.entries:
             raise ValueError(f"tensor {name!r} added twice")
-        if tensor.element_size() < 4:
+        if tensor.numel() * tensor.element_size() % 4:
             self.held_back.append((name, tensor))
         else:
             self._write(name, tensor)

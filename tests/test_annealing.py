@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_decompose import ConfigError, DecomposedConfig, PromptError, decompose
+from hf_decompose.config import LADDER, TARGET_SCHEDULES
 from hf_decompose.annealing import GramCollector, calibrate, guard, weighted_lowrank
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import DensePart
@@ -181,12 +182,30 @@ def test_targets_exact_is_lossless_and_floor_is_bounded_by_bf16(tiny_pair, exact
     floored = decompose(tiny_pair.finetuned, tiny_pair.base, floor_config, calibration=tiny_pair.calib_prompts, progress=False)
     annealing = floored.report["annealing"]
     assert annealing["target"] == "floor" and annealing["floor"]["mean_kl"] > 0
+    assert annealing["schedule"] == "knapsack" and annealing["ladder"] == TARGET_SCHEDULES["floor"]["levels"]  # the floor target's own schedule
     assert floored.report["stored_fraction"] < model.report["stored_fraction"]
     for t in annealing["trace"]:  # every accepted level keeps within the bf16 floor
         if t["accepted"]:
             assert t["mean_kl"] <= annealing["floor"]["mean_kl"] and t["expected_flips_above_tolerance"] <= annealing["floor"]["expected_flips"]
     with pytest.raises(ConfigError, match="target"):
         DecomposedConfig(mode="anneal", annealing={"target": "close"})
+
+
+def test_levels_and_schedule_left_unset_are_the_targets():
+    """None is the target's: the floor target's knapsack, the ladder otherwise; what a user sets wins, and a
+    saved config keeps None (a config re-targeted after loading, as the CLI's --target does, follows)."""
+    tie = DecomposedConfig(mode="anneal")
+    assert tie.annealing["schedule"] is None and tie.annealing_options()["schedule"] == "ladder"
+    assert tie.annealing_options()["levels"] == LADDER["levels"]
+    floor = DecomposedConfig(mode="anneal", annealing={"target": "floor"})
+    assert floor.annealing_options() == floor.annealing | TARGET_SCHEDULES["floor"]
+    mine = DecomposedConfig(mode="anneal", annealing={"target": "floor", "schedule": "ladder", "levels": ["int8"]})
+    assert mine.annealing_options()["schedule"] == "ladder" and mine.annealing_options()["levels"] == ["int8"]
+    reloaded = DecomposedConfig.from_dict(tie.to_dict())
+    reloaded.annealing["target"] = "floor"
+    assert reloaded.annealing_options()["schedule"] == "knapsack"
+    with pytest.raises(ConfigError, match="schedule"):
+        DecomposedConfig(mode="anneal", annealing={"schedule": "greedy"})
 
 
 def test_knapsack_spends_damage_where_it_buys_most_bytes():
@@ -219,6 +238,7 @@ def test_knapsack_spends_damage_where_it_buys_most_bytes():
 @pytest.mark.parametrize("tied, annealing", [
     (True, {"levels": ["lr0.003", "lr0.01", "lr0.03"]}),  # low-rank-only levels: the bfloat16 precision step is accepted
     (False, {"schedule": "knapsack"}),
+    (False, {"schedule": "knapsack", "levels": ["mix16", "mix8", "mix2"]}),  # low-bit low rank (`qlowrank`; the tiny deltas are full rank)
 ])  # fmt: skip
 def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_untied, tied, annealing):
     """`decompose` anneals one decoder layer at a time (`layerwise`); annealing the whole model held in
@@ -241,6 +261,13 @@ def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_
     assert [{k: t.get(k) for k in keys} for t in annealed["trace"]] == [{k: t.get(k) for k in keys} for t in report["trace"]]
     assert annealed["precision"] == report["precision"]
     assert report["precision"]["accepted"] == tied
+    if any("mix" in level for level in annealing.get("levels", [])):  # the artifact stores and runs the low-bit factors
+        assert any(p.kind == "qlowrank" for d in streamed.deltas.values() for p in d.parts)
+        ids = torch.tensor([[1, 5, 9, 13]])
+        with torch.no_grad():
+            merged = streamed(input_ids=ids).logits
+            split = streamed.set_execution("split")(input_ids=ids).logits
+        torch.testing.assert_close(split, merged, rtol=0, atol=1e-4 * float(merged.abs().max()))
     assert set(streamed.deltas) == set(kept)
     for name, delta in kept.items():
         assert torch.equal(streamed.deltas[name].to_dense(), delta.to_dense()), name

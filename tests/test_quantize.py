@@ -23,12 +23,12 @@ def test_packing_round_trips_and_takes_bits_per_value(bits, n):
     assert bits_of(packed, (n,)) == bits
 
 
-@pytest.mark.parametrize("bits,group", [(8, 0), (4, 16), (3, 16), (2, 0), (5, 7)])
-def test_rounding_stays_within_half_a_step(bits, group):
+@pytest.mark.parametrize("bits,group,g", [(8, 0, 48), (4, 16, 16), (3, 16, 16), (2, 0, 48), (5, 7, 6), (4, 64, 48)])
+def test_rounding_stays_within_half_a_step(bits, group, g):
+    """`g`: the group used, the largest divisor of the row of at most `group` entries."""
     x = torch.randn(12, 48, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 0, 12)[:, None]
     x[3] = 0.0  # an untouched row stays exactly zero
     packed, scales = quantize(x, bits, group)
-    g = group if group and 48 % group == 0 else 48
     assert scales.shape == (12, 48 // g) and scales.dtype == torch.bfloat16
     y = dequantize(codes_of(packed, x.shape), scales)
     step = scales.float().repeat_interleave(g, 1)
@@ -167,7 +167,9 @@ def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
 
 @pytest.mark.parametrize("shape,bits,group,fused,grid", [((48, 64), 3, 32, True, "signed"), ((32, 256), 4, 64, True, "signed"), ((16, 64), 4, 16, False, "signed"),
                                                         ((16, 64), 5, 32, False, "signed"), ((10, 64), 3, 32, False, "signed"), ((48, 64), 3, 32, True, "full"),
-                                                        ((32, 128), 2, 64, True, "full"), ((32, 64), 4, 32, False, "full")])
+                                                        ((32, 128), 2, 64, True, "full"), ((32, 64), 4, 32, False, "full"),
+                                                        # groups wider than the kernel's (whole rows, a 576-wide row's 192): their scales repeated
+                                                        ((32, 192), 1, 0, True, "signed"), ((32, 576), 3, 256, True, "signed"), ((32, 96), 2, 0, True, "full")])
 def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, fused, grid):
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group, grid=grid)

@@ -33,8 +33,8 @@ class TensorDelta:
     # -- sizes ---------------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        lowrank = self.get("lowrank")
-        return 0 if lowrank is None else lowrank.rank
+        """Singular directions kept (in float or in low-bit factors)."""
+        return sum(p.rank for p in self.parts if p.kind in ("lowrank", "qlowrank"))
 
     @property
     def replaces_all(self) -> bool:

@@ -1,8 +1,8 @@
 """Low-bit codes: every entry of a matrix delta as a signed integer code times a bfloat16 group scale.
 
 Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry) with scales ``(out, in / group)``;
-held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of 32 to 256 columns (rows a
-multiple of 16) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
+held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of a multiple of 32 columns (rows a
+multiple of 16; a group wider than 256 as several of a width the kernel takes, its scale repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
 the packed codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
 stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is then all the
 run-time part holds (half a byte per entry; an embedding also keeps its int8 codes for looking rows up).
@@ -75,10 +75,12 @@ class QuantPart(Part):
     def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor], lookup: bool = False) -> Part:
         part = super().runtime(base, rest, lookup)
         codes, scales = self.codes, self.scales
-        if codes.device.type == "cpu" and self.group in self.FUSED_GROUPS and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
-            step = scales.float().t().contiguous()  # (in / group, out, [scale, zero]): zero 0, codes offset by 8
+        fused = next((g for g in reversed(self.FUSED_GROUPS) if self.group % g == 0), None)  # a wider group: its scale repeated
+        if codes.device.type == "cpu" and fused and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
+            step = scales.float().repeat_interleave(self.group // fused, 1).t().contiguous()  # (in / fused, out, [scale, zero]): zero 0, codes offset by 8
             packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
             part.register_buffer("packed", packed, persistent=False)
+            part.group = fused
             part.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
             if not lookup:
                 part.codes = None  # the packed copy is all a matrix's forward reads
