@@ -115,6 +115,7 @@ def test_low_bit_low_rank_is_stored_read_merged_and_run(tmp_path):
         module.execution = "split"
         split = module(x)
     torch.testing.assert_close(split, merged)
+    assert [name for name, _ in module.ops.named_children()] == ["lowrank"]  # every width in one module, stackable across fine-tunes
 
 
 def test_mixed_precision_spends_bits_where_the_energy_is():

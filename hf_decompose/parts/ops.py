@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import Part
 from .delta import TensorDelta
+from .lowrank import LowRankPart
 from .vector import VectorPart
 
 PARALLEL = ("auto", "off", "threads")
@@ -42,7 +43,13 @@ class DeltaOps(nn.Module):
             return dense[0]
 
         count: dict[str, int] = {}
+        low_bit = [p.factors() for p in delta.parts if p.kind == "qlowrank"]
+        if low_bit:  # every width's dequantized factors as one low-rank module (stacked across fine-tunes where alone)
+            name = "qlowrank" if delta.get("lowrank") is not None else "lowrank"
+            self.add_module(name, LowRankPart(torch.cat([u for u, _ in low_bit], 1), torch.cat([v for _, v in low_bit], 0)))
         for part in delta.parts:
+            if part.kind == "qlowrank":
+                continue
             name = part.kind
             if part.numbered:
                 count[name] = count.get(name, -1) + 1
