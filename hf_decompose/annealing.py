@@ -839,7 +839,7 @@ def mixed_widths(s: torch.Tensor, shape: tuple[int, int], bits: float) -> list[i
 
 def _mixed_lowrank(c: _Candidate, bits: float) -> TensorDelta:
     """A matrix's delta as its weighted directions in low-bit factors (`mixed_widths`) within `bits` per entry,
-    the rest dropped; each width's factors rounded with the calibration Gram's compensation."""
+    the rest dropped; with ``error_feedback`` each width's ``u`` is refit to its rounded ``v`` on the calibration Gram."""
     full, (u, v, s) = c.full, c.factors
     widths = torch.tensor(mixed_widths(s, full.shape, bits))
     parts, dense = [], full.to_dense()

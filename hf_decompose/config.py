@@ -75,8 +75,8 @@ class Level:
 
     Written ``"lr0.5+int3g64"``, ``"int8"`` (every entry in 8 bits), ``"lr0.05"`` (low rank only);
     a bare number ``0.05`` means ``"lr0.05"``. ``"mix1.5"`` (`mix`): Delta-CoMe's mixed precision at 1.5
-    bits per entry, the leading weighted directions in low-bit factors (8, then 3, then 2 bits) while the
-    budget lasts, the rest dropped.
+    bits per entry, the weighted directions in 2- to 8-bit factors as their energies earn the bits
+    (`annealing.mixed_widths`), the rest dropped.
     """
 
     eps: float | None

@@ -57,7 +57,7 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
         x = values.float().reshape(out, n_in // g, g)
         scales = grid_.scales(x)
         codes = grid_.round(x, scales.float()).reshape(out, n_in)
-    return pack(grid_.unsigned(codes).reshape(-1).cpu(), bits), scales.reshape(out, n_in // g).contiguous().cpu()
+    return pack_codes(codes.cpu(), bits, grid), scales.reshape(out, n_in // g).contiguous().cpu()
 
 
 class _Grid:
@@ -126,6 +126,11 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, grid: _Grid, g: int, da
             w1[:, i:] -= err1[:, i : i + 1] * h1[i : i + 1, i:]
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes, scales
+
+
+def pack_codes(codes: torch.Tensor, bits: int, grid: str = "signed") -> torch.Tensor:
+    """Signed codes on `grid` as stored: offset to unsigned and bit-packed (the inverse of `codes_of`)."""
+    return pack(_Grid(bits, grid).unsigned(codes.to(torch.int16)).reshape(-1), bits)
 
 
 def codes_of(packed: torch.Tensor, shape: tuple[int, ...], grid: str = "signed") -> torch.Tensor:

@@ -67,12 +67,8 @@ def test_a_new_kind_is_one_class_stored_read_merged_and_run(diagonal_kind, tmp_p
     assert torch.equal(read["weight"].to_dense(), delta.to_dense())
 
     base = nn.Linear(8, 8, bias=False)
-    module = DecomposedModule(base, read["weight"])
     x = torch.randn(3, 8, generator=gen)
-    with torch.no_grad():
-        merged = module(x)
-        module.execution = "split"
-        split = module(x)
+    merged, split, _ = _merged_and_split(base, read["weight"], x)
     torch.testing.assert_close(merged, x @ (base.weight + expected).t())
     torch.testing.assert_close(split, merged)
 
@@ -107,13 +103,7 @@ def test_low_bit_low_rank_is_stored_read_merged_and_run(tmp_path):
     _, read = artifact.load(tmp_path / "a")
     assert [p.kind for p in read["weight"].parts] == ["qlowrank", "qlowrank"]
     assert torch.equal(read["weight"].to_dense(), delta.to_dense())
-    base = nn.Linear(48, 32, bias=False)
-    module = DecomposedModule(base, read["weight"])
-    x = torch.randn(3, 48, generator=gen)
-    with torch.no_grad():
-        merged = module(x)
-        module.execution = "split"
-        split = module(x)
+    merged, split, module = _merged_and_split(nn.Linear(48, 32, bias=False), read["weight"], torch.randn(3, 48, generator=gen))
     torch.testing.assert_close(split, merged)
     assert [name for name, _ in module.ops.named_children()] == ["lowrank"]  # every width in one module, stackable across fine-tunes
 
@@ -138,6 +128,15 @@ def test_mixed_precision_spends_bits_where_the_energy_is():
 
     (mixed, mixed_bytes), (residual, residual_bytes) = level("mix1"), level("lr0.5+int1")
     assert mixed_bytes <= 96 * 192 / 8 < residual_bytes and mixed < 0.1 * residual
+
+
+def _merged_and_split(base: nn.Module, delta: TensorDelta, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecomposedModule]:
+    """`base` with `delta` run merged, then split, on `x`; and the module."""
+    module = DecomposedModule(base, delta)
+    with torch.no_grad():
+        merged = module(x)
+        module.execution = "split"
+        return merged, module(x), module
 
 
 def _index() -> dict:

@@ -1,8 +1,9 @@
 """Low-bit codes: every entry of a matrix delta as a signed integer code times a bfloat16 group scale.
 
 Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry) with scales ``(out, in / group)``;
-held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of a multiple of 32 columns (rows a
-multiple of 16; a group wider than 256 as several of a width the kernel takes, its scale repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
+held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of a multiple of 32 columns
+(rows a multiple of 16; a group wider than 256 as several of a width the kernel takes, its scale
+repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
 the packed codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
 stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is then all the
 run-time part holds (half a byte per entry; an embedding also keeps its int8 codes for looking rows up).
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quantize import bits_of, codes_of, dequantize, pack
+from ..quantize import bits_of, codes_of, dequantize, pack_codes
 from .base import Part, cast, expect, register_part
 
 
@@ -27,6 +28,7 @@ class QuantPart(Part):
     order = 60
     fields = ("codes", "scales")
     FUSED_GROUPS = (32, 64, 128, 256)
+    grid = "signed"  # the codes' grid (`hf_decompose.quantize`)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int):
         super().__init__(codes.shape)
@@ -49,9 +51,7 @@ class QuantPart(Part):
             raise ValueError(f"quantization scales of shape {tuple(scales.shape)} do not divide {tuple(shape)}")
 
     def state(self) -> dict[str, torch.Tensor]:
-        qmax = 2 ** (self.bits - 1) - 1
-        unsigned = (self.codes > 0) if self.bits == 1 else self.codes.to(torch.int16) + qmax
-        return {"codes": pack(unsigned.to(torch.uint8).reshape(-1), self.bits), "scales": self.scales}
+        return {"codes": pack_codes(self.codes, self.bits, self.grid), "scales": self.scales}
 
     @classmethod
     def from_state(cls, shape, tensors):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantize import bits_of, codes_of, pack
+from ..quantize import bits_of, codes_of
 from .base import register_part
 from .quant import QuantPart
 
@@ -19,6 +19,7 @@ from .quant import QuantPart
 class FullQuantPart(QuantPart):
     kind = "quantfull"
     order = 61
+    grid = "full"
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> FullQuantPart:
@@ -26,6 +27,3 @@ class FullQuantPart(QuantPart):
         cls._check_packed(packed, scales, shape)
         return cls(codes_of(packed, shape, "full"), scales, bits_of(packed, shape))
 
-    def state(self) -> dict[str, torch.Tensor]:
-        unsigned = (self.codes.to(torch.int16) + 2**self.bits - 1) // 2
-        return {"codes": pack(unsigned.to(torch.uint8).reshape(-1), self.bits), "scales": self.scales}

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..quantize import bits_of, codes_of, dequantize, pack, quantize
+from ..quantize import bits_of, codes_of, dequantize, pack_codes, quantize
 from .base import Part, expect, register_part
 
 
@@ -61,11 +61,9 @@ class QuantLowRankPart(Part):
         return dequantize(self.u_codes, self.u_scales).t(), dequantize(self.v_codes, self.v_scales)
 
     def state(self) -> dict[str, torch.Tensor]:
-        def packed(codes: torch.Tensor) -> torch.Tensor:
-            unsigned = (codes > 0) if self.bits == 1 else (codes.to(torch.int16) + 2**self.bits - 1) // 2
-            return pack(unsigned.to(torch.uint8).reshape(-1), self.bits)
-
-        return {"u_codes": packed(self.u_codes), "u_scales": self.u_scales, "v_codes": packed(self.v_codes), "v_scales": self.v_scales}
+        grid = _grid(self.bits)
+        return {"u_codes": pack_codes(self.u_codes, self.bits, grid), "u_scales": self.u_scales,
+                "v_codes": pack_codes(self.v_codes, self.bits, grid), "v_scales": self.v_scales}
 
     @classmethod
     def from_state(cls, shape, tensors):
