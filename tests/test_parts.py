@@ -130,6 +130,21 @@ def test_mixed_precision_spends_bits_where_the_energy_is():
     assert mixed_bytes <= 96 * 192 / 8 < residual_bytes and mixed < 0.1 * residual
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_entries_run_split_in_16_bit_on_cpu(dtype):
+    """A 16-bit model's split execution runs its sparse entries (CPU's sparse matmul has no 16-bit kernel)."""
+    from hf_decompose.parts import SparsePart
+
+    rows, cols = torch.tensor([0, 2, 2, 5]), torch.tensor([1, 0, 3, 7])
+    values = torch.tensor([0.5, -1.0, 0.25, 2.0])
+    delta = TensorDelta("weight", (6, 8), parts=[SparsePart(rows, cols, values.to(dtype), (6, 8), torch.zeros(4, dtype=torch.int32))])
+    base = nn.Linear(8, 6, bias=False).to(dtype)
+    x = torch.randn(3, 8).to(dtype)
+    merged, split, _ = _merged_and_split(base, delta, x)
+    assert split.dtype == dtype
+    torch.testing.assert_close(split.float(), merged.float(), rtol=0, atol=2e-2 * float(merged.float().abs().max()))
+
+
 def _merged_and_split(base: nn.Module, delta: TensorDelta, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DecomposedModule]:
     """`base` with `delta` run merged, then split, on `x`; and the module."""
     module = DecomposedModule(base, delta)

@@ -73,9 +73,11 @@ class SparsePart(Part):
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
             return self._rows(x)
-        matrix = torch.sparse_csr_tensor(self.crow, self.cols, cast(self.values, x.dtype), self.shape[:2], check_invariants=False)
-        flat = x.reshape(-1, x.shape[-1])
-        return (matrix @ flat.t()).t().reshape(*x.shape[:-1], self.shape[0])
+        # CPU has no 16-bit sparse matmul kernel: bfloat16 / float16 inputs multiply in float32
+        dtype = torch.float32 if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        matrix = torch.sparse_csr_tensor(self.crow, self.cols, cast(self.values, dtype), self.shape[:2], check_invariants=False)
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        return (matrix @ flat.t()).t().to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Delta rows of token ids: a ragged gather of each id's CSR row."""
