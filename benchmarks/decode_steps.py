@@ -2,6 +2,9 @@
 `inference.py`'s whole generations): a prefill of 16 tokens, then the median time of one greedy
 decode step, interleaved rounds.
 
+All cases run in one interleaved window (models built first), and each target is the median over rounds of
+that round's ratio, so a machine that drifts hits both sides of a ratio alike.
+
 * batch 1: the original fine-tune, the decomposed model merged, split (thread pool on / off);
 * 8 rows: one merged model; a decomposed model serving N = 1, 2, 4, 8 fine-tunes by name (row i ->
   fine-tune i mod N); 8 separate full models run one after another, one row each: 8 x the original's
@@ -11,7 +14,7 @@ decode step, interleaved rounds.
 Every case records the bytes a step must read (`_bytes.step_bytes`: the base once plus each active
 fine-tune's substructures in the form the kernels read) and the byte bound: merged tokens/s x base
 bytes / bytes read. Uses `inference.py`'s synthetic family (``--synthetic LAYERS [--hidden H]``; the
-output says "synthetic") or the default pair's anneal artifact (``--mode``; built and cached on first use).
+output says "synthetic") or the default pair's anneal artifact (``--mode``, ``--target``; built and cached on first use).
 
     python benchmarks/decode_steps.py --synthetic 12 [--threads 2]
 """
@@ -19,7 +22,6 @@ output says "synthetic") or the default pair's anneal artifact (``--mode``; buil
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -71,10 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--synthetic", type=int, default=0, metavar="LAYERS")
     parser.add_argument("--mode", default="anneal", help="how the default pair is decomposed")
+    parser.add_argument("--target", help="annealing's target for the default pair (tie, the default, or floor)")
     parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,39 +86,34 @@ def main(argv: list[str] | None = None) -> None:
     from hf_decompose.pair import cache_dir
 
     root = cache_dir() / "benchmarks"
-    family = synthetic_family(root, args.synthetic, args.hidden) if args.synthetic else default_family(1, root, args.mode)
+    family = synthetic_family(root, args.synthetic, args.hidden) if args.synthetic else default_family(1, root, args.mode, args.target)
     vocab = AutoModelForCausalLM.from_pretrained(family["base"]).config.vocab_size
     ids = torch.randint(1, vocab, (ROWS, 16), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(family["finetuned"][0], dtype=torch.float32).eval()
     decomposed = DecomposedModel.from_pretrained(family["artifacts"][0])
-    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else f"default pair, {args.mode} artifact"
+    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else \
+        f"default pair, {args.mode} artifact{f' ({args.target} target)' if args.target else ''}"
 
     def split(mode: str):
         set_parallel(decomposed.set_execution("split"), mode)
         return decomposed
 
+    art_bytes = Path(family["artifacts"][0], "decomposition.safetensors").stat().st_size
+    multis = {n: DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(n)}) for n in TENANTS}
+    names = {n: [f"ft{i % n}" for i in range(ROWS)] for n in TENANTS}
     load_before = [round(x, 2) for x in os.getloadavg()]
-    times = run({
+    times = run({  # one interleaved window for every case, so that the machine's drift hits every ratio alike
         "original_b1": lambda: step_ms(original, ids[:1], args.steps),
         "merged_b1": lambda: step_ms(decomposed.set_execution("merged"), ids[:1], args.steps),
         "split_b1": lambda: step_ms(split("auto"), ids[:1], args.steps),
         "split_serial_b1": lambda: step_ms(split("off"), ids[:1], args.steps),
+        "merged_b8": lambda: step_ms(decomposed.set_execution("merged"), ids, args.steps),
+        **{f"multi_n{n}_b8": (lambda n=n: step_ms(multis[n], ids, args.steps, decomposed_names=names[n])) for n in TENANTS},
     }, args.rounds)  # fmt: skip
-    read = {"original": step_bytes(original), "merged": step_bytes(decomposed.set_execution("merged")), "split": step_bytes(split("auto"))}
-    del original
-    decomposed.set_execution("merged")
-    gc.collect()
-    times.update(run({"merged_b8": lambda: step_ms(decomposed, ids, args.steps)}, args.rounds))
-    memory: dict[str, dict] = {}
-    art_bytes = Path(family["artifacts"][0], "decomposition.safetensors").stat().st_size
-    for n in TENANTS:  # one model per N, so that a stack holds only the fine-tunes it serves
-        multi = DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(n)})
-        names = [f"ft{i % n}" for i in range(ROWS)]
-        times.update(run({f"multi_n{n}_b8": lambda: step_ms(multi, ids, args.steps, decomposed_names=names)}, args.rounds))
-        read[f"multi_n{n}"] = step_bytes(multi)
-        memory[f"multi_n{n}"] = {"resident_bytes": resident_bytes(multi), "budget_bytes": int(1.1 * (read["original"]["base"] + n * art_bytes))}
-        del multi
-        gc.collect()
+    read = {"original": step_bytes(original), "merged": step_bytes(decomposed.set_execution("merged")), "split": step_bytes(split("auto")),
+            **{f"multi_n{n}": step_bytes(multis[n]) for n in TENANTS}}  # fmt: skip
+    memory = {f"multi_n{n}": {"resident_bytes": resident_bytes(multis[n]), "budget_bytes": int(1.1 * (read["original"]["base"] + n * art_bytes))}
+              for n in TENANTS}  # fmt: skip
     times["separate_n8_b8"] = [ROWS * t for t in times["original_b1"]]
     ms = {k: statistics.median(v) for k, v in times.items()}
     tok = {k: (ROWS if k.endswith("b8") else 1) * 1e3 / v for k, v in ms.items()}
@@ -123,11 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     per_step = {k: r["base"] + sum(r["parts"].values()) for k, r in read.items()}
     bound = {"split_b1": tok["merged_b1"] * base / per_step["split"],
              **{f"multi_n{n}_b8": tok["merged_b8"] * base / per_step[f"multi_n{n}"] for n in TENANTS}}  # fmt: skip
+
+    def paired(a: str, b: str) -> float:  # the median over rounds of one round's ratio: drift between rounds cancels
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     ratios = {
-        "merged_vs_original_b1": (ms["merged_b1"] / ms["original_b1"], 1.03, "<="),
-        "split_vs_merged_b1": (ms["split_b1"] / ms["merged_b1"], 1.15, "<="),
-        "multi_n8_vs_separate": (tok["multi_n8_b8"] / tok["separate_n8_b8"], 2.0, ">="),
-        "multi_n8_vs_bound": (tok["multi_n8_b8"] / bound["multi_n8_b8"], 0.8, ">="),
+        "merged_vs_original_b1": (paired("merged_b1", "original_b1"), 1.03, "<="),
+        "split_vs_merged_b1": (paired("split_b1", "merged_b1"), 1.15, "<="),
+        "multi_n8_vs_separate": (paired("separate_n8_b8", "multi_n8_b8"), 2.0, ">="),  # tokens/s ratio
+        "multi_n8_vs_bound": (paired("merged_b8", "multi_n8_b8") * per_step["multi_n8"] / base, 0.8, ">="),
         "multi_n8_memory_vs_budget": (memory["multi_n8"]["resident_bytes"] / memory["multi_n8"]["budget_bytes"], 1.0, "<="),
     }
     res = {"model": label, "device": machine(), "threads": args.threads, "synthetic_layers": args.synthetic, "hidden": args.hidden,
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
            "ms_per_step": ms, "ms_all": times, "tokens_per_s": tok, "artifact_file_bytes": art_bytes, "bytes_read_per_step": per_step,
            "bytes_read": read, "bound_tokens_per_s": bound, "memory": memory,
            "targets": {k: {"value": v, "target": t, "met": v <= t if op == "<=" else v >= t} for k, (v, t, op) in ratios.items()}}  # fmt: skip
-    out = args.output or RESULTS / f"decode_steps{f'_synthetic{args.synthetic}' if args.synthetic else ''}.json"
+    out = args.output or RESULTS / f"decode_steps_{f'synthetic{args.synthetic}' if args.synthetic else f'default_pair_{args.mode}'}{f'_{args.target}' if args.target and not args.synthetic else ''}.json"
     out.write_text(json.dumps(res, indent=2))
     print(table(res))
 

@@ -48,9 +48,9 @@ TARGETS = {"merged_vs_original": 1.03, "split_vs_merged_b1": 1.15, "memory_n8_vs
 
 
 # -- the models --------------------------------------------------------------------------------
-def default_family(n: int, root: Path, mode: str = "criterion") -> dict:
-    """The default pair plus n - 1 recipe variants, decomposed (`mode`, ``"anneal"`` for the anneal artifact;
-    lossless for the first too)."""
+def default_family(n: int, root: Path, mode: str = "criterion", target: str | None = None) -> dict:
+    """The default pair plus n - 1 recipe variants, decomposed (`mode`, ``"anneal"`` for the anneal artifact, to
+    annealing's `target` when given; lossless for the first too)."""
     from transformers import AutoTokenizer
 
     from hf_decompose.pair import TRAIN_PLAYS, FinetuneRecipe, prepare_default_pair
@@ -64,7 +64,7 @@ def default_family(n: int, root: Path, mode: str = "criterion") -> dict:
     tokenizer = AutoTokenizer.from_pretrained(pair.finetuned)
     prompts = [tokenizer(p)["input_ids"] for p in pair.eval_prompts[:ROWS]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _decomposed(pair.base, tuned, root, prompts, pad, mode)
+    return _decomposed(pair.base, tuned, root, prompts, pad, mode, target)
 
 
 def quick_family(n: int, root: Path) -> dict:
@@ -131,12 +131,14 @@ def synthetic_family(root: Path, layers: int, hidden: int = 1024) -> dict:
             "prompts": prompts, "pad": 0}  # fmt: skip
 
 
-def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int, mode: str = "criterion") -> dict:
+def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int, mode: str = "criterion",
+                target: str | None = None) -> dict:
     artifacts = []
+    config = DecomposedConfig(mode=mode, annealing={"target": target} if target else {})
     for ft in tuned:
-        out = root / f"{Path(ft).name}-{mode}"
+        out = root / f"{Path(ft).name}-{mode}{f'-{target}' if target else ''}"
         if not (out / "decomposed_config.json").exists():
-            decompose(ft, base, DecomposedConfig(mode=mode), progress=False).save_pretrained(out, overwrite=True)
+            decompose(ft, base, config, progress=False).save_pretrained(out, overwrite=True)
         artifacts.append(str(out))
     lossless = root / f"{Path(tuned[0]).name}-lossless"
     if not (lossless / "decomposed_config.json").exists():

@@ -136,9 +136,21 @@ def pack_codes(codes: torch.Tensor, bits: int, grid: str = "signed") -> torch.Te
 def codes_of(packed: torch.Tensor, shape: tuple[int, ...], grid: str = "signed") -> torch.Tensor:
     """Signed codes ``(out, in)`` of a packed tensor on `grid` (int8; int16 for 8 bits on the full grid)."""
     bits = bits_of(packed, shape)
-    unsigned = unpack(packed, bits, math.prod(shape)).to(torch.int16)
+    return _signed(unpack(packed, bits, math.prod(shape)), bits, grid).reshape(shape)
+
+
+def row_codes(rows: torch.Tensor, bits: int, grid: str = "signed") -> torch.Tensor:
+    """Signed codes ``(..., in)`` of bit-packed rows ``(..., in * bits / 8)`` (rows of a packed matrix whose
+    rows end on a byte): torch operations only, so a looked-up row is unpacked where it is, without numpy."""
+    stream = (rows[..., None] >> torch.arange(8, dtype=torch.uint8, device=rows.device)) & 1  # little-endian bits
+    planes = stream.flatten(-2).unflatten(-1, (-1, bits))
+    return _signed((planes << torch.arange(bits, dtype=torch.uint8, device=rows.device)).sum(-1, dtype=torch.uint8), bits, grid)
+
+
+def _signed(unsigned: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
+    unsigned = unsigned.to(torch.int16)
     codes = 2 * unsigned - (2**bits - 1) if grid == "full" or bits == 1 else unsigned - (2 ** (bits - 1) - 1)
-    return codes.to(torch.int16 if (grid == "full" and bits == 8) else torch.int8).reshape(shape)
+    return codes.to(torch.int16 if (grid == "full" and bits == 8) else torch.int8)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,9 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(monkeypatch):
     # the low-bit kernel rounds activations to bfloat16: a reassociated float32 sum can move them a step
     torch.testing.assert_close(mixed, alone, rtol=1e-3, atol=1e-3)
     monkeypatch.undo()
+    held = {t.untyped_storage().data_ptr() for t in multi.buffers()}
+    stacks = [m._batched[1] for m in multi.modules() if isinstance(m, TenantModule) and m._batched is not None]
+    assert stacks and all(s.u.untyped_storage().data_ptr() in held for s in stacks if s.u is not None)  # factors held once, in the stacks
     out = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
     for i, name in enumerate(rows):
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)

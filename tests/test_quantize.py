@@ -10,7 +10,7 @@ from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artif
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
-from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, pack, quantize, unpack
+from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, pack, quantize, row_codes, unpack
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -191,3 +191,21 @@ def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, f
         torch.testing.assert_close(part(x), reference)
     else:
         torch.testing.assert_close(y, reference)
+
+
+@pytest.mark.parametrize("shape,bits,grid,packed_rows", [((64, 96), 3, "signed", True), ((32, 64), 1, "signed", True), ((32, 64), 2, "full", True),
+                                                        ((48, 128), 4, "signed", True), ((16, 36), 3, "full", False)])  # the last not fused (rows of 36): int8 codes
+def test_embedding_rows_are_looked_up_from_the_stored_bit_packing(shape, bits, grid, packed_rows):
+    """A fused embedding keeps its codes as stored (no int8 copy) where every row ends on a byte, and a looked-up
+    row is exactly the dequantized stored row."""
+    gen = torch.Generator().manual_seed(bits)
+    packed, scales = quantize(torch.randn(*shape, generator=gen), bits, 32 if shape[1] % 32 == 0 else 0, grid=grid)
+    codes = codes_of(packed, shape, grid)
+    stored = (FullQuantPart if grid == "full" else QuantPart).from_packed(packed, scales, shape)
+    part = stored.runtime(torch.zeros(shape), lambda: torch.zeros(shape), lookup=True)
+    ids = torch.randint(0, shape[0], (3, 5), generator=gen)
+    assert (part.codes is None) == packed_rows and ("rows" in part._buffers) == packed_rows
+    assert torch.equal(part(ids, lookup=True), dequantize(codes, scales)[ids])
+    if packed_rows:
+        assert part.rows.numel() == packed.numel()  # the stored bytes, nothing more
+        assert torch.equal(row_codes(part.rows[ids], bits, grid), codes[ids])

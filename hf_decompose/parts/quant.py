@@ -6,7 +6,8 @@ held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of a m
 repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
 the packed codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
 stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is then all the
-run-time part holds (half a byte per entry; an embedding also keeps its int8 codes for looking rows up).
+run-time part holds (half a byte per entry); an embedding also keeps its codes as stored, bit-packed per row,
+and unpacks the rows it looks up.
 Other codes run that reference (a float32 matrix per call).
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quantize import bits_of, codes_of, dequantize, pack_codes
+from ..quantize import bits_of, codes_of, dequantize, pack_codes, row_codes
 from .base import Part, cast, expect, register_part
 
 
@@ -82,8 +83,9 @@ class QuantPart(Part):
             part.register_buffer("packed", packed, persistent=False)
             part.group = fused
             part.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
-            if not lookup:
-                part.codes = None  # the packed copy is all a matrix's forward reads
+            if lookup:  # rows are looked up in their stored bit-packing (rows of a multiple of 32 codes end on a byte)
+                part.register_buffer("rows", pack_codes(codes, self.bits, self.grid).view(self.shape[0], -1), persistent=False)
+            part.codes = None  # the packed copies are all the forward reads
         return part
 
     def _apply(self, fn, recurse=True):
@@ -93,7 +95,8 @@ class QuantPart(Part):
         if "packed" in self._buffers and self.packed.device.type not in ("cpu", "meta"):
             if self.codes is None:
                 self.codes = _int4_codes(self.packed.cpu(), self.group, self.shape).to(self.packed.device)
-            del self._buffers["packed"], self._buffers["scale_zeros"]
+            for name in ("packed", "scale_zeros", "rows"):
+                self._buffers.pop(name, None)
         return self
 
     def cost(self) -> int:
@@ -105,7 +108,8 @@ class QuantPart(Part):
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
-            return dequantize(self.codes[x], self.scales[x])
+            codes = self.codes[x] if self.codes is not None else row_codes(self.rows[x], self.bits, self.grid)
+            return dequantize(codes, self.scales[x])
         if self.fused(x):
             dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
