@@ -12,8 +12,9 @@ Matrices (linear, embedding, tied head) become a `TenantModule`: the base output
 batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
 step (`Routing.layout`) into one padded slab per fine-tune; low-rank factors and biases of every
 fine-tune run stacked (two `bmm`), so their kernel count does not grow with the fine-tunes.
-Modules with other changed tensors (norm weights and biases) become `TenantVectors`: a small copy of the module per fine-tune, run on that fine-tune's
-rows. Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
+Modules with other changed tensors (norm weights and biases) become `TenantVectors`: a small copy of the module per
+fine-tune; a mixed batch runs an RMS norm once with each row's weight, other modules per fine-tune on its rows.
+Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from torch import nn
 from . import artifact
 from .errors import ArtifactError, ConfigError
 from .inject import WRAPPABLE, param_name, set_submodule
-from .parts import DeltaOps, TensorDelta, run_split
+from .parts import DeltaOps, QuantPart, TensorDelta, run_split
+from .parts.quant import fused_dtype
 
 Names = str | Sequence[str] | None
 
@@ -73,6 +75,16 @@ class Routing:
             self._cache[key] = [
                 ((name,), None if len(idx) == batch else torch.tensor(idx, device=device)) for name, idx in by_name.items()
             ]
+        return self._cache[key]
+
+    def row_groups(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``(batch,)``: each row's group in `groups` plus one, 0 for rows of the base alone."""
+        key = ("row_groups", batch, device)
+        if key not in self._cache:
+            which = torch.zeros(batch, dtype=torch.long)
+            for g, (_, idx) in enumerate(self.groups(batch, device)):
+                which[slice(None) if idx is None else idx.cpu()] = g + 1
+            self._cache[key] = which.to(device)
         return self._cache[key]
 
     def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -142,12 +154,23 @@ class _Stacked:
                 out = torch.bmm(torch.bmm(flat, _cast(self.v, x.dtype).transpose(1, 2)), _cast(self.u, x.dtype).transpose(1, 2))
                 out = out.view(*x.shape[:-1], -1)
         if any(self.rest):
-            rest = torch.stack([self._rest(parts if used[t] else [], x[t], lookup) for t, parts in enumerate(self.rest)])
+            rest = self._fused_rest(x, used) if not lookup and self._fused(x) else \
+                torch.stack([self._rest(parts if used[t] else [], x[t], lookup) for t, parts in enumerate(self.rest)])
             out = rest if out is None else out + rest
         if self.bias is not None:
             bias = _cast(self.bias, x.dtype).view(self.bias.shape[0], *[1] * (x.dim() - 2), -1)
             out = bias.expand(*x.shape[:-1], -1) if out is None else out + bias
         return out
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Every fine-tune's other parts are one low-bit part that runs through the int4 kernel (annealing's layout)."""
+        return all(len(parts) == 1 and isinstance(parts[0], QuantPart) and parts[0].fused(x) for parts in self.rest)
+
+    def _fused_rest(self, x: torch.Tensor, used: tuple[int, ...]) -> torch.Tensor:
+        """The low-bit parts' contributions with the activations cast once for all fine-tunes."""
+        flat = x.flatten(1, -2).to(fused_dtype(x))
+        out = [parts[0].fused_matmul(flat[t]) if used[t] else flat.new_zeros(flat.shape[1], self.shape[0]) for t, parts in enumerate(self.rest)]
+        return torch.stack(out).to(x.dtype).view(*x.shape[:-1], self.shape[0])
 
     def _rest(self, parts: list[nn.Module], x: torch.Tensor, lookup: bool) -> torch.Tensor:
         if not parts:  # this fine-tune has none of the looped kinds
@@ -218,7 +241,11 @@ class TenantModule(nn.Module):
 
 
 class TenantVectors(nn.Module):
-    """A module whose vectors (norm weights, biases) differ per fine-tune: a copy per fine-tune."""
+    """A module whose vectors (norm weights, biases) differ per fine-tune: a copy per fine-tune.
+
+    A mixed batch runs the module once with each row's own vectors where the module applies them by
+    broadcasting (RMS norms: ``weight * x``), checked once against a run per fine-tune (bit for bit);
+    otherwise (``F.layer_norm`` takes one weight) each fine-tune's copy runs on its rows."""
 
     def __init__(self, base: nn.Module, routing: Routing):
         super().__init__()
@@ -226,6 +253,7 @@ class TenantVectors(nn.Module):
         self.tenants = nn.ModuleDict()
         object.__setattr__(self, "routing", routing)
         object.__setattr__(self, "_combined", {})
+        object.__setattr__(self, "_per_row", None)  # whether per-row vectors give each copy's output: checked once
 
     def add(self, name: str, deltas: dict[str, TensorDelta]) -> None:
         module = copy.deepcopy(self.base)
@@ -252,10 +280,34 @@ class TenantVectors(nn.Module):
             return self.base(x)
         if groups[0][1] is None:
             return self._module(groups[0][0])(x)
+        y = self._rowwise(x) if self._per_row is not False else None
+        return y if y is not None else self._per_copy(groups, x)
+
+    def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         for names, idx in groups:
             y = y.index_copy(0, idx, self._module(names)(x.index_select(0, idx)).to(y.dtype))
         return y
+
+    def _rowwise(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The module run once with every row's vectors ``(rows, 1.., dim)``; None where it does not take them."""
+        attrs = [a for a, p in self.base.named_parameters(recurse=False)]
+        if not attrs or any(getattr(self.base, a).dim() != 1 for a in attrs):
+            object.__setattr__(self, "_per_row", False)
+            return None
+        groups = self.routing.groups(x.shape[0], x.device)
+        modules = [self.base, *(self._module(n) if any(t in self.tenants for t in n) else self.base for n, _ in groups)]
+        which = self.routing.row_groups(x.shape[0], x.device)
+        shape = (x.shape[0], *[1] * (x.dim() - 2), -1)
+        params = {a: torch.stack([getattr(m, a) for m in modules]).index_select(0, which).view(shape) for a in attrs}
+        try:
+            y = torch.func.functional_call(self.base, params, (x,))
+        except (RuntimeError, ValueError):
+            y = None
+        if self._per_row is None:  # the first mixed batch: per-row vectors must give what each copy gives
+            mine = [(n, idx) for n, idx in groups if any(t in self.tenants for t in n)]
+            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(mine, x)))
+        return y if self._per_row else None
 
 
 class Tenancy:

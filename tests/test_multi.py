@@ -54,6 +54,8 @@ def test_mixed_batch_equals_each_finetune_alone(family):
     rows = ["a", "b", None, "c", "a"]
     ids = _ids(len(rows))
     out = multi.generate(input_ids=ids, attention_mask=torch.ones_like(ids), decomposed_names=rows, **GEN)
+    # RMS norms ran once with each row's weight; LayerNorm (one weight in F.layer_norm) ran per fine-tune
+    assert all(m._per_row is type(m.base).__name__.endswith("RMSNorm") for m in multi.modules() if isinstance(m, TenantVectors))
     base = AutoModelForCausalLM.from_pretrained(family / "base").eval()
     alone = {n: DecomposedModel.from_pretrained(family / f"art_{n}", execution="split") for n in NAMES}
     for i, name in enumerate(rows):
@@ -168,6 +170,7 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(monkeypatch):
     held = {t.untyped_storage().data_ptr() for t in multi.buffers()}
     stacks = [m._batched[1] for m in multi.modules() if isinstance(m, TenantModule) and m._batched is not None]
     assert stacks and all(s.u.untyped_storage().data_ptr() in held for s in stacks if s.u is not None)  # factors held once, in the stacks
+    assert any(s._fused(ids.float()) for s in stacks)  # the low-bit parts ran with activations cast once for all fine-tunes
     out = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
     for i, name in enumerate(rows):
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)

@@ -106,17 +106,24 @@ class QuantPart(Part):
         """Whether ``x`` runs through the packed int4 kernel."""
         return "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu"
 
+    def fused_matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ dequantize(codes)^T`` through the int4 kernel: `flat` ``(rows, in)`` already in `fused_dtype`."""
+        return torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, cast(self.scale_zeros, flat.dtype))
+
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
             codes = self.codes[x] if self.codes is not None else row_codes(self.rows[x], self.bits, self.grid)
             return dequantize(codes, self.scales[x])
         if self.fused(x):
-            dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, cast(self.scale_zeros, dtype))
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+            flat = x.reshape(-1, x.shape[-1]).to(fused_dtype(x))
+            return self.fused_matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
         codes = self.codes if self.codes is not None else _int4_codes(self.packed.cpu(), self.group, self.shape).to(x.device)
         return F.linear(x, cast(dequantize(codes, self.scales), x.dtype))
+
+
+def fused_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the int4 kernel multiplies `x` in: its own if 16-bit, else bfloat16."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _int4_codes(packed: torch.Tensor, group: int, shape: tuple[int, ...]) -> torch.Tensor:
