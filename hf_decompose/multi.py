@@ -291,7 +291,7 @@ class TenantVectors(nn.Module):
 
     def _rowwise(self, x: torch.Tensor) -> torch.Tensor | None:
         """The module run once with every row's vectors ``(rows, 1.., dim)``; None where it does not take them."""
-        attrs = [a for a, p in self.base.named_parameters(recurse=False)]
+        attrs = [a for a, _ in self.base.named_parameters(recurse=False)]
         if not attrs or any(getattr(self.base, a).dim() != 1 for a in attrs):
             object.__setattr__(self, "_per_row", False)
             return None
