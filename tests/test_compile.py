@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from hf_decompose import DecomposedConfig, MultiDecomposedModel, decompose
+from hf_decompose.multi import TenantVectors
+from hf_decompose.parts import DensePart, TensorDelta
 
 from .synthetic import perturb, random_model
 from .test_multi import _lowrank_quant
@@ -32,6 +34,9 @@ def split(tmp_path_factory):
 def multi():
     base = random_model("llama")
     deltas = {name: _lowrank_quant(base, seed=i) for i, name in enumerate("ab")}
+    for i, d in enumerate(deltas.values()):  # norm weights that differ per fine-tune: one run with each row's weight
+        d.update({n: TensorDelta(n, tuple(p.shape), parts=[DensePart(torch.full_like(p, 0.05 * (i + 1)))])
+                  for n, p in base.named_parameters() if n.endswith("norm.weight")})
     multi = MultiDecomposedModel(base, {})
     for name, d in deltas.items():
         multi.add_decomposed(name, d)
@@ -57,6 +62,7 @@ def test_compiled_forward_equals_eager(split, multi, backend):
         eager = split(input_ids=ids).logits
         torch.testing.assert_close(torch.compile(split, backend=backend)(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
         eager = multi(input_ids=ids, decomposed_names=ROWS).logits
+        assert {m._per_row for m in multi.modules() if isinstance(m, TenantVectors)} == {True}
         compiled = torch.compile(multi, backend=backend)  # the model itself: rows routed inside the compiled call
         torch.testing.assert_close(compiled(input_ids=ids, decomposed_names=ROWS).logits, eager, rtol=1e-5, atol=1e-5)
         multi.set_active("b")
