@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
            "ms_per_step": ms, "ms_all": times, "tokens_per_s": tok, "artifact_file_bytes": art_bytes, "bytes_read_per_step": per_step,
            "bytes_read": read, "bound_tokens_per_s": bound, "memory": memory,
            "targets": {k: {"value": v, "target": t, "met": v <= t if op == "<=" else v >= t} for k, (v, t, op) in ratios.items()}}  # fmt: skip
-    out = args.output or RESULTS / f"decode_steps_{f'synthetic{args.synthetic}' if args.synthetic else f'default_pair_{args.mode}'}{f'_{args.target}' if args.target and not args.synthetic else ''}.json"
+    case = f"synthetic{args.synthetic}" if args.synthetic else f"default_pair_{args.mode}{f'_{args.target}' if args.target else ''}"
+    out = args.output or RESULTS / f"decode_steps_{case}.json"
     out.write_text(json.dumps(res, indent=2))
     print(table(res))
 
