@@ -31,6 +31,7 @@ class DecomposedModule(nn.Module):
         else:
             self.ops = DeltaOps(delta, base.weight, lookup=isinstance(base, nn.Embedding))
         self.execution = execution
+        self._lookup = isinstance(base, nn.Embedding)
         self.parallel = "auto"  # how split runs its parts: see `parts.set_parallel`
         object.__setattr__(self, "_tied", tied)  # a tied lm_head shares its embedding's merged weight
         object.__setattr__(self, "_merged", None)
@@ -70,9 +71,10 @@ class DecomposedModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "merged":
             return self.merged_module()(x)
-        lookup = isinstance(self.base, nn.Embedding)
-        scale = getattr(self.base, "embed_scale", None) if lookup else None  # Gemma's scaled embeddings
-        return run_split(self.base, self.ops.parts(), x, lookup, scale, self.parallel)
+        if not self._lookup:
+            return run_split(self.base, self.ops._modules.values(), x, parallel=self.parallel)
+        scale = getattr(self.base, "embed_scale", None)  # Gemma's scaled embeddings
+        return run_split(self.base, self.ops._modules.values(), x, True, scale, self.parallel)
 
     def extra_repr(self) -> str:
         d = self.delta

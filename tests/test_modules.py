@@ -85,3 +85,24 @@ def test_split_low_rank_and_low_bit_parts_never_build_the_float_matrix(monkeypat
         monkeypatch.setattr(quant, "dequantize", None)  # the fused kernel reads the packed codes only
         split = module(x)
     torch.testing.assert_close(split, merged, rtol=0, atol=1e-2 * float((merged - base(x)).abs().max()))
+
+
+def test_split_runs_hooks_of_the_base_and_its_parts():
+    """Split calls forwards directly only where nothing is hooked: a hook on the base or a part still runs."""
+    from hf_decompose.parts import LowRankPart, TensorDelta
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(32, 24)
+    part = LowRankPart(torch.randn(24, 2, generator=gen), torch.randn(2, 32, generator=gen))
+    module = DecomposedModule(base, TensorDelta("weight", (24, 32), parts=[part]), execution="split")
+    x = torch.randn(3, 32, generator=gen)
+    with torch.no_grad():
+        direct = module(x)
+        for hooked in (module.base, module.ops.lowrank):
+            seen = []
+            handle = hooked.register_forward_hook(lambda m, args, out: seen.append(out.shape) or out * 2)
+            doubled = module(x)
+            handle.remove()
+            assert seen, type(hooked).__name__
+            contribution = base(x) if hooked is module.base else direct - base(x)
+            torch.testing.assert_close(doubled, direct + contribution)
