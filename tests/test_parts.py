@@ -156,3 +156,16 @@ def _merged_and_split(base: nn.Module, delta: TensorDelta, x: torch.Tensor) -> t
 
 def _index() -> dict:
     return {"config": {}, "base_model": {"id": "base", "sha256": {"model.safetensors": "0" * 64}}}
+
+
+def test_low_rank_stored_in_bfloat16_runs_in_the_base_dtype():
+    """Factors stored in bfloat16 are converted once for a float32 base: the same numbers as a cast per call."""
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(24, 2, generator=gen).bfloat16(), torch.randn(2, 32, generator=gen).bfloat16()
+    base = nn.Linear(32, 24, bias=False)
+    module = DecomposedModule(base, TensorDelta("weight", (24, 32), parts=[LowRankPart(u, v)]), execution="split")
+    assert module.ops.lowrank.u.dtype == torch.float32 and module.delta.parts[0].u.dtype == torch.bfloat16  # the stored delta keeps its own
+    x = torch.randn(3, 32, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(module(x), base(x) + nn.functional.linear(nn.functional.linear(x, v.float()), u.float()))
+        assert module.to(torch.bfloat16).ops.lowrank.u.dtype == torch.bfloat16  # a cast of the model casts the factors

@@ -44,6 +44,14 @@ class LowRankPart(Part):
     def num_substructures(self) -> int:
         return self.rank  # each supported direction is its own substructure
 
+    def runtime(self, base, rest, lookup=False):
+        """Factors stored in another float type than the base's run converted once (the same products as a cast
+        per call, which cost two kernels per matrix and step)."""
+        part = super().runtime(base, rest, lookup)
+        if base.is_floating_point() and part.u.dtype != base.dtype:
+            part.u, part.v = part.u.to(base.dtype), part.v.to(base.dtype)
+        return part
+
     def add_to(self, out: torch.Tensor) -> None:
         out += self.u.float() @ self.v.float()  # factors may be stored in bfloat16: multiply in float32
 
