@@ -1,9 +1,10 @@
 """Decode-step timings against the byte bound, in one process (less exposed to a shared machine than
-`inference.py`'s whole generations): a prefill of 16 tokens, then the median time of one greedy
-decode step, interleaved rounds.
+`inference.py`'s whole generations): each case a prefill of 16 tokens, then greedy decode steps.
 
-All cases run in one interleaved window (models built first), and each target is the median over rounds of
-that round's ratio, so a machine that drifts hits both sides of a ratio alike.
+The cases take turns one decode step at a time (models built first, each with its own cache), and each
+target is the median over steps of that step's ratio: on a shared machine whose speed comes in bursts
+(blocks of 8 steps per case, the earlier design, put the split / merged ratio of one artifact anywhere
+between 1.19 and 1.64 in one run), both sides of a ratio ran within milliseconds of each other.
 
 * batch 1: the original fine-tune, the decomposed model merged, split (thread pool on / off);
 * 8 rows: one merged model; a decomposed model serving N = 1, 2, 4, 8 fine-tunes by name (row i ->
@@ -45,27 +46,39 @@ ROWS = 8
 TENANTS = (1, 2, 4, 8)
 
 
-@torch.no_grad()
-def step_ms(model, ids: torch.Tensor, steps: int, **kwargs) -> float:
-    """Median ms of one greedy decode step after a prefill of `ids`."""
-    out = model(input_ids=ids, use_cache=True, **kwargs)
-    cache, token, times = out.past_key_values, out.logits[:, -1:].argmax(-1), []
-    for _ in range(steps):
+class Stepper:
+    """Greedy decode steps of `model` after a prefill of `ids`, one per call, on its own cache."""
+
+    @torch.no_grad()
+    def __init__(self, model, ids: torch.Tensor, before=None, **kwargs):
+        self.model, self.before, self.kwargs = model, before, kwargs
+        self._prepare()
+        out = model(input_ids=ids, use_cache=True, **kwargs)
+        self.cache, self.token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def _prepare(self) -> None:
+        if self.before is not None:  # a setting of a model that two cases share (untimed)
+            self.before()
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        """ms of one decode step."""
+        self._prepare()
         t = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
-        times.append(time.perf_counter() - t)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return statistics.median(times) * 1e3
+        out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True, **self.kwargs)
+        ms = (time.perf_counter() - t) * 1e3
+        self.cache, self.token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return ms
 
 
-def run(cases: dict, rounds: int) -> dict[str, list[float]]:
-    """Interleaved rounds after a warm-up one, so drifting load hits every case alike."""
+def run(cases: dict[str, Stepper], steps: int) -> dict[str, list[float]]:
+    """Every case one step in turn, `steps` times, after one untimed turn."""
     times: dict[str, list[float]] = {k: [] for k in cases}
-    for fn in cases.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            times[name].append(fn())
+    for step in cases.values():
+        step()
+    for _ in range(steps):
+        for name, step in cases.items():
+            times[name].append(step())
     return times
 
 
@@ -76,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", help="annealing's target for the default pair (tie, the default, or floor)")
     parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40, help="timed decode steps per case")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,27 +102,24 @@ def main(argv: list[str] | None = None) -> None:
     vocab = AutoModelForCausalLM.from_pretrained(family["base"]).config.vocab_size
     ids = torch.randint(1, vocab, (ROWS, 16), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(family["finetuned"][0], dtype=torch.float32).eval()
-    decomposed = DecomposedModel.from_pretrained(family["artifacts"][0])
+    merged = DecomposedModel.from_pretrained(family["artifacts"][0]).set_execution("merged")
+    split = DecomposedModel.from_pretrained(family["artifacts"][0]).set_execution("split")
     label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else \
         f"default pair, {args.mode} artifact{f' ({args.target} target)' if args.target else ''}"
-
-    def split(mode: str):
-        set_parallel(decomposed.set_execution("split"), mode)
-        return decomposed
-
     art_bytes = Path(family["artifacts"][0], "decomposition.safetensors").stat().st_size
     multis = {n: DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(n)}) for n in TENANTS}
     names = {n: [f"ft{i % n}" for i in range(ROWS)] for n in TENANTS}
     load_before = [round(x, 2) for x in os.getloadavg()]
-    times = run({  # one interleaved window for every case, so that the machine's drift hits every ratio alike
-        "original_b1": lambda: step_ms(original, ids[:1], args.steps),
-        "merged_b1": lambda: step_ms(decomposed.set_execution("merged"), ids[:1], args.steps),
-        "split_b1": lambda: step_ms(split("auto"), ids[:1], args.steps),
-        "split_serial_b1": lambda: step_ms(split("off"), ids[:1], args.steps),
-        "merged_b8": lambda: step_ms(decomposed.set_execution("merged"), ids, args.steps),
-        **{f"multi_n{n}_b8": (lambda n=n: step_ms(multis[n], ids, args.steps, decomposed_names=names[n])) for n in TENANTS},
-    }, args.rounds)  # fmt: skip
-    read = {"original": step_bytes(original), "merged": step_bytes(decomposed.set_execution("merged")), "split": step_bytes(split("auto")),
+    times = run({  # the cases take turns step by step, so that the machine's bursts hit every ratio alike
+        "original_b1": Stepper(original, ids[:1]),
+        "merged_b1": Stepper(merged, ids[:1]),
+        "split_b1": Stepper(split, ids[:1], before=lambda: set_parallel(split, "auto")),
+        "split_serial_b1": Stepper(split, ids[:1], before=lambda: set_parallel(split, "off")),
+        "merged_b8": Stepper(merged, ids),
+        **{f"multi_n{n}_b8": Stepper(multis[n], ids, decomposed_names=names[n]) for n in TENANTS},
+    }, args.steps)  # fmt: skip
+    set_parallel(split, "auto")
+    read = {"original": step_bytes(original), "merged": step_bytes(merged), "split": step_bytes(split),
             **{f"multi_n{n}": step_bytes(multis[n]) for n in TENANTS}}  # fmt: skip
     memory = {f"multi_n{n}": {"resident_bytes": resident_bytes(multis[n]), "budget_bytes": int(1.1 * (read["original"]["base"] + n * art_bytes))}
               for n in TENANTS}  # fmt: skip
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     bound = {"split_b1": tok["merged_b1"] * base / per_step["split"],
              **{f"multi_n{n}_b8": tok["merged_b8"] * base / per_step[f"multi_n{n}"] for n in TENANTS}}  # fmt: skip
 
-    def paired(a: str, b: str) -> float:  # the median over rounds of one round's ratio: drift between rounds cancels
+    def paired(a: str, b: str) -> float:  # the median over steps of one step's ratio: drift between steps cancels
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
     ratios = {
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         "multi_n8_memory_vs_budget": (memory["multi_n8"]["resident_bytes"] / memory["multi_n8"]["budget_bytes"], 1.0, "<="),
     }
     res = {"model": label, "device": machine(), "threads": args.threads, "synthetic_layers": args.synthetic, "hidden": args.hidden,
-           "steps": args.steps, "rounds": args.rounds, "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
+           "steps": args.steps, "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
            "ms_per_step": ms, "ms_all": times, "tokens_per_s": tok, "artifact_file_bytes": art_bytes, "bytes_read_per_step": per_step,
            "bytes_read": read, "bound_tokens_per_s": bound, "memory": memory,
            "targets": {k: {"value": v, "target": t, "met": v <= t if op == "<=" else v >= t} for k, (v, t, op) in ratios.items()}}  # fmt: skip
