@@ -62,3 +62,13 @@ def test_narrow_delta_as_stored_equals_narrow_delta_in_float32(dtype):
     rebuilt = (base.float() + delta.float()).to(dtype)
     rebuilt[tuple(idx.t())] = values
     assert torch.equal(rebuilt.view(torch.int16), ft.view(torch.int16))
+
+
+def test_where_gives_the_positions_torch_gives():
+    from hf_decompose.deltas import _where
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, p in (((7,), 0.3), ((5, 9), 0.1), ((3, 4, 6), 0.2), ((64, 96), 0.002), ((8, 8), 0.0)):
+        mask = torch.rand(shape, generator=gen) < p
+        got, expected = _where(mask), mask.nonzero(as_tuple=True)
+        assert len(got) == len(expected) and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, expected)), shape
