@@ -92,10 +92,11 @@ def run_split(
     The order of the sum is fixed, so every way of running gives the same numbers.
     """
     rows = x.numel() if lookup else x.numel() // x.shape[-1]
-    threads, direct = parallel == "threads", not _global_hooks() and not _hooked(base)
+    threads, direct = False, not _global_hooks() and not _hooked(base)
     for p in parts:  # a plain loop: at batch 1 a generator here cost 4% of a split decode step
         direct = direct and not _hooked(p)
-        threads = threads or (parallel == "auto" and p.cost() * rows >= THREAD_MIN_MACS and x.device.type == "cpu" and _cores() > 1)
+        threads = threads or parallel == "threads" or (parallel == "auto" and p.cost() * rows >= THREAD_MIN_MACS and _cores() > 1)
+    threads = threads and x.device.type == "cpu"  # the thread pool is for CPU pieces
     if direct and not threads:  # the common case, kept lean: nothing hooked or placed, so each forward is called
         y = base.forward(x)  # without nn.Module's call machinery (a tenth of a split decode step at batch 1)
         for p in parts:
