@@ -118,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
         "merged_b8": Stepper(merged, ids),
         **{f"multi_n{n}_b8": Stepper(multis[n], ids, decomposed_names=names[n]) for n in TENANTS},
     }, args.steps)  # fmt: skip
-    set_parallel(split, "auto")
     read = {"original": step_bytes(original), "merged": step_bytes(merged), "split": step_bytes(split),
             **{f"multi_n{n}": step_bytes(multis[n]) for n in TENANTS}}  # fmt: skip
     memory = {f"multi_n{n}": {"resident_bytes": resident_bytes(multis[n]), "budget_bytes": int(1.1 * (read["original"]["base"] + n * art_bytes))}

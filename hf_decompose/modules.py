@@ -71,10 +71,8 @@ class DecomposedModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "merged":
             return self.merged_module()(x)
-        if not self._lookup:
-            return run_split(self.base, self.ops._modules.values(), x, parallel=self.parallel)
-        scale = getattr(self.base, "embed_scale", None)  # Gemma's scaled embeddings
-        return run_split(self.base, self.ops._modules.values(), x, True, scale, self.parallel)
+        scale = getattr(self.base, "embed_scale", None) if self._lookup else None  # Gemma's scaled embeddings
+        return run_split(self.base, self.ops.parts(), x, self._lookup, scale, self.parallel)
 
     def extra_repr(self) -> str:
         d = self.delta

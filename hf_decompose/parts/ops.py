@@ -59,7 +59,7 @@ class DeltaOps(nn.Module):
             self.add_module("bias", VectorPart(bias))
 
     def parts(self) -> list[Part]:
-        return list(self.children())
+        return list(self._modules.values())  # not `children()`, whose de-duplication split pays per call
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         """The summed contribution of every part (on x's device)."""
