@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -19,6 +20,10 @@ from .errors import CheckpointError
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# float dtype: (the integer dtype of its bits, its exponent field); a value is NaN or Inf where the field is all ones
+EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                 torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+FINITE_BLOCK = 1 << 16  # values checked at a time: the scratch stays in cache
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.jinja", "vocab.*", "merges.txt"]
 
 
@@ -118,14 +123,29 @@ class CheckpointReader:
                 tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({err})") from err
-        tensor = tensor if dtype is None else tensor.to(dtype)
-        if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():  # one cheap pass first
+        if not all_finite(tensor):  # as stored: the fewest bytes
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{self.directory}: tensor {name!r} has {bad} NaN/Inf value(s)")
-        return tensor
+        return tensor if dtype is None else tensor.to(dtype)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no value of `tensor` is NaN or Inf. On CPU tested on its bits (no exponent field all ones), a
+    cache-sized block at a time: one read of the tensor (a float32 sum of bfloat16 values took 6x as long)."""
+    if tensor.device.type != "cpu" or tensor.dtype not in EXPONENT_BITS:
+        return bool(torch.isfinite(tensor).all())
+    bits_dtype, exponent = EXPONENT_BITS[tensor.dtype]
+    bits = tensor.contiguous().view(bits_dtype).numpy().reshape(-1)
+    scratch = np.empty(min(bits.size, FINITE_BLOCK), bits.dtype)
+    for start in range(0, bits.size, FINITE_BLOCK):
+        block = scratch[: min(FINITE_BLOCK, bits.size - start)]
+        np.bitwise_and(bits[start : start + FINITE_BLOCK], exponent, out=block)
+        if block.max() == exponent:
+            return False
+    return True
 
 
 def load_dtype(reader: CheckpointReader) -> torch.dtype:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+BLOCK = 1 << 16  # entries compared at a time on CPU: the temporaries stay in cache, no full-size mask is made
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Where two tensors of one integer dtype differ; on CPU compared by numpy (several times faster
@@ -14,83 +17,119 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(a.numpy() != b.numpy())
 
 
-def _where(mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """`mask.nonzero(as_tuple=True)`; on CPU by numpy, a quick exit when none, and flat positions unravelled (18x
-    faster than numpy's `nonzero` of a 1536 x 4096 mask with a few hits, which took 16 ms)."""
-    if mask.device.type != "cpu":
-        return mask.nonzero(as_tuple=True)
-    m = mask.numpy()
-    if not m.any():
-        return (torch.zeros(0, dtype=torch.long),) * m.ndim
-    return tuple(torch.from_numpy(i) for i in np.unravel_index(np.flatnonzero(m), m.shape))
+def nonzero(delta: torch.Tensor) -> torch.Tensor:
+    """``delta != 0`` (either zero: False); on CPU from the bits without the sign, a block at a time (3x faster)."""
+    if delta.device.type != "cpu" or delta.dtype not in _BITS or not delta.is_contiguous():
+        return delta != 0
+    bits = delta.view(_BITS[delta.dtype]).numpy().reshape(-1)
+    out, scratch = np.empty(bits.size, bool), np.empty(min(bits.size, BLOCK), bits.dtype)
+    for start in range(0, bits.size, BLOCK):
+        block = scratch[: min(BLOCK, bits.size - start)]
+        np.bitwise_and(bits[start : start + BLOCK], _magnitude(bits.dtype), out=block)
+        np.not_equal(block, 0, out=out[start : start + BLOCK])
+    return torch.from_numpy(out).view(delta.shape)
 
 
-def _mismatch(base: torch.Tensor, delta: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """Where fl(base + delta) and `finetuned` differ bit for bit."""
-    return _differ((base + delta).view(torch.int32), finetuned.view(torch.int32))
+def support_counts(delta: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a 2-D CPU delta, (nonzero entries per row, whether each column has one), a block of rows at a time from
+    the bits: no full-size mask. None where it does not apply (another device, dtype or layout)."""
+    if delta.device.type != "cpu" or delta.dtype not in _BITS or delta.dim() != 2 or not delta.is_contiguous():
+        return None
+    bits = delta.view(_BITS[delta.dtype]).numpy()
+    n_rows, n_cols = bits.shape
+    step = max(1, BLOCK // max(n_cols, 1))
+    counts, used = np.empty(n_rows, np.int64), np.zeros(n_cols, bool)
+    scratch, mask = np.empty((min(step, n_rows), n_cols), bits.dtype), np.empty((min(step, n_rows), n_cols), bool)
+    for start in range(0, n_rows, step):
+        k = min(step, n_rows - start)
+        np.bitwise_and(bits[start : start + k], _magnitude(bits.dtype), out=scratch[:k])
+        np.not_equal(scratch[:k], 0, out=mask[:k])
+        counts[start : start + k] = np.count_nonzero(mask[:k], axis=1)
+        used |= mask[:k].any(0)
+    return counts, used
 
 
-def exact_delta(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (delta, override_indices, override_values) for float32 tensors of one shape.
-
-    ``base + delta`` (float32) reproduces `finetuned` bit for bit except at the override indices,
-    where the fine-tuned value is stored as is. Entries identical in both have delta exactly 0.
-    The float32 difference (the exact difference, correctly rounded) is almost always exact; a few
-    nudges by one ulp fix most of the rest (sign crossings, signed zeros), and what remains becomes
-    an override. The nudges work on the gathered inexact entries only.
-    """
-    base, finetuned = base.float(), finetuned.float()
-    delta = finetuned - base
-    where = _where(_mismatch(base, delta, finetuned))
-    if not where[0].numel():  # the usual case
-        return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0)
-    b, f, d = base[where], finetuned[where], delta[where]
-    for _ in range(4):
-        bad = _mismatch(b, d, f)
-        if not bad.any():
-            break
-        direction = torch.where(b + d < f, torch.full_like(d, torch.inf), torch.full_like(d, -torch.inf))
-        d = torch.where(bad, torch.nextafter(d, direction), d)
-    delta[where] = d
-    bad = _mismatch(b, d, f)
-    return delta, torch.stack(where, 1)[bad], f[bad]
+def _magnitude(bits_dtype: np.dtype) -> np.ndarray:
+    """Every bit but the sign."""
+    return np.array(-1, bits_dtype) ^ np.array(np.iinfo(bits_dtype).min, bits_dtype)
 
 
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype = torch.float32,
+                model_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (delta, override_indices, override_values): the delta in `dtype` (the fine-tune's own dtype, so that
+    a lossless artifact is no larger than the fine-tune) and where it cannot serve, the fine-tune's values.
 
-
-def narrow_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (delta, override_indices, override_values) in `dtype`, the fine-tune's own 16-bit dtype,
-    so that a lossless artifact is no larger than the fine-tune.
-
-    `base` and `finetuned` are float32 holding the values as stored, or both in `dtype` when it is
-    `model_dtype` (16-bit arithmetic computes in float32 and rounds once: the same values). Merging as `TensorDelta.merge`
+    `base` and `finetuned` are float32 holding the values as stored, or both in `dtype` when it is `model_dtype`
+    (16-bit arithmetic computes in float32 and rounds once: the same values). Merging as `TensorDelta.merge`
     does, in float32 then cast to the model's dtype, ``(base + delta).to(model_dtype)`` equals
-    ``finetuned.to(model_dtype)`` bit for bit, except at the override indices, where the fine-tune's
-    value (exact in `dtype`) is stored as is. Entries identical in both have delta exactly 0. The
-    rounded difference is almost always such a delta; a few nudges by one step of `dtype` fix most of
-    the rest (a delta that spans many more binades than the fine-tune's value), and what remains
-    becomes an override. The nudges work on the gathered mismatched entries only.
+    ``finetuned.to(model_dtype)`` bit for bit, except at the override indices, where the fine-tune's value
+    (exact in `dtype`) is stored as is. Entries identical in both have delta exactly 0. The rounded difference
+    is almost always such a delta; a few nudges by one step of `dtype` fix most of the rest (sign crossings,
+    signed zeros, a delta that spans more binades than `dtype` holds), and what remains becomes an override.
+    The nudges work on the gathered mismatched entries only.
     """
-    delta = (finetuned - base).to(dtype)
-    target = finetuned.to(model_dtype)
-    where = _where(_narrow_mismatch(base, delta, target))
-    if not where[0].numel():  # the usual case
+    delta, flat = _difference(base, finetuned, dtype, model_dtype)
+    if not flat.numel():
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)
-    b, f, d = base[where], target[where], delta[where]
+    b, f, d = (t.reshape(-1).index_select(0, flat) for t in (base, finetuned, delta))
+    f = f.to(model_dtype)
+    up, down, bits = torch.tensor(torch.inf, dtype=dtype, device=d.device), torch.tensor(-torch.inf, dtype=dtype, device=d.device), _BITS[model_dtype]
+    todo, below = torch.arange(flat.numel(), device=d.device), None  # the entries a nudge may still fix
     for _ in range(4):
-        bad = _narrow_mismatch(b, d, f)
-        if not bad.any():
+        merged, target = _merge(b.index_select(0, todo), d.index_select(0, todo), model_dtype), f.index_select(0, todo)
+        now_below = merged < target
+        # merging is monotone in the delta: one that stepped across the target has no value in `dtype` that hits it
+        keep = _differ(merged.view(bits), target.view(bits)) & (True if below is None else now_below == below)
+        todo, below = todo[keep], now_below[keep]
+        if not todo.numel():
             break
-        up = (b + d.float()).to(model_dtype) < f
-        d = torch.where(bad, torch.nextafter(d, torch.where(up, torch.inf, -torch.inf).to(dtype)), d)
-    delta[where] = d
-    bad = _narrow_mismatch(b, d, f)
-    return delta, torch.stack(where, 1)[bad], finetuned[where][bad].to(dtype)
+        d.index_copy_(0, todo, torch.nextafter(d.index_select(0, todo), torch.where(below, up, down)))
+    delta.view(-1).index_copy_(0, flat, d)
+    flat = flat[_mismatch(b, d, f)]
+    return delta, _unravel(flat, tuple(delta.shape)), finetuned.reshape(-1).index_select(0, flat).to(dtype)
 
 
-def _narrow_mismatch(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Where (base + delta) in float32, cast to `target`'s dtype, differs from `target` bit for bit."""
+def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(n, ndim) indices of flat positions in `shape`; on CPU by numpy (3x faster than torch's)."""
+    if not shape:
+        return flat.new_zeros(flat.numel(), 0)
+    if flat.device.type != "cpu":
+        return torch.stack(torch.unravel_index(flat, shape), 1)
+    return torch.from_numpy(np.stack(np.unravel_index(flat.numpy(), shape), 1))
+
+
+def _difference(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finetuned - base rounded once to `dtype`, the flat positions where it does not merge back to the fine-tune).
+    On CPU a block of `BLOCK` entries at a time, each block checked while in cache: one pass over the inputs
+    instead of full-size sums and masks (the usual block merges back exactly and costs one bitwise test)."""
+    if base.device.type != "cpu" or not (base.is_contiguous() and finetuned.is_contiguous()):
+        delta = (finetuned - base).to(dtype).contiguous()
+        return delta, _flat(_mismatch(base, delta, finetuned.to(model_dtype)))
+    delta = torch.empty(base.shape, dtype=dtype)
+    b, f, d = base.view(-1), finetuned.view(-1), delta.view(-1)
+    bits, hits = _BITS[model_dtype], []
+    for start in range(0, b.numel(), BLOCK):
+        bb, fb, db = b[start : start + BLOCK], f[start : start + BLOCK], d[start : start + BLOCK]
+        torch.sub(fb, bb, out=db)
+        merged, target = _merge(bb, db, model_dtype).view(bits), fb.to(model_dtype).view(bits)
+        if not torch.equal(merged, target):
+            hits.append(_flat(_differ(merged, target)) + start)
+    return delta, torch.cat(hits) if hits else torch.zeros(0, dtype=torch.long)
+
+
+def _flat(mask: torch.Tensor) -> torch.Tensor:
+    """The flat positions where `mask` is set; on CPU by numpy (18x faster than numpy's 2-D `nonzero`)."""
+    if mask.device.type != "cpu":
+        return mask.reshape(-1).nonzero()[:, 0]
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
+
+
+def _merge(base: torch.Tensor, delta: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """(base + delta) in float32, cast to `model_dtype`: what merging gives."""
+    return base + delta if base.dtype == delta.dtype == model_dtype else (base.float() + delta.float()).to(model_dtype)
+
+
+def _mismatch(base: torch.Tensor, delta: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Where `_merge(base, delta)` in `target`'s dtype differs from `target` bit for bit."""
     bits = _BITS[target.dtype]
-    total = base + delta if base.dtype == delta.dtype == target.dtype else (base.float() + delta.float()).to(target.dtype)
-    return _differ(total.view(bits), target.view(bits))
+    return _differ(_merge(base, delta, target.dtype).view(bits), target.view(bits))

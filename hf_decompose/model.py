@@ -24,7 +24,7 @@ from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_co
 from .config import DecomposedConfig
 from .annealing import _layer_of, _tokenizer, anneal_streaming
 from .criterion import assess_layer
-from .deltas import exact_delta, narrow_delta
+from .deltas import exact_delta
 from .decomposed import DecomposedModel
 from .errors import ConfigError, DecomposeError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
@@ -79,8 +79,8 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
             delta, idx, values, finetuned = _exact_delta(pair, info, device)  # in the fine-tune's dtype where it is 16-bit
-            nonzero = torch.from_numpy(delta.numpy() != 0) if delta.dtype == torch.float32 else delta != 0  # numpy: faster
-            layer_deltas[info.name] = extract(info, delta, nonzero, overrides=(idx, values), dense_block_density=config.dense_block_density, in_place=True)
+            layer_deltas[info.name] = extract(info, delta, None, overrides=(idx, values), dense_block_density=config.dense_block_density,
+                                              in_place=True, zero_outside=True)
             if config.mode == "lossless" and delta.dtype != torch.float32:
                 layer_deltas[info.name] = _at_most_finetuned(pair, info, layer_deltas[info.name], finetuned)
             del finetuned
@@ -108,10 +108,11 @@ def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta
 
 def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
     """(rows, base, fine-tune) of one tensor as `dtype` in canonical layout on `device`: whole (rows None),
-    or for a large matrix (an embedding) `CHUNK_BYTES` of rows at a time, so that it is never held three times."""
+    or for a large matrix (an embedding) read as float32 `CHUNK_BYTES` of rows at a time, so that it is never
+    held three times in float32 (read in a 16-bit dtype, as stored, it is read whole: no copies of chunks)."""
     shape = pair.finetuned.shape(info.name)
     row_bytes = 4 * math.prod(shape[1:])
-    if info.transposed or len(shape) < 2 or shape[0] * row_bytes <= CHUNK_BYTES:
+    if info.transposed or len(shape) < 2 or shape[0] * row_bytes <= CHUNK_BYTES or dtype.itemsize < 4:
         yield None, info.canonical(pair.base_tensor(info.name, dtype=dtype)).to(device), info.canonical(pair.finetuned.get(info.name, dtype=dtype)).to(device)
         return
     step = max(1, CHUNK_BYTES // row_bytes)
@@ -133,11 +134,11 @@ def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch
 
 def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`deltas.exact_delta` of one tensor computed on `device` a block of rows at a time (it is entry-wise),
-    returned on CPU; for a 16-bit fine-tune tensor `deltas.narrow_delta`, stored in its dtype. Last, the
+    returned on CPU; for a 16-bit fine-tune tensor stored in its dtype. Last, the
     fine-tune tensor as read when it was read whole (else None: not held beside the delta)."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
-    exact = (lambda b, f: narrow_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
-    # a 16-bit tensor of the model's own dtype is read and compared as stored (narrow_delta's arithmetic
+    exact = (lambda b, f: exact_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
+    # a 16-bit tensor of the model's own dtype is read and compared as stored (exact_delta's arithmetic
     # in float32 rounds alike): half the bytes of float32 copies
     read_as = dtype if dtype == pair.dtype and dtype in (torch.float16, torch.bfloat16) else torch.float32
     out, indices, values = None, [], []

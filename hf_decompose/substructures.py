@@ -15,6 +15,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .deltas import nonzero, support_counts
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, group_ids, kv_group_of_head
 from .parts import BlockPart, DensePart, LowRankPart, OverridePart, SparsePart, TensorDelta
 
@@ -22,23 +23,28 @@ from .parts import BlockPart, DensePart, LowRankPart, OverridePart, SparsePart, 
 def extract(
     info: ParamInfo,
     values: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     *,
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     overrides: tuple[torch.Tensor, torch.Tensor] | None = None,
     dense_block_density: float = 0.5,
     in_place: bool = False,
+    zero_outside: bool = False,
 ) -> TensorDelta:
     """Split the supported entries of `values` (canonical layout), plus low-rank factors and
     overrides, into independent substructures; one dense delta where pieces would cost more.
-    With `in_place`, `values` may be overwritten (a full-size dense delta is then no second copy)."""
-    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density, in_place)
+    With `in_place`, `values` may be overwritten (a full-size dense delta is then no second copy);
+    with `zero_outside`, `values` is already zero wherever `mask` is not (an exact delta and its
+    nonzero entries; `mask` None: made from `values` where needed): a dense delta is stored as it is,
+    signed zeros included, without a masking pass."""
+    delta = _pieces(info, values, mask, lowrank, overrides, dense_block_density, in_place, zero_outside)
     if delta.num_params() > values.numel() and any(p.kind in ("lowrank", "block", "sparse") for p in delta.parts):
         return TensorDelta(info.name, tuple(values.shape), info.transposed, [DensePart(delta.to_dense()), *delta.of("override")])
     return delta
 
 
-def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float, in_place: bool) -> TensorDelta:
+def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, overrides, dense_block_density: float, in_place: bool,
+            zero_outside: bool) -> TensorDelta:
     """`extract` before the cost check."""
     shape = tuple(values.shape)
     kept: list = []
@@ -47,16 +53,21 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
     if overrides is not None and overrides[1].numel():
         kept.append(OverridePart(overrides[1], overrides[0], shape))
     delta = TensorDelta(info.name, shape, info.transposed, kept)
+    if mask is None:
+        if _dense_support(values, dense_block_density):
+            return _with(delta, DensePart(values))
+        mask = nonzero(values)
     m = mask.numpy()  # numpy's boolean reductions are several times faster than torch's on one thread
     if not m.any():
         return delta
-    if m.all():
+    if m.all() or (zero_outside and values.dim() != 2):
         return _with(delta, DensePart(values))  # shared, not copied: a full-size delta is stored as it is
     if values.dim() != 2:
         return _with(delta, DensePart(_masked(values, mask, in_place)))
     rows_used, cols_used = m.any(1), m.any(0)
     if _one_component(m, rows_used, cols_used):  # no graph needed
-        return _single_component(delta, values, mask, torch.from_numpy(rows_used), torch.from_numpy(cols_used), dense_block_density, in_place)
+        return _single_component(delta, values, mask, torch.from_numpy(rows_used), torch.from_numpy(cols_used), dense_block_density, in_place,
+                                 zero_outside)
     rows_all, cols_all = mask.nonzero(as_tuple=True)
     n_rows, n_cols = values.shape
     n_comp, labels = _bipartite_components(rows_all.numpy(), cols_all.numpy(), n_rows, n_cols)
@@ -74,6 +85,18 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
         r, c = rows_all[sparse_keep], cols_all[sparse_keep]
         pieces.append(SparsePart(r, c, values[r, c].contiguous(), shape, torch.from_numpy(entry_label)[sparse_keep].int()))
     return _with(delta, *pieces)
+
+
+def _dense_support(values: torch.Tensor, dense_block_density: float) -> bool:
+    """Whether the nonzero entries of a 2-D matrix touch every row and column, each row more than half of the
+    columns (so any two rows share one: a single component), at `dense_block_density` or more: stored dense.
+    Counted a block of rows at a time, with no mask of the matrix's size."""
+    counts = support_counts(values)
+    if counts is None:
+        return False
+    per_row, used = counts
+    n_rows, n_cols = values.shape
+    return bool(used.all() and (2 * per_row > n_cols).all() and per_row.sum() >= dense_block_density * n_rows * n_cols and n_rows * n_cols > 1)
 
 
 def _with(delta: TensorDelta, *parts) -> TensorDelta:
@@ -102,12 +125,12 @@ def _masked(values: torch.Tensor, mask: torch.Tensor, in_place: bool) -> torch.T
 
 
 def _single_component(delta: TensorDelta, values: torch.Tensor, mask: torch.Tensor, rows_used: torch.Tensor,
-                      cols_used: torch.Tensor, dense_block_density: float, in_place: bool) -> TensorDelta:
+                      cols_used: torch.Tensor, dense_block_density: float, in_place: bool, zero_outside: bool) -> TensorDelta:
     rows, cols = rows_used.nonzero()[:, 0], cols_used.nonzero()[:, 0]
     area = rows.numel() * cols.numel()
-    if int(mask.count_nonzero()) >= dense_block_density * area and area > 1:
+    if np.count_nonzero(mask.numpy()) >= dense_block_density * area and area > 1:
         if rows.numel() == mask.shape[0] and cols.numel() == mask.shape[1]:
-            return _with(delta, DensePart(_masked(values, mask, in_place)))
+            return _with(delta, DensePart(values if zero_outside else _masked(values, mask, in_place)))
         return _with(delta, BlockPart(rows, cols, _block(values, mask, rows, cols), delta.shape))
     r, c = mask.nonzero(as_tuple=True)
     return _with(delta, SparsePart(r, c, values[r, c].contiguous(), delta.shape, torch.zeros(r.numel(), dtype=torch.int32)))

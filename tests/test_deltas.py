@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hf_decompose.deltas import exact_delta, narrow_delta
+from hf_decompose import deltas
+from hf_decompose.deltas import exact_delta, nonzero
 
 
 def _bits_equal(a, b):
@@ -41,7 +42,7 @@ def test_plain_add_is_exact_without_overrides_for_small_deltas():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_narrow_delta_as_stored_equals_narrow_delta_in_float32(dtype):
+def test_16_bit_delta_as_stored_equals_the_delta_from_float32(dtype):
     """The lossless path reads 16-bit tensors of the model's dtype as stored: the same deltas, overrides
     and rebuilt bits as from float32 copies, adversarial values included."""
     torch.manual_seed(2)
@@ -54,8 +55,8 @@ def test_narrow_delta_as_stored_equals_narrow_delta_in_float32(dtype):
     ft[300:310] = -0.0
     ft[310:320] = base[310:320]
     ft[320:330] = base[320:330] * 300  # a delta spanning more binades than the fine-tune's value
-    wide = narrow_delta(base.float(), ft.float(), dtype, dtype)
-    stored = narrow_delta(base, ft, dtype, dtype)
+    wide = exact_delta(base.float(), ft.float(), dtype, dtype)
+    stored = exact_delta(base, ft, dtype, dtype)
     for a, b in zip(wide, stored):
         assert a.dtype == b.dtype and torch.equal(a, b)
     delta, idx, values = stored
@@ -64,11 +65,46 @@ def test_narrow_delta_as_stored_equals_narrow_delta_in_float32(dtype):
     assert torch.equal(rebuilt.view(torch.int16), ft.view(torch.int16))
 
 
-def test_where_gives_the_positions_torch_gives():
-    from hf_decompose.deltas import _where
+def _adversarial(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = torch.Size(shape).numel()
+    base = (torch.randn(n, generator=gen) * torch.logspace(-6, 2, n)).to(dtype)
+    ft = (base.float() + torch.randn(n, generator=gen) * torch.logspace(-9, 1, n)).to(dtype)
+    ft[::97] = -base[::97]
+    ft[5::89] = 0.0
+    base[7::83] = 0.0
+    ft[9::79] = -0.0
+    ft[11::7] = base[11::7]
+    return base.view(shape), ft.view(shape)
 
-    gen = torch.Generator().manual_seed(0)
-    for shape, p in (((7,), 0.3), ((5, 9), 0.1), ((3, 4, 6), 0.2), ((64, 96), 0.002), ((8, 8), 0.0)):
-        mask = torch.rand(shape, generator=gen) < p
-        got, expected = _where(mask), mask.nonzero(as_tuple=True)
-        assert len(got) == len(expected) and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, expected)), shape
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(3001,), (37, 53), (4, 9, 31)])
+def test_blockwise_delta_equals_the_whole_tensor_delta(monkeypatch, dtype, shape):
+    """On CPU the delta is built and checked a block at a time: blocks that are all exact, blocks with
+    mismatches, a short last block; the same delta, override positions and values as the whole-tensor path
+    (taken for non-contiguous inputs), and the fine-tune rebuilt bit for bit."""
+    monkeypatch.setattr(deltas, "BLOCK", 256)
+    base, ft = _adversarial(shape, dtype, seed=len(shape))
+    blockwise = exact_delta(base, ft, dtype, dtype)
+    whole = exact_delta(base.mT.contiguous().mT, ft.mT.contiguous().mT, dtype, dtype) if len(shape) > 1 else None
+    if whole is not None:
+        assert not base.mT.contiguous().mT.is_contiguous()
+        for a, b in zip(blockwise, whole):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    delta, idx, values = blockwise
+    assert idx.shape[1] == len(shape) and 0 < idx.shape[0] < base.numel() // 20
+    rebuilt = (base.float() + delta.float()).to(dtype)
+    rebuilt[tuple(idx.t())] = values
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(rebuilt.view(bits), ft.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonzero_from_bits_equals_comparison(monkeypatch, dtype):
+    monkeypatch.setattr(deltas, "BLOCK", 100)
+    values = torch.randn(37, 41).to(dtype)
+    values[::3] = 0.0
+    values[1::5] = -0.0
+    got = nonzero(values)
+    assert got.dtype == torch.bool and torch.equal(got, values != 0)

@@ -110,3 +110,34 @@ def test_layer_components_from_spanning_pairs_equal_those_of_every_entry(monkeyp
             assert spanning == layer_components(deltas, g)
         counts.append(len(spanning))
     assert max(counts) > 1 and counts[-1] == 1, counts  # many components when sparse, one when dense
+
+
+def test_support_of_an_exact_delta_needs_no_mask(monkeypatch):
+    """An exact delta's support is its nonzero entries (mask None): the same parts as from the mask, for dense
+    supports with gaps (counted a block of rows at a time, no mask made), block-diagonal halves (two
+    components at density 0.5) and scattered entries; signed zeros stay as they are."""
+    from hf_decompose import deltas
+
+    monkeypatch.setattr(deltas, "BLOCK", 64)
+    gen = torch.Generator().manual_seed(3)
+    info = describe("model.layers.0.mlp.up_proj.weight", (40, 30), "llama")
+    gappy = torch.randn(40, 30, generator=gen).bfloat16()
+    gappy[torch.rand(40, 30, generator=gen) < 0.2] = 0.0
+    gappy[0, 0] = -0.0
+    halves = torch.zeros(40, 30)
+    halves[:20, :15], halves[20:, 15:] = 1.0, 2.0
+    scattered = torch.where(torch.rand(40, 30, generator=gen) < 0.05, torch.randn(40, 30, generator=gen), torch.zeros(()))
+    made = []
+    monkeypatch.setattr(deltas, "nonzero", lambda v: made.append(1) or v != 0)
+    import hf_decompose.substructures as substructures
+
+    monkeypatch.setattr(substructures, "nonzero", deltas.nonzero)
+    for values, kinds, masked in ((gappy, ["dense"], False), (halves, ["block", "block"], True), (scattered, None, True)):
+        made.clear()
+        lazy = extract(info, values.clone(), None, zero_outside=True)
+        eager = extract(info, values.clone(), values != 0, zero_outside=True)
+        assert [p.kind for p in lazy.parts] == [p.kind for p in eager.parts] == (kinds or [p.kind for p in eager.parts])
+        assert "sparse" in [p.kind for p in lazy.parts] or kinds
+        assert bool(made) == masked
+        assert all(torch.equal(a, b) for a, b in zip(lazy.state().values(), eager.state().values()))
+    assert extract(info, gappy, None, zero_outside=True).get("dense").weight.view(torch.int16)[0, 0] == -0x8000
