@@ -7,7 +7,9 @@ an index), with the default pair's tokenizer. They are SYNTHETIC: random weights
 
 Per size, each phase in a fresh process (peaks do not mix), timed after its imports:
 
-* ``read``   - `safetensors.torch.load_file` of both checkpoints, every tensor cloned (the reference);
+* ``read``   - `safetensors.torch.load_file` of both checkpoints, every tensor cloned (the reference), run
+  again after every mode: a mode's ratio is over the mean of the reads just before and after it (the
+  machine's speed comes in bursts; one read measured up to 3x apart between runs);
 * ``<mode>`` - `decompose_to_disk(mode=...)` into a temporary directory (``anneal`` through the same
   public API: `--modes lossless,criterion,anneal`).
 
@@ -230,12 +232,17 @@ def main() -> None:
     for size, (base, ft) in pairs.items():
         params, checkpoint = count_params(ft), sum(p.stat().st_size for p in ft.glob("*.safetensors"))
         run_phase("read", base, ft, args.device, tmp, args.threads)  # warm the page cache: every phase reads from memory
-        read = run_phase("read", base, ft, args.device, tmp, args.threads)
+        reads = [run_phase("read", base, ft, args.device, tmp, args.threads)]
         for phase in ["read", *args.modes.split(",")]:
-            r = read if phase == "read" else run_phase(phase, base, ft, args.device, tmp, args.threads)
+            if phase == "read":
+                r, read_s = reads[0], reads[0]["seconds"]
+            else:  # the machine's speed comes in bursts: each mode against the mean of the reads just before and after it
+                r = run_phase(phase, base, ft, args.device, tmp, args.threads)
+                reads.append(run_phase("read", base, ft, args.device, tmp, args.threads))
+                read_s = (reads[-2]["seconds"] + reads[-1]["seconds"]) / 2
             rows.append({
                 "size": size, "params": params, "checkpoint_bytes": checkpoint, "phase": phase, "seconds": r["seconds"], "imports_s": r["imports_s"],
-                "read_s": read["seconds"], "ratio": r["seconds"] / read["seconds"], "ns_per_param": 1e9 * r["seconds"] / params,
+                "read_s": read_s, "ratio": r["seconds"] / read_s, "ns_per_param": 1e9 * r["seconds"] / params,
                 "peak_rss_bytes": r["peak_rss_bytes"], "rss_over_checkpoint": r["peak_rss_bytes"] / checkpoint, "peak_gpu_bytes": r["peak_gpu_bytes"],
             })  # fmt: skip
             print(_row(rows[-1]), flush=True)

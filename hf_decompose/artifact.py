@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -103,6 +104,8 @@ class ArtifactWriter:
         """Complete the weights file; add the report, side files, index (with every file's SHA-256) and card."""
         tmp = self.tmp
         self.weights.close()
+        flushed = threading.Thread(target=_fsync, args=(tmp / WEIGHTS,), name="hf_decompose-fsync")
+        flushed.start()  # the largest file goes to disk while the files are hashed (publishing flushes all of them)
         report = dict(report, size_bytes=dict(report.get("size_bytes", {}), artifact=(tmp / WEIGHTS).stat().st_size))
         report = json.loads(json.dumps(report, sort_keys=True, default=_jsonable))  # as read back: the card renders alike
         if side_files_from is not None:
@@ -115,6 +118,7 @@ class ArtifactWriter:
         index = dict(index, format_version=FORMAT_VERSION, files=sha256_files(files), tensors=self.tensors)
         _write_index(tmp, index)
         _write_card(tmp, index, report, side_files_from)
+        flushed.join()
         self.finished = True
 
 
@@ -197,17 +201,21 @@ def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
     if not overwrite:
         check_target(target)
     for path in [*tmp.iterdir(), tmp]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
     (tmp / INCOMPLETE).unlink()
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
     if target.exists():
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _digest(index: dict) -> str:

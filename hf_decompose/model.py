@@ -219,15 +219,16 @@ def _plain_config(config_dir: Path):
     return hf_config
 
 
-def _check_targets(pair: CheckpointPair, ft_dir: Path) -> None:
+def _check_targets(pair: CheckpointPair, ft_dir: Path) -> tuple[nn.Module, TensorTargets]:
     """Refuse, before any work, a checkpoint tensor with no place in the fine-tune's model class (saved
-    buffers, such as old GPT-2 attention masks, aside)."""
+    buffers, such as old GPT-2 attention masks, aside); return that class's skeleton and its targets."""
     skeleton = _skeleton(ft_dir)
     targets, names = TensorTargets(skeleton), pair.names()
     buffers = tuple(n for n, _ in skeleton.named_buffers())
     for name in names:
         if not name.endswith(buffers) and not any(b.endswith("." + name) for b in buffers):
             target_parameter(name, names, skeleton, targets)
+    return skeleton, targets
 
 
 def _skeleton(config_dir: Path) -> nn.Module:
@@ -266,6 +267,8 @@ class _Inputs:
     base_dir: Path
     ft_dir: Path
     pair: CheckpointPair
+    skeleton: nn.Module  # the fine-tune's model class on the meta device
+    targets: TensorTargets
     base_sha: Future[dict[str, str]]  # hashed while the layers are worked on
     cache: resume.LayerCache | None
     index: dict  # the artifact's record of the inputs, but the base's file hashes (`record`)
@@ -286,7 +289,7 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
     base_dir = resolve(base_model, config.base_revision, **hub_kwargs)
     ft_dir = resolve(finetuned, revision, **hub_kwargs)
     pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
-    _check_targets(pair, ft_dir)
+    skeleton, targets = _check_targets(pair, ft_dir)
     base_sha = sha256_files_in_background(pair.base.files)
     cache = None if resume_dir is None else resume.LayerCache(resume_dir, resume.cache_record(base_sha.result(), sha256_files(pair.finetuned.files), config))
     index = {
@@ -294,7 +297,7 @@ def _open_inputs(finetuned, base_model, config: DecomposedConfig, revision, resu
         "base_model": {"id": _recorded_id(base_model), "revision": commit_of(base_dir) or config.base_revision},  # pinned by `record`'s hashes
         "finetuned_model": {"id": _recorded_id(finetuned), "revision": commit_of(ft_dir) or revision, "dtype": str(pair.dtype).removeprefix("torch.")},
     }
-    return _Inputs(base_dir, ft_dir, pair, base_sha, cache, index, time.perf_counter() - t0)
+    return _Inputs(base_dir, ft_dir, pair, skeleton, targets, base_sha, cache, index, time.perf_counter() - t0)
 
 
 def _recorded_id(model: str | Path) -> str:
@@ -428,8 +431,7 @@ def _decompose_to_disk(
 def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overwrite: bool, progress: bool) -> Path:
     t1 = time.perf_counter()
     layers, names = [], inputs.pair.names()
-    skeleton = _skeleton(inputs.ft_dir)
-    targets = TensorTargets(skeleton)
+    skeleton, targets = inputs.skeleton, inputs.targets
     with artifact.writing(output_dir, names, overwrite) as writer:
         for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
             for name, delta in layer_deltas.items():  # what loading would refuse, refused before it is written

@@ -191,6 +191,13 @@ def _spanning_pairs(support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([rows, torch.from_numpy(root_row[col_labels])]), torch.cat([torch.from_numpy(root_col[row_labels]), cols])
 
 
+def _every_pair(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_spanning_pairs` of a support of every entry, without making it: each row paired with column 0, each
+    column with row 0."""
+    rows, cols = torch.arange(shape[0]), torch.arange(shape[1])
+    return torch.cat([rows, torch.zeros_like(cols)]), torch.cat([torch.zeros_like(rows), cols])
+
+
 def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry: Geometry | None) -> list[dict[str, int]]:
     """Independent substructures of one transformer block's entry-level support.
 
@@ -211,7 +218,7 @@ def layer_components(deltas: dict[str, tuple[ParamInfo, TensorDelta]], geometry:
     for info, delta in deltas.values():
         if info.role not in READS_HIDDEN | WRITES_HIDDEN or delta.is_empty():
             continue
-        rows, cols = _spanning_pairs(delta.support())
+        rows, cols = _every_pair(delta.shape) if delta.replaces_all else _spanning_pairs(delta.support())
         if rows.numel() == 0:
             continue
         axis_idx = rows.numpy() if info.group_axis == 0 else cols.numpy()

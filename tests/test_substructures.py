@@ -141,3 +141,11 @@ def test_support_of_an_exact_delta_needs_no_mask(monkeypatch):
         assert bool(made) == masked
         assert all(torch.equal(a, b) for a, b in zip(lazy.state().values(), eager.state().values()))
     assert extract(info, gappy, None, zero_outside=True).get("dense").weight.view(torch.int16)[0, 0] == -0x8000
+
+
+def test_pairs_of_a_delta_that_replaces_every_entry_are_those_of_a_full_support():
+    from hf_decompose.substructures import _every_pair, _spanning_pairs
+
+    for shape in ((5, 7), (1, 3), (4, 1)):
+        got, expected = _every_pair(shape), _spanning_pairs(torch.ones(shape, dtype=torch.bool))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), shape
