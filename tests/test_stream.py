@@ -143,3 +143,36 @@ def test_writer_header_overflow_and_alignment(tmp_path):
             assert handle.metadata() == {"format": "pt"}
         header = json.loads((tmp_path / f"{reserve}.safetensors").read_bytes()[8:][: int.from_bytes((tmp_path / f"{reserve}.safetensors").read_bytes()[:8], "little")])
         assert [header[k]["data_offsets"][0] % 4 for k in ("a", "i")] == [0, 0] and header["h"]["data_offsets"][0] >= header["i"]["data_offsets"][1]
+
+
+def test_writer_thread_keeps_order_under_a_small_budget_and_raises_its_errors(tmp_path, monkeypatch):
+    """Tensors are written by a thread, at most `PENDING_BYTES` waiting (here less than one tensor): the file
+    equals one written with room for all; a write that fails in the thread fails the caller, nothing hangs."""
+    from hf_decompose import tensorfile
+
+    tensors = {f"t{i}": torch.randn(64 + i, 32) for i in range(12)}
+    files = {}
+    for budget in (1, 2**30):
+        monkeypatch.setattr(tensorfile, "PENDING_BYTES", budget)
+        files[budget] = tmp_path / f"{budget}.safetensors"
+        with SafetensorsWriter(files[budget], 4096) as writer:
+            for name, t in tensors.items():
+                writer.add(name, t)
+    assert files[1].read_bytes() == files[2**30].read_bytes()
+    assert all(torch.equal(load_file(files[1])[k], t) for k, t in tensors.items())
+
+    writer = SafetensorsWriter(tmp_path / "full.safetensors", 4096)
+    real_write, calls = writer.file.write, []
+
+    def full_disk(data):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        return real_write(data)
+
+    monkeypatch.setattr(writer.file, "write", full_disk, raising=False)
+    with pytest.raises(OSError, match="writing failed .*No space left"):
+        for name, t in tensors.items():
+            writer.add(name, t)
+        writer.close()
+    writer.abort()
