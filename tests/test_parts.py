@@ -169,3 +169,18 @@ def test_low_rank_stored_in_bfloat16_runs_in_the_base_dtype():
     with torch.no_grad():
         assert torch.equal(module(x), base(x) + nn.functional.linear(nn.functional.linear(x, v.float()), u.float()))
         assert module.to(torch.bfloat16).ops.lowrank.u.dtype == torch.bfloat16  # a cast of the model casts the factors
+
+
+def test_low_rank_runs_with_u_laid_out_as_its_transpose():
+    """At run time `u` (out, r) is stored as its transpose's rows (the second product's fast operand), a
+    lookup's stays row-major; the values and the stored delta are unchanged."""
+    gen = torch.Generator().manual_seed(4)
+    u, v = torch.randn(24, 3, generator=gen), torch.randn(3, 32, generator=gen)
+    linear = DecomposedModule(nn.Linear(32, 24, bias=False), TensorDelta("weight", (24, 32), parts=[LowRankPart(u, v)]), execution="split")
+    run = linear.ops.lowrank.u
+    assert run.stride() == (1, 24) and torch.equal(run, u) and linear.delta.parts[0].u.is_contiguous()
+    x = torch.randn(2, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), linear.base(x) + nn.functional.linear(nn.functional.linear(x, v), u))
+    embedding = DecomposedModule(nn.Embedding(24, 32), TensorDelta("weight", (24, 32), parts=[LowRankPart(u, v)]), execution="split")
+    assert embedding.ops.lowrank.u.is_contiguous()

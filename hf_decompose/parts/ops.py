@@ -46,7 +46,8 @@ class DeltaOps(nn.Module):
         low_bit = [p.factors() for p in delta.parts if p.kind == "qlowrank"]
         if low_bit:  # every width's dequantized factors as one low-rank module (stacked across fine-tunes where alone)
             name = "qlowrank" if delta.get("lowrank") is not None else "lowrank"
-            self.add_module(name, LowRankPart(torch.cat([u for u, _ in low_bit], 1), torch.cat([v for _, v in low_bit], 0)))
+            stacked = LowRankPart(torch.cat([u for u, _ in low_bit], 1), torch.cat([v for _, v in low_bit], 0))
+            self.add_module(name, stacked.runtime(canonical, rest, lookup))
         for part in delta.parts:
             if part.kind == "qlowrank":
                 continue
