@@ -87,9 +87,10 @@ class Routing:
             self._cache[key] = which.to(device)
         return self._cache[key]
 
-    def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
         """Rows padded into one slab of M per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
-        positions of the used slots, their rows, rows used per fine-tune). Padding repeats row 0, unused."""
+        positions of the used slots, their rows, rows used per fine-tune). Padding repeats row 0, unused.
+        Where the fine-tunes cover every row, the positions are in row order and the rows None."""
         key = (names, batch, device)
         if key not in self._cache:
             where: dict[str, list[int]] = {n: [] for n in names}
@@ -101,7 +102,10 @@ class Routing:
             pos = [t * m + i for t, n in enumerate(names) for i in range(len(where[n]))]
             rows = [r for n in names for r in where[n]]
             used = tuple(len(where[n]) for n in names)
-            self._cache[key] = (*(torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)), used)
+            if sorted(rows) == list(range(batch)):
+                pos = [p for _, p in sorted(zip(rows, pos))]
+            tensors = [torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)]
+            self._cache[key] = (tensors[0], tensors[1], None if sorted(rows) == list(range(batch)) else tensors[2], used)
         return self._cache[key]
 
 
@@ -121,7 +125,10 @@ class _Stacked:
             shape = next(p for p in lowrank if p is not None).shape
             rank = max(p.u.shape[1] for p in lowrank if p is not None)
             dtype = next(p for p in lowrank if p is not None).u.dtype
-            self.u = torch.zeros(len(tenants), shape[0], rank, dtype=dtype, device=device)
+            if next(p for p in lowrank if p is not None).u.is_contiguous():  # an embedding's: its rows are looked up
+                self.u = torch.zeros(len(tenants), shape[0], rank, dtype=dtype, device=device)
+            else:  # laid out as `LowRankPart.runtime` lays u out: the second bmm reads row-major operands
+                self.u = torch.zeros(len(tenants), rank, shape[0], dtype=dtype, device=device).transpose(1, 2)
             self.v = torch.zeros(len(tenants), rank, shape[1], dtype=dtype, device=device)
             for t, p in enumerate(lowrank):
                 if p is not None:  # the fine-tune's own factors become views of the stack: held once
@@ -225,6 +232,8 @@ class TenantModule(nn.Module):
         slabs = x.index_select(0, gather).unflatten(0, (len(names), -1))
         c = self._stacked(x.device)(slabs, self.lookup, used).flatten(0, 1).index_select(0, pos).to(y.dtype)
         c = c * scale.to(c.dtype) if scale is not None else c
+        if rows is None:  # every row has its fine-tune: the contributions are gathered in row order (a scatter cost 20x)
+            return y + c
         return y.index_put((rows,), c, accumulate=True)  # (index_add is slow on a busy CPU)
 
     def _stacked(self, device: torch.device) -> _Stacked:

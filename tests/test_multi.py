@@ -185,3 +185,24 @@ def test_offloaded_parts_leave_the_stacks(family, tmp_path):
     names = sorted(n for n in placement.substructures(multi) if ".tenants." in n)
     multi.dispatch({"": "cpu", **dict.fromkeys(names[1::2], "disk")}, offload_folder=tmp_path)  # placed before any step
     assert torch.equal(multi.generate(input_ids=ids, decomposed_names=rows, **GEN), expected)
+
+
+def test_rows_all_with_a_finetune_gather_contributions_in_row_order(monkeypatch):
+    """When every row has a fine-tune, contributions are gathered in row order (no scatter): each row
+    still equals its fine-tune alone, in any order of the rows."""
+    base = random_model("llama")
+    deltas = {name: _lowrank_quant(base, seed=i) for i, name in enumerate(NAMES)}
+    multi = MultiDecomposedModel(base, {})
+    for name in NAMES:
+        multi.add_decomposed(name, deltas[name])
+    rows = ["c", "a", "b", "a"]
+    ids = _ids(len(rows))
+    routing = type(next(m.routing for m in multi.modules() if isinstance(m, TenantModule)))
+    layouts, layout = [], routing.layout
+    monkeypatch.setattr(routing, "layout", lambda self, *a: layouts.append(layout(self, *a)) or layouts[-1])
+    with torch.no_grad():
+        alone = torch.cat([multi(input_ids=ids[i : i + 1], decomposed_names=[n]).logits for i, n in enumerate(rows)])
+        mixed = multi(input_ids=ids, decomposed_names=rows).logits
+    assert layouts and all(rows_ is None for _, _, rows_, _ in layouts)
+    torch.testing.assert_close(mixed, alone, rtol=1e-3, atol=1e-3)
+    assert (mixed[0] - mixed[1]).abs().max() > 0.1
