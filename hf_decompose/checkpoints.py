@@ -123,10 +123,12 @@ class CheckpointReader:
                 tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({err})") from err
-        if not all_finite(tensor):  # as stored: the fewest bytes
-            bad = int((~torch.isfinite(tensor)).sum())
+        out = tensor if dtype is None else tensor.to(dtype)
+        checked = out if out.element_size() < tensor.element_size() else tensor  # the fewer bytes; a narrowing cast can overflow
+        if not all_finite(checked):
+            bad = int((~torch.isfinite(checked)).sum())
             raise CheckpointError(f"{self.directory}: tensor {name!r} has {bad} NaN/Inf value(s)")
-        return tensor if dtype is None else tensor.to(dtype)
+        return out
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)

@@ -87,3 +87,32 @@ def test_tied_untied_mismatch(tmp_path):
     (ft / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="tie_word_embeddings"):
         _decompose(base, ft)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_reads_the_exponent_bits(monkeypatch, dtype):
+    """NaN and +-Inf anywhere (past the first block too) are found from the bits; the largest finite values,
+    subnormals and an empty tensor pass."""
+    from hf_decompose import checkpoints
+
+    monkeypatch.setattr(checkpoints, "FINITE_BLOCK", 1000)
+    values = torch.randn(5000).to(dtype)
+    values[:3] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny / 4], dtype=dtype)
+    assert checkpoints.all_finite(values) and checkpoints.all_finite(values[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = values.clone()
+        broken[4321] = bad
+        assert not checkpoints.all_finite(broken), bad
+
+
+def test_a_narrowing_read_that_overflows_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_decompose.checkpoints import CheckpointReader
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.tensor([1.0, 1e6])}, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.get("w"), torch.tensor([1.0, 1e6]))
+    with pytest.raises(CheckpointError, match="NaN/Inf"):
+        reader.get("w", dtype=torch.float16)
