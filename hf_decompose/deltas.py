@@ -31,22 +31,30 @@ def nonzero(delta: torch.Tensor) -> torch.Tensor:
 
 
 def support_counts(delta: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """For a 2-D CPU delta, (nonzero entries per row, whether each column has one), a block of rows at a time from
-    the bits: no full-size mask. None where it does not apply (another device, dtype or layout)."""
+    """For a 2-D CPU delta, its nonzero entries per row and per column, a block of rows at a time from the bits: no
+    full-size mask. None where it does not apply (another device, dtype or layout)."""
     if delta.device.type != "cpu" or delta.dtype not in _BITS or delta.dim() != 2 or not delta.is_contiguous():
         return None
     bits = delta.view(_BITS[delta.dtype]).numpy()
     n_rows, n_cols = bits.shape
     step = max(1, BLOCK // max(n_cols, 1))
-    counts, used = np.empty(n_rows, np.int64), np.zeros(n_cols, bool)
+    rows, cols = np.empty(n_rows, np.int64), np.zeros(n_cols, np.int64)
     scratch, mask = np.empty((min(step, n_rows), n_cols), bits.dtype), np.empty((min(step, n_rows), n_cols), bool)
     for start in range(0, n_rows, step):
         k = min(step, n_rows - start)
         np.bitwise_and(bits[start : start + k], _magnitude(bits.dtype), out=scratch[:k])
         np.not_equal(scratch[:k], 0, out=mask[:k])
-        counts[start : start + k] = np.count_nonzero(mask[:k], axis=1)
-        used |= mask[:k].any(0)
-    return counts, used
+        rows[start : start + k] = np.count_nonzero(mask[:k], axis=1)
+        cols += np.count_nonzero(mask[:k], axis=0)
+    return rows, cols
+
+
+def dense_support(rows: np.ndarray, cols: np.ndarray, dense_block_density: float) -> bool:
+    """Whether nonzero counts per row and column (`support_counts`) make one dense block of the whole matrix: every
+    column used, each row on more than half of them (so any two rows share one: a single component), at
+    `dense_block_density` or more. Such a support is stored dense."""
+    n_rows, n_cols = rows.size, cols.size
+    return bool((cols > 0).all() and (2 * rows > n_cols).all() and rows.sum() >= dense_block_density * n_rows * n_cols and n_rows * n_cols > 1)
 
 
 def _magnitude(bits_dtype: np.dtype) -> np.ndarray:
@@ -54,8 +62,8 @@ def _magnitude(bits_dtype: np.dtype) -> np.ndarray:
     return np.array(-1, bits_dtype) ^ np.array(np.iinfo(bits_dtype).min, bits_dtype)
 
 
-def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype = torch.float32,
-                model_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype = torch.float32, model_dtype: torch.dtype = torch.float32,
+                unless_dense: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Return (delta, override_indices, override_values): the delta in `dtype` (the fine-tune's own dtype, so that
     a lossless artifact is no larger than the fine-tune) and where it cannot serve, the fine-tune's values.
 
@@ -67,14 +75,46 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
     is almost always such a delta; a few nudges by one step of `dtype` fix most of the rest (sign crossings,
     signed zeros, a delta that spans more binades than `dtype` holds), and what remains becomes an override.
     The nudges work on the gathered mismatched entries only.
+
+    With `unless_dense` (a dense-block density), None where the result would surely cost more bytes than the
+    fine-tune's own values in `dtype` (`_costlier`): decided before nudging every mismatched entry.
     """
     delta, flat = _difference(base, finetuned, dtype, model_dtype)
     if not flat.numel():
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)
+    if unless_dense is not None and _costlier(base, finetuned, delta, flat, model_dtype, unless_dense):
+        return None
     b, f, d = (t.reshape(-1).index_select(0, flat) for t in (base, finetuned, delta))
-    f = f.to(model_dtype)
-    up, down, bits = torch.tensor(torch.inf, dtype=dtype, device=d.device), torch.tensor(-torch.inf, dtype=dtype, device=d.device), _BITS[model_dtype]
-    todo, below = torch.arange(flat.numel(), device=d.device), None  # the entries a nudge may still fix
+    d, bad = _nudged(b, f.to(model_dtype), d, model_dtype)
+    delta.view(-1).index_copy_(0, flat, d)
+    flat = flat[bad]
+    return delta, _unravel(flat, tuple(delta.shape)), finetuned.reshape(-1).index_select(0, flat).to(dtype)
+
+
+def _costlier(base: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor, model_dtype: torch.dtype,
+              dense_block_density: float, sample: int = 64) -> bool:
+    """Whether a matrix's exact delta (before nudges; `flat`: its mismatched entries) surely ends up as a dense
+    delta plus at least one override, more bytes than the fine-tune's own values: its support is one dense block
+    whatever the nudges do (each mismatched entry counted as lost), and one of the first `sample` mismatched
+    entries no nudge fixes. A full fine-tune in bfloat16 leaves about one entry in sixty mismatched."""
+    counts = support_counts(delta)
+    if counts is None:
+        return False
+    n_rows, n_cols = delta.shape
+    at = flat.numpy()
+    if not dense_support(counts[0] - np.bincount(at // n_cols, minlength=n_rows), counts[1] - np.bincount(at % n_cols, minlength=n_cols),
+                         dense_block_density):
+        return False
+    head = flat[:sample]
+    b, f, d = (t.reshape(-1).index_select(0, head) for t in (base, finetuned, delta))
+    return bool(_nudged(b, f.to(model_dtype), d, model_dtype)[1].any())
+
+
+def _nudged(b: torch.Tensor, f: torch.Tensor, d: torch.Tensor, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathered mismatched entries (base, fine-tune in `model_dtype`, delta): the deltas nudged toward merging to
+    the fine-tune, and where they still do not."""
+    up, down, bits = torch.tensor(torch.inf, dtype=d.dtype, device=d.device), torch.tensor(-torch.inf, dtype=d.dtype, device=d.device), _BITS[model_dtype]
+    d, todo, below = d.clone(), torch.arange(d.numel(), device=d.device), None  # the entries a nudge may still fix
     for _ in range(4):
         merged, target = _merge(b.index_select(0, todo), d.index_select(0, todo), model_dtype), f.index_select(0, todo)
         now_below = merged < target
@@ -84,9 +124,7 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
         if not todo.numel():
             break
         d.index_copy_(0, todo, torch.nextafter(d.index_select(0, todo), torch.where(below, up, down)))
-    delta.view(-1).index_copy_(0, flat, d)
-    flat = flat[_mismatch(b, d, f)]
-    return delta, _unravel(flat, tuple(delta.shape)), finetuned.reshape(-1).index_select(0, flat).to(dtype)
+    return d, _mismatch(b, d, f)
 
 
 def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -78,7 +78,11 @@ def _compute_layer(pair: CheckpointPair, config: DecomposedConfig, geometry: Geo
     layer_deltas = {}
     if config.mode in ("lossless", "anneal"):  # annealing starts from the exact decomposition
         for info in infos:
-            delta, idx, values, finetuned = _exact_delta(pair, info, device)  # in the fine-tune's dtype where it is 16-bit
+            # in the fine-tune's dtype where it is 16-bit; lossless: None where that surely costs more than its values
+            delta, idx, values, finetuned = _exact_delta(pair, info, device, config.dense_block_density if config.mode == "lossless" else None)
+            if delta is None:
+                layer_deltas[info.name] = _finetuned_values(pair, info, finetuned)
+                continue
             layer_deltas[info.name] = extract(info, delta, None, overrides=(idx, values), dense_block_density=config.dense_block_density,
                                               in_place=True, zero_outside=True)
             if config.mode == "lossless" and delta.dtype != torch.float32:
@@ -98,12 +102,16 @@ def _at_most_finetuned(pair: CheckpointPair, info: ParamInfo, delta: TensorDelta
     """`delta`, or where it costs more bytes than the 16-bit fine-tune tensor itself, that tensor's own
     values (every entry replaced): a lossless artifact is never larger than the fine-tune. `finetuned`:
     the tensor as read for the delta (canonical, float32), or None to read it again."""
-    dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
-    if delta.nbytes() <= math.prod(delta.shape) * dtype.itemsize:
+    if delta.nbytes() <= math.prod(delta.shape) * TORCH_DTYPES[pair.finetuned.dtype(info.name)].itemsize:
         return delta
+    return _finetuned_values(pair, info, finetuned)
+
+
+def _finetuned_values(pair: CheckpointPair, info: ParamInfo, finetuned: torch.Tensor | None) -> TensorDelta:
+    """The 16-bit fine-tune tensor's own values, every entry replaced (`finetuned`: as read, canonical, or None)."""
     finetuned = info.canonical(pair.finetuned.get(info.name)) if finetuned is None else finetuned
-    values = finetuned.to("cpu", dtype).contiguous()
-    return TensorDelta(info.name, delta.shape, info.transposed, [OverridePart(values, None, delta.shape)])
+    values = finetuned.to("cpu", TORCH_DTYPES[pair.finetuned.dtype(info.name)]).contiguous()
+    return TensorDelta(info.name, tuple(values.shape), info.transposed, [OverridePart(values, None, tuple(values.shape))])
 
 
 def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[tuple[slice | None, torch.Tensor, torch.Tensor]]:
@@ -132,18 +140,27 @@ def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch
     return out
 
 
-def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _exact_delta(pair: CheckpointPair, info: ParamInfo, device: torch.device, unless_dense: float | None = None) -> tuple:
     """`deltas.exact_delta` of one tensor computed on `device` a block of rows at a time (it is entry-wise),
-    returned on CPU; for a 16-bit fine-tune tensor stored in its dtype. Last, the
-    fine-tune tensor as read when it was read whole (else None: not held beside the delta)."""
+    returned on CPU; for a 16-bit fine-tune tensor stored in its dtype. Last, the fine-tune tensor as read
+    when it was read whole (else None: not held beside the delta). With `unless_dense`, a 16-bit tensor of the
+    model's dtype whose delta surely costs more than its own values gives no delta (None, None, None, tensor)."""
     dtype = TORCH_DTYPES[pair.finetuned.dtype(info.name)]
-    exact = (lambda b, f: exact_delta(b, f, dtype, pair.dtype)) if dtype in (torch.float16, torch.bfloat16) else exact_delta
     # a 16-bit tensor of the model's own dtype is read and compared as stored (exact_delta's arithmetic
-    # in float32 rounds alike): half the bytes of float32 copies
+    # in float32 rounds alike): half the bytes of float32 copies, read whole
     read_as = dtype if dtype == pair.dtype and dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+    def exact(base: torch.Tensor, ft: torch.Tensor):
+        if dtype not in (torch.float16, torch.bfloat16):
+            return exact_delta(base, ft)
+        return exact_delta(base, ft, dtype, pair.dtype, unless_dense if read_as == dtype else None)  # read whole: no chunks to join
+
     out, indices, values = None, [], []
     for rows, base, ft in _row_blocks(pair, info, device, read_as):
-        delta, idx, vals = exact(base, ft)
+        result = exact(base, ft)
+        if result is None:
+            return None, None, None, ft
+        delta, idx, vals = result
         if rows is None:
             return delta.cpu(), idx.cpu(), vals.cpu(), ft
         out = torch.empty(pair.finetuned.shape(info.name), dtype=delta.dtype) if out is None else out

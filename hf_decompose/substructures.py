@@ -15,7 +15,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .deltas import nonzero, support_counts
+from .deltas import dense_support, nonzero, support_counts
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, group_ids, kv_group_of_head
 from .parts import BlockPart, DensePart, LowRankPart, OverridePart, SparsePart, TensorDelta
 
@@ -88,15 +88,10 @@ def _pieces(info: ParamInfo, values: torch.Tensor, mask: torch.Tensor, lowrank, 
 
 
 def _dense_support(values: torch.Tensor, dense_block_density: float) -> bool:
-    """Whether the nonzero entries of a 2-D matrix touch every row and column, each row more than half of the
-    columns (so any two rows share one: a single component), at `dense_block_density` or more: stored dense.
-    Counted a block of rows at a time, with no mask of the matrix's size."""
+    """Whether the nonzero entries of a 2-D matrix make one dense block of it (`deltas.dense_support`), counted a
+    block of rows at a time with no mask of the matrix's size."""
     counts = support_counts(values)
-    if counts is None:
-        return False
-    per_row, used = counts
-    n_rows, n_cols = values.shape
-    return bool(used.all() and (2 * per_row > n_cols).all() and per_row.sum() >= dense_block_density * n_rows * n_cols and n_rows * n_cols > 1)
+    return counts is not None and dense_support(*counts, dense_block_density)
 
 
 def _with(delta: TensorDelta, *parts) -> TensorDelta:

@@ -108,3 +108,20 @@ def test_nonzero_from_bits_equals_comparison(monkeypatch, dtype):
     values[1::5] = -0.0
     got = nonzero(values)
     assert got.dtype == torch.bool and torch.equal(got, values != 0)
+
+
+def test_a_column_whose_only_change_may_be_nudged_away_is_not_surely_dense():
+    """`_costlier` counts every mismatched entry as lost: a column moved only at an unfixable mismatch leaves the
+    support possibly short of a column, so the delta is not surely dense (the full path decides); with that column
+    moved elsewhere too, it is, and the unfixable entry makes it costlier than the fine-tune."""
+    base = torch.full((8, 8), 1.0, dtype=torch.bfloat16)
+    ft = torch.full((8, 8), 1.0078125, dtype=torch.bfloat16)  # every delta exact in bf16
+    base[:, 0] = ft[:, 0] = 0.5  # column 0 unchanged...
+    base[0, 0], ft[0, 0] = 0.000370025634765625, 0.00010251998901367188  # ...but for an entry no nudge fixes
+    delta, flat = deltas._difference(base, ft, torch.bfloat16, torch.bfloat16)
+    assert flat.tolist() == [0]
+    assert not deltas._costlier(base, ft, delta, flat, torch.bfloat16, 0.5)
+    base[5, 0], ft[5, 0] = 1.0, 1.0078125
+    delta, flat = deltas._difference(base, ft, torch.bfloat16, torch.bfloat16)
+    assert deltas._costlier(base, ft, delta, flat, torch.bfloat16, 0.5)
+    assert exact_delta(base, ft, torch.bfloat16, torch.bfloat16)[1].tolist() == [[0, 0]]  # the full path: one override

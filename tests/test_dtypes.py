@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_decompose  # noqa: F401  (registers the from_pretrained hook)
@@ -142,3 +143,30 @@ def test_verify_compares_in_the_finetunes_dtype_and_reports_it(saved):
     result = verify_equivalence(reference, DecomposedModel.from_pretrained(artifact), tokenizer, ["to be or not", "not to be"],
                                 max_new_tokens=8, progress=False)  # fmt: skip
     assert result.dtype == str(reference.dtype).removeprefix("torch.") and result.exact_match_rate == 1.0 and result.max_abs_logit_diff == 0
+
+
+@pytest.mark.parametrize("moved, rounded", [(1.0, False), (0.1, False), (1.0, True)], ids=["every-entry", "a-tenth", "fixable"])
+def test_lossless_decides_a_costlier_delta_before_nudging_with_the_same_artifact(tmp_path, monkeypatch, moved, rounded):
+    """A matrix whose exact delta is surely a dense block plus an override (a full bf16 fine-tune) is stored as the
+    fine-tune's own values without nudging every mismatched entry: the same artifact tensors, bit for bit, as the
+    full path; where the delta is not surely costlier (few entries moved, or every mismatch fixed by a nudge: steps
+    added in bf16) nothing changes."""
+    import hf_decompose.deltas as deltas
+
+    model = random_model("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # each fine-tuned value rounded once from float32, as a bf16 training step leaves it
+        for p in model.parameters():
+            step = torch.randn(p.shape, generator=gen) * 1e-2 * (torch.rand(p.shape, generator=gen) < moved)
+            p.add_(step.to(p.dtype)) if rounded else p.copy_(p.float() + step)
+    model.save_pretrained(tmp_path / "ft")
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    decided, costlier = [], deltas._costlier
+    monkeypatch.setattr(deltas, "_costlier", lambda *a, **k: decided.append(costlier(*a, **k)) or decided[-1])
+    decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "short", progress=False)
+    monkeypatch.setattr(deltas, "_costlier", lambda *a, **k: False)
+    decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "full", progress=False)
+    short, full = (load_file(tmp_path / d / "decomposition.safetensors") for d in ("short", "full"))
+    assert short.keys() == full.keys() and all(torch.equal(short[k], full[k]) for k in full)
+    assert any(decided) == (moved == 1.0 and not rounded) and (decided or not rounded)  # the fixable case was asked
