@@ -107,8 +107,9 @@ class QuantPart(Part):
         return "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu"
 
     def fused_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat @ dequantize(codes)^T`` through the int4 kernel: `flat` ``(rows, in)`` already in `fused_dtype`."""
-        return torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, cast(self.scale_zeros, flat.dtype))
+        """``flat @ dequantize(codes)^T`` through the int4 kernel: `flat` ``(rows, in)`` already in `fused_dtype` (the
+        kernel needs it contiguous: a bfloat16 model's head gets a view of the last positions)."""
+        return torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group, cast(self.scale_zeros, flat.dtype))
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
