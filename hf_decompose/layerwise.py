@@ -202,7 +202,7 @@ class Layerwise:
                     results[k] = jobs[k]()
                 except BaseException as err:  # noqa: BLE001 - handed to the caller below
                     errors.append(err)
-                step.barrier.abort()  # jobs alike are past their last layer call; any other call now fails
+                step.finish()
 
         self.mode, self._step = "lockstep", step
         try:
@@ -237,13 +237,22 @@ class _Lockstep:
     go and waits for the others; the last to arrive materialises the layer for all."""
 
     def __init__(self, owner: Layerwise, parties: int):
-        self.owner, self.lock = owner, threading.Lock()
+        self.owner, self.lock = owner, threading.Condition()
         self.barrier = threading.Barrier(parties, action=self._materialise)
         self.index: int | None = None
         self.layer: nn.Module | None = None
         self.failure: BaseException | None = None  # what broke the rendezvous, raised in every job
+        self.parties = self.passed = parties  # jobs holding the lock again after the latest rendezvous
+
+    def finish(self) -> None:
+        """A job is done (holding the lock): once every job is back from the latest rendezvous (one just released
+        may not have seen it yet: breaking the barrier then failed it, 2 runs in 5), break it, so that a job
+        making a further layer call fails instead of waiting forever."""
+        self.lock.wait_for(lambda: self.passed >= self.parties)
+        self.barrier.abort()
 
     def _materialise(self) -> None:
+        self.passed = 0
         self.layer = None
         try:
             self.layer = self.owner.layer(self.index)
@@ -264,6 +273,8 @@ class _Lockstep:
             raise RuntimeError("jobs run in lock step made different numbers of layer calls") from None
         finally:
             self.lock.acquire()
+            self.passed += 1
+            self.lock.notify_all()
         return self.layer(*args, **kwargs)
 
 
