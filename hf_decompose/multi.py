@@ -102,10 +102,11 @@ class Routing:
             pos = [t * m + i for t, n in enumerate(names) for i in range(len(where[n]))]
             rows = [r for n in names for r in where[n]]
             used = tuple(len(where[n]) for n in names)
-            if sorted(rows) == list(range(batch)):
+            every_row = sorted(rows) == list(range(batch))
+            if every_row:
                 pos = [p for _, p in sorted(zip(rows, pos))]
-            tensors = [torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows)]
-            self._cache[key] = (tensors[0], tensors[1], None if sorted(rows) == list(range(batch)) else tensors[2], used)
+            gather_t, pos_t, rows_t = (torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows))
+            self._cache[key] = (gather_t, pos_t, None if every_row else rows_t, used)
         return self._cache[key]
 
 
@@ -232,7 +233,7 @@ class TenantModule(nn.Module):
         slabs = x.index_select(0, gather).unflatten(0, (len(names), -1))
         c = self._stacked(x.device)(slabs, self.lookup, used).flatten(0, 1).index_select(0, pos).to(y.dtype)
         c = c * scale.to(c.dtype) if scale is not None else c
-        if rows is None:  # every row has its fine-tune: the contributions are gathered in row order (a scatter cost 20x)
+        if rows is None:  # every row has its fine-tune: contributions gathered in row order (the scatter was 7% of a step)
             return y + c
         return y.index_put((rows,), c, accumulate=True)  # (index_add is slow on a busy CPU)
 
