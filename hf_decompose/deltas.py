@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checkpoints import EXPONENT_BITS
+
 BLOCK = 1 << 16  # entries compared at a time on CPU: the temporaries stay in cache, no full-size mask is made
-_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+_BITS = {dtype: bits for dtype, (bits, _) in EXPONENT_BITS.items()}  # a float dtype's bits as integers
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -24,9 +26,7 @@ def nonzero(delta: torch.Tensor) -> torch.Tensor:
     bits = delta.view(_BITS[delta.dtype]).numpy().reshape(-1)
     out, scratch = np.empty(bits.size, bool), np.empty(min(bits.size, BLOCK), bits.dtype)
     for start in range(0, bits.size, BLOCK):
-        block = scratch[: min(BLOCK, bits.size - start)]
-        np.bitwise_and(bits[start : start + BLOCK], _magnitude(bits.dtype), out=block)
-        np.not_equal(block, 0, out=out[start : start + BLOCK])
+        _nonzero_bits(bits[start : start + BLOCK], scratch[: min(BLOCK, bits.size - start)], out[start : start + BLOCK])
     return torch.from_numpy(out).view(delta.shape)
 
 
@@ -42,8 +42,7 @@ def support_counts(delta: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     scratch, mask = np.empty((min(step, n_rows), n_cols), bits.dtype), np.empty((min(step, n_rows), n_cols), bool)
     for start in range(0, n_rows, step):
         k = min(step, n_rows - start)
-        np.bitwise_and(bits[start : start + k], _magnitude(bits.dtype), out=scratch[:k])
-        np.not_equal(scratch[:k], 0, out=mask[:k])
+        _nonzero_bits(bits[start : start + k], scratch[:k], mask[:k])
         rows[start : start + k] = np.count_nonzero(mask[:k], axis=1)
         cols += np.count_nonzero(mask[:k], axis=0)
     return rows, cols
@@ -57,9 +56,11 @@ def dense_support(rows: np.ndarray, cols: np.ndarray, dense_block_density: float
     return bool((cols > 0).all() and (2 * rows > n_cols).all() and rows.sum() >= dense_block_density * n_rows * n_cols and n_rows * n_cols > 1)
 
 
-def _magnitude(bits_dtype: np.dtype) -> np.ndarray:
-    """Every bit but the sign."""
-    return np.array(-1, bits_dtype) ^ np.array(np.iinfo(bits_dtype).min, bits_dtype)
+def _nonzero_bits(bits: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> None:
+    """`out` = whether each value (as its `bits`) is nonzero, either sign of zero counting as zero."""
+    magnitude = np.array(-1, bits.dtype) ^ np.array(np.iinfo(bits.dtype).min, bits.dtype)  # every bit but the sign
+    np.bitwise_and(bits, magnitude, out=scratch)
+    np.not_equal(scratch, 0, out=out)
 
 
 def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype = torch.float32, model_dtype: torch.dtype = torch.float32,

@@ -242,13 +242,13 @@ class _Lockstep:
         self.index: int | None = None
         self.layer: nn.Module | None = None
         self.failure: BaseException | None = None  # what broke the rendezvous, raised in every job
-        self.parties = self.passed = parties  # jobs holding the lock again after the latest rendezvous
+        self.passed = parties  # jobs holding the lock again after the latest rendezvous
 
     def finish(self) -> None:
         """A job is done (holding the lock): once every job is back from the latest rendezvous (one just released
         may not have seen it yet: breaking the barrier then failed it, 2 runs in 5), break it, so that a job
         making a further layer call fails instead of waiting forever."""
-        self.lock.wait_for(lambda: self.passed >= self.parties)
+        self.lock.wait_for(lambda: self.passed >= self.barrier.parties)
         self.barrier.abort()
 
     def _materialise(self) -> None:
