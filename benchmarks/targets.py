@@ -5,11 +5,12 @@ verify on its 32 held-out prompts x 64 tokens (exact / tie-equivalent / vLLM-clo
 record stored bytes, bits per delta parameter, the fraction of the float32 delta and the time.
 Reads the pair's noise floor from results/noise_floor_<pair>.json when present (benchmarks/noise_floor.py).
     flock /tmp/hf_decompose_bench.lock python benchmarks/targets.py [--recipe recipes/long_wd_pair.yaml] [--targets tie,floor]
-        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5]
+        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5] [--expected-flips 0.25] [--output DIR]
 """
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from _machine import machine
 from hf_decompose import DecomposedConfig, decompose, verify_equivalence
 from hf_decompose.equivalence import greedy_generate
+from hf_decompose.parts import QuantPart
 from hf_decompose.pair import prepare_default_pair
 from hf_decompose.report import bits_per_param, summary_table
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--levels", default=None, help="comma-separated annealing levels (default: the target's)")
     parser.add_argument("--grid", default=DecomposedConfig().annealing["grid"], help="low-bit grid: signed or full")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--expected-flips", type=float, default=None, help="the guard's flip budget (default: the config's)")
+    parser.add_argument("--output", default=None, help="save each target's artifact under OUTPUT/<target>")
     args = parser.parse_args()
     pair = prepare_default_pair(recipe=args.recipe)
     name = Path(args.recipe).stem if args.recipe else "default_pair"
@@ -46,8 +50,8 @@ def main() -> None:
     rows = json.loads(out_file.read_text())["rows"] if out_file.is_file() else {}
     for target in args.targets.split(","):
         t0, load0 = time.perf_counter(), os.getloadavg()
-        levels = {"levels": args.levels.split(",")} if args.levels else {}
-        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, "grid": args.grid, **levels})
+        overrides = ({"levels": args.levels.split(",")} if args.levels else {}) | ({} if args.expected_flips is None else {"expected_flips": args.expected_flips})
+        config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, "grid": args.grid, **overrides})
         opts = config.annealing_options()
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
         eq = verify_equivalence(reference, model, tokenizer, pair.eval_prompts, args.max_new_tokens, reference_tokens=ref_tokens, progress=False)
@@ -56,10 +60,13 @@ def main() -> None:
             model.report["noise_floor"] = floor
         report = model.report
         stored = report["size_bytes"]["artifact"]
-        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "")
+        if args.output:
+            model.save_pretrained(Path(args.output) / target)
+        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "") + (f"/flips{args.expected_flips:g}" if args.expected_flips is not None else "")
         rows[key] = {
             "target": target, "schedule": opts["schedule"], "levels_tried": opts["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
-            "bits_per_param": bits_per_param(stored, report["delta_params"]), "finetuned_over_artifact": report["size_bytes"]["finetuned"] / stored,
+            "bits_per_param": bits_per_param(stored, report["delta_params"]),
+            "bits_per_param_bit_packed": bits_per_param(bit_packed_bytes(model.deltas.values()), report["delta_params"]), "finetuned_over_artifact": report["size_bytes"]["finetuned"] / stored,
             "identical": eq.identical, "tie_equivalent": round(eq.tie_equivalent_rate * eq.num_prompts), "vllm_close": round(eq.logprobs_close_rate * eq.num_prompts),
             "mean_kl": eq.mean_kl, "divergence_margins": eq.divergence_margins, "annealing_s": report["annealing"]["seconds"],
             "levels": {r["layer"]: r["level"] for r in report["annealing"]["levels"]}, "floor_bound": report["annealing"].get("floor"),
@@ -70,6 +77,11 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         out_file.write_text(json.dumps({"pair": name, "machine": machine(), "rows": rows}, indent=2))
         del model
+
+
+def bit_packed_bytes(deltas) -> int:
+    """Stored bytes with every low-bit code bit-packed and every scale in bfloat16 (no Huffman coding)."""
+    return sum(math.ceil(p.codes.numel() * p.bits / 8) + 2 * p.scales.numel() if isinstance(p, QuantPart) else p.nbytes() for d in deltas for p in d.parts)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def _scores(calib: Calibration, batches: Iterable[torch.Tensor], positions: int,
             "expected_flips_above_tolerance": _flips(calib, s, positions, tie_tolerance), "max_abs_logit_diff": max_diff, "mean_kl": kl / n}
 
 
-def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: float = 0.99, max_flips: float = 0.5,
+def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: float = 0.99, max_flips: float = 0.25,
           positions: int = 2048, batch_size: int = 8, tie_tolerance: float = TIE_TOLERANCE, floor: Floor | None = None) -> tuple[bool, dict]:
     """Judge the current model against the calibration reference (teacher-forced on its continuations).
 
@@ -804,8 +804,9 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
     u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
     residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
-    grid = c.config.annealing["grid"] if level.bits > 1 else "signed"  # one bit is the same on both grids
-    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None, grid=grid)
+    # one bit is the same on both grids; a step quantizer is the signed grid with a step per row
+    grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
+    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None, grid=grid, step=level.step)
     kind = FullQuantPart if grid == "full" else QuantPart
     parts = [kind.from_packed(codes, scales, full.shape)] + ([] if u is None else [LowRankPart(u, v)])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)

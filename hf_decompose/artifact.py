@@ -5,7 +5,7 @@ Layout of an artifact directory::
     decomposed_config.json      format version, DecomposedConfig, base (id, revision, SHA-256 of
                                 its weight files), per-tensor shapes, SHA-256 of every file here
     decomposition.safetensors   the kept deltas, per tensor its parts (`hf_decompose.parts`): <tensor>.dense |
-                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes/.scales
+                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes (or .codes_huffman)/.scales
     decomposition.json          the report (kept fraction, sizes, equivalence, layers, timings)
     config.json, tokenizer ...  the fine-tune's config and tokenizer (small), so the artifact loads alone;
                                 config.json carries the `quantization_config` (quant_method
@@ -40,7 +40,7 @@ from .errors import ArtifactError
 from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: low-bit codes may be Huffman-coded (`.quant.codes_huffman`), unknown to readers of 1; 1 is read too
 INDEX = "decomposed_config.json"
 WEIGHTS = "decomposition.safetensors"
 REPORT = "decomposition.json"

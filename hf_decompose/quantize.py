@@ -7,12 +7,20 @@ at most half a step. Two grids:
 - ``signed`` (the first format): the integers ``-qmax..qmax`` (``qmax = 2^(bits-1) - 1``) with
   scale ``absmax / qmax``; it leaves one of the ``2^bits`` codes unused, which at 2 bits is a
   quarter of them (3 levels: -1, 0, 1).
+- ``step`` (`quantize`'s `step`): the uniform quantizer of entropy coding: one scale per row, `step` times the
+  row's RMS, the signed integers up to ``qmax`` (4 bits: +-7, so codes run through the int4 kernel; values beyond
+  7 steps are clipped). Its rate follows the step, not the width: Huffman-coded, a Gaussian row costs about
+  ``2.05 - log2(step)`` bits of entropy per entry (Huffman-coded at step 1.7: ~1.5 bits) and no group scales
+  (3 bits with a bfloat16 scale per 64 entries spend a quarter bit on scales).
 - ``full``: every code used, the odd integers ``-(2^bits - 1)..2^bits - 1`` (2 bits: -3, -1, 1, 3),
   with the scale (half a step) whose rounding error is smallest among clipped absmax candidates
   (outliers clipped where that lowers the group's error, as GPTQ's and AWQ's clip searches do).
 
 Codes are stored offset to unsigned (``c + qmax``, or ``(c + 2^bits - 1) / 2``) and bit-packed:
-``bits`` bits per value, little-endian, in one uint8 stream. One bit is the same in both grids
+``bits`` bits per value, little-endian, in one uint8 stream; or, where it is smaller, Huffman-coded
+(`huffman_code`: ``8 // bits`` codes to a symbol, DEFLATE with Huffman coding only, in the standard library's
+zlib), which stores each code in about its entropy (3-bit codes of Gaussian values on the signed grid: ~2.4 bits) and
+changes no value; scales likewise (`huffman_scales`: about half their 16 bits). One bit is the same in both grids
 (BitDelta's sign codes): ``sign(x)`` as 0 / 1 with the group's mean ``|x|`` as its scale (the
 least-squares scale of sign codes); zero rounds to +1.
 
@@ -24,6 +32,7 @@ surgeon updates, as in GPTQ), so the error of the outputs ``||(W - Q) X^T||`` is
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -40,17 +49,21 @@ def group_size(shape: tuple[int, ...], group: int) -> int:
     return next((g for g in range(min(group, n), 0, -1) if n % g == 0), n) if group else n
 
 
-def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None, grid: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None, grid: str = "signed",
+             step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes, scales ``(out, in / group)`` in bfloat16) of a canonical ``(out, in)`` tensor
     on `grid`; with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come.
+    `step`: on the signed grid, one scale per row of `step` times its RMS (`group` must be 0).
     Computed on `values`' device (`gram` moved there); the results are on CPU."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is not one of {GRIDS}")
+    if step is not None and (group or grid != "signed" or bits == 1 or not step > 0):
+        raise ValueError(f"a step quantizer (step={step}) takes one positive step per row on the signed grid, at least 2 bits")
     out, n_in = values.shape
     g = group_size(values.shape, group)
-    grid_ = _Grid(bits, grid)
+    grid_ = _Grid(bits, grid, step)
     if gram is not None:
         codes, scales = _error_feedback(values.float(), gram.to(values.device), grid_, g)
     else:
@@ -63,8 +76,8 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
 class _Grid:
     """The codes of `bits` bits on a grid: rounding, scales, and the unsigned stored form."""
 
-    def __init__(self, bits: int, grid: str):
-        self.bits, self.full = bits, grid == "full" or bits == 1
+    def __init__(self, bits: int, grid: str, step: float | None = None):
+        self.bits, self.full, self.step = bits, grid == "full" or bits == 1, step
         self.qmax = 2**bits - 1 if self.full else 2 ** (bits - 1) - 1  # the largest code
 
     def round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,10 +89,12 @@ class _Grid:
         return y.round_().clamp_(-self.qmax, self.qmax)
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """Per group (last dim) of `x`: the mean magnitude (one bit), absmax / qmax (signed), or
-        the clipped absmax / qmax of smallest rounding error (full)."""
+        """Per group (last dim) of `x`: the mean magnitude (one bit), `step` x the RMS (a step quantizer),
+        absmax / qmax (signed), or the clipped absmax / qmax of smallest rounding error (full)."""
         if self.bits == 1:
             return x.abs().mean(-1, keepdim=True).bfloat16()
+        if self.step is not None:
+            return (self.step * x.square().mean(-1, keepdim=True).sqrt()).bfloat16()
         amax = x.abs().amax(-1, keepdim=True)
         if not self.full:
             return (amax / self.qmax).bfloat16()
@@ -131,6 +146,78 @@ def _error_feedback(w: torch.Tensor, gram: torch.Tensor, grid: _Grid, g: int, da
 def pack_codes(codes: torch.Tensor, bits: int, grid: str = "signed") -> torch.Tensor:
     """Signed codes on `grid` as stored: offset to unsigned and bit-packed (the inverse of `codes_of`)."""
     return pack(_Grid(bits, grid).unsigned(codes.to(torch.int16)).reshape(-1), bits)
+
+
+def huffman_code(codes: torch.Tensor, bits: int, grid: str = "signed") -> torch.Tensor:
+    """Signed codes on `grid` Huffman-coded: one byte `bits`, then the unsigned codes in row-major order, ``8 // bits``
+    to a byte (bit-packed within it, the last byte padded with zeros), as a raw DEFLATE stream with Huffman coding
+    only (`huffman_codes_of` reads it back). Coding several codes per symbol spends less than the one bit per code
+    a symbol costs at least (codes of 1.45 bits' entropy: 1.64 bits one to a byte, about 1.5 two to a byte)."""
+    per = 8 // bits
+    unsigned = _Grid(bits, grid).unsigned(codes.to(torch.int16)).reshape(-1)
+    unsigned = torch.cat([unsigned, unsigned.new_zeros(-len(unsigned) % per)]).reshape(-1, per).to(torch.int32)
+    symbols = (unsigned << (bits * torch.arange(per, dtype=torch.int32))).sum(1).to(torch.uint8)
+    return _as_tensor(bytes([bits]) + _huffman(symbols.numpy().tobytes()))
+
+
+def huffman_codes_of(stream: torch.Tensor, shape: tuple[int, ...], grid: str = "signed") -> tuple[torch.Tensor, int]:
+    """(signed codes ``(out, in)``, bits) of a `huffman_code` stream; ValueError unless it holds exactly
+    ``prod(shape)`` codes of its width (decoding stops there: a stream that would inflate further is refused)."""
+    data = _bytes_of(stream)
+    if not data or data[0] not in BITS:
+        raise ValueError("Huffman-coded codes without a valid bit width")
+    bits, n = data[0], math.prod(shape)
+    per = 8 // bits
+    symbols = torch.frombuffer(bytearray(_inflate(data[1:], -(-n // per))), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    unsigned = ((symbols[:, None].to(torch.int32) >> (bits * torch.arange(per, dtype=torch.int32))) & (2**bits - 1)).to(torch.uint8).reshape(-1)
+    if n and (int(unsigned.max()) >= 2**bits - (grid == "signed" and bits > 1) or unsigned[n:].any() or int(symbols.max()) >= 2 ** (bits * per)):
+        raise ValueError(f"Huffman-coded codes exceed {bits} bits on the {grid} grid")
+    return _signed(unsigned[:n], bits, grid).reshape(shape), bits
+
+
+def huffman_scales(scales: torch.Tensor) -> torch.Tensor:
+    """bfloat16 scales Huffman-coded: their high bytes (sign and exponent, few distinct values), then their low
+    bytes, as one raw DEFLATE stream with Huffman coding only (about half their 16 bits)."""
+    bits = scales.contiguous().view(torch.int16).reshape(-1)
+    return _as_tensor(_huffman(((bits >> 8) & 0xFF).to(torch.uint8).numpy().tobytes() + (bits & 0xFF).to(torch.uint8).numpy().tobytes()))
+
+
+def huffman_scales_of(stream: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The bfloat16 scales ``(out, in / group)`` a `huffman_scales` stream holds for a matrix of `shape`
+    (ValueError unless a whole number of groups divides each row; never inflated past the matrix's size)."""
+    rows, cols = shape
+    planes = _inflate(_bytes_of(stream), 2 * rows * cols, exact=False)
+    n = len(planes) // 2
+    if not n or rows == 0 or n % rows or cols % (n // rows):
+        raise ValueError(f"Huffman-coded scales ({n} values) do not divide a {rows} x {cols} matrix into groups")
+    planes = torch.frombuffer(bytearray(planes), dtype=torch.uint8).to(torch.int16)
+    return ((planes[:n] << 8) | planes[n:]).view(torch.bfloat16).reshape(rows, n // rows)
+
+
+def _huffman(data: bytes) -> bytes:
+    coder = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return coder.compress(data) + coder.flush()
+
+
+def _inflate(data: bytes, n: int, exact: bool = True) -> bytes:
+    """The bytes of a raw DEFLATE stream: exactly `n` (`exact`) or at most `n`, never inflating past ``n + 1``
+    (ValueError otherwise)."""
+    decoder = zlib.decompressobj(-15)
+    try:
+        raw = decoder.decompress(data, n + 1)
+    except zlib.error as err:
+        raise ValueError(f"a Huffman-coded stream is corrupt ({err})") from None
+    if len(raw) > n or (exact and len(raw) != n) or not decoder.eof or decoder.unused_data or decoder.unconsumed_tail:
+        raise ValueError(f"a Huffman-coded stream does not hold {'exactly' if exact else 'at most'} {n} values")
+    return raw
+
+
+def _bytes_of(stream: torch.Tensor) -> bytes:
+    return stream.numpy().tobytes() if stream.dtype == torch.uint8 and stream.dim() == 1 else b""
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def codes_of(packed: torch.Tensor, shape: tuple[int, ...], grid: str = "signed") -> torch.Tensor:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from hf_decompose import ArtifactError, CheckpointError, ConfigError, DecomposedConfig, DecomposedModel, PromptError, decompose
-from hf_decompose.artifact import INCOMPLETE, INDEX, WEIGHTS
+from hf_decompose.artifact import FORMAT_VERSION, INCOMPLETE, INDEX, WEIGHTS
 from hf_decompose.cli import build_parser
 from hf_decompose.equivalence import check_disjoint
 
@@ -284,8 +284,8 @@ def test_artifact_of_another_base(tmp_path, artifact):
 
 
 def test_artifact_from_a_newer_format(tmp_path, artifact):
-    _rewrite_index(artifact, format_version=2)
-    with fails(tmp_path, ArtifactError, "format version 2 is newer than this hf_decompose reads"):
+    _rewrite_index(artifact, format_version=FORMAT_VERSION + 1)
+    with fails(tmp_path, ArtifactError, f"format version {FORMAT_VERSION + 1} is newer than this hf_decompose reads"):
         DecomposedModel.from_pretrained(artifact)
 
 

@@ -1,12 +1,13 @@
 """Low-bit codes: every entry of a matrix delta as a signed integer code times a bfloat16 group scale.
 
-Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry) with scales ``(out, in / group)``;
-held as int8 codes. At run time on CPU, codes of at most 4 bits in groups of a multiple of 32 columns
-(rows a multiple of 16; a group wider than 256 as several of a width the kernel takes, its scale
-repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul kernel, which reads
-the packed codes and never builds the float matrix: the product is computed in bfloat16 (float16 inputs
-stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is then all the
-run-time part holds (half a byte per entry); an embedding also keeps its codes as stored, bit-packed per row,
+Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry, key ``codes``) or, where that is smaller,
+Huffman-coded (about the codes' entropy per entry, key ``codes_huffman``), with scales ``(out, in / group)``
+(``scales``, or Huffman-coded ``scales_huffman``); held as int8 codes. At run time on CPU, codes of at most 4
+bits in groups of a multiple of 32 columns (rows a multiple of 16; a group wider than 256 as several of a width
+the kernel takes, its scale repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul
+kernel, which reads the packed codes and never builds the float matrix: the product is computed in bfloat16
+(float16 inputs stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is
+then all the run-time part holds (half a byte per entry); an embedding also keeps its codes bit-packed per row,
 and unpacks the rows it looks up.
 Other codes run that reference (a float32 matrix per call).
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quantize import bits_of, codes_of, dequantize, pack_codes, row_codes
+from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack_codes, row_codes
 from .base import Part, cast, expect, register_part
 
 
@@ -27,7 +28,8 @@ from .base import Part, cast, expect, register_part
 class QuantPart(Part):
     kind = "quant"
     order = 60
-    fields = ("codes", "scales")
+    fields = ("codes", "codes_huffman", "scales", "scales_huffman")
+    optional = frozenset(fields)  # codes and scales each in one of two forms
     FUSED_GROUPS = (32, 64, 128, 256)
     grid = "signed"  # the codes' grid (`hf_decompose.quantize`)
 
@@ -37,6 +39,7 @@ class QuantPart(Part):
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.group = codes.shape[-1] // max(scales.shape[-1], 1)
+        self._stored: dict[str, torch.Tensor] | None = None  # the stored form, once stored or read
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> QuantPart:
@@ -52,17 +55,40 @@ class QuantPart(Part):
             raise ValueError(f"quantization scales of shape {tuple(scales.shape)} do not divide {tuple(shape)}")
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"codes": pack_codes(self.codes, self.bits, self.grid), "scales": self.scales}
+        """Codes and scales each in the smaller of their forms: bit-packed or Huffman-coded codes (one bit: always
+        packed, Huffman never goes below a bit per code), bfloat16 or Huffman-coded scales."""
+        if self._stored is None:
+            packed = pack_codes(self.codes, self.bits, self.grid)
+            coded = huffman_code(self.codes, self.bits, self.grid) if self.bits > 1 else packed
+            scales = huffman_scales(self.scales)
+            self._stored = ({"codes_huffman": coded} if coded.numel() < packed.numel() else {"codes": packed}) | (
+                {"scales_huffman": scales} if scales.numel() < self.scales.numel() * 2 else {"scales": self.scales})
+        return self._stored
 
     @classmethod
     def from_state(cls, shape, tensors):
-        return cls.from_packed(tensors["codes"], tensors["scales"], shape)
+        forms = [(tensors["codes"], tensors["codes_huffman"]), (tensors["scales"], tensors["scales_huffman"])]
+        if any((plain is None) == (coded is None) for plain, coded in forms):
+            raise ValueError("a quantized part stores its codes and its scales each in exactly one form, plain or Huffman-coded")
+        (packed, coded), (scales, coded_scales) = forms
+        if len(shape) != 2:
+            raise ValueError(f"quantized codes of a tensor of shape {tuple(shape)}: a matrix expected")
+        if scales is None:
+            scales = huffman_scales_of(coded_scales, shape)
+        if packed is not None:
+            part = cls.from_packed(packed, scales, shape)
+        else:
+            cls._check_packed(coded, scales, shape)
+            codes, bits = huffman_codes_of(coded, shape, cls.grid)
+            part = cls(codes, scales, bits)
+        part._stored = {k: t for k, t in tensors.items() if t is not None}
+        return part
 
     def check(self) -> None:
         expect(self.scales, (self.shape[0], self.scales.shape[1]), values=True)
 
     def nbytes(self) -> int:
-        return math.ceil(self.codes.numel() * self.bits / 8) + self.scales.numel() * self.scales.element_size()
+        return sum(t.numel() * t.element_size() for t in self.state().values())
 
     def num_params(self) -> int:
         return self.codes.numel()
@@ -75,6 +101,7 @@ class QuantPart(Part):
 
     def runtime(self, base: torch.Tensor, rest: Callable[[], torch.Tensor], lookup: bool = False) -> Part:
         part = super().runtime(base, rest, lookup)
+        part._stored = None  # the stored form stays with the stored part
         codes, scales = self.codes, self.scales
         fused = next((g for g in reversed(self.FUSED_GROUPS) if self.group % g == 0), None)  # a wider group: its scale repeated
         if codes.device.type == "cpu" and fused and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
