@@ -10,7 +10,7 @@ from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artif
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
-from hf_decompose.quantize import BITS, bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack, quantize, row_codes, unpack
+from hf_decompose.quantize import BITS, _huffman, bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack, quantize, row_codes, unpack
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -133,6 +133,10 @@ def test_hostile_huffman_streams_are_refused():
             huffman_codes_of(bad, (16, 64))
     with pytest.raises(ValueError, match="exceed"):  # unsigned 3: a full-grid code, beyond the signed grid's -1..1
         huffman_codes_of(huffman_code(torch.full((4, 8), 3, dtype=torch.int8), 2, "full"), (4, 8), "signed")
+    padded = torch.frombuffer(bytearray(bytes([4]) + _huffman(bytes([0x77, 0x77]))), dtype=torch.uint8)  # 3 codes, two to a byte
+    assert torch.equal(huffman_codes_of(huffman_code(torch.full((1, 3), -7, dtype=torch.int8), 4), (1, 3))[0], torch.full((1, 3), -7, dtype=torch.int8))
+    with pytest.raises(ValueError, match="exceed"):  # the last byte's padding is not zero
+        huffman_codes_of(padded, (1, 3))
     with pytest.raises(ValueError, match="exactly one form"):
         QuantPart.from_state((16, 64), dict.fromkeys(QuantPart.fields) | {"scales": torch.ones(16, 1, dtype=torch.bfloat16)})
     with pytest.raises(ValueError, match="exactly one form"):
