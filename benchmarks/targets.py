@@ -62,7 +62,7 @@ def main() -> None:
         stored = report["size_bytes"]["artifact"]
         if args.output:
             model.save_pretrained(Path(args.output) / target)
-        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "") + (f"/flips{args.expected_flips:g}" if args.expected_flips is not None else "")
+        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "") + f"/flips{opts['expected_flips']:g}"
         rows[key] = {
             "target": target, "schedule": opts["schedule"], "levels_tried": opts["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
             "bits_per_param": bits_per_param(stored, report["delta_params"]),
