@@ -13,6 +13,12 @@ from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
 from hf_decompose.quantize import BITS, _huffman, bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack, quantize, row_codes, unpack
 
 
+def output_error(w: torch.Tensor, gram: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, grid: str = "signed") -> float:
+    """``tr(E H E^T)``: the output error the codes' rounding error E of `w` leaves on inputs of Gram H."""
+    e = (w - dequantize(codes_of(packed, w.shape, grid), scales)).double()
+    return float(torch.trace(e @ gram.double() @ e.t()))
+
+
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n", [8, 13, 1000])
 def test_packing_round_trips_and_takes_bits_per_value(bits, n):
@@ -66,8 +72,7 @@ def test_a_step_quantizer_beats_group_absmax_codes_at_their_size():
     gram = x.t() @ x
 
     def error_and_bits(packed, scales):
-        e = (w - dequantize(codes_of(packed, w.shape), scales)).double()
-        return float(torch.trace(e @ gram.double() @ e.t())), 8 * QuantPart.from_packed(packed, scales, w.shape).nbytes() / w.numel()
+        return output_error(w, gram, packed, scales), 8 * QuantPart.from_packed(packed, scales, w.shape).nbytes() / w.numel()
 
     absmax_error, absmax_bits = error_and_bits(*quantize(w, 2, 64, gram=gram))
     step_error, step_bits = error_and_bits(*quantize(w, 4, 0, gram=gram, step=2.6))
@@ -109,7 +114,7 @@ def test_huffman_coding_stores_gaussian_codes_near_their_entropy():
     assert set(state) == {"codes_huffman", "scales_huffman"} and part.nbytes() == sum(t.numel() for t in state.values())
     assert part.nbytes() < 0.85 * (packed.numel() + 2 * scales.numel()) and state["scales_huffman"].numel() < 0.8 * 2 * scales.numel()
     one_bit = QuantPart.from_packed(*quantize(torch.randn(32, 64), 1, 64), (32, 64))
-    assert "codes" in one_bit.state()  # Huffman never goes below a bit per code
+    assert "codes" in one_bit.state()  # one-bit codes stay packed
 
 
 def test_huffman_coded_scales_round_trip_bit_for_bit():
@@ -171,9 +176,7 @@ def test_the_full_grid_rounds_closer_than_the_signed_grid(bits, feedback):
     gram = x.t() @ x if feedback else None
 
     def error(grid, b):
-        packed, scales = quantize(w, b, 64, gram=gram, grid=grid)
-        e = dequantize(codes_of(packed, w.shape, grid), scales) - w
-        return float(((e @ (x.t() @ x)) * e).sum())
+        return output_error(w, x.t() @ x, *quantize(w, b, 64, gram=gram, grid=grid), grid)
 
     assert error("full", bits) < 0.8 * error("signed", bits)
     assert error("full", bits) < error("full", bits - 1) / 2.5  # each bit more at least 2.5x less output error
@@ -249,12 +252,8 @@ def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
     x = torch.randn(500, 8, generator=gen) @ torch.randn(8, 64, generator=gen) + 0.1 * torch.randn(500, 64, generator=gen)
     gram = x.t() @ x
 
-    def output_error(packed, scales):
-        e = (w - dequantize(codes_of(packed, w.shape), scales)).double()
-        return float(torch.trace(e @ gram.double() @ e.t()))
-
     plain, fed = quantize(w, bits, group), quantize(w, bits, group, gram=gram)
-    assert output_error(*fed) < 0.7 * output_error(*plain)
+    assert output_error(w, gram, *fed) < 0.7 * output_error(w, gram, *plain)
     # with uncorrelated inputs there is nothing to compensate: the same codes as plain rounding
     assert torch.equal(quantize(w, bits, group, gram=torch.eye(64))[0], plain[0])
 

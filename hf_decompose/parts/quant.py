@@ -55,8 +55,8 @@ class QuantPart(Part):
             raise ValueError(f"quantization scales of shape {tuple(scales.shape)} do not divide {tuple(shape)}")
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Codes and scales each in the smaller of their forms: bit-packed or Huffman-coded codes (one bit: always
-        packed, Huffman never goes below a bit per code), bfloat16 or Huffman-coded scales."""
+        """Codes and scales each in the smaller of their forms: bit-packed or Huffman-coded codes (one-bit codes stay
+        packed: signs are near-uniform), bfloat16 or Huffman-coded scales."""
         if self._stored is None:
             packed = pack_codes(self.codes, self.bits, self.grid)
             coded = huffman_code(self.codes, self.bits, self.grid) if self.bits > 1 else packed
