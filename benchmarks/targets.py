@@ -5,7 +5,7 @@ verify on its 32 held-out prompts x 64 tokens (exact / tie-equivalent / vLLM-clo
 record stored bytes, bits per delta parameter, the fraction of the float32 delta and the time.
 Reads the pair's noise floor from results/noise_floor_<pair>.json when present (benchmarks/noise_floor.py).
     flock /tmp/hf_decompose_bench.lock python benchmarks/targets.py [--recipe recipes/long_wd_pair.yaml] [--targets tie,floor]
-        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5] [--expected-flips 0.25] [--output DIR]
+        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5] [--expected-flips 0.25] [--max-time-s 900] [--output DIR]
 """
 
 import argparse
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--grid", default=DecomposedConfig().annealing["grid"], help="low-bit grid: signed or full")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--expected-flips", type=float, default=None, help="the guard's flip budget (default: the config's)")
+    parser.add_argument("--max-time-s", type=float, default=None, help="the annealing's time cap (default: the config's)")
     parser.add_argument("--output", default=None, help="save each target's artifact under OUTPUT/<target>")
     args = parser.parse_args()
     pair = prepare_default_pair(recipe=args.recipe)
@@ -51,6 +52,7 @@ def main() -> None:
     for target in args.targets.split(","):
         t0, load0 = time.perf_counter(), os.getloadavg()
         overrides = ({"levels": args.levels.split(",")} if args.levels else {}) | ({} if args.expected_flips is None else {"expected_flips": args.expected_flips})
+        overrides |= {} if args.max_time_s is None else {"max_time_s": args.max_time_s}
         config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, "grid": args.grid, **overrides})
         opts = config.annealing_options()
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
@@ -62,7 +64,7 @@ def main() -> None:
         stored = report["size_bytes"]["artifact"]
         if args.output:
             model.save_pretrained(Path(args.output) / target)
-        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "") + f"/flips{opts['expected_flips']:g}"
+        key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "") + f"/flips{opts['expected_flips']:g}" + f"/{opts['max_time_s']:g}s"
         rows[key] = {
             "target": target, "schedule": opts["schedule"], "levels_tried": opts["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
             "bits_per_param": bits_per_param(stored, report["delta_params"]),

@@ -9,7 +9,8 @@ the rest is stored (``int<bits>[g<group>]``: every remaining entry as a signed i
 bits, one scale per group of inputs of a row). ``"int8"`` keeps every entry in 8 bits; ``"lr0.05"``
 keeps directions only. With ``keep_supported`` the criterion's spectrally supported directions are
 never dropped (a rank floor). The schedule first finds one temperature for the whole model
-(bisection over the levels), then heats each layer further, in model order, while the guard holds.
+(bisection over the levels), then heats the layers further in rounds, one level per layer and round, each
+while the guard holds.
 
 Compensation. The directions are those of ``D L`` where ``L L^T = X^T X + damping`` is the Gram
 of the matrix's calibration inputs: the kept factors are the least-squares optimum of
@@ -51,7 +52,7 @@ from .errors import ConfigError, PromptError
 from .layerwise import DeltaStore, Hidden, Layerwise
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
-from .quantize import quantize
+from .quantize import Feedback, quantize_codes
 from .parts import FullQuantPart, LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 
 
@@ -281,12 +282,20 @@ class _Candidate:
     config: DecomposedConfig
     _factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _floor: int | None = None
+    _feedback: Feedback | None = None
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._factors is None:
             self._factors = weighted_lowrank(self.full.to_dense(), self.gram)
         return self._factors
+
+    @property
+    def feedback(self) -> Feedback | None:
+        """Error feedback's factor of the Gram (None without a Gram or with ``error_feedback`` off), made once."""
+        if self._feedback is None and self.gram is not None and self.config.annealing["error_feedback"]:
+            self._feedback = Feedback.of(self.gram)
+        return self._feedback
 
     @property
     def floor(self) -> int:
@@ -451,7 +460,8 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
 class _Candidates:
     """The `_Candidate`s of a layer (exact deltas, the Grams of their inputs on the exact model), made
     when first asked for. Without a `store` every layer's stay in memory; with one, only the layer last
-    asked for does, and a layer left behind leaves its Grams and factors there for a later visit."""
+    asked for does, and a layer left behind leaves its Grams, factors and error-feedback factors there for a
+    later visit."""
 
     def __init__(self, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], grams, config: DecomposedConfig,
                  store: DeltaStore | None = None):
@@ -481,7 +491,8 @@ class _Candidates:
         for n, d in deltas.items():
             factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
-            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor)
+            feedback = Feedback(saved[f"{n}.feedback"], saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
+            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback)
         return items
 
     def clear(self) -> None:
@@ -496,6 +507,8 @@ class _Candidates:
                     saved.update({f"{n}.{k}": t for k, t in zip("uvs", c._factors)})
                 if c._floor is not None:
                     saved[f"{n}.floor"] = torch.tensor(c._floor)
+                if c._feedback is not None:
+                    saved.update({f"{n}.feedback": c._feedback.factor, f"{n}.dead": c._feedback.dead})
             if saved:
                 self.store.put_tensors(key, saved)
         self.layer, self.items = None, {}
@@ -696,30 +709,47 @@ class _StreamEngine:
 
 
 def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar) -> dict[str, int | None]:
-    """One temperature for the whole model by bisection over the levels, then each layer in model
-    order heated further while the guard holds (rolled back to its last accepted level)."""
-    t0 = time.perf_counter()
+    """One temperature for the whole model by bisection over the levels, then heating in rounds: each round
+    takes every layer still heating one level further, in model order, kept while the guard holds (rolled
+    back and frozen at its first refusal), until no layer heats or `seconds` are spent, so that a time cap
+    leaves the layers heated alike rather than the first ones fully and the last ones not at all. A check is
+    started only while it and one more (the precision step's) fit in `seconds` at the longest check's pace."""
+    t0, longest = time.perf_counter(), 0.0
+
+    def timed(label: str, level: int) -> bool:
+        nonlocal longest
+        start = time.perf_counter()
+        ok = check(label, level)
+        longest = max(longest, time.perf_counter() - start)
+        return ok
+
     lo, hi, best = 0, n_levels - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
         for layer in order:
             install(layer, mid)
-        if check("*", mid):
+        if timed("*", mid):
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
     level_of = dict.fromkeys(order, best)
     for layer in order:
         install(layer, best)
-    for layer in order:
-        bar.update(1)
-        nxt = 0 if best is None else best + 1
-        while nxt < n_levels and time.perf_counter() - t0 < seconds:
-            install(layer, nxt)
-            if not check(layer, nxt):
-                install(layer, level_of[layer])
+    heating = list(order)
+    while heating and time.perf_counter() - t0 + 2 * longest <= seconds:
+        for layer in list(heating):
+            if time.perf_counter() - t0 + 2 * longest > seconds:
                 break
-            level_of[layer], nxt = nxt, nxt + 1
+            nxt = 0 if level_of[layer] is None else level_of[layer] + 1
+            if nxt < n_levels:
+                install(layer, nxt)
+                if timed(layer, nxt):
+                    level_of[layer] = nxt
+                    continue
+                install(layer, level_of[layer])
+            heating.remove(layer)  # refused, or at the top: frozen
+            bar.update(1)
+    bar.update(len(heating))  # still heating when the time ran out
     return level_of
 
 
@@ -730,28 +760,27 @@ def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: 
     budget, and bisect the budget against the guard (the largest accepted budget is kept)."""
     n_levels = len(specs)
     option: list[int | None] = [None, *range(n_levels)]  # option j of every layer: exact, then each level
-    costs, errors = [], []
-    for layer in order:  # bytes and calibration-weighted output error of every level
-        full = {n: cands[n].full.to_dense() for n in layers[layer]}
-        per_level = [install(layer, k) for k in range(n_levels)]
-        costs.append([float(sum(cands[n].full.nbytes() for n in layers[layer]))] + [float(sum(d.nbytes() for d in m.values())) for m in per_level])
-        errors.append([0.0] + [sum(weighted_error(full[n] - m[n].to_dense(), cands[n].gram) for n in m) for m in per_level])
-        install(layer, None)
     floor = judge["floor"]
-    damages = []
-    for i, layer in enumerate(order):  # each layer alone at its most damaging level
-        bar.update(1)
-        probe = max(range(n_levels), key=lambda k: errors[i][k + 1])
-        install(layer, probe)
+    costs, damages = [], []
+    for layer in order:
+        full = {n: cands[n].full.to_dense() for n in layers[layer]}
+        per_level = [install(layer, k) for k in range(n_levels)]  # bytes and calibration-weighted output error of every level
+        cost = [float(sum(cands[n].full.nbytes() for n in layers[layer]))] + [float(sum(d.nbytes() for d in m.values())) for m in per_level]
+        error = [0.0] + [sum(weighted_error(full[n] - m[n].to_dense(), cands[n].gram) for n in m) for m in per_level]
+        del full, per_level
+        probe = max(range(n_levels), key=lambda k: error[k + 1])
+        install(layer, probe)  # the layer alone at its most damaging level
         _, stats = guard(model, calib, **judge)
         install(layer, None)
         trace.append({"layer": layer, "level": specs[probe], "accepted": None, "probe": True, **stats})
-        worst = errors[i][probe + 1]
         if floor is None:  # flips scale with the RMS gap change: their squares add
-            unit = [stats["expected_flips"] ** 2 / judge["max_flips"] ** 2]
+            unit = stats["expected_flips"] ** 2 / judge["max_flips"] ** 2
         else:
-            unit = [stats["expected_flips"] ** 2 / max(floor.expected_flips, 1e-12) ** 2 + stats["mean_kl"] / max(floor.mean_kl, 1e-30)]
-        damages.append([unit[0] * e / worst if worst > 0 else 0.0 for e in errors[i]])
+            unit = stats["expected_flips"] ** 2 / max(floor.expected_flips, 1e-12) ** 2 + stats["mean_kl"] / max(floor.mean_kl, 1e-30)
+        worst = error[probe + 1]
+        costs.append(cost)
+        damages.append([unit * e / worst if worst > 0 else 0.0 for e in error])
+        bar.update(1)
     accepted, lo, hi, scale = None, 0.0, None, 1.0
     for _ in range(tries):  # the largest budget the guard accepts: grow x4 until a failure, then bisect
         choice = solve(costs, damages, scale)
@@ -806,9 +835,9 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
-    codes, scales = quantize(residual, level.bits, level.group, gram=c.gram if c.config.annealing["error_feedback"] else None, grid=grid, step=level.step)
+    codes, scales = quantize_codes(residual, level.bits, level.group, gram=c.feedback, grid=grid, step=level.step)
     kind = FullQuantPart if grid == "full" else QuantPart
-    parts = [kind.from_packed(codes, scales, full.shape)] + ([] if u is None else [LowRankPart(u, v)])
+    parts = [kind(codes, scales, level.bits)] + ([] if u is None else [LowRankPart(u, v)])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)
     return delta if delta.nbytes() < full.nbytes() else full
 

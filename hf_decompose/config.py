@@ -55,8 +55,8 @@ ANNEALING: dict[str, Any] = {
 # `levels` and `schedule` where they are not set, per target: the floor target's budget goes by knapsack over
 # low-bit low rank (`mix<bits>`: 0.82% of the float32 delta on the default pair, against 2.78% with one-bit
 # residual levels and 3.45% with the ladder's; README), every other target climbs the ladder (it beat the
-# knapsack at the tie target), whose low-bit rungs are step quantizers: at the bytes of 2-bit codes with absmax
-# scales per 64 a layer of the default pair flipped 1.75x less (README).
+# knapsack at the tie target, over step levels too: 1.91 against 2.73 bits), whose low-bit rungs are step quantizers:
+# at the bytes of 2-bit codes with absmax scales per 64 a layer of the default pair flipped 1.75x less (README).
 LADDER = {"schedule": "ladder", "levels": ["int8", "int6", "int4g64", "lr0.5+step0.8", "lr0.5+step1.2", "lr0.5+step1.5", "lr0.5+step1.7", "lr0.5+step2",
                                           "lr0.5+step2.4", "lr0.5+step3.4", "lr0.5+int1"]}
 TARGET_SCHEDULES: dict[str, dict[str, Any]] = {
@@ -143,7 +143,7 @@ class DecomposedConfig(QuantizationConfigMixin):
             the fine-tune served in bfloat16 on the same prompts); ``"identical"`` (every top-1
             kept and at most ``expected_flips`` flips expected at any margin); ``"top1"``: agreement
             >= ``tolerance``; ``"kl"``: mean KL <= ``tolerance``, ``schedule`` (``"ladder"``: one temperature by bisection,
-            then each layer heated in model order; ``"knapsack"``: a level per layer from its
+            then the layers heated in rounds, one level each per round; ``"knapsack"``: a level per layer from its
             probed sensitivity, `hf_decompose.allocation`, for the tie / identical / floor targets), ``levels`` (the temperature: `Level` specs such as
             ``"int8"``, ``"lr0.5+int3g64"`` or ``"lr0.5+step1.7"``, least aggressive first; ``levels`` and ``schedule`` left None are
             the target's, `TARGET_SCHEDULES`: the knapsack over fine one-bit levels for ``floor``, else the

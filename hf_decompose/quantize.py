@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,12 +50,20 @@ def group_size(shape: tuple[int, ...], group: int) -> int:
     return next((g for g in range(min(group, n), 0, -1) if n % g == 0), n) if group else n
 
 
-def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | None = None, grid: str = "signed",
+def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | Feedback | None = None, grid: str = "signed",
              step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes, scales ``(out, in / group)`` in bfloat16) of a canonical ``(out, in)`` tensor
-    on `grid`; with `gram` (the inputs' ``X^T X``), rounding errors are compensated on the columns to come.
+    on `grid`; with `gram` (the inputs' ``X^T X``, or its `Feedback` made once for many calls), rounding errors
+    are compensated on the columns to come.
     `step`: on the signed grid, one scale per row of `step` times its RMS (`group` must be 0).
     Computed on `values`' device (`gram` moved there); the results are on CPU."""
+    codes, scales = quantize_codes(values, bits, group, gram, grid, step)
+    return pack_codes(codes, bits, grid), scales
+
+
+def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | Feedback | None = None, grid: str = "signed",
+                   step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` with the signed codes unpacked (int8; int16 for 8 bits on the full grid), as `codes_of` reads them."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
     if grid not in GRIDS:
@@ -65,12 +74,14 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
     g = group_size(values.shape, group)
     grid_ = _Grid(bits, grid, step)
     if gram is not None:
-        codes, scales = _error_feedback(values.float(), gram.to(values.device), grid_, g)
+        feedback = gram if isinstance(gram, Feedback) else Feedback.of(gram.to(values.device))
+        codes, scales = _error_feedback(values.float(), feedback, grid_, g)
     else:
         x = values.float().reshape(out, n_in // g, g)
         scales = grid_.scales(x)
         codes = grid_.round(x, scales.float()).reshape(out, n_in)
-    return pack_codes(codes.cpu(), bits, grid), scales.reshape(out, n_in // g).contiguous().cpu()
+    codes = codes.cpu().to(torch.int16 if (grid == "full" and bits == 8) else torch.int8)
+    return codes, scales.reshape(out, n_in // g).contiguous().cpu()
 
 
 class _Grid:
@@ -82,11 +93,16 @@ class _Grid:
 
     def round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if self.bits == 1:
-            return torch.where(x >= 0, 1.0, -1.0)
-        y = torch.where(scale > 0, x / scale.clamp_min(1e-38), torch.zeros_like(x))
+            return self.nearest(x)
+        return self.nearest(torch.where(scale > 0, x / scale.clamp_min(1e-38), torch.zeros_like(x)))
+
+    def nearest(self, y: torch.Tensor) -> torch.Tensor:
+        """The grid's code nearest to `y` (values in steps; one bit: the sign of the value)."""
+        if self.bits == 1:
+            return torch.where(y >= 0, 1.0, -1.0)
         if self.full:  # the nearest odd integer
             return (2 * torch.floor(y / 2) + 1).clamp_(-self.qmax, self.qmax)
-        return y.round_().clamp_(-self.qmax, self.qmax)
+        return y.round().clamp_(-self.qmax, self.qmax)
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """Per group (last dim) of `x`: the mean magnitude (one bit), `step` x the RMS (a step quantizer),
@@ -113,32 +129,49 @@ class _Grid:
         return ((codes + self.qmax) / 2 if self.full else codes + self.qmax).to(torch.uint8)
 
 
-def _error_feedback(w: torch.Tensor, gram: torch.Tensor, grid: _Grid, g: int, damping: float = 1e-2, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Feedback:
+    """What error feedback needs of a Gram ``H = X^T X``: the upper Cholesky factor of the damped ``H^-1`` and the
+    inputs never seen (zero diagonal), computed once for every quantization of the same matrix's delta."""
+
+    factor: torch.Tensor
+    dead: torch.Tensor
+
+    @classmethod
+    def of(cls, gram: torch.Tensor, damping: float = 1e-2) -> Feedback:
+        h = gram.double().clone()
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1.0
+        h += damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        return cls(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float(), dead)
+
+
+def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1."""
     out, n_in = w.shape
-    h = gram.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    h += damping * h.diagonal().mean() * torch.eye(n_in, dtype=h.dtype, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = feedback.factor.to(w.device)
     w = w.clone()
-    w[:, dead] = 0.0
+    w[:, feedback.dead.to(w.device)] = 0.0
     codes = torch.empty_like(w)
     scales = torch.empty(out, n_in // g, dtype=torch.bfloat16, device=w.device)
     block = max(g, block // g * g) if g < n_in else block
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
         w1, err1, h1 = w[:, i1:i2].clone(), w.new_zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        diagonal = h1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:  # a group's scale from its (already compensated) values
                 span = w1[:, i : i + g] if g <= i2 - i1 - i else torch.cat([w1[:, i:], w[:, i2 : col + g]], 1)
                 scales[:, col // g] = grid.scales(span)[:, 0]
-            step = scales[:, col // g].float()
-            q = grid.round(w1[:, i], step)
+                step = scales[:, col // g].float()
+                inverse = torch.where(step > 0, 1 / step.clamp_min(1e-38), 0.0)
+            q = grid.nearest(w1[:, i] * inverse if grid.bits > 1 else w1[:, i])
             codes[:, col] = q
-            err1[:, i] = (w1[:, i] - q * step) / h1[i, i]
-            w1[:, i:] -= err1[:, i : i + 1] * h1[i : i + 1, i:]
+            err = torch.addcmul(w1[:, i], q, step, value=-1)
+            err1[:, i] = err
+            w1[:, i + 1 :].addr_(err, h1[i, i + 1 :], alpha=-1 / diagonal[i])
+        err1 /= h1.diagonal()
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes, scales
 

@@ -235,6 +235,61 @@ def test_knapsack_spends_damage_where_it_buys_most_bytes():
     assert weighted_error(e, None) == pytest.approx(float(e.square().sum()), rel=1e-6)
 
 
+def test_a_layer_left_behind_keeps_its_error_feedback_factor_for_the_next_visit(tmp_path, monkeypatch):
+    """With a store, only the layer last asked for stays in memory; a revisit (every heating round visits each
+    layer) reads the Cholesky factor of its Grams back rather than recomputing it, and quantizes identically."""
+    from hf_decompose import annealing
+    from hf_decompose.config import Level
+    from hf_decompose.layerwise import DeltaStore
+    from hf_decompose.parts import TensorDelta
+
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"model.layers.{i}": [f"model.layers.{i}.mlp.down_proj.weight"] for i in range(2)}
+    exact = {n: TensorDelta(n, (8, 16), False, [DensePart(torch.randn(8, 16, generator=gen))]) for names in layers.values() for n in names}
+    x = torch.randn(64, 16, generator=gen)
+    made, of = [], annealing.Feedback.of
+    monkeypatch.setattr(annealing.Feedback, "of", lambda gram: made.append(gram) or of(gram))
+    cands = annealing._Candidates(layers, lambda layer: {n: exact[n] for n in layers[layer]}, lambda layer, names: {n: x.t() @ x for n in names},
+                                  DecomposedConfig(mode="anneal"), DeltaStore(tmp_path))
+    first, second = (names[0] for names in layers.values())
+    level = Level.parse("lr0.5+step1.2")
+    before = annealing._level_delta(cands[first], level).to_dense()
+    annealing._level_delta(cands[second], level)  # the first layer leaves memory
+    assert torch.equal(annealing._level_delta(cands[first], level).to_dense(), before)
+    assert len(made) == 2  # once per matrix, not once per visit
+
+
+def test_ladder_heats_in_rounds_so_a_time_cap_leaves_the_layers_alike(monkeypatch):
+    """After the global bisection every layer still heating goes one level further per round (frozen at its first
+    refusal): run to the end each layer stops where the guard refused it; stopped by the time cap mid-round no
+    layer is more than a level above another (heating in model order would have spent it all on the first)."""
+    from hf_decompose import annealing
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    order = [f"model.layers.{i}" for i in range(4)]
+    highest = dict(zip(order, (5, 2, 5, 5)))  # the highest level the guard takes per layer; the whole model: level 1
+    clock, installed = [0.0], {}
+    monkeypatch.setattr(annealing.time, "perf_counter", lambda: clock[0])
+
+    def check(label, level):
+        clock[0] += 1.0  # each guard check takes a second
+        return level <= 1 if label == "*" else all(installed[layer] <= highest[layer] for layer in order)
+
+    def run(seconds):
+        clock[0], bar = 0.0, Bar()
+        levels = annealing._ladder(order, 6, installed.__setitem__, check, seconds, bar)
+        assert installed == levels and bar.n == len(order)
+        return list(levels.values())
+
+    assert run(100.0) == [5, 2, 5, 5]
+    assert run(9.0) == [3, 2, 2, 2]  # 3 bisection checks, a round of 4, then 2: layer 0 heated, layer 1 refused
+
+
 @pytest.mark.parametrize("tied, annealing", [
     (True, {"levels": ["lr0.003", "lr0.01", "lr0.03"]}),  # low-rank-only levels: the bfloat16 precision step is accepted
     (False, {"schedule": "knapsack"}),
