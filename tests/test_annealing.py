@@ -287,7 +287,7 @@ def test_ladder_heats_in_rounds_so_a_time_cap_leaves_the_layers_alike(monkeypatc
         return list(levels.values())
 
     assert run(100.0) == [5, 2, 5, 5]
-    assert run(9.0) == [3, 2, 2, 2]  # 3 bisection checks, a round of 4, then 2: layer 0 heated, layer 1 refused
+    assert run(9.0) == [3, 2, 2, 2]  # 3 bisection checks, a round of 4, layer 0 heated; then no room for a check and the precision step's
 
 
 @pytest.mark.parametrize("tied, annealing", [
