@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from _machine import machine
 from hf_decompose.annealing import GramCollector, _batch_logits, _scores, calibrate, rank_for, weighted_lowrank
 from hf_decompose.pair import prepare_default_pair
-from hf_decompose.quantize import codes_of, dequantize, quantize
+from hf_decompose.quantize import dequantize, quantize_codes
 
 RESULTS = Path(__file__).parent / "results"
 # name: (bits, group, step, low-rank eps, error feedback)
@@ -42,8 +42,7 @@ def quantized(delta: torch.Tensor, gram: torch.Tensor, bits: int, group: int, st
     u, v, s = weighted_lowrank(delta, gram)
     r = rank_for(s, eps, 0) if eps else 0
     u, v = u[:, :r].bfloat16().float(), v[:r].bfloat16().float()
-    packed, scales = quantize(delta - u @ v, bits, group, gram=gram if feedback else None, step=step)
-    codes = codes_of(packed, tuple(delta.shape))
+    codes, scales = quantize_codes(delta - u @ v, bits, group, gram=gram if feedback else None, step=step)
     return u @ v + dequantize(codes, scales), entropy_bits(codes) + 16 * scales.numel() + 16 * r * sum(delta.shape)
 
 

@@ -80,8 +80,7 @@ def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.
         x = values.float().reshape(out, n_in // g, g)
         scales = grid_.scales(x)
         codes = grid_.round(x, scales.float()).reshape(out, n_in)
-    codes = codes.cpu().to(torch.int16 if (grid == "full" and bits == 8) else torch.int8)
-    return codes, scales.reshape(out, n_in // g).contiguous().cpu()
+    return codes.cpu().to(_codes_dtype(bits, grid)), scales.reshape(out, n_in // g).contiguous().cpu()
 
 
 class _Grid:
@@ -270,7 +269,12 @@ def row_codes(rows: torch.Tensor, bits: int, grid: str = "signed") -> torch.Tens
 def _signed(unsigned: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
     unsigned = unsigned.to(torch.int16)
     codes = 2 * unsigned - (2**bits - 1) if grid == "full" or bits == 1 else unsigned - (2 ** (bits - 1) - 1)
-    return codes.to(torch.int16 if (grid == "full" and bits == 8) else torch.int8)
+    return codes.to(_codes_dtype(bits, grid))
+
+
+def _codes_dtype(bits: int, grid: str) -> torch.dtype:
+    """The integer type signed codes are held in: int8, int16 for 8 bits on the full grid (odd codes up to 255)."""
+    return torch.int16 if (grid == "full" and bits == 8) else torch.int8
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
