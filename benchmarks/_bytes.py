@@ -11,9 +11,11 @@ from hf_decompose.parts import Part, QuantPart
 
 
 def part_bytes(part: Part) -> int:
-    """Bytes a part reads per step: a fused low-bit part its int4-packed codes and scales, others every buffer."""
-    if isinstance(part, QuantPart) and "packed" in part._buffers:
-        return sum(part._buffers[k].numel() * part._buffers[k].element_size() for k in ("packed", "scale_zeros"))
+    """Bytes a part reads per step: a fused low-bit part its packed codes and scales (nibble-packed for the compiled
+    kernel, int4-packed for PyTorch's), others every buffer."""
+    fused = next((k for k in (("nibbles", "scales"), ("packed", "scale_zeros")) if isinstance(part, QuantPart) and k[0] in part._buffers), None)
+    if fused:
+        return sum(part._buffers[k].numel() * part._buffers[k].element_size() for k in fused)
     return sum(b.numel() * b.element_size() for b in part.buffers(recurse=False))
 
 

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifact
+from . import artifact, kernels
 from .errors import ArtifactError, ConfigError
 from .inject import WRAPPABLE, param_name, set_submodule
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
-from .parts.quant import fused_dtype
+from .parts.ops import runs_direct
 
 Names = str | Sequence[str] | None
 
@@ -87,6 +87,17 @@ class Routing:
             self._cache[key] = which.to(device)
         return self._cache[key]
 
+    def tenant_rows(self, names: tuple[str, ...], batch: int) -> torch.Tensor:
+        """``(batch,)``: each row's fine-tune as its index in `names` plus one, 0 for rows of the base alone."""
+        key = ("tenant_rows", names, batch)
+        if key not in self._cache:
+            index = torch.zeros(batch, dtype=torch.long)
+            for name, idx in self.groups(batch, torch.device("cpu")):
+                if name[0] in names:
+                    index[slice(None) if idx is None else idx] = names.index(name[0]) + 1
+            self._cache[key] = index
+        return self._cache[key]
+
     def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
         """Rows padded into one slab of M per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
         positions of the used slots, their rows, rows used per fine-tune). Padding repeats row 0, unused.
@@ -115,9 +126,11 @@ class _Stacked:
     stacked (two `bmm`), biases stacked; the other parts run per fine-tune on its slab of rows. Each
     fine-tune's own factors and biases then become views of the stacks, so they are held once.
 
-    Low-bit codes stay per fine-tune: one fused int4 kernel over all fine-tunes' codes stacked
-    (every row times every fine-tune) took 2.5 ms against 0.77 ms for eight kernels of one row
-    each (8 fine-tunes of 1536 x 576, 3-bit group 64, CPU, one thread)."""
+    Low-bit codes stay per fine-tune. Where every fine-tune's are in the compiled kernel's layout and the base is a
+    float32 linear layer on CPU, `base_and_codes` runs the base once with each row's own codes in one kernel call;
+    otherwise each fine-tune's rows go through its fused kernel (with PyTorch's int4 kernel, one call over all
+    fine-tunes' codes stacked, every row times every fine-tune, took 2.5 ms against 0.77 ms for eight calls of one row
+    each: 8 fine-tunes of 1536 x 576, 3-bit group 64, CPU, one thread)."""
 
     def __init__(self, tenants: list[DeltaOps], device: torch.device):
         lowrank = [t.lowrank if _stackable(t, "lowrank", device) else None for t in tenants]
@@ -148,9 +161,29 @@ class _Stacked:
                      for t, s in zip(tenants, stacked)]  # fmt: skip
         self.shape = next(p.shape for t in tenants for p in t.children() if len(p.shape) == 2)
         self.dtype = next(b.dtype for t in tenants for b in t.buffers() if b.is_floating_point())
+        self.codes = None  # `kernels.codes_table` of every fine-tune's codes, where all are in the compiled kernel's layout on CPU
+        if all(len(parts) == 1 and isinstance(parts[0], QuantPart) and "nibbles" in parts[0]._buffers and parts[0].nibbles.device.type == "cpu"
+               for parts in self.rest):  # fmt: skip
+            self._scales = [parts[0].scales.float() for parts in self.rest]  # the table points into these: held with it
+            self.codes = kernels.codes_table([(parts[0].nibbles, s) for parts, s in zip(self.rest, self._scales)])
 
-    def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...]) -> torch.Tensor:
-        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real)."""
+    def base_and_codes(self, base: nn.Module, x: torch.Tensor, tenant_rows: torch.Tensor) -> torch.Tensor | None:
+        """``base(x)`` with each row's own fine-tune's codes added, in one call of the compiled kernel (None where it
+        cannot run: see `codes`; a float32 `nn.Linear` base on CPU, nothing hooked, no gradient needed)."""
+        if self.codes is None or type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu" or not runs_direct(base):
+            return None
+        w, b = base.weight, base.bias
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return None
+        flat = x.reshape(-1, x.shape[-1])
+        rows = self.codes[tenant_rows.repeat_interleave(flat.shape[0] // tenant_rows.shape[0])]
+        return kernels.rows_codes_matmul(flat, w.detach(), None if b is None else b.detach(), rows).view(*x.shape[:-1], -1)
+
+    def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...], codes: bool = True) -> torch.Tensor | None:
+        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real);
+        `codes` False: all but the codes' (run by `base_and_codes`), None where nothing is left."""
         out = None
         if self.u is not None:
             if lookup:  # each fine-tune's rows of u, then one bmm with v
@@ -161,7 +194,7 @@ class _Stacked:
                 flat = x.flatten(1, -2)
                 out = torch.bmm(torch.bmm(flat, _cast(self.v, x.dtype).transpose(1, 2)), _cast(self.u, x.dtype).transpose(1, 2))
                 out = out.view(*x.shape[:-1], -1)
-        if any(self.rest):
+        if any(self.rest) and codes:
             rest = self._fused_rest(x, used) if not lookup and self._fused(x) else \
                 torch.stack([self._rest(parts if used[t] else [], x[t], lookup) for t, parts in enumerate(self.rest)])
             out = rest if out is None else out + rest
@@ -171,14 +204,14 @@ class _Stacked:
         return out
 
     def _fused(self, x: torch.Tensor) -> bool:
-        """Every fine-tune's other parts are one low-bit part that runs through the int4 kernel (annealing's layout)."""
+        """Every fine-tune's other parts are one low-bit part that runs through a fused kernel (annealing's layout)."""
         return all(len(parts) == 1 and isinstance(parts[0], QuantPart) and parts[0].fused(x) for parts in self.rest)
 
     def _fused_rest(self, x: torch.Tensor, used: tuple[int, ...]) -> torch.Tensor:
-        """The low-bit parts' contributions with the activations cast once for all fine-tunes."""
-        flat = x.flatten(1, -2).to(fused_dtype(x))
-        out = [parts[0].fused_matmul(flat[t]) if used[t] else flat.new_zeros(flat.shape[1], self.shape[0]) for t, parts in enumerate(self.rest)]
-        return torch.stack(out).to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        """The low-bit parts' contributions, each fine-tune's rows through its fused kernel."""
+        flat = x.flatten(1, -2)
+        out = [parts[0].matmul(flat[t]) if used[t] else flat.new_zeros(flat.shape[1], self.shape[0]) for t, parts in enumerate(self.rest)]
+        return torch.stack(out).view(*x.shape[:-1], self.shape[0])
 
     def _rest(self, parts: list[nn.Module], x: torch.Tensor, lookup: bool) -> torch.Tensor:
         if not parts:  # this fine-tune has none of the looped kinds
@@ -227,11 +260,17 @@ class TenantModule(nn.Module):
         if groups[0][1] is None:  # one selection for the whole batch: the split path
             parts = [p for t in groups[0][0] if t in self.tenants for p in self.tenants[t].parts()]
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
-        y = self.base(x)  # every row's base output, then every fine-tune's parts in batched kernels
-        names = tuple(self.tenants)
+        names, stacked = tuple(self.tenants), self._stacked(x.device)
+        y = None if self.lookup else stacked.base_and_codes(self.base, x, self.routing.tenant_rows(names, batch))
+        codes = y is None
+        if codes:  # every row's base output, then every fine-tune's parts in batched kernels
+            y = self.base(x)
         gather, pos, rows, used = self.routing.layout(names, batch, x.device)
         slabs = x.index_select(0, gather).unflatten(0, (len(names), -1))
-        c = self._stacked(x.device)(slabs, self.lookup, used).flatten(0, 1).index_select(0, pos).to(y.dtype)
+        c = stacked(slabs, self.lookup, used, codes)
+        if c is None:
+            return y
+        c = c.flatten(0, 1).index_select(0, pos).to(y.dtype)
         c = c * scale.to(c.dtype) if scale is not None else c
         if rows is None:  # every row has its fine-tune: contributions gathered in row order (the scatter was 7% of a step)
             return y + c

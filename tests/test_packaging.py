@@ -83,7 +83,7 @@ def test_torch_is_a_range_that_keeps_an_installed_build():
     assert "==" not in torch and ">=" in torch, torch
 
 
-def test_wheel_ships_the_card_template(tmp_path):
+def test_wheel_ships_the_card_template_and_the_kernel_source(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(ROOT / "hf_decompose", source / "hf_decompose", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
@@ -95,6 +95,7 @@ def test_wheel_ships_the_card_template(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_decompose/templates/model_card.md" in names
     assert "hf_decompose/metrics/generation_equivalence/generation_equivalence.py" in names
+    assert "hf_decompose/kernels/codes_matmul.c" in names  # compiled on first use
 
 
 def test_card_template_is_read_from_the_package():

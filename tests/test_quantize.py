@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose
+from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose, kernels
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
@@ -258,13 +258,23 @@ def test_error_feedback_lowers_output_error_on_correlated_inputs(bits, group):
     assert torch.equal(quantize(w, bits, group, gram=torch.eye(64))[0], plain[0])
 
 
-@pytest.mark.parametrize("shape,bits,group,fused,grid", [((48, 64), 3, 32, True, "signed"), ((32, 256), 4, 64, True, "signed"), ((16, 64), 4, 16, False, "signed"),
-                                                        ((16, 64), 5, 32, False, "signed"), ((10, 64), 3, 32, False, "signed"), ((48, 64), 3, 32, True, "full"),
-                                                        ((32, 128), 2, 64, True, "full"), ((32, 64), 4, 32, False, "full"),
-                                                        # groups wider than the kernel's (whole rows, a 576-wide row's 192): their scales repeated
-                                                        ((32, 192), 1, 0, True, "signed"), ((32, 576), 3, 256, True, "signed"), ((32, 96), 2, 0, True, "full"),
-                                                        ((32, 576), 4, 0, True, "signed")])  # a step quantizer's codes: +-7, a scale per row
-def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, fused, grid):
+# (shape, bits, group, grid, runs fused through hf_decompose's kernel, through PyTorch's int4 kernel)
+FUSED_CASES = [((48, 64), 3, 32, "signed", True, True), ((32, 256), 4, 64, "signed", True, True), ((16, 64), 4, 16, "signed", True, False),
+               ((16, 64), 5, 32, "signed", False, False), ((10, 64), 3, 32, "signed", True, False), ((48, 64), 3, 32, "full", True, True),
+               ((32, 128), 2, 64, "full", True, True), ((32, 64), 4, 32, "full", False, False), ((16, 40), 3, 8, "signed", False, False),
+               # groups wider than PyTorch's kernel takes (whole rows, a 576-wide row's 192): their scales repeated there
+               ((32, 192), 1, 0, "signed", True, True), ((32, 576), 3, 256, "signed", True, True), ((32, 96), 2, 0, "full", True, True),
+               ((32, 576), 4, 0, "signed", True, True)]  # a step quantizer's codes: +-7, a scale per row
+
+
+@pytest.mark.parametrize("layout", ["kernel", "int4"])
+@pytest.mark.parametrize("shape,bits,group,grid,by_kernel,by_int4", FUSED_CASES)
+def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, grid, by_kernel, by_int4, layout, monkeypatch):
+    if layout == "kernel" and not kernels.available():
+        pytest.skip("hf_decompose's CPU kernel is not available here")
+    if layout == "int4":  # where the compiled kernel is not available
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    fused = by_kernel if layout == "kernel" else by_int4
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group, grid=grid)
     codes = codes_of(packed, shape, grid)
@@ -273,38 +283,46 @@ def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, f
     part = stored.runtime(torch.zeros(shape), lambda: torch.zeros(shape))  # as a split linear module runs it
     x = torch.randn(3, 5, shape[1], generator=gen)
     assert part.fused(x) == fused
-    state = stored.state()  # codes and scales in one stored form each, never the int4 copy
+    state = stored.state()  # codes and scales in one stored form each, never the fused copy
     assert len(state) == 2 and {"codes", "codes_huffman"} & set(state) and {"scales", "scales_huffman"} & set(state)
     read = kind.from_state(shape, dict.fromkeys(kind.fields) | state)
     assert torch.equal(read.codes, codes) and torch.equal(read.scales.view(torch.int16), scales.view(torch.int16))
-    assert (part.codes is None) == fused  # run fused, a matrix holds the int4 copy alone
+    assert (part.codes is None) == fused  # run fused, a matrix holds the fused copy alone
     reference = x @ dequantize(codes, scales).t()
     y = part(x)
     assert y.shape == reference.shape and y.dtype == x.dtype
-    if fused:  # bfloat16 products: within its rounding of the reference
-        torch.testing.assert_close(y, reference, rtol=0, atol=8e-3 * float(reference.abs().max()))
+    if fused:  # PyTorch's kernel multiplies in bfloat16 (within its rounding of the reference), ours in float32
+        tol = 8e-3 if layout == "int4" else 1e-5
+        torch.testing.assert_close(y, reference, rtol=0, atol=tol * float(reference.abs().max()))
         torch.testing.assert_close(part(x.bfloat16()).float(), reference, rtol=0, atol=1e-2 * float(reference.abs().max()))
         last = x.bfloat16()[:, -1:]  # a bf16 model's head sees its last position: a view, not contiguous
         torch.testing.assert_close(part(last).float(), reference[:, -1:], rtol=0, atol=1e-2 * float(reference.abs().max()))
-        part.fused = lambda x: False  # where the kernel cannot run (another device), the codes come back from the int4 copy
+        part.fused = lambda x: False  # where the kernel cannot run (another device), the codes come back from the fused copy
         torch.testing.assert_close(part(x), reference)
     else:
         torch.testing.assert_close(y, reference)
 
 
-@pytest.mark.parametrize("shape,bits,grid,packed_rows", [((64, 96), 3, "signed", True), ((32, 64), 1, "signed", True), ((32, 64), 2, "full", True),
-                                                        ((48, 128), 4, "signed", True), ((16, 36), 3, "full", False)])  # the last not fused (rows of 36): int8 codes
-def test_embedding_rows_are_looked_up_from_the_stored_bit_packing(shape, bits, grid, packed_rows):
-    """A fused embedding keeps its codes as stored (no int8 copy) where every row ends on a byte, and a looked-up
-    row is exactly the dequantized stored row."""
+@pytest.mark.parametrize("layout", ["kernel", "int4"])
+@pytest.mark.parametrize("shape,bits,grid,fused", [((64, 96), 3, "signed", True), ((32, 64), 1, "signed", True), ((32, 64), 2, "full", True),
+                                                  ((48, 128), 4, "signed", True), ((16, 36), 3, "full", False)])  # the last not fused (rows of 36): int8 codes
+def test_embedding_rows_are_looked_up_from_the_one_packed_copy(shape, bits, grid, fused, layout, monkeypatch):
+    """A fused embedding holds its codes once (no int8 copy): the kernel's nibbles, or with PyTorch's kernel its int4 copy
+    and the stored bit-packing per row (every row ends on a byte), and a looked-up row is exactly the dequantized stored row."""
+    if layout == "kernel" and not kernels.available():
+        pytest.skip("hf_decompose's CPU kernel is not available here")
+    if layout == "int4":
+        monkeypatch.setattr(kernels, "available", lambda: False)
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, 32 if shape[1] % 32 == 0 else 0, grid=grid)
     codes = codes_of(packed, shape, grid)
     stored = (FullQuantPart if grid == "full" else QuantPart).from_packed(packed, scales, shape)
     part = stored.runtime(torch.zeros(shape), lambda: torch.zeros(shape), lookup=True)
     ids = torch.randint(0, shape[0], (3, 5), generator=gen)
-    assert (part.codes is None) == packed_rows and ("rows" in part._buffers) == packed_rows
+    assert (part.codes is None) == fused and ("rows" in part._buffers) == (fused and layout == "int4")
     assert torch.equal(part(ids, lookup=True), dequantize(codes, scales)[ids])
-    if packed_rows:
+    if fused and layout == "int4":
         assert part.rows.numel() == packed.numel()  # the stored bytes, nothing more
         assert torch.equal(row_codes(part.rows[ids], bits, grid), codes[ids])
+    if fused and layout == "kernel":
+        assert part.nibbles.numel() == codes.numel() // 2

@@ -21,6 +21,7 @@ from torch import nn
 from .base import Part
 from .delta import TensorDelta
 from .lowrank import LowRankPart
+from .quant import run_with_base
 from .vector import VectorPart
 
 PARALLEL = ("auto", "off", "threads")
@@ -90,12 +91,19 @@ def run_split(
 ) -> torch.Tensor:
     """``base(x)`` plus every part's contribution (times `scale`), summed in the parts' order.
 
-    The order of the sum is fixed, so every way of running gives the same numbers.
+    The order of the sum is fixed, so every way of running gives the same numbers. Where nothing is hooked or
+    placed and the compiled kernel runs the base and all the parts (`quant.run_with_base`: annealing's low rank and
+    4-bit codes beside a float32 linear layer on CPU), they run in one pass of it, whatever `parallel` says.
     """
     rows = x.numel() if lookup else x.numel() // x.shape[-1]
-    threads, direct = False, not _global_hooks() and not _hooked(base)
+    threads, direct = False, runs_direct(base)
     for p in parts:  # a plain loop: at batch 1 a generator here cost 4% of a split decode step
         direct = direct and not _hooked(p)
+    if direct and not lookup and scale is None:
+        y = run_with_base(base, parts, x)
+        if y is not None:
+            return y
+    for p in parts:
         threads = threads or parallel == "threads" or (parallel == "auto" and p.cost() * rows >= THREAD_MIN_MACS and _cores() > 1)
     threads = threads and x.device.type == "cpu"  # the thread pool is for CPU pieces
     if direct and not threads:  # the common case, kept lean: nothing hooked or placed, so each forward is called
@@ -115,6 +123,11 @@ def run_split(
         c = c.to(y.device, y.dtype)
         y = y + (c * scale.to(c.dtype) if scale is not None else c)
     return y
+
+
+def runs_direct(module: Callable) -> bool:
+    """Whether calling ``module.forward`` skips nothing: no hook (global or its own) and no Accelerate placement."""
+    return not _global_hooks() and not _hooked(module)
 
 
 def _hooked(module: Callable) -> bool:

@@ -3,15 +3,15 @@
 Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry, key ``codes``) or, where that is smaller,
 Huffman-coded (about the codes' entropy per entry, key ``codes_huffman``), with scales ``(out, in / group)``
 (``scales``, or Huffman-coded ``scales_huffman``); held as int8 codes. At run time on CPU, codes of at most 4
-bits in groups of a multiple of 32 columns (rows a multiple of 16; a group wider than 256 as several of a width
-the kernel takes, its scale repeated) run as an int4-packed copy through PyTorch's fused dequantize-matmul
-kernel, which reads the packed codes and never builds the float matrix: the product is computed in bfloat16
-(float16 inputs stay float16), within bfloat16 rounding of ``x @ dequantize(codes, scales)^T``. That copy is
-then all the run-time part holds (half a byte per entry); an embedding also keeps its codes bit-packed per row,
-and unpacks the rows it looks up.
-Other codes run that reference (a float32 matrix per call).
+bits run fused, never building the float matrix: through hf_decompose's compiled kernel (`hf_decompose.kernels`:
+rows of a multiple of 16 codes held nibble-packed, products in float32; `run_with_base` runs a split module's
+base matrix and low-rank factors in the same pass), or where that kernel is not available, in groups of a multiple
+of 32 columns (rows a multiple of 16; a wider group as several of a width the kernel takes, its scale repeated) as
+an int4-packed copy through PyTorch's dequantize-matmul kernel (products in bfloat16; float16 inputs stay float16).
+That copy is then all the run-time part holds (half a byte per entry); an embedding unpacks the rows it looks up
+from the nibbles (with PyTorch's kernel, from its codes bit-packed per row, kept beside the int4 copy).
+Other codes run the reference ``x @ dequantize(codes, scales)^T`` (a float32 matrix per call).
 """
-
 from __future__ import annotations
 
 import math
@@ -19,9 +19,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack_codes, row_codes
+from .. import kernels
 from .base import Part, cast, expect, register_part
+from .lowrank import LowRankPart
 
 
 @register_part
@@ -103,50 +106,101 @@ class QuantPart(Part):
         part = super().runtime(base, rest, lookup)
         part._stored = None  # the stored form stays with the stored part
         codes, scales = self.codes, self.scales
+        if codes.device.type != "cpu" or not codes.numel() or int(codes.abs().max()) > 7:
+            return part
         fused = next((g for g in reversed(self.FUSED_GROUPS) if self.group % g == 0), None)  # a wider group: its scale repeated
-        if codes.device.type == "cpu" and fused and codes.shape[0] % 16 == 0 and codes.numel() and int(codes.abs().max()) <= 7:
+        if kernels.fits(codes, self.group) and kernels.available():
+            part.register_buffer("nibbles", kernels.pack_nibbles(codes), persistent=False)
+            part.scales = scales.float()
+        elif fused and codes.shape[0] % 16 == 0:
             step = scales.float().repeat_interleave(self.group // fused, 1).t().contiguous()  # (in / fused, out, [scale, zero]): zero 0, codes offset by 8
             packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
             part.register_buffer("packed", packed, persistent=False)
             part.group = fused
             part.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
-            if lookup:  # rows are looked up in their stored bit-packing (rows of a multiple of 32 codes end on a byte)
-                part.register_buffer("rows", pack_codes(codes, self.bits, self.grid).view(self.shape[0], -1), persistent=False)
-            part.codes = None  # the packed copies are all the forward reads
+        else:
+            return part
+        if lookup and "packed" in part._buffers:  # rows are looked up in their stored bit-packing (rows of a multiple of 32 codes end on a byte)
+            part.register_buffer("rows", pack_codes(codes, self.bits, self.grid).view(self.shape[0], -1), persistent=False)
+        part.codes = None  # the fused copy is all the forward reads
         return part
 
     def _apply(self, fn, recurse=True):
-        """Moved to another device, the int4 copy (a CPU kernel's layout) gives way to the int8 codes it holds
+        """Moved to another device, a fused copy (a CPU kernel's layout) gives way to the int8 codes it holds
         (to the meta device, as Accelerate offloads, it stays: it comes back with the weights)."""
         super()._apply(fn, recurse)
-        if "packed" in self._buffers and self.packed.device.type not in ("cpu", "meta"):
+        fused = self._fused_copy()
+        if fused is not None and fused.device.type not in ("cpu", "meta"):
             if self.codes is None:
-                self.codes = _int4_codes(self.packed.cpu(), self.group, self.shape).to(self.packed.device)
-            for name in ("packed", "scale_zeros", "rows"):
+                self.codes = self._held_codes().to(fused.device)
+            for name in ("nibbles", "packed", "scale_zeros", "rows"):
                 self._buffers.pop(name, None)
         return self
+
+    def _fused_copy(self) -> torch.Tensor | None:
+        return self._buffers.get("nibbles", self._buffers.get("packed"))
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 codes of rows `ids` (an embedding's lookup), unpacked from the form the part holds."""
+        if self.codes is not None:
+            return self.codes[ids]
+        if "nibbles" in self._buffers:
+            return kernels.unpack_nibbles(self.nibbles[ids.flatten()]).view(*ids.shape, -1)
+        return row_codes(self.rows[ids], self.bits, self.grid)
+
+    def _held_codes(self) -> torch.Tensor:
+        """The int8 codes, from whichever form the part holds them in."""
+        if self.codes is not None:
+            return self.codes
+        if "nibbles" in self._buffers:
+            return kernels.unpack_nibbles(self.nibbles.cpu())
+        return _int4_codes(self.packed.cpu(), self.group, self.shape)
 
     def cost(self) -> int:
         return math.prod(self.shape)
 
     def fused(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` runs through the packed int4 kernel."""
-        return "packed" in self._buffers and x.device.type == "cpu" and self.packed.device.type == "cpu"
+        """Whether ``x`` runs through a fused kernel (`matmul`; no gradient flows through those)."""
+        fused = self._fused_copy()
+        return fused is not None and x.device.type == "cpu" and fused.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
 
-    def fused_matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat @ dequantize(codes)^T`` through the int4 kernel: `flat` ``(rows, in)`` already in `fused_dtype` (the
-        kernel needs it contiguous: a bfloat16 model's head gets a view of the last positions)."""
-        return torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group, cast(self.scale_zeros, flat.dtype))
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ dequantize(codes)^T`` through the fused kernel, for rows `flat` ``(rows, in)``, in their dtype."""
+        if "nibbles" in self._buffers:
+            return cast(kernels.codes_matmul(cast(flat, torch.float32), self.nibbles, cast(self.scales, torch.float32)), flat.dtype)
+        x = cast(flat, fused_dtype(flat)).contiguous()  # the kernel needs it contiguous: a bfloat16 model's head gets a view of the last positions
+        return cast(torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, cast(self.scale_zeros, x.dtype)), flat.dtype)
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
-            codes = self.codes[x] if self.codes is not None else row_codes(self.rows[x], self.bits, self.grid)
-            return dequantize(codes, self.scales[x])
+            return dequantize(self._rows(x), self.scales[x])
         if self.fused(x):
-            flat = x.reshape(-1, x.shape[-1]).to(fused_dtype(x))
-            return self.fused_matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
-        codes = self.codes if self.codes is not None else _int4_codes(self.packed.cpu(), self.group, self.shape).to(x.device)
-        return F.linear(x, cast(dequantize(codes, self.scales), x.dtype))
+            return self.matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.shape[0])
+        return F.linear(x, cast(dequantize(self._held_codes().to(x.device), self.scales), x.dtype))
+
+
+def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
+    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all: a
+    float32 `nn.Linear` on CPU and one `QuantPart` in the kernel's layout after at most one `LowRankPart`, all float32
+    on CPU, no gradient needed (otherwise None)."""
+    if type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < len(parts) <= 2:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in base.parameters())):
+        return None
+    quant, lowrank = parts[-1], parts[0] if len(parts) == 2 else None
+    if not isinstance(quant, QuantPart) or "nibbles" not in quant._buffers or quant.nibbles.device.type != "cpu":
+        return None
+    w, b = base.weight, base.bias
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
+        return None
+    ut = v = None
+    if lowrank is not None:
+        if type(lowrank) is not LowRankPart or lowrank.v.dtype != torch.float32 or lowrank.u.dtype != torch.float32 or lowrank.u.device.type != "cpu":
+            return None
+        ut, v = lowrank.u.t(), lowrank.v.contiguous()
+    flat = x.reshape(-1, x.shape[-1])
+    y = kernels.codes_matmul(flat, quant.nibbles, cast(quant.scales, torch.float32), w.detach(), ut, v, None if b is None else b.detach())
+    return y.view(*x.shape[:-1], -1)
 
 
 def fused_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,84 @@
+"""hf_decompose's compiled CPU kernel: base matrix, 4-bit codes and low-rank factors in one pass."""
+
+import pytest
+import torch
+
+from hf_decompose import kernels
+from hf_decompose.modules import DecomposedModule
+from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
+from hf_decompose.quantize import dequantize, quantize_codes
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="hf_decompose's CPU kernel is not available here")
+
+
+def test_nibble_packing_round_trips_every_code():
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    nibbles = kernels.pack_nibbles(codes)
+    assert nibbles.shape == (3, 32) and nibbles.dtype == torch.uint8
+    assert torch.equal(kernels.unpack_nibbles(nibbles), codes)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("shape,group", [((48, 32), 16), ((96, 128), 64), ((40, 576), 576)])
+def test_codes_matmul_equals_the_reference(rows, shape, group):
+    gen = torch.Generator().manual_seed(rows)
+    n_out, n_in = shape
+    codes = torch.randint(-8, 8, shape, dtype=torch.int8, generator=gen)
+    scales = torch.rand(n_out, n_in // group, generator=gen)
+    nibbles = kernels.pack_nibbles(codes)
+    x, w, bias = torch.randn(rows, n_in, generator=gen), torch.randn(shape, generator=gen), torch.randn(n_out, generator=gen)
+    u, v = torch.randn(n_out, 3, generator=gen), torch.randn(3, n_in, generator=gen)
+    delta = dequantize(codes, scales)
+    close = lambda y, ref: torch.testing.assert_close(y, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))  # noqa: E731
+    close(kernels.codes_matmul(x, nibbles, scales), x @ delta.t())
+    close(kernels.codes_matmul(x, nibbles, scales, w), x @ (w + delta).t())
+    for ut in (u.t(), u.t().contiguous()):  # u as a transposed view (an embedding's) or laid out as its transpose's rows
+        close(kernels.codes_matmul(x, nibbles, scales, w, ut, v, bias), x @ (w + delta + u @ v).t() + bias)
+
+
+def _module(bias: bool = False) -> DecomposedModule:
+    """A split linear module holding what annealing stores: a low-rank part and 4-bit codes."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(128, 96, bias=bias)
+    codes, scales = quantize_codes(torch.randn(96, 128, generator=gen) * 1e-2, 4, 0, step=1.2)
+    lowrank = LowRankPart(torch.randn(96, 2, generator=gen) * 0.05, torch.randn(2, 128, generator=gen))
+    delta = TensorDelta("weight", (96, 128), parts=[lowrank, QuantPart(codes, scales, 4)])
+    return DecomposedModule(base, delta)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_runs_the_base_and_its_parts_in_one_kernel_call(bias, monkeypatch):
+    module = _module(bias)
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = module(x)
+        module.execution = "split"
+        calls = []
+        run = kernels._run
+        monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(a[3] is not None) or run(*a))
+        monkeypatch.setattr(torch.nn.Linear, "forward", None)  # the base matrix runs inside the kernel
+        split = module(x)
+    assert calls == [True]
+    torch.testing.assert_close(split, merged, rtol=0, atol=1e-5 * float(merged.abs().max()))
+
+
+def test_split_with_gradients_runs_pytorch_kernels():
+    """The kernel has no backward: where a gradient is needed, split takes PyTorch's path and the gradient flows."""
+    module = _module()
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    module(x).square().sum().backward()
+    merged_grad = x.grad.clone()
+    x.grad = None
+    module.execution = "split"
+    module(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, merged_grad, rtol=0, atol=1e-4 * float(merged_grad.abs().max()))
+
+
+def test_why_the_kernel_is_off_is_said(monkeypatch):
+    monkeypatch.setenv("HF_DECOMPOSE_KERNELS", "0")
+    assert kernels._unavailable() == ""  # turned off on purpose: no warning
+    monkeypatch.delenv("HF_DECOMPOSE_KERNELS")
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    assert "no-such-compiler-here" in kernels._unavailable()
