@@ -38,7 +38,7 @@ from _bytes import resident_bytes, step_bytes  # noqa: E402
 from _machine import machine  # noqa: E402
 from inference import default_family, synthetic_family  # noqa: E402
 
-from hf_decompose import DecomposedModel  # noqa: E402
+from hf_decompose import DecomposedModel, kernels  # noqa: E402
 from hf_decompose.parts import set_parallel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         "multi_n8_vs_bound": (paired("merged_b8", "multi_n8_b8") * per_step["multi_n8"] / base, 0.8, ">="),
         "multi_n8_memory_vs_budget": (memory["multi_n8"]["resident_bytes"] / memory["multi_n8"]["budget_bytes"], 1.0, "<="),
     }
-    res = {"model": label, "device": machine(), "threads": args.threads, "synthetic_layers": args.synthetic, "hidden": args.hidden,
+    res = {"model": label, "device": machine(), "cpu_kernel": kernels.available(), "threads": args.threads, "synthetic_layers": args.synthetic, "hidden": args.hidden,
            "steps": args.steps, "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
            "ms_per_step": ms, "ms_all": times, "tokens_per_s": tok, "artifact_file_bytes": art_bytes, "bytes_read_per_step": per_step,
            "bytes_read": read, "bound_tokens_per_s": bound, "memory": memory,
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def table(res: dict) -> str:
     mib, ms, tok = 2**20, res["ms_per_step"], res["tokens_per_s"]
-    lines = [f"{res['model']}; {res['device']['cpu']}, {res['threads']} threads; load average {res['load_before']} -> {res['load_after']}", "",
+    kernel = "hf_decompose's CPU kernel" if res.get("cpu_kernel") else "PyTorch's kernels"
+    lines = [f"{res['model']}; {res['device']['cpu']}, {res['threads']} threads, {kernel}; load average {res['load_before']} -> {res['load_after']}", "",
              "| case | ms/step | tokens/s | MiB read/step | byte bound tok/s |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for case in ms:
         key = case.rsplit("_b", 1)[0].replace("_serial", "")

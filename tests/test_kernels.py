@@ -5,7 +5,7 @@ import torch
 
 from hf_decompose import kernels
 from hf_decompose.modules import DecomposedModule
-from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
+from hf_decompose.parts import DensePart, LowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import dequantize, quantize_codes
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="hf_decompose's CPU kernel is not available here")
@@ -62,6 +62,27 @@ def test_split_runs_the_base_and_its_parts_in_one_kernel_call(bias, monkeypatch)
         split = module(x)
     assert calls == [True]
     torch.testing.assert_close(split, merged, rtol=0, atol=1e-5 * float(merged.abs().max()))
+
+
+@needs_kernel
+def test_low_rank_alone_runs_in_the_kernel_and_a_kind_it_does_not_run_keeps_pytorchs_path(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(64, 48)
+    lowrank = LowRankPart(torch.randn(48, 2, generator=gen), torch.randn(2, 64, generator=gen))
+    dense = DensePart(torch.randn(48, 64, generator=gen) * 0.01)
+    x = torch.randn(5, 64, generator=gen)
+    calls = []
+    run = kernels._run
+    monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(a[1] is None) or run(*a))
+    for parts, in_kernel in (([lowrank], [True]), ([dense, lowrank], []), ([lowrank, dense], [])):
+        module = DecomposedModule(base, TensorDelta("weight", (48, 64), parts=parts))
+        with torch.no_grad():
+            merged = module(x)
+            module.execution = "split"
+            split = module(x)
+        assert calls == in_kernel, [p.kind for p in parts]
+        torch.testing.assert_close(split, merged, rtol=0, atol=1e-5 * float(merged.abs().max()))
+        calls.clear()
 
 
 def test_split_with_gradients_runs_pytorch_kernels():

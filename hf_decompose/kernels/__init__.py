@@ -56,11 +56,12 @@ def fits(codes: torch.Tensor, group: int) -> bool:
     return codes.dim() == 2 and codes.shape[1] % 16 == 0 and group % 16 == 0 and codes.numel() > 0 and int(codes.abs().max()) <= 7
 
 
-def codes_matmul(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor | None = None,
+def codes_matmul(x: torch.Tensor, nibbles: torch.Tensor | None, scales: torch.Tensor | None, weight: torch.Tensor | None = None,
                  ut: torch.Tensor | None = None, v: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight + dequantize(codes, scales) + ut^T @ v)^T + bias`` for float32 CPU rows ``x`` ``(rows, in)``:
-    `nibbles` from `pack_nibbles`, `scales` ``(out, in / group)``; `weight` ``(out, in)``, low-rank factors
-    ``ut`` ``(r, out)`` and ``v`` ``(r, in)`` and `bias` optional, all float32 (`ut` may be a transposed view)."""
+    `nibbles` from `pack_nibbles` and `scales` ``(out, in / group)`` (or both None, with a `weight`); `weight`
+    ``(out, in)``, low-rank factors ``ut`` ``(r, out)`` and ``v`` ``(r, in)`` and `bias` optional, all float32 (`ut`
+    may be a transposed view)."""
     if torch.compiler.is_compiling():
         return torch.ops.hf_decompose.codes_matmul(x, nibbles, scales, weight, ut, v, bias)
     return _run(x, nibbles, scales, weight, ut, v, bias)
@@ -93,13 +94,13 @@ def _run_rows(x, weight, bias, codes) -> torch.Tensor:
 def _run(x, nibbles, scales, weight, ut, v, bias) -> torch.Tensor:
     lib = _library()
     rows, n_in = x.shape
-    n_out = nibbles.shape[0]
+    n_out = weight.shape[0] if nibbles is None else nibbles.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(rows, n_out)
     r = 0 if ut is None else ut.shape[0]
     t = torch.empty(rows * r) if r else None
     lib.hfd_codes_matmul(
-        x.data_ptr(), rows, n_in, n_out, _ptr(weight), nibbles.data_ptr(), scales.data_ptr(), n_in // scales.shape[1],
+        x.data_ptr(), rows, n_in, n_out, _ptr(weight), _ptr(nibbles), _ptr(scales), 0 if scales is None else n_in // scales.shape[1],
         _ptr(ut), ut.stride(0) if r else 0, ut.stride(1) if r else 0, _ptr(v), r, _ptr(bias), y.data_ptr(), _ptr(t),
         torch.get_num_threads())
     return y
@@ -110,14 +111,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 @torch.library.custom_op("hf_decompose::codes_matmul", mutates_args=())
-def _codes_matmul_op(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor | None,
+def _codes_matmul_op(x: torch.Tensor, nibbles: torch.Tensor | None, scales: torch.Tensor | None, weight: torch.Tensor | None,
                      ut: torch.Tensor | None, v: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     return _run(x, nibbles, scales, weight, ut, v, bias)
 
 
 @_codes_matmul_op.register_fake
 def _(x, nibbles, scales, weight, ut, v, bias):
-    return x.new_empty(x.shape[0], nibbles.shape[0])
+    return x.new_empty(x.shape[0], (weight if nibbles is None else nibbles).shape[0])
 
 
 @torch.library.custom_op("hf_decompose::rows_codes_matmul", mutates_args=())

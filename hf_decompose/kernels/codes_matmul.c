@@ -2,11 +2,12 @@
 
    y[i, o] = bias[o] + W[o] . x[i] + sum_g s[o, g] (q[o, g] . x[i, g]) + sum_k U[k, o] t[i, k],   t[i] = V x[i]
 
-   x (m, n_in); W (n_out, n_in) or NULL (the codes alone); q the codes nibble-packed (n_out, n_in / 2): each 16 codes
-   in 8 bytes, byte b holding q[b] + 8 in its low and q[b + 8] + 8 in its high nibble; s (n_out, n_in / group) the
-   scales; U (r, n_out) at strides (u_sk, u_so) and V (r, n_in), or NULL (t: room for m x r floats); bias (n_out) or
-   NULL; everything float32 but q. n_in and group are multiples of 16. Rows run in blocks of up to four, each output
-   row's weights and codes read once per block (AVX2 + FMA; output rows split across OpenMP threads).
+   x (m, n_in); W (n_out, n_in) or NULL (the codes alone); q the codes nibble-packed (n_out, n_in / 2), or NULL where W
+   is given (no codes): each 16 codes in 8 bytes, byte b holding q[b] + 8 in its low and q[b + 8] + 8 in its high
+   nibble; s (n_out, n_in / group) the scales; U (r, n_out) at strides (u_sk, u_so) and V (r, n_in), or NULL (t: room
+   for m x r floats); bias (n_out) or NULL; everything float32 but q. n_in and group are multiples of 16. Rows run in
+   blocks of up to four, each output row's weights and codes read once per block (AVX2 + FMA; output rows split
+   across OpenMP threads).
 
    hfd_rows_codes_matmul is the same without low rank for rows that each have codes of their own (many fine-tunes of
    one base in one batch): codes[3 i .. 3 i + 2] hold the address of row i's nibble-packed codes, of their scales and
@@ -43,6 +44,17 @@ static inline float codes_dot(const float *x, const uint8_t *q, const float *s, 
         sum += s[g0 / group] * hsum(_mm256_add_ps(d0, d1));
     }
     return sum;
+}
+
+/* One output row o for a block of NB rows of x, the base matrix alone. */
+static inline __attribute__((always_inline)) void base_block(const int NB, const float *x, int64_t n_in, const float *w, float *out) {
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < n_in; j += 16) {
+        __m256 w0 = _mm256_loadu_ps(w + j), w1 = _mm256_loadu_ps(w + j + 8);
+        for (int b = 0; b < NB; b++)
+            a[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + b * n_in + j + 8), _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * n_in + j), a[b]));
+    }
+    for (int b = 0; b < NB; b++) out[b] = hsum(a[b]);
 }
 
 /* One output row o for a block of NB rows of x (NB a constant after inlining, so the accumulators stay in registers). */
@@ -82,23 +94,33 @@ static inline __attribute__((always_inline)) void row_block(
 void hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q,
                       const float *s, int64_t group, const float *U, int64_t u_sk, int64_t u_so, const float *V, int64_t r, const float *bias,
                       float *y, float *t, int threads) {
-    const int64_t n_groups = n_in / group;
+    const int64_t n_groups = q ? n_in / group : 0;
     if (U) /* t (m, r) = x V^T, before the rows that read it */
         for (int64_t i = 0; i < m; i++)
             for (int64_t k = 0; k < r; k++) t[i * r + k] = dot(x + i * n_in, V + k * n_in, n_in);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < n_out; o++) {
         const float *w = W ? W + o * n_in : 0;
-        const uint8_t *qo = q + o * (n_in / 2);
-        const float *so = s + o * n_groups;
+        const uint8_t *qo = q ? q + o * (n_in / 2) : 0;
+        const float *so = q ? s + o * n_groups : 0;
         for (int64_t i = 0; i < m; i += 4) {
             float out[4];
             const float *xi = x + i * n_in;
-            switch (m - i < 4 ? m - i : 4) {
-                case 1: row_block(1, xi, n_in, w, qo, so, group, out); break;
-                case 2: row_block(2, xi, n_in, w, qo, so, group, out); break;
-                case 3: row_block(3, xi, n_in, w, qo, so, group, out); break;
-                default: row_block(4, xi, n_in, w, qo, so, group, out); break;
+            const int nb = m - i < 4 ? m - i : 4;
+            if (!q) {
+                switch (nb) {
+                    case 1: base_block(1, xi, n_in, w, out); break;
+                    case 2: base_block(2, xi, n_in, w, out); break;
+                    case 3: base_block(3, xi, n_in, w, out); break;
+                    default: base_block(4, xi, n_in, w, out); break;
+                }
+            } else {
+                switch (nb) {
+                    case 1: row_block(1, xi, n_in, w, qo, so, group, out); break;
+                    case 2: row_block(2, xi, n_in, w, qo, so, group, out); break;
+                    case 3: row_block(3, xi, n_in, w, qo, so, group, out); break;
+                    default: row_block(4, xi, n_in, w, qo, so, group, out); break;
+                }
             }
             for (int b = 0; b < 4 && i + b < m; b++) {
                 float v = out[b] + (bias ? bias[o] : 0.0f);

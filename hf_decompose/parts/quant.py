@@ -180,26 +180,29 @@ class QuantPart(Part):
 
 
 def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
-    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all: a
-    float32 `nn.Linear` on CPU and one `QuantPart` in the kernel's layout after at most one `LowRankPart`, all float32
-    on CPU, no gradient needed (otherwise None)."""
+    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all: a float32
+    `nn.Linear` on CPU with a `LowRankPart`, a `QuantPart` in the kernel's layout, or the one then the other, all
+    float32 on CPU, no gradient needed (otherwise None)."""
     if type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < len(parts) <= 2:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in base.parameters())):
         return None
-    quant, lowrank = parts[-1], parts[0] if len(parts) == 2 else None
-    if not isinstance(quant, QuantPart) or "nibbles" not in quant._buffers or quant.nibbles.device.type != "cpu":
+    quant = parts[-1] if isinstance(parts[-1], QuantPart) else None
+    rest = parts[:-1] if quant is not None else parts
+    if len(rest) > 1:
+        return None
+    lowrank = rest[0] if rest else None
+    if quant is not None and ("nibbles" not in quant._buffers or quant.nibbles.device.type != "cpu"):
+        return None
+    if lowrank is not None and (type(lowrank) is not LowRankPart or lowrank.v.dtype != torch.float32 or lowrank.u.dtype != torch.float32
+                                or lowrank.u.device.type != "cpu" or (quant is None and (x.shape[-1] % 16 or not kernels.available()))):
         return None
     w, b = base.weight, base.bias
     if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
         return None
-    ut = v = None
-    if lowrank is not None:
-        if type(lowrank) is not LowRankPart or lowrank.v.dtype != torch.float32 or lowrank.u.dtype != torch.float32 or lowrank.u.device.type != "cpu":
-            return None
-        ut, v = lowrank.u.t(), lowrank.v.contiguous()
-    flat = x.reshape(-1, x.shape[-1])
-    y = kernels.codes_matmul(flat, quant.nibbles, cast(quant.scales, torch.float32), w.detach(), ut, v, None if b is None else b.detach())
+    ut, v = (None, None) if lowrank is None else (lowrank.u.t(), lowrank.v.contiguous())
+    nibbles, scales = (None, None) if quant is None else (quant.nibbles, cast(quant.scales, torch.float32))
+    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), nibbles, scales, w.detach(), ut, v, None if b is None else b.detach())
     return y.view(*x.shape[:-1], -1)
 
 
