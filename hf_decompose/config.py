@@ -66,7 +66,7 @@ TARGET_SCHEDULES: dict[str, dict[str, Any]] = {
 
 MIX = re.compile(r"^mix(?P<bits>[0-9]+(?:\.[0-9]+)?)$")
 LEVEL = re.compile(r"^(?:lr(?P<eps>[0-9.]+)(?:$|\+(?=[is])))?(?:int(?P<bits>\d+)(?:g(?P<group>\d+))?|step(?P<step>[0-9.]+))?$")
-STEP_BITS = 4  # a step level's code width: +-7, the int4 kernel's
+STEP_BITS = 4  # a step level's code width: +-7, what the fused 4-bit kernels run
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,9 @@ class _Stacked:
     def base_and_codes(self, base: nn.Module, x: torch.Tensor, tenant_rows: torch.Tensor) -> torch.Tensor | None:
         """``base(x)`` with each row's own fine-tune's codes added, in one call of the compiled kernel (None where it
         cannot run: see `codes`; a float32 `nn.Linear` base on CPU, nothing hooked, no gradient needed)."""
-        if self.codes is None or type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu" or not runs_direct(base):
+        if self.codes is None or type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        if not runs_direct(base) or not all(runs_direct(parts[0]) for parts in self.rest):
             return None
         w, b = base.weight, base.bias
         if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):

@@ -8,8 +8,8 @@ at most half a step. Two grids:
   scale ``absmax / qmax``; it leaves one of the ``2^bits`` codes unused, which at 2 bits is a
   quarter of them (3 levels: -1, 0, 1).
 - ``step`` (`quantize`'s `step`): the uniform quantizer of entropy coding: one scale per row, `step` times the
-  row's RMS, the signed integers up to ``qmax`` (4 bits: +-7, so codes run through the int4 kernel; values beyond
-  7 steps are clipped). Its rate follows the step, not the width: Huffman-coded, a Gaussian row costs about
+  row's RMS, the signed integers up to ``qmax`` (4 bits: +-7, so codes run through the fused 4-bit kernels; values
+  beyond 7 steps are clipped). Its rate follows the step, not the width: Huffman-coded, a Gaussian row costs about
   ``2.05 - log2(step)`` bits of entropy per entry (Huffman-coded at step 1.7: ~1.5 bits) and no group scales
   (3 bits with a bfloat16 scale per 64 entries spend a quarter bit on scales).
 - ``full``: every code used, the odd integers ``-(2^bits - 1)..2^bits - 1`` (2 bits: -3, -1, 1, 3),

@@ -1,12 +1,13 @@
 """Compiled CPU kernels for split execution, built on first use.
 
-`codes_matmul` runs a matrix's 4-bit codes (`parts.QuantPart`) with, optionally, the base matrix and low-rank
-factors beside them, reading each once: the bytes a split decode step must read (base + codes) instead of the base
-through one kernel and the codes through another. `rows_codes_matmul` runs the base matrix once for rows that each
-add codes of their own (many fine-tunes of one base in one batch, as Punica's and S-LoRA's grouped kernels do for
-adapters). Its C source (`codes_matmul.c`: AVX2 + FMA, OpenMP threads) is
-compiled with the system's C compiler (``$CC``, else ``cc``) into ``~/.cache/hf_decompose/kernels/<hash>/`` on first
-use and loaded with ctypes; inside `torch.compile` it runs as the custom op ``hf_decompose::codes_matmul``.
+`codes_matmul` runs a matrix's 4-bit codes (`parts.QuantPart`) and, optionally, the base matrix and low-rank
+factors beside them (or the base and the factors alone), reading each once: the bytes a split decode step must read
+(base + delta) in one pass, instead of the base through one kernel and each part through others. `rows_codes_matmul`
+runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
+Punica's and S-LoRA's grouped kernels do for adapters). The C source (`codes_matmul.c`: AVX2 + FMA, OpenMP threads)
+is compiled with the system's C compiler (``$CC``, else ``cc``) into ``~/.cache/hf_decompose/kernels/<hash>/`` on
+first use and loaded with ctypes; inside `torch.compile` the kernels run as the custom ops
+``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
 Where that cannot be done (no compiler, a CPU without AVX2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
 a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding).
 """
@@ -27,7 +28,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("codes_matmul.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-FUSED_ROWS = 8  # up to this many rows the base runs in the kernel too (beyond, PyTorch's GEMM is faster at it)
 
 
 def available() -> bool:

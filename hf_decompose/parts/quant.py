@@ -12,6 +12,7 @@ That copy is then all the run-time part holds (half a byte per entry); an embedd
 from the nibbles (with PyTorch's kernel, from its codes bit-packed per row, kept beside the int4 copy).
 Other codes run the reference ``x @ dequantize(codes, scales)^T`` (a float32 matrix per call).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack_codes, row_codes
 from .. import kernels
+from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack_codes, row_codes
 from .base import Part, cast, expect, register_part
 from .lowrank import LowRankPart
 

@@ -3,7 +3,7 @@
 The codes are the odd integers ``-(2^bits - 1)..2^bits - 1`` times a bfloat16 group scale (half a
 step): at 2 bits the levels -3, -1, 1, 3 where the signed grid of `quant` has only -1, 0, 1. Stored
 bit-packed as ``(code + 2^bits - 1) / 2``; run like `quant` (codes of at most 3 bits fit the fused
-int4 kernel). One bit is the same on both grids and stays a `quant` part.
+4-bit kernels). One bit is the same on both grids and stays a `quant` part.
 """
 
 from __future__ import annotations
