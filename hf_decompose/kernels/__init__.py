@@ -28,11 +28,16 @@ import torch
 
 SOURCE = Path(__file__).with_name("codes_matmul.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_AVAILABLE: bool | None = None
 
 
 def available() -> bool:
-    """Whether the compiled kernels run here (built and loaded on the first call)."""
-    return _library() is not None
+    """Whether the compiled kernels run here (built and loaded on the first call; after it a plain flag, which
+    `torch.compile` reads as a constant)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _library() is not None
+    return _AVAILABLE
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
