@@ -103,3 +103,12 @@ def test_why_the_kernel_is_off_is_said(monkeypatch):
     monkeypatch.delenv("HF_DECOMPOSE_KERNELS")
     monkeypatch.setenv("CC", "no-such-compiler-here")
     assert "no-such-compiler-here" in kernels._unavailable()
+
+
+@needs_kernel
+def test_a_failed_build_warns_and_pytorchs_kernels_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setenv("HF_DECOMPOSE_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c failed"):
+        assert kernels._library.__wrapped__() is None
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in place

@@ -142,8 +142,10 @@ def _library() -> ctypes.CDLL | None:
     if reason is None:
         try:
             lib = ctypes.CDLL(str(_build()))
-        except (OSError, subprocess.CalledProcessError) as e:
-            reason = f"building {SOURCE.name} failed ({e})"
+        except subprocess.CalledProcessError as e:
+            reason = f"compiling {SOURCE.name} failed ({(e.stderr or '').strip()[-300:] or e})"
+        except OSError as e:
+            reason = f"building or loading {SOURCE.name} failed ({e})"
         else:
             p, i = ctypes.c_void_p, ctypes.c_int64
             lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, i, p, i, i, p, i, p, p, p, ctypes.c_int]
@@ -160,7 +162,7 @@ def _unavailable() -> str | None:
     """Why the kernels cannot run here ("" where they were turned off on purpose), or None."""
     if os.environ.get("HF_DECOMPOSE_KERNELS", "1") == "0":
         return ""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
         return f"the CPU's vector capability is {torch.backends.cpu.get_cpu_capability()}, AVX2 needed"
     if shutil.which(os.environ.get("CC", "cc")) is None:
         return f"no C compiler ({os.environ.get('CC', 'cc')!r} not found; set CC)"
@@ -172,7 +174,7 @@ def _build() -> Path:
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("HF_DECOMPOSE_CACHE", Path.home() / ".cache" / "hf_decompose")) / "kernels" / key
+    cache_dir = Path(os.environ.get("HF_DECOMPOSE_CACHE") or Path.home() / ".cache" / "hf_decompose") / "kernels" / key
     target = cache_dir / "codes_matmul.so"
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
