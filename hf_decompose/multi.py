@@ -36,6 +36,7 @@ from .errors import ArtifactError, ConfigError
 from .inject import WRAPPABLE, param_name, set_submodule
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
 from .parts.ops import runs_direct
+from .parts.quant import kernel_base
 
 Names = str | Sequence[str] | None
 
@@ -169,19 +170,13 @@ class _Stacked:
 
     def base_and_codes(self, base: nn.Module, x: torch.Tensor, tenant_rows: torch.Tensor) -> torch.Tensor | None:
         """``base(x)`` with each row's own fine-tune's codes added, in one call of the compiled kernel (None where it
-        cannot run: see `codes`; a float32 `nn.Linear` base on CPU, nothing hooked, no gradient needed)."""
-        if self.codes is None or type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu":
-            return None
-        if not runs_direct(base) or not all(runs_direct(parts[0]) for parts in self.rest):
-            return None
-        w, b = base.weight, base.bias
-        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        cannot run: see `codes` and `parts.quant.kernel_base`; nothing hooked)."""
+        weights = None if self.codes is None else kernel_base(base, x)
+        if weights is None or not runs_direct(base) or not all(runs_direct(parts[0]) for parts in self.rest):
             return None
         flat = x.reshape(-1, x.shape[-1])
         rows = self.codes[tenant_rows.repeat_interleave(flat.shape[0] // tenant_rows.shape[0])]
-        return kernels.rows_codes_matmul(flat, w.detach(), None if b is None else b.detach(), rows).view(*x.shape[:-1], -1)
+        return kernels.rows_codes_matmul(flat, *weights, rows).view(*x.shape[:-1], -1)
 
     def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...], codes: bool = True) -> torch.Tensor | None:
         """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real);

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..pair import cache_dir
+
 SOURCE = Path(__file__).with_name("codes_matmul.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _AVAILABLE: bool | None = None
@@ -55,10 +57,10 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     return (torch.cat([u & 15, u >> 4], 2).to(torch.int8) - 8).reshape(n_out, 2 * half)
 
 
-def fits(codes: torch.Tensor, group: int) -> bool:
-    """Whether codes ``(out, in)`` with `group` columns per scale fit the kernel: 4 bits, ``in`` and `group`
-    multiples of 16."""
-    return codes.dim() == 2 and codes.shape[1] % 16 == 0 and group % 16 == 0 and codes.numel() > 0 and int(codes.abs().max()) <= 7
+def fits(shape: tuple[int, ...], group: int) -> bool:
+    """Whether 4-bit codes (-8..7) of a matrix of `shape` with `group` columns per scale fit the kernel: ``in`` and
+    `group` multiples of 16."""
+    return len(shape) == 2 and shape[1] % 16 == 0 and group % 16 == 0
 
 
 def codes_matmul(x: torch.Tensor, nibbles: torch.Tensor | None, scales: torch.Tensor | None, weight: torch.Tensor | None = None,
@@ -174,11 +176,11 @@ def _build() -> Path:
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("HF_DECOMPOSE_CACHE") or Path.home() / ".cache" / "hf_decompose") / "kernels" / key
-    target = cache_dir / "codes_matmul.so"
+    folder = cache_dir() / "kernels" / key
+    target = folder / "codes_matmul.so"
     if not target.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / target.name
             subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
             os.replace(built, target)

@@ -110,7 +110,7 @@ class QuantPart(Part):
         if codes.device.type != "cpu" or not codes.numel() or int(codes.abs().max()) > 7:
             return part
         fused = next((g for g in reversed(self.FUSED_GROUPS) if self.group % g == 0), None)  # a wider group: its scale repeated
-        if kernels.fits(codes, self.group) and kernels.available():
+        if kernels.fits(self.shape, self.group) and kernels.available():
             part.register_buffer("nibbles", kernels.pack_nibbles(codes), persistent=False)
             part.scales = scales.float()
         elif fused and codes.shape[0] % 16 == 0:
@@ -180,13 +180,24 @@ class QuantPart(Part):
         return F.linear(x, cast(dequantize(self._held_codes().to(x.device), self.scales), x.dtype))
 
 
-def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
-    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all: a float32
-    `nn.Linear` on CPU with a `LowRankPart`, a `QuantPart` in the kernel's layout, or the one then the other, all
-    float32 on CPU, no gradient needed (otherwise None)."""
-    if type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < len(parts) <= 2:
+def kernel_base(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a base the compiled kernel can run on ``x``: a float32 `nn.Linear` on CPU with a contiguous
+    weight, float32 inputs on CPU, no gradient needed (the kernel has no backward); otherwise None."""
+    if type(base) is not nn.Linear or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in base.parameters())):
+    w, b = base.weight, base.bias
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return None
+    return w.detach(), None if b is None else b.detach()
+
+
+def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
+    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all: a base
+    it runs (`kernel_base`) with a `LowRankPart`, a `QuantPart` in the kernel's layout, or the one then the other,
+    all float32 on CPU (otherwise None)."""
+    if not 0 < len(parts) <= 2:
         return None
     quant = parts[-1] if isinstance(parts[-1], QuantPart) else None
     rest = parts[:-1] if quant is not None else parts
@@ -198,12 +209,13 @@ def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.
     if lowrank is not None and (type(lowrank) is not LowRankPart or lowrank.v.dtype != torch.float32 or lowrank.u.dtype != torch.float32
                                 or lowrank.u.device.type != "cpu" or (quant is None and (x.shape[-1] % 16 or not kernels.available()))):
         return None
-    w, b = base.weight, base.bias
-    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or (b is not None and b.dtype != torch.float32):
+    weights = kernel_base(base, x)
+    if weights is None:
         return None
+    w, b = weights
     ut, v = (None, None) if lowrank is None else (lowrank.u.t(), lowrank.v.contiguous())
     nibbles, scales = (None, None) if quant is None else (quant.nibbles, cast(quant.scales, torch.float32))
-    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), nibbles, scales, w.detach(), ut, v, None if b is None else b.detach())
+    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), nibbles, scales, w, ut, v, b)
     return y.view(*x.shape[:-1], -1)
 
 
