@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 import hf_decompose.pair as hp
+from hf_decompose import kernels
 
 TINY = {
     "version": 1,  # bump when the build below changes
@@ -59,6 +60,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["kernel", "int4"])
+def quant_layout(request, monkeypatch) -> str:
+    """The run-time layout of 4-bit codes: hf_decompose's compiled kernel (skipped where it is not available) or,
+    with it turned off, PyTorch's int4 kernel."""
+    if request.param == "kernel" and not kernels.available():
+        pytest.skip("hf_decompose's CPU kernel is not available here")
+    if request.param == "int4":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
-from hf_decompose import kernels, placement
+from hf_decompose import placement
 from hf_decompose.multi import TenantModule, TenantVectors
 from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import quantize
@@ -151,12 +151,8 @@ def _lowrank_quant(base, seed: int, rank: int = 2, bits: int = 3, group: int = 3
     return deltas
 
 
-@pytest.mark.parametrize("layout", ["kernel", "int4"])
-def test_mixed_rows_run_batched_and_equal_each_finetune_alone(layout, monkeypatch):
-    if layout == "kernel" and not kernels.available():
-        pytest.skip("hf_decompose's CPU kernel is not available here")
-    if layout == "int4":  # PyTorch's int4 kernel, where the compiled one is not available
-        monkeypatch.setattr(kernels, "available", lambda: False)
+def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monkeypatch):
+    layout = quant_layout
     base = random_model("llama")
     deltas = {name: _lowrank_quant(base, seed=i) for i, name in enumerate(NAMES)}
     multi = MultiDecomposedModel(base, {})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose, kernels
+from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
@@ -267,13 +267,9 @@ FUSED_CASES = [((48, 64), 3, 32, "signed", True, True), ((32, 256), 4, 64, "sign
                ((32, 576), 4, 0, "signed", True, True)]  # a step quantizer's codes: +-7, a scale per row
 
 
-@pytest.mark.parametrize("layout", ["kernel", "int4"])
 @pytest.mark.parametrize("shape,bits,group,grid,by_kernel,by_int4", FUSED_CASES)
-def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, grid, by_kernel, by_int4, layout, monkeypatch):
-    if layout == "kernel" and not kernels.available():
-        pytest.skip("hf_decompose's CPU kernel is not available here")
-    if layout == "int4":  # where the compiled kernel is not available
-        monkeypatch.setattr(kernels, "available", lambda: False)
+def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, grid, by_kernel, by_int4, quant_layout):
+    layout = quant_layout
     fused = by_kernel if layout == "kernel" else by_int4
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, group, grid=grid)
@@ -303,16 +299,12 @@ def test_quant_part_fused_kernel_agrees_with_the_reference(shape, bits, group, g
         torch.testing.assert_close(y, reference)
 
 
-@pytest.mark.parametrize("layout", ["kernel", "int4"])
 @pytest.mark.parametrize("shape,bits,grid,fused", [((64, 96), 3, "signed", True), ((32, 64), 1, "signed", True), ((32, 64), 2, "full", True),
                                                   ((48, 128), 4, "signed", True), ((16, 36), 3, "full", False)])  # the last not fused (rows of 36): int8 codes
-def test_embedding_rows_are_looked_up_from_the_one_packed_copy(shape, bits, grid, fused, layout, monkeypatch):
+def test_embedding_rows_are_looked_up_from_the_one_packed_copy(shape, bits, grid, fused, quant_layout):
     """A fused embedding holds its codes once (no int8 copy): the kernel's nibbles, or with PyTorch's kernel its int4 copy
     and the stored bit-packing per row (every row ends on a byte), and a looked-up row is exactly the dequantized stored row."""
-    if layout == "kernel" and not kernels.available():
-        pytest.skip("hf_decompose's CPU kernel is not available here")
-    if layout == "int4":
-        monkeypatch.setattr(kernels, "available", lambda: False)
+    layout = quant_layout
     gen = torch.Generator().manual_seed(bits)
     packed, scales = quantize(torch.randn(*shape, generator=gen), bits, 32 if shape[1] % 32 == 0 else 0, grid=grid)
     codes = codes_of(packed, shape, grid)
