@@ -8,14 +8,15 @@ from collections import defaultdict
 from torch import nn
 
 from hf_decompose.parts import Part, QuantPart
+from hf_decompose.parts.quant import KERNEL_CODES
 
 
 def part_bytes(part: Part) -> int:
-    """Bytes a part reads per step: a fused low-bit part its packed codes and scales (nibble-packed for the compiled
-    kernel, int4-packed for PyTorch's), others every buffer."""
-    fused = next((k for k in (("nibbles", "scales"), ("packed", "scale_zeros")) if isinstance(part, QuantPart) and k[0] in part._buffers), None)
+    """Bytes a part reads per step: a fused low-bit part its packed codes and scales (in the compiled kernel's layout
+    or int4-packed for PyTorch's), others every buffer."""
+    fused = next((k for k in ((*KERNEL_CODES, "scales"), ("packed", "scale_zeros")) if isinstance(part, QuantPart) and k[0] in part._buffers), None)
     if fused:
-        return sum(part._buffers[k].numel() * part._buffers[k].element_size() for k in fused)
+        return sum(part._buffers[k].numel() * part._buffers[k].element_size() for k in fused if part._buffers.get(k) is not None)
     return sum(b.numel() * b.element_size() for b in part.buffers(recurse=False))
 
 

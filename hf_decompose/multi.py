@@ -36,7 +36,7 @@ from .errors import ArtifactError, ConfigError
 from .inject import WRAPPABLE, param_name, set_submodule
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
 from .parts.ops import runs_direct
-from .parts.quant import kernel_base
+from .parts.quant import kernel_base, kernel_parts
 
 Names = str | Sequence[str] | None
 
@@ -127,9 +127,9 @@ class _Stacked:
     stacked (two `bmm`), biases stacked; the other parts run per fine-tune on its slab of rows. Each
     fine-tune's own factors and biases then become views of the stacks, so they are held once.
 
-    Low-bit codes stay per fine-tune. Where every fine-tune's are in the compiled kernel's layout and the base is a
-    float32 linear layer on CPU, `base_and_codes` runs the base once with each row's own codes in one kernel call;
-    otherwise each fine-tune's rows go through its fused kernel (with PyTorch's int4 kernel, one call over all
+    Low-bit codes stay per fine-tune. Where every fine-tune's parts are low rank and codes the compiled kernel runs
+    and the base is a float32 linear layer on CPU, `in_kernel` runs the base once with each row's own parts in one
+    kernel call; otherwise each fine-tune's codes go through its fused kernel (with PyTorch's int4 kernel, one call over all
     fine-tunes' codes stacked, every row times every fine-tune, took 2.5 ms against 0.77 ms for eight calls of one row
     each: 8 fine-tunes of 1536 x 576, 3-bit group 64, CPU, one thread)."""
 
@@ -162,25 +162,25 @@ class _Stacked:
                      for t, s in zip(tenants, stacked)]  # fmt: skip
         self.shape = next(p.shape for t in tenants for p in t.children() if len(p.shape) == 2)
         self.dtype = next(b.dtype for t in tenants for b in t.buffers() if b.is_floating_point())
-        self.codes = None  # `kernels.codes_table` of every fine-tune's codes, where all are in the compiled kernel's layout on CPU
-        if all(len(parts) == 1 and isinstance(parts[0], QuantPart) and "nibbles" in parts[0]._buffers and parts[0].nibbles.device.type == "cpu"
-               for parts in self.rest):  # fmt: skip
-            self._scales = [parts[0].scales.float() for parts in self.rest]  # the table points into these: held with it
-            self.codes = kernels.codes_table([(parts[0].nibbles, s) for parts, s in zip(self.rest, self._scales)])
+        parts = [t.parts() for t in tenants]  # each fine-tune's, after stacking (its factors are views of the stacks)
+        self.flat = [p for ps in parts for p in ps]
+        kernel = [kernel_parts(ps) for ps in parts]
+        self.table = kernels.codes_table(kernel) if all(k is not None for k in kernel) else None  # see `in_kernel`
+        self.rank = 0 if self.table is None else int(self.table[:, 9].max())
 
-    def base_and_codes(self, base: nn.Module, x: torch.Tensor, tenant_rows: torch.Tensor) -> torch.Tensor | None:
-        """``base(x)`` with each row's own fine-tune's codes added, in one call of the compiled kernel (None where it
-        cannot run: see `codes` and `parts.quant.kernel_base`; nothing hooked)."""
-        weights = None if self.codes is None else kernel_base(base, x)
-        if weights is None or not runs_direct(base) or not all(runs_direct(parts[0]) for parts in self.rest):
+    def in_kernel(self, base: nn.Module, x: torch.Tensor, tenant_rows: torch.Tensor) -> torch.Tensor | None:
+        """``base(x)`` plus each row's own fine-tune's parts in one call of the compiled kernel (Punica's grouped
+        layout: the base read once), where every fine-tune's parts are ones it runs (`parts.quant.kernel_parts`: low
+        rank and codes, float32 on CPU) beside a base it runs (`parts.quant.kernel_base`), nothing hooked; else None."""
+        weights = None if self.table is None else kernel_base(base, x)
+        if weights is None or not runs_direct(base, *self.flat):
             return None
         flat = x.reshape(-1, x.shape[-1])
-        rows = self.codes[tenant_rows.repeat_interleave(flat.shape[0] // tenant_rows.shape[0])]
-        return kernels.rows_codes_matmul(flat, *weights, rows).view(*x.shape[:-1], -1)
+        return kernels.rows_codes_matmul(flat, *weights, self.table, tenant_rows, self.rank).view(*x.shape[:-1], -1)
 
-    def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...], codes: bool = True) -> torch.Tensor | None:
-        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real);
-        `codes` False: all but the codes' (run by `base_and_codes`), None where nothing is left."""
+    def __call__(self, x: torch.Tensor, lookup: bool, used: tuple[int, ...]) -> torch.Tensor | None:
+        """Contributions ``(T, M, ...)`` of each fine-tune to its slab ``x[t]`` of M rows (`used[t]` of them real), None
+        where there are none."""
         out = None
         if self.u is not None:
             if lookup:  # each fine-tune's rows of u, then one bmm with v
@@ -191,7 +191,7 @@ class _Stacked:
                 flat = x.flatten(1, -2)
                 out = torch.bmm(torch.bmm(flat, _cast(self.v, x.dtype).transpose(1, 2)), _cast(self.u, x.dtype).transpose(1, 2))
                 out = out.view(*x.shape[:-1], -1)
-        if any(self.rest) and codes:
+        if any(self.rest):
             rest = self._fused_rest(x, used) if not lookup and self._fused(x) else \
                 torch.stack([self._rest(parts if used[t] else [], x[t], lookup) for t, parts in enumerate(self.rest)])
             out = rest if out is None else out + rest
@@ -258,13 +258,13 @@ class TenantModule(nn.Module):
             parts = [p for t in groups[0][0] if t in self.tenants for p in self.tenants[t].parts()]
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
         names, stacked = tuple(self.tenants), self._stacked(x.device)
-        y = None if self.lookup else stacked.base_and_codes(self.base, x, self.routing.tenant_rows(names, batch))
-        codes = y is None
-        if codes:  # every row's base output, then every fine-tune's parts in batched kernels
-            y = self.base(x)
+        y = None if self.lookup else stacked.in_kernel(self.base, x, self.routing.tenant_rows(names, batch))
+        if y is not None:
+            return y
+        y = self.base(x)  # every row's base output, then every fine-tune's parts in batched kernels
         gather, pos, rows, used = self.routing.layout(names, batch, x.device)
         slabs = x.index_select(0, gather).unflatten(0, (len(names), -1))
-        c = stacked(slabs, self.lookup, used, codes)
+        c = stacked(slabs, self.lookup, used)
         if c is None:
             return y
         c = c.flatten(0, 1).index_select(0, pos).to(y.dtype)
@@ -299,6 +299,7 @@ class TenantVectors(nn.Module):
         self.tenants = nn.ModuleDict()
         object.__setattr__(self, "routing", routing)
         object.__setattr__(self, "_combined", {})
+        object.__setattr__(self, "_rows", None)  # (routing state, source vectors, per-row vectors) of the last mixed batch
         object.__setattr__(self, "_per_row", None)  # whether per-row vectors give each copy's output: checked once
 
     def add(self, name: str, deltas: dict[str, TensorDelta]) -> None:
@@ -307,6 +308,10 @@ class TenantVectors(nn.Module):
             setattr(module, attr, nn.Parameter(delta.merge(getattr(self.base, attr).detach()), requires_grad=False))
         self.tenants[name] = module
         self._combined.clear()
+
+    def _apply(self, fn, recurse=True):  # a move or a cast gathers the per-row vectors again
+        object.__setattr__(self, "_rows", None)
+        return super()._apply(fn, recurse)
 
     def _module(self, names: tuple[str, ...]) -> nn.Module:
         names = tuple(n for n in names if n in self.tenants)
@@ -343,17 +348,37 @@ class TenantVectors(nn.Module):
             return None
         groups = self.routing.groups(x.shape[0], x.device)
         modules = [self.base, *(self._module(n) if any(t in self.tenants for t in n) else self.base for n, _ in groups)]
-        which = self.routing.row_groups(x.shape[0], x.device)
         shape = (x.shape[0], *[1] * (x.dim() - 2), -1)
-        params = {a: torch.stack([getattr(m, a) for m in modules]).index_select(0, which).view(shape) for a in attrs}
+        sources = [getattr(m, a) for m in modules for a in attrs]
+        state = (self.routing.rows, shape, x.device, [t._version for t in sources])
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in sources)  # a gradient flows: gathered per call
+        if graph or self._rows is None or self._rows[0] != state or any(a is not b for a, b in zip(self._rows[1], sources)):
+            which = self.routing.row_groups(x.shape[0], x.device)  # the same rows step after step: gathered once
+            params = {a: torch.stack([getattr(m, a) for m in modules]).index_select(0, which).view(shape) for a in attrs}
+            object.__setattr__(self, "_rows", None if graph else (state, sources, params))
+        else:
+            params = self._rows[2]
         try:
-            y = torch.func.functional_call(self.base, params, (x,))
+            y = _call_with(self.base, params, x)
         except (RuntimeError, ValueError):
             y = None
         if self._per_row is None:  # the first mixed batch: per-row vectors must give what each copy gives
             mine = [(n, idx) for n, idx in groups if any(t in self.tenants for t in n)]
             object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(mine, x)))
         return y if self._per_row else None
+
+
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with `params` in place of its own parameters (`torch.func.functional_call`; outside
+    `torch.compile` by swapping them in and back, which took a tenth of its time)."""
+    if torch.compiler.is_compiling():
+        return torch.func.functional_call(module, params, (x,))
+    own = {name: module._parameters[name] for name in params}
+    try:
+        module._parameters.update(params)
+        return module(x)
+    finally:
+        module._parameters.update(own)
 
 
 class Tenancy:
@@ -487,6 +512,9 @@ def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
     bias = attrs["bias"].merge(owner.bias.detach()) - owner.bias.detach().float() if "bias" in attrs else None
     ops = DeltaOps(weight, owner.weight, bias, lookup=isinstance(owner, nn.Embedding))
     ops.delta = None  # a fine-tune keeps its parts only: what only the `TensorDelta` holds is freed
+    for part in ops.parts():
+        if isinstance(part, QuantPart):  # memory per fine-tune is what serving many pays for
+            part.compact()
     return ops
 
 

@@ -11,30 +11,87 @@ from hf_decompose.quantize import dequantize, quantize_codes
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="hf_decompose's CPU kernel is not available here")
 
 
+def _codes(shape, escaped: float, gen) -> torch.Tensor:
+    """Codes mostly in -1..1 (annealing's), a share `escaped` of them anywhere in -8..7."""
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8, generator=gen)
+    where = torch.rand(shape, generator=gen) < escaped
+    codes[where] = torch.randint(-8, 8, (int(where.sum()),), dtype=torch.int8, generator=gen)
+    return codes
+
+
 def test_nibble_packing_round_trips_every_code():
     codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
     nibbles = kernels.pack_nibbles(codes)
     assert nibbles.shape == (3, 32) and nibbles.dtype == torch.uint8
     assert torch.equal(kernels.unpack_nibbles(nibbles), codes)
+    assert torch.equal(kernels.unpack(kernels.HeldCodes(nibbles)), codes)
+
+
+@pytest.mark.parametrize("escaped", [0.0, 0.07, 0.6])
+def test_escaped_packing_round_trips_whole_and_by_rows(escaped):
+    gen = torch.Generator().manual_seed(0)
+    codes = _codes((9, 64), escaped, gen)
+    held = kernels.pack_escaped(codes)
+    assert held.q.shape == (9, 16) and held.offsets.tolist()[-1] == int((codes.abs() > 1).sum())
+    assert torch.equal(kernels.unpack(held), codes)
+    rows = torch.tensor([8, 0, 3, 3])
+    assert torch.equal(kernels.unpack(held, rows), codes[rows])
+
+
+def test_pack_takes_the_smaller_layout_the_kernel_reads():
+    gen = torch.Generator().manual_seed(1)
+    assert kernels.pack(_codes((32, 64), 0.07, gen)).escapes is not None  # annealing's codes: 2.3 bits against 4
+    assert kernels.pack(torch.randint(-8, 8, (32, 64), dtype=torch.int8, generator=gen)).escapes is None  # uniform: 5.5 against 4
+    dense = _codes((2, 32), 0.0, gen)
+    dense[1, 16:] = 5  # 16 escaped codes in a row: more than one 64-bit word of escapes, which the kernel reads per 16 codes
+    assert kernels.pack(dense).escapes is None
+    with pytest.raises(ValueError, match="at most 15"):
+        kernels.pack_escaped(dense)
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("shape,group", [((48, 32), 16), ((96, 128), 64), ((40, 576), 576)])
-def test_codes_matmul_equals_the_reference(rows, shape, group):
+@pytest.mark.parametrize("layout", ["nibbles", "escaped"])
+def test_codes_matmul_equals_the_reference(rows, shape, group, layout):
     gen = torch.Generator().manual_seed(rows)
     n_out, n_in = shape
-    codes = torch.randint(-8, 8, shape, dtype=torch.int8, generator=gen)
-    scales = torch.rand(n_out, n_in // group, generator=gen)
-    nibbles = kernels.pack_nibbles(codes)
+    codes = _codes(shape, 0.3, gen)
+    scales = torch.rand(n_out, n_in // group, generator=gen).bfloat16()
+    held = kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes))
     x, w, bias = torch.randn(rows, n_in, generator=gen), torch.randn(shape, generator=gen), torch.randn(n_out, generator=gen)
     u, v = torch.randn(n_out, 3, generator=gen), torch.randn(3, n_in, generator=gen)
     delta = dequantize(codes, scales)
     close = lambda y, ref: torch.testing.assert_close(y, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))  # noqa: E731
-    close(kernels.codes_matmul(x, nibbles, scales), x @ delta.t())
-    close(kernels.codes_matmul(x, nibbles, scales, w), x @ (w + delta).t())
+    close(kernels.codes_matmul(x, held, scales), x @ delta.t())
+    close(kernels.codes_matmul(x, held, scales, w), x @ (w + delta).t())
     for ut in (u.t(), u.t().contiguous()):  # u as a transposed view (an embedding's) or laid out as its transpose's rows
-        close(kernels.codes_matmul(x, nibbles, scales, w, ut, v, bias), x @ (w + delta + u @ v).t() + bias)
+        close(kernels.codes_matmul(x, held, scales, w, ut, v, bias), x @ (w + delta + u @ v).t() + bias)
+    with pytest.raises(TypeError, match="bfloat16 scales"):
+        kernels.codes_matmul(x, held, scales.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_rows_codes_matmul_runs_each_rows_own_parts(rows):
+    """Each row its own fine-tune's parts (codes in either layout, low rank, both) or the base alone, in one call."""
+    gen = torch.Generator().manual_seed(rows)
+    shape = (40, 64)
+    w, bias = torch.randn(shape, generator=gen), torch.randn(shape[0], generator=gen)
+    tenants, deltas = [], [torch.zeros(shape)]
+    for layout, rank in (("escaped", 0), ("nibbles", 2), (None, 3), ("escaped", 1)):
+        codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 2, generator=gen).bfloat16()
+        u, v = torch.randn(shape[0], rank, generator=gen), torch.randn(rank, shape[1], generator=gen)
+        held = None if layout is None else kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes))
+        tenants.append((held, None if held is None else scales, u.t() if rank else None, v if rank else None))
+        deltas.append((0 if held is None else dequantize(codes, scales)) + u @ v)
+    table = kernels.codes_table(tenants)
+    which = torch.randint(0, len(deltas), (rows,), generator=gen)
+    x = torch.randn(rows, 2, shape[1], generator=gen)  # two positions per row
+    y = kernels.rows_codes_matmul(x.flatten(0, 1), w, bias, table, which, 3).view(rows, 2, -1)
+    for i, t in enumerate(which.tolist()):
+        ref = x[i] @ (w + deltas[t]).t() + bias
+        torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
 
 
 def _module(bias: bool = False) -> DecomposedModule:
@@ -57,11 +114,26 @@ def test_split_runs_the_base_and_its_parts_in_one_kernel_call(bias, monkeypatch)
         module.execution = "split"
         calls = []
         run = kernels._run
-        monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(a[3] is not None) or run(*a))
+        monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(a[5] is not None) or run(*a))  # the base matrix (weight) passed
         monkeypatch.setattr(torch.nn.Linear, "forward", None)  # the base matrix runs inside the kernel
         split = module(x)
     assert calls == [True]
     torch.testing.assert_close(split, merged, rtol=0, atol=1e-5 * float(merged.abs().max()))
+
+
+@needs_kernel
+def test_compact_holds_the_smaller_layout_and_gives_the_same_products():
+    module = _module()
+    module.execution = "split"
+    part = module.ops.quant
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        nibbles = module(x)
+        assert part.kernel_layout().escapes is None  # one split model: four bits, the faster to decode
+        part.compact()
+        held = part.kernel_layout()
+        assert held.escapes is not None and held.nbytes() < 96 * 128 // 2
+        assert torch.equal(module(x), nibbles)  # the same codes in the same order of sums
 
 
 @needs_kernel

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
 from hf_decompose import placement
-from hf_decompose.multi import TenantModule, TenantVectors
+from hf_decompose.multi import TenantModule, TenantVectors, _Stacked
 from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import quantize
 
@@ -165,9 +165,13 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monk
     with torch.no_grad():
         alone = torch.cat([multi(input_ids=ids[i : i + 1], decomposed_names=[n]).logits for i, n in enumerate(rows)])
         monkeypatch.setattr(LowRankPart, "forward", None)  # mixed rows: low rank in stacked bmm, never per fine-tune
-        if layout == "kernel":  # the base once, each row's own codes, in one call per matrix: never per fine-tune
+        stacked = []
+        if layout == "kernel":  # the base once, each row's own parts, in one call per matrix: never per fine-tune
             monkeypatch.setattr(QuantPart, "matmul", None)
+            call = _Stacked.__call__
+            monkeypatch.setattr(_Stacked, "__call__", lambda self, x, lookup, used: stacked.append(lookup) or call(self, x, lookup, used))
         mixed = multi(input_ids=ids, decomposed_names=rows).logits
+    assert all(stacked)  # with the kernel, only the embedding's lookups run outside it
     # PyTorch's int4 kernel rounds activations to bfloat16: a reassociated float32 sum can move them a step
     tol = 1e-3 if layout == "int4" else 1e-4
     torch.testing.assert_close(mixed, alone, rtol=tol, atol=tol)
@@ -175,7 +179,9 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monk
     held = {t.untyped_storage().data_ptr() for t in multi.buffers()}
     stacks = [m._batched[1] for m in multi.modules() if isinstance(m, TenantModule) and m._batched is not None]
     assert stacks and all(s.u.untyped_storage().data_ptr() in held for s in stacks if s.u is not None)  # factors held once, in the stacks
-    assert all((s.codes is not None) == (layout == "kernel") for s in stacks)
+    assert all((s.table is not None) == (layout == "kernel") for s in stacks)
+    held = [p.kernel_layout() for p in multi.modules() if isinstance(p, QuantPart) and p.kernel_layout() is not None]
+    assert (layout == "kernel") == any(h.escapes is not None for h in held)  # serving many: each fine-tune's codes compact
     out = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
     for i, name in enumerate(rows):
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)

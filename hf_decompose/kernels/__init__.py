@@ -1,13 +1,15 @@
 """Compiled CPU kernels for split execution, built on first use.
 
-`codes_matmul` runs a matrix's 4-bit codes (`parts.QuantPart`) and, optionally, the base matrix and low-rank
+`codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`) and, optionally, the base matrix and low-rank
 factors beside them (or the base and the factors alone), reading each once: the bytes a split decode step must read
 (base + delta) in one pass, instead of the base through one kernel and each part through others. `rows_codes_matmul`
 runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
-Punica's and S-LoRA's grouped kernels do for adapters). The C source (`codes_matmul.c`: AVX2 + FMA, OpenMP threads)
-is compiled with the system's C compiler (``$CC``, else ``cc``) into ``~/.cache/hf_decompose/kernels/<hash>/`` on
-first use and loaded with ctypes; inside `torch.compile` the kernels run as the custom ops
-``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
+Punica's and S-LoRA's grouped kernels do for adapters). Codes are held in the smaller of two layouts (`pack`): four
+bits each, or two bits each with the codes beyond -1..1 escaped to a stream of four-bit values beside them (annealing's
+codes are mostly -1, 0 and 1: the default pair's take 2.3 bits each so, against their entropy of 1.85 bits). The C
+source (`codes_matmul.c`: AVX2 + FMA, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
+into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
+kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
 Where that cannot be done (no compiler, a CPU without AVX2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
 a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding).
 """
@@ -23,13 +25,14 @@ import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..pair import cache_dir
 
 SOURCE = Path(__file__).with_name("codes_matmul.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 _AVAILABLE: bool | None = None
 
 
@@ -42,9 +45,39 @@ def available() -> bool:
     return _AVAILABLE
 
 
+class HeldCodes(NamedTuple):
+    """Codes ``(out, in)`` in one of the kernel's layouts: `q` nibble-packed (`pack_nibbles`; `escapes` and `offsets`
+    None), or two bits each with the codes beyond -1..1 escaped (`pack_escaped`)."""
+
+    q: torch.Tensor
+    escapes: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape[0], self.q.shape[1] * (2 if self.escapes is None else 4)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self if t is not None)
+
+
+def pack(codes: torch.Tensor) -> HeldCodes:
+    """Codes ``(out, in)`` in -8..7 (``in`` a multiple of 16) in the smaller of the kernel's layouts (escapes only where
+    they fit it: `pack_escaped`)."""
+    escaped = pack_escaped(codes) if _escapes_fit(codes) else None
+    return escaped if escaped is not None and escaped.nbytes() < codes.numel() // 2 else HeldCodes(pack_nibbles(codes))
+
+
+def _escapes_fit(codes: torch.Tensor) -> bool:
+    """At most 15 of each 16 codes escape (the kernel reads a chunk's escapes in one 64-bit word), fewer than 2^31 in all
+    (int32 offsets)."""
+    per_chunk = (codes.view(-1, 16).abs() > 1).sum(1)
+    return bool(per_chunk.max() < 16) and int(per_chunk.sum()) < 2**31
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes ``(out, in)`` in -8..7 (``in`` a multiple of 16) in the kernel's layout: 16 codes in 8 bytes, byte b
-    holding ``codes[b] + 8`` in its low and ``codes[b + 8] + 8`` in its high nibble."""
+    """Codes ``(out, in)`` in -8..7 (``in`` a multiple of 16) four bits each: 16 codes in 8 bytes, byte b holding
+    ``codes[b] + 8`` in its low and ``codes[b + 8] + 8`` in its high nibble."""
     n_out, n_in = codes.shape
     u = (codes.to(torch.int16) + 8).to(torch.uint8).view(n_out, n_in // 16, 2, 8)
     return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n_out, n_in // 2).contiguous()
@@ -57,59 +90,105 @@ def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     return (torch.cat([u & 15, u >> 4], 2).to(torch.int8) - 8).reshape(n_out, 2 * half)
 
 
+def pack_escaped(codes: torch.Tensor) -> HeldCodes:
+    """Codes ``(out, in)`` in -8..7 two bits each, the others escaped: each 16 codes in 4 bytes, field i (bits 2i,
+    2i + 1 of the little-endian word) holding code ``i // 2 + 8 (i % 2)`` (the order of `pack_nibbles`) as ``code + 1``
+    for -1..1 and 3 for any other (at most 15 of each 16), whose ``code + 8`` follow in a stream four bits each, two to a
+    byte (the first in the low nibble), in field order, row o's from nibble ``offsets[o]`` (int32), 8 bytes of padding
+    after them."""
+    if not _escapes_fit(codes):
+        raise ValueError("the two-bit layout takes at most 15 escaped codes (beyond -1..1) in each 16, fewer than 2^31 in all")
+    n_out, n_in = codes.shape
+    ordered = codes.view(n_out, n_in // 16, 2, 8).transpose(2, 3).reshape(n_out, n_in)  # field order
+    escaped = ordered.abs() > 1
+    fields = torch.where(escaped, 3, ordered.to(torch.int16) + 1).to(torch.uint8).view(n_out, n_in // 4, 4)
+    q = (fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)).contiguous()
+    values = (ordered[escaped].to(torch.int16) + 8).to(torch.uint8)
+    values = torch.cat([values, values.new_zeros(values.numel() % 2)]).view(-1, 2)
+    escapes = torch.cat([values[:, 0] | (values[:, 1] << 4), values.new_zeros(8)])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), escaped.sum(1).cumsum(0)]).to(torch.int32)
+    return HeldCodes(q, escapes, offsets)
+
+
+def unpack(held: HeldCodes, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 codes `held` holds, or those of its rows `rows` ``(n,)``: ``(n, in)``."""
+    q = held.q if rows is None else held.q[rows]
+    if held.escapes is None:
+        return unpack_nibbles(q)
+    fields = (q[..., None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)) & 3
+    codes = (fields.to(torch.int8) - 1).flatten(-2)
+    escaped = codes == 2
+    offsets = held.offsets.long()
+    first, last = (offsets[:-1], offsets[1:]) if rows is None else (offsets[rows], offsets[rows + 1])
+    counts = last - first  # each row's escapes, read from its own place in the stream
+    at = torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts) + torch.arange(int(counts.sum()), device=q.device)
+    codes[escaped] = ((held.escapes[at >> 1] >> ((at & 1) * 4).to(torch.uint8)) & 15).to(torch.int8) - 8
+    return codes.view(codes.shape[0], -1, 8, 2).transpose(2, 3).reshape(codes.shape)
+
+
 def fits(shape: tuple[int, ...], group: int) -> bool:
     """Whether 4-bit codes (-8..7) of a matrix of `shape` with `group` columns per scale fit the kernel: ``in`` and
     `group` multiples of 16."""
     return len(shape) == 2 and shape[1] % 16 == 0 and group % 16 == 0
 
 
-def codes_matmul(x: torch.Tensor, nibbles: torch.Tensor | None, scales: torch.Tensor | None, weight: torch.Tensor | None = None,
+def codes_matmul(x: torch.Tensor, codes: HeldCodes | None, scales: torch.Tensor | None, weight: torch.Tensor | None = None,
                  ut: torch.Tensor | None = None, v: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight + dequantize(codes, scales) + ut^T @ v)^T + bias`` for float32 CPU rows ``x`` ``(rows, in)``:
-    `nibbles` from `pack_nibbles` and `scales` ``(out, in / group)`` (or both None, with a `weight`); `weight`
+    `codes` from `pack` with their bfloat16 `scales` ``(out, in / group)`` (or both None, with a `weight`); `weight`
     ``(out, in)``, low-rank factors ``ut`` ``(r, out)`` and ``v`` ``(r, in)`` and `bias` optional, all float32 (`ut`
     may be a transposed view)."""
+    q, escapes, offsets = (None, None, None) if codes is None else codes
+    if scales is not None and scales.dtype != torch.bfloat16:
+        raise TypeError(f"the kernel reads bfloat16 scales, got {scales.dtype}")
     if torch.compiler.is_compiling():
-        return torch.ops.hf_decompose.codes_matmul(x, nibbles, scales, weight, ut, v, bias)
-    return _run(x, nibbles, scales, weight, ut, v, bias)
+        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, scales, weight, ut, v, bias)
+    return _run(x, q, escapes, offsets, scales, weight, ut, v, bias)
 
 
-def codes_table(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``(1 + len(parts), 3)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then each (nibbles, float32
-    scales)'s addresses and group. The table is only valid while those tensors live and stay where they are."""
-    rows = [(0, 0, 0)] + [(n.data_ptr(), s.data_ptr(), n.shape[1] * 2 // s.shape[1]) for n, s in parts]
+def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]) -> torch.Tensor:
+    """``(1 + len(parts), 10)`` int64 rows (contiguous) for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
+    (codes, bfloat16 scales, low-rank ``ut`` ``(r, out)``, ``v`` ``(r, in)``), either pair None: the codes' addresses
+    and group, the factors' addresses, strides and rank. The table is only valid while those tensors live and stay
+    where they are."""
+    rows = [(0,) * 10]
+    for codes, scales, ut, v in parts:
+        quant = (0,) * 5 if codes is None else (*(_ptr(t) or 0 for t in codes), scales.data_ptr(), codes.shape[1] // scales.shape[1])
+        lowrank = (0,) * 5 if ut is None else (ut.data_ptr(), *ut.stride(), v.data_ptr(), ut.shape[0])
+        rows.append(quant + lowrank)
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def rows_codes_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T + bias``, each float32 CPU row ``x[i]`` plus its own codes' product: `codes` ``(rows, 3)`` rows of a
-    `codes_table` (all of one shape ``(out, in)``)."""
+def rows_codes_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, which: torch.Tensor,
+                      rank: int) -> torch.Tensor:
+    """``x @ weight^T + bias``, each float32 CPU row ``x[i]`` plus its own parts' product: those of `table`'s row
+    ``which[i // (rows / len(which))]`` (a `codes_table`, all of one shape ``(out, in)``, whose largest rank is `rank`)."""
     if torch.compiler.is_compiling():
-        return torch.ops.hf_decompose.rows_codes_matmul(x, weight, bias, codes)
-    return _run_rows(x, weight, bias, codes)
+        return torch.ops.hf_decompose.rows_codes_matmul(x, weight, bias, table, which, rank)
+    return _run_rows(x, weight, bias, table, which, rank)
 
 
-def _run_rows(x, weight, bias, codes) -> torch.Tensor:
+def _run_rows(x, weight, bias, table, which, rank) -> torch.Tensor:
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0])
-    codes = codes if codes.is_contiguous() else codes.contiguous()
-    _library().hfd_rows_codes_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], weight.data_ptr(), codes.data_ptr(), _ptr(bias),
-                                     y.data_ptr(), torch.get_num_threads())
+    t = torch.empty(x.shape[0] * rank) if rank else None
+    _library().hfd_rows_codes_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], weight.data_ptr(), table.data_ptr(), which.data_ptr(),
+                                     x.shape[0] // which.shape[0], _ptr(bias), y.data_ptr(), _ptr(t), rank, torch.get_num_threads())
     return y
 
 
-def _run(x, nibbles, scales, weight, ut, v, bias) -> torch.Tensor:
+def _run(x, q, escapes, offsets, scales, weight, ut, v, bias) -> torch.Tensor:
     lib = _library()
     rows, n_in = x.shape
-    n_out = weight.shape[0] if nibbles is None else nibbles.shape[0]
+    n_out = weight.shape[0] if q is None else q.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(rows, n_out)
     r = 0 if ut is None else ut.shape[0]
     t = torch.empty(rows * r) if r else None
     lib.hfd_codes_matmul(
-        x.data_ptr(), rows, n_in, n_out, _ptr(weight), _ptr(nibbles), _ptr(scales), 0 if scales is None else n_in // scales.shape[1],
-        _ptr(ut), ut.stride(0) if r else 0, ut.stride(1) if r else 0, _ptr(v), r, _ptr(bias), y.data_ptr(), _ptr(t),
-        torch.get_num_threads())
+        x.data_ptr(), rows, n_in, n_out, _ptr(weight), _ptr(q), _ptr(escapes), _ptr(offsets), _ptr(scales),
+        0 if scales is None else n_in // scales.shape[1], _ptr(ut), ut.stride(0) if r else 0, ut.stride(1) if r else 0, _ptr(v), r,
+        _ptr(bias), y.data_ptr(), _ptr(t), torch.get_num_threads())
     return y
 
 
@@ -118,23 +197,25 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 @torch.library.custom_op("hf_decompose::codes_matmul", mutates_args=())
-def _codes_matmul_op(x: torch.Tensor, nibbles: torch.Tensor | None, scales: torch.Tensor | None, weight: torch.Tensor | None,
-                     ut: torch.Tensor | None, v: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    return _run(x, nibbles, scales, weight, ut, v, bias)
+def _codes_matmul_op(x: torch.Tensor, q: torch.Tensor | None, escapes: torch.Tensor | None, offsets: torch.Tensor | None,
+                     scales: torch.Tensor | None, weight: torch.Tensor | None, ut: torch.Tensor | None, v: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return _run(x, q, escapes, offsets, scales, weight, ut, v, bias)
 
 
 @_codes_matmul_op.register_fake
-def _(x, nibbles, scales, weight, ut, v, bias):
-    return x.new_empty(x.shape[0], (weight if nibbles is None else nibbles).shape[0])
+def _(x, q, escapes, offsets, scales, weight, ut, v, bias):
+    return x.new_empty(x.shape[0], (weight if q is None else q).shape[0])
 
 
 @torch.library.custom_op("hf_decompose::rows_codes_matmul", mutates_args=())
-def _rows_codes_matmul_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
-    return _run_rows(x, weight, bias, codes)
+def _rows_codes_matmul_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, which: torch.Tensor,
+                          rank: int) -> torch.Tensor:
+    return _run_rows(x, weight, bias, table, which, rank)
 
 
 @_rows_codes_matmul_op.register_fake
-def _(x, weight, bias, codes):
+def _(x, weight, bias, table, which, rank):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -150,9 +231,9 @@ def _library() -> ctypes.CDLL | None:
             reason = f"building or loading {SOURCE.name} failed ({e})"
         else:
             p, i = ctypes.c_void_p, ctypes.c_int64
-            lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, i, p, i, i, p, i, p, p, p, ctypes.c_int]
+            lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, p, i, p, i, i, p, i, p, p, p, ctypes.c_int]
             lib.hfd_codes_matmul.restype = None
-            lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, ctypes.c_int]
+            lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, p, i, p, p, p, i, ctypes.c_int]
             lib.hfd_rows_codes_matmul.restype = None
             return lib
     if reason:

@@ -125,9 +125,9 @@ def run_split(
     return y
 
 
-def runs_direct(module: Callable) -> bool:
-    """Whether calling ``module.forward`` skips nothing: no hook (global or its own) and no Accelerate placement."""
-    return not _global_hooks() and not _hooked(module)
+def runs_direct(*modules: Callable) -> bool:
+    """Whether calling each module's ``forward`` skips nothing: no hook (global or its own) and no Accelerate placement."""
+    return not _global_hooks() and not any(map(_hooked, modules))
 
 
 def _hooked(module: Callable) -> bool:

@@ -27,6 +27,8 @@ from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_code
 from .base import Part, cast, expect, register_part
 from .lowrank import LowRankPart
 
+KERNEL_CODES = ("kernel_codes", "escapes", "escape_offsets")  # buffers of the codes in the compiled kernel's layout (`kernels.HeldCodes`)
+
 
 @register_part
 class QuantPart(Part):
@@ -111,8 +113,9 @@ class QuantPart(Part):
             return part
         fused = next((g for g in reversed(self.FUSED_GROUPS) if self.group % g == 0), None)  # a wider group: its scale repeated
         if kernels.fits(self.shape, self.group) and kernels.available():
-            part.register_buffer("nibbles", kernels.pack_nibbles(codes), persistent=False)
-            part.scales = scales.float()
+            for name, held in zip(KERNEL_CODES, kernels.HeldCodes(kernels.pack_nibbles(codes))):
+                part.register_buffer(name, held, persistent=False)
+            part.scales = scales.bfloat16().contiguous()  # stored in bfloat16: exact
         elif fused and codes.shape[0] % 16 == 0:
             step = scales.float().repeat_interleave(self.group // fused, 1).t().contiguous()  # (in / fused, out, [scale, zero]): zero 0, codes offset by 8
             packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
@@ -134,27 +137,39 @@ class QuantPart(Part):
         if fused is not None and fused.device.type not in ("cpu", "meta"):
             if self.codes is None:
                 self.codes = self._held_codes().to(fused.device)
-            for name in ("nibbles", "packed", "scale_zeros", "rows"):
+            for name in (*KERNEL_CODES, "packed", "scale_zeros", "rows"):
                 self._buffers.pop(name, None)
         return self
 
     def _fused_copy(self) -> torch.Tensor | None:
-        return self._buffers.get("nibbles", self._buffers.get("packed"))
+        return self._buffers.get("kernel_codes", self._buffers.get("packed"))
+
+    def compact(self) -> None:
+        """Hold the codes in the compiled kernel's smaller layout (`kernels.pack`): annealing's codes two bits each
+        with the rarer ones escaped, about their entropy (2.3 bits each against 4 on the default pair), for twice the
+        kernel's decoding work. A model serving many fine-tunes holds each one's so; one split model, four bits."""
+        held = self.kernel_layout()
+        if held is not None and held.escapes is None:
+            self._buffers.update(zip(KERNEL_CODES, kernels.pack(kernels.unpack(held))))
+
+    def kernel_layout(self) -> kernels.HeldCodes | None:
+        """The codes in the compiled kernel's layout, where the part holds them so."""
+        return kernels.HeldCodes(*(self._buffers.get(name) for name in KERNEL_CODES)) if "kernel_codes" in self._buffers else None
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The int8 codes of rows `ids` (an embedding's lookup), unpacked from the form the part holds."""
         if self.codes is not None:
             return self.codes[ids]
-        if "nibbles" in self._buffers:
-            return kernels.unpack_nibbles(self.nibbles[ids.flatten()]).view(*ids.shape, -1)
+        if "kernel_codes" in self._buffers:
+            return kernels.unpack(self.kernel_layout(), ids.flatten()).view(*ids.shape, -1)
         return row_codes(self.rows[ids], self.bits, self.grid)
 
     def _held_codes(self) -> torch.Tensor:
         """The int8 codes, from whichever form the part holds them in."""
         if self.codes is not None:
             return self.codes
-        if "nibbles" in self._buffers:
-            return kernels.unpack_nibbles(self.nibbles.cpu())
+        if "kernel_codes" in self._buffers:
+            return kernels.unpack(self.kernel_layout())
         return _int4_codes(self.packed.cpu(), self.group, self.shape)
 
     def cost(self) -> int:
@@ -167,8 +182,8 @@ class QuantPart(Part):
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat @ dequantize(codes)^T`` through the fused kernel, for rows `flat` ``(rows, in)``, in their dtype."""
-        if "nibbles" in self._buffers:
-            return cast(kernels.codes_matmul(cast(flat, torch.float32), self.nibbles, cast(self.scales, torch.float32)), flat.dtype)
+        if "kernel_codes" in self._buffers:
+            return cast(kernels.codes_matmul(cast(flat, torch.float32), self.kernel_layout(), self.scales), flat.dtype)
         x = cast(flat, fused_dtype(flat)).contiguous()  # the kernel needs it contiguous: a bfloat16 model's head gets a view of the last positions
         return cast(torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, cast(self.scale_zeros, x.dtype)), flat.dtype)
 
@@ -193,10 +208,9 @@ def kernel_base(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return w.detach(), None if b is None else b.detach()
 
 
-def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
-    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all: a base
-    it runs (`kernel_base`) with a `LowRankPart`, a `QuantPart` in the kernel's layout, or the one then the other,
-    all float32 on CPU (otherwise None)."""
+def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
+    """(codes, scales, ``ut``, ``v``) of parts the compiled kernel runs (`kernels.codes_matmul`): a `LowRankPart`, a
+    `QuantPart` in the kernel's layout, or the one then the other, float32 on CPU (either pair None); otherwise None."""
     if not 0 < len(parts) <= 2:
         return None
     quant = parts[-1] if isinstance(parts[-1], QuantPart) else None
@@ -204,18 +218,26 @@ def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.
     if len(rest) > 1:
         return None
     lowrank = rest[0] if rest else None
-    if quant is not None and ("nibbles" not in quant._buffers or quant.nibbles.device.type != "cpu"):
+    if quant is not None and ("kernel_codes" not in quant._buffers or quant.kernel_codes.device.type != "cpu"):
         return None
     if lowrank is not None and (type(lowrank) is not LowRankPart or lowrank.v.dtype != torch.float32 or lowrank.u.dtype != torch.float32
-                                or lowrank.u.device.type != "cpu" or (quant is None and (x.shape[-1] % 16 or not kernels.available()))):
+                                or lowrank.u.device.type != "cpu" or (quant is None and (lowrank.v.shape[-1] % 16 or not kernels.available()))):
         return None
-    weights = kernel_base(base, x)
+    ut, v = (None, None) if lowrank is None else (lowrank.u.t(), lowrank.v.contiguous())
+    codes, scales = (None, None) if quant is None else (quant.kernel_layout(), quant.scales)
+    return codes, scales, ut, v
+
+
+def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
+    """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all (a base it
+    runs, `kernel_base`, and parts it runs, `kernel_parts`; otherwise None)."""
+    args = kernel_parts(parts)
+    weights = None if args is None else kernel_base(base, x)
     if weights is None:
         return None
+    codes, scales, ut, v = args
     w, b = weights
-    ut, v = (None, None) if lowrank is None else (lowrank.u.t(), lowrank.v.contiguous())
-    nibbles, scales = (None, None) if quant is None else (quant.nibbles, cast(quant.scales, torch.float32))
-    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), nibbles, scales, w, ut, v, b)
+    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, w, ut, v, b)
     return y.view(*x.shape[:-1], -1)
 
 
