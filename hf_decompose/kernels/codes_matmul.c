@@ -190,6 +190,11 @@ void hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_ou
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t *row = table + ROW * which[(i + b) / per];
                 const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
+                if (c.q && o + 2 < n_out) { /* the next rows' codes of this fine-tune: many streams outrun the prefetcher */
+                    const uint8_t *next = c.q + (o + 2) * (n_in / (c.esc ? 4 : 2));
+                    for (int64_t l = 0; l < n_in / (c.esc ? 4 : 2); l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+                    if (c.esc) _mm_prefetch((const char *)(c.esc + (c.off[o + 2] >> 1)), _MM_HINT_T0);
+                }
                 float v = hsum(a[b]) + (bias ? bias[o] : 0.0f);
                 if (c.q) {
                     float d;
