@@ -178,6 +178,20 @@ def test_why_the_kernel_is_off_is_said(monkeypatch):
 
 
 @needs_kernel
+def test_a_cpu_without_the_instructions_warns_and_pytorchs_kernels_run(monkeypatch):
+    load = kernels.ctypes.CDLL
+
+    def without(path):  # the library as a CPU without BMI2 would report
+        lib = load(path)
+        lib.hfd_supported = lambda: 0
+        return lib
+
+    monkeypatch.setattr(kernels.ctypes, "CDLL", without)
+    with pytest.warns(UserWarning, match="kernels are off: the CPU lacks one of AVX2, FMA and BMI2"):
+        assert kernels._library.__wrapped__() is None
+
+
+@needs_kernel
 def test_a_failed_build_warns_and_pytorchs_kernels_run(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     monkeypatch.setenv("HF_DECOMPOSE_CACHE", str(tmp_path))

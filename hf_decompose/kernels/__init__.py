@@ -4,13 +4,14 @@
 factors beside them (or the base and the factors alone), reading each once: the bytes a split decode step must read
 (base + delta) in one pass, instead of the base through one kernel and each part through others. `rows_codes_matmul`
 runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
-Punica's and S-LoRA's grouped kernels do for adapters). Codes are held in the smaller of two layouts (`pack`): four
-bits each, or two bits each with the codes beyond -1..1 escaped to a stream of four-bit values beside them (annealing's
-codes are mostly -1, 0 and 1: the default pair's take 2.3 bits each so, against their entropy of 1.85 bits). The C
-source (`codes_matmul.c`: AVX2 + FMA, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
+Punica's and S-LoRA's grouped kernels do for adapters), each row's codes and low-rank factors its own. Codes come in
+two layouts: four bits each (`pack_nibbles`, the faster to decode), or two bits each with the codes beyond -1..1
+escaped to a stream of four-bit values beside them (`pack_escaped`; annealing's codes are mostly -1, 0 and 1: the
+default pair's take 2.3 bits each so, against their entropy of 1.85 bits); `pack` takes the smaller. The C source
+(`codes_matmul.c`: AVX2, FMA and BMI2, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
 into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
-Where that cannot be done (no compiler, a CPU without AVX2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
+Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
 a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding).
 """
 
@@ -230,6 +231,9 @@ def _library() -> ctypes.CDLL | None:
         except OSError as e:
             reason = f"building or loading {SOURCE.name} failed ({e})"
         else:
+            if not lib.hfd_supported():
+                reason = "the CPU lacks one of AVX2, FMA and BMI2"
+        if reason is None:
             p, i = ctypes.c_void_p, ctypes.c_int64
             lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, p, i, p, i, i, p, i, p, p, p, ctypes.c_int]
             lib.hfd_codes_matmul.restype = None

@@ -1,4 +1,4 @@
-/* A CPU kernel for split execution: a base matrix, low-bit codes and low-rank factors read in one pass.
+/* A CPU kernel for split execution: a base matrix, low-bit codes and low-rank factors read in one pass (AVX2, FMA, BMI2).
 
    y[i, o] = bias[o] + W[o] . x[i] + sum_g s[o, g] (q[o, g] . x[i, g]) + sum_k U[k, o] t[i, k],   t[i] = V x[i]
 
@@ -27,6 +27,11 @@
 typedef struct { const uint8_t *q, *esc; const int32_t *off; } codes;
 
 enum { ROW = 10 }; /* int64 fields of a row of hfd_rows_codes_matmul's table */
+
+int hfd_supported(void) { /* whether this CPU runs the instructions the rest is compiled for */
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+}
 
 static inline float bf16(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

@@ -4,13 +4,13 @@ Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry, key ``codes
 Huffman-coded (about the codes' entropy per entry, key ``codes_huffman``), with scales ``(out, in / group)``
 (``scales``, or Huffman-coded ``scales_huffman``); held as int8 codes. At run time on CPU, codes of at most 4
 bits run fused, never building the float matrix: through hf_decompose's compiled kernel (`hf_decompose.kernels`:
-rows of a multiple of 16 codes held nibble-packed, products in float32; `run_with_base` runs a split module's
-base matrix and low-rank factors in the same pass), or where that kernel is not available, in groups of a multiple
-of 32 columns (rows a multiple of 16; a wider group as several of a width the kernel takes, its scale repeated) as
-an int4-packed copy through PyTorch's dequantize-matmul kernel (products in bfloat16; float16 inputs stay float16).
-That copy is then all the run-time part holds (half a byte per entry); an embedding unpacks the rows it looks up
-from the nibbles (with PyTorch's kernel, from its codes bit-packed per row, kept beside the int4 copy).
-Other codes run the reference ``x @ dequantize(codes, scales)^T`` (a float32 matrix per call).
+rows of a multiple of 16 codes, held four bits each, or after `compact` two bits each with the rarer codes escaped;
+products in float32; `run_with_base` runs a split module's base matrix and low-rank factors in the same pass), or
+where that kernel is not available, in groups of a multiple of 32 columns (rows a multiple of 16; a wider group as
+several of a width the kernel takes, its scale repeated) as an int4-packed copy through PyTorch's dequantize-matmul
+kernel (products in bfloat16; float16 inputs stay float16). That copy is then all the run-time part holds; an
+embedding unpacks the rows it looks up from it (with PyTorch's kernel, from its codes bit-packed per row, kept
+beside the int4 copy). Other codes run the reference ``x @ dequantize(codes, scales)^T`` (a float32 matrix per call).
 """
 
 from __future__ import annotations
