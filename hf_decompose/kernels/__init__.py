@@ -148,7 +148,7 @@ def codes_matmul(x: torch.Tensor, codes: HeldCodes | None, scales: torch.Tensor 
 
 
 def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]) -> torch.Tensor:
-    """``(1 + len(parts), 10)`` int64 rows (contiguous) for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
+    """``(1 + len(parts), 10)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
     (codes, bfloat16 scales, low-rank ``ut`` ``(r, out)``, ``v`` ``(r, in)``), either pair None: the codes' addresses
     and group, the factors' addresses, strides and rank. The table is only valid while those tensors live and stay
     where they are."""
@@ -164,6 +164,8 @@ def rows_codes_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       rank: int) -> torch.Tensor:
     """``x @ weight^T + bias``, each float32 CPU row ``x[i]`` plus its own parts' product: those of `table`'s row
     ``which[i // (rows / len(which))]`` (a `codes_table`, all of one shape ``(out, in)``, whose largest rank is `rank`)."""
+    if which.dtype != torch.int64 or not which.is_contiguous() or x.shape[0] % which.shape[0] or table.shape[1:] != (10,):
+        raise ValueError(f"rows_codes_matmul takes contiguous int64 table rows `which` dividing the {x.shape[0]} rows and a codes_table")
     if torch.compiler.is_compiling():
         return torch.ops.hf_decompose.rows_codes_matmul(x, weight, bias, table, which, rank)
     return _run_rows(x, weight, bias, table, which, rank)

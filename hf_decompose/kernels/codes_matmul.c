@@ -61,7 +61,7 @@ static inline uint64_t escaped16(uint32_t fields, const uint8_t *esc, int64_t *k
     const uint64_t mask = (escaped << 4) - escaped; /* 0xf on the escaped nibbles */
     uint64_t stream;
     memcpy(&stream, esc + (*k >> 1), 8);
-    stream >>= 4 * (*k & 1); /* from nibble k on: 15 nibbles at least, as many as 16 codes escape (`pack_escaped`) */
+    stream >>= 4 * (*k & 1); /* from nibble k on: at least 15 nibbles, and at most 15 of 16 codes escape (`pack_escaped`) */
     *k += __builtin_popcountll(escaped);
     return ((spread + 0x7777777777777777ull) & ~mask) | _pdep_u64(stream, mask);
 }
