@@ -60,6 +60,25 @@ BUDGET_FREE = ("bitdelta", "rtn4", "rtn3")  # every entry kept, in fewer bits
 GRADED = ("deltacome", "bitdelta_distill")  # own budgets in bits per parameter, graded in three grades
 
 
+def peer_delta(method: str, full: TensorDelta, budget: float, factors=None) -> tuple[TensorDelta, int]:
+    """(delta, stored bytes) for one matrix under a peer method at `budget`."""
+    d = full.to_dense()
+    m, n = d.shape
+    if method in ("magnitude", "dare"):
+        kept = prune(d.clone(), budget, "magnitude" if method == "magnitude" else "random", rescale=method == "dare")
+        nnz = int((kept != 0).sum())
+        return TensorDelta(full.name, full.shape, full.transposed, [DensePart(kept)]), nnz * 8  # value + index
+    if method.startswith("rtn"):  # every entry rounded to int<bits>, one scale per 64 inputs, no guard or feedback
+        packed, scales = quantize(d, int(method[3:]), 64)
+        q = TensorDelta(full.name, full.shape, full.transposed, [QuantPart.from_packed(packed, scales, full.shape)])
+        return q, q.nbytes()
+    if method == "bitdelta":
+        return TensorDelta(full.name, full.shape, full.transposed, [DensePart(d.sign() * d.abs().mean())]), math.ceil(m * n / 8) + 4
+    r = max(0, int(budget * m * n / (m + n)))
+    u, v, _ = factors if method == "ours" else weighted_lowrank(d, None)
+    return TensorDelta(full.name, full.shape, full.transposed, [LowRankPart(u[:, :r].contiguous(), v[:r].contiguous())]), 4 * r * (m + n)
+
+
 def deltacome(d: torch.Tensor, bits: float) -> tuple[torch.Tensor, int]:
     """(approximation, stored bytes) of a canonical delta under Delta-CoMe's mixed precision at `bits`
     per entry: singular directions u_i s_i v_i^T in 8 / 3 / 2 bits (2 / 32 / the rest) while the budget
