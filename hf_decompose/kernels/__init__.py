@@ -65,8 +65,11 @@ class HeldCodes(NamedTuple):
 def pack(codes: torch.Tensor) -> HeldCodes:
     """Codes ``(out, in)`` in -8..7 (``in`` a multiple of 16) in the smaller of the kernel's layouts (escapes only where
     they fit it: `pack_escaped`)."""
-    escaped = pack_escaped(codes) if _escapes_fit(codes) else None
-    return escaped if escaped is not None and escaped.nbytes() < codes.numel() // 2 else HeldCodes(pack_nibbles(codes))
+    if _escapes_fit(codes):
+        escaped = _pack_escaped(codes)
+        if escaped.nbytes() < codes.numel() // 2:
+            return escaped
+    return HeldCodes(pack_nibbles(codes))
 
 
 def _escapes_fit(codes: torch.Tensor) -> bool:
@@ -99,6 +102,10 @@ def pack_escaped(codes: torch.Tensor) -> HeldCodes:
     after them."""
     if not _escapes_fit(codes):
         raise ValueError("the two-bit layout takes at most 15 escaped codes (beyond -1..1) in each 16, fewer than 2^31 in all")
+    return _pack_escaped(codes)
+
+
+def _pack_escaped(codes: torch.Tensor) -> HeldCodes:
     n_out, n_in = codes.shape
     ordered = codes.view(n_out, n_in // 16, 2, 8).transpose(2, 3).reshape(n_out, n_in)  # field order
     escaped = ordered.abs() > 1

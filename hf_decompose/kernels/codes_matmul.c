@@ -28,6 +28,8 @@ typedef struct { const uint8_t *q, *esc; const int32_t *off; } codes;
 
 enum { ROW = 10 }; /* int64 fields of a row of hfd_rows_codes_matmul's table */
 
+static inline const uint8_t *codes_row(codes c, int64_t o, int64_t n_in) { return c.q + o * (n_in / (c.esc ? 4 : 2)); }
+
 int hfd_supported(void) { /* whether this CPU runs the instructions the rest is compiled for */
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
@@ -101,7 +103,7 @@ static inline __attribute__((always_inline)) void row_block(
     const int NB, const int ESCAPES, const float *x, int64_t n_in, const float *w, codes c, int64_t o, const uint16_t *s,
     int64_t group, float *out) {
     const int H = NB <= 2; /* the second half's accumulators */
-    const uint8_t *q = c.q + o * (n_in / (ESCAPES ? 4 : 2));
+    const uint8_t *q = codes_row(c, o, n_in);
     int64_t k = ESCAPES ? c.off[o] : 0;
     __m256 base[2][4], d[2][4];
     float delta[4] = {0, 0, 0, 0};
@@ -196,8 +198,8 @@ void hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_ou
                 const int64_t *row = table + ROW * which[(i + b) / per];
                 const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
                 if (c.q && o + 2 < n_out) { /* the next rows' codes of this fine-tune: many streams outrun the prefetcher */
-                    const uint8_t *next = c.q + (o + 2) * (n_in / (c.esc ? 4 : 2));
-                    for (int64_t l = 0; l < n_in / (c.esc ? 4 : 2); l += 64) _mm_prefetch((const char *)(next + l), _MM_HINT_T0);
+                    const uint8_t *next = codes_row(c, o + 2, n_in), *after = codes_row(c, o + 3, n_in);
+                    for (const uint8_t *l = next; l < after; l += 64) _mm_prefetch((const char *)l, _MM_HINT_T0);
                     if (c.esc) _mm_prefetch((const char *)(c.esc + (c.off[o + 2] >> 1)), _MM_HINT_T0);
                 }
                 float v = hsum(a[b]) + (bias ? bias[o] : 0.0f);
