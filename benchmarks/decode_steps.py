@@ -54,7 +54,8 @@ class Stepper:
         self.model, self.before, self.kwargs = model, before, kwargs
         self._prepare()
         out = model(input_ids=ids, use_cache=True, **kwargs)
-        self.cache, self.token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.key = "cache" if "cache" in out else "past_key_values"  # transformers 5.x's name, or the earlier one
+        self.cache, self.token = out[self.key], out.logits[:, -1:].argmax(-1)
 
     def _prepare(self) -> None:
         if self.before is not None:  # a setting of a model that two cases share (untimed)
@@ -65,9 +66,9 @@ class Stepper:
         """ms of one decode step."""
         self._prepare()
         t = time.perf_counter()
-        out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True, **self.kwargs)
+        out = self.model(input_ids=self.token, use_cache=True, **{self.key: self.cache}, **self.kwargs)
         ms = (time.perf_counter() - t) * 1e3
-        self.cache, self.token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        self.cache, self.token = out[self.key], out.logits[:, -1:].argmax(-1)
         return ms
 
 

@@ -47,24 +47,48 @@ class Routing:
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.rows: tuple[str | None, ...] | None = None
-        self._cache: dict[tuple[int, torch.device], list[tuple[tuple[str, ...], torch.Tensor | None]]] = {}
+        self._cache: dict[tuple, object] = {}  # forms derived from the routing `_cached_for` names
+        self._cached_for: tuple | None = None
 
     @contextlib.contextmanager
     def per_row(self, rows: Sequence[str | None] | None) -> Iterator[None]:
         """Route row i of the batch to fine-tune rows[i] (None: the base alone) for a while."""
         saved = self.rows
-        self.rows, self._cache = (None if rows is None else tuple(rows)), {}
+        self.rows = None if rows is None else tuple(rows)
         try:
             yield
         finally:
-            self.rows, self._cache = saved, {}
+            self.rows = saved
+
+    @property
+    def state(self) -> tuple:
+        """What decides the routing: (per-row fine-tunes, active fine-tunes); equal states route alike."""
+        return self.rows, self.active
+
+    def _memo(self) -> dict[tuple, object]:
+        """Forms derived from the routing, kept while it routes alike (a generate() call's steps, and the next call
+        with the same rows)."""
+        state = (self.rows, self.active)
+        if self._cached_for != state:
+            self._cache, self._cached_for = {}, state
+        return self._cache
+
+    def groups_for(self, tenants: nn.ModuleDict, batch: int, device: torch.device) -> list[tuple[tuple[str, ...], torch.Tensor | None]]:
+        """The `groups` naming one of `tenants`' fine-tunes (a module's own view)."""
+        held = tenants._modules.keys()
+        if self.rows is None:
+            return [(self.active, None)] if not held.isdisjoint(self.active) else []
+        cache, key = self._memo(), ("for", id(tenants), len(held), batch, device)
+        if key not in cache:
+            cache[key] = [(n, idx) for n, idx in self.groups(batch, device) if not held.isdisjoint(n)]
+        return cache[key]
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[tuple[str, ...], torch.Tensor | None]]:
         """(fine-tunes, row indices or None for all rows) for a batch of `batch` rows."""
         if self.rows is None:
             return [(self.active, None)] if self.active else []
-        key = (batch, device)
-        if key not in self._cache:
+        cache, key = self._memo(), (batch, device)
+        if key not in cache:
             if batch % len(self.rows):
                 raise ConfigError(f"decomposed_names has {len(self.rows)} entries for a batch of {batch} rows")
             repeat = batch // len(self.rows)  # generate() repeats each row for beams / num_return_sequences
@@ -73,38 +97,36 @@ class Routing:
             for i, row in enumerate(rows):
                 if self.rows[row] is not None:
                     by_name[self.rows[row]].append(i)
-            self._cache[key] = [
-                ((name,), None if len(idx) == batch else torch.tensor(idx, device=device)) for name, idx in by_name.items()
-            ]
-        return self._cache[key]
+            cache[key] = [((name,), None if len(idx) == batch else torch.tensor(idx, device=device)) for name, idx in by_name.items()]
+        return cache[key]
 
     def row_groups(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch,)``: each row's group in `groups` plus one, 0 for rows of the base alone."""
-        key = ("row_groups", batch, device)
-        if key not in self._cache:
+        cache, key = self._memo(), ("row_groups", batch, device)
+        if key not in cache:
             which = torch.zeros(batch, dtype=torch.long)
             for g, (_, idx) in enumerate(self.groups(batch, device)):
                 which[slice(None) if idx is None else idx.cpu()] = g + 1
-            self._cache[key] = which.to(device)
-        return self._cache[key]
+            cache[key] = which.to(device)
+        return cache[key]
 
     def tenant_rows(self, names: tuple[str, ...], batch: int) -> torch.Tensor:
         """``(batch,)``: each row's fine-tune as its index in `names` plus one, 0 for rows of the base alone."""
-        key = ("tenant_rows", names, batch)
-        if key not in self._cache:
+        cache, key = self._memo(), ("tenant_rows", names, batch)
+        if key not in cache:
             index = torch.zeros(batch, dtype=torch.long)
             for name, idx in self.groups(batch, torch.device("cpu")):
                 if name[0] in names:
                     index[slice(None) if idx is None else idx] = names.index(name[0]) + 1
-            self._cache[key] = index
-        return self._cache[key]
+            cache[key] = index
+        return cache[key]
 
     def layout(self, names: tuple[str, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
         """Rows padded into one slab of M per fine-tune of `names`: (gather ``(T * M,)`` row of each slot,
         positions of the used slots, their rows, rows used per fine-tune). Padding repeats row 0, unused.
         Where the fine-tunes cover every row, the positions are in row order and the rows None."""
-        key = (names, batch, device)
-        if key not in self._cache:
+        cache, key = self._memo(), (names, batch, device)
+        if key not in cache:
             where: dict[str, list[int]] = {n: [] for n in names}
             for name, idx in self.groups(batch, device):
                 if name[0] in where:
@@ -118,8 +140,8 @@ class Routing:
             if every_row:
                 pos = [p for _, p in sorted(zip(rows, pos))]
             gather_t, pos_t, rows_t = (torch.tensor(v, dtype=torch.long, device=device) for v in (gather, pos, rows))
-            self._cache[key] = (gather_t, pos_t, None if every_row else rows_t, used)
-        return self._cache[key]
+            cache[key] = (gather_t, pos_t, None if every_row else rows_t, used)
+        return cache[key]
 
 
 class _Stacked:
@@ -166,7 +188,7 @@ class _Stacked:
         self.flat = [p for ps in parts for p in ps]
         kernel = [kernel_parts(ps) for ps in parts]
         self.table = kernels.codes_table(kernel) if all(k is not None for k in kernel) else None  # see `in_kernel`
-        self.rank = 0 if self.table is None else int(self.table[:, 9].max())
+        self.rank = 0 if self.table is None else kernels.table_rank(self.table)
 
     def in_kernel(self, base: nn.Module, x: torch.Tensor, tenant_rows: torch.Tensor) -> torch.Tensor | None:
         """``base(x)`` plus each row's own fine-tune's parts in one call of the compiled kernel (Punica's grouped
@@ -250,14 +272,14 @@ class TenantModule(nn.Module):
         batch = x.shape[0]
         if self.routing.rows is not None and batch == 1 < len(self.routing.rows):  # one input for every row (position ids)
             batch = len(self.routing.rows)
-        groups = [(n, idx) for n, idx in self.routing.groups(batch, x.device) if any(t in self.tenants for t in n)]
+        groups = self.routing.groups_for(self.tenants, batch, x.device)
         if not groups:
             return self.base(x)
         x = x.expand(batch, *x.shape[1:])
         if groups[0][1] is None:  # one selection for the whole batch: the split path
             parts = [p for t in groups[0][0] if t in self.tenants for p in self.tenants[t].parts()]
             return run_split(self.base, parts, x, self.lookup, scale, self.parallel)
-        names, stacked = tuple(self.tenants), self._stacked(x.device)
+        names, stacked = self._stacked(x.device)
         y = None if self.lookup else stacked.in_kernel(self.base, x, self.routing.tenant_rows(names, batch))
         if y is not None:
             return y
@@ -273,12 +295,13 @@ class TenantModule(nn.Module):
             return y + c
         return y.index_put((rows,), c, accumulate=True)  # (index_add is slow on a busy CPU)
 
-    def _stacked(self, device: torch.device) -> _Stacked:
+    def _stacked(self, device: torch.device) -> tuple[tuple[str, ...], _Stacked]:
+        """The fine-tunes' names and their batched form (fine-tunes are only ever added: their count tells them apart)."""
         if self._tied is not None:  # one stack of the shared parts
             return self._tied._stacked(device)
-        key = (tuple(self.tenants), device)
+        key = (len(self.tenants._modules), device)
         if self._batched is None or self._batched[0] != key:
-            object.__setattr__(self, "_batched", (key, _Stacked(list(self.tenants.values()), device)))
+            object.__setattr__(self, "_batched", (key, (tuple(self.tenants), _Stacked(list(self.tenants.values()), device))))
         return self._batched[1]
 
     def _apply(self, fn, recurse=True):  # a move or a cast restacks lazily
@@ -299,7 +322,7 @@ class TenantVectors(nn.Module):
         self.tenants = nn.ModuleDict()
         object.__setattr__(self, "routing", routing)
         object.__setattr__(self, "_combined", {})
-        object.__setattr__(self, "_rows", None)  # (routing state, source vectors, per-row vectors) of the last mixed batch
+        object.__setattr__(self, "_rows", None)  # (routing state, source vectors and versions, per-row vectors) of the last mixed batch
         object.__setattr__(self, "_per_row", None)  # whether per-row vectors give each copy's output: checked once
 
     def add(self, name: str, deltas: dict[str, TensorDelta]) -> None:
@@ -326,7 +349,7 @@ class TenantVectors(nn.Module):
         return self._combined[names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = [(n, idx) for n, idx in self.routing.groups(x.shape[0], x.device) if any(t in self.tenants for t in n)]
+        groups = self.routing.groups_for(self.tenants, x.shape[0], x.device)
         if not groups:
             return self.base(x)
         if groups[0][1] is None:
@@ -341,31 +364,43 @@ class TenantVectors(nn.Module):
         return y
 
     def _rowwise(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The module run once with every row's vectors ``(rows, 1.., dim)``; None where it does not take them."""
+        """The module run once with every row's vectors ``(rows, 1.., dim)``; None where it does not take them. The
+        per-row vectors are gathered once per routing, batch and device (the same rows step after step), again where a
+        source vector was replaced or changed in place, and per call where a gradient flows."""
+        key = (self.routing.state, len(self.tenants._modules), x.shape[0], x.dim(), x.device)
+        memo = self._rows
+        if memo is None or memo[0] != key or torch.is_grad_enabled() and memo[3] or not all(
+                owner.get(a) is t and t._version == v for owner, a, t, v in memo[1]):  # fmt: skip
+            memo = self._gather(x, key)
+            if memo is None:
+                return None
+        try:
+            y = _call_with(self.base, memo[2], x)
+        except (RuntimeError, ValueError):
+            y = None
+        if self._per_row is None:  # the first mixed batch: per-row vectors must give what each copy gives
+            groups = self.routing.groups_for(self.tenants, x.shape[0], x.device)
+            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(groups, x)))
+        return y if self._per_row else None
+
+    def _gather(self, x: torch.Tensor, key: tuple) -> tuple | None:
+        """(key, sources: (parameters dict, name, tensor, version), per-row vectors, whether a gradient may flow),
+        kept where none may; None where the module's vectors are not all 1-D."""
         attrs = [a for a, _ in self.base.named_parameters(recurse=False)]
         if not attrs or any(getattr(self.base, a).dim() != 1 for a in attrs):
             object.__setattr__(self, "_per_row", False)
             return None
         groups = self.routing.groups(x.shape[0], x.device)
-        modules = [self.base, *(self._module(n) if any(t in self.tenants for t in n) else self.base for n, _ in groups)]
+        held = self.tenants._modules.keys()
+        modules = [self.base, *(self._module(n) if not held.isdisjoint(n) else self.base for n, _ in groups)]
         shape = (x.shape[0], *[1] * (x.dim() - 2), -1)
-        sources = [getattr(m, a) for m in modules for a in attrs]
-        state = (self.routing.rows, shape, x.device, [t._version for t in sources])
-        graph = torch.is_grad_enabled() and any(t.requires_grad for t in sources)  # a gradient flows: gathered per call
-        if graph or self._rows is None or self._rows[0] != state or any(a is not b for a, b in zip(self._rows[1], sources)):
-            which = self.routing.row_groups(x.shape[0], x.device)  # the same rows step after step: gathered once
-            params = {a: torch.stack([getattr(m, a) for m in modules]).index_select(0, which).view(shape) for a in attrs}
-            object.__setattr__(self, "_rows", None if graph else (state, sources, params))
-        else:
-            params = self._rows[2]
-        try:
-            y = _call_with(self.base, params, x)
-        except (RuntimeError, ValueError):
-            y = None
-        if self._per_row is None:  # the first mixed batch: per-row vectors must give what each copy gives
-            mine = [(n, idx) for n, idx in groups if any(t in self.tenants for t in n)]
-            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(mine, x)))
-        return y if self._per_row else None
+        which = self.routing.row_groups(x.shape[0], x.device)
+        params = {a: torch.stack([getattr(m, a) for m in modules]).index_select(0, which).view(shape) for a in attrs}
+        sources = [(m._parameters, a, m._parameters[a], m._parameters[a]._version) for m in modules for a in attrs]
+        grad = any(t.requires_grad for _, _, t, _ in sources)
+        memo = (key, sources, params, grad)
+        object.__setattr__(self, "_rows", None if grad and torch.is_grad_enabled() else memo)
+        return memo
 
 
 def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

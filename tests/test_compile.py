@@ -8,7 +8,7 @@ from hf_decompose.multi import TenantVectors
 from hf_decompose.parts import DensePart, TensorDelta
 
 from .synthetic import perturb, random_model
-from .test_multi import _lowrank_quant
+from .test_multi import _low_bit_lowrank, _lowrank_quant
 
 GEN = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
 ROWS = ["a", None, "b"]
@@ -33,7 +33,7 @@ def split(tmp_path_factory):
 @pytest.fixture(scope="module")
 def multi():
     base = random_model("llama")
-    deltas = {name: _lowrank_quant(base, seed=i) for i, name in enumerate("ab")}
+    deltas = {"a": _lowrank_quant(base, seed=0), "b": _low_bit_lowrank(base, seed=1)}  # b: low-bit factors, held as int8 codes
     for i, d in enumerate(deltas.values()):  # norm weights that differ per fine-tune: one run with each row's weight
         d.update({n: TensorDelta(n, tuple(p.shape), parts=[DensePart(torch.full_like(p, 0.05 * (i + 1)))])
                   for n, p in base.named_parameters() if n.endswith("norm.weight")})

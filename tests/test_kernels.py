@@ -51,7 +51,7 @@ def test_pack_takes_the_smaller_layout_the_kernel_reads():
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize("shape,group", [((48, 32), 16), ((96, 128), 64), ((40, 576), 576)])
+@pytest.mark.parametrize("shape,group", [((45, 32), 16), ((96, 128), 64), ((40, 576), 576)])  # 45: a block of outputs short of 8
 @pytest.mark.parametrize("layout", ["nibbles", "escaped"])
 def test_codes_matmul_equals_the_reference(rows, shape, group, layout):
     gen = torch.Generator().manual_seed(rows)
@@ -66,29 +66,46 @@ def test_codes_matmul_equals_the_reference(rows, shape, group, layout):
     close(kernels.codes_matmul(x, held, scales), x @ delta.t())
     close(kernels.codes_matmul(x, held, scales, w), x @ (w + delta).t())
     for ut in (u.t(), u.t().contiguous()):  # u as a transposed view (an embedding's) or laid out as its transpose's rows
-        close(kernels.codes_matmul(x, held, scales, w, ut, v, bias), x @ (w + delta + u @ v).t() + bias)
+        close(kernels.codes_matmul(x, held, scales, w, (kernels.Factors(ut, v),), bias), x @ (w + delta + u @ v).t() + bias)
+    half, low_bit = _half_codes(n_out, n_in, 5, gen)
+    close(kernels.codes_matmul(x, held, scales, w, (kernels.Factors(u.t(), v), half), bias), x @ (w + delta + u @ v + low_bit).t() + bias)
+    close(kernels.codes_matmul(x, None, None, None, (half,)), x @ low_bit.t())  # low-bit factors alone
     with pytest.raises(TypeError, match="bfloat16 scales"):
         kernels.codes_matmul(x, held, scales.float())
+    with pytest.raises(ValueError, match="at most two sets"):
+        kernels.codes_matmul(x, held, scales, w, (half,) * 3)
+
+
+def _half_codes(n_out: int, n_in: int, rank: int, gen) -> tuple[kernels.Factors, torch.Tensor]:
+    """Low-bit factors as the kernel reads them (int8 half codes h of the odd codes 2h + 1, up to 8 bits, each direction's
+    scale) and the float32 matrix they stand for."""
+    ut, v = (torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen) for shape in ((rank, n_out), (rank, n_in)))
+    scale = torch.rand(rank, generator=gen) * 1e-3
+    return kernels.Factors(ut, v, scale), (2 * ut.float() + 1).t() @ ((2 * v.float() + 1) * scale[:, None])
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_rows_codes_matmul_runs_each_rows_own_parts(rows):
-    """Each row its own fine-tune's parts (codes in either layout, low rank, both) or the base alone, in one call."""
+    """Each row its own fine-tune's parts (codes in either layout, float and low-bit low rank, any of them together) or
+    the base alone, in one call."""
     gen = torch.Generator().manual_seed(rows)
-    shape = (40, 64)
+    shape = (43, 64)  # the last block of outputs short of 8
     w, bias = torch.randn(shape, generator=gen), torch.randn(shape[0], generator=gen)
     tenants, deltas = [], [torch.zeros(shape)]
-    for layout, rank in (("escaped", 0), ("nibbles", 2), (None, 3), ("escaped", 1)):
+    for layout, rank, low_bit in (("escaped", 0, 0), ("nibbles", 2, 0), (None, 3, 0), ("escaped", 1, 2), (None, 0, 4), ("nibbles", 0, 1)):
         codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 2, generator=gen).bfloat16()
         u, v = torch.randn(shape[0], rank, generator=gen), torch.randn(rank, shape[1], generator=gen)
+        half, product = _half_codes(*shape, low_bit, gen)
         held = None if layout is None else kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes))
-        tenants.append((held, None if held is None else scales, u.t() if rank else None, v if rank else None))
-        deltas.append((0 if held is None else dequantize(codes, scales)) + u @ v)
+        factors = ((kernels.Factors(u.t(), v),) if rank else ()) + ((half,) if low_bit else ())
+        tenants.append((held, None if held is None else scales, factors))
+        deltas.append((0 if held is None else dequantize(codes, scales)) + u @ v + product)
     table = kernels.codes_table(tenants)
+    assert kernels.table_rank(table) == 4
     which = torch.randint(0, len(deltas), (rows,), generator=gen)
     x = torch.randn(rows, 2, shape[1], generator=gen)  # two positions per row
-    y = kernels.rows_codes_matmul(x.flatten(0, 1), w, bias, table, which, 3).view(rows, 2, -1)
+    y = kernels.rows_codes_matmul(x.flatten(0, 1), w, bias, table, which, 4).view(rows, 2, -1)
     for i, t in enumerate(which.tolist()):
         ref = x[i] @ (w + deltas[t]).t() + bias
         torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
-from hf_decompose import placement
+from hf_decompose import kernels, placement
 from hf_decompose.multi import TenantModule, TenantVectors, _Stacked
-from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
+from hf_decompose.parts import LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import quantize
 
 from .synthetic import perturb, random_model
@@ -177,7 +177,7 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monk
     torch.testing.assert_close(mixed, alone, rtol=tol, atol=tol)
     monkeypatch.undo()
     held = {t.untyped_storage().data_ptr() for t in multi.buffers()}
-    stacks = [m._batched[1] for m in multi.modules() if isinstance(m, TenantModule) and m._batched is not None]
+    stacks = [m._batched[1][1] for m in multi.modules() if isinstance(m, TenantModule) and m._batched is not None]
     assert stacks and all(s.u.untyped_storage().data_ptr() in held for s in stacks if s.u is not None)  # factors held once, in the stacks
     assert all((s.table is not None) == (layout == "kernel") for s in stacks)
     held = [p.kernel_layout() for p in multi.modules() if isinstance(p, QuantPart) and p.kernel_layout() is not None]
@@ -186,6 +186,53 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monk
     for i, name in enumerate(rows):
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)
     assert (mixed[0] - mixed[2]).abs().max() > 0.1 and (mixed[1] - mixed[2]).abs().max() > 0.1
+
+
+def _low_bit_lowrank(base, seed: int) -> dict[str, TensorDelta]:
+    """A fine-tune as the floor target stores one: low-bit low rank (8- and 2-bit directions), beside an exact direction
+    or low-bit codes on some matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for i, (name, p) in enumerate(base.named_parameters()):
+        if p.dim() == 2:
+            u, v = torch.randn(p.shape[0], 5, generator=gen) * 0.05, torch.randn(5, p.shape[1], generator=gen)
+            parts = [QuantLowRankPart.quantize(u[:, :2], v[:2], 8), QuantLowRankPart.quantize(u[:, 2:], v[2:], 2)]
+            if (i + seed) % 3 == 1:
+                parts.insert(0, LowRankPart(torch.randn(p.shape[0], 1, generator=gen) * 0.05, torch.randn(1, p.shape[1], generator=gen)))
+            if (i + seed) % 3 == 2:
+                codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-2, 3, 32)
+                parts.append(QuantPart.from_packed(codes, scales, tuple(p.shape)))
+            deltas[name] = TensorDelta(name, tuple(p.shape), parts=parts)
+    return deltas
+
+
+def test_low_bit_low_rank_rows_run_in_the_kernel_held_one_byte_a_code(monkeypatch):
+    if not kernels.available():
+        pytest.skip("hf_decompose's CPU kernel is not available here")
+    base = random_model("llama")
+    deltas = {name: _low_bit_lowrank(base, seed=i) for i, name in enumerate(NAMES)}
+    multi = MultiDecomposedModel(base, {})
+    for name in NAMES:
+        multi.add_decomposed(name, deltas[name])
+    held = [p for p in multi.modules() if isinstance(p, QuantLowRankPart)]
+    assert held and all(p.u_codes is None and p.u_half.dtype == torch.int8 for p in held)  # a quarter of float32 factors' bytes
+    rows = ["b", None, "a", "c", "a"]
+    ids = _ids(len(rows))
+    with torch.no_grad():
+        alone = torch.cat([multi(input_ids=ids[i : i + 1], decomposed_names=[n]).logits for i, n in enumerate(rows)])
+        stacked = []
+        call = _Stacked.__call__
+        monkeypatch.setattr(_Stacked, "__call__", lambda self, x, lookup, used: stacked.append(lookup) or call(self, x, lookup, used))
+        forward = QuantLowRankPart.forward
+        monkeypatch.setattr(QuantLowRankPart, "forward", lambda self, x, lookup=False: forward(self, x, lookup) if lookup else pytest.fail("ran outside the kernel"))
+        mixed = multi(input_ids=ids, decomposed_names=rows).logits
+        monkeypatch.undo()
+    assert stacked and all(stacked)  # only the embedding's lookups run outside the kernel
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+    assert (mixed[0] - mixed[2]).abs().max() > 0.1
+    out = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
+    for i, name in enumerate(rows):
+        assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)
 
 
 def test_offloaded_parts_leave_the_stacks(family, tmp_path):

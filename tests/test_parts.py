@@ -105,7 +105,14 @@ def test_low_bit_low_rank_is_stored_read_merged_and_run(tmp_path):
     assert torch.equal(read["weight"].to_dense(), delta.to_dense())
     merged, split, module = _merged_and_split(nn.Linear(48, 32, bias=False), read["weight"], torch.randn(3, 48, generator=gen))
     torch.testing.assert_close(split, merged)
-    assert [name for name, _ in module.ops.named_children()] == ["lowrank"]  # every width in one module, stackable across fine-tunes
+    assert [name for name, _ in module.ops.named_children()] == ["qlowrank"]  # every width's directions in one module
+    held = module.ops.qlowrank
+    assert held.u_codes is None and held.u_half.dtype == held.v_half.dtype == torch.int8  # one byte a code, the 8-bit ones too
+    dense = read["weight"].to_dense()
+    x = torch.randn(3, 48, generator=gen, requires_grad=True)  # a gradient to carry: PyTorch's matmuls, not the kernel
+    torch.testing.assert_close(held(x), x @ dense.t())
+    ids = torch.tensor([[0, 31], [5, 5]])
+    torch.testing.assert_close(held(ids, lookup=True), dense[ids])
 
 
 def test_mixed_precision_spends_bits_where_the_energy_is():

@@ -7,7 +7,8 @@ import torch
 from accelerate import infer_auto_device_map
 
 from hf_decompose import ConfigError, DecomposedConfig, DecomposedModel, decompose, print_device_map
-from hf_decompose.parts import run_split, set_parallel
+from hf_decompose.parts import DensePart, run_split, set_parallel
+from hf_decompose.parts.ops import THREAD_MIN_MACS
 from hf_decompose.placement import _hidden_parts, infer_device_map, place, spread, substructures
 
 from .synthetic import save_pair
@@ -128,3 +129,17 @@ def test_parallel_modes_give_identical_outputs(pair):
     assert module.parallel == "threads"
     with pytest.raises(ValueError):
         set_parallel(model, "fast")
+
+
+def test_auto_keeps_an_embeddings_lookup_on_the_calling_thread():
+    """A lookup gathers a row per id: "auto" never hands it to the thread pool, however large the matrix (a thread's own
+    OpenMP team then spins beside the next kernels)."""
+    base = torch.nn.Embedding(4096, 4096)
+    part = DensePart(torch.randn(4096, 4096) * 1e-3).runtime(base.weight, lambda: None, lookup=True)
+    assert part.cost() >= THREAD_MIN_MACS
+    threads: list[str] = []
+    part.register_forward_hook(lambda *_: threads.append(threading.current_thread().name))
+    ids = torch.tensor([[3, 7]])
+    out = run_split(base, [part], ids, lookup=True, parallel="auto")
+    torch.testing.assert_close(out, base(ids) + part.weight[ids])
+    assert threads == [threading.current_thread().name]

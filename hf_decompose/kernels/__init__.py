@@ -1,7 +1,8 @@
 """Compiled CPU kernels for split execution, built on first use.
 
-`codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`) and, optionally, the base matrix and low-rank
-factors beside them (or the base and the factors alone), reading each once: the bytes a split decode step must read
+`codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`) and, optionally, the base matrix and up to two sets of
+low-rank factors beside them (float32 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each),
+or any of these alone, reading each once: the bytes a split decode step must read
 (base + delta) in one pass, instead of the base through one kernel and each part through others. `rows_codes_matmul`
 runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
 Punica's and S-LoRA's grouped kernels do for adapters), each row's codes and low-rank factors its own. Codes come in
@@ -34,6 +35,7 @@ from ..pair import cache_dir
 
 SOURCE = Path(__file__).with_name("codes_matmul.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
+ROW = 17  # int64 fields of a `codes_table` row: codes (5), two sets of low-rank factors (6 each)
 _AVAILABLE: bool | None = None
 
 
@@ -60,6 +62,20 @@ class HeldCodes(NamedTuple):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self if t is not None)
+
+
+class Factors(NamedTuple):
+    """Low-rank factors ``ut^T @ v`` for the kernel: ``ut`` ``(r, out)`` (may be a transposed view) and ``v`` ``(r, in)``,
+    float32; or int8 half codes ``h`` standing for the odd codes ``2h + 1`` (`parts.QuantLowRankPart`'s) with `scale`
+    ``(r,)`` float32, each direction's scales multiplied."""
+
+    ut: torch.Tensor
+    v: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def fields(self) -> tuple[int, ...]:
+        """The kernel's int64 fields of this set (addresses, strides, rank)."""
+        return (self.ut.data_ptr(), *self.ut.stride(), self.v.data_ptr(), self.ut.shape[0], 0 if self.scale is None else self.scale.data_ptr())
 
 
 def pack(codes: torch.Tensor) -> HeldCodes:
@@ -141,37 +157,45 @@ def fits(shape: tuple[int, ...], group: int) -> bool:
 
 
 def codes_matmul(x: torch.Tensor, codes: HeldCodes | None, scales: torch.Tensor | None, weight: torch.Tensor | None = None,
-                 ut: torch.Tensor | None = None, v: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (weight + dequantize(codes, scales) + ut^T @ v)^T + bias`` for float32 CPU rows ``x`` ``(rows, in)``:
-    `codes` from `pack` with their bfloat16 `scales` ``(out, in / group)`` (or both None, with a `weight`); `weight`
-    ``(out, in)``, low-rank factors ``ut`` ``(r, out)`` and ``v`` ``(r, in)`` and `bias` optional, all float32 (`ut`
-    may be a transposed view)."""
+                 factors: tuple[Factors, ...] = (), bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (weight + dequantize(codes, scales) + sum of ut^T @ v)^T + bias`` for float32 CPU rows ``x`` ``(rows, in)``:
+    `codes` from `pack` with their bfloat16 `scales` ``(out, in / group)`` (or both None); `weight` ``(out, in)``, up to
+    two sets of low-rank `factors` and `bias` optional, float32; at least one of codes, weight and factors."""
     q, escapes, offsets = (None, None, None) if codes is None else codes
     if scales is not None and scales.dtype != torch.bfloat16:
         raise TypeError(f"the kernel reads bfloat16 scales, got {scales.dtype}")
-    if torch.compiler.is_compiling():
-        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, scales, weight, ut, v, bias)
-    return _run(x, q, escapes, offsets, scales, weight, ut, v, bias)
+    if len(factors) > 2 or (q is None and weight is None and not factors):
+        raise ValueError(f"codes_matmul takes codes, a weight or factors, and at most two sets of factors (got {len(factors)})")
+    if torch.compiler.is_compiling():  # the custom op takes the sets' tensors as one list (an empty scale for float32)
+        flat = [t for f in factors for t in (f.ut, f.v, f.scale if f.scale is not None else f.v.new_empty(0, dtype=torch.float32))]
+        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, scales, weight, flat, bias)
+    return _run(x, q, escapes, offsets, scales, weight, factors, bias)
 
 
-def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]) -> torch.Tensor:
-    """``(1 + len(parts), 10)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
-    (codes, bfloat16 scales, low-rank ``ut`` ``(r, out)``, ``v`` ``(r, in)``), either pair None: the codes' addresses
-    and group, the factors' addresses, strides and rank. The table is only valid while those tensors live and stay
+def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, tuple[Factors, ...]]]) -> torch.Tensor:
+    """``(1 + len(parts), 17)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
+    (codes, bfloat16 scales, up to two sets of low-rank factors), codes and scales None where it has none: the codes'
+    addresses and group, each set's fields (`Factors.fields`). The table is only valid while those tensors live and stay
     where they are."""
-    rows = [(0,) * 10]
-    for codes, scales, ut, v in parts:
+    rows = [(0,) * ROW]
+    for codes, scales, factors in parts:
         quant = (0,) * 5 if codes is None else (*(_ptr(t) or 0 for t in codes), scales.data_ptr(), codes.shape[1] // scales.shape[1])
-        lowrank = (0,) * 5 if ut is None else (ut.data_ptr(), *ut.stride(), v.data_ptr(), ut.shape[0])
-        rows.append(quant + lowrank)
+        sets = [f.fields() for f in factors] + [(0,) * 6] * (2 - len(factors))
+        rows.append(quant + sets[0] + sets[1])
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def table_rank(table: torch.Tensor) -> int:
+    """The largest rank a row of a `codes_table` runs (its two sets' summed)."""
+    return int((table[:, 9] + table[:, 15]).max())
 
 
 def rows_codes_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, which: torch.Tensor,
                       rank: int) -> torch.Tensor:
     """``x @ weight^T + bias``, each float32 CPU row ``x[i]`` plus its own parts' product: those of `table`'s row
-    ``which[i // (rows / len(which))]`` (a `codes_table`, all of one shape ``(out, in)``, whose largest rank is `rank`)."""
-    if which.dtype != torch.int64 or not which.is_contiguous() or x.shape[0] % which.shape[0] or table.shape[1:] != (10,):
+    ``which[i // (rows / len(which))]`` (a `codes_table`, all of one shape ``(out, in)``, whose largest rank is `rank`:
+    `table_rank`)."""
+    if which.dtype != torch.int64 or not which.is_contiguous() or x.shape[0] % which.shape[0] or table.shape[1:] != (ROW,):
         raise ValueError(f"rows_codes_matmul takes contiguous int64 table rows `which` dividing the {x.shape[0]} rows and a codes_table")
     if torch.compiler.is_compiling():
         return torch.ops.hf_decompose.rows_codes_matmul(x, weight, bias, table, which, rank)
@@ -182,24 +206,29 @@ def _run_rows(x, weight, bias, table, which, rank) -> torch.Tensor:
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0])
     t = torch.empty(x.shape[0] * rank) if rank else None
-    _library().hfd_rows_codes_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], weight.data_ptr(), table.data_ptr(), which.data_ptr(),
-                                     x.shape[0] // which.shape[0], _ptr(bias), y.data_ptr(), _ptr(t), rank, torch.get_num_threads())
+    _check(_library().hfd_rows_codes_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], weight.data_ptr(), table.data_ptr(),
+                                            which.data_ptr(), x.shape[0] // which.shape[0], _ptr(bias), y.data_ptr(), _ptr(t), rank, torch.get_num_threads()))
     return y
 
 
-def _run(x, q, escapes, offsets, scales, weight, ut, v, bias) -> torch.Tensor:
+def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], bias) -> torch.Tensor:
     lib = _library()
     rows, n_in = x.shape
-    n_out = weight.shape[0] if q is None else q.shape[0]
+    n_out = weight.shape[0] if weight is not None else q.shape[0] if q is not None else factors[0].ut.shape[1]
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(rows, n_out)
-    r = 0 if ut is None else ut.shape[0]
+    r = sum(f.ut.shape[0] for f in factors)
+    fields = (ctypes.c_int64 * (6 * len(factors)))(*(v for f in factors for v in f.fields())) if factors else None
     t = torch.empty(rows * r) if r else None
-    lib.hfd_codes_matmul(
+    _check(lib.hfd_codes_matmul(
         x.data_ptr(), rows, n_in, n_out, _ptr(weight), _ptr(q), _ptr(escapes), _ptr(offsets), _ptr(scales),
-        0 if scales is None else n_in // scales.shape[1], _ptr(ut), ut.stride(0) if r else 0, ut.stride(1) if r else 0, _ptr(v), r,
-        _ptr(bias), y.data_ptr(), _ptr(t), torch.get_num_threads())
+        0 if scales is None else n_in // scales.shape[1], fields, len(factors), _ptr(bias), y.data_ptr(), _ptr(t), torch.get_num_threads()))
     return y
+
+
+def _check(status: int) -> None:
+    if status:
+        raise MemoryError("hf_decompose's CPU kernel could not allocate its scratch (the sums of x per group of codes)")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -208,14 +237,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 @torch.library.custom_op("hf_decompose::codes_matmul", mutates_args=())
 def _codes_matmul_op(x: torch.Tensor, q: torch.Tensor | None, escapes: torch.Tensor | None, offsets: torch.Tensor | None,
-                     scales: torch.Tensor | None, weight: torch.Tensor | None, ut: torch.Tensor | None, v: torch.Tensor | None,
+                     scales: torch.Tensor | None, weight: torch.Tensor | None, factors: list[torch.Tensor],
                      bias: torch.Tensor | None) -> torch.Tensor:
-    return _run(x, q, escapes, offsets, scales, weight, ut, v, bias)
+    sets = (Factors(*factors[i : i + 3]) for i in range(0, len(factors), 3))
+    return _run(x, q, escapes, offsets, scales, weight, tuple(Factors(f.ut, f.v, f.scale if f.scale.numel() else None) for f in sets), bias)
 
 
 @_codes_matmul_op.register_fake
-def _(x, q, escapes, offsets, scales, weight, ut, v, bias):
-    return x.new_empty(x.shape[0], (weight if q is None else q).shape[0])
+def _(x, q, escapes, offsets, scales, weight, factors, bias):
+    return x.new_empty(x.shape[0], weight.shape[0] if weight is not None else q.shape[0] if q is not None else factors[0].shape[1])
 
 
 @torch.library.custom_op("hf_decompose::rows_codes_matmul", mutates_args=())
@@ -244,10 +274,10 @@ def _library() -> ctypes.CDLL | None:
                 reason = "the CPU lacks one of AVX2, FMA and BMI2"
         if reason is None:
             p, i = ctypes.c_void_p, ctypes.c_int64
-            lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, p, i, p, i, i, p, i, p, p, p, ctypes.c_int]
-            lib.hfd_codes_matmul.restype = None
+            lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, p, i, ctypes.POINTER(i), i, p, p, p, ctypes.c_int]
+            lib.hfd_codes_matmul.restype = ctypes.c_int
             lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, p, i, p, p, p, i, ctypes.c_int]
-            lib.hfd_rows_codes_matmul.restype = None
+            lib.hfd_rows_codes_matmul.restype = ctypes.c_int
             return lib
     if reason:
         warnings.warn(f"hf_decompose's CPU kernels are off: {reason}; low-bit parts run through PyTorch's kernels (slower in split execution)", stacklevel=3)

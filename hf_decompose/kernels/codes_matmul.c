@@ -1,10 +1,9 @@
 /* A CPU kernel for split execution: a base matrix, low-bit codes and low-rank factors read in one pass (AVX2, FMA, BMI2).
 
-   y[i, o] = bias[o] + W[o] . x[i] + sum_g s[o, g] (q[o, g] . x[i, g]) + sum_k U[k, o] t[i, k],   t[i] = V x[i]
+   y[i, o] = bias[o] + W[o] . x[i] + sum_g s[o, g] (q[o, g] . x[i, g]) + sum_f sum_k U_f[k, o] t_f[i, k],   t_f[i] = V_f x[i]
 
-   x (m, n_in); W (n_out, n_in) or NULL (the codes alone); s (n_out, n_in / group) the codes' bfloat16 scales; U (r,
-   n_out) at strides (u_sk, u_so) and V (r, n_in), or NULL (t: room for m x r floats); bias (n_out) or NULL; x, W, U,
-   V, bias float32. The codes q come in one of two layouts (`codes`), or none (q NULL, W given):
+   x (m, n_in); W (n_out, n_in) or NULL; s (n_out, n_in / group) the codes' bfloat16 scales; bias (n_out) or NULL; x, W,
+   bias float32. The codes q come in one of two layouts (`codes`), or none (q NULL):
    - nibbles (esc NULL): (n_out, n_in / 2) bytes, each 16 codes in 8, byte b holding q[b] + 8 in its low and
      q[b + 8] + 8 in its high nibble;
    - two bits with escapes: (n_out, n_in / 4) bytes, each 16 codes in 4 read as a little-endian word whose field i
@@ -12,21 +11,33 @@
      other code; those escaped codes follow one another in `esc`, a stream of nibbles (q + 8, two to a byte, low
      nibble first) in field order, row o's starting at nibble off[o] (int32), with 8 bytes of padding at its end; at most
      15 of each 16 codes escape.
-   n_in and group are multiples of 16. Rows run in blocks of up to four, each output row's weights and codes read
-   once per block (AVX2 + FMA; output rows split across OpenMP threads).
+   Low-rank factors (`factors`, up to two sets): U (r, n_out) at strides (u_sk, u_so) and V (r, n_in), float32, or int8
+   half codes h standing for the odd integers 2h + 1 (low-bit factors' codes), the directions' scales (U's times V's,
+   float32) in s; each set as FACTORS int64 fields (the address of U, u_sk, u_so, the address of V, r, the address of s
+   or 0 for float32); t: room for m x (the sets' r summed) floats.
+   n_in and group are multiples of 16 (n_in of 8 without codes). Output rows run in blocks of eight, split across OpenMP
+   threads (the low-rank sums of a block as one vector, where U runs along the outputs); input rows in blocks of up to
+   four, each output row's weights and codes read once per block (AVX2 + FMA). The projections t are shared out first.
 
    hfd_rows_codes_matmul is the same for rows that each have parts of their own (many fine-tunes of one base in one
    batch): row i's are those of table row which[i / per], whose ROW fields hold its codes (the addresses of q, esc,
-   off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, then its low-rank factors
-   (the address of U, u_sk, u_so, the address of V, r: U 0 for none); all 0: the base alone. r_max: the largest r
-   (t: room for m x r_max floats). */
+   off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, then two sets of low-rank
+   factors (r 0 for none); all 0: the base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats).
+   Both return 0, or 1 where their scratch (sums of x per group) could not be allocated. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct { const uint8_t *q, *esc; const int32_t *off; } codes;
+typedef struct { const void *u; int64_t u_sk, u_so; const void *v; int64_t r; const float *s; } factors;
 
-enum { ROW = 10 }; /* int64 fields of a row of hfd_rows_codes_matmul's table */
+enum { FACTORS = 6, ROW = 5 + 2 * FACTORS }; /* int64 fields of a set of factors, of a row of hfd_rows_codes_matmul's table */
+enum { OB = 8, IB = 64 }; /* output rows per block (the low-rank sums run across them as one vector), input rows per pass */
+
+static inline factors factors_at(const int64_t *f) {
+    return (factors){(const void *)f[0], f[1], f[2], (const void *)f[3], f[4], (const float *)f[5]};
+}
 
 static inline const uint8_t *codes_row(codes c, int64_t o, int64_t n_in) { return c.q + o * (n_in / (c.esc ? 4 : 2)); }
 
@@ -54,6 +65,60 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return hsum(acc);
 }
 
+static inline float dot_half(const float *a, const int8_t *h, int64_t n) { /* a . (2h + 1) */
+    const __m256 two = _mm256_set1_ps(2.0f), one = _mm256_set1_ps(1.0f);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(h + j)))), two, one);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), c, acc);
+    }
+    return hsum(acc);
+}
+
+/* V[k] . x for direction k of a set of factors (times its scale for half codes). */
+static inline float project1(const float *x, int64_t n_in, factors f, int64_t k) {
+    return f.s ? f.s[k] * dot_half(x, (const int8_t *)f.v + k * n_in, n_in) : dot(x, (const float *)f.v + k * n_in, n_in);
+}
+
+/* sum_k U[k, o] t[k] for a set of factors. */
+static inline float expand(factors f, int64_t o, const float *t) {
+    float v = 0.0f;
+    if (f.s)
+        for (int64_t k = 0; k < f.r; k++) v += (float)(2 * ((const int8_t *)f.u)[k * f.u_sk + o * f.u_so] + 1) * t[k];
+    else
+        for (int64_t k = 0; k < f.r; k++) v += ((const float *)f.u)[k * f.u_sk + o * f.u_so] * t[k];
+    return v;
+}
+
+/* v[e] += sum_k U[k, o + e] t[k] for the ne <= OB outputs from o on, every set's (t: one row's, the sets' one after
+   the other); where a set's U runs along the outputs (u_so 1) and the block is whole, eight outputs in one vector. */
+static inline void expand_block(const factors *f, int sets, int64_t o, int64_t ne, const float *t, float *v) {
+    const __m256 two = _mm256_set1_ps(2.0f), one = _mm256_set1_ps(1.0f);
+    for (int j = 0; j < sets; t += f[j].r, j++) {
+        if (ne == OB && f[j].u_so == 1) {
+            __m256 acc = _mm256_loadu_ps(v);
+            for (int64_t k = 0; k < f[j].r; k++) {
+                const int64_t at = k * f[j].u_sk + o;
+                const __m256 u = f[j].s ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)f[j].u + at)))), two, one)
+                                        : _mm256_loadu_ps((const float *)f[j].u + at);
+                acc = _mm256_fmadd_ps(u, _mm256_set1_ps(t[k]), acc);
+            }
+            _mm256_storeu_ps(v, acc);
+        } else {
+            for (int64_t e = 0; e < ne; e++) v[e] += expand(f[j], o + e, t);
+        }
+    }
+}
+
+/* 8 times each group's sum of x (n_in / group of them). */
+static inline void group_sums8(const float *x, int64_t n_in, int64_t group, float *xs8) {
+    for (int64_t g0 = 0; g0 < n_in; g0 += group) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = g0; j < g0 + group; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + j));
+        xs8[g0 / group] = 8.0f * hsum(acc);
+    }
+}
+
 /* Sixteen two-bit codes (a little-endian word) in the nibble layout, the escaped ones (field 3) read from the stream at
    nibble *k, which moves past them: two-bit fields spread to nibbles and the escapes deposited into theirs with BMI2's
    pdep, no branch (whether codes hold an escape is too random to predict). */
@@ -68,11 +133,11 @@ static inline uint64_t escaped16(uint32_t fields, const uint8_t *esc, int64_t *k
     return ((spread + 0x7777777777777777ull) & ~mask) | _pdep_u64(stream, mask);
 }
 
-/* Codes j .. j + 15 of a row (q: the row's first byte; *k: the row's next escape) as two vectors of eight floats. */
+/* Codes j .. j + 15 of a row (q: the row's first byte; *k: the row's next escape) plus 8, as two vectors of eight floats
+   (the offset comes off once per group: `row_block`). */
 static inline __attribute__((always_inline)) void codes16(const int ESCAPES, const uint8_t *q, const uint8_t *esc, int64_t *k, int64_t j,
                                                          __m256 *q0, __m256 *q1) {
     const __m128i low = _mm_set1_epi8(0x0f);
-    const __m256i eight = _mm256_set1_epi32(8);
     __m128i v;
     if (ESCAPES) {
         uint32_t fields;
@@ -81,8 +146,8 @@ static inline __attribute__((always_inline)) void codes16(const int ESCAPES, con
     } else {
         v = _mm_loadl_epi64((const __m128i *)(q + (j >> 1)));
     }
-    *q0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(v, low)), eight));
-    *q1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low)), eight));
+    *q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, low)));
+    *q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low)));
 }
 
 /* One output row o for a block of NB rows of x, the base matrix alone. */
@@ -98,10 +163,11 @@ static inline __attribute__((always_inline)) void base_block(const int NB, const
 
 /* One output row o (its weights w, codes c, scales s) for a block of NB rows of x (NB and ESCAPES constants after
    inlining, so the accumulators stay in registers; up to two rows, each half of a chunk has its own, which halves the
-   chains of dependent FMAs). */
+   chains of dependent FMAs). The codes are summed plus 8, then 8 times the group's sum of x (xs8, row b's at
+   xs8 + b * n_in / group) comes off: two instructions fewer per 16 codes. */
 static inline __attribute__((always_inline)) void row_block(
     const int NB, const int ESCAPES, const float *x, int64_t n_in, const float *w, codes c, int64_t o, const uint16_t *s,
-    int64_t group, float *out) {
+    int64_t group, const float *xs8, float *out) {
     const int H = NB <= 2; /* the second half's accumulators */
     const uint8_t *q = codes_row(c, o, n_in);
     int64_t k = ESCAPES ? c.off[o] : 0;
@@ -125,13 +191,13 @@ static inline __attribute__((always_inline)) void row_block(
             }
         }
         const float scale = bf16(s[g0 / group]);
-        for (int b = 0; b < NB; b++) delta[b] += scale * hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]);
+        for (int b = 0; b < NB; b++) delta[b] += scale * (hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]) - xs8[b * (n_in / group) + g0 / group]);
     }
     for (int b = 0; b < NB; b++) out[b] = (w ? hsum(H ? _mm256_add_ps(base[0][b], base[1][b]) : base[0][b]) : 0.0f) + delta[b];
 }
 
 static inline __attribute__((always_inline)) void codes_block(int nb, const float *x, int64_t n_in, const float *w, codes c, int64_t o,
-                                                             const uint16_t *s, int64_t group, float *out) {
+                                                             const uint16_t *s, int64_t group, const float *xs8, float *out) {
     if (!c.q) {
         switch (nb) {
             case 1: base_block(1, x, n_in, w, out); break;
@@ -141,78 +207,129 @@ static inline __attribute__((always_inline)) void codes_block(int nb, const floa
         }
     } else if (c.esc) {
         switch (nb) {
-            case 1: row_block(1, 1, x, n_in, w, c, o, s, group, out); break;
-            case 2: row_block(2, 1, x, n_in, w, c, o, s, group, out); break;
-            case 3: row_block(3, 1, x, n_in, w, c, o, s, group, out); break;
-            default: row_block(4, 1, x, n_in, w, c, o, s, group, out); break;
+            case 1: row_block(1, 1, x, n_in, w, c, o, s, group, xs8, out); break;
+            case 2: row_block(2, 1, x, n_in, w, c, o, s, group, xs8, out); break;
+            case 3: row_block(3, 1, x, n_in, w, c, o, s, group, xs8, out); break;
+            default: row_block(4, 1, x, n_in, w, c, o, s, group, xs8, out); break;
         }
     } else {
         switch (nb) {
-            case 1: row_block(1, 0, x, n_in, w, c, o, s, group, out); break;
-            case 2: row_block(2, 0, x, n_in, w, c, o, s, group, out); break;
-            case 3: row_block(3, 0, x, n_in, w, c, o, s, group, out); break;
-            default: row_block(4, 0, x, n_in, w, c, o, s, group, out); break;
+            case 1: row_block(1, 0, x, n_in, w, c, o, s, group, xs8, out); break;
+            case 2: row_block(2, 0, x, n_in, w, c, o, s, group, xs8, out); break;
+            case 3: row_block(3, 0, x, n_in, w, c, o, s, group, xs8, out); break;
+            default: row_block(4, 0, x, n_in, w, c, o, s, group, xs8, out); break;
         }
     }
 }
 
-void hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q, const uint8_t *esc,
-                      const int32_t *off, const uint16_t *s, int64_t group, const float *U, int64_t u_sk, int64_t u_so, const float *V,
-                      int64_t r, const float *bias, float *y, float *t, int threads) {
+int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q, const uint8_t *esc,
+                     const int32_t *off, const uint16_t *s, int64_t group, const int64_t *lowrank, int64_t sets, const float *bias, float *y,
+                     float *t, int threads) {
     const codes c = {q, esc, off};
     const int64_t n_groups = q ? n_in / group : 0;
-    if (U) /* t (m, r) = x V^T, before the rows that read it */
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t k = 0; k < r; k++) t[i * r + k] = dot(x + i * n_in, V + k * n_in, n_in);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < n_out; o++) {
-        for (int64_t i = 0; i < m; i += 4) {
-            float out[4];
-            codes_block(m - i < 4 ? m - i : 4, x + i * n_in, n_in, W ? W + o * n_in : 0, c, o, q ? s + o * n_groups : 0, group, out);
-            for (int b = 0; b < 4 && i + b < m; b++) {
-                float v = out[b] + (bias ? bias[o] : 0.0f);
-                for (int64_t k = 0; U && k < r; k++) v += U[k * u_sk + o * u_so] * t[(i + b) * r + k];
-                y[(i + b) * n_out + o] = v;
+    factors f[2] = {{0}, {0}};
+    int64_t r = 0;
+    for (int64_t j = 0; j < sets; j++) f[j] = factors_at(lowrank + j * FACTORS), r += f[j].r;
+    float *xs8 = q ? malloc(m * n_groups * sizeof(float)) : 0;
+    if (q && !xs8) return 1; /* out of memory */
+    for (int64_t i = 0; q && i < m; i++) group_sums8(x + i * n_in, n_in, group, xs8 + i * n_groups);
+    #pragma omp parallel num_threads(threads)
+    {
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < m * r; p++) { /* t (m, r) = x V^T, before the rows that read it (the loop's end waits) */
+        const int64_t i = p / r, k = p % r, j = k >= f[0].r;
+        t[p] = project1(x + i * n_in, n_in, f[j], k - j * f[0].r);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t o0 = 0; o0 < n_out; o0 += OB) {
+        const int64_t ne = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int64_t i0 = 0; i0 < m; i0 += IB) {
+            const int64_t mi = m - i0 < IB ? m - i0 : IB;
+            float v[IB][OB];
+            for (int64_t e = 0; e < ne; e++) {
+                const int64_t o = o0 + e;
+                for (int64_t i = 0; i < mi; i += 4) {
+                    const int64_t nb = mi - i < 4 ? mi - i : 4;
+                    float out[4] = {0, 0, 0, 0};
+                    if (W || q)
+                        codes_block(nb, x + (i0 + i) * n_in, n_in, W ? W + o * n_in : 0, c, o, q ? s + o * n_groups : 0, group,
+                                    q ? xs8 + (i0 + i) * n_groups : 0, out);
+                    for (int64_t b = 0; b < nb; b++) v[i + b][e] = out[b] + (bias ? bias[o] : 0.0f);
+                }
+            }
+            for (int64_t i = 0; i < mi; i++) {
+                expand_block(f, (int)sets, o0, ne, t + (i0 + i) * r, v[i]);
+                memcpy(y + (i0 + i) * n_out + o0, v[i], ne * sizeof(float));
             }
         }
     }
+    }
+    free(xs8);
+    return 0;
 }
 
-void hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const int64_t *table,
-                           const int64_t *which, int64_t per, const float *bias, float *y, float *t, int64_t r_max, int threads) {
-    for (int64_t i = 0; i < m; i++) { /* t (m, r_max): each row's x V^T, before the rows that read it */
+int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const int64_t *table,
+                          const int64_t *which, int64_t per, const float *bias, float *y, float *t, int64_t r_max, int threads) {
+    float *xs8 = malloc(m * (n_in / 16) * sizeof(float)); /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
+    if (!xs8) return 1; /* out of memory */
+    for (int64_t i = 0; i < m; i++) {
         const int64_t *row = table + ROW * which[i / per];
-        for (int64_t k = 0; row[8] && k < row[9]; k++) t[i * r_max + k] = dot(x + i * n_in, (const float *)row[8] + k * n_in, n_in);
+        if (row[0]) group_sums8(x + i * n_in, n_in, row[4], xs8 + i * (n_in / 16));
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < n_out; o++) {
-        const float *w = W + o * n_in;
-        for (int64_t i = 0; i < m; i += 4) {
-            const int64_t nb = m - i < 4 ? m - i : 4;
-            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t j = 0; j < n_in; j += 8) {
-                __m256 wj = _mm256_loadu_ps(w + j);
-                for (int64_t b = 0; b < nb; b++) a[b] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x + (i + b) * n_in + j), a[b]);
+    #pragma omp parallel num_threads(threads)
+    {
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < m * r_max; p++) { /* t (m, r_max): each row's x V^T, before the rows that read it */
+        const int64_t i = p / r_max, k = p % r_max, *row = table + ROW * which[i / per];
+        const factors f0 = factors_at(row + 5), f1 = factors_at(row + 5 + FACTORS);
+        if (k < f0.r + f1.r) t[p] = k < f0.r ? project1(x + i * n_in, n_in, f0, k) : project1(x + i * n_in, n_in, f1, k - f0.r);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t o0 = 0; o0 < n_out; o0 += OB) {
+        const int64_t ne = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int64_t i0 = 0; i0 < m; i0 += IB) {
+            const int64_t mi = m - i0 < IB ? m - i0 : IB;
+            float v[IB][OB];
+            for (int64_t e = 0; e < ne; e++) {
+                const int64_t o = o0 + e;
+                const float *w = W + o * n_in;
+                for (int64_t i = 0; i < mi; i += 4) {
+                    const int64_t nb = mi - i < 4 ? mi - i : 4;
+                    const float *xi = x + (i0 + i) * n_in;
+                    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                    for (int64_t j = 0; j < n_in; j += 8) {
+                        __m256 wj = _mm256_loadu_ps(w + j);
+                        for (int64_t b = 0; b < nb; b++) a[b] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xi + b * n_in + j), a[b]);
+                    }
+                    for (int64_t b = 0; b < nb; b++) {
+                        const int64_t *row = table + ROW * which[(i0 + i + b) / per];
+                        const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
+                        if (c.q && o + 2 < n_out) { /* the next rows' codes of this fine-tune: many streams outrun the prefetcher */
+                            const uint8_t *next = codes_row(c, o + 2, n_in), *after = codes_row(c, o + 3, n_in);
+                            for (const uint8_t *l = next; l < after; l += 64) _mm_prefetch((const char *)l, _MM_HINT_T0);
+                            if (c.esc) _mm_prefetch((const char *)(c.esc + (c.off[o + 2] >> 1)), _MM_HINT_T0);
+                        }
+                        float val = hsum(a[b]) + (bias ? bias[o] : 0.0f);
+                        if (c.q) {
+                            float d;
+                            const int64_t group = row[4];
+                            codes_block(1, xi + b * n_in, n_in, 0, c, o, (const uint16_t *)row[3] + o * (n_in / group), group,
+                                        xs8 + (i0 + i + b) * (n_in / 16), &d);
+                            val += d;
+                        }
+                        v[i + b][e] = val;
+                    }
+                }
             }
-            for (int64_t b = 0; b < nb; b++) {
-                const int64_t *row = table + ROW * which[(i + b) / per];
-                const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
-                if (c.q && o + 2 < n_out) { /* the next rows' codes of this fine-tune: many streams outrun the prefetcher */
-                    const uint8_t *next = codes_row(c, o + 2, n_in), *after = codes_row(c, o + 3, n_in);
-                    for (const uint8_t *l = next; l < after; l += 64) _mm_prefetch((const char *)l, _MM_HINT_T0);
-                    if (c.esc) _mm_prefetch((const char *)(c.esc + (c.off[o + 2] >> 1)), _MM_HINT_T0);
-                }
-                float v = hsum(a[b]) + (bias ? bias[o] : 0.0f);
-                if (c.q) {
-                    float d;
-                    const int64_t group = row[4];
-                    codes_block(1, x + (i + b) * n_in, n_in, 0, c, o, (const uint16_t *)row[3] + o * (n_in / group), group, &d);
-                    v += d;
-                }
-                const float *U = (const float *)row[5];
-                for (int64_t k = 0; U && k < row[9]; k++) v += U[k * row[6] + o * row[7]] * t[(i + b) * r_max + k];
-                y[(i + b) * n_out + o] = v;
+            for (int64_t i = 0; i < mi; i++) {
+                const int64_t *row = table + ROW * which[(i0 + i) / per];
+                const factors f[2] = {factors_at(row + 5), factors_at(row + 5 + FACTORS)};
+                expand_block(f, 2, o0, ne, t + (i0 + i) * r_max, v[i]);
+                memcpy(y + (i0 + i) * n_out + o0, v[i], ne * sizeof(float));
             }
         }
     }
+    }
+    free(xs8);
+    return 0;
 }

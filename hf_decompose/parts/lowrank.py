@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from .base import Part, cast, expect, register_part
 
 
@@ -55,6 +56,13 @@ class LowRankPart(Part):
         if not lookup:
             part.u = part.u.t().contiguous().t()
         return part
+
+    def kernel_factors(self) -> kernels.Factors | None:
+        """The factors as the compiled kernel reads them (float32 on CPU, inputs a multiple of 8), else None."""
+        u, v = self.u, self.v
+        if u.dtype != torch.float32 or v.dtype != torch.float32 or u.device.type != "cpu" or v.device.type != "cpu" or v.shape[-1] % 8:
+            return None
+        return kernels.Factors(u.t(), v if v.is_contiguous() else v.contiguous())
 
     def add_to(self, out: torch.Tensor) -> None:
         out += self.u.float() @ self.v.float()  # factors may be stored in bfloat16: multiply in float32

@@ -1,7 +1,7 @@
 """Running a delta's parts beside the base module they belong to.
 
 `DeltaOps` holds the run-time parts of one matrix delta as submodules (``<module>.ops.dense | .block<i> |
-.sparse | .override | .lowrank | .quant | .bias``), so Accelerate can address, place and offload each one.
+.sparse | .override | .lowrank | .qlowrank | .quant | .bias``), so Accelerate can address, place and offload each one.
 `run_split` adds their contributions to the base module's output, running them concurrently where that can
 pay off: other GPUs asynchronously, a thread pool on CPU for large pieces. (CUDA side streams were slower
 than one stream on an H200: 22.3 vs 30.4 ms/token at batch 1; the parts' kernels are too small to overlap,
@@ -20,8 +20,8 @@ from torch import nn
 
 from .base import Part
 from .delta import TensorDelta
-from .lowrank import LowRankPart
 from .quant import run_with_base
+from .quantlowrank import QuantLowRankPart
 from .vector import VectorPart
 
 PARALLEL = ("auto", "off", "threads")
@@ -44,11 +44,9 @@ class DeltaOps(nn.Module):
             return dense[0]
 
         count: dict[str, int] = {}
-        low_bit = [p.factors() for p in delta.parts if p.kind == "qlowrank"]
-        if low_bit:  # every width's dequantized factors as one low-rank module (stacked across fine-tunes where alone)
-            name = "qlowrank" if delta.get("lowrank") is not None else "lowrank"
-            stacked = LowRankPart(torch.cat([u for u, _ in low_bit], 1), torch.cat([v for _, v in low_bit], 0))
-            self.add_module(name, stacked.runtime(canonical, rest, lookup))
+        low_bit = [p for p in delta.parts if p.kind == "qlowrank"]
+        if low_bit:  # every width's directions as one module, their codes held one byte each
+            self.add_module("qlowrank", QuantLowRankPart.joined(low_bit).runtime(canonical, rest, lookup))
         for part in delta.parts:
             if part.kind == "qlowrank":
                 continue
@@ -103,8 +101,8 @@ def run_split(
         y = run_with_base(base, parts, x)
         if y is not None:
             return y
-    for p in parts:
-        threads = threads or parallel == "threads" or (parallel == "auto" and p.cost() * rows >= THREAD_MIN_MACS and _cores() > 1)
+    for p in parts:  # (a lookup gathers a row per id, whatever `cost` says of the matrix: never worth a hand-off on its own)
+        threads = threads or parallel == "threads" or (parallel == "auto" and not lookup and p.cost() * rows >= THREAD_MIN_MACS and _cores() > 1)
     threads = threads and x.device.type == "cpu"  # the thread pool is for CPU pieces
     if direct and not threads:  # the common case, kept lean: nothing hooked or placed, so each forward is called
         y = base.forward(x)  # without nn.Module's call machinery (a tenth of a split decode step at batch 1)

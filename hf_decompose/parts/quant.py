@@ -26,6 +26,7 @@ from .. import kernels
 from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack_codes, row_codes
 from .base import Part, cast, expect, register_part
 from .lowrank import LowRankPart
+from .quantlowrank import QuantLowRankPart
 
 KERNEL_CODES = ("kernel_codes", "escapes", "escape_offsets")  # buffers of the codes in the compiled kernel's layout (`kernels.HeldCodes`)
 
@@ -208,24 +209,23 @@ def kernel_base(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return w.detach(), None if b is None else b.detach()
 
 
-def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
-    """(codes, scales, ``ut``, ``v``) of parts the compiled kernel runs (`kernels.codes_matmul`): a `LowRankPart`, a
-    `QuantPart` in the kernel's layout, or the one then the other, float32 on CPU (either pair None); otherwise None."""
-    if not 0 < len(parts) <= 2:
+def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Tensor | None, tuple[kernels.Factors, ...]] | None:
+    """(codes, scales, factors) of parts the compiled kernel runs (`kernels.codes_matmul`), on CPU: at most one
+    `QuantPart` in the kernel's layout (else codes and scales None) and at most two sets of low-rank factors
+    (`LowRankPart.kernel_factors`, `QuantLowRankPart.kernel_factors`); otherwise None."""
+    codes = scales = None
+    factors = []
+    for part in parts:
+        if isinstance(part, QuantPart) and codes is None and part.kernel_layout() is not None and part.kernel_codes.device.type == "cpu":
+            codes, scales = part.kernel_layout(), part.scales
+            continue
+        f = part.kernel_factors() if isinstance(part, (LowRankPart, QuantLowRankPart)) else None
+        if f is None:
+            return None
+        factors.append(f)
+    if not parts or len(factors) > 2 or (codes is None and not kernels.available()):
         return None
-    quant = parts[-1] if isinstance(parts[-1], QuantPart) else None
-    rest = parts[:-1] if quant is not None else parts
-    if len(rest) > 1:
-        return None
-    lowrank = rest[0] if rest else None
-    if quant is not None and ("kernel_codes" not in quant._buffers or quant.kernel_codes.device.type != "cpu"):
-        return None
-    if lowrank is not None and (type(lowrank) is not LowRankPart or lowrank.v.dtype != torch.float32 or lowrank.u.dtype != torch.float32
-                                or lowrank.u.device.type != "cpu" or (quant is None and (lowrank.v.shape[-1] % 16 or not kernels.available()))):
-        return None
-    ut, v = (None, None) if lowrank is None else (lowrank.u.t(), lowrank.v.contiguous())
-    codes, scales = (None, None) if quant is None else (quant.kernel_layout(), quant.scales)
-    return codes, scales, ut, v
+    return codes, scales, tuple(factors)
 
 
 def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
@@ -235,9 +235,9 @@ def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.
     weights = None if args is None else kernel_base(base, x)
     if weights is None:
         return None
-    codes, scales, ut, v = args
+    codes, scales, factors = args
     w, b = weights
-    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, w, ut, v, b)
+    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, w, factors, b)
     return y.view(*x.shape[:-1], -1)
 
 

@@ -3,8 +3,10 @@ precision: more bits for the leading directions, fewer for the next ones, none f
 
 ``u`` ``(out, r)`` and ``v`` ``(r, in)`` as integer codes (`hf_decompose.quantize`, the full grid from 2
 bits up) with one bfloat16 scale per direction, ``u`` stored as the rows of its transpose. A delta
-holds one part per bit width (``qlowrank.<i>.*``). At run time `DeltaOps` dequantizes every width's
-factors once and runs them as one `lowrank` module (two skinny matmuls, float32 factors).
+holds one part per bit width (``qlowrank.<i>.*``). At run time `DeltaOps` joins every width's directions in one
+module holding their codes one byte each (all are odd, ``2h + 1`` for an int8 ``h``, up to 8 bits): on CPU the
+compiled kernel reads them so (`kernels.Factors`), elsewhere the factors are dequantized per call (``r (in + out)``
+values) and run as two skinny matmuls. Held so, a fine-tune's low-bit factors take a quarter of their float32 bytes.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+from .. import kernels
 from ..quantize import bits_of, codes_of, dequantize, pack_codes, quantize
-from .base import Part, expect, register_part
+from .base import Part, cast, expect, register_part
 
 
 def _grid(bits: int) -> str:
@@ -52,13 +56,58 @@ class QuantLowRankPart(Part):
         u_packed, u_scales = quantize(u.t().contiguous(), bits, 0, grid=_grid(bits))
         return cls(codes_of(u_packed, (r, u.shape[0]), _grid(bits)), u_scales, v_codes, scales, bits)
 
+    @classmethod
+    def joined(cls, parts: list[QuantLowRankPart]) -> QuantLowRankPart:
+        """The directions of `parts` (one matrix's, of any widths) as one part of the widest width (the narrower codes
+        lie on its grid too)."""
+        cat = lambda name: torch.cat([getattr(p, name).to(torch.int16 if "codes" in name else p.u_scales.dtype) for p in parts])  # noqa: E731
+        return cls(cat("u_codes"), cat("u_scales"), cat("v_codes"), cat("v_scales"), max(p.bits for p in parts))
+
     @property
     def rank(self) -> int:
-        return int(self.v_codes.shape[0])
+        return int(self.u_scales.shape[0])
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u, v)`` in float32."""
-        return dequantize(self.u_codes, self.u_scales).t(), dequantize(self.v_codes, self.v_scales)
+        u_codes, v_codes = self._codes()
+        return dequantize(u_codes, self.u_scales).t(), dequantize(v_codes, self.v_scales)
+
+    def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes of ``u^T`` and ``v``, from the form the part holds (a run-time part: half codes ``h``, ``2h + 1``)."""
+        if self.u_codes is not None:
+            return self.u_codes, self.v_codes
+        return 2 * self.u_half.to(torch.int16) + 1, 2 * self.v_half.to(torch.int16) + 1
+
+    def runtime(self, base, rest, lookup=False):
+        """Codes held as int8 half codes ``h`` (``2h + 1``; a quarter of float32 factors' bytes, the compiled kernel's
+        `kernels.Factors`), with each direction's two scales multiplied in float32 for the kernel."""
+        part = super().runtime(base, rest, lookup)
+        for name, codes in zip(("u_half", "v_half"), self._codes()):
+            part.register_buffer(name, torch.div(codes.to(torch.int16) - 1, 2, rounding_mode="floor").to(torch.int8), persistent=False)
+        part.register_buffer("scale", (self.u_scales.float() * self.v_scales.float()).flatten(), persistent=False)
+        part.u_codes = part.v_codes = None
+        return part
+
+    def kernel_factors(self) -> kernels.Factors | None:
+        """The factors as the compiled kernel reads them (a run-time part's, on CPU, float32 scales), else None."""
+        held = self._buffers.get("u_half")
+        if held is None or held.device.type != "cpu" or self.scale.dtype != torch.float32 or self.shape[1] % 8:
+            return None
+        return kernels.Factors(held, self.v_half, self.scale)
+
+    def cost(self) -> int:
+        return self.rank * sum(self.shape)
+
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        if lookup:  # the looked-up rows of u, then v (in the run's dtype: `scale` is cast with the model)
+            codes = self.u_codes.t()[x].float() if self.u_codes is not None else 2 * self.u_half.t()[x].float() + 1
+            dtype = self.scale.dtype if self.u_codes is None else torch.float32
+            return cast((codes * self.u_scales.float().flatten()) @ self.factors()[1].to(x.device), dtype)
+        f = self.kernel_factors()
+        if f is not None and x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available() and not (x.requires_grad and torch.is_grad_enabled()):
+            return kernels.codes_matmul(x.reshape(-1, x.shape[-1]), None, None, factors=(f,)).view(*x.shape[:-1], -1)
+        u, v = self.factors()
+        return F.linear(F.linear(x, cast(v.to(x.device), x.dtype)), cast(u.to(x.device), x.dtype))
 
     def state(self) -> dict[str, torch.Tensor]:
         grid = _grid(self.bits)
