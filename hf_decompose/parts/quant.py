@@ -114,8 +114,7 @@ class QuantPart(Part):
             return part
         fused = next((g for g in reversed(self.FUSED_GROUPS) if self.group % g == 0), None)  # a wider group: its scale repeated
         if kernels.fits(self.shape, self.group) and kernels.available():
-            for name, held in zip(KERNEL_CODES, kernels.HeldCodes(kernels.pack_nibbles(codes))):
-                part.register_buffer(name, held, persistent=False)
+            part._hold(kernels.HeldCodes(kernels.pack_nibbles(codes)))
             part.scales = scales.bfloat16().contiguous()  # stored in bfloat16: exact
         elif fused and codes.shape[0] % 16 == 0:
             step = scales.float().repeat_interleave(self.group // fused, 1).t().contiguous()  # (in / fused, out, [scale, zero]): zero 0, codes offset by 8
@@ -151,7 +150,17 @@ class QuantPart(Part):
         kernel's decoding work. A model serving many fine-tunes holds each one's so; one split model, four bits."""
         held = self.kernel_layout()
         if held is not None and held.escapes is None:
-            self._buffers.update(zip(KERNEL_CODES, kernels.pack(kernels.unpack(held))))
+            self._hold(kernels.pack(kernels.unpack(held)))
+
+    def _hold(self, held: kernels.HeldCodes) -> None:
+        """Hold codes in the kernel's layout as non-persistent buffers; a layout's absent tensors are no buffers at all
+        (Accelerate's offloading moves every non-persistent buffer, and a None one failed it)."""
+        for name, t in zip(KERNEL_CODES, held):
+            if t is None:
+                self._buffers.pop(name, None)
+                self._non_persistent_buffers_set.discard(name)
+            else:
+                self.register_buffer(name, t, persistent=False)
 
     def kernel_layout(self) -> kernels.HeldCodes | None:
         """The codes in the compiled kernel's layout, where the part holds them so."""
