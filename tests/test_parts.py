@@ -113,6 +113,10 @@ def test_low_bit_low_rank_is_stored_read_merged_and_run(tmp_path):
     torch.testing.assert_close(held(x), x @ dense.t())
     ids = torch.tensor([[0, 31], [5, 5]])
     torch.testing.assert_close(held(ids, lookup=True), dense[ids])
+    y = held(x.detach().bfloat16())  # 16-bit inputs: float factors in their dtype, dequantized once
+    assert y.dtype == torch.bfloat16 and held._float[0] == (x.device, torch.bfloat16)
+    torch.testing.assert_close(y.float(), x.detach() @ dense.t(), rtol=2e-2, atol=2e-2 * float((x @ dense.t()).abs().max()))
+    assert "_float" not in vars(held.to(torch.float64))  # a cast drops them
 
 
 def test_mixed_precision_spends_bits_where_the_energy_is():

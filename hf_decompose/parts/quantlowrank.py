@@ -5,8 +5,8 @@ precision: more bits for the leading directions, fewer for the next ones, none f
 bits up) with one bfloat16 scale per direction, ``u`` stored as the rows of its transpose. A delta
 holds one part per bit width (``qlowrank.<i>.*``). At run time `DeltaOps` joins every width's directions in one
 module holding their codes one byte each (all are odd, ``2h + 1`` for an int8 ``h``, up to 8 bits): on CPU the
-compiled kernel reads them so (`kernels.Factors`), elsewhere the factors are dequantized per call (``r (in + out)``
-values) and run as two skinny matmuls. Held so, a fine-tune's low-bit factors take a quarter of their float32 bytes.
+compiled kernel reads them so (`kernels.Factors`); elsewhere (an accelerator, 16-bit inputs) the factors are
+dequantized once per device and dtype and run as two skinny matmuls. Held so, a fine-tune's low-bit factors take a quarter of their float32 bytes.
 """
 
 from __future__ import annotations
@@ -106,8 +106,22 @@ class QuantLowRankPart(Part):
         f = self.kernel_factors()
         if f is not None and x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available() and not (x.requires_grad and torch.is_grad_enabled()):
             return kernels.codes_matmul(x.reshape(-1, x.shape[-1]), None, None, factors=(f,)).view(*x.shape[:-1], -1)
-        u, v = self.factors()
-        return F.linear(F.linear(x, cast(v.to(x.device), x.dtype)), cast(u.to(x.device), x.dtype))
+        u, v = self._float_factors(x.device, x.dtype)
+        return F.linear(F.linear(x, v), u)
+
+    def _float_factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u, v)`` for PyTorch's matmuls where the kernel does not run (an accelerator, 16-bit inputs, a gradient):
+        dequantized once per device and dtype rather than per call (on a GPU, five small kernels more per matrix and
+        step), dropped on a move or a cast."""
+        cached = self.__dict__.get("_float")
+        if cached is None or cached[0] != (device, dtype):
+            u, v = self.factors()
+            cached = self.__dict__["_float"] = ((device, dtype), u.to(device, dtype), v.to(device, dtype))
+        return cached[1], cached[2]
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_float", None)
+        return super()._apply(fn, recurse)
 
     def state(self) -> dict[str, torch.Tensor]:
         grid = _grid(self.bits)
