@@ -230,7 +230,7 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
     factors f[2] = {{0}, {0}};
     int64_t r = 0;
     for (int64_t j = 0; j < sets; j++) f[j] = factors_at(lowrank + j * FACTORS), r += f[j].r;
-    float *xs8 = q ? malloc(m * n_groups * sizeof(float)) : 0;
+    float *xs8 = q ? malloc((m * n_groups + 1) * sizeof(float)) : 0; /* + 1: never a request of 0 bytes (no rows) */
     if (q && !xs8) return 1; /* out of memory */
     for (int64_t i = 0; q && i < m; i++) group_sums8(x + i * n_in, n_in, group, xs8 + i * n_groups);
     #pragma omp parallel num_threads(threads)
@@ -270,7 +270,7 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
 
 int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const int64_t *table,
                           const int64_t *which, int64_t per, const float *bias, float *y, float *t, int64_t r_max, int threads) {
-    float *xs8 = malloc(m * (n_in / 16) * sizeof(float)); /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
+    float *xs8 = malloc((m * (n_in / 16) + 1) * sizeof(float)); /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
     if (!xs8) return 1; /* out of memory */
     for (int64_t i = 0; i < m; i++) {
         const int64_t *row = table + ROW * which[i / per];
