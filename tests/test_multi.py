@@ -235,6 +235,23 @@ def test_low_bit_low_rank_rows_run_in_the_kernel_held_one_byte_a_code(monkeypatc
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)
 
 
+def test_low_bit_low_rank_rows_without_the_kernel_equal_each_finetune_alone(monkeypatch):
+    """With the compiled kernel off, low-bit factors run dequantized (once) through PyTorch's matmuls."""
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    base = random_model("llama")
+    deltas = {name: _low_bit_lowrank(base, seed=i) for i, name in enumerate(NAMES)}
+    multi = MultiDecomposedModel(base, {})
+    for name in NAMES:
+        multi.add_decomposed(name, deltas[name])
+    rows = ["b", None, "a", "c", "a"]
+    ids = _ids(len(rows))
+    with torch.no_grad():
+        alone = torch.cat([multi(input_ids=ids[i : i + 1], decomposed_names=[n]).logits for i, n in enumerate(rows)])
+        mixed = multi(input_ids=ids, decomposed_names=rows).logits
+    torch.testing.assert_close(mixed, alone, rtol=1e-3, atol=1e-3)  # PyTorch's int4 kernel: bfloat16 activations
+    assert any("_float" in vars(p) for p in multi.modules() if isinstance(p, QuantLowRankPart))  # dequantized once, kept
+
+
 def test_low_bit_parts_offloaded_to_disk_give_the_same_tokens(tmp_path):
     """Codes held as nibbles (no escapes) and low-bit factors held as int8, half of the substructures offloaded."""
     base = random_model("llama")
