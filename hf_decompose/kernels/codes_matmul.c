@@ -222,6 +222,34 @@ static inline __attribute__((always_inline)) void codes_block(int nb, const floa
     }
 }
 
+/* Codes of output rows o and o + 1 (their scales s, s + n_in / group) for one row of x: the two rows' codes decoded
+   side by side against the same loads of x (four independent chains of FMAs). */
+static inline __attribute__((always_inline)) void row_pair(const int ESCAPES, const float *x, int64_t n_in, codes c, int64_t o,
+                                                          const uint16_t *s, int64_t group, const float *xs8, float *out) {
+    const uint8_t *qa = codes_row(c, o, n_in), *qb = codes_row(c, o + 1, n_in);
+    int64_t ka = ESCAPES ? c.off[o] : 0, kb = ESCAPES ? c.off[o + 1] : 0;
+    const int64_t n_groups = n_in / group;
+    float da = 0.0f, db = 0.0f;
+    for (int64_t g0 = 0; g0 < n_in; g0 += group) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+        for (int64_t j = g0; j < g0 + group; j += 16) {
+            __m256 qa0, qa1, qb0, qb1;
+            codes16(ESCAPES, qa, c.esc, &ka, j, &qa0, &qa1);
+            codes16(ESCAPES, qb, c.esc, &kb, j, &qb0, &qb1);
+            const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+            a0 = _mm256_fmadd_ps(qa0, x0, a0);
+            a1 = _mm256_fmadd_ps(qa1, x1, a1);
+            b0 = _mm256_fmadd_ps(qb0, x0, b0);
+            b1 = _mm256_fmadd_ps(qb1, x1, b1);
+        }
+        const float xs = xs8[g0 / group];
+        da += bf16(s[g0 / group]) * (hsum(_mm256_add_ps(a0, a1)) - xs);
+        db += bf16(s[n_groups + g0 / group]) * (hsum(_mm256_add_ps(b0, b1)) - xs);
+    }
+    out[0] = da;
+    out[1] = db;
+}
+
 int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q, const uint8_t *esc,
                      const int32_t *off, const uint16_t *s, int64_t group, const int64_t *lowrank, int64_t sets, const float *bias, float *y,
                      float *t, int threads) {
@@ -290,7 +318,7 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
         for (int64_t i0 = 0; i0 < m; i0 += IB) {
             const int64_t mi = m - i0 < IB ? m - i0 : IB;
             float v[IB][OB];
-            for (int64_t e = 0; e < ne; e++) {
+            for (int64_t e = 0; e < ne; e++) { /* the base, every row at once */
                 const int64_t o = o0 + e;
                 const float *w = W + o * n_in;
                 for (int64_t i = 0; i < mi; i += 4) {
@@ -301,24 +329,38 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                         __m256 wj = _mm256_loadu_ps(w + j);
                         for (int64_t b = 0; b < nb; b++) a[b] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xi + b * n_in + j), a[b]);
                     }
-                    for (int64_t b = 0; b < nb; b++) {
-                        const int64_t *row = table + ROW * which[(i0 + i + b) / per];
-                        const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
-                        if (c.q && o + 2 < n_out) { /* the next rows' codes of this fine-tune: many streams outrun the prefetcher */
-                            const uint8_t *next = codes_row(c, o + 2, n_in), *after = codes_row(c, o + 3, n_in);
-                            for (const uint8_t *l = next; l < after; l += 64) _mm_prefetch((const char *)l, _MM_HINT_T0);
-                            if (c.esc) _mm_prefetch((const char *)(c.esc + (c.off[o + 2] >> 1)), _MM_HINT_T0);
-                        }
-                        float val = hsum(a[b]) + (bias ? bias[o] : 0.0f);
-                        if (c.q) {
-                            float d;
-                            const int64_t group = row[4];
-                            codes_block(1, xi + b * n_in, n_in, 0, c, o, (const uint16_t *)row[3] + o * (n_in / group), group,
-                                        xs8 + (i0 + i + b) * (n_in / 16), &d);
-                            val += d;
-                        }
-                        v[i + b][e] = val;
-                    }
+                    for (int64_t b = 0; b < nb; b++) v[i + b][e] = hsum(a[b]) + (bias ? bias[o] : 0.0f);
+                }
+            }
+            for (int64_t i = 0; i < mi; i++) { /* each row's own codes, two output rows at a time */
+                const int64_t *row = table + ROW * which[(i0 + i) / per];
+                const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
+                if (!c.q)
+                    continue;
+                if (o0 + OB < n_out) { /* this fine-tune's codes of the next block: many streams outrun the prefetcher */
+                    const int64_t last = o0 + 2 * OB < n_out ? o0 + 2 * OB : n_out;
+                    for (const uint8_t *l = codes_row(c, o0 + OB, n_in), *end = codes_row(c, last, n_in); l < end; l += 64)
+                        _mm_prefetch((const char *)l, _MM_HINT_T0);
+                    for (int64_t at = c.off ? c.off[o0 + OB] >> 1 : 0, end = c.off ? (c.off[last] >> 1) + 1 : 0; at < end; at += 64)
+                        _mm_prefetch((const char *)(c.esc + at), _MM_HINT_T0);
+                }
+                const int64_t group = row[4];
+                const float *xi = x + (i0 + i) * n_in, *xs = xs8 + (i0 + i) * (n_in / 16);
+                const uint16_t *s = (const uint16_t *)row[3] + o0 * (n_in / group);
+                int64_t e = 0;
+                for (; e + 1 < ne; e += 2, s += 2 * (n_in / group)) {
+                    float d[2];
+                    if (c.esc)
+                        row_pair(1, xi, n_in, c, o0 + e, s, group, xs, d);
+                    else
+                        row_pair(0, xi, n_in, c, o0 + e, s, group, xs, d);
+                    v[i][e] += d[0];
+                    v[i][e + 1] += d[1];
+                }
+                if (e < ne) {
+                    float d;
+                    codes_block(1, xi, n_in, 0, c, o0 + e, s, group, xs, &d);
+                    v[i][e] += d;
                 }
             }
             for (int64_t i = 0; i < mi; i++) {
