@@ -23,6 +23,7 @@
    batch): row i's are those of table row which[i / per], whose ROW fields hold its codes (the addresses of q, esc,
    off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, then two sets of low-rank
    factors (r 0 for none); all 0: the base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats).
+   There the base runs first for every row, then each row's codes two output rows at a time (`row_pair`).
    Both return 0, or 1 where their scratch (sums of x per group) could not be allocated. */
 #include <immintrin.h>
 #include <stdint.h>
