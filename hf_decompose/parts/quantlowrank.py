@@ -4,9 +4,9 @@ precision: more bits for the leading directions, fewer for the next ones, none f
 ``u`` ``(out, r)`` and ``v`` ``(r, in)`` as integer codes (`hf_decompose.quantize`, the full grid from 2
 bits up) with one bfloat16 scale per direction, ``u`` stored as the rows of its transpose. A delta
 holds one part per bit width (``qlowrank.<i>.*``). At run time `DeltaOps` joins every width's directions in one
-module holding their codes one byte each (all are odd, ``2h + 1`` for an int8 ``h``, up to 8 bits): on CPU the
-compiled kernel reads them so (`kernels.Factors`); elsewhere (an accelerator, 16-bit inputs) the factors are
-dequantized once per device and dtype and run as two skinny matmuls. Held so, a fine-tune's low-bit factors take a quarter of their float32 bytes.
+module holding their codes one byte each (all are odd, ``2h + 1`` for an int8 ``h``, up to 8 bits; a quarter of
+float32 factors' bytes): on CPU the compiled kernel reads them so (`kernels.Factors`); elsewhere (an accelerator,
+16-bit inputs) the factors are dequantized once per device and dtype and run as two skinny matmuls.
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ class QuantLowRankPart(Part):
 
     def _codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes of ``u^T`` and ``v``, from the form the part holds (a run-time part: half codes ``h``, ``2h + 1``)."""
-        if self.u_codes is not None:
-            return self.u_codes, self.v_codes
-        return 2 * self.u_half.to(torch.int16) + 1, 2 * self.v_half.to(torch.int16) + 1
+        return self._held("u"), self._held("v")
+
+    def _held(self, factor: str) -> torch.Tensor:
+        codes = self._buffers[f"{factor}_codes"]
+        return codes if codes is not None else 2 * self._buffers[f"{factor}_half"].to(torch.int16) + 1
 
     def runtime(self, base, rest, lookup=False):
         """Codes held as int8 half codes ``h`` (``2h + 1``; a quarter of float32 factors' bytes, the compiled kernel's
@@ -99,10 +101,10 @@ class QuantLowRankPart(Part):
         return self.rank * sum(self.shape)
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
-        if lookup:  # the looked-up rows of u, then v (in the run's dtype: `scale` is cast with the model)
+        if lookup:  # the looked-up rows of u, then v (in the run's dtype: `scale` is cast with the model); u never whole
             codes = self.u_codes.t()[x].float() if self.u_codes is not None else 2 * self.u_half.t()[x].float() + 1
             dtype = self.scale.dtype if self.u_codes is None else torch.float32
-            return cast((codes * self.u_scales.float().flatten()) @ self.factors()[1].to(x.device), dtype)
+            return cast((codes * self.u_scales.float().flatten()) @ dequantize(self._held("v"), self.v_scales).to(x.device), dtype)
         f = self.kernel_factors()
         if f is not None and x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available() and not (x.requires_grad and torch.is_grad_enabled()):
             return kernels.codes_matmul(x.reshape(-1, x.shape[-1]), None, None, factors=(f,)).view(*x.shape[:-1], -1)
