@@ -68,7 +68,7 @@ class Routing:
     def _memo(self) -> dict[tuple, object]:
         """Forms derived from the routing, kept while it routes alike (a generate() call's steps, and the next call
         with the same rows)."""
-        state = (self.rows, self.active)
+        state = self.state
         if self._cached_for != state:
             self._cache, self._cached_for = {}, state
         return self._cache

@@ -81,6 +81,11 @@ static inline float project1(const float *x, int64_t n_in, factors f, int64_t k)
     return f.s ? f.s[k] * dot_half(x, (const int8_t *)f.v + k * n_in, n_in) : dot(x, (const float *)f.v + k * n_in, n_in);
 }
 
+/* Direction k of two sets of factors taken one after the other (f[0]'s r first). */
+static inline float project_at(const float *x, int64_t n_in, const factors *f, int64_t k) {
+    return k < f[0].r ? project1(x, n_in, f[0], k) : project1(x, n_in, f[1], k - f[0].r);
+}
+
 /* sum_k U[k, o] t[k] for a set of factors. */
 static inline float expand(factors f, int64_t o, const float *t) {
     float v = 0.0f;
@@ -265,10 +270,8 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
     #pragma omp parallel num_threads(threads)
     {
     #pragma omp for schedule(static)
-    for (int64_t p = 0; p < m * r; p++) { /* t (m, r) = x V^T, before the rows that read it (the loop's end waits) */
-        const int64_t i = p / r, k = p % r, j = k >= f[0].r;
-        t[p] = project1(x + i * n_in, n_in, f[j], k - j * f[0].r);
-    }
+    for (int64_t p = 0; p < m * r; p++) /* t (m, r) = x V^T, before the rows that read it (the loop's end waits) */
+        t[p] = project_at(x + (p / r) * n_in, n_in, f, p % r);
     #pragma omp for schedule(static)
     for (int64_t o0 = 0; o0 < n_out; o0 += OB) {
         const int64_t ne = n_out - o0 < OB ? n_out - o0 : OB;
@@ -310,8 +313,8 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < m * r_max; p++) { /* t (m, r_max): each row's x V^T, before the rows that read it */
         const int64_t i = p / r_max, k = p % r_max, *row = table + ROW * which[i / per];
-        const factors f0 = factors_at(row + 5), f1 = factors_at(row + 5 + FACTORS);
-        if (k < f0.r + f1.r) t[p] = k < f0.r ? project1(x + i * n_in, n_in, f0, k) : project1(x + i * n_in, n_in, f1, k - f0.r);
+        const factors f[2] = {factors_at(row + 5), factors_at(row + 5 + FACTORS)};
+        if (k < f[0].r + f[1].r) t[p] = project_at(x + i * n_in, n_in, f, k);
     }
     #pragma omp for schedule(static)
     for (int64_t o0 = 0; o0 < n_out; o0 += OB) {
@@ -324,13 +327,9 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                 const float *w = W + o * n_in;
                 for (int64_t i = 0; i < mi; i += 4) {
                     const int64_t nb = mi - i < 4 ? mi - i : 4;
-                    const float *xi = x + (i0 + i) * n_in;
-                    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-                    for (int64_t j = 0; j < n_in; j += 8) {
-                        __m256 wj = _mm256_loadu_ps(w + j);
-                        for (int64_t b = 0; b < nb; b++) a[b] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xi + b * n_in + j), a[b]);
-                    }
-                    for (int64_t b = 0; b < nb; b++) v[i + b][e] = hsum(a[b]) + (bias ? bias[o] : 0.0f);
+                    float out[4];
+                    codes_block(nb, x + (i0 + i) * n_in, n_in, w, (codes){0}, o, 0, 0, 0, out); /* no codes: `base_block` */
+                    for (int64_t b = 0; b < nb; b++) v[i + b][e] = out[b] + (bias ? bias[o] : 0.0f);
                 }
             }
             for (int64_t i = 0; i < mi; i++) { /* each row's own codes, two output rows at a time */

@@ -225,8 +225,9 @@ def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Ten
     codes = scales = None
     factors = []
     for part in parts:
-        if isinstance(part, QuantPart) and codes is None and part.kernel_layout() is not None and part.kernel_codes.device.type == "cpu":
-            codes, scales = part.kernel_layout(), part.scales
+        held = part.kernel_layout() if isinstance(part, QuantPart) and codes is None else None
+        if held is not None and held.q.device.type == "cpu":
+            codes, scales = held, part.scales
             continue
         f = part.kernel_factors() if isinstance(part, (LowRankPart, QuantLowRankPart)) else None
         if f is None:
