@@ -7,17 +7,19 @@ target is the median over steps of that step's ratio: on a shared machine whose 
 between 1.19 and 1.64 in one run), both sides of a ratio ran within milliseconds of each other.
 
 * batch 1: the original fine-tune, the decomposed model merged, split (thread pool on / off);
-* 8 rows: one merged model; a decomposed model serving N = 1, 2, 4, 8 fine-tunes by name (row i ->
-  fine-tune i mod N); 8 separate full models run one after another, one row each: 8 x the original's
-  batch-1 step (the models are alike and none fits a CPU cache, so this is what eight copies cost,
-  without their memory).
+* 8 rows: one merged model; a decomposed model serving 8 fine-tunes by name, rows routed to N = 1, 2, 4, 8 of
+  them (row i -> fine-tune i mod N; one model for every N, so that a ~1B family's copies fit in memory); 8
+  separate full models run one after another, one row each: 8 x the original's batch-1 step (the models are
+  alike and none fits a CPU cache, so this is what eight copies cost, without their memory).
 
 Every case records the bytes a step must read (`_bytes.step_bytes`: the base once plus each active
 fine-tune's substructures in the form the kernels read) and the byte bound: merged tokens/s x base
-bytes / bytes read. Uses `inference.py`'s synthetic family (``--synthetic LAYERS [--hidden H]``; the
-output says "synthetic") or the default pair's anneal artifact (``--mode``, ``--target``; built and cached on first use).
+bytes / bytes read. Uses `inference.py`'s synthetic family (``--synthetic LAYERS [--hidden H] [--level L]``;
+the output says "synthetic") or the default pair's anneal artifact (``--mode``, ``--target``; built and cached on
+first use).
 
     python benchmarks/decode_steps.py --synthetic 12 [--threads 2]
+    python benchmarks/decode_steps.py --synthetic 18 --hidden 2048 --level step1.5 --steps 24   # ~0.9B, ~15 min
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _bytes import resident_bytes, step_bytes  # noqa: E402
 from _machine import machine  # noqa: E402
-from inference import default_family, synthetic_family  # noqa: E402
+from inference import SYNTHETIC_LEVELS, default_family, synthetic_family  # noqa: E402
 
 from hf_decompose import DecomposedModel, kernels  # noqa: E402
 from hf_decompose.parts import set_parallel  # noqa: E402
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="anneal", help="how the default pair is decomposed")
     parser.add_argument("--target", help="annealing's target for the default pair (tie, the default, or floor)")
     parser.add_argument("--hidden", type=int, default=1024, help="width of the synthetic model")
+    parser.add_argument("--level", default="int3g64", choices=SYNTHETIC_LEVELS, help="the synthetic fine-tune's stored layout")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per case")
     parser.add_argument("--output", type=Path)
@@ -99,16 +102,16 @@ def main(argv: list[str] | None = None) -> None:
     from hf_decompose.pair import cache_dir
 
     root = cache_dir() / "benchmarks"
-    family = synthetic_family(root, args.synthetic, args.hidden) if args.synthetic else default_family(1, root, args.mode, args.target)
+    family = synthetic_family(root, args.synthetic, args.hidden, args.level) if args.synthetic else default_family(1, root, args.mode, args.target)
     vocab = AutoModelForCausalLM.from_pretrained(family["base"]).config.vocab_size
     ids = torch.randint(1, vocab, (ROWS, 16), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(family["finetuned"][0], dtype=torch.float32).eval()
     merged = DecomposedModel.from_pretrained(family["artifacts"][0]).set_execution("merged")
     split = DecomposedModel.from_pretrained(family["artifacts"][0]).set_execution("split")
-    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B" if args.synthetic else \
+    label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B, {args.level}" if args.synthetic else \
         f"default pair, {args.mode} artifact{f' ({args.target} target)' if args.target else ''}"
     art_bytes = Path(family["artifacts"][0], "decomposition.safetensors").stat().st_size
-    multis = {n: DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(n)}) for n in TENANTS}
+    multi = DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(max(TENANTS))})  # N = 1, 2, 4 use the first N
     names = {n: [f"ft{i % n}" for i in range(ROWS)] for n in TENANTS}
     load_before = [round(x, 2) for x in os.getloadavg()]
     times = run({  # the cases take turns step by step, so that the machine's bursts hit every ratio alike
@@ -117,12 +120,13 @@ def main(argv: list[str] | None = None) -> None:
         "split_b1": Stepper(split, ids[:1], before=lambda: set_parallel(split, "auto")),
         "split_serial_b1": Stepper(split, ids[:1], before=lambda: set_parallel(split, "off")),
         "merged_b8": Stepper(merged, ids),
-        **{f"multi_n{n}_b8": Stepper(multis[n], ids, decomposed_names=names[n]) for n in TENANTS},
+        **{f"multi_n{n}_b8": Stepper(multi, ids, decomposed_names=names[n]) for n in TENANTS},
     }, args.steps)  # fmt: skip
+    held = step_bytes(multi)
     read = {"original": step_bytes(original), "merged": step_bytes(merged), "split": step_bytes(split),
-            **{f"multi_n{n}": step_bytes(multis[n]) for n in TENANTS}}  # fmt: skip
-    memory = {f"multi_n{n}": {"resident_bytes": resident_bytes(multis[n]), "budget_bytes": int(1.1 * (read["original"]["base"] + n * art_bytes))}
-              for n in TENANTS}  # fmt: skip
+            **{f"multi_n{n}": {**held, "parts": {f"ft{k}": held["parts"][f"ft{k}"] for k in range(n)}} for n in TENANTS}}  # fmt: skip
+    every = max(TENANTS)  # the model holds every fine-tune: its memory is N = 8's
+    memory = {f"multi_n{every}": {"resident_bytes": resident_bytes(multi), "budget_bytes": int(1.1 * (read["original"]["base"] + every * art_bytes))}}
     times["separate_n8_b8"] = [ROWS * t for t in times["original_b1"]]
     ms = {k: statistics.median(v) for k, v in times.items()}
     tok = {k: (ROWS if k.endswith("b8") else 1) * 1e3 / v for k, v in ms.items()}
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
            "ms_per_step": ms, "ms_all": times, "tokens_per_s": tok, "artifact_file_bytes": art_bytes, "bytes_read_per_step": per_step,
            "bytes_read": read, "bound_tokens_per_s": bound, "memory": memory,
            "targets": {k: {"value": v, "target": t, "met": v <= t if op == "<=" else v >= t} for k, (v, t, op) in ratios.items()}}  # fmt: skip
-    case = f"synthetic{args.synthetic}" if args.synthetic else f"default_pair_{args.mode}{f'_{args.target}' if args.target else ''}"
+    case = f"synthetic{args.synthetic}{'' if args.hidden == 1024 else f'x{args.hidden}'}{'' if args.level == 'int3g64' else f'_{args.level}'}" if args.synthetic else f"default_pair_{args.mode}{f'_{args.target}' if args.target else ''}"
     out = args.output or RESULTS / f"decode_steps_{case}.json"
     out.write_text(json.dumps(res, indent=2))
     print(table(res))

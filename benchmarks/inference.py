@@ -93,41 +93,52 @@ def quick_family(n: int, root: Path) -> dict:
     return _decomposed(root / "base", tuned, root, prompts, pad=0)
 
 
-def synthetic_family(root: Path, layers: int, hidden: int = 1024) -> dict:
+SYNTHETIC_LEVELS = {  # name: (rank of the factors, quantize's arguments for the residual's codes)
+    "int3g64": (16, {"bits": 3, "group": 64}),  # 3-bit group-64 codes: annealing's layout when the benchmark was written
+    "step1.5": (2, {"bits": 4, "step": 1.5}),  # one scale per row, 1.5 x its RMS: the default pair's most common level today
+}
+
+
+def synthetic_family(root: Path, layers: int, hidden: int = 1024, level: str = "int3g64") -> dict:
     """A random Llama (`hidden` wide, `layers` layers, 32k vocabulary, tied head: ~0.17B at 1024 x 12,
-    ~1B at 2048 x 18) and a fine-tune stored the way annealing stores one: rank-16 factors plus a 3-bit
-    group-64 residual on every matrix. Built through the public API (`TensorDelta`, `quantize`, `artifact.save`)."""
+    ~0.9B at 2048 x 18) and a fine-tune stored the way annealing stores one: low-rank factors plus a low-bit
+    residual on every matrix (`SYNTHETIC_LEVELS`). Built through the public API (`TensorDelta`, `quantize`,
+    `artifact.save`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_decompose import artifact
     from hf_decompose.quantize import quantize
     from hf_decompose.parts import LowRankPart, QuantPart, TensorDelta
 
+    rank, codes_args = SYNTHETIC_LEVELS[level]
     root = root / (f"synthetic-{layers}" if hidden == 1024 else f"synthetic-{hidden}x{layers}")
-    lowbit, lossless = root / "ft0-lowrank-int3g64", root / "ft0-lossless"
+    tuned = root / ("ft0" if level == "int3g64" else f"ft0-{level}")
+    lowbit, lossless = root / ("ft0-lowrank-int3g64" if level == "int3g64" else f"{tuned.name}-decomposed"), root / f"{tuned.name}-lossless"
     heads, ffn = hidden // 64, 256 * round(2.75 * hidden / 256)
     if not (lowbit / "decomposed_config.json").exists():
-        config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=heads // 4, max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(root / "base")
+        if not (root / "base" / "config.json").exists():
+            config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                                 num_key_value_heads=heads // 4, max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
+            torch.manual_seed(0)
+            LlamaForCausalLM(config).save_pretrained(root / "base")
         model = LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
         gen, deltas = torch.Generator().manual_seed(1), {}
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.dim() == 2:
-                    u, v = torch.randn(p.shape[0], 16, generator=gen) * 0.01, torch.randn(16, p.shape[1], generator=gen) * 0.01
-                    codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-3, 3, 64)
+                    u, v = torch.randn(p.shape[0], rank, generator=gen) * 0.01, torch.randn(rank, p.shape[1], generator=gen) * 0.01
+                    codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-3, **codes_args)
                     deltas[name] = TensorDelta(name, tuple(p.shape), parts=[LowRankPart(u, v), QuantPart.from_packed(codes, scales, tuple(p.shape))])
                     p.copy_(deltas[name].merge(p))
-        model.save_pretrained(root / "ft0")
-        exact = decompose(root / "ft0", root / "base", DecomposedConfig(mode="lossless"), progress=False)
+        model.save_pretrained(tuned)
+        del model
+        exact = decompose(tuned, root / "base", DecomposedConfig(mode="lossless"), progress=False)
         exact.save_pretrained(lossless, overwrite=True)
         d = exact.decomposition
         artifact.save(lowbit, {**exact.deltas, **deltas}, d.index, d.report, d.artifact_dir)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 32000, (int(torch.randint(12, 24, (1,), generator=gen)),), generator=gen).tolist() for _ in range(ROWS)]
-    return {"base": str(root / "base"), "finetuned": [str(root / "ft0")], "artifacts": [str(lowbit)], "lossless": str(lossless),
+    return {"base": str(root / "base"), "finetuned": [str(tuned)], "artifacts": [str(lowbit)], "lossless": str(lossless),
             "prompts": prompts, "pad": 0}  # fmt: skip
 
 
