@@ -111,6 +111,32 @@ def test_rows_codes_matmul_runs_each_rows_own_parts(rows):
         torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
 
 
+@needs_kernel
+def test_rows_codes_matmul_decodes_a_finetunes_rows_together_in_any_order():
+    """Rows of one fine-tune interleaved with others' (row i -> fine-tune i mod 3, some for the base alone) give what the
+    same rows give grouped, bit for bit, and each its fine-tune's product; a row naming no table row is refused."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (40, 96)
+    w = torch.randn(shape, generator=gen)
+    parts, deltas = [], [torch.zeros(shape)]
+    for layout in ("escaped", "nibbles", "escaped"):
+        codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 3, generator=gen).bfloat16()
+        parts.append((kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes)), scales, ()))
+        deltas.append(dequantize(codes, scales))
+    table = kernels.codes_table(parts)
+    which = torch.tensor([i % 4 for i in range(20)])  # five rows each: a run of four, then a lone row
+    x = torch.randn(20, shape[1], generator=gen)
+    y = kernels.rows_codes_matmul(x, w, None, table, which, 0)
+    order = torch.sort(which, stable=True).indices
+    grouped = kernels.rows_codes_matmul(x[order], w, None, table, which[order].contiguous(), 0)
+    assert torch.equal(y[order], grouped)
+    for i, t in enumerate(which.tolist()):
+        ref = x[i] @ (w + deltas[t]).t()
+        torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="no table row|beyond"):
+        kernels.rows_codes_matmul(x, w, None, table, torch.tensor([0, 4] * 10), 0)
+
+
 def _module(bias: bool = False) -> DecomposedModule:
     """A split linear module holding what annealing stores: a low-rank part and 4-bit codes."""
     gen = torch.Generator().manual_seed(0)

@@ -206,7 +206,7 @@ def _run_rows(x, weight, bias, table, which, rank) -> torch.Tensor:
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0])
     t = torch.empty(x.shape[0] * rank) if rank else None
-    _check(_library().hfd_rows_codes_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], weight.data_ptr(), table.data_ptr(),
+    _check(_library().hfd_rows_codes_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.shape[0], weight.data_ptr(), table.data_ptr(), table.shape[0],
                                             which.data_ptr(), x.shape[0] // which.shape[0], _ptr(bias), y.data_ptr(), _ptr(t), rank, torch.get_num_threads()))
     return y
 
@@ -227,6 +227,8 @@ def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], b
 
 
 def _check(status: int) -> None:
+    if status == 2:
+        raise ValueError("rows_codes_matmul: a row names a table row beyond its codes_table")
     if status:
         raise MemoryError("hf_decompose's CPU kernel could not allocate its scratch (the sums of x per group of codes)")
 
@@ -276,7 +278,7 @@ def _library() -> ctypes.CDLL | None:
             p, i = ctypes.c_void_p, ctypes.c_int64
             lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, p, i, ctypes.POINTER(i), i, p, p, p, ctypes.c_int]
             lib.hfd_codes_matmul.restype = ctypes.c_int
-            lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, p, i, p, p, p, i, ctypes.c_int]
+            lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, i, p, i, p, p, p, i, ctypes.c_int]
             lib.hfd_rows_codes_matmul.restype = ctypes.c_int
             return lib
     if reason:

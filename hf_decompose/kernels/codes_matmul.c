@@ -20,11 +20,14 @@
    four, each output row's weights and codes read once per block (AVX2 + FMA). The projections t are shared out first.
 
    hfd_rows_codes_matmul is the same for rows that each have parts of their own (many fine-tunes of one base in one
-   batch): row i's are those of table row which[i / per], whose ROW fields hold its codes (the addresses of q, esc,
-   off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, then two sets of low-rank
-   factors (r 0 for none); all 0: the base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats).
-   There the base runs first for every row, then each row's codes two output rows at a time (`row_pair`).
-   Both return 0, or 1 where their scratch (sums of x per group) could not be allocated. */
+   batch): row i's are those of table row which[i / per] (of n_table), whose ROW fields hold its codes (the addresses
+   of q, esc, off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, then two sets of
+   low-rank factors (r 0 for none); all 0: the base alone. r_max: the largest sum of a row's r (t: room for m x r_max
+   floats). There the rows of one fine-tune run side by side (copied so where they are not: `grouped_order`), the
+   base first for every row, then each run of up to four rows of one fine-tune decodes its codes once per output row
+   (`row_block`), a lone row two output rows at a time (`row_pair`).
+   Both return 0, or 1 where their scratch could not be allocated; hfd_rows_codes_matmul 2 where a row names no table
+   row. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -170,10 +173,10 @@ static inline __attribute__((always_inline)) void base_block(const int NB, const
 /* One output row o (its weights w, codes c, scales s) for a block of NB rows of x (NB and ESCAPES constants after
    inlining, so the accumulators stay in registers; up to two rows, each half of a chunk has its own, which halves the
    chains of dependent FMAs). The codes are summed plus 8, then 8 times the group's sum of x (xs8, row b's at
-   xs8 + b * n_in / group) comes off: two instructions fewer per 16 codes. */
+   xs8 + b * xs_row) comes off: two instructions fewer per 16 codes. */
 static inline __attribute__((always_inline)) void row_block(
     const int NB, const int ESCAPES, const float *x, int64_t n_in, const float *w, codes c, int64_t o, const uint16_t *s,
-    int64_t group, const float *xs8, float *out) {
+    int64_t group, const float *xs8, int64_t xs_row, float *out) {
     const int H = NB <= 2; /* the second half's accumulators */
     const uint8_t *q = codes_row(c, o, n_in);
     int64_t k = ESCAPES ? c.off[o] : 0;
@@ -197,13 +200,13 @@ static inline __attribute__((always_inline)) void row_block(
             }
         }
         const float scale = bf16(s[g0 / group]);
-        for (int b = 0; b < NB; b++) delta[b] += scale * (hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]) - xs8[b * (n_in / group) + g0 / group]);
+        for (int b = 0; b < NB; b++) delta[b] += scale * (hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]) - xs8[b * xs_row + g0 / group]);
     }
     for (int b = 0; b < NB; b++) out[b] = (w ? hsum(H ? _mm256_add_ps(base[0][b], base[1][b]) : base[0][b]) : 0.0f) + delta[b];
 }
 
 static inline __attribute__((always_inline)) void codes_block(int nb, const float *x, int64_t n_in, const float *w, codes c, int64_t o,
-                                                             const uint16_t *s, int64_t group, const float *xs8, float *out) {
+                                                             const uint16_t *s, int64_t group, const float *xs8, int64_t xs_row, float *out) {
     if (!c.q) {
         switch (nb) {
             case 1: base_block(1, x, n_in, w, out); break;
@@ -213,17 +216,17 @@ static inline __attribute__((always_inline)) void codes_block(int nb, const floa
         }
     } else if (c.esc) {
         switch (nb) {
-            case 1: row_block(1, 1, x, n_in, w, c, o, s, group, xs8, out); break;
-            case 2: row_block(2, 1, x, n_in, w, c, o, s, group, xs8, out); break;
-            case 3: row_block(3, 1, x, n_in, w, c, o, s, group, xs8, out); break;
-            default: row_block(4, 1, x, n_in, w, c, o, s, group, xs8, out); break;
+            case 1: row_block(1, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 2: row_block(2, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 3: row_block(3, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            default: row_block(4, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
         }
     } else {
         switch (nb) {
-            case 1: row_block(1, 0, x, n_in, w, c, o, s, group, xs8, out); break;
-            case 2: row_block(2, 0, x, n_in, w, c, o, s, group, xs8, out); break;
-            case 3: row_block(3, 0, x, n_in, w, c, o, s, group, xs8, out); break;
-            default: row_block(4, 0, x, n_in, w, c, o, s, group, xs8, out); break;
+            case 1: row_block(1, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 2: row_block(2, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 3: row_block(3, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            default: row_block(4, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
         }
     }
 }
@@ -285,7 +288,7 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
                     float out[4] = {0, 0, 0, 0};
                     if (W || q)
                         codes_block(nb, x + (i0 + i) * n_in, n_in, W ? W + o * n_in : 0, c, o, q ? s + o * n_groups : 0, group,
-                                    q ? xs8 + (i0 + i) * n_groups : 0, out);
+                                    q ? xs8 + (i0 + i) * n_groups : 0, n_groups, out);
                     for (int64_t b = 0; b < nb; b++) v[i + b][e] = out[b] + (bias ? bias[o] : 0.0f);
                 }
             }
@@ -300,19 +303,55 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
     return 0;
 }
 
+/* A stable order of the rows that puts each table row's together (a counting sort): order[i] is the row run i-th.
+   NULL where they already are together or where memory ran out (*status 1) or a row names no table row (*status 2). */
+static int64_t *grouped_order(const int64_t *which, int64_t m, int64_t per, int64_t n_table, int *status) {
+    int64_t *count = calloc(n_table + 1, sizeof(int64_t)), *order = NULL;
+    int together = 1;
+    if (!count) return *status = 1, NULL;
+    for (int64_t g = 0; g < m / per; g++) {
+        if (which[g] < 0 || which[g] >= n_table) {
+            free(count);
+            return *status = 2, NULL;
+        }
+        together &= g == 0 || which[g] == which[g - 1] || !count[which[g] + 1]; /* a table row seen before, not just before */
+        count[which[g] + 1] += per;
+    }
+    if (!together && !(order = malloc(m * sizeof(int64_t)))) *status = 1;
+    if (order) {
+        for (int64_t k = 1; k <= n_table; k++) count[k] += count[k - 1];
+        for (int64_t i = 0; i < m; i++) order[count[which[i / per]]++] = i;
+    }
+    free(count);
+    return order;
+}
+
 int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const int64_t *table,
-                          const int64_t *which, int64_t per, const float *bias, float *y, float *t, int64_t r_max, int threads) {
-    float *xs8 = malloc((m * (n_in / 16) + 1) * sizeof(float)); /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
-    if (!xs8) return 1; /* out of memory */
+                          int64_t n_table, const int64_t *which, int64_t per, const float *bias, float *y, float *t, int64_t r_max,
+                          int threads) {
+    int status = 0;
+    int64_t *order = grouped_order(which, m, per, n_table, &status); /* rows of one fine-tune side by side: codes decode once */
+    float *xo = order ? malloc((m * n_in + 1) * sizeof(float)) : 0, *xs8 = malloc((m * (n_in / 16) + 1) * sizeof(float));
+    int64_t *tab = malloc((m + 1) * sizeof(int64_t)); /* the table row of each row, in the order they run */
+    if (status || (order && !xo) || !xs8 || !tab) {
+        free(order), free(xo), free(xs8), free(tab);
+        return status ? status : 1;
+    }
     for (int64_t i = 0; i < m; i++) {
-        const int64_t *row = table + ROW * which[i / per];
+        const int64_t from = order ? order[i] : i;
+        tab[i] = which[from / per];
+        if (order) memcpy(xo + i * n_in, x + from * n_in, n_in * sizeof(float));
+    }
+    if (order) x = xo;
+    for (int64_t i = 0; i < m; i++) { /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
+        const int64_t *row = table + ROW * tab[i];
         if (row[0]) group_sums8(x + i * n_in, n_in, row[4], xs8 + i * (n_in / 16));
     }
     #pragma omp parallel num_threads(threads)
     {
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < m * r_max; p++) { /* t (m, r_max): each row's x V^T, before the rows that read it */
-        const int64_t i = p / r_max, k = p % r_max, *row = table + ROW * which[i / per];
+        const int64_t i = p / r_max, k = p % r_max, *row = table + ROW * tab[i];
         const factors f[2] = {factors_at(row + 5), factors_at(row + 5 + FACTORS)};
         if (k < f[0].r + f[1].r) t[p] = project_at(x + i * n_in, n_in, f, k);
     }
@@ -328,12 +367,13 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                 for (int64_t i = 0; i < mi; i += 4) {
                     const int64_t nb = mi - i < 4 ? mi - i : 4;
                     float out[4];
-                    codes_block(nb, x + (i0 + i) * n_in, n_in, w, (codes){0}, o, 0, 0, 0, out); /* no codes: `base_block` */
+                    codes_block(nb, x + (i0 + i) * n_in, n_in, w, (codes){0}, o, 0, 0, 0, 0, out); /* no codes: `base_block` */
                     for (int64_t b = 0; b < nb; b++) v[i + b][e] = out[b] + (bias ? bias[o] : 0.0f);
                 }
             }
-            for (int64_t i = 0; i < mi; i++) { /* each row's own codes, two output rows at a time */
-                const int64_t *row = table + ROW * which[(i0 + i) / per];
+            for (int64_t i = 0, nb; i < mi; i += nb) { /* each run of up to four rows of one fine-tune: its codes once */
+                const int64_t *row = table + ROW * tab[i0 + i];
+                for (nb = 1; nb < 4 && i + nb < mi && tab[i0 + i + nb] == tab[i0 + i];) nb++;
                 const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
                 if (!c.q)
                     continue;
@@ -348,7 +388,15 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                 const float *xi = x + (i0 + i) * n_in, *xs = xs8 + (i0 + i) * (n_in / 16);
                 const uint16_t *s = (const uint16_t *)row[3] + o0 * (n_in / group);
                 int64_t e = 0;
-                for (; e + 1 < ne; e += 2, s += 2 * (n_in / group)) {
+                if (nb > 1) { /* several rows: each output row's codes against all of them */
+                    for (; e < ne; e++, s += n_in / group) {
+                        float d[4];
+                        codes_block((int)nb, xi, n_in, 0, c, o0 + e, s, group, xs, n_in / 16, d);
+                        for (int64_t b = 0; b < nb; b++) v[i + b][e] += d[b];
+                    }
+                    continue;
+                }
+                for (; e + 1 < ne; e += 2, s += 2 * (n_in / group)) { /* one row: two output rows at a time */
                     float d[2];
                     if (c.esc)
                         row_pair(1, xi, n_in, c, o0 + e, s, group, xs, d);
@@ -359,19 +407,19 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                 }
                 if (e < ne) {
                     float d;
-                    codes_block(1, xi, n_in, 0, c, o0 + e, s, group, xs, &d);
+                    codes_block(1, xi, n_in, 0, c, o0 + e, s, group, xs, n_in / 16, &d);
                     v[i][e] += d;
                 }
             }
             for (int64_t i = 0; i < mi; i++) {
-                const int64_t *row = table + ROW * which[(i0 + i) / per];
+                const int64_t *row = table + ROW * tab[i0 + i];
                 const factors f[2] = {factors_at(row + 5), factors_at(row + 5 + FACTORS)};
                 expand_block(f, 2, o0, ne, t + (i0 + i) * r_max, v[i]);
-                memcpy(y + (i0 + i) * n_out + o0, v[i], ne * sizeof(float));
+                memcpy(y + (order ? order[i0 + i] : i0 + i) * n_out + o0, v[i], ne * sizeof(float));
             }
         }
     }
     }
-    free(xs8);
+    free(order), free(xo), free(xs8), free(tab);
     return 0;
 }
