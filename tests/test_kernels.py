@@ -135,6 +135,7 @@ def test_rows_codes_matmul_decodes_a_finetunes_rows_together_in_any_order():
         torch.testing.assert_close(y[i], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     with pytest.raises(ValueError, match="no table row|beyond"):
         kernels.rows_codes_matmul(x, w, None, table, torch.tensor([0, 4] * 10), 0)
+    assert kernels.rows_codes_matmul(x[:0], w, None, table, which[:1], 0).shape == (0, shape[0])  # no rows
 
 
 def _module(bias: bool = False) -> DecomposedModule:

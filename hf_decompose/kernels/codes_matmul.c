@@ -354,6 +354,7 @@ static int64_t *grouped_order(const int64_t *which, int64_t m, int64_t per, int6
 int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const int64_t *table,
                           int64_t n_table, const int64_t *which, int64_t per, const float *bias, float *y, float *t, int64_t r_max,
                           int threads) {
+    if (m == 0) return 0; /* no rows (per 0) */
     int status = 0;
     int64_t *order = grouped_order(which, m, per, n_table, &status); /* rows of one fine-tune side by side: codes decode once */
     float *xo = order ? malloc((m * n_in + 1) * sizeof(float)) : 0, *xs8 = malloc((m * (n_in / 16) + 1) * sizeof(float));
