@@ -170,31 +170,6 @@ static inline __attribute__((always_inline)) void base_block(const int NB, const
     for (int b = 0; b < NB; b++) out[b] = hsum(a[b]);
 }
 
-/* Output rows o and o + 1 (weights wa, wb) for a block of NB rows of x, the base alone: each load of x feeds both. */
-static inline __attribute__((always_inline)) void base_pair(const int NB, const float *x, int64_t n_in, const float *wa, const float *wb,
-                                                           float *out_a, float *out_b) {
-    __m256 a[4], b[4];
-    for (int r = 0; r < NB; r++) a[r] = b[r] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n_in; j += 8) {
-        const __m256 va = _mm256_loadu_ps(wa + j), vb = _mm256_loadu_ps(wb + j);
-        for (int r = 0; r < NB; r++) {
-            const __m256 xr = _mm256_loadu_ps(x + r * n_in + j);
-            a[r] = _mm256_fmadd_ps(va, xr, a[r]);
-            b[r] = _mm256_fmadd_ps(vb, xr, b[r]);
-        }
-    }
-    for (int r = 0; r < NB; r++) out_a[r] = hsum(a[r]), out_b[r] = hsum(b[r]);
-}
-
-static inline void base_pair_block(int nb, const float *x, int64_t n_in, const float *wa, const float *wb, float *out_a, float *out_b) {
-    switch (nb) {
-        case 1: base_pair(1, x, n_in, wa, wb, out_a, out_b); break;
-        case 2: base_pair(2, x, n_in, wa, wb, out_a, out_b); break;
-        case 3: base_pair(3, x, n_in, wa, wb, out_a, out_b); break;
-        default: base_pair(4, x, n_in, wa, wb, out_a, out_b); break;
-    }
-}
-
 /* One output row o (its weights w, codes c, scales s) for a block of NB rows of x (NB and ESCAPES constants after
    inlining, so the accumulators stay in registers; up to two rows, each half of a chunk has its own, which halves the
    chains of dependent FMAs). The codes are summed plus 8, then 8 times the group's sum of x (xs8, row b's at
@@ -387,19 +362,14 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
         for (int64_t i0 = 0; i0 < m; i0 += IB) {
             const int64_t mi = m - i0 < IB ? m - i0 : IB;
             float v[IB][OB];
-            for (int64_t e = 0; e < ne; e += 2) { /* the base, every row at once, two output rows at a time */
-                const int64_t o = o0 + e, pair = e + 1 < ne;
+            for (int64_t e = 0; e < ne; e++) { /* the base, every row at once */
+                const int64_t o = o0 + e;
+                const float *w = W + o * n_in;
                 for (int64_t i = 0; i < mi; i += 4) {
                     const int64_t nb = mi - i < 4 ? mi - i : 4;
-                    float out[2][4];
-                    if (pair)
-                        base_pair_block((int)nb, x + (i0 + i) * n_in, n_in, W + o * n_in, W + (o + 1) * n_in, out[0], out[1]);
-                    else
-                        codes_block((int)nb, x + (i0 + i) * n_in, n_in, W + o * n_in, (codes){0}, o, 0, 0, 0, 0, out[0]); /* `base_block` */
-                    for (int64_t b = 0; b < nb; b++) {
-                        v[i + b][e] = out[0][b] + (bias ? bias[o] : 0.0f);
-                        if (pair) v[i + b][e + 1] = out[1][b] + (bias ? bias[o + 1] : 0.0f);
-                    }
+                    float out[4];
+                    codes_block(nb, x + (i0 + i) * n_in, n_in, w, (codes){0}, o, 0, 0, 0, 0, out); /* no codes: `base_block` */
+                    for (int64_t b = 0; b < nb; b++) v[i + b][e] = out[b] + (bias ? bias[o] : 0.0f);
                 }
             }
             for (int64_t i = 0, nb; i < mi; i += nb) { /* each run of up to four rows of one fine-tune: its codes once */
