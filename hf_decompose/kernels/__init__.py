@@ -230,7 +230,7 @@ def _check(status: int) -> None:
     if status == 2:
         raise ValueError("rows_codes_matmul: a row names a table row beyond its codes_table")
     if status:
-        raise MemoryError("hf_decompose's CPU kernel could not allocate its scratch (the sums of x per group of codes)")
+        raise MemoryError("hf_decompose's CPU kernel could not allocate its scratch (sums of x per group of codes, rows put in order of fine-tune)")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
