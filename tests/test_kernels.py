@@ -113,7 +113,7 @@ def test_rows_codes_matmul_runs_each_rows_own_parts(rows):
 
 @needs_kernel
 def test_rows_codes_matmul_decodes_a_finetunes_rows_together_in_any_order():
-    """Rows of one fine-tune interleaved with others' (row i -> fine-tune i mod 3, some for the base alone) give what the
+    """Rows of one fine-tune interleaved with others' (row i -> table row i mod 4, row 0 the base alone) give what the
     same rows give grouped, bit for bit, and each its fine-tune's product; a row naming no table row is refused."""
     gen = torch.Generator().manual_seed(0)
     shape = (40, 96)
