@@ -204,7 +204,6 @@ def run(texts: dict[str, str], pretrain_steps: int = 400, ft_steps: int = 200, l
     held = encode(texts["paradise_regained"].lower())
     prompts = torch.stack([held[i : i + 48] for i in range(0, 8 * 4000, 4000)])
     model = new_model()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
     pretrained, ever_pre = train(model, pre_ids, pretrain_steps, lr=3e-3, frozen=PRETRAIN_FROZEN)[pretrain_steps]
     timings = {"pretrain_s": time.perf_counter() - t0}
     results: dict = {"model": CONFIG, "steps": {"pretrain": pretrain_steps, "fine_tune": ft_steps, "long": long_steps}, "regimes": {}}
