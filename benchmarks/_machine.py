@@ -1,4 +1,4 @@
-"""Name the machine a benchmark ran on."""
+"""Name the machine a benchmark ran on, and measure a phase's peak memory."""
 
 import os
 import platform
@@ -22,3 +22,17 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+# Source of `peak_rss_bytes()` for the fresh processes that benchmarks time phases in. `ru_maxrss` is not it: Linux
+# carries the spawning process's peak across exec (a parent that had built a 0.5B pair made every phase read 2.46 GB);
+# VmHWM is the high-water mark of the phase's own address space.
+PEAK_RSS = r"""
+def peak_rss_bytes():
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration):  # not Linux: the rusage peak (may include the spawning process's)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import PEAK_RSS, machine  # noqa: E402
 
 TARGETS = {"lossless": 3.0, "criterion": 10.0}  # on CPU; on CUDA 3.0 for both
-PHASE = r"""
-import json, resource, sys, tempfile, time
+PHASE = PEAK_RSS + r"""
+import json, sys, tempfile, time
 from pathlib import Path
 phase, mode, base, ft, device, threads = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 t0 = time.perf_counter()
@@ -60,7 +60,7 @@ else:
     with tempfile.TemporaryDirectory() as out:
         decompose_to_disk(ft, base, DecomposedConfig(mode=mode, device=device), output_dir=f"{out}/artifact", progress=False)
 t2 = time.perf_counter()
-print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 

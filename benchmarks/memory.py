@@ -29,12 +29,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import PEAK_RSS, machine  # noqa: E402
 
 TARGET = 1.5
 MERGED_TARGET = 1.05  # merged execution: parameter bytes over the fine-tune's
-PHASE = r"""
-import json, resource, sys, tempfile, time
+PHASE = PEAK_RSS + r"""
+import json, sys, tempfile, time
 import torch, transformers
 import hf_decompose
 from hf_decompose import DecomposedConfig, decompose, decompose_to_disk
@@ -58,13 +58,13 @@ with tempfile.TemporaryDirectory() as out:
         with torch.no_grad():
             model(input_ids=torch.arange(1, 65).reshape(1, 64))
         footprint = model.get_memory_footprint()
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
                   "footprint_bytes": footprint, "annealing": annealing}))
 """
 
 
 def measure(phase: str, mode: str, base: Path, finetuned: Path, artifact: Path | str = "", calibration: Path | str = "") -> dict:
-    """Peak RSS (ru_maxrss) and wall time of one phase, in a fresh process (`calibration`: a prompts file)."""
+    """Peak RSS (VmHWM) and wall time of one phase, in a fresh process (`calibration`: a prompts file)."""
     proc = subprocess.run([sys.executable, "-c", PHASE, phase, mode, str(base), str(finetuned), str(artifact), str(calibration)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{phase} {mode} failed:\n{proc.stderr[-3000:]}")

@@ -14,7 +14,7 @@ Per size, each phase in a fresh process (peaks do not mix), timed after its impo
   public API: `--modes lossless,criterion,anneal`).
 
 Reported per mode: seconds and seconds over the read (ratio in one round), nanoseconds per parameter,
-peak RSS (ru_maxrss) over one checkpoint's bytes, and peak GPU memory when the device is CUDA.
+peak RSS (VmHWM, the phase's own) over one checkpoint's bytes, and peak GPU memory when the device is CUDA.
 Acceptance (issue 12): on CPU lossless <= 3x and criterion <= 10x the read; time per parameter flat
 within 1.3x across sizes; peak RSS <= 1.5x one checkpoint at 1.5B. Writes benchmarks/results/scale.json
 and scale.png.
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import PEAK_RSS, machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"lossless": 3.0, "criterion": 10.0}  # time over the read of both checkpoints, on CPU
@@ -55,8 +55,8 @@ SIZES = {
 CPU_SIZES, GPU_SIZES = "0.1b,0.5b,1.5b", "0.1b,0.5b,1.5b,3b,8b"
 RANK, LOWRANK_SCALE, NOISE = 8, 1e-3, 2e-4
 
-PHASE = r"""
-import json, resource, sys, tempfile, time
+PHASE = PEAK_RSS + r"""
+import json, sys, tempfile, time
 phase, base, ft, device, out, threads = sys.argv[1:7]
 t0 = time.perf_counter()
 import torch
@@ -77,7 +77,7 @@ else:
         decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
 t2 = time.perf_counter()
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and phase != "read" else None
-print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": peak_rss_bytes(),
                   "peak_gpu_bytes": gpu}))
 """
 
