@@ -43,6 +43,10 @@ class TensorTargets:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self._targets: dict[str, Target] = {}
         converted = []
+        metas = {pname: torch.empty(param.shape, dtype=param.dtype, device="meta") for pname, param in self.params.items()}
+        if _unchanged(metas, _revert(model, metas)):  # no conversion at all (most architectures): one call, not one a parameter
+            self._targets, self._converted = {pname: Target(pname) for pname in metas}, []
+            return
         for pname, param in self.params.items():
             saved = _revert(model, {pname: torch.empty(param.shape, dtype=param.dtype, device="meta")})
             if list(saved) == [pname] or (len(saved) == 1 and tuple(next(iter(saved.values())).shape) == tuple(param.shape)):
@@ -84,6 +88,11 @@ def _strided(pname: str, positions: torch.Tensor) -> Target:
         raise CheckpointError(f"transformers converts checkpoint tensors into {pname!r} by more than a strided view: "
                               "this architecture is not supported by hf_decompose")  # fmt: skip
     return Target(pname, tuple(positions.shape), tuple(strides), offset)
+
+
+def _unchanged(state: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> bool:
+    """Whether a reverse conversion gave back the very tensors of `state`, each under its own name."""
+    return list(saved) == list(state) and all(saved[k] is v for k, v in state.items())
 
 
 def _revert(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
