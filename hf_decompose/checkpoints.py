@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import kernels
 from .errors import CheckpointError
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -135,11 +136,14 @@ class CheckpointReader:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether no value of `tensor` is NaN or Inf. On CPU tested on its bits (no exponent field all ones), a
-    cache-sized block at a time: one read of the tensor (a float32 sum of bfloat16 values took 6x as long)."""
+    """Whether no value of `tensor` is NaN or Inf. On CPU tested on its bits (no exponent field all ones): 16-bit
+    values by the compiled kernel (`kernels.all_finite_16`), others a cache-sized block at a time: one read of the
+    tensor (a float32 sum of bfloat16 values took 6x as long)."""
     if tensor.device.type != "cpu" or tensor.dtype not in EXPONENT_BITS:
         return bool(torch.isfinite(tensor).all())
     bits_dtype, exponent = EXPONENT_BITS[tensor.dtype]
+    if tensor.element_size() == 2 and kernels.available():
+        return kernels.all_finite_16(tensor.contiguous(), exponent)
     bits = tensor.contiguous().view(bits_dtype).numpy().reshape(-1)
     scratch = np.empty(min(bits.size, FINITE_BLOCK), bits.dtype)
     for start in range(0, bits.size, FINITE_BLOCK):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import kernels
 from .checkpoints import EXPONENT_BITS
 
 BLOCK = 1 << 16  # entries compared at a time on CPU: the temporaries stay in cache, no full-size mask is made
@@ -80,10 +81,10 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
     With `unless_dense` (a dense-block density), None where the result would surely cost more bytes than the
     fine-tune's own values in `dtype` (`_costlier`): decided before nudging every mismatched entry.
     """
-    delta, flat = _difference(base, finetuned, dtype, model_dtype)
+    delta, flat, counts = _difference(base, finetuned, dtype, model_dtype)
     if not flat.numel():
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)
-    if unless_dense is not None and _costlier(base, finetuned, delta, flat, model_dtype, unless_dense):
+    if unless_dense is not None and _costlier(base, finetuned, delta, flat, model_dtype, unless_dense, counts):
         return None
     b, f, d = (t.reshape(-1).index_select(0, flat) for t in (base, finetuned, delta))
     d, bad = _nudged(b, f.to(model_dtype), d, model_dtype)
@@ -93,12 +94,13 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
 
 
 def _costlier(base: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor, model_dtype: torch.dtype,
-              dense_block_density: float, sample: int = 64) -> bool:
-    """Whether a matrix's exact delta (before nudges; `flat`: its mismatched entries) surely ends up as a dense
-    delta plus at least one override, more bytes than the fine-tune's own values: its support is one dense block
-    whatever the nudges do (each mismatched entry counted as lost), and one of the first `sample` mismatched
-    entries no nudge fixes. A full fine-tune in bfloat16 leaves about one entry in sixty mismatched."""
-    counts = support_counts(delta)
+              dense_block_density: float, counts: tuple[np.ndarray, np.ndarray] | None = None, sample: int = 64) -> bool:
+    """Whether a matrix's exact delta (before nudges; `flat`: its mismatched entries; `counts`: its `support_counts`
+    where known) surely ends up as a dense delta plus at least one override, more bytes than the fine-tune's own
+    values: its support is one dense block whatever the nudges do (each mismatched entry counted as lost), and one of
+    the first `sample` mismatched entries no nudge fixes. A full fine-tune in bfloat16 leaves about one entry in sixty
+    mismatched."""
+    counts = counts or support_counts(delta)
     if counts is None:
         return False
     n_rows, n_cols = delta.shape
@@ -137,13 +139,19 @@ def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.stack(np.unravel_index(flat.numpy(), shape), 1))
 
 
-def _difference(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(finetuned - base rounded once to `dtype`, the flat positions where it does not merge back to the fine-tune).
-    On CPU a block of `BLOCK` entries at a time, each block checked while in cache: one pass over the inputs
-    instead of full-size sums and masks (the usual block merges back exactly and costs one bitwise test)."""
+def _difference(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[np.ndarray, np.ndarray] | None]:
+    """(finetuned - base rounded once to `dtype`, the flat positions where it does not merge back to the fine-tune,
+    the difference's `support_counts` where they came with it, else None). A bfloat16 pair on CPU goes through the
+    compiled kernel (`kernels.exact_delta_bf16`: one pass, support counted on the way); other CPU pairs a block of
+    `BLOCK` entries at a time, each block checked while in cache: one pass over the inputs instead of full-size sums
+    and masks (the usual block merges back exactly and costs one bitwise test)."""
     if base.device.type != "cpu" or not (base.is_contiguous() and finetuned.is_contiguous()):
         delta = (finetuned - base).to(dtype).contiguous()
-        return delta, _flat(_mismatch(base, delta, finetuned.to(model_dtype)))
+        return delta, _flat(_mismatch(base, delta, finetuned.to(model_dtype))), None
+    if base.dtype == finetuned.dtype == dtype == model_dtype == torch.bfloat16 and base.numel() and kernels.available():
+        delta, flat, rows, cols = kernels.exact_delta_bf16(base, finetuned)
+        return delta, flat, (rows.numpy(), cols.numpy()) if delta.dim() == 2 else None
     delta = torch.empty(base.shape, dtype=dtype)
     b, f, d = base.view(-1), finetuned.view(-1), delta.view(-1)
     bits, hits = _BITS[model_dtype], []
@@ -153,7 +161,7 @@ def _difference(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype,
         merged, target = _merge(bb, db, model_dtype).view(bits), fb.to(model_dtype).view(bits)
         if not torch.equal(merged, target):
             hits.append(_flat(_differ(merged, target)) + start)
-    return delta, torch.cat(hits) if hits else torch.zeros(0, dtype=torch.long)
+    return delta, torch.cat(hits) if hits else torch.zeros(0, dtype=torch.long), None
 
 
 def _flat(mask: torch.Tensor) -> torch.Tensor:

@@ -239,6 +239,66 @@ def test_a_cpu_without_the_instructions_warns_and_pytorchs_kernels_run(monkeypat
 def test_a_failed_build_warns_and_pytorchs_kernels_run(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     monkeypatch.setenv("HF_DECOMPOSE_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c failed"):
+    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c and bits16.c failed"):
         assert kernels._library.__wrapped__() is None
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in place
+
+
+def _bf16_pair(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bfloat16 (base, fine-tune) with small changes, unchanged entries, signed zeros, subnormals, far exponents
+    (deltas that do not merge back) and sums past bfloat16's range."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).mul_(0.02)
+    ft = base + torch.randn(shape, generator=g).mul_(2e-4)
+    flat_b, flat_f = base.view(-1), ft.view(-1)
+    n = flat_b.numel()
+    pick = torch.randperm(n, generator=g)
+    specials = [(0.0, -0.0), (-0.0, 0.0), (1e-40, -1e-40), (3e-39, 1e-40), (3e38, -3e38), (-3e38, 3e38), (1.0, 1e-3), (1.0, 1.0),
+                (0.000370025634765625, 0.00010251998901367188)]
+    for k, (b, f) in enumerate(specials):
+        at = pick[k :: 4 * len(specials)]
+        flat_b[at], flat_f[at] = b, f
+    return base.bfloat16(), ft.bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(67, 1029), (4, 3), (1000,), (3, 5, 7)])
+def test_exact_delta_kernel_equals_pytorchs_path_bit_for_bit(shape, monkeypatch):
+    """The compiled exact delta gives PyTorch's bfloat16 difference, the same mismatched positions and the same support
+    counts (`deltas.support_counts`), bit for bit, on every kind of entry; here about one entry in nine mismatches, more
+    than the kernel's first room for them (one in sixteen), so its second call is taken too."""
+    from hf_decompose import deltas
+
+    base, ft = _bf16_pair(shape, seed=len(shape))
+    delta, flat, rows, cols = kernels.exact_delta_bf16(base, ft)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    want, want_flat, none = deltas._difference(base, ft, torch.bfloat16, torch.bfloat16)
+    assert none is None and torch.equal(delta.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(flat, want_flat) and flat.numel() > base.numel() // 16
+    assert torch.equal(want, ft - base)  # PyTorch's path is PyTorch's own subtraction
+    want_rows, want_cols = deltas.support_counts(want.view(shape[0], -1).contiguous())
+    assert rows.tolist() == want_rows.tolist() and cols.tolist() == want_cols.tolist()
+
+
+@needs_kernel
+def test_exact_delta_refuses_what_it_does_not_read():
+    with pytest.raises(ValueError, match="two bfloat16 CPU tensors of one shape"):
+        kernels.exact_delta_bf16(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="two bfloat16 CPU tensors of one shape"):
+        kernels.exact_delta_bf16(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(5, dtype=torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_finite_16_finds_one_nan_or_inf_anywhere(dtype):
+    from hf_decompose.checkpoints import EXPONENT_BITS
+
+    exponent = EXPONENT_BITS[dtype][1]
+    values = torch.randn(70001).to(dtype)
+    assert kernels.all_finite_16(values, exponent)
+    for at in (0, 4095, 4096, 70000):  # block edges and the last value
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            spoiled = values.clone()
+            spoiled[at] = bad
+            assert not kernels.all_finite_16(spoiled, exponent)
+    assert kernels.all_finite_16(torch.tensor([65504.0, -65504.0, 6e-8], dtype=dtype), exponent)  # largest, smallest finite

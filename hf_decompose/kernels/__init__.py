@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for split execution, built on first use.
+"""Compiled CPU kernels for split execution and for exact deltas, built on first use.
 
 `codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`) and, optionally, the base matrix and up to two sets of
 low-rank factors beside them (float32 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each),
@@ -12,8 +12,12 @@ default pair's take 2.3 bits each so, against their entropy of 1.85 bits); `pack
 (`codes_matmul.c`: AVX2, FMA and BMI2, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
 into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
+`exact_delta_bf16` (`bits16.c`) computes a bfloat16 pair's difference, checks that it merges back and counts its
+support in one pass over the two tensors (`deltas.exact_delta`'s first step), and `all_finite_16` tells whether a
+16-bit tensor holds no NaN or Inf (`checkpoints.all_finite`), both in plain C.
 Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
-a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding).
+a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding; exact deltas
+bit for bit the same).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 from ..pair import cache_dir
 
-SOURCE = Path(__file__).with_name("codes_matmul.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 ROW = 17  # int64 fields of a `codes_table` row: codes (5), two sets of low-rank factors (6 each)
 _AVAILABLE: bool | None = None
@@ -226,6 +230,36 @@ def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], b
     return y
 
 
+def all_finite_16(tensor: torch.Tensor, exponent: int) -> bool:
+    """Whether no value of a contiguous 16-bit CPU tensor has every bit of `exponent` (its dtype's exponent field) set."""
+    if tensor.element_size() != 2 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError(f"all_finite_16 takes a contiguous 16-bit CPU tensor, got {tensor.dtype} on {tensor.device}")
+    return bool(_library().hfd_all_finite_16(tensor.data_ptr(), tensor.numel(), exponent))
+
+
+def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For contiguous bfloat16 CPU tensors of one shape, ``(finetuned - base)`` rounded once to bfloat16 (as PyTorch's
+    bfloat16 subtraction), the flat positions (int64, ascending) where ``base + delta`` in bfloat16 is not `finetuned` bit
+    for bit, and the delta's nonzero entries per row and per column (int32; the tensor seen as ``(shape[0], -1)``)."""
+    if base.dtype != torch.bfloat16 or finetuned.dtype != torch.bfloat16 or base.shape != finetuned.shape or base.device.type != "cpu":
+        raise ValueError(f"exact_delta_bf16 takes two bfloat16 CPU tensors of one shape, got {base.dtype} {tuple(base.shape)} and "
+                         f"{finetuned.dtype} {tuple(finetuned.shape)}")
+    base, finetuned = base.contiguous(), finetuned.contiguous()
+    n_rows = base.shape[0] if base.dim() else 1
+    n_cols = base.numel() // max(n_rows, 1)
+    delta = torch.empty_like(base)
+    rows, cols = torch.empty(n_rows, dtype=torch.int32), torch.zeros(n_cols, dtype=torch.int32)
+    capacity = base.numel() // 16 + 64  # pages are only touched where written: a few mismatches cost a few pages
+    while True:
+        flat = torch.empty(capacity, dtype=torch.int64)
+        found = _library().hfd_exact_delta_bf16(base.data_ptr(), finetuned.data_ptr(), delta.data_ptr(), n_rows, n_cols, rows.data_ptr(),
+                                                cols.data_ptr(), flat.data_ptr(), capacity)
+        if found <= capacity:
+            return delta, flat[:found].clone(), rows, cols
+        capacity = found
+        cols.zero_()
+
+
 def _check(status: int) -> None:
     if status == 2:
         raise ValueError("rows_codes_matmul: a row names a table row beyond its codes_table")
@@ -268,9 +302,9 @@ def _library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build()))
         except subprocess.CalledProcessError as e:
-            reason = f"compiling {SOURCE.name} failed ({(e.stderr or '').strip()[-300:] or e})"
+            reason = f"compiling {' and '.join(f.name for f in SOURCES)} failed ({(e.stderr or '').strip()[-300:] or e})"
         except OSError as e:
-            reason = f"building or loading {SOURCE.name} failed ({e})"
+            reason = f"building or loading {' and '.join(f.name for f in SOURCES)} failed ({e})"
         else:
             if not lib.hfd_supported():
                 reason = "the CPU lacks one of AVX2, FMA and BMI2"
@@ -280,9 +314,13 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_codes_matmul.restype = ctypes.c_int
             lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, i, p, i, p, p, p, i, ctypes.c_int]
             lib.hfd_rows_codes_matmul.restype = ctypes.c_int
+            lib.hfd_exact_delta_bf16.argtypes = [p, p, p, i, i, p, p, p, i]
+            lib.hfd_exact_delta_bf16.restype = i
+            lib.hfd_all_finite_16.argtypes = [p, i, ctypes.c_uint16]
+            lib.hfd_all_finite_16.restype = ctypes.c_int
             return lib
     if reason:
-        warnings.warn(f"hf_decompose's CPU kernels are off: {reason}; low-bit parts run through PyTorch's kernels (slower in split execution)", stacklevel=3)
+        warnings.warn(f"hf_decompose's CPU kernels are off: {reason}; low-bit parts and exact deltas run through PyTorch's kernels (slower)", stacklevel=3)
     return None
 
 
@@ -301,13 +339,13 @@ def _build() -> Path:
     """The shared library for this source, flags and compiler (compiled once, moved into place atomically)."""
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels" / key
     target = folder / "codes_matmul.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
+            subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True, check=True)
             os.replace(built, target)
     return target
