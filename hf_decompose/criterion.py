@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy import special
 
+from . import kernels
 from .config import DecomposedConfig
 from .groups import Geometry, ParamInfo, group_ids
 from .heap import release_free_memory
@@ -298,10 +299,25 @@ def assess_layer(
             "spectral_energy": result.spectral.energy_fraction if result.spectral else 0.0,
         }
         if result.sigma > 0:
-            hist = sum(torch.histc((c.float() / result.sigma).clamp_(-Z_HIST_RANGE, Z_HIST_RANGE), Z_HIST_BINS, -Z_HIST_RANGE, Z_HIST_RANGE).long()
-                       for c in row_chunks(result.residual))
-            result.stats["z_hist"] = hist.int().tolist()
+            result.stats["z_hist"] = z_histogram(result.residual, result.sigma).tolist()
     return results
+
+
+def z_histogram(residual: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Counts of z = r / sigma over `Z_HIST_BINS` equal bins of [-`Z_HIST_RANGE`, `Z_HIST_RANGE`], values beyond it in the
+    end bins: computed as ``r * float32(1 / sigma)`` in float32, by the compiled kernel on CPU (`kernels.z_histogram`; a
+    single pass: ``torch.histc`` took a fifth of the criterion's time), else by PyTorch a block of rows at a time, the
+    same counts."""
+    inv = 1 / sigma
+    if residual.device.type == "cpu" and residual.dtype == torch.float32 and residual.is_contiguous() and kernels.available():
+        return kernels.z_histogram(residual, inv, Z_HIST_RANGE, Z_HIST_BINS)
+    counts = torch.zeros(Z_HIST_BINS, dtype=torch.int64, device=residual.device)
+    scale = Z_HIST_BINS / (2 * Z_HIST_RANGE)
+    for chunk in row_chunks(residual):
+        z = chunk.float().mul(inv).clamp_(-Z_HIST_RANGE, Z_HIST_RANGE)
+        z = z[~z.isnan()]
+        counts += torch.bincount(z.add_(Z_HIST_RANGE).mul_(scale).floor_().long().clamp_(max=Z_HIST_BINS - 1), minlength=Z_HIST_BINS)
+    return counts.cpu()
 
 
 def _z2(values: torch.Tensor, sigma: float) -> torch.Tensor:

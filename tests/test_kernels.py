@@ -302,3 +302,27 @@ def test_all_finite_16_finds_one_nan_or_inf_anywhere(dtype):
             spoiled[at] = bad
             assert not kernels.all_finite_16(spoiled, exponent)
     assert kernels.all_finite_16(torch.tensor([65504.0, -65504.0, 6e-8], dtype=dtype), exponent)  # largest, smallest finite
+
+
+@needs_kernel
+def test_z_histogram_kernel_counts_as_pytorchs_path(monkeypatch):
+    """The compiled z histogram and PyTorch's blocks give the same counts, bin edges, the range's ends, values beyond
+    them, infinities and NaN (in no bin) included; and both put each value where a float64 reading of the bins does,
+    away from the edges."""
+    from hf_decompose import criterion
+
+    g = torch.Generator().manual_seed(3)
+    sigma = 0.0123
+    edges = torch.linspace(-criterion.Z_HIST_RANGE, criterion.Z_HIST_RANGE, criterion.Z_HIST_BINS + 1) * sigma
+    residual = torch.cat([torch.randn(300_000, generator=g) * sigma * 3, edges, edges.nextafter(torch.tensor(1.0)),
+                          torch.tensor([1.0, -1.0, float("inf"), float("-inf"), float("nan")])]).reshape(-1, 5)
+    got = criterion.z_histogram(residual, sigma)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(criterion, "CHUNK_BYTES", 4096)  # PyTorch's path in many blocks of rows
+    want = criterion.z_histogram(residual, sigma)
+    assert torch.equal(got, want) and int(got.sum()) == residual.numel() - 1
+    z = (residual.double().reshape(-1) / sigma).clamp(-criterion.Z_HIST_RANGE, criterion.Z_HIST_RANGE)
+    position = (z + criterion.Z_HIST_RANGE) * criterion.Z_HIST_BINS / (2 * criterion.Z_HIST_RANGE)
+    clear = (position - position.round()).abs() > 1e-3  # not at an edge: no rounding decides the bin
+    bins = position[clear].floor().long().clamp(max=criterion.Z_HIST_BINS - 1)
+    assert torch.equal(criterion.z_histogram(residual.reshape(-1)[clear], sigma), torch.bincount(bins, minlength=criterion.Z_HIST_BINS))

@@ -14,7 +14,8 @@ into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctyp
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
 `exact_delta_bf16` (`bits16.c`) computes a bfloat16 pair's difference, checks that it merges back and counts its
 support in one pass over the two tensors (`deltas.exact_delta`'s first step), and `all_finite_16` tells whether a
-16-bit tensor holds no NaN or Inf (`checkpoints.all_finite`), both in plain C.
+16-bit tensor holds no NaN or Inf (`checkpoints.all_finite`); `z_histogram` counts a float32 residual's z values into
+bins (`criterion.z_histogram`); all in plain C.
 Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
 a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding; exact deltas
 bit for bit the same).
@@ -237,6 +238,16 @@ def all_finite_16(tensor: torch.Tensor, exponent: int) -> bool:
     return bool(_library().hfd_all_finite_16(tensor.data_ptr(), tensor.numel(), exponent))
 
 
+def z_histogram(residual: torch.Tensor, inv_sigma: float, z_range: float, bins: int) -> torch.Tensor:
+    """Counts (int64, `bins`) of z = ``residual * inv_sigma`` clamped to +-`z_range` (float32 arithmetic) in `bins` equal bins,
+    z = `z_range` in the last, NaN in none, for a contiguous float32 CPU tensor."""
+    if residual.dtype != torch.float32 or residual.device.type != "cpu" or not residual.is_contiguous() or not 0 < bins <= 4096:
+        raise ValueError(f"z_histogram takes a contiguous float32 CPU tensor and 1 to 4096 bins, got {residual.dtype} on {residual.device}, {bins} bins")
+    counts = torch.zeros(bins, dtype=torch.int64)
+    _library().hfd_z_histogram(residual.data_ptr(), residual.numel(), inv_sigma, z_range, bins / (2 * z_range), bins, counts.data_ptr())
+    return counts
+
+
 def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For contiguous bfloat16 CPU tensors of one shape, ``(finetuned - base)`` rounded once to bfloat16 (as PyTorch's
     bfloat16 subtraction), the flat positions (int64, ascending) where ``base + delta`` in bfloat16 is not `finetuned` bit
@@ -318,6 +329,8 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_exact_delta_bf16.restype = i
             lib.hfd_all_finite_16.argtypes = [p, i, ctypes.c_uint16]
             lib.hfd_all_finite_16.restype = ctypes.c_int
+            lib.hfd_z_histogram.argtypes = [p, i, ctypes.c_float, ctypes.c_float, ctypes.c_float, i, p]
+            lib.hfd_z_histogram.restype = None
             return lib
     if reason:
         warnings.warn(f"hf_decompose's CPU kernels are off: {reason}; low-bit parts and exact deltas run through PyTorch's kernels (slower)", stacklevel=3)

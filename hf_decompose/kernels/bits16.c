@@ -1,4 +1,5 @@
-/* One pass over 16-bit checkpoint tensors, on their bits (plain C, vectorized by the compiler).
+/* One pass over a tensor: 16-bit checkpoint tensors on their bits, a residual's z histogram (plain C, vectorized by the
+   compiler where it can be).
 
    hfd_all_finite_16 returns whether none of n values (bfloat16 or float16 bits) has every bit of `exponent` (its
    dtype's exponent field) set, i.e. none is NaN or Inf.
@@ -7,9 +8,17 @@
    difference in float32 rounded once to bfloat16 (as PyTorch's bfloat16 subtraction rounds: to nearest, ties to
    even, NaN to 0x7fc0). It counts each row's and each column's nonzero deltas (either zero counting as zero; either
    count array may be NULL) and returns how many entries do not merge back, rne(base + delta) != ft bit for bit,
-   writing the flat positions of the first `capacity` of them, in order, to `mismatch`. */
+   writing the flat positions of the first `capacity` of them, in order, to `mismatch`.
+
+   hfd_z_histogram adds to counts (bins) the histogram of z = min(max(r * inv_sigma, -range), range) over n float32
+   values r, bin floor((z + range) * scale) with z = range in the last, NaN in none: float32 arithmetic, each operation rounded as
+   PyTorch's element-wise float32 operations round (`criterion.z_histogram`'s fallback gives the same counts). */
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math") /* lets GCC vectorize the comparisons of floats (the values are the same) */
+#endif
 
 enum { BLOCK = 512 }; /* columns per block: a block's merge checks are ORed, and the rare mismatches gathered after */
 
@@ -81,4 +90,32 @@ int64_t hfd_exact_delta_bf16(const uint16_t *restrict base, const uint16_t *rest
             row_nonzero[r] = nonzero;
     }
     return found;
+}
+
+void hfd_z_histogram(const float *restrict r, int64_t n, float inv_sigma, float range, float scale, int64_t bins, int64_t *restrict counts)
+{
+    const int32_t last = (int32_t)bins - 1;
+    int64_t partial[4][bins + 1]; /* four interleaved histograms (runs of one bin do not wait on one counter); bin `bins`: NaN */
+    int32_t bin[BLOCK];
+    memset(partial, 0, sizeof partial);
+    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {
+        int64_t len = n - i0 < BLOCK ? n - i0 : BLOCK, j = 0;
+        for (j = 0; j < len; j++) { /* vectorized; z >= -range, so truncation is the floor */
+            float z = r[i0 + j] * inv_sigma;
+            z = z < -range ? -range : z > range ? range : z;
+            int32_t b = (int32_t)((z + range) * scale);
+            bin[j] = z != z ? last + 1 : b < last ? b : last;
+        }
+        for (j = 0; j + 4 <= len; j += 4) {
+            partial[0][bin[j]]++;
+            partial[1][bin[j + 1]]++;
+            partial[2][bin[j + 2]]++;
+            partial[3][bin[j + 3]]++;
+        }
+        for (; j < len; j++)
+            partial[0][bin[j]]++;
+    }
+    for (int w = 0; w < 4; w++)
+        for (int64_t b = 0; b < bins; b++)
+            counts[b] += partial[w][b];
 }
