@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels
+
 BITS = (1, 2, 3, 4, 5, 6, 8)
 GRIDS = ("signed", "full")
 CLIPS = tuple(1.0 - 0.05 * i for i in range(12))  # the clipped absmax candidates of the full grid's scale search
@@ -146,7 +148,10 @@ class Feedback:
 
 
 def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1."""
+    """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1: in blocks of
+    `block` columns (later blocks updated once per block, GPTQ's lazy batches), within a block a group at a time,
+    each group's scales from its compensated values, its columns by the compiled kernel on CPU
+    (`kernels.feedback_columns`) or by PyTorch (`_feedback_columns`, the same codes)."""
     out, n_in = w.shape
     hinv = feedback.factor.to(w.device)
     w = w.clone()
@@ -154,25 +159,42 @@ def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, bl
     codes = torch.empty_like(w)
     scales = torch.empty(out, n_in // g, dtype=torch.bfloat16, device=w.device)
     block = max(g, block // g * g) if g < n_in else block
+    compiled = w.device.type == "cpu" and kernels.available()
+    rows_of = hinv.contiguous() if compiled else hinv  # the kernel reads h1 by rows (the factor is held column-major)
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
         w1, err1, h1 = w[:, i1:i2].clone(), w.new_zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
-        diagonal = h1.diagonal().tolist()
-        for i in range(i2 - i1):
+        alpha = (-1 / h1.diagonal().double()).float()  # each column's step along h1's row, as addr_ rounds -1 / d
+        i = 0
+        while i < i2 - i1:
             col = i1 + i
             if col % g == 0:  # a group's scale from its (already compensated) values
                 span = w1[:, i : i + g] if g <= i2 - i1 - i else torch.cat([w1[:, i:], w[:, i2 : col + g]], 1)
                 scales[:, col // g] = grid.scales(span)[:, 0]
                 step = scales[:, col // g].float()
                 inverse = torch.where(step > 0, 1 / step.clamp_min(1e-38), 0.0)
-            q = grid.nearest(w1[:, i] * inverse if grid.bits > 1 else w1[:, i])
-            codes[:, col] = q
-            err = torch.addcmul(w1[:, i], q, step, value=-1)
-            err1[:, i] = err
-            w1[:, i + 1 :].addr_(err, h1[i, i + 1 :], alpha=-1 / diagonal[i])
+            end = min(i2 - i1, i + g - col % g)  # to the next group's first column, or the block's end
+            if compiled:
+                kernels.feedback_columns(w1, err1, codes[:, i1:i2], rows_of[i1:i2, i1:i2], alpha, inverse, step, i, end, 2 if grid.bits == 1 else int(grid.full),
+                                         grid.qmax)
+            else:
+                _feedback_columns(w1, err1, codes[:, i1:i2], h1, alpha, inverse, step, i, end, grid)
+            i = end
         err1 /= h1.diagonal()
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return codes, scales
+
+
+def _feedback_columns(w1: torch.Tensor, err1: torch.Tensor, codes: torch.Tensor, h1: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor,
+                      step: torch.Tensor, c0: int, c1: int, grid: _Grid) -> None:
+    """Columns ``c0:c1`` of a block: each rounded (its codes to `codes`, its error to `err1`) and its error spread over
+    the block's later columns of `w1`, a column at a time (what `kernels.feedback_columns` does in one call)."""
+    for i in range(c0, c1):
+        q = grid.nearest(w1[:, i] * inverse if grid.bits > 1 else w1[:, i])
+        codes[:, i] = q
+        err = torch.addcmul(w1[:, i], q, step, value=-1)
+        err1[:, i] = err
+        w1[:, i + 1 :].addr_(err, h1[i, i + 1 :], alpha=float(alpha[i]))
 
 
 def pack_codes(codes: torch.Tensor, bits: int, grid: str = "signed") -> torch.Tensor:

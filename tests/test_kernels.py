@@ -239,7 +239,7 @@ def test_a_cpu_without_the_instructions_warns_and_pytorchs_kernels_run(monkeypat
 def test_a_failed_build_warns_and_pytorchs_kernels_run(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     monkeypatch.setenv("HF_DECOMPOSE_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c and bits16.c failed"):
+    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c, bits16.c, feedback.c failed"):
         assert kernels._library.__wrapped__() is None
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in place
 
@@ -326,3 +326,24 @@ def test_z_histogram_kernel_counts_as_pytorchs_path(monkeypatch):
     clear = (position - position.round()).abs() > 1e-3  # not at an edge: no rounding decides the bin
     bins = position[clear].floor().long().clamp(max=criterion.Z_HIST_BINS - 1)
     assert torch.equal(criterion.z_histogram(residual.reshape(-1)[clear], sigma), torch.bincount(bins, minlength=criterion.Z_HIST_BINS))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("bits", "group", "grid", "step"), [(3, 64, "signed", None), (2, 32, "full", None), (1, 64, "signed", None),
+                                                             (4, 0, "signed", 1.5), (4, 0, "signed", 0.8), (8, 0, "full", None)])
+def test_error_feedback_kernel_gives_pytorchs_codes(bits, group, grid, step, monkeypatch):
+    """Rounding with error feedback gives the same codes and scales through the compiled column loop as through
+    PyTorch's, on every grid (signed, full, one bit, step), groups within and across blocks (and a row-wide scale), a
+    block that ends mid-matrix and dead inputs."""
+    from hf_decompose.quantize import quantize_codes
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(512, 200, generator=g) @ torch.randn(200, 320, generator=g)  # correlated inputs
+    gram = x.T @ x
+    gram[7], gram[:, 7] = 0.0, 0.0  # an input never seen
+    values = torch.randn(48, 320, generator=g) * 0.01
+    got = quantize_codes(values, bits, group, gram=gram, grid=grid, step=step)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    want = quantize_codes(values, bits, group, gram=gram, grid=grid, step=step)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
+    assert len(got[0].unique()) > 2 or bits == 1

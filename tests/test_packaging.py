@@ -95,7 +95,7 @@ def test_wheel_ships_the_card_template_and_the_kernel_source(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hf_decompose/templates/model_card.md" in names
     assert "hf_decompose/metrics/generation_equivalence/generation_equivalence.py" in names
-    assert {"hf_decompose/kernels/codes_matmul.c", "hf_decompose/kernels/bits16.c"} <= set(names)  # compiled on first use
+    assert {"hf_decompose/kernels/codes_matmul.c", "hf_decompose/kernels/bits16.c", "hf_decompose/kernels/feedback.c"} <= set(names)  # compiled on first use
 
 
 def test_card_template_is_read_from_the_package():

@@ -15,7 +15,8 @@ kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose:
 `exact_delta_bf16` (`bits16.c`) computes a bfloat16 pair's difference, checks that it merges back and counts its
 support in one pass over the two tensors (`deltas.exact_delta`'s first step), and `all_finite_16` tells whether a
 16-bit tensor holds no NaN or Inf (`checkpoints.all_finite`); `z_histogram` counts a float32 residual's z values into
-bins (`criterion.z_histogram`); all in plain C.
+bins (`criterion.z_histogram`); all in plain C. `feedback_columns` (`feedback.c`) runs the column loop of rounding with
+error feedback (`quantize._error_feedback`).
 Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
 a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding; exact deltas
 bit for bit the same).
@@ -38,7 +39,7 @@ import torch
 
 from ..pair import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c", "feedback.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 ROW = 17  # int64 fields of a `codes_table` row: codes (5), two sets of low-rank factors (6 each)
 _AVAILABLE: bool | None = None
@@ -248,6 +249,23 @@ def z_histogram(residual: torch.Tensor, inv_sigma: float, z_range: float, bins: 
     return counts
 
 
+def feedback_columns(w1: torch.Tensor, err1: torch.Tensor, codes: torch.Tensor, h1: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor,
+                     step: torch.Tensor, c0: int, c1: int, mode: int, qmax: int) -> None:
+    """Columns ``c0:c1`` of a block of error-feedback rounding, in place: `w1` and `err1` ``(rows, nb)`` contiguous, `codes` a
+    ``(rows, nb)`` view of rows of float32 codes, `h1` ``(nb, nb)`` with unit column stride, `alpha` ``(nb,)``, `inverse` and
+    `step` ``(rows,)``, all float32 on CPU; `mode` 0 signed, 1 full grid, 2 one bit, codes within +-`qmax` (`feedback.c`)."""
+    rows, nb = w1.shape
+    alpha, inverse, step = alpha.contiguous(), inverse.contiguous(), step.contiguous()
+    tensors = (w1, err1, codes, h1, alpha, inverse, step)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or not (w1.is_contiguous() and err1.is_contiguous()) \
+            or codes.stride(1) != 1 or h1.stride(1) != 1 or tuple(codes.shape) != (rows, nb) or tuple(h1.shape) != (nb, nb) or not 0 <= c0 <= c1 <= nb \
+            or alpha.numel() != nb or inverse.numel() != rows or step.numel() != rows:
+        raise ValueError("feedback_columns takes float32 CPU blocks: w1, err1 (rows, nb) contiguous, codes (rows, nb) rows of unit stride, "
+                         "h1 (nb, nb), alpha (nb,), inverse and step (rows,), and 0 <= c0 <= c1 <= nb")
+    _library().hfd_feedback_columns(w1.data_ptr(), err1.data_ptr(), codes.data_ptr(), codes.stride(0), h1.data_ptr(), h1.stride(0), alpha.data_ptr(),
+                                    inverse.data_ptr(), step.data_ptr(), rows, nb, c0, c1, mode, qmax)
+
+
 def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For contiguous bfloat16 CPU tensors of one shape, ``(finetuned - base)`` rounded once to bfloat16 (as PyTorch's
     bfloat16 subtraction), the flat positions (int64, ascending) where ``base + delta`` in bfloat16 is not `finetuned` bit
@@ -313,9 +331,9 @@ def _library() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(str(_build()))
         except subprocess.CalledProcessError as e:
-            reason = f"compiling {' and '.join(f.name for f in SOURCES)} failed ({(e.stderr or '').strip()[-300:] or e})"
+            reason = f"compiling {', '.join(f.name for f in SOURCES)} failed ({(e.stderr or '').strip()[-300:] or e})"
         except OSError as e:
-            reason = f"building or loading {' and '.join(f.name for f in SOURCES)} failed ({e})"
+            reason = f"building or loading {', '.join(f.name for f in SOURCES)} failed ({e})"
         else:
             if not lib.hfd_supported():
                 reason = "the CPU lacks one of AVX2, FMA and BMI2"
@@ -331,6 +349,8 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_all_finite_16.restype = ctypes.c_int
             lib.hfd_z_histogram.argtypes = [p, i, ctypes.c_float, ctypes.c_float, ctypes.c_float, i, p]
             lib.hfd_z_histogram.restype = None
+            lib.hfd_feedback_columns.argtypes = [p, p, p, i, p, i, p, p, p, i, i, i, i, ctypes.c_int, ctypes.c_float]
+            lib.hfd_feedback_columns.restype = None
             return lib
     if reason:
         warnings.warn(f"hf_decompose's CPU kernels are off: {reason}; low-bit parts and exact deltas run through PyTorch's kernels (slower)", stacklevel=3)
