@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for split execution and for exact deltas, built on first use.
+"""Compiled CPU kernels, built on first use: split execution, one-pass work on checkpoints, rounding with error feedback.
 
 `codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`) and, optionally, the base matrix and up to two sets of
 low-rank factors beside them (float32 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each),
@@ -18,8 +18,8 @@ support in one pass over the two tensors (`deltas.exact_delta`'s first step), an
 bins (`criterion.z_histogram`); all in plain C. `feedback_columns` (`feedback.c`) runs the column loop of rounding with
 error feedback (`quantize._error_feedback`).
 Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
-a warning says why once, and the parts run through PyTorch's own kernels (the same values up to rounding; exact deltas
-bit for bit the same).
+a warning says why once, and the parts run through PyTorch's own kernels (split execution: the same values up to rounding;
+exact deltas, finiteness, z histograms and error-feedback codes: the same results).
 """
 
 from __future__ import annotations
