@@ -47,9 +47,9 @@ from transformers import AutoTokenizer
 from .config import DecomposedConfig, Level
 from .allocation import solve, weighted_error
 from .criterion import spectral_test
-from .equivalence import greedy_generate, load_prompts
+from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
-from .layerwise import DeltaStore, Hidden, Layerwise
+from .layerwise import DeltaStore, Hidden, Layerwise, batches
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import Feedback, quantize_codes
@@ -90,9 +90,8 @@ def continuation_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
 @torch.no_grad()
 def _batch_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> Iterator[torch.Tensor]:
     keep = ids.shape[1] - plen + 1  # the lm_head runs on the continuation positions only
-    for s in range(0, ids.shape[0], batch_size):
-        logits = model(input_ids=ids[s : s + batch_size], attention_mask=mask[s : s + batch_size], logits_to_keep=keep).logits
-        yield logits[:, :-1].float()
+    for batch_ids, batch_mask in batches(ids, mask, batch_size):
+        yield model(input_ids=batch_ids, attention_mask=batch_mask, logits_to_keep=keep).logits[:, :-1].float()
 
 
 def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tolerance: float = 0.0) -> float:
@@ -127,7 +126,11 @@ def _flips(calib: Calibration, s: float, positions: int, tolerance: float) -> fl
 def tie_equivalent(calib: Calibration, logits: torch.Tensor, tolerance: float) -> torch.Tensor:
     """Per calibration position: the model's top-1 is the reference's, or the reference's margin
     is below `tolerance` and the two swapped their top-2 (a near-tie resolved the other way)."""
-    top2 = logits.topk(2, dim=-1).indices
+    return _tie_equivalent(calib, logits.topk(2, dim=-1).indices, tolerance)
+
+
+def _tie_equivalent(calib: Calibration, top2: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """`tie_equivalent` from the model's top-2 token ids."""
     swapped = (calib.margin < tolerance) & (top2[..., 0] == calib.second) & (top2[..., 1] == calib.top1)
     return (top2[..., 0] == calib.top1) | swapped
 
@@ -140,16 +143,6 @@ class Floor:
     mean_kl: float
 
 
-def kl_to(calib: Calibration, logits: torch.Tensor) -> float:
-    """Mean KL(reference || model) over the calibration positions."""
-    return float(_kl(calib, logits).mean())
-
-
-def _kl(calib: Calibration, logits: torch.Tensor) -> torch.Tensor:
-    """KL(reference || model) per calibration position."""
-    return torch.nn.functional.kl_div(logits.log_softmax(-1), calib.logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-
-
 @torch.no_grad()
 def measure_floor(bf16_model: nn.Module, calib: Calibration, positions: int, tie_tolerance: float, batch_size: int = 8) -> Floor:
     """The floor target's bound from the fine-tune served in bfloat16 (`bf16_model`)."""
@@ -160,19 +153,21 @@ def measure_floor(bf16_model: nn.Module, calib: Calibration, positions: int, tie
 
 def _scores(calib: Calibration, batches: Iterable[torch.Tensor], positions: int, tie_tolerance: float) -> dict[str, float]:
     """The guard's statistics, gathered one batch of continuation logits at a time (consecutive rows of
-    the calibration set), so that no (prompts, tokens, vocab) tensor but the reference's is held."""
-    n, agree, tie, square, kl, max_diff, start = 0, 0, 0, 0.0, 0.0, 0.0, 0
-    for logits in batches:
-        rows = slice(start, start + logits.shape[0])
-        start = rows.stop
-        ref = Calibration(calib.input_ids[rows], calib.attention_mask[rows], calib.prompt_len, calib.top1[rows], calib.second[rows],
-                          calib.margin[rows], calib.logits[rows])
+    the calibration set), so that no (prompts, tokens, vocab) tensor but the reference's is held; within a
+    batch prompt by prompt, so that each pass over its (tokens, vocab) logits stays in cache (2.6x faster)."""
+    n, agree, tie, square, kl, max_diff, row = 0, 0, 0, 0.0, 0.0, 0.0, 0
+    for logits in (prompt for batch in batches for prompt in batch):
+        ref = Calibration(*(getattr(calib, f)[row : row + 1] for f in ("input_ids", "attention_mask")), calib.prompt_len,
+                          *(getattr(calib, f)[row] for f in ("top1", "second", "margin", "logits")))
+        row += 1
         n += ref.top1.numel()
-        agree += int((logits.argmax(-1) == ref.top1).sum())
-        tie += int(tie_equivalent(ref, logits, tie_tolerance).sum())
+        top2 = logits.topk(2, dim=-1).indices
+        agree += int((top2[..., 0] == ref.top1).sum())
+        tie += int(_tie_equivalent(ref, top2, tie_tolerance).sum())
         square += float(_gap_change(ref, logits).double().square().sum())
-        kl += float(_kl(ref, logits).double().sum())
-        max_diff = max(max_diff, float((logits - ref.logits).abs().max()))
+        change = logits - ref.logits
+        kl += float(kl_divergence(ref.logits, logits, change).double().sum())
+        max_diff = max(max_diff, *(abs(float(x)) for x in torch.aminmax(change)))
     s = math.sqrt(square / n)
     return {"top1_agreement": agree / n, "tie_agreement": tie / n, "expected_flips": _flips(calib, s, positions, 0.0),
             "expected_flips_above_tolerance": _flips(calib, s, positions, tie_tolerance), "max_abs_logit_diff": max_diff, "mean_kl": kl / n}
@@ -234,9 +229,8 @@ class GramCollector:
 
     @torch.no_grad()
     def run(self, model: nn.Module, calib: Calibration, batch_size: int = 8) -> dict[str, torch.Tensor]:
-        for s in range(0, calib.input_ids.shape[0], batch_size):
-            self.mask = calib.attention_mask[s : s + batch_size]
-            model(input_ids=calib.input_ids[s : s + batch_size], attention_mask=self.mask)
+        for ids, self.mask in batches(calib.input_ids, calib.attention_mask, batch_size):
+            model(input_ids=ids, attention_mask=self.mask)
         return self.close()
 
     def close(self) -> dict[str, torch.Tensor]:
@@ -255,9 +249,10 @@ def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: fl
     if gram is None:
         u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
         return u * s, vh, s
-    h = gram.double()
-    h = h + damping * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    h = gram.to(torch.float64, copy=True)
+    h.diagonal().add_(damping * h.diagonal().mean().clamp_min(1e-12))
     chol = torch.linalg.cholesky(h).float()
+    del h
     p, s, qh = torch.linalg.svd(delta.float() @ chol, full_matrices=False)
     v = torch.linalg.solve_triangular(chol, qh, upper=False, left=False)  # Q^T L^{-1}
     return p * s, v, s
@@ -410,7 +405,8 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
                         "calibration_prompts": len(calibration_prompts), "calibration_tokens": opts["calibration_tokens"], "seconds": 0.0}
     specs = [str(x) if isinstance(x, str) else f"lr{x}" for x in opts["levels"]]
     levels = [Level.parse(x) for x in opts["levels"]]
-    calib = engine.calibrate(tokenizer, calibration_prompts, opts["calibration_tokens"])
+    by_length = sorted(calibration_prompts, key=lambda p: len(tokenizer(p)["input_ids"]))  # batches of like lengths pad little (`batches`)
+    calib = engine.calibrate(tokenizer, by_length, opts["calibration_tokens"])
     floor = None if floor_of is None else floor_of(calib)
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
              "tie_tolerance": opts["tie_tolerance"], "floor": floor}
@@ -540,12 +536,22 @@ class _ModelEngine:
         return _batch_logits(self.model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
 
 
-class _StoredLevels:
-    """Each layer's deltas per level, built once, kept on disk (`DeltaStore`); level None: the exact deltas."""
+# bytes of annealed levels held decoded in memory beside the store: a guard check re-materialises every layer after
+# the one it changed, and decoding their codes again cost 1 s of a 7.3 s check on the default pair
+HELD_BYTES = 2**29
 
-    def __init__(self, store: DeltaStore, exact_key: dict[str, str], layers: dict[str, list[str]]):
+
+class _StoredLevels:
+    """Each layer's deltas per level, built once, kept on disk (`DeltaStore`) and, within `held_bytes`, decoded
+    in memory (the latest layers first: every check re-materialises the layers after the one it changed);
+    level None: the exact deltas."""
+
+    def __init__(self, store: DeltaStore, exact_key: dict[str, str], layers: dict[str, list[str]], held_bytes: int = HELD_BYTES):
         self.store, self.exact_key = store, exact_key
         self.layer_names = dict(layers)
+        self.held: dict[tuple, dict[str, TensorDelta]] = {}
+        self.held_sizes: dict[tuple, int] = {}
+        self.held_bytes = held_bytes
 
     def __contains__(self, key) -> bool:
         return key[1] is None or self._key(key) in self.store
@@ -553,6 +559,18 @@ class _StoredLevels:
     def __setitem__(self, key, deltas: dict[str, TensorDelta]) -> None:
         if key[1] is not None:
             self.store.put(self._key(key), deltas)
+            self._hold(key, deltas)
+
+    def _hold(self, key, deltas: dict[str, TensorDelta]) -> None:
+        """Keep `deltas` in memory with the level before it of the same layer (the installed one, if the guard refuses
+        this), dropping the earliest layers' levels, oldest first, where the budget asks."""
+        for old in [k for k in self.held if k[0] == key[0]][:-1]:
+            del self.held[old], self.held_sizes[old]
+        self.held[key] = deltas
+        self.held_sizes[key] = sum(t.numel() * t.element_size() for d in deltas.values() for p in d.parts for t in p.buffers())
+        while sum(self.held_sizes.values()) > self.held_bytes:
+            out = min(self.held, key=lambda k: _layer_key(k[0]))
+            del self.held[out], self.held_sizes[out]
 
     def __getitem__(self, key) -> dict[str, TensorDelta]:
         return self.get(key, None)
@@ -564,7 +582,11 @@ class _StoredLevels:
             for n in names:
                 by_key[self.exact_key[n]].append(n)
             return {n: d for k, ns in by_key.items() for n, d in self.store.get(k, ns).items()}
-        return self.store.get(self._key(key), names)
+        held = self.held.get(key)
+        if held is None:
+            held = self.store.get(self._key(key))
+            self._hold(key, held)
+        return {n: held[n] for n in names}
 
     def names(self, key) -> list[str]:
         return self.layer_names[key[0]]
@@ -679,17 +701,16 @@ class _StreamEngine:
         if index is None:  # the head: its input is the final norm's output (no head delta changes it)
             collector = GramCollector({n: self.lw.model.get_submodule(self.gram_names[n]) for n in names})
             final = self.exact_inputs.pop(len(self.lw.meta_layers))
-            batches = self.lw.head(final, calib.input_ids, calib.attention_mask)
-            for b in range(len(final)):
-                collector.mask = calib.attention_mask[b * bs : (b + 1) * bs]
-                next(batches)
-            batches.close()
+            heads = self.lw.head(final, calib.input_ids, calib.attention_mask)
+            for _, collector.mask in batches(calib.input_ids, calib.attention_mask, bs):
+                next(heads)
+            heads.close()
             return collector.close()
         layer_module = self.lw.layer(index, self._deltas_exact(index))
         skip = len(f"{self.lw.prefix}.{index}.")
         collector = GramCollector({n: layer_module.get_submodule(self.gram_names[n][skip:]) for n in names})
-        for b, h in enumerate(self.exact_inputs.pop(index)):  # asked for once: the candidates keep their Grams
-            collector.mask = calib.attention_mask[b * bs : (b + 1) * bs]
+        masks = (mask for _, mask in batches(calib.input_ids, calib.attention_mask, bs))
+        for b, (h, collector.mask) in enumerate(zip(self.exact_inputs.pop(index), masks)):  # asked for once: the candidates keep their Grams
             layer_module(h, *self.calls[b][index][0], **self.calls[b][index][1])
         return collector.close()
 

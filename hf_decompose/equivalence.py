@@ -221,6 +221,15 @@ def verify_equivalence(
     return compare(reference, candidate, tokenizer, prompts, ref_tokens, cand_tokens, batch_size, tie_tolerance, max_prompt_tokens)
 
 
+def kl_divergence(reference: torch.Tensor, logits: torch.Tensor, change: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(reference || model) per position, from the logits' change d (`change`: ``logits - reference``, when at
+    hand): ``log E_p[e^d] - E_p[d]`` under the reference's p, summed as ``log1p(E_p[expm1 d])``; the difference of
+    two log-softmaxes loses a close model's small KL to float32 rounding (5% of 5e-7 on a 49152-token vocabulary)."""
+    change = logits - reference if change is None else change
+    p = reference.softmax(-1)
+    return torch.log1p(torch.linalg.vecdot(p, torch.expm1(change))) - torch.linalg.vecdot(p, change)
+
+
 @torch.no_grad()
 def compare(reference, candidate, tokenizer, prompts: list[str], ref_tokens: list[torch.Tensor], cand_tokens: list[torch.Tensor],
             batch_size: int = 8, tie_tolerance: float = TIE_TOLERANCE, max_prompt_tokens: int | None = None) -> EquivalenceResult:
@@ -239,7 +248,7 @@ def compare(reference, candidate, tokenizer, prompts: list[str], ref_tokens: lis
         plen = enc["input_ids"].shape[1]
         cr, cc = lr[:, plen - 1 : -1], lc[:, plen - 1 : -1]  # positions that predict the continuation
         max_diff += (cr - cc).abs().amax(dim=(1, 2)).tolist()
-        kl += F.kl_div(F.log_softmax(cc, -1), F.log_softmax(cr, -1), log_target=True, reduction="none").sum(-1).tolist()
+        kl += [kl_divergence(r, c).tolist() for r, c in zip(cr, cc)]  # prompt by prompt: in cache
         top1 += (cr.argmax(-1) == cc.argmax(-1)).int().tolist()
         for logits, tops, gaps in ((cr, ref_top, margins), (cc, cand_top, cand_margins)):
             best = logits.topk(TOP_K, dim=-1)

@@ -37,6 +37,15 @@ from .parts import TensorDelta
 Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
 
 
+def batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive batches of `size` rows, each without the leading columns that are padding in all its rows
+    (left padding to the longest prompt of the whole set): every runner of a calibration set batches it so."""
+    for s in range(0, input_ids.shape[0], size):
+        ids, mask = input_ids[s : s + size], attention_mask[s : s + size]
+        first = int(mask.any(0).int().argmax())  # the first column holding a token
+        yield ids[:, first:], mask[:, first:]
+
+
 class Layerwise:
     """`hf_config`'s model in `dtype` with weights `weights(name)` (a checkpoint tensor by name, any
     float dtype) for checkpoint tensors `names`, those of decoder layers read by `layer_weights` (default:
@@ -149,13 +158,13 @@ class Layerwise:
 
     # -- running -------------------------------------------------------------------------------
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[Hidden, list]:
-        """The hidden states entering layer 0 and the arguments the model passes each layer, per batch."""
+        """The hidden states entering layer 0 and the arguments the model passes each layer, per batch (`batches`)."""
         hidden, calls = [], []
         self.mode = "capture"
         try:
-            for s in range(0, input_ids.shape[0], self.batch_size):
+            for ids, mask in batches(input_ids, attention_mask, self.batch_size):
                 self._calls = {}
-                self.model(input_ids=input_ids[s : s + self.batch_size], attention_mask=attention_mask[s : s + self.batch_size], logits_to_keep=1, use_cache=False)
+                self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
                 hidden.append(self._calls[0][0][0])
                 calls.append({i: (args[1:], kwargs) for i, (args, kwargs) in self._calls.items()})
         finally:
@@ -176,11 +185,9 @@ class Layerwise:
         """The model's logits, batch by batch, from final hidden states (the model's norm and head)."""
         self.mode = "inject"
         try:
-            for b, h in enumerate(hidden):
-                s = b * self.batch_size
+            for h, (ids, mask) in zip(hidden, batches(input_ids, attention_mask, self.batch_size)):
                 self._inject = h
-                yield self.model(input_ids=input_ids[s : s + self.batch_size], attention_mask=attention_mask[s : s + self.batch_size],
-                                 logits_to_keep=logits_to_keep, use_cache=False).logits
+                yield self.model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep, use_cache=False).logits
         finally:
             self.mode, self._inject = "stream", None
 

@@ -140,11 +140,16 @@ class Feedback:
 
     @classmethod
     def of(cls, gram: torch.Tensor, damping: float = 1e-2) -> Feedback:
-        h = gram.double().clone()
+        """Two float64 matrices of the Gram's size at most at a time (a 8192-wide Gram: 1.1 GB); the factor held by
+        rows, as the compiled kernel reads it."""
+        h = gram.to(torch.float64, copy=True)
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
-        h += damping * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        return cls(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float(), dead)
+        h.diagonal().add_(damping * h.diagonal().mean())
+        h = torch.linalg.cholesky(h)
+        h = torch.cholesky_inverse(h)
+        h = torch.linalg.cholesky(h, upper=True)
+        return cls(h.float().contiguous(), dead)
 
 
 def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,14 +158,13 @@ def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, bl
     each group's scales from its compensated values, its columns by the compiled kernel on CPU
     (`kernels.feedback_columns`) or by PyTorch (`_feedback_columns`, the same codes)."""
     out, n_in = w.shape
-    hinv = feedback.factor.to(w.device)
+    hinv = feedback.factor.to(w.device).contiguous()  # by rows, as the kernel reads it (`Feedback.of` holds it so: no copy)
     w = w.clone()
     w[:, feedback.dead.to(w.device)] = 0.0
     codes = torch.empty_like(w)
     scales = torch.empty(out, n_in // g, dtype=torch.bfloat16, device=w.device)
     block = max(g, block // g * g) if g < n_in else block
     compiled = w.device.type == "cpu" and kernels.available()
-    rows_of = hinv.contiguous() if compiled else hinv  # the kernel reads h1 by rows (the factor is held column-major)
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
         w1, err1, h1 = w[:, i1:i2].clone(), w.new_zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
@@ -175,7 +179,7 @@ def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, bl
                 inverse = torch.where(step > 0, 1 / step.clamp_min(1e-38), 0.0)
             end = min(i2 - i1, i + g - col % g)  # to the next group's first column, or the block's end
             if compiled:
-                kernels.feedback_columns(w1, err1, codes[:, i1:i2], rows_of[i1:i2, i1:i2], alpha, inverse, step, i, end, 2 if grid.bits == 1 else int(grid.full),
+                kernels.feedback_columns(w1, err1, codes[:, i1:i2], h1, alpha, inverse, step, i, end, 2 if grid.bits == 1 else int(grid.full),
                                          grid.qmax)
             else:
                 _feedback_columns(w1, err1, codes[:, i1:i2], h1, alpha, inverse, step, i, end, grid)

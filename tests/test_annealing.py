@@ -326,3 +326,57 @@ def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_
     assert set(streamed.deltas) == set(kept)
     for name, delta in kept.items():
         assert torch.equal(streamed.deltas[name].to_dense(), delta.to_dense()), name
+
+
+def test_calibration_batches_drop_only_the_padding_every_row_of_a_batch_has():
+    """Each batch loses the leading columns that are padding in all its rows (prompts left-padded to the longest
+    of the set), and nothing else: a runner sees the tokens a batch of its own would have."""
+    from hf_decompose.layerwise import batches
+
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    ids = torch.arange(24).view(4, 6) * mask
+    (ids0, mask0), (ids1, mask1) = batches(ids, mask, 2)
+    assert torch.equal(mask0, mask[:2, 2:]) and torch.equal(ids0, ids[:2, 2:])
+    assert torch.equal(mask1, mask[2:]) and torch.equal(ids1, ids[2:])  # a full row keeps every column
+
+
+def test_kl_is_exact_for_a_model_close_to_the_reference():
+    """The guard's and `verify`'s KL agree with float64 to 1e-4 where the difference of two float32 log-softmaxes
+    is off by percents (a close model's KL of 5e-7 over 49152 tokens)."""
+    from hf_decompose.equivalence import kl_divergence
+
+    gen = torch.Generator().manual_seed(0)
+    ref = 3 * torch.randn(4, 49152, generator=gen)
+    logits = ref + 1e-3 * torch.randn(ref.shape, generator=gen)
+    lr, lm = ref.double().log_softmax(-1), logits.double().log_softmax(-1)
+    want = (lr.exp() * (lr - lm)).sum(-1)
+    log_softmaxes = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert (log_softmaxes.double() / want - 1).abs().max() > 1e-2
+    torch.testing.assert_close(kl_divergence(ref, logits).double(), want, rtol=1e-4, atol=0)
+
+
+def test_annealed_levels_stay_decoded_within_a_budget_latest_layers_first(tmp_path):
+    """A check re-materialises every layer after the one it changed: their levels stay decoded in memory up to a
+    budget, the latest layers' first and at most two levels a layer (the installed one and the one tried); what
+    leaves memory is read back from the store, equal."""
+    from hf_decompose.annealing import _StoredLevels
+    from hf_decompose.layerwise import DeltaStore
+    from hf_decompose.parts import TensorDelta
+
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"model.layers.{i}": [f"model.layers.{i}.mlp.down_proj.weight"] for i in range(3)}
+    delta = {n: TensorDelta(n, (8, 16), False, [DensePart(torch.randn(8, 16, generator=gen))]) for names in layers.values() for n in names}
+    made = _StoredLevels(DeltaStore(tmp_path), {}, layers, held_bytes=2 * 8 * 16 * 4)  # two matrices' worth
+    for layer in layers:
+        for level in (0, 1, 2):
+            made[(layer, level)] = {n: delta[n] for n in layers[layer]}
+    assert sorted(made.held) == [("model.layers.2", 1), ("model.layers.2", 2)]
+    made.held_bytes = 4 * 8 * 16 * 4
+    back = made.get(("model.layers.1", 2), None)
+    assert sorted(made.held) == [("model.layers.1", 2), ("model.layers.2", 1), ("model.layers.2", 2)]
+    name = layers["model.layers.1"][0]
+    assert back[name] is not delta[name] and torch.equal(back[name].to_dense(), delta[name].to_dense())
+    made[("model.layers.0", 3)] = {n: delta[n] for n in layers["model.layers.0"]}
+    assert sorted(made.held) == [("model.layers.0", 3), ("model.layers.1", 2), ("model.layers.2", 1), ("model.layers.2", 2)]
+    made[("model.layers.0", 4)] = {n: delta[n] for n in layers["model.layers.0"]}  # over budget: the earliest layer's oldest goes
+    assert sorted(made.held) == [("model.layers.0", 4), ("model.layers.1", 2), ("model.layers.2", 1), ("model.layers.2", 2)]
