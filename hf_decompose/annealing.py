@@ -32,6 +32,7 @@ storage of low-rank-only factors) is a last annealing step under the same guard.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import defaultdict
@@ -537,8 +538,9 @@ class _ModelEngine:
 
 
 # bytes of annealed levels held decoded in memory beside the store: a guard check re-materialises every layer after
-# the one it changed, and decoding their codes again cost 1 s of a 7.3 s check on the default pair
-HELD_BYTES = 2**29
+# the one it changed, and decoding their codes again cost 1 s of a 7.3 s check on the default pair (every layer's level
+# and the one tried there fit; two layers' of the 1.5B synthetic Llama)
+HELD_BYTES = 2**27
 
 
 class _StoredLevels:
@@ -610,7 +612,6 @@ class _StreamEngine:
         self.overrides: dict[int, dict[str, TensorDelta]] = defaultdict(dict)  # the precision step's proposals
         self.fixed: dict[int, dict[str, TensorDelta]] = {}  # deltas of tensors not annealed (norms, biases), read once
         self.inputs: dict[int, Hidden] = {}  # hidden states entering layer i in the installed state
-        self.exact_inputs: dict[int, Hidden] = {}
         self.calls: list = []
         self.calib: Calibration | None = None
         self.keep_inputs = False
@@ -670,9 +671,9 @@ class _StreamEngine:
         ids = torch.cat([enc["input_ids"], cont], 1)
         mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)
         self.calib = Calibration(ids, mask, enc["input_ids"].shape[1], *(torch.empty(0),) * 4)
-        self.keep_inputs = True  # every layer's input on the exact model: its Grams' inputs
+        self.keep_inputs = True  # every layer's input on the exact model (its Grams' inputs), kept on disk until asked for
         logits = torch.cat(list(self.logits(self.calib)))
-        self.exact_inputs, self.keep_inputs = dict(self.inputs), False
+        self.keep_inputs = False
         top2 = logits.topk(2, dim=-1)
         self.calib = Calibration(ids, mask, self.calib.prompt_len, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], logits)
         return self.calib
@@ -684,11 +685,12 @@ class _StreamEngine:
             self.inputs[0], self.calls = self.lw.capture(calib.input_ids, calib.attention_mask)
         start = max(self.inputs)
         hidden = self.inputs[start]
-        for i, hidden in self.lw.run(hidden, self.calls, start):
-            if i == start + 1 or self.keep_inputs:
+        for i, hidden in itertools.chain([(start, hidden)], self.lw.run(hidden, self.calls, start)):
+            if self.keep_inputs:
+                self.made.store.put_tensors(f"inputs:{i}", {str(b): h for b, h in enumerate(hidden)})
+            if i == start + 1:
                 self.inputs[i] = hidden
-        if not self.keep_inputs:  # a schedule moves a layer at a time: earlier layers' inputs are not asked for again
-            self.inputs = {i: h for i, h in self.inputs.items() if i in (0, start, start + 1)}
+        self.inputs = {i: h for i, h in self.inputs.items() if i in (0, start, start + 1)}  # a schedule moves a layer at a time
         keep = calib.input_ids.shape[1] - calib.prompt_len + 1
         for logits in self.lw.head(hidden, calib.input_ids, calib.attention_mask, keep):
             yield logits[:, :-1].float()
@@ -700,7 +702,7 @@ class _StreamEngine:
         bs = self.lw.batch_size
         if index is None:  # the head: its input is the final norm's output (no head delta changes it)
             collector = GramCollector({n: self.lw.model.get_submodule(self.gram_names[n]) for n in names})
-            final = self.exact_inputs.pop(len(self.lw.meta_layers))
+            final = self._exact_inputs(len(self.lw.meta_layers))
             heads = self.lw.head(final, calib.input_ids, calib.attention_mask)
             for _, collector.mask in batches(calib.input_ids, calib.attention_mask, bs):
                 next(heads)
@@ -710,9 +712,14 @@ class _StreamEngine:
         skip = len(f"{self.lw.prefix}.{index}.")
         collector = GramCollector({n: layer_module.get_submodule(self.gram_names[n][skip:]) for n in names})
         masks = (mask for _, mask in batches(calib.input_ids, calib.attention_mask, bs))
-        for b, (h, collector.mask) in enumerate(zip(self.exact_inputs.pop(index), masks)):  # asked for once: the candidates keep their Grams
+        for b, (h, collector.mask) in enumerate(zip(self._exact_inputs(index), masks)):  # asked for once: the candidates keep their Grams
             layer_module(h, *self.calls[b][index][0], **self.calls[b][index][1])
         return collector.close()
+
+    def _exact_inputs(self, index: int) -> Hidden:
+        """The hidden states entering layer `index` (the final ones: N) on the exact model, per batch."""
+        saved = self.made.store.get_tensors(f"inputs:{index}")
+        return [saved[str(b)] for b in range(len(saved))]
 
     def _deltas_exact(self, index: int) -> dict[str, TensorDelta]:
         self._deltas(index)  # reads the fixed deltas
@@ -853,7 +860,9 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
         return TensorDelta(full.name, full.shape, full.transposed, [LowRankPart(u[:, :r].contiguous(), v[:r].contiguous())])
     # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
     u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
-    residual = full.to_dense() if u is None else full.to_dense() - u.float() @ v.float()
+    residual = full.to_dense()
+    if u is not None:
+        residual.addmm_(u.float(), v.float(), alpha=-1)  # in place: no second matrix of the delta's size
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
     codes, scales = quantize_codes(residual, level.bits, level.group, gram=c.feedback, grid=grid, step=level.step)

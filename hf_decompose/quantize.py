@@ -31,6 +31,7 @@ surgeon updates, as in GPTQ), so the error of the outputs ``||(W - Q) X^T||`` is
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -227,10 +228,24 @@ def huffman_codes_of(stream: torch.Tensor, shape: tuple[int, ...], grid: str = "
     bits, n = data[0], math.prod(shape)
     per = 8 // bits
     symbols = torch.frombuffer(bytearray(_inflate(data[1:], -(-n // per))), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-    unsigned = ((symbols[:, None].to(torch.int32) >> (bits * torch.arange(per, dtype=torch.int32))) & (2**bits - 1)).to(torch.uint8).reshape(-1)
-    if n and (int(unsigned.max()) >= 2**bits - (grid == "signed" and bits > 1) or unsigned[n:].any() or int(symbols.max()) >= 2 ** (bits * per)):
-        raise ValueError(f"Huffman-coded codes exceed {bits} bits on the {grid} grid")
-    return _signed(unsigned[:n], bits, grid).reshape(shape), bits
+    codes_of_symbol, valid = _symbols(bits, grid)
+    if n and (bool(torch.bincount(symbols, minlength=256)[~valid].any()) or int(symbols[-1]) >> (bits * (n - (len(symbols) - 1) * per))):
+        raise ValueError(f"Huffman-coded codes exceed {bits} bits on the {grid} grid")  # or the last byte is not padded with zeros
+    codes = torch.index_select(codes_of_symbol, 0, symbols.int())  # a byte's codes looked up as one wide integer
+    return codes.view(_codes_dtype(bits, grid)).reshape(-1)[:n].reshape(shape), bits
+
+
+@functools.cache
+def _symbols(bits: int, grid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of every byte of a `huffman_code` stream: the ``8 // bits`` signed codes it holds (lowest bits first) as one
+    integer of their bytes, and whether a stream may hold it (each code on the grid, no bits above the last)."""
+    per = 8 // bits
+    symbol = torch.arange(256, dtype=torch.int32)
+    unsigned = (symbol[:, None] >> (bits * torch.arange(per, dtype=torch.int32))) & (2**bits - 1)
+    valid = (unsigned < 2**bits - (grid == "signed" and bits > 1)).all(1) & (symbol < 2 ** (bits * per))
+    codes = _signed(unsigned.to(torch.uint8), bits, grid).contiguous()
+    wide = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[per * codes.element_size()]
+    return codes.view(wide).reshape(256), valid
 
 
 def huffman_scales(scales: torch.Tensor) -> torch.Tensor:
