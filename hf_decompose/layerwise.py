@@ -36,14 +36,17 @@ from .names import Target, TensorTargets
 from .parts import TensorDelta
 
 Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
-_LIBC = ctypes.CDLL(None)
 
 
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing): tensors freed
     below glibc's mmap threshold, which rises to 32 MB as larger ones are freed, otherwise stay resident."""
-    if hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # no process-wide symbol table to look in (Windows)
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
