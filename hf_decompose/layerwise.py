@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -34,6 +33,7 @@ from .errors import CheckpointError
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
 from .names import Target, TensorTargets
 from .parts import TensorDelta
+from .tensorfile import SafetensorsWriter, header_reserve
 
 Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
 
@@ -341,8 +341,7 @@ class DeltaStore:
         return key in self._files
 
     def put(self, key: str, deltas: dict[str, TensorDelta]) -> None:
-        path = self.directory / f"{next(self._count):05d}.safetensors"
-        save_file({k: v for d in deltas.values() for k, v in d.state().items()}, path)
+        path = self._write({k: v for d in deltas.values() for k, v in d.state().items()})
         self._files[key] = (path, {n: (tuple(d.shape), d.transposed) for n, d in deltas.items()})
 
     def names(self, key: str) -> list[str]:
@@ -350,9 +349,16 @@ class DeltaStore:
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Plain tensors under `key` (read back whole by `get_tensors`)."""
+        self._files[key] = (self._write(tensors), {})
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> Path:
+        """A new file of `tensors`, each written from its own memory (`save_file` copies every tensor to bytes first:
+        a vocabulary-sized head's factors twice over)."""
         path = self.directory / f"{next(self._count):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-        self._files[key] = (path, {})
+        with SafetensorsWriter(path, header_reserve(list(tensors))) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+        return path
 
     def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
         with safe_open(self._files[key][0], framework="pt") as handle:

@@ -153,7 +153,7 @@ class Feedback:
         return cls(h.float().contiguous(), dead)
 
 
-def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1: in blocks of
     `block` columns (later blocks updated once per block, GPTQ's lazy batches), within a block a group at a time,
     each group's scales from its compensated values, its columns by the compiled kernel on CPU
@@ -162,31 +162,35 @@ def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, bl
     hinv = feedback.factor.to(w.device).contiguous()  # by rows, as the kernel reads it (`Feedback.of` holds it so: no copy)
     w = w.clone()
     w[:, feedback.dead.to(w.device)] = 0.0
-    codes = torch.empty_like(w)
+    codes = torch.empty(out, n_in, dtype=_codes_dtype(grid.bits, "full" if grid.full else "signed"), device=w.device)
     scales = torch.empty(out, n_in // g, dtype=torch.bfloat16, device=w.device)
     block = max(g, block // g * g) if g < n_in else block
     compiled = w.device.type == "cpu" and kernels.available()
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        w1, err1, h1 = w[:, i1:i2].clone(), w.new_zeros(out, i2 - i1), hinv[i1:i2, i1:i2]
+        w1, err1, h1, codes1 = w[:, i1:i2].clone(), w.new_zeros(out, i2 - i1), hinv[i1:i2, i1:i2], w.new_empty(out, i2 - i1)
         alpha = (-1 / h1.diagonal().double()).float()  # each column's step along h1's row, as addr_ rounds -1 / d
         i = 0
         while i < i2 - i1:
             col = i1 + i
             if col % g == 0:  # a group's scale from its (already compensated) values
-                span = w1[:, i : i + g] if g <= i2 - i1 - i else torch.cat([w1[:, i:], w[:, i2 : col + g]], 1)
-                scales[:, col // g] = grid.scales(span)[:, 0]
+                if g <= i2 - i1 - i:
+                    scales[:, col // g] = grid.scales(w1[:, i : i + g])[:, 0]
+                else:  # a group past the block (a step quantizer's whole row): gathered rows at a time, never whole
+                    for r in range(0, out, rows):
+                        scales[r : r + rows, col // g] = grid.scales(torch.cat([w1[r : r + rows, i:], w[r : r + rows, i2 : col + g]], 1))[:, 0]
                 step = scales[:, col // g].float()
                 inverse = torch.where(step > 0, 1 / step.clamp_min(1e-38), 0.0)
             end = min(i2 - i1, i + g - col % g)  # to the next group's first column, or the block's end
             if compiled:
-                kernels.feedback_columns(w1, err1, codes[:, i1:i2], h1, alpha, inverse, step, i, end, 2 if grid.bits == 1 else int(grid.full),
-                                         grid.qmax)
+                kernels.feedback_columns(w1, err1, codes1, h1, alpha, inverse, step, i, end, 2 if grid.bits == 1 else int(grid.full), grid.qmax)
             else:
-                _feedback_columns(w1, err1, codes[:, i1:i2], h1, alpha, inverse, step, i, end, grid)
+                _feedback_columns(w1, err1, codes1, h1, alpha, inverse, step, i, end, grid)
             i = end
+        codes[:, i1:i2] = codes1  # whole numbers: exact in the codes' integer type
         err1 /= h1.diagonal()
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        for r in range(0, out, rows):  # rows at a time: no temporary of the matrix's size (a vocabulary-sized head's)
+            w[r : r + rows, i2:] -= err1[r : r + rows] @ hinv[i1:i2, i2:]
     return codes, scales
 
 
@@ -212,11 +216,13 @@ def huffman_code(codes: torch.Tensor, bits: int, grid: str = "signed") -> torch.
     to a byte (bit-packed within it, the last byte padded with zeros), as a raw DEFLATE stream with Huffman coding
     only (`huffman_codes_of` reads it back). Coding several codes per symbol spends less than the one bit per code
     a symbol costs at least (codes of 1.45 bits' entropy: 1.64 bits one to a byte, about 1.5 two to a byte)."""
-    per = 8 // bits
-    unsigned = _Grid(bits, grid).unsigned(codes.to(torch.int16)).reshape(-1)
-    unsigned = torch.cat([unsigned, unsigned.new_zeros(-len(unsigned) % per)]).reshape(-1, per).to(torch.int32)
-    symbols = (unsigned << (bits * torch.arange(per, dtype=torch.int32))).sum(1).to(torch.uint8)
-    return _as_tensor(bytes([bits]) + _huffman(symbols.numpy().tobytes()))
+    per, flat, chunk = 8 // bits, codes.reshape(-1), 2**22 * (8 // bits)
+    symbols = torch.empty(-(-flat.numel() // per), dtype=torch.uint8)
+    for start in range(0, flat.numel(), chunk):  # a chunk at a time: a vocabulary-sized matrix's codes never widened whole
+        unsigned = _Grid(bits, grid).unsigned(flat[start : start + chunk].to(torch.int16))
+        unsigned = torch.cat([unsigned, unsigned.new_zeros(-len(unsigned) % per)]).reshape(-1, per).to(torch.int32)
+        symbols[start // per : start // per + len(unsigned)] = (unsigned << (bits * torch.arange(per, dtype=torch.int32))).sum(1).to(torch.uint8)
+    return _as_tensor(bytes([bits]) + _huffman(symbols.numpy()))
 
 
 def huffman_codes_of(stream: torch.Tensor, shape: tuple[int, ...], grid: str = "signed") -> tuple[torch.Tensor, int]:
@@ -267,7 +273,8 @@ def huffman_scales_of(stream: torch.Tensor, shape: tuple[int, int]) -> torch.Ten
     return ((planes[:n] << 8) | planes[n:]).view(torch.bfloat16).reshape(rows, n // rows)
 
 
-def _huffman(data: bytes) -> bytes:
+def _huffman(data) -> bytes:
+    """A raw DEFLATE stream, Huffman coding only, of a bytes-like `data`."""
     coder = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
     return coder.compress(data) + coder.flush()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_decompose import ConfigError, DecomposedConfig, PromptError, decompose
+from hf_decompose import ConfigError, DecomposedConfig, PromptError, annealing, decompose
 from hf_decompose.config import LADDER, TARGET_SCHEDULES
 from hf_decompose.annealing import GramCollector, calibrate, guard, weighted_lowrank
 from hf_decompose.modules import DecomposedModule
@@ -71,6 +71,25 @@ def test_compensation_beats_plain_truncation_on_a_real_layer(exact):
         u, v, _ = weighted_lowrank(delta, gram.double())
         pu, pv, _ = weighted_lowrank(delta, None)
         assert _output_error(delta, u[:, :r] @ v[:r], gram) < 0.9 * _output_error(delta, pu[:, :r] @ pv[:r], gram), key
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_tall_matrices_factor_through_their_gram_as_the_svd_does(weighted, monkeypatch):
+    """A head-shaped delta (rank 6 plus noise) factored through its Gram: the same singular values, and every
+    truncation as good as the SVD's, as `_output_error` weighs it."""
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(9000, 6, generator=g) @ torch.randn(6, 96, generator=g) + 0.05 * torch.randn(9000, 96, generator=g)
+    x = torch.randn(400, 96, generator=g) * torch.linspace(0.1, 3.0, 96)
+    gram = x.t() @ x if weighted else None
+    tall = weighted_lowrank(delta, gram)
+    monkeypatch.setattr(annealing, "TALL", 10**9)
+    svd = weighted_lowrank(delta, gram)
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(tall, svd))
+    assert torch.allclose(tall[2], svd[2], rtol=0, atol=1e-5 * float(svd[2][0]))
+    weight = torch.eye(96) if gram is None else gram
+    for r in (1, 6, 40, 96):
+        errors = [_output_error(delta, u[:, :r] @ v[:r], weight) for u, v, _ in (tall, svd)]
+        assert errors[0] <= errors[1] * (1 + 1e-4) + 1e-6 * _output_error(delta, torch.zeros_like(delta), weight), r
 
 
 def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tiny_pair, tmp_path, monkeypatch):

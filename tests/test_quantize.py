@@ -10,7 +10,8 @@ from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artif
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
-from hf_decompose.quantize import BITS, _huffman, bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack, quantize, row_codes, unpack
+from hf_decompose.quantize import (BITS, _huffman, bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack,
+                                   pack_codes, quantize, row_codes, unpack)
 
 
 def output_error(w: torch.Tensor, gram: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, grid: str = "signed") -> float:
@@ -318,3 +319,15 @@ def test_embedding_rows_are_looked_up_from_the_one_packed_copy(shape, bits, grid
         assert torch.equal(row_codes(part.rows[ids], bits, grid), codes[ids])
     if fused and layout == "kernel":
         assert part.kernel_layout().escapes is None and part.kernel_layout().nbytes() == codes.numel() // 2  # nibbles: half a byte per code
+
+
+def test_codes_whose_huffman_coding_is_not_smaller_stay_bit_packed():
+    """Uniform 2-bit codes on the full grid fill every byte value evenly: Huffman coding cannot shrink them, so the
+    stored form is the bit-packed one, the bytes `pack_codes` gives."""
+    codes = (2 * torch.randint(0, 4, (64, 256), generator=torch.Generator().manual_seed(3)) - 3).to(torch.int8)
+    packed = pack_codes(codes, 2, "full")
+    assert huffman_code(codes, 2, "full").numel() >= packed.numel()
+    part = FullQuantPart.from_packed(packed, torch.ones(64, 4, dtype=torch.bfloat16), (64, 256))
+    state = part.state()
+    assert set(state) == {"codes", "scales_huffman"} and torch.equal(state["codes"], packed)
+    assert torch.equal(FullQuantPart.from_state((64, 256), dict.fromkeys(FullQuantPart.fields) | state).codes, codes)

@@ -65,11 +65,11 @@ class QuantPart(Part):
         """Codes and scales each in the smaller of their forms: bit-packed or Huffman-coded codes (one-bit codes stay
         packed: signs are near-uniform), bfloat16 or Huffman-coded scales."""
         if self._stored is None:
-            packed = pack_codes(self.codes, self.bits, self.grid)
-            coded = huffman_code(self.codes, self.bits, self.grid) if self.bits > 1 else packed
+            coded = huffman_code(self.codes, self.bits, self.grid) if self.bits > 1 else None
+            packed_bytes = math.ceil(self.codes.numel() * self.bits / 8)  # packed only where it is the form kept
+            codes = {"codes_huffman": coded} if coded is not None and coded.numel() < packed_bytes else {"codes": pack_codes(self.codes, self.bits, self.grid)}
             scales = huffman_scales(self.scales)
-            self._stored = ({"codes_huffman": coded} if coded.numel() < packed.numel() else {"codes": packed}) | (
-                {"scales_huffman": scales} if scales.numel() < self.scales.numel() * 2 else {"scales": self.scales})
+            self._stored = codes | ({"scales_huffman": scales} if scales.numel() < self.scales.numel() * 2 else {"scales": self.scales})
         return self._stored
 
     @classmethod
