@@ -85,7 +85,19 @@ def calibrate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: i
 
 @torch.no_grad()
 def continuation_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> torch.Tensor:
-    return torch.cat(list(_batch_logits(model, ids, mask, plen, batch_size)))
+    return _stacked(_batch_logits(model, ids, mask, plen, batch_size), len(ids))
+
+
+def _stacked(batches: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
+    """Batches of rows as one tensor of `rows` rows, each copied in as it comes: no list of them beside the result."""
+    out, row = None, 0
+    for batch in batches:
+        out = batch.new_empty(rows, *batch.shape[1:]) if out is None else out
+        out[row : row + len(batch)] = batch
+        row += len(batch)
+    if out is None or row != rows:
+        raise ValueError(f"{row} rows where {rows} were expected")
+    return out
 
 
 @torch.no_grad()
@@ -702,7 +714,7 @@ class _StreamEngine:
         mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)
         self.calib = Calibration(ids, mask, enc["input_ids"].shape[1], *(torch.empty(0),) * 4)
         self.keep_inputs = True  # every layer's input on the exact model (its Grams' inputs), kept on disk until asked for
-        logits = torch.cat(list(self.logits(self.calib)))
+        logits = _stacked(self.logits(self.calib), len(ids))
         self.keep_inputs = False
         top2 = logits.topk(2, dim=-1)
         self.calib = Calibration(ids, mask, self.calib.prompt_len, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], logits)
@@ -895,7 +907,7 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
         residual.addmm_(u.float(), v.float(), alpha=-1)  # in place: no second matrix of the delta's size
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
-    codes, scales = quantize_codes(residual, level.bits, level.group, gram=c.feedback, grid=grid, step=level.step)
+    codes, scales = quantize_codes(residual, level.bits, level.group, gram=c.feedback, grid=grid, step=level.step, overwrite=True)
     kind = FullQuantPart if grid == "full" else QuantPart
     parts = [kind(codes, scales, level.bits)] + ([] if u is None else [LowRankPart(u, v)])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)

@@ -65,8 +65,9 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
 
 
 def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | Feedback | None = None, grid: str = "signed",
-                   step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize` with the signed codes unpacked (int8; int16 for 8 bits on the full grid), as `codes_of` reads them."""
+                   step: float | None = None, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` with the signed codes unpacked (int8; int16 for 8 bits on the full grid), as `codes_of` reads them.
+    `overwrite`: float32 `values` may be overwritten by error feedback (the caller's scratch), not copied first."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
     if grid not in GRIDS:
@@ -78,7 +79,8 @@ def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.
     grid_ = _Grid(bits, grid, step)
     if gram is not None:
         feedback = gram if isinstance(gram, Feedback) else Feedback.of(gram.to(values.device))
-        codes, scales = _error_feedback(values.float(), feedback, grid_, g)
+        w = values.float()
+        codes, scales = _error_feedback(w if overwrite or w is not values else w.clone(), feedback, grid_, g)
     else:
         x = values.float().reshape(out, n_in // g, g)
         scales = grid_.scales(x)
@@ -154,13 +156,12 @@ class Feedback:
 
 
 def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-by-column rounding with the errors spread through the upper Cholesky factor of H^-1: in blocks of
+    """Column-by-column rounding of float32 `w` (overwritten) with the errors spread through the upper Cholesky factor of H^-1: in blocks of
     `block` columns (later blocks updated once per block, GPTQ's lazy batches), within a block a group at a time,
     each group's scales from its compensated values, its columns by the compiled kernel on CPU
     (`kernels.feedback_columns`) or by PyTorch (`_feedback_columns`, the same codes)."""
     out, n_in = w.shape
     hinv = feedback.factor.to(w.device).contiguous()  # by rows, as the kernel reads it (`Feedback.of` holds it so: no copy)
-    w = w.clone()
     w[:, feedback.dead.to(w.device)] = 0.0
     codes = torch.empty(out, n_in, dtype=_codes_dtype(grid.bits, "full" if grid.full else "signed"), device=w.device)
     scales = torch.empty(out, n_in // g, dtype=torch.bfloat16, device=w.device)

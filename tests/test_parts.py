@@ -8,7 +8,7 @@ from hf_decompose import ArtifactError, artifact, kernels
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.annealing import _Candidate, _level_delta, mixed_widths
 from hf_decompose.config import DecomposedConfig, Level
-from hf_decompose.parts import PART_KINDS, DensePart, LowRankPart, Part, QuantLowRankPart, TensorDelta, register_part
+from hf_decompose.parts import PART_KINDS, DensePart, LowRankPart, Part, QuantLowRankPart, QuantPart, TensorDelta, register_part
 from hf_decompose.parts.base import expect
 
 
@@ -199,3 +199,22 @@ def test_low_rank_runs_with_u_laid_out_as_its_transpose():
         torch.testing.assert_close(linear(x), linear.base(x) + nn.functional.linear(nn.functional.linear(x, v), u))
     embedding = DecomposedModule(nn.Embedding(24, 32), TensorDelta("weight", (24, 32), parts=[LowRankPart(u, v)]), execution="split")
     assert embedding.ops.lowrank.u.is_contiguous()
+
+
+def test_parts_add_a_few_rows_at_a_time_as_they_add_whole(monkeypatch):
+    """Dense, low-rank, quantized and quantized low-rank parts added to a matrix by blocks of rows (no temporary of
+    its size) give the very bits of adding them whole; a 0-d delta is added whole."""
+    from hf_decompose.parts import base
+    from hf_decompose.quantize import quantize
+
+    g = torch.Generator().manual_seed(0)
+    shape = (70, 96)
+    packed, scales = quantize(torch.randn(*shape, generator=g) * 1e-3, 4, 32)
+    u, v = torch.randn(70, 5, generator=g).bfloat16(), torch.randn(5, 96, generator=g).bfloat16()
+    parts = [DensePart(torch.randn(*shape, generator=g).bfloat16()), LowRankPart(u, v), QuantPart.from_packed(packed, scales, shape),
+             QuantLowRankPart.quantize(u.float(), v.float(), 4)]
+    whole = [TensorDelta("w", shape, False, [p]).to_dense() for p in parts]
+    monkeypatch.setattr(base.row_blocks, "__defaults__", (8,))
+    by_rows = [TensorDelta("w", shape, False, [p]).to_dense() for p in parts]
+    assert all(torch.equal(a, b) for a, b in zip(whole, by_rows)) and len(list(base.row_blocks(whole[0]))) == 9
+    assert float(TensorDelta("s", (), False, [DensePart(torch.tensor(0.25))]).merge(torch.tensor(1.0))) == 1.25

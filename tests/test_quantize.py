@@ -331,3 +331,23 @@ def test_codes_whose_huffman_coding_is_not_smaller_stay_bit_packed():
     state = part.state()
     assert set(state) == {"codes", "scales_huffman"} and torch.equal(state["codes"], packed)
     assert torch.equal(FullQuantPart.from_state((64, 256), dict.fromkeys(FullQuantPart.fields) | state).codes, codes)
+
+
+@pytest.mark.parametrize(("bits", "group", "grid", "step"), [(3, 64, "signed", None), (4, 0, "signed", 1.5), (2, 32, "full", None)])
+def test_error_feedback_by_blocks_of_rows_and_in_place_gives_the_same_codes(bits, group, grid, step):
+    """The update of later columns and a row-wide scale taken a few rows at a time, and the values overwritten instead
+    of copied, change no code and no scale; without `overwrite` the values are left as they were."""
+    from hf_decompose.quantize import Feedback, _error_feedback, _Grid, group_size, quantize_codes
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(400, 160, generator=g) @ torch.randn(160, 256, generator=g)
+    values = torch.randn(37, 256, generator=g) * 0.01
+    feedback = Feedback.of(x.T @ x)
+    whole = _error_feedback(values.clone(), feedback, _Grid(bits, grid, step), group_size(values.shape, group))
+    by_rows = _error_feedback(values.clone(), feedback, _Grid(bits, grid, step), group_size(values.shape, group), rows=5)
+    assert torch.equal(whole[0], by_rows[0]) and torch.equal(whole[1].view(torch.int16), by_rows[1].view(torch.int16))
+    kept = values.clone()
+    copied = quantize_codes(values, bits, group, gram=feedback, grid=grid, step=step)
+    assert torch.equal(values, kept) and torch.equal(copied[0], whole[0])
+    overwritten = quantize_codes(values, bits, group, gram=feedback, grid=grid, step=step, overwrite=True)
+    assert torch.equal(overwritten[0], whole[0]) and not torch.equal(values, kept)

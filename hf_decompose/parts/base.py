@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import EllipsisType
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,15 @@ def register_part(cls: type[Part]) -> type[Part]:
     PART_KINDS.clear()
     PART_KINDS.update((k.kind, k) for k in kinds)
     return cls
+
+
+# rows a part adds to a dense matrix at a time (`add_to`): no temporary of a vocabulary-sized matrix's size
+ROWS = 4096
+
+
+def row_blocks(out: torch.Tensor, rows: int = ROWS) -> Iterator[slice | EllipsisType]:
+    """Indices of consecutive blocks of at most `rows` rows covering `out` (a 0-d tensor: one, all of it)."""
+    return (slice(r, r + rows) for r in range(0, out.shape[0], rows)) if out.dim() else iter([...])
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

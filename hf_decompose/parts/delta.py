@@ -80,7 +80,7 @@ class TensorDelta:
 
     def merge(self, weight: torch.Tensor) -> torch.Tensor:
         """base weight (stored layout) + kept delta, with overrides written last."""
-        merged = weight.detach().float().clone()
+        merged = weight.detach().to(torch.float32, copy=True)
         view = merged.t() if self.transposed else merged
         overrides = [p for p in self.parts if isinstance(p, OverridePart)]
         if not self.replaces_all:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Part, cast, expect, register_part
+from .base import Part, cast, expect, register_part, row_blocks
 
 
 @register_part
@@ -29,7 +29,8 @@ class DensePart(Part):
         expect(self.weight, self.shape, values=True)
 
     def add_to(self, out: torch.Tensor) -> None:
-        out += self.weight.float()
+        for rows in row_blocks(out):
+            out[rows] += self.weight[rows].float()
 
     def mark(self, mask: torch.Tensor) -> None:
         mask |= self.weight != 0

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from .base import Part, cast, expect, register_part
+from .base import Part, cast, expect, register_part, row_blocks
 
 
 @register_part
@@ -65,7 +65,9 @@ class LowRankPart(Part):
         return kernels.Factors(u.t(), v if v.is_contiguous() else v.contiguous())
 
     def add_to(self, out: torch.Tensor) -> None:
-        out += self.u.float() @ self.v.float()  # factors may be stored in bfloat16: multiply in float32
+        v = self.v.float()  # factors may be stored in bfloat16: multiply in float32
+        for rows in row_blocks(out):
+            out[rows] += self.u[rows].float() @ v
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:

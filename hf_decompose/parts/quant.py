@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import kernels
 from ..quantize import bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack_codes, row_codes
-from .base import Part, cast, expect, register_part
+from .base import Part, cast, expect, register_part, row_blocks
 from .lowrank import LowRankPart
 from .quantlowrank import QuantLowRankPart
 
@@ -101,7 +101,8 @@ class QuantPart(Part):
         return self.codes.numel()
 
     def add_to(self, out: torch.Tensor) -> None:
-        out += dequantize(self.codes, self.scales)
+        for rows in row_blocks(out):
+            out[rows] += dequantize(self.codes[rows], self.scales[rows])
 
     def mark(self, mask: torch.Tensor) -> None:
         mask[...] = True

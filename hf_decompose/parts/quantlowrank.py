@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..quantize import bits_of, codes_of, dequantize, pack_codes, quantize
-from .base import Part, cast, expect, register_part
+from .base import Part, cast, expect, register_part, row_blocks
 
 
 def _grid(bits: int) -> str:
@@ -157,5 +157,6 @@ class QuantLowRankPart(Part):
 
     def add_to(self, out: torch.Tensor) -> None:
         u, v = self.factors()
-        out += u @ v
+        for rows in row_blocks(out):
+            out[rows] += u[rows] @ v
 
