@@ -908,6 +908,7 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
     codes, scales = quantize_codes(residual, level.bits, level.group, gram=c.feedback, grid=grid, step=level.step, overwrite=True)
+    del residual  # rounded over: freed before the codes' stored form is made
     kind = FullQuantPart if grid == "full" else QuantPart
     parts = [kind(codes, scales, level.bits)] + ([] if u is None else [LowRankPart(u, v)])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)
