@@ -253,6 +253,12 @@ class GramCollector:
         return self.grams
 
 
+# out / in from which `weighted_lowrank` factors a matrix through its Gram: on the 1.5B synthetic Llama's (49152, 2048)
+# tied embedding the SVD took 1.62 GiB above what was held before it, the Gram's way 0.94 GiB with the factors it keeps
+# (`benchmarks/anneal_memory.py`)
+TALL = 8
+
+
 def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S).
 
@@ -274,11 +280,6 @@ def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: fl
         p_s = p * s
     v = qh if chol is None else torch.linalg.solve_triangular(chol, qh, upper=False, left=False)  # Q^T L^{-1}
     return p_s, v, s
-
-
-# out / in from which `weighted_lowrank` factors a matrix through its Gram: on the 1.5B synthetic Llama's (49152, 2048)
-# tied embedding the SVD took 1.69 GB beyond what was held before it, the Gram's way 0.98 GB, its factors included
-TALL = 8
 
 
 def _tall_svd(delta: torch.Tensor, chol: torch.Tensor | None, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

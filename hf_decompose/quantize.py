@@ -156,10 +156,10 @@ class Feedback:
 
 
 def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-by-column rounding of float32 `w` (overwritten) with the errors spread through the upper Cholesky factor of H^-1: in blocks of
-    `block` columns (later blocks updated once per block, GPTQ's lazy batches), within a block a group at a time,
-    each group's scales from its compensated values, its columns by the compiled kernel on CPU
-    (`kernels.feedback_columns`) or by PyTorch (`_feedback_columns`, the same codes)."""
+    """Column-by-column rounding of float32 `w` (overwritten) with the errors spread through the upper Cholesky factor
+    of H^-1: in blocks of `block` columns (later blocks updated once per block, GPTQ's lazy batches, `rows` rows at a
+    time), within a block a group at a time, each group's scales from its compensated values, its columns by the
+    compiled kernel on CPU (`kernels.feedback_columns`) or by PyTorch (`_feedback_columns`, the same codes)."""
     out, n_in = w.shape
     hinv = feedback.factor.to(w.device).contiguous()  # by rows, as the kernel reads it (`Feedback.of` holds it so: no copy)
     w[:, feedback.dead.to(w.device)] = 0.0
