@@ -351,3 +351,13 @@ def test_error_feedback_by_blocks_of_rows_and_in_place_gives_the_same_codes(bits
     assert torch.equal(values, kept) and torch.equal(copied[0], whole[0])
     overwritten = quantize_codes(values, bits, group, gram=feedback, grid=grid, step=step, overwrite=True)
     assert torch.equal(overwritten[0], whole[0]) and not torch.equal(values, kept)
+
+
+@pytest.mark.parametrize("bits", [8, 3])
+def test_huffman_coding_across_its_chunks_round_trips(bits):
+    """Codes past `huffman_code`'s chunk of 4M symbols (an odd count: the last symbol padded) decode to themselves."""
+    n = 2**22 * (8 // bits) + 2 * (8 // bits) + 1
+    q = 2 ** (bits - 1) - 1
+    codes = torch.randint(-q, q + 1, (n,), generator=torch.Generator().manual_seed(bits)).to(torch.int8)
+    decoded, width = huffman_codes_of(huffman_code(codes, bits), (n,))
+    assert width == bits and torch.equal(decoded, codes)
