@@ -50,7 +50,8 @@ from .allocation import solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
-from .layerwise import DeltaStore, Hidden, Layerwise, batches, trim_heap
+from .heap import release_free_memory
+from .layerwise import DeltaStore, Hidden, Layerwise, batches
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import Feedback, quantize_codes
@@ -551,7 +552,7 @@ class _Candidates:
             if saved:
                 self.store.put_tensors(key, saved)
         self.layer, self.items = None, {}
-        trim_heap()  # a layer's Grams, factors and their float64 transients: gone from resident memory, not only freed
+        release_free_memory()  # a layer's Grams, factors and their float64 transients: gone from resident memory, not only freed
 
 
 class _ModelEngine:

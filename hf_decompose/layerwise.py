@@ -13,7 +13,6 @@ and the hidden states.
 from __future__ import annotations
 
 import copy
-import ctypes
 import itertools
 import json
 import os
@@ -36,17 +35,6 @@ from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
 
 Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing): tensors freed
-    below glibc's mmap threshold, which rises to 32 MB as larger ones are freed, otherwise stay resident."""
-    try:
-        libc = ctypes.CDLL(None)
-    except (OSError, TypeError):  # no process-wide symbol table to look in (Windows)
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
