@@ -465,10 +465,15 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
         engine.install(layer, key, made)
         return made[key]
 
-    def check(label: str, level: int) -> bool:
+    def check(group: list[str] | str, level: int) -> bool:
+        """The guard on the installed state; `group`: the layers just moved to `level` ("*": all of them)."""
         ok, stats = guard(engine, calib, **judge)
-        trace.append({"layer": label, "level": specs[level], "accepted": ok, **stats})
-        bar.set_postfix(layer=_short(label), level=specs[level], flips=f"{stats['expected_flips']:.2f}", accepted=ok)
+        if isinstance(group, str) or len(group) == 1:
+            moved = {"layer": group if isinstance(group, str) else group[0]}
+        else:  # a group of layers, in model order
+            moved = {"layer": f"{_short(group[0])}-{_short(group[-1])}", "layers": group}
+        trace.append({**moved, "level": specs[level], "accepted": ok, **stats})
+        bar.set_postfix(layer=_short(moved["layer"]), level=specs[level], flips=f"{stats['expected_flips']:.2f}", accepted=ok)
         return ok
 
     trace: list[dict] = []
@@ -585,6 +590,9 @@ class _ModelEngine:
 # the one it changed, and decoding their codes again cost 1 s of a 7.3 s check on the default pair (every layer's level
 # and the one tried there fit; two layers' of the 1.5B synthetic Llama)
 HELD_BYTES = 2**27
+# bytes of hidden states a guard check keeps beside the layer it starts from (`_StreamEngine.logits`): a check
+# re-runs the layers after the first one it changed, from the nearest kept input (a refused group's halves start inside it)
+INPUT_BYTES = 2**27
 
 
 class _StoredLevels:
@@ -729,12 +737,13 @@ class _StreamEngine:
             self.inputs[0], self.calls = self.lw.capture(calib.input_ids, calib.attention_mask)
         start = max(self.inputs)
         hidden = self.inputs[start]
+        self.inputs = {i: h for i, h in self.inputs.items() if i in (0, start)}
+        stride = max(1, math.ceil((len(self.lw.meta_layers) - start) * sum(h.nbytes for h in hidden) / INPUT_BYTES))
         for i, hidden in itertools.chain([(start, hidden)], self.lw.run(hidden, self.calls, start)):
             if self.keep_inputs:
                 self.made.store.put_tensors(f"inputs:{i}", {str(b): h for b, h in enumerate(hidden)})
-            if i == start + 1:
+            if i == start + 1 or (i - start) % stride == 0:  # the next layer (a schedule's next move), and every stride-th
                 self.inputs[i] = hidden
-        self.inputs = {i: h for i, h in self.inputs.items() if i in (0, start, start + 1)}  # a schedule moves a layer at a time
         keep = calib.input_ids.shape[1] - calib.prompt_len + 1
         for logits in self.lw.head(hidden, calib.input_ids, calib.attention_mask, keep):
             yield logits[:, :-1].float()
@@ -782,18 +791,24 @@ class _StreamEngine:
 
 def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar) -> dict[str, int | None]:
     """One temperature for the whole model by bisection over the levels, then heating in rounds: each round
-    takes every layer still heating one level further, in model order, kept while the guard holds (rolled
-    back and frozen at its first refusal), until no layer heats or `seconds` are spent, so that a time cap
-    leaves the layers heated alike rather than the first ones fully and the last ones not at all. A check is
-    started only while it and one more (the precision step's) fit in `seconds` at the longest check's pace."""
+    takes every layer still heating one level further, kept while the guard holds (rolled back and frozen at
+    its first refusal), until no layer heats or `seconds` are spent, so that a time cap leaves the layers
+    heated alike rather than the first ones fully and the last ones not at all. A round tries its layers in
+    groups (in model order), one check a group; a refused group is split in halves, down to single layers
+    (`_group_size`: groups shrink as the refused checks of the round before grow: near the guard's limit a check
+    is a coin flip and single layers are cheapest). A check is started only while it and one more (the
+    precision step's) fit in `seconds` at the longest check's pace."""
     t0, longest = time.perf_counter(), 0.0
 
-    def timed(label: str, level: int) -> bool:
+    def timed(group: list[str] | str, level: int) -> bool:
         nonlocal longest
         start = time.perf_counter()
-        ok = check(label, level)
+        ok = check(group, level)
         longest = max(longest, time.perf_counter() - start)
         return ok
+
+    def room() -> bool:
+        return time.perf_counter() - t0 + 2 * longest <= seconds
 
     lo, hi, best = 0, n_levels - 1, None
     while lo <= hi:
@@ -807,22 +822,49 @@ def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar
     level_of = dict.fromkeys(order, best)
     for layer in order:
         install(layer, best)
-    heating = list(order)
-    while heating and time.perf_counter() - t0 + 2 * longest <= seconds:
-        for layer in list(heating):
-            if time.perf_counter() - t0 + 2 * longest > seconds:
-                break
-            nxt = 0 if level_of[layer] is None else level_of[layer] + 1
-            if nxt < n_levels:
+    at = best  # the level every layer still heating is at
+    heating = list(order) if at is None or at + 1 < n_levels else []
+    refusals, first = 1, True  # the bisection refused every layer together at the first round's level
+    while heating and room():
+        nxt = 0 if at is None else at + 1
+        size = _group_size(len(heating), refusals)
+        if first:  # not all of them together again
+            size, first = min(size, (len(heating) + 1) // 2), False
+        pending = [heating[i : i + size] for i in range(0, len(heating), size)]
+        refused, refused_checks = [], 0
+        while pending and room():
+            group = pending.pop(0)
+            for layer in group:
                 install(layer, nxt)
-                if timed(layer, nxt):
-                    level_of[layer] = nxt
-                    continue
+            if timed(group, nxt):
+                level_of.update(dict.fromkeys(group, nxt))
+                continue
+            refused_checks += 1
+            for layer in group:
                 install(layer, level_of[layer])
-            heating.remove(layer)  # refused, or at the top: frozen
-            bar.update(1)
-    bar.update(len(heating))  # still heating when the time ran out
+            if len(group) == 1:
+                refused += group
+            else:
+                pending[:0] = [group[: len(group) // 2], group[len(group) // 2 :]]
+        heating = [layer for layer in heating if layer not in refused]
+        bar.update(len(refused))
+        if pending:  # the time ran out mid-round
+            break
+        at, refusals = nxt, refused_checks
+        if nxt + 1 == n_levels:  # at the top: frozen
+            break
+    bar.update(len(heating))
     return level_of
+
+
+def _group_size(layers: int, refusals: int) -> int:
+    """Hwang's generalised binary splitting (1972): with about `refusals` of `layers` expected refused, groups of
+    2^floor(log2((layers - refusals + 1) / refusals)) layers; single layers from about half refused."""
+    if refusals <= 0:
+        return layers
+    if layers <= 2 * refusals - 2:
+        return 1
+    return min(layers, 1 << int(math.log2((layers - refusals + 1) / refusals)))
 
 
 def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: dict, model, calib: Calibration, judge: dict,

@@ -219,7 +219,8 @@ def plot_annealing(report: dict, path: Path) -> Path:
         if t.get("probe") or str(t["level"]) not in rank:  # knapsack probes and budget checks are no ladder steps
             continue
         ok = t["accepted"]
-        left.plot(column[t["layer"]], rank[str(t["level"])], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
+        for layer in t.get("layers", [t["layer"]]):  # a group's check marks each of its layers
+            left.plot(column[layer], rank[str(t["level"])], "o" if ok else "x", color="tab:green" if ok else "tab:red", ms=5)
     for i, record in enumerate(layers, start=1):
         if record.get("level") is not None:
             left.plot([i - 0.4, i + 0.4], [rank[str(record["level"])]] * 2, color="black", lw=2)

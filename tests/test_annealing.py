@@ -309,6 +309,36 @@ def test_ladder_heats_in_rounds_so_a_time_cap_leaves_the_layers_alike(monkeypatc
     assert run(9.0) == [3, 2, 2, 2]  # 3 bisection checks, a round of 4, layer 0 heated; then no room for a check and the precision step's
 
 
+def test_ladder_heats_a_round_in_groups_and_splits_a_refused_one(monkeypatch):
+    """A round's layers try their next level in groups, one check a group the guard takes; a refused group is split
+    in halves down to the layer that refused (frozen), the others heat on: the same levels as one layer a check, in
+    18 checks instead of 32. The first round starts from halves (all layers together are what the bisection refused);
+    after its three refused checks, the next round goes a layer at a time; once none is refused, all together."""
+    from hf_decompose import annealing
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    order = [f"model.layers.{i}" for i in range(8)]
+    highest = dict.fromkeys(order, 5) | {"model.layers.5": 1}  # the highest level the guard takes per layer
+    installed, calls = {}, []
+    monkeypatch.setattr(annealing.time, "perf_counter", lambda: 0.0)
+
+    def check(group, level):
+        calls.append(group)
+        return all(installed[layer] <= highest[layer] for layer in order)
+
+    bar = Bar()
+    levels = annealing._ladder(order, 6, installed.__setitem__, check, 100.0, bar)
+    assert levels == installed == highest and bar.n == len(order)
+    assert [len(g) if g != "*" else "*" for g in calls] == ["*"] * 3 + [4, 4, 2, 1, 1, 2] + [1] * 7 + [7] + [7]
+    assert annealing._group_size(31, 0) == 31 and annealing._group_size(31, 1) == 16 and annealing._group_size(31, 3) == 8
+    assert annealing._group_size(31, 10) == 2 and annealing._group_size(31, 12) == 1 and annealing._group_size(31, 16) == 1
+
+
 @pytest.mark.parametrize("tied, annealing", [
     (True, {"levels": ["lr0.003", "lr0.01", "lr0.03"]}),  # low-rank-only levels: the bfloat16 precision step is accepted
     (False, {"schedule": "knapsack"}),

@@ -34,6 +34,7 @@ def demo_output(tmp_path_factory):
     decomposed.report["annealing"] = {  # the layout `annealing.anneal` reports
         "ladder": ["int8", "int4g64", "lr0.5+int3g64"],
         "trace": [{"layer": "*", "level": "int4g64", "accepted": False}, {"layer": "*", "level": "int8", "accepted": True},
+                  {"layer": "0-1", "layers": ["model.layers.0", "model.layers.1"], "level": "int4g64", "accepted": False},  # a group
                   {"layer": "model.layers.0", "level": "int4g64", "accepted": False}],
         "levels": [{"layer": "model.layers.0", "level": "int8", "kept_params": 1000, "delta_params": 1000, "bytes": 1010},
                    {"layer": "model.layers.1", "level": None, "kept_params": 1000, "delta_params": 1000, "bytes": 4000}],
