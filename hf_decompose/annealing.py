@@ -824,12 +824,12 @@ def _ladder(order: list[str], n_levels: int, install, check, seconds: float, bar
         install(layer, best)
     at = best  # the level every layer still heating is at
     heating = list(order) if at is None or at + 1 < n_levels else []
-    refusals, first = 1, True  # the bisection refused every layer together at the first round's level
+    refusals = 1
     while heating and room():
         nxt = 0 if at is None else at + 1
         size = _group_size(len(heating), refusals)
-        if first:  # not all of them together again
-            size, first = min(size, (len(heating) + 1) // 2), False
+        if at == best:  # the first round: the bisection refused all of them together at its level
+            size = min(size, (len(heating) + 1) // 2)
         pending = [heating[i : i + size] for i in range(0, len(heating), size)]
         refused, refused_checks = [], 0
         while pending and room():
@@ -864,7 +864,7 @@ def _group_size(layers: int, refusals: int) -> int:
         return layers
     if layers <= 2 * refusals - 2:
         return 1
-    return min(layers, 1 << int(math.log2((layers - refusals + 1) / refusals)))
+    return 1 << int(math.log2((layers - refusals + 1) / refusals))  # at most (layers - refusals + 1) / refusals <= layers
 
 
 def _knapsack(order: list[str], specs: list[str], install, cands: dict, layers: dict, model, calib: Calibration, judge: dict,
