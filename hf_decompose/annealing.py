@@ -26,7 +26,9 @@ the margin criterion holds: the expected number of greedy flips at margins above
 a budget of unseen positions, from the size of the changes of the top-1/top-2 logit gaps and the
 density of small reference margins, stays below a bound. ``floor`` bounds the same expectation and
 the mean KL by the fine-tune's own in bfloat16; ``exact`` anneals nothing. (A worst-case ratio over
-calibration positions does not carry over: unseen prompts have their own near-ties.) A level that fails rolls the layer back to its last accepted level. Precision (bf16
+calibration positions does not carry over: unseen prompts have their own near-ties.) The ``tie`` and ``identical``
+targets judge from the head rows of each position's 64 likeliest reference tokens, the rest bounded (`screening`:
+the same verdicts, at a sixth less per check). A level that fails rolls the layer back to its last accepted level. Precision (bf16
 storage of low-rank-only factors) is a last annealing step under the same guard.
 """
 
@@ -55,6 +57,7 @@ from .layerwise import DeltaStore, Hidden, Layerwise, batches
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import Feedback, quantize_codes
+from .screening import HeadScreen, Screened, head_input, head_linear
 from .parts import FullQuantPart, LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 
 
@@ -143,7 +146,7 @@ def tie_equivalent(calib: Calibration, logits: torch.Tensor, tolerance: float) -
     return _tie_equivalent(calib, logits.topk(2, dim=-1).indices, tolerance)
 
 
-def _tie_equivalent(calib: Calibration, top2: torch.Tensor, tolerance: float) -> torch.Tensor:
+def _tie_equivalent(calib: Calibration | Screened, top2: torch.Tensor, tolerance: float) -> torch.Tensor:
     """`tie_equivalent` from the model's top-2 token ids."""
     swapped = (calib.margin < tolerance) & (top2[..., 0] == calib.second) & (top2[..., 1] == calib.top1)
     return (top2[..., 0] == calib.top1) | swapped
@@ -188,7 +191,8 @@ def _scores(calib: Calibration, logit_batches: Iterable[torch.Tensor], positions
 
 
 def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: float = 0.99, max_flips: float = 0.25,
-          positions: int = 2048, batch_size: int = 8, tie_tolerance: float = TIE_TOLERANCE, floor: Floor | None = None) -> tuple[bool, dict]:
+          positions: int = 2048, batch_size: int = 8, tie_tolerance: float = TIE_TOLERANCE, floor: Floor | None = None,
+          screen: HeadScreen | None = None) -> tuple[bool, dict]:
     """Judge the current model against the calibration reference (teacher-forced on its continuations).
 
     ``exact``: every logit identical (lossless). ``identical``: every calibration top-1 kept (greedy
@@ -198,17 +202,22 @@ def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: 
     margins above `tie_tolerance` (the fine-tune's fp32 deployment floor shows none). ``floor``: no
     more flips expected above `tie_tolerance` and no higher mean KL than `floor` (the fine-tune
     served in bfloat16). ``top1``: top-1 agreement >= `tolerance`; ``kl``: mean KL <= `tolerance`.
-    `model`: a model, or an annealing engine (`_StreamEngine`: the model run layer by layer).
+    `model`: a model, or an annealing engine (`_StreamEngine`: the model run layer by layer). `screen`: the
+    ``tie`` and ``identical`` targets on an engine judge from a few head rows per position (`screening`;
+    no mean KL then).
     """
-    if isinstance(model, nn.Module):
-        logit_batches = _batch_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+    head = model.head() if screen is not None and target in ("tie", "identical") and not isinstance(model, nn.Module) else None
+    if head is not None:
+        stats = _screened_scores(calib, screen.rows(model.head_inputs(calib), head), positions, tie_tolerance)
     else:
-        logit_batches = model.logits(calib)
-    stats = _scores(calib, logit_batches, positions, tie_tolerance)
-    agree, tie, flips, above, max_diff, kl = (stats[k] for k in ("top1_agreement", "tie_agreement", "expected_flips", "expected_flips_above_tolerance",
-                                                                  "max_abs_logit_diff", "mean_kl"))
+        if isinstance(model, nn.Module):
+            logit_batches = _batch_logits(model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
+        else:
+            logit_batches = model.logits(calib)
+        stats = _scores(calib, logit_batches, positions, tie_tolerance)
+    agree, tie, flips, above = (stats[k] for k in ("top1_agreement", "tie_agreement", "expected_flips", "expected_flips_above_tolerance"))
     if target == "exact":
-        return max_diff == 0.0, stats
+        return stats["max_abs_logit_diff"] == 0.0, stats
     if target == "identical":
         return agree == 1.0 and flips <= max_flips, stats
     if target == "tie":
@@ -216,10 +225,24 @@ def guard(model: nn.Module, calib: Calibration, target: str = "tie", tolerance: 
     if target == "floor":
         if floor is None:
             raise ConfigError("the floor target needs the bfloat16 floor measured on the calibration prompts (`measure_floor`)")
-        return above <= floor.expected_flips and kl <= floor.mean_kl, stats
+        return above <= floor.expected_flips and stats["mean_kl"] <= floor.mean_kl, stats
     if target == "top1":
         return agree >= tolerance, stats
-    return kl <= tolerance, stats
+    return stats["mean_kl"] <= tolerance, stats
+
+
+def _screened_scores(calib: Calibration, rows: Iterable[Screened], positions: int, tie_tolerance: float) -> dict[str, float]:
+    """`_scores` from screened positions (`HeadScreen.rows`), without the mean KL and the largest logit change."""
+    n, agree, tie, square, whole = 0, 0, 0, 0.0, 0
+    for row in rows:
+        n += row.top1.numel()
+        agree += int((row.top2[..., 0] == row.top1).sum())
+        tie += int(_tie_equivalent(row, row.top2, tie_tolerance).sum())
+        square += float(row.change.double().square().sum())
+        whole += row.whole_rows
+    s = math.sqrt(square / n)
+    return {"top1_agreement": agree / n, "tie_agreement": tie / n, "expected_flips": _flips(calib, s, positions, 0.0),
+            "expected_flips_above_tolerance": _flips(calib, s, positions, tie_tolerance), "whole_head_positions": whole}
 
 
 class GramCollector:
@@ -453,7 +476,7 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     calib = engine.calibrate(tokenizer, by_length, opts["calibration_tokens"])
     floor = None if floor_of is None else floor_of(calib)
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
-             "tie_tolerance": opts["tie_tolerance"], "floor": floor}
+             "tie_tolerance": opts["tie_tolerance"], "floor": floor, "screen": engine.screen(calib) if target in ("tie", "identical") else None}
     cands = _Candidates(layers, exact_of, engine.grams, config, made.store if isinstance(made, _StoredLevels) else None)
     order = sorted(layers, key=_layer_key)
     level_of: dict[str, int | None] = dict.fromkeys(order)
@@ -585,6 +608,20 @@ class _ModelEngine:
     def logits(self, calib: Calibration, batch_size: int = 8) -> Iterator[torch.Tensor]:
         return _batch_logits(self.model, calib.input_ids, calib.attention_mask, calib.prompt_len, batch_size)
 
+    @torch.no_grad()
+    def head_inputs(self, calib: Calibration, batch_size: int = 8) -> Iterator[torch.Tensor]:
+        """The head's inputs at the continuation positions, batch by batch (`logits` stopped at the head)."""
+        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
+        for ids, mask in batches(calib.input_ids, calib.attention_mask, batch_size):
+            yield head_input(self.model, input_ids=ids, attention_mask=mask, logits_to_keep=keep)[:, :-1].float()
+
+    def head(self) -> nn.Linear | None:
+        return head_linear(self.model)
+
+    def screen(self, calib: Calibration) -> HeadScreen | None:
+        """The guard's screened head (`screening`) on the exact model, as calibrated."""
+        return HeadScreen.of(calib, _stacked(self.head_inputs(calib), len(calib.input_ids)), self.model)
+
 
 # bytes of annealed levels held decoded in memory beside the store: a guard check re-materialises every layer after
 # the one it changed, and decoding their codes again cost 1 s of a 7.3 s check on the default pair (every layer's level
@@ -667,6 +704,7 @@ class _StreamEngine:
         self.calls: list = []
         self.calib: Calibration | None = None
         self.keep_inputs = False
+        self.ref_inputs: torch.Tensor | None = None  # the exact model's head inputs, from `calibrate` until `screen`
         lw.layer_deltas = self._deltas
 
     def _deltas(self, index: int) -> dict[str, TensorDelta]:
@@ -724,15 +762,40 @@ class _StreamEngine:
         mask = torch.cat([enc["attention_mask"], torch.ones_like(cont)], 1)
         self.calib = Calibration(ids, mask, enc["input_ids"].shape[1], *(torch.empty(0),) * 4)
         self.keep_inputs = True  # every layer's input on the exact model (its Grams' inputs), kept on disk until asked for
-        logits = _stacked(self.logits(self.calib), len(ids))
+        final = self._final(self.calib)
         self.keep_inputs = False
+        logits = _stacked(self._head(final, self.calib), len(ids))
+        self.ref_inputs = _stacked(self._head(final, self.calib, inputs=True), len(ids))
         top2 = logits.topk(2, dim=-1)
         self.calib = Calibration(ids, mask, self.calib.prompt_len, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], logits)
         return self.calib
 
-    @torch.no_grad()
+    def screen(self, calib: Calibration) -> HeadScreen | None:
+        """The guard's screened head (`screening`) on the exact model's head inputs, kept from `calibrate`."""
+        screen, self.ref_inputs = HeadScreen.of(calib, self.ref_inputs, self.lw.model), None
+        return screen
+
     def logits(self, calib: Calibration) -> Iterator[torch.Tensor]:
         """The installed state's logits at the continuation positions, batch by batch."""
+        return self._head(self._final(calib), calib)
+
+    def head_inputs(self, calib: Calibration) -> Iterator[torch.Tensor]:
+        """The installed state's head inputs at the continuation positions, batch by batch."""
+        return self._head(self._final(calib), calib, inputs=True)
+
+    def head(self) -> nn.Linear | None:
+        return head_linear(self.lw.model)
+
+    @torch.no_grad()
+    def _head(self, final: Hidden, calib: Calibration, inputs: bool = False) -> Iterator[torch.Tensor]:
+        """The logits (`inputs`: the head's inputs) at the continuation positions from the final hidden states."""
+        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
+        for out in self.lw.head(final, calib.input_ids, calib.attention_mask, keep, inputs=inputs):
+            yield out[:, :-1].float()
+
+    @torch.no_grad()
+    def _final(self, calib: Calibration) -> Hidden:
+        """The installed state's final hidden states, from the latest kept layer input."""
         if 0 not in self.inputs:
             self.inputs[0], self.calls = self.lw.capture(calib.input_ids, calib.attention_mask)
         start = max(self.inputs)
@@ -744,9 +807,7 @@ class _StreamEngine:
                 self.made.store.put_tensors(f"inputs:{i}", {str(b): h for b, h in enumerate(hidden)})
             if i == start + 1 or (i - start) % stride == 0:  # the next layer (a schedule's next move), and every stride-th
                 self.inputs[i] = hidden
-        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
-        for logits in self.lw.head(hidden, calib.input_ids, calib.attention_mask, keep):
-            yield logits[:, :-1].float()
+        return hidden
 
     @torch.no_grad()
     def grams(self, layer: str, names: list[str]) -> dict[str, torch.Tensor]:

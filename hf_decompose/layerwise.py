@@ -32,6 +32,7 @@ from .errors import CheckpointError
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
 from .names import Target, TensorTargets
 from .parts import TensorDelta
+from .screening import head_input
 from .tensorfile import SafetensorsWriter, header_reserve
 
 Hidden = list[torch.Tensor]  # hidden states, one tensor per batch
@@ -181,13 +182,16 @@ class Layerwise:
             del layer
             yield i + 1, hidden
 
-    def head(self, hidden: Hidden, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> Iterator[torch.Tensor]:
-        """The model's logits, batch by batch, from final hidden states (the model's norm and head)."""
+    def head(self, hidden: Hidden, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+             inputs: bool = False) -> Iterator[torch.Tensor]:
+        """The model's logits (`inputs`: its head's inputs, the final norm's outputs), batch by batch, from final
+        hidden states (the model's norm and head)."""
         self.mode = "inject"
         try:
             for h, (ids, mask) in zip(hidden, batches(input_ids, attention_mask, self.batch_size)):
                 self._inject = h
-                yield self.model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep, use_cache=False).logits
+                kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": logits_to_keep, "use_cache": False}
+                yield head_input(self.model, **kwargs) if inputs else self.model(**kwargs).logits
         finally:
             self.mode, self._inject = "stream", None
 
