@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_decompose import DecomposedConfig
-from hf_decompose.criterion import assess_layer, entry_support, reject, robust_sigma, spectral_test
+from hf_decompose.criterion import assess_layer, entry_support, orthonormal_basis, reject, robust_sigma, spectral_test
 from hf_decompose.groups import Geometry, describe
 
 Q = 0.05
@@ -171,3 +171,15 @@ def test_matrices_of_unknown_roles_are_tested_per_tensor_never_pooled(arch):
         assert together[name].group_pvalues.size == delta.shape[0]
         assert torch.equal(together[name].mask, alone.mask)
         assert together[name].mask[:3].all(1).all() and together[name].stats["supported_groups"] >= 3
+
+
+def test_orthonormal_basis_by_cholesky_and_householder_where_the_gram_is_singular_or_ill_conditioned():
+    """The randomized SVD's bases: orthonormal, spanning the columns; Householder QR's own Q where Cholesky QR would
+    lose orthogonality (a rank-deficient block, as an exactly low-rank delta gives, or a badly conditioned one)."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(4096, 72, generator=gen)
+    q = orthonormal_basis(y)
+    torch.testing.assert_close(q.T @ q, torch.eye(72), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q @ (q.T @ y), y, rtol=0, atol=1e-4)
+    for y in (torch.cat([y[:, :36], y[:, :36]], 1), y * torch.logspace(0, -6, 72)):
+        assert torch.equal(orthonormal_basis(y), torch.linalg.qr(y).Q)
