@@ -84,7 +84,7 @@ def head_linear(model: nn.Module) -> nn.Linear | None:
 
 
 class HeadScreen:
-    """Screened guard statistics (`scores`) against `calib`'s reference, whose head inputs are `ref_inputs`
+    """Screened guard statistics (`rows`) against `calib`'s reference, whose head inputs are `ref_inputs`
     (prompts, positions, hidden) and whose head is `head` (the exact one, as calibrated)."""
 
     def __init__(self, calib: Calibration, ref_inputs: torch.Tensor, head: nn.Linear, k: int = CANDIDATES):

@@ -174,12 +174,15 @@ def test_matrices_of_unknown_roles_are_tested_per_tensor_never_pooled(arch):
 
 
 def test_orthonormal_basis_by_cholesky_and_householder_where_the_gram_is_singular_or_ill_conditioned():
-    """The randomized SVD's bases: orthonormal, spanning the columns; Householder QR's own Q where Cholesky QR would
-    lose orthogonality (a rank-deficient block, as an exactly low-rank delta gives, or a badly conditioned one)."""
+    """The randomized SVD's bases: orthonormal, spanning the columns (Cholesky QR takes columns of any scales);
+    Householder QR's own Q where Cholesky QR would lose orthogonality (a rank-deficient block, as an exactly
+    low-rank delta gives, or nearly dependent columns)."""
     gen = torch.Generator().manual_seed(0)
     y = torch.randn(4096, 72, generator=gen)
-    q = orthonormal_basis(y)
-    torch.testing.assert_close(q.T @ q, torch.eye(72), rtol=0, atol=1e-5)
-    torch.testing.assert_close(q @ (q.T @ y), y, rtol=0, atol=1e-4)
-    for y in (torch.cat([y[:, :36], y[:, :36]], 1), y * torch.logspace(0, -6, 72)):
-        assert torch.equal(orthonormal_basis(y), torch.linalg.qr(y).Q)
+    for block in (y, y * torch.logspace(0, -6, 72)):
+        q = orthonormal_basis(block)
+        torch.testing.assert_close(q.T @ q, torch.eye(72), rtol=0, atol=1e-5)
+        torch.testing.assert_close(q @ (q.T @ block), block, rtol=0, atol=1e-4)
+    twins = y[:, :36] + 1e-6 * torch.randn(4096, 36, generator=gen)
+    for block in (torch.cat([y[:, :36], y[:, :36]], 1), torch.cat([y[:, :36], twins], 1)):
+        assert torch.equal(orthonormal_basis(block), torch.linalg.qr(block).Q)
