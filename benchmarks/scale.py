@@ -11,7 +11,10 @@ Per size, each phase in a fresh process (peaks do not mix), timed after its impo
   again after every mode: a mode's ratio is over the mean of the reads just before and after it (the
   machine's speed comes in bursts; one read measured up to 3x apart between runs);
 * ``<mode>`` - `decompose_to_disk(mode=...)` into a temporary directory (``anneal`` through the same
-  public API: `--modes lossless,criterion,anneal`).
+  public API: `--modes lossless,criterion,anneal`);
+* ``copy``   - (`--modes copy,...`) the fine-tune's files copied into a temporary directory, SHA-256'd and flushed
+  (`shutil.copyfile`, `checkpoints.sha256_files` while `os.fsync` flushes them): what storing the fine-tune as it is costs. A lossless
+  artifact of a dense bfloat16 fine-tune is as large (every entry moved: its own values), so this is its floor.
 
 Reported per mode: seconds and seconds over the read (ratio in one round), nanoseconds per parameter,
 peak RSS (VmHWM, the phase's own) over one checkpoint's bytes, and peak GPU memory when the device is CUDA.
@@ -65,6 +68,10 @@ if int(threads):
 if phase == "read":
     from pathlib import Path
     from safetensors.torch import load_file
+elif phase == "copy":
+    import os, shutil, threading
+    from pathlib import Path
+    from hf_decompose.checkpoints import sha256_files
 else:
     from hf_decompose import DecomposedConfig, decompose_to_disk
 t1 = time.perf_counter()
@@ -72,11 +79,18 @@ if phase == "read":  # load_file maps the file; cloning brings every tensor's by
     for f in sorted(Path(base).glob("*.safetensors")) + sorted(Path(ft).glob("*.safetensors")):
         for tensor in load_file(f).values():
             tensor.clone()
+elif phase == "copy":
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        copies = [Path(shutil.copyfile(f, Path(tmp) / f.name)) for f in sorted(Path(ft).glob("*.safetensors"))]
+        flushed = threading.Thread(target=lambda: [os.fsync(os.open(f, os.O_RDONLY)) for f in copies])
+        flushed.start()  # flushed while hashed, as an artifact's weights are
+        sha256_files(copies)
+        flushed.join()
 else:
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
 t2 = time.perf_counter()
-gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and phase != "read" else None
+gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and phase not in ("read", "copy") else None
 print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": peak_rss_bytes(),
                   "peak_gpu_bytes": gpu}))
 """
@@ -271,7 +285,7 @@ def _row(r: dict) -> str:
 
 def _acceptance(rows: list[dict], cuda: bool) -> dict:
     out = {}
-    for mode in sorted({r["phase"] for r in rows} - {"read"}):
+    for mode in sorted({r["phase"] for r in rows} - {"read", "copy"}):
         mine = sorted((r for r in rows if r["phase"] == mode), key=lambda r: r["params"])
         target = 3.0 if cuda else TARGETS.get(mode)
         per_param = [r["ns_per_param"] for r in mine]

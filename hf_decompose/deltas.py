@@ -81,10 +81,15 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
     With `unless_dense` (a dense-block density), None where the result would surely cost more bytes than the
     fine-tune's own values in `dtype` (`_costlier`): decided before nudging every mismatched entry.
     """
+    surveyed = unless_dense is not None and base.dim() == 2 and _kernel_pair(base, finetuned, dtype, model_dtype)
+    if surveyed:  # decided from a pass that writes no delta: a costlier one is never written
+        _, flat, rows, cols = kernels.exact_delta_bf16(base, finetuned, with_delta=False)
+        if flat.numel() and _costlier(base, finetuned, flat, dtype, model_dtype, unless_dense, (rows.numpy(), cols.numpy())):
+            return None
     delta, flat, counts = _difference(base, finetuned, dtype, model_dtype)
     if not flat.numel():
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)
-    if unless_dense is not None and _costlier(base, finetuned, delta, flat, model_dtype, unless_dense, counts):
+    if unless_dense is not None and not surveyed and _costlier(base, finetuned, flat, dtype, model_dtype, unless_dense, counts or support_counts(delta)):
         return None
     b, f, d = (t.reshape(-1).index_select(0, flat) for t in (base, finetuned, delta))
     d, bad = _nudged(b, f.to(model_dtype), d, model_dtype)
@@ -93,24 +98,23 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
     return delta, _unravel(flat, tuple(delta.shape)), finetuned.reshape(-1).index_select(0, flat).to(dtype)
 
 
-def _costlier(base: torch.Tensor, finetuned: torch.Tensor, delta: torch.Tensor, flat: torch.Tensor, model_dtype: torch.dtype,
-              dense_block_density: float, counts: tuple[np.ndarray, np.ndarray] | None = None, sample: int = 64) -> bool:
-    """Whether a matrix's exact delta (before nudges; `flat`: its mismatched entries; `counts`: its `support_counts`
-    where known) surely ends up as a dense delta plus at least one override, more bytes than the fine-tune's own
+def _costlier(base: torch.Tensor, finetuned: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype,
+              dense_block_density: float, counts: tuple[np.ndarray, np.ndarray] | None, sample: int = 64) -> bool:
+    """Whether a matrix's exact delta in `dtype` (before nudges; `flat`: its mismatched entries; `counts`: its
+    `support_counts`) surely ends up as a dense delta plus at least one override, more bytes than the fine-tune's own
     values: its support is one dense block whatever the nudges do (each mismatched entry counted as lost), and one of
     the first `sample` mismatched entries no nudge fixes. A full fine-tune in bfloat16 leaves about one entry in sixty
-    mismatched."""
-    counts = counts or support_counts(delta)
+    mismatched. Needs no delta: the sampled entries' differences are taken again."""
     if counts is None:
         return False
-    n_rows, n_cols = delta.shape
-    at = flat.numpy()
+    n_rows, n_cols = base.shape
+    at = flat.cpu().numpy()
     if not dense_support(counts[0] - np.bincount(at // n_cols, minlength=n_rows), counts[1] - np.bincount(at % n_cols, minlength=n_cols),
                          dense_block_density):
         return False
     head = flat[:sample]
-    b, f, d = (t.reshape(-1).index_select(0, head) for t in (base, finetuned, delta))
-    return bool(_nudged(b, f.to(model_dtype), d, model_dtype)[1].any())
+    b, f = (t.reshape(-1).index_select(0, head) for t in (base, finetuned))
+    return bool(_nudged(b, f.to(model_dtype), (f.float() - b.float()).to(dtype), model_dtype)[1].any())
 
 
 def _nudged(b: torch.Tensor, f: torch.Tensor, d: torch.Tensor, model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +153,7 @@ def _difference(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype,
     if base.device.type != "cpu" or not (base.is_contiguous() and finetuned.is_contiguous()):
         delta = (finetuned - base).to(dtype).contiguous()
         return delta, _flat(_mismatch(base, delta, finetuned.to(model_dtype))), None
-    if base.dtype == finetuned.dtype == dtype == model_dtype == torch.bfloat16 and base.numel() and kernels.available():
+    if _kernel_pair(base, finetuned, dtype, model_dtype):
         delta, flat, rows, cols = kernels.exact_delta_bf16(base, finetuned)
         return delta, flat, (rows.numpy(), cols.numpy()) if delta.dim() == 2 else None
     delta = torch.empty(base.shape, dtype=dtype)
@@ -162,6 +166,12 @@ def _difference(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype,
         if not torch.equal(merged, target):
             hits.append(_flat(_differ(merged, target)) + start)
     return delta, torch.cat(hits) if hits else torch.zeros(0, dtype=torch.long), None
+
+
+def _kernel_pair(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
+    """Whether `kernels.exact_delta_bf16` takes this pair: contiguous bfloat16 CPU tensors, the delta and model bfloat16."""
+    return (base.dtype == finetuned.dtype == dtype == model_dtype == torch.bfloat16 and base.device.type == "cpu" and base.numel() > 0
+            and base.is_contiguous() and finetuned.is_contiguous() and kernels.available())
 
 
 def _flat(mask: torch.Tensor) -> torch.Tensor:

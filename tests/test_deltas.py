@@ -120,10 +120,10 @@ def test_a_column_whose_only_change_may_be_nudged_away_is_not_surely_dense():
     base[0, 0], ft[0, 0] = 0.000370025634765625, 0.00010251998901367188  # ...but for an entry no nudge fixes
     delta, flat, counts = deltas._difference(base, ft, torch.bfloat16, torch.bfloat16)
     assert flat.tolist() == [0]
-    assert not deltas._costlier(base, ft, delta, flat, torch.bfloat16, 0.5)
-    assert not deltas._costlier(base, ft, delta, flat, torch.bfloat16, 0.5, counts)  # counted on the way (the compiled kernel)
+    assert not deltas._costlier(base, ft, flat, torch.bfloat16, torch.bfloat16, 0.5, deltas.support_counts(delta))
+    assert not deltas._costlier(base, ft, flat, torch.bfloat16, torch.bfloat16, 0.5, counts)  # counted on the way (the compiled kernel)
     base[5, 0], ft[5, 0] = 1.0, 1.0078125
     delta, flat, counts = deltas._difference(base, ft, torch.bfloat16, torch.bfloat16)
-    assert deltas._costlier(base, ft, delta, flat, torch.bfloat16, 0.5)
-    assert deltas._costlier(base, ft, delta, flat, torch.bfloat16, 0.5, counts)
+    assert deltas._costlier(base, ft, flat, torch.bfloat16, torch.bfloat16, 0.5, deltas.support_counts(delta))
+    assert deltas._costlier(base, ft, flat, torch.bfloat16, torch.bfloat16, 0.5, counts)
     assert exact_delta(base, ft, torch.bfloat16, torch.bfloat16)[1].tolist() == [[0, 0]]  # the full path: one override

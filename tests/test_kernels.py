@@ -281,6 +281,25 @@ def test_exact_delta_kernel_equals_pytorchs_path_bit_for_bit(shape, monkeypatch)
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(67, 1029), (5, 3, 7)])
+def test_exact_delta_kernel_split_over_threads_or_without_its_delta_finds_the_same(shape, monkeypatch):
+    """Rows split in blocks over threads, and a survey that writes no delta, give the same mismatches and counts."""
+    base, ft = _bf16_pair(shape, seed=3)
+    delta, flat, rows, cols = kernels.exact_delta_bf16(base, ft)
+    monkeypatch.setattr(kernels, "PARALLEL_VALUES", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split = kernels.exact_delta_bf16(base, ft)
+        survey = kernels.exact_delta_bf16(base, ft, with_delta=False)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(split[0].view(torch.int16), delta.view(torch.int16)) and survey[0] is None
+    for got in (split, survey):
+        assert torch.equal(got[1], flat) and torch.equal(got[2], rows) and torch.equal(got[3], cols)
+
+
+@needs_kernel
 def test_exact_delta_refuses_what_it_does_not_read():
     with pytest.raises(ValueError, match="two bfloat16 CPU tensors of one shape"):
         kernels.exact_delta_bf16(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.float16))

@@ -13,8 +13,9 @@ default pair's take 2.3 bits each so, against their entropy of 1.85 bits); `pack
 into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
 `exact_delta_bf16` (`bits16.c`) computes a bfloat16 pair's difference, checks that it merges back and counts its
-support in one pass over the two tensors (`deltas.exact_delta`'s first step), and `all_finite_16` tells whether a
-16-bit tensor holds no NaN or Inf (`checkpoints.all_finite`); `z_histogram` counts a float32 residual's z values into
+support in one pass over the two tensors (`deltas.exact_delta`'s first step; without writing the difference, a survey
+that decides a costlier delta before one is written), and `all_finite_16` tells whether a 16-bit tensor holds no NaN
+or Inf (`checkpoints.all_finite`), both on `torch.get_num_threads()` threads; `z_histogram` counts a float32 residual's z values into
 bins (`criterion.z_histogram`); all in plain C. `feedback_columns` (`feedback.c`) runs the column loop of rounding with
 error feedback (`quantize._error_feedback`).
 Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -41,6 +43,7 @@ from ..pair import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c", "feedback.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
+PARALLEL_VALUES = 1 << 20  # values a thread takes at least, in kernels split over threads by rows
 ROW = 17  # int64 fields of a `codes_table` row: codes (5), two sets of low-rank factors (6 each)
 _AVAILABLE: bool | None = None
 
@@ -236,7 +239,7 @@ def all_finite_16(tensor: torch.Tensor, exponent: int) -> bool:
     """Whether no value of a contiguous 16-bit CPU tensor has every bit of `exponent` (its dtype's exponent field) set."""
     if tensor.element_size() != 2 or tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError(f"all_finite_16 takes a contiguous 16-bit CPU tensor, got {tensor.dtype} on {tensor.device}")
-    return bool(_library().hfd_all_finite_16(tensor.data_ptr(), tensor.numel(), exponent))
+    return bool(_library().hfd_all_finite_16(tensor.data_ptr(), tensor.numel(), exponent, torch.get_num_threads()))
 
 
 def z_histogram(residual: torch.Tensor, inv_sigma: float, z_range: float, bins: int) -> torch.Tensor:
@@ -266,27 +269,43 @@ def feedback_columns(w1: torch.Tensor, err1: torch.Tensor, codes: torch.Tensor, 
                                     inverse.data_ptr(), step.data_ptr(), rows, nb, c0, c1, mode, qmax)
 
 
-def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor, with_delta: bool = True
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For contiguous bfloat16 CPU tensors of one shape, ``(finetuned - base)`` rounded once to bfloat16 (as PyTorch's
-    bfloat16 subtraction), the flat positions (int64, ascending) where ``base + delta`` in bfloat16 is not `finetuned` bit
-    for bit, and the delta's nonzero entries per row and per column (int32; the tensor seen as ``(shape[0], -1)``)."""
+    bfloat16 subtraction; None unless `with_delta`: a survey writes no delta), the flat positions (int64, ascending)
+    where ``base + delta`` in bfloat16 is not `finetuned` bit for bit, and the delta's nonzero entries per row and per
+    column (int32; the tensor seen as ``(shape[0], -1)``). Blocks of rows run on `torch.get_num_threads()` threads."""
     if base.dtype != torch.bfloat16 or finetuned.dtype != torch.bfloat16 or base.shape != finetuned.shape or base.device.type != "cpu":
         raise ValueError(f"exact_delta_bf16 takes two bfloat16 CPU tensors of one shape, got {base.dtype} {tuple(base.shape)} and "
                          f"{finetuned.dtype} {tuple(finetuned.shape)}")
     base, finetuned = base.contiguous(), finetuned.contiguous()
     n_rows = base.shape[0] if base.dim() else 1
     n_cols = base.numel() // max(n_rows, 1)
-    delta = torch.empty_like(base)
-    rows, cols = torch.empty(n_rows, dtype=torch.int32), torch.zeros(n_cols, dtype=torch.int32)
-    capacity = base.numel() // 16 + 64  # pages are only touched where written: a few mismatches cost a few pages
-    while True:
-        flat = torch.empty(capacity, dtype=torch.int64)
-        found = _library().hfd_exact_delta_bf16(base.data_ptr(), finetuned.data_ptr(), delta.data_ptr(), n_rows, n_cols, rows.data_ptr(),
-                                                cols.data_ptr(), flat.data_ptr(), capacity)
-        if found <= capacity:
-            return delta, flat[:found].clone(), rows, cols
-        capacity = found
-        cols.zero_()
+    delta = torch.empty_like(base) if with_delta else None
+    rows = torch.empty(n_rows, dtype=torch.int32)
+    step = max(PARALLEL_VALUES // max(n_cols, 1), -(-n_rows // torch.get_num_threads()), 1)
+
+    def block(r0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``r0:r0 + step``: their mismatched flat positions and column counts."""
+        r1, cols, at = min(r0 + step, n_rows), torch.zeros(n_cols, dtype=torch.int32), r0 * n_cols
+        capacity = (r1 - r0) * n_cols // 16 + 64  # pages are only touched where written: a few mismatches cost a few pages
+        while True:
+            flat = torch.empty(capacity, dtype=torch.int64)
+            found = _library().hfd_exact_delta_bf16(base.data_ptr() + 2 * at, finetuned.data_ptr() + 2 * at, delta.data_ptr() + 2 * at if with_delta else None,
+                                                    r1 - r0, n_cols, rows.data_ptr() + 4 * r0, cols.data_ptr(), flat.data_ptr(), capacity)
+            if found <= capacity:
+                return flat[:found].add_(at), cols
+            capacity = found
+            cols.zero_()
+
+    starts = range(0, n_rows, step)
+    blocks = [block(0)] if len(starts) == 1 else list(_threads().map(block, starts))  # ctypes lets go of the GIL
+    return delta, torch.cat([f for f, _ in blocks]), rows, torch.stack([c for _, c in blocks]).sum(0, dtype=torch.int32)
+
+
+@cache
+def _threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="hf_decompose-kernels")
 
 
 def _check(status: int) -> None:
@@ -345,7 +364,7 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_rows_codes_matmul.restype = ctypes.c_int
             lib.hfd_exact_delta_bf16.argtypes = [p, p, p, i, i, p, p, p, i]
             lib.hfd_exact_delta_bf16.restype = i
-            lib.hfd_all_finite_16.argtypes = [p, i, ctypes.c_uint16]
+            lib.hfd_all_finite_16.argtypes = [p, i, ctypes.c_uint16, ctypes.c_int]
             lib.hfd_all_finite_16.restype = ctypes.c_int
             lib.hfd_z_histogram.argtypes = [p, i, ctypes.c_float, ctypes.c_float, ctypes.c_float, i, p]
             lib.hfd_z_histogram.restype = None
