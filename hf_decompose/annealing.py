@@ -73,6 +73,16 @@ class Calibration:
     margin: torch.Tensor  # (n, t) reference top-1 minus top-2 logit
     logits: torch.Tensor  # (n, t, vocab) reference logits at the continuation positions
 
+    @property
+    def logits_to_keep(self) -> int:
+        return logits_to_keep(self.input_ids, self.prompt_len)
+
+
+def logits_to_keep(ids: torch.Tensor, prompt_len: int) -> int:
+    """The positions the head runs on: the prompt's last and each continuation token's (the last one's logits,
+    predicting past the continuation, are dropped after)."""
+    return ids.shape[1] - prompt_len + 1
+
 
 @torch.no_grad()
 def calibrate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> Calibration:
@@ -106,9 +116,8 @@ def _stacked(batches: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _batch_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> Iterator[torch.Tensor]:
-    keep = ids.shape[1] - plen + 1  # the lm_head runs on the continuation positions only
     for batch_ids, batch_mask in batches(ids, mask, batch_size):
-        yield model(input_ids=batch_ids, attention_mask=batch_mask, logits_to_keep=keep).logits[:, :-1].float()
+        yield model(input_ids=batch_ids, attention_mask=batch_mask, logits_to_keep=logits_to_keep(ids, plen)).logits[:, :-1].float()
 
 
 def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tolerance: float = 0.0) -> float:
@@ -611,9 +620,8 @@ class _ModelEngine:
     @torch.no_grad()
     def head_inputs(self, calib: Calibration, batch_size: int = 8) -> Iterator[torch.Tensor]:
         """The head's inputs at the continuation positions, batch by batch (`logits` stopped at the head)."""
-        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
         for ids, mask in batches(calib.input_ids, calib.attention_mask, batch_size):
-            yield head_input(self.model, input_ids=ids, attention_mask=mask, logits_to_keep=keep)[:, :-1].float()
+            yield head_input(self.model, input_ids=ids, attention_mask=mask, logits_to_keep=calib.logits_to_keep)[:, :-1].float()
 
     def head(self) -> nn.Linear | None:
         return head_linear(self.model)
@@ -789,8 +797,7 @@ class _StreamEngine:
     @torch.no_grad()
     def _head(self, final: Hidden, calib: Calibration, inputs: bool = False) -> Iterator[torch.Tensor]:
         """The logits (`inputs`: the head's inputs) at the continuation positions from the final hidden states."""
-        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
-        for out in self.lw.head(final, calib.input_ids, calib.attention_mask, keep, inputs=inputs):
+        for out in self.lw.head(final, calib.input_ids, calib.attention_mask, calib.logits_to_keep, inputs=inputs):
             yield out[:, :-1].float()
 
     @torch.no_grad()
@@ -845,8 +852,8 @@ class _StreamEngine:
         hidden, calls = bf16.capture(calib.input_ids, calib.attention_mask)
         for _, hidden in bf16.run(hidden, calls, 0):
             pass
-        keep = calib.input_ids.shape[1] - calib.prompt_len + 1
-        stats = _scores(calib, (x[:, :-1].float() for x in bf16.head(hidden, calib.input_ids, calib.attention_mask, keep)), positions, tie_tolerance)
+        heads = bf16.head(hidden, calib.input_ids, calib.attention_mask, calib.logits_to_keep)
+        stats = _scores(calib, (x[:, :-1].float() for x in heads), positions, tie_tolerance)
         return Floor(stats["expected_flips_above_tolerance"], stats["mean_kl"])
 
 

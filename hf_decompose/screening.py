@@ -116,9 +116,10 @@ class HeadScreen:
 
     def _bound(self, head: nn.Linear) -> tuple[torch.Tensor, float]:
         """R per position (the largest reference logit outside the candidates) and the head's largest row norm, for
-        the head installed now (computed once per head weight: the head changes when its own layer is annealed)."""
+        the head installed now (computed once per head weight: the head changes when its own layer is annealed; a
+        refused level rolled back merges the same values again, found equal)."""
         for weight, outside, norm in self._bounds:
-            if weight is head.weight:
+            if weight is head.weight or torch.equal(weight, head.weight):
                 return outside, norm
         outside = torch.empty(self.cand.shape[:2])
         for p in range(len(self.ref_inputs)):

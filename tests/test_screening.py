@@ -1,5 +1,6 @@
 """The guard's screened head: the same verdicts and statistics as the whole head, or no screen at all."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,7 @@ from hf_decompose import DecomposedConfig, decompose
 from hf_decompose.annealing import _ModelEngine, guard
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import DensePart
-from hf_decompose.screening import HeadScreen
+from hf_decompose.screening import HeadScreen, head_linear
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,22 @@ def test_heads_whose_outputs_are_not_the_logits_are_not_screened(engine):
     inputs = engine.screen(calib).ref_inputs
     assert HeadScreen.of(replace(calib, logits=calib.logits * 0.5), inputs, engine.model) is None  # a model that scales its head's outputs
     assert HeadScreen.of(calib, inputs, engine.model) is not None
-    engine.model.to(torch.bfloat16)
-    try:
-        assert engine.head() is None and HeadScreen.of(calib, inputs, engine.model) is None
-    finally:
-        engine.model.to(torch.float32)
+    bf16 = copy.deepcopy(engine.model).to(torch.bfloat16)  # a copy: a round trip through bfloat16 would change the fixture's weights
+    assert head_linear(bf16) is None and HeadScreen.of(calib, inputs, bf16) is None
+
+
+def test_the_bound_is_reused_for_a_head_merged_again_to_the_same_values(engine):
+    """A refused head level rolled back merges the same weight into a new tensor: its bound is not computed again;
+    a head whose values changed gets its own."""
+    engine, calib = engine
+    head = engine.head()
+    screen = HeadScreen(calib, engine.screen(calib).ref_inputs, head)
+    outside = screen._bound(head)[0]
+
+    def linear(weight: torch.Tensor) -> torch.nn.Linear:
+        out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).requires_grad_(False)
+        out.weight.copy_(weight)
+        return out
+
+    assert screen._bound(linear(head.weight))[0] is outside
+    assert not torch.equal(screen._bound(linear(head.weight * 1.5))[0], outside)
