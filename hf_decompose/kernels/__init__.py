@@ -299,7 +299,7 @@ def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor, with_delta: bo
             cols.zero_()
 
     starts = range(0, n_rows, step)
-    blocks = [block(0)] if len(starts) == 1 else list(_threads().map(block, starts))  # ctypes lets go of the GIL
+    blocks = [block(0)] if len(starts) <= 1 else list(_threads().map(block, starts))  # ctypes lets go of the GIL
     return delta, torch.cat([f for f, _ in blocks]), rows, torch.stack([c for _, c in blocks]).sum(0, dtype=torch.int32)
 
 
