@@ -104,16 +104,16 @@ class ArtifactWriter:
         """Complete the weights file; add the report, side files, index (with every file's SHA-256) and card."""
         tmp = self.tmp
         self.weights.close()
-        flushed = threading.Thread(target=_fsync, args=(tmp / WEIGHTS,), name="hf_decompose-fsync")
-        flushed.start()  # the largest file goes to disk while the files are hashed (publishing flushes all of them)
         report = dict(report, size_bytes=dict(report.get("size_bytes", {}), artifact=(tmp / WEIGHTS).stat().st_size))
         report = json.loads(json.dumps(report, sort_keys=True, default=_jsonable))  # as read back: the card renders alike
-        if side_files_from is not None:
+        if side_files_from is not None:  # before the flush below starts: files written during it wait for it
             for name in SIDE_FILES:
                 if (side_files_from / name).exists():
                     shutil.copy2(side_files_from / name, tmp / name)
         _add_quantization_config(tmp, index)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
+        flushed = threading.Thread(target=_fsync, args=(tmp / WEIGHTS,), name="hf_decompose-fsync")
+        flushed.start()  # the largest file goes to disk while the files are hashed (publishing flushes all of them)
         files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != INCOMPLETE)
         index = dict(index, format_version=FORMAT_VERSION, files=sha256_files(files), tensors=self.tensors)
         _write_index(tmp, index)
