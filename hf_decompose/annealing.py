@@ -56,7 +56,7 @@ from .heap import release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
-from .quantize import Feedback, quantize_codes
+from .quantize import Feedback, cholesky_lower, quantize_codes
 from .screening import HeadScreen, Screened, head_input, head_linear
 from .parts import FullQuantPart, LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 
@@ -116,8 +116,9 @@ def _stacked(batches: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _batch_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, plen: int, batch_size: int) -> Iterator[torch.Tensor]:
+    keep = logits_to_keep(ids, plen)
     for batch_ids, batch_mask in batches(ids, mask, batch_size):
-        yield model(input_ids=batch_ids, attention_mask=batch_mask, logits_to_keep=logits_to_keep(ids, plen)).logits[:, :-1].float()
+        yield model(input_ids=batch_ids, attention_mask=batch_mask, logits_to_keep=keep).logits[:, :-1].float()
 
 
 def expected_flips(calib: Calibration, logits: torch.Tensor, positions: int, tolerance: float = 0.0) -> float:
@@ -295,7 +296,7 @@ TALL = 8
 def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S).
 
-    The Cholesky factor of the damped Gram is taken in float64 (Grams are ill-conditioned), the SVD
+    The Cholesky factor of the damped Gram is taken in float64 (Grams are ill-conditioned; in its own memory), the SVD
     in float32 (fast, and its error is far below the truncation error). A matrix at least `TALL` times
     taller than wide (a vocabulary-sized head) goes through `_tall_svd` instead, in a fraction of the memory.
     """
@@ -304,7 +305,7 @@ def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: fl
     else:
         h = gram.to(torch.float64, copy=True)
         h.diagonal().add_(damping * h.diagonal().mean().clamp_min(1e-12))
-        chol = torch.linalg.cholesky(h).float()
+        chol = cholesky_lower(h).float()
         del h
     if delta.shape[0] >= TALL * delta.shape[1]:
         p_s, qh, s = _tall_svd(delta, chol)

@@ -143,16 +143,42 @@ class Feedback:
 
     @classmethod
     def of(cls, gram: torch.Tensor, damping: float = 1e-2) -> Feedback:
-        """Two float64 matrices of the Gram's size at most at a time (a 8192-wide Gram: 1.1 GB); the factor held by
-        rows, as the compiled kernel reads it."""
+        """One float64 matrix of the Gram's size on CPU (`inverse_cholesky_upper`: an 8192-wide Gram's 0.5 GiB, where
+        PyTorch's Cholesky and inverse held two); the factor held by rows, as the compiled kernel reads it."""
         h = gram.to(torch.float64, copy=True)
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
         h.diagonal().add_(damping * h.diagonal().mean())
-        h = torch.linalg.cholesky(h)
-        h = torch.cholesky_inverse(h)
-        h = torch.linalg.cholesky(h, upper=True)
-        return cls(h.float().contiguous(), dead)
+        return cls(inverse_cholesky_upper(h).float().contiguous(), dead)
+
+
+def cholesky_lower(h: torch.Tensor) -> torch.Tensor:
+    """L with ``h = L L^T`` for a symmetric positive-definite float64 matrix; on CPU computed in `h`'s memory."""
+    if h.device.type != "cpu":
+        return torch.linalg.cholesky(h)
+    return _lapack_in_place(h, False, "potrf").tril_()
+
+
+def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """U with ``h^-1 = U^T U`` for a symmetric positive-definite float64 matrix; on CPU computed in `h`'s memory."""
+    if h.device.type != "cpu":
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return _lapack_in_place(h, True, "potrf", "potri", "potrf").triu_()
+
+
+def _lapack_in_place(h: torch.Tensor, lower: bool, *routines: str) -> torch.Tensor:
+    """LAPACK's `routines` (``potrf``: Cholesky factor, ``potri``: the inverse from it) on a CPU float64 matrix in
+    its own memory (PyTorch's hold a second copy). LAPACK is column-major: they work on `h`'s transpose, the same
+    symmetric matrix, in its `lower` triangle, `h`'s upper one where `lower`; returned as `h` sees it, its other
+    triangle keeping what `h` held. Raises `torch.linalg.LinAlgError` where the matrix is not positive-definite."""
+    from scipy.linalg import lapack
+
+    f = h.numpy().T
+    for routine in routines:
+        f, info = lapack.dpotrf(f, lower=lower, overwrite_a=1, clean=0) if routine == "potrf" else lapack.dpotri(f, lower=lower, overwrite_c=1)
+        if info:
+            raise torch.linalg.LinAlgError(f"{routine}: the matrix is not positive-definite (LAPACK info {info})")
+    return torch.from_numpy(f.T)
 
 
 def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, block: int = 128, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

@@ -361,3 +361,30 @@ def test_huffman_coding_across_its_chunks_round_trips(bits):
     codes = torch.randint(-q, q + 1, (n,), generator=torch.Generator().manual_seed(bits)).to(torch.int8)
     decoded, width = huffman_codes_of(huffman_code(codes, bits), (n,))
     assert width == bits and torch.equal(decoded, codes)
+
+
+def test_feedback_factors_are_pytorchs_computed_in_the_grams_own_memory():
+    """`Feedback.of`'s and `weighted_lowrank`'s factors run LAPACK in place on CPU (one float64 copy of the Gram, not
+    two): PyTorch's factors, in the matrix's own memory; a dead input and a matrix that is not positive-definite are
+    handled as before."""
+    from hf_decompose.quantize import Feedback, cholesky_lower, inverse_cholesky_upper
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 200, generator=gen) * torch.rand(200, generator=gen) ** 3
+    gram = x.T @ x
+    gram[:, 7] = gram[7, :] = 0.0
+    h = gram.double()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(1e-2 * h.diagonal().mean())
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    got = Feedback.of(gram)
+    torch.testing.assert_close(got.factor, want.float(), rtol=1e-6, atol=1e-7)
+    assert got.factor.is_contiguous() and got.dead.tolist() == dead.tolist()
+    for compute, reference in ((inverse_cholesky_upper, want), (cholesky_lower, torch.linalg.cholesky(h))):
+        mine = h.clone()
+        out = compute(mine)
+        torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)  # the other triangle cleared too
+        assert out.data_ptr() == mine.data_ptr()  # no copy was made
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive-definite"):
+        cholesky_lower(-torch.eye(3, dtype=torch.float64))
