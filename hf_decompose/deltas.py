@@ -86,6 +86,8 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
         _, flat, rows, cols = kernels.exact_delta_bf16(base, finetuned, with_delta=False)
         if flat.numel() and _costlier(base, finetuned, flat, dtype, model_dtype, unless_dense, (rows.numpy(), cols.numpy())):
             return None
+        if not flat.numel() and not rows.any():  # nothing moved (a frozen matrix): its delta is +0 throughout, no second pass
+            return torch.zeros_like(base), torch.zeros(0, 2, dtype=torch.long), finetuned.new_empty(0, dtype=dtype)
     delta, flat, counts = _difference(base, finetuned, dtype, model_dtype)
     if not flat.numel():
         return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_decompose import deltas
+from hf_decompose import deltas, kernels
 from hf_decompose.deltas import exact_delta, nonzero
 
 
@@ -127,3 +127,25 @@ def test_a_column_whose_only_change_may_be_nudged_away_is_not_surely_dense():
     assert deltas._costlier(base, ft, flat, torch.bfloat16, torch.bfloat16, 0.5, deltas.support_counts(delta))
     assert deltas._costlier(base, ft, flat, torch.bfloat16, torch.bfloat16, 0.5, counts)
     assert exact_delta(base, ft, torch.bfloat16, torch.bfloat16)[1].tolist() == [[0, 0]]  # the full path: one override
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the survey is the compiled kernel's")
+def test_a_surveyed_matrix_that_did_not_move_gets_the_full_paths_zero_delta(monkeypatch):
+    """A bfloat16 matrix the fine-tune left as it was: the survey's zero delta, without a second pass, is the full
+    path's bit for bit, with no overrides. With negative zeros in it (-0 - -0 is +0, which merges to +0) the survey
+    finds mismatches and the full path decides, as before."""
+    passes, kernel = [], kernels.exact_delta_bf16
+    monkeypatch.setattr(kernels, "exact_delta_bf16", lambda *a, **k: passes.append(k.get("with_delta", True)) or kernel(*a, **k))
+    base = torch.randn(64, 96).bfloat16()
+    base[0, :2] = 0.0
+    for negative_zeros in (False, True):
+        if negative_zeros:
+            base[1, :2] = -0.0
+        ft = base.clone()
+        passes.clear()
+        got = exact_delta(base, ft, torch.bfloat16, torch.bfloat16, unless_dense=0.5)
+        assert passes == ([False, True] if negative_zeros else [False])  # the survey, then the full pass where needed
+        want = exact_delta(base, ft, torch.bfloat16, torch.bfloat16)
+        assert got is not None and torch.equal(got[0].view(torch.int16), want[0].view(torch.int16))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2].view(torch.int16), want[2].view(torch.int16))
+        assert got[1].shape[0] == (2 if negative_zeros else 0)

@@ -363,12 +363,14 @@ def test_huffman_coding_across_its_chunks_round_trips(bits):
     assert width == bits and torch.equal(decoded, codes)
 
 
-def test_feedback_factors_are_pytorchs_computed_in_the_grams_own_memory():
+def test_feedback_factors_are_pytorchs_computed_in_the_grams_own_memory(monkeypatch):
     """`Feedback.of`'s and `weighted_lowrank`'s factors run LAPACK in place on CPU (one float64 copy of the Gram, not
     two): PyTorch's factors, in the matrix's own memory; a dead input and a matrix that is not positive-definite are
     handled as before."""
+    from hf_decompose import quantize
     from hf_decompose.quantize import Feedback, cholesky_lower, inverse_cholesky_upper
 
+    monkeypatch.setattr(quantize, "IN_PLACE_FROM", 100)  # these 200 inputs in place too
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(600, 200, generator=gen) * torch.rand(200, generator=gen) ** 3
     gram = x.T @ x
