@@ -143,8 +143,9 @@ class Feedback:
 
     @classmethod
     def of(cls, gram: torch.Tensor, damping: float = 1e-2) -> Feedback:
-        """One float64 matrix of the Gram's size on CPU (`inverse_cholesky_upper`: an 8192-wide Gram's 0.5 GiB, where
-        PyTorch's Cholesky and inverse held two); the factor held by rows, as the compiled kernel reads it."""
+        """One float64 matrix of the Gram's size on CPU from `IN_PLACE_FROM` inputs (`inverse_cholesky_upper`: an
+        8192-wide Gram's 0.5 GiB, where PyTorch's Cholesky and inverse held two); the factor held by rows, as the
+        compiled kernel reads it."""
         h = gram.to(torch.float64, copy=True)
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
