@@ -5,7 +5,10 @@ Layout of an artifact directory::
     decomposed_config.json      format version, DecomposedConfig, base (id, revision, SHA-256 of
                                 its weight files), per-tensor shapes, SHA-256 of every file here
     decomposition.safetensors   the kept deltas, per tensor its parts (`hf_decompose.parts`): <tensor>.dense |
-                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes (or .codes_huffman)/.scales
+                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes (or .codes_huffman)/.scales;
+                                above `max_shard_size` (50 GB by default, the Hub's largest file, as in
+                                ``save_pretrained``) sharded: decomposition-00001-of-0000N.safetensors ... and
+                                decomposition.safetensors.index.json (transformers' index), each tensor's parts in one shard
     decomposition.json          the report (kept fraction, sizes, equivalence, layers, timings)
     config.json, tokenizer ...  the fine-tune's config and tokenizer (small), so the artifact loads alone;
                                 config.json carries the `quantization_config` (quant_method
@@ -14,7 +17,8 @@ Layout of an artifact directory::
 
 Writes are atomic: everything goes to a hidden temporary sibling directory, marked incomplete
 until it is renamed into place; the index checksums itself too. The weights file is written tensor by
-tensor (`tensorfile`), so deltas can arrive a layer at a time (`writing`) and never be held twice. A temporary directory left by a
+tensor (`tensorfile`), so deltas can arrive a layer at a time (`writing`) and never be held twice; a finished
+shard is flushed and hashed on threads while the next one is computed. A temporary directory left by a
 killed process never loads and is removed by the next write once its process is gone.
 """
 
@@ -22,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import secrets
 import shutil
-import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,14 +45,22 @@ from .errors import ArtifactError
 from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
 
-FORMAT_VERSION = 2  # 2: low-bit codes may be Huffman-coded (`.quant.codes_huffman`), unknown to readers of 1; 1 is read too
+# 2: low-bit codes may be Huffman-coded (`.quant.codes_huffman`), unknown to readers of 1; 3: the weights may be sharded,
+# unknown to readers of 2. An artifact is written at the lowest version that reads it (3 only when sharded); all are read.
+FORMAT_VERSION = 3
 INDEX = "decomposed_config.json"
 WEIGHTS = "decomposition.safetensors"
+WEIGHTS_INDEX = "decomposition.safetensors.index.json"  # a sharded artifact's, in transformers' format (what it downloads)
+SHARD = "decomposition-{:05d}-of-{:05d}.safetensors"
+SHARD_PATTERN = "decomposition-*-of-*.safetensors"
+MAX_SHARD_SIZE = "50GB"  # the Hub's largest file, transformers' `save_pretrained` default
 REPORT = "decomposition.json"
 CARD = "README.md"
 # config.json's `transformers_weights`: not a file name, so that transformers without the plugin stops
 # with this text instead of loading random weights; the plugin's hook puts `WEIGHTS` back before files resolve.
 WEIGHTS_WITHOUT_PLUGIN = "decomposition (an hf_decompose artifact: `pip install hf-decompose` and `import hf_decompose` to load it)"
+SHARDS_WITHOUT_PLUGIN = "decomposition, sharded (an hf_decompose artifact: `pip install hf-decompose` and `import hf_decompose` to load it)"
+WEIGHTS_OF = {WEIGHTS_WITHOUT_PLUGIN: WEIGHTS, SHARDS_WITHOUT_PLUGIN: WEIGHTS_INDEX}  # what the plugin's hook puts back
 INCOMPLETE = ".incomplete"  # present while a directory is being written
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -59,26 +72,28 @@ def save(
     report: dict,
     side_files_from: Path | None = None,
     overwrite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
     """Write an artifact atomically; replace an existing artifact only if `overwrite` (see `check_target`)."""
-    with writing(directory, list(deltas), overwrite) as writer:
+    with writing(directory, list(deltas), overwrite, max_shard_size) as writer:
         writer.add(deltas)
         writer.finish(index, report, side_files_from)
     return writer.target
 
 
 @contextlib.contextmanager
-def writing(directory: str | Path, names: list[str], overwrite: bool = False) -> Iterator[ArtifactWriter]:
+def writing(directory: str | Path, names: list[str], overwrite: bool = False, max_shard_size: int | str = MAX_SHARD_SIZE) -> Iterator[ArtifactWriter]:
     """An `ArtifactWriter` into a staged copy of `directory`, published atomically once the block ends
     after `ArtifactWriter.finish`; an exception, or no `finish`, leaves `directory` as it was."""
+    limit = shard_bytes(max_shard_size)  # a bad size fails before anything is written
     with locks.owning(directory):
         target = check_target(directory, overwrite)
         with _staged(target, overwrite) as tmp:
-            writer = ArtifactWriter(target, tmp, names)
+            writer = ArtifactWriter(target, tmp, names, limit)
             try:
                 yield writer
             except BaseException:
-                writer.weights.abort()
+                writer.abort()
                 raise
             if not writer.finished:
                 raise ArtifactError(f"{target}: the artifact was not finished")
@@ -86,40 +101,112 @@ def writing(directory: str | Path, names: list[str], overwrite: bool = False) ->
 
 class ArtifactWriter:
     """Writes the kept deltas of the tensors `names` as they come (a layer at a time), then the rest of the
-    artifact. The weights file is the same bytes whether deltas come all at once or layer by layer."""
+    artifact. The weights are the same bytes whether deltas come all at once or layer by layer; a tensor whose
+    parts would take its shard past `limit` bytes starts the next shard (one larger than `limit` gets its own)."""
 
-    def __init__(self, target: Path, tmp: Path, names: list[str]):
-        self.target, self.tmp = target, tmp
-        self.weights = SafetensorsWriter(tmp / WEIGHTS, header_reserve(names))
+    def __init__(self, target: Path, tmp: Path, names: list[str], limit: int):
+        self.target, self.tmp, self.limit = target, tmp, limit
+        self.reserve = header_reserve(names)
         self.tensors: dict[str, dict] = {}
+        self.weight_map: dict[str, int] = {}  # stored key -> its shard's number
+        self.shards: list[tuple[Path, int]] = []  # closed shards: path and size
+        self.digests: list[Future[str]] = []  # the SHA-256 of the closed shards but the last, computed on a thread
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="hf_decompose-shard")  # one flushes, one hashes
         self.finished = False
+        self._open_shard()
+
+    def _open_shard(self) -> None:
+        self.weights = SafetensorsWriter(self.tmp / f".shard-{len(self.shards) + 1}", self.reserve)
+        self.shard_size = 0
+
+    def _close_shard(self) -> None:
+        self.weights.close()
+        self.shards.append((self.weights.path, self.weights.path.stat().st_size))
+
+    def _flush_and_hash(self, path: Path) -> Future[str]:
+        """Flush `path` to disk on one thread while another hashes it (the handles opened now: renames follow)."""
+        self._threads.submit(_fsync_handle, os.open(path, os.O_RDONLY))
+        return self._threads.submit(_sha256_handle, open(path, "rb"))
 
     def add(self, deltas: dict[str, TensorDelta]) -> None:
         for name, delta in deltas.items():
-            for key, tensor in delta.state().items():
-                self.weights.add(key, tensor)
-            self.tensors[name] = {"shape": list(delta.shape), "transposed": delta.transposed}
+            self.add_stored(name, delta.state(), {"shape": list(delta.shape), "transposed": delta.transposed})
+
+    def add_stored(self, name: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+        """The stored tensors `state` of entry `name` (`TensorDelta.state`), `meta` its index entry."""
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        if self.shard_size and self.shard_size + size > self.limit:
+            self._close_shard()
+            self.digests.append(self._flush_and_hash(self.shards[-1][0]))
+            self._open_shard()
+        for key, tensor in state.items():
+            self.weights.add(key, tensor)
+            self.weight_map[key] = len(self.shards)
+        self.shard_size += size
+        self.tensors[name] = meta
+
+    def abort(self) -> None:
+        self.weights.abort()
+        self._threads.shutdown(wait=True)
 
     def finish(self, index: dict, report: dict, side_files_from: Path | None = None) -> None:
-        """Complete the weights file; add the report, side files, index (with every file's SHA-256) and card."""
+        """Complete the weights; add the report, side files, index (with every file's SHA-256) and card."""
         tmp = self.tmp
-        self.weights.close()
-        report = dict(report, size_bytes=dict(report.get("size_bytes", {}), artifact=(tmp / WEIGHTS).stat().st_size))
+        self._close_shard()
+        count = len(self.shards)
+        names = [WEIGHTS] if count == 1 else [SHARD.format(i + 1, count) for i in range(count)]
+        for (path, _), name in zip(self.shards, names):
+            path.rename(tmp / name)
+        total = sum(size for _, size in self.shards)
+        if count > 1:
+            weight_map = {key: names[shard] for key, shard in sorted(self.weight_map.items())}
+            (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        report = dict(report, size_bytes=dict(report.get("size_bytes", {}), artifact=total))
         report = json.loads(json.dumps(report, sort_keys=True, default=_jsonable))  # as read back: the card renders alike
-        if side_files_from is not None:  # before the flush below starts: files written during it wait for it
+        if side_files_from is not None:  # before the last shard's flush starts: files written during it wait for it
             for name in SIDE_FILES:
                 if (side_files_from / name).exists():
                     shutil.copy2(side_files_from / name, tmp / name)
-        _add_quantization_config(tmp, index)
+        _add_quantization_config(tmp, index, sharded=count > 1)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=_jsonable))
-        flushed = threading.Thread(target=_fsync, args=(tmp / WEIGHTS,), name="hf_decompose-fsync")
-        flushed.start()  # the largest file goes to disk while the files are hashed (publishing flushes all of them)
-        files = sorted(p for p in tmp.iterdir() if p.is_file() and p.name != INCOMPLETE)
-        index = dict(index, format_version=FORMAT_VERSION, files=sha256_files(files), tensors=self.tensors)
+        self.digests.append(self._flush_and_hash(tmp / names[-1]))
+        others = sorted(p for p in tmp.iterdir() if p.is_file() and p.name not in (INCOMPLETE, *names))
+        digests = sha256_files(others) | {name: digest.result() for name, digest in zip(names, self.digests)}
+        self._threads.shutdown(wait=True)  # the shards are on disk (publishing flushes every file again: a no-op now)
+        index = dict(index, format_version=2 if count == 1 else 3, files=dict(sorted(digests.items())), weights=names, tensors=self.tensors)
         _write_index(tmp, index)
         _write_card(tmp, index, report, side_files_from)
-        flushed.join()
         self.finished = True
+
+
+def shard_bytes(max_shard_size: int | str) -> int:
+    """`max_shard_size` in bytes (an int, or transformers' strings: "5GB", "500MiB", ...); `ConfigError` for a bad one."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from .errors import ConfigError
+
+    try:
+        limit = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ConfigError(f"max_shard_size={max_shard_size!r} is no size (an int of bytes, or a string such as '5GB' or '500MiB')") from err
+    if type(limit) is not int or limit <= 0:
+        raise ConfigError(f"max_shard_size={max_shard_size!r} is no size (an int of bytes, or a string such as '5GB' or '500MiB')")
+    return limit
+
+
+def _fsync_handle(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_handle(handle: io.BufferedReader) -> str:
+    digest = hashlib.sha256()
+    with handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_target(directory: str | Path, overwrite: bool = False) -> Path:
@@ -254,8 +341,12 @@ def read_index(directory: str | Path) -> dict:
     base, digests = index["base_model"], index["base_model"].get("sha256")
     if not isinstance(base.get("id"), str) or not isinstance(digests, dict) or not digests or not all(isinstance(v, str) for v in digests.values()):
         raise ArtifactError(f"{path}: field 'base_model' lacks its id or sha256")
-    if WEIGHTS not in index["files"]:
-        raise ArtifactError(f"{path}: {WEIGHTS} is not listed in 'files'")
+    weights = index.get("weights", [WEIGHTS])
+    if not isinstance(weights, list) or not weights or (version < 3 and weights != [WEIGHTS]) or len(set(map(str, weights))) != len(weights):
+        raise ArtifactError(f"{path}: field 'weights' is malformed ({weights!r})")
+    for name in weights + ([WEIGHTS_INDEX] if len(weights) > 1 else []):
+        if name not in index["files"]:
+            raise ArtifactError(f"{path}: {name} is not listed in 'files'")
     for name, digest in index["files"].items():
         if name in ("", ".", "..") or Path(name).name != name or not isinstance(digest, str):
             raise ArtifactError(f"{path}: malformed entry {name!r} in 'files'")
@@ -276,18 +367,40 @@ def load(directory: str | Path) -> tuple[dict, dict[str, TensorDelta]]:
     return index, deltas
 
 
+def weight_files(index: dict) -> list[str]:
+    """The names of a checked artifact's weights files: ``decomposition.safetensors``, or its shards in order."""
+    return index.get("weights", [WEIGHTS])
+
+
 class DeltaReader(Mapping):
     """The deltas of a checked artifact (`read_index`), read one tensor at a time: a caller that puts each
     into a model and drops it never holds more than one."""
 
     def __init__(self, directory: str | Path, index: dict):
-        self.path, self.index = Path(directory) / WEIGHTS, index
-        try:
-            with safe_open(self.path, framework="pt") as handle:
-                self._keys = set(handle.keys())
-        except (SafetensorError, OSError) as err:
-            raise ArtifactError(f"{self.path}: unreadable ({err})") from err
+        self.directory, self.index = Path(directory), index
+        self._where: dict[str, Path] = {}  # stored key -> its weights file
+        for name in weight_files(index):
+            path = self.directory / name
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    keys = list(handle.keys())
+            except (SafetensorError, OSError) as err:
+                raise ArtifactError(f"{path}: unreadable ({err})") from err
+            for key in keys:
+                if key in self._where:
+                    raise ArtifactError(f"{path}: tensor {key!r} is stored in {self._where[key].name} too")
+                self._where[key] = path
+        if len(weight_files(index)) > 1:  # an entry with no parts is a tensor that did not change: none may go missing
+            try:
+                mapped = dict(json.loads((self.directory / WEIGHTS_INDEX).read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ArtifactError(f"{self.directory / WEIGHTS_INDEX}: no weight_map ({err})") from err
+            stored = {key: path.name for key, path in self._where.items()}
+            differ = sorted(k for k in mapped.keys() | stored.keys() if mapped.get(k) != stored.get(k))
+            if differ:
+                raise ArtifactError(f"{self.directory}: the shards do not hold the tensors {WEIGHTS_INDEX} maps (first: {differ[0]!r})")
         self._used: set[str] = set()
+        self._keys_of: dict[str, list[str]] = {}  # entry -> the stored keys its parts were read from
 
     def __getitem__(self, name: str) -> TensorDelta:
         meta = self.index["tensors"][name]
@@ -295,11 +408,20 @@ class DeltaReader(Mapping):
             shape, transposed = meta["shape"], meta["transposed"]
             if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) or not isinstance(transposed, bool):
                 raise ValueError(f"shape {shape!r}, transposed {transposed!r}")
-            with safe_open(self.path, framework="pt") as handle:  # mapped for this entry only: its pages do not stay resident
-                delta = TensorDelta.from_state(name, tuple(shape), transposed, _Tensors(self, handle, name))  # checks each part
+            with contextlib.ExitStack() as handles:  # files mapped for this entry only: their pages do not stay resident
+                tensors = _Tensors(self, handles, name)
+                delta = TensorDelta.from_state(name, tuple(shape), transposed, tensors)  # checks each part
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, SafetensorError, OSError) as err:
-            raise ArtifactError(f"{self.path.parent}: entry for tensor {name!r} is malformed ({err})") from err
+            raise ArtifactError(f"{self.directory}: entry for tensor {name!r} is malformed ({err})") from err
+        self._keys_of[name] = tensors.keys
         return delta
+
+    def stored(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of entry `name` as the files store them (the entry is read and checked first)."""
+        self[name]
+        with contextlib.ExitStack() as handles:
+            tensors = _Tensors(self, handles, name)
+            return {key: tensors.get(key) for key in self._keys_of[name]}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.index["tensors"])
@@ -308,23 +430,29 @@ class DeltaReader(Mapping):
         return len(self.index["tensors"])
 
     def check_all_used(self) -> None:
-        """After every entry was read: refuse a tensor of the file that no entry owns."""
-        stray = sorted(self._keys - self._used)
+        """After every entry was read: refuse a tensor of the files that no entry owns."""
+        stray = sorted(set(self._where) - self._used)
         if stray:
-            raise ArtifactError(f"{self.path}: tensor {stray[0]!r} belongs to no entry of {INDEX}")
+            raise ArtifactError(f"{self._where[stray[0]]}: tensor {stray[0]!r} belongs to no entry of {INDEX}")
 
 
 class _Tensors:
     """The stored parts of one entry, read on request (what `TensorDelta.from_state` asks for)."""
 
-    def __init__(self, reader: DeltaReader, handle, name: str):
-        self.reader, self.handle, self.prefix = reader, handle, f"{name}."
+    def __init__(self, reader: DeltaReader, handles: contextlib.ExitStack, name: str):
+        self.reader, self.handles, self.prefix = reader, handles, f"{name}."
+        self.opened: dict[Path, object] = {}
+        self.keys: list[str] = []
 
     def get(self, key: str) -> torch.Tensor | None:
-        if key not in self.reader._keys or not key.startswith(self.prefix):
+        path = self.reader._where.get(key)
+        if path is None or not key.startswith(self.prefix):
             return None
+        if path not in self.opened:
+            self.opened[path] = self.handles.enter_context(safe_open(path, framework="pt"))
         self.reader._used.add(key)
-        return self.handle.get_tensor(key)
+        self.keys.append(key)
+        return self.opened[path].get_tensor(key)
 
 
 def read_report(directory: str | Path) -> dict:
@@ -343,10 +471,13 @@ def update_report(directory: str | Path, report: dict) -> None:
     copy(directory, directory, report, overwrite=True)
 
 
-def copy(source: str | Path, target: str | Path, report: dict, overwrite: bool = False) -> Path:
+def copy(source: str | Path, target: str | Path, report: dict, overwrite: bool = False, max_shard_size: int | str | None = None) -> Path:
     """Write the artifact `source` (checked) to `target` with `report` as its report, atomically: a staged
-    copy (other files hard-linked where possible) is swapped in; `target` may be `source` itself."""
+    copy (other files hard-linked where possible) is swapped in; `target` may be `source` itself. With
+    `max_shard_size`, the weights are written again in shards of at most that size (their tensors as stored)."""
     source, target = Path(source), Path(target)
+    if max_shard_size is not None:
+        return _reshard(source, target, report, overwrite, max_shard_size)
     with locks.owning(target):
         index = read_index(source)
         if target != source:
@@ -365,7 +496,19 @@ def copy(source: str | Path, target: str | Path, report: dict, overwrite: bool =
     return target
 
 
-def _add_quantization_config(directory: Path, index: dict) -> None:
+def _reshard(source: Path, target: Path, report: dict, overwrite: bool, max_shard_size: int | str) -> Path:
+    index = read_index(source)
+    reader = DeltaReader(source, index)
+    with writing(target, list(index["tensors"]), overwrite, max_shard_size) as writer:
+        for name in index["tensors"]:
+            writer.add_stored(name, reader.stored(name), index["tensors"][name])
+        reader.check_all_used()
+        written = {k: v for k, v in index.items() if k not in ("files", "weights", "tensors", "format_version", "index_sha256")}
+        writer.finish(written, report, source)
+    return writer.target
+
+
+def _add_quantization_config(directory: Path, index: dict, sharded: bool) -> None:
     """Make the copied config.json load with transformers (after ``import hf_decompose``): its
     ``quantization_config`` is the DecomposedConfig with the base pinned, its weights the decomposition."""
     from .config import QUANT_METHOD
@@ -376,7 +519,7 @@ def _add_quantization_config(directory: Path, index: dict) -> None:
     config = json.loads(path.read_text())
     base = index["base_model"]
     config["quantization_config"] = dict(index["config"], quant_method=QUANT_METHOD, base_model=base["id"], base_revision=base.get("revision"))
-    config["transformers_weights"] = WEIGHTS_WITHOUT_PLUGIN
+    config["transformers_weights"] = SHARDS_WITHOUT_PLUGIN if sharded else WEIGHTS_WITHOUT_PLUGIN
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

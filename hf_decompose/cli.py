@@ -117,6 +117,7 @@ def _decompose(args: argparse.Namespace) -> None:
         config.annealing["target"] = args.target
         config.validate()
     prompts = load_prompts(args.prompts) if args.prompts else None  # bad inputs fail before the long work
+    artifact.shard_bytes(args.max_shard_size)
     if args.calibration:
         config.calibration = args.calibration
     if config.mode == "anneal":
@@ -127,7 +128,8 @@ def _decompose(args: argparse.Namespace) -> None:
         _bound_early(args.finetuned, prompts, args)
     out = artifact.check_target(args.output, args.overwrite)
     partial = None if args.no_resume else out.parent / f".{out.name}.partial"  # finished layers, kept until written
-    decompose_to_disk(args.finetuned, args.base, config, output_dir=out, overwrite=args.overwrite, resume_dir=partial)
+    decompose_to_disk(args.finetuned, args.base, config, output_dir=out, overwrite=args.overwrite, resume_dir=partial,
+                      max_shard_size=args.max_shard_size)
     report = _verify_artifact(out, args.finetuned, prompts, args) if prompts else artifact.read_report(out)
     print(summary_table(report))
     if args.push_to_hub:
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--calibration", help="anneal mode: calibration prompts (.txt or .jsonl), disjoint from --prompts (default: a built-in set)")
     dec.add_argument("--prompts", help="verify on these prompts (.txt, one per line, or .jsonl)")
     dec.add_argument("--overwrite", action="store_true")
+    dec.add_argument("--max-shard-size", default=artifact.MAX_SHARD_SIZE, help="shard weights above this size (default 50GB, the Hub's largest file; e.g. 5GB)")
     dec.add_argument("--no-resume", action="store_true", help="do not cache finished layers in .OUTPUT.partial/ for a re-run")
     dec.add_argument("--push-to-hub", metavar="REPO", help="also upload the artifact, with its model card, to this Hub repo")
     dec.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")

@@ -205,13 +205,15 @@ class DecomposedModel(MultiTenant):
         return self
 
     # -- saving -----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, overwrite: bool = False, push_to_hub: bool = False, **kwargs: Any) -> Path:
+    def save_pretrained(self, save_directory: str | Path, overwrite: bool = False, push_to_hub: bool = False,
+                        max_shard_size: int | str | None = None, **kwargs: Any) -> Path:
         """Write the artifact (what differs from the base, and the report) atomically; refuse to replace one
-        unless `overwrite`. With `push_to_hub`, upload it too (``repo_id`` defaults to the directory's
-        name). Other transformers keywords are ignored: the weights are the artifact's, never full ones."""
+        unless `overwrite`. With `max_shard_size` ("5GB", an int of bytes) its weights are sharded anew (else as
+        the artifact has them: above 50 GB). With `push_to_hub`, upload it too (``repo_id`` defaults to the
+        directory's name). Other transformers keywords are ignored: the weights are the artifact's, never full ones."""
         self._check_unchanged()
         d = self.decomposition
-        path = artifact.copy(self._own_artifact(), save_directory, d.report, overwrite=overwrite)
+        path = artifact.copy(self._own_artifact(), save_directory, d.report, overwrite=overwrite, max_shard_size=max_shard_size)
         d.report = artifact.read_report(path)
         if d.resume_dir is not None:
             resume.clear(d.resume_dir)
@@ -220,10 +222,11 @@ class DecomposedModel(MultiTenant):
             hub.push_artifact(path, kwargs.pop("repo_id", Path(path).name), **{k: v for k, v in kwargs.items() if k in PUSH_KEYS})
         return path
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any):
-        """Upload the artifact and its model card (keywords of `hub.push_artifact`); returns the `CommitInfo`."""
+    def push_to_hub(self, repo_id: str, max_shard_size: int | str | None = None, **kwargs: Any):
+        """Upload the artifact and its model card (keywords of `hub.push_artifact`; `max_shard_size` as in
+        `save_pretrained`); returns the `CommitInfo`."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = self.save_pretrained(Path(tmp) / "artifact")
+            path = self.save_pretrained(Path(tmp) / "artifact", max_shard_size=max_shard_size)
             return hub.push_artifact(path, repo_id, **{k: v for k, v in kwargs.items() if k in PUSH_KEYS})
 
     def _own_artifact(self) -> Path:

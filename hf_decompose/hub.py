@@ -18,7 +18,7 @@ from .errors import ArtifactError, CheckpointError
 
 CONFIG_PATTERNS = [*checkpoints.CONFIG_PATTERNS, "README.md"]  # the card carries the license
 WEIGHT_PATTERNS = checkpoints.WEIGHT_PATTERNS
-ARTIFACT_PATTERNS = [artifact.INDEX, artifact.WEIGHTS, artifact.REPORT, *CONFIG_PATTERNS]
+ARTIFACT_PATTERNS = [artifact.INDEX, artifact.WEIGHTS, artifact.WEIGHTS_INDEX, artifact.SHARD_PATTERN, artifact.REPORT, *CONFIG_PATTERNS]
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 

@@ -404,10 +404,12 @@ def decompose_to_disk(
     progress: bool = True,
     resume_dir: str | Path | None = None,
     keep_cache: bool = False,
+    max_shard_size: int | str = artifact.MAX_SHARD_SIZE,
     **hub_kwargs,
 ) -> Path:
     """Write the artifact of a decomposition to `output_dir` without building the decomposed model;
-    return the artifact's directory.
+    return the artifact's directory. Weights above `max_shard_size` (as in ``save_pretrained``: 50 GB, the
+    Hub's largest file) are sharded.
 
     Modes ``lossless`` and ``criterion`` stream: each layer's deltas are written as soon as they are
     computed and then dropped, so memory stays near one layer of each checkpoint (the largest: the
@@ -418,21 +420,23 @@ def decompose_to_disk(
     config, and deleted once the artifact is written (unless `keep_cache`).
     """
     config = config or DecomposedConfig()
+    shard_limit = artifact.shard_bytes(max_shard_size)  # a bad size fails before any work
     with locks.owning(output_dir):  # one run per output, from the first check to the published artifact
-        return _decompose_to_disk(finetuned, base_model, config, output_dir, overwrite, revision, progress, resume_dir, keep_cache, hub_kwargs)
+        return _decompose_to_disk(finetuned, base_model, config, output_dir, overwrite, revision, progress, resume_dir, keep_cache, shard_limit, hub_kwargs)
 
 
 def _decompose_to_disk(
-    finetuned, base_model, config: DecomposedConfig, output_dir, overwrite: bool, revision, progress: bool, resume_dir, keep_cache: bool, hub_kwargs: dict
+    finetuned, base_model, config: DecomposedConfig, output_dir, overwrite: bool, revision, progress: bool, resume_dir, keep_cache: bool,
+    shard_limit: int, hub_kwargs: dict,
 ) -> Path:
     artifact.check_target(output_dir, overwrite)  # before any work; a refused target keeps the layer cache
     calibration = config.calibration_prompts() if config.mode == "anneal" else None  # bad prompts fail before any read
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
     try:
         if config.mode == "anneal":
-            target = _anneal_to_disk(inputs, config, calibration, output_dir, overwrite, progress)
+            target = _anneal_to_disk(inputs, config, calibration, output_dir, overwrite, progress, shard_limit)
         else:
-            target = _stream_to_disk(inputs, config, output_dir, overwrite, progress)
+            target = _stream_to_disk(inputs, config, output_dir, overwrite, progress, shard_limit)
     except DecomposeError:  # a bad input: nothing to resume
         if resume_dir is not None:
             resume.clear(resume_dir)
@@ -445,11 +449,11 @@ def _decompose_to_disk(
     return target
 
 
-def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overwrite: bool, progress: bool) -> Path:
+def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overwrite: bool, progress: bool, shard_limit: int) -> Path:
     t1 = time.perf_counter()
     layers, names = [], inputs.pair.names()
     skeleton, targets = inputs.skeleton, inputs.targets
-    with artifact.writing(output_dir, names, overwrite) as writer:
+    with artifact.writing(output_dir, names, overwrite, shard_limit) as writer:
         for layer_deltas, stats in iter_layers(inputs.pair, config, progress, inputs.cache):
             for name, delta in layer_deltas.items():  # what loading would refuse, refused before it is written
                 if not delta.is_empty():
@@ -463,7 +467,8 @@ def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overw
     return writer.target
 
 
-def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tuple[list[str], str], output_dir, overwrite: bool, progress: bool) -> Path:
+def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tuple[list[str], str], output_dir, overwrite: bool, progress: bool,
+                    shard_limit: int) -> Path:
     """Anneal layer by layer (`annealing.anneal_streaming`): the exact deltas stream to a scratch store on
     disk, the guard runs one decoder layer at a time, the artifact is written a layer at a time."""
     t1 = time.perf_counter()
@@ -498,7 +503,7 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
         del lw
         annealing_report["calibration"] = source
         t4 = time.perf_counter()
-        with artifact.writing(output_dir, pair.names(), overwrite) as writer:
+        with artifact.writing(output_dir, pair.names(), overwrite, shard_limit) as writer:
             layers = []
             for g in groups:
                 group = kept(g)

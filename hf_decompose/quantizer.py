@@ -13,7 +13,8 @@ into the model (the base; the fine-tune only to compute its deltas):
    offload is loaded on the CPU and placed once the substructures exist (step 5), since Accelerate places
    modules by name and the substructures are modules too.
 2. ``update_attn_implementation`` sees the config: an artifact's ``transformers_weights`` (a sentence
-   that stops transformers without this plugin) is pointed back at ``decomposition.safetensors``.
+   that stops transformers without this plugin) is pointed back at ``decomposition.safetensors`` (a sharded
+   artifact: at its index, so that transformers downloads every shard).
 3. ``preprocess_model`` sees the empty skeleton and the checkpoint files. An artifact's other files are
    pulled and checksummed, its base pulled at the pinned revision and its SHA-256 checked; a fine-tune
    and its base are paired (shapes, dtypes, architecture). Then the checkpoint files transformers is about
@@ -77,8 +78,8 @@ class DecomposedHfQuantizer(HfQuantizer):
             device_map.update(dict.fromkeys(device_map, "cpu"))  # loaded on the CPU, placed after the deltas are in
 
     def update_attn_implementation(self, config):
-        if self.pre_quantized and getattr(config, "transformers_weights", None) == artifact.WEIGHTS_WITHOUT_PLUGIN:
-            config.transformers_weights = artifact.WEIGHTS
+        if self.pre_quantized and getattr(config, "transformers_weights", None) in artifact.WEIGHTS_OF:
+            config.transformers_weights = artifact.WEIGHTS_OF[config.transformers_weights]
         return config
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
