@@ -87,10 +87,10 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
         if flat.numel() and _costlier(base, finetuned, flat, dtype, model_dtype, unless_dense, (rows.numpy(), cols.numpy())):
             return None
         if not flat.numel() and not rows.any():  # nothing moved (a frozen matrix): its delta is +0 throughout, no second pass
-            return torch.zeros_like(base), torch.zeros(0, 2, dtype=torch.long), finetuned.new_empty(0, dtype=dtype)
+            return _without_overrides(torch.zeros_like(base), dtype)
     delta, flat, counts = _difference(base, finetuned, dtype, model_dtype)
     if not flat.numel():
-        return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), finetuned.new_empty(0, dtype=dtype)
+        return _without_overrides(delta, dtype)
     if unless_dense is not None and not surveyed and _costlier(base, finetuned, flat, dtype, model_dtype, unless_dense, counts or support_counts(delta)):
         return None
     b, f, d = (t.reshape(-1).index_select(0, flat) for t in (base, finetuned, delta))
@@ -98,6 +98,10 @@ def exact_delta(base: torch.Tensor, finetuned: torch.Tensor, dtype: torch.dtype 
     delta.view(-1).index_copy_(0, flat, d)
     flat = flat[bad]
     return delta, _unravel(flat, tuple(delta.shape)), finetuned.reshape(-1).index_select(0, flat).to(dtype)
+
+
+def _without_overrides(delta: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return delta, torch.zeros(0, delta.dim(), dtype=torch.long, device=delta.device), delta.new_empty(0, dtype=dtype)
 
 
 def _costlier(base: torch.Tensor, finetuned: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype, model_dtype: torch.dtype,
