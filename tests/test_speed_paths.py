@@ -39,3 +39,21 @@ def test_one_component_shortcut_agrees_with_the_graph(kind, monkeypatch):
     graph = extract(info, values.clone(), mask)
     assert torch.equal(fast.to_dense(), graph.to_dense()) and torch.equal(fast.to_dense(), values)
     assert fast.num_params() == graph.num_params() and fast.nbytes() <= graph.nbytes()
+
+
+@pytest.mark.parametrize("kind", ["gappy", "chain", "two", "sparse"])
+def test_spanning_pairs_of_one_component_need_no_graph(kind, monkeypatch):
+    """`layer_components`' pairs: the same components as the support's, built without its graph where it is one."""
+    mask = _supports()[kind]
+    _, labels = substructures._bipartite_components(*(i.numpy() for i in mask.nonzero(as_tuple=True)), *mask.shape)
+    rows, cols = substructures._spanning_pairs(mask)
+    _, pair_labels = substructures._bipartite_components(rows.numpy(), cols.numpy(), *mask.shape)
+    used = np.flatnonzero(np.concatenate([mask.numpy().any(1), mask.numpy().any(0)]))
+    same = {(a, b) for a, b in zip(labels[used], pair_labels[used])}
+    assert len(same) == len({a for a, _ in same}) == len({b for _, b in same})  # the same partition of the used nodes
+    if kind == "gappy":  # joined within `_one_component`'s steps (the chain takes more: the graph decides it)
+        def no_graph(*args):
+            raise AssertionError("built the graph of a single component")
+
+        monkeypatch.setattr(substructures, "_bipartite_components", no_graph)
+        assert [t.numel() for t in substructures._spanning_pairs(mask)] == [rows.numel(), cols.numel()]
