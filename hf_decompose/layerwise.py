@@ -151,7 +151,9 @@ class Layerwise:
             proxy = self.model.get_submodule(name)
             set_submodule(self.model, name, layer)
             try:
-                apply_deltas(self.model, deltas, self.execution, swappable=True, targets=self.targets)
+                # a layer lives for one use: merged, its deltas go into its fresh weights in place (split modules would
+                # build run-time parts that never run); split, it runs as it will be served
+                apply_deltas(self.model, deltas, self.execution, swappable=self.execution != "merged", targets=self.targets)
                 layer = self.model.get_submodule(name)
             finally:
                 set_submodule(self.model, name, proxy)
