@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -40,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import locks
-from .checkpoints import contained, sha256_files
+from .checkpoints import contained, sha256_files, sha256_of
 from .errors import ArtifactError
 from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
@@ -126,7 +125,7 @@ class ArtifactWriter:
     def _flush_and_hash(self, path: Path) -> Future[str]:
         """Flush `path` to disk on one thread while another hashes it (the handles opened now: renames follow)."""
         self._threads.submit(_fsync_handle, os.open(path, os.O_RDONLY))
-        return self._threads.submit(_sha256_handle, open(path, "rb"))
+        return self._threads.submit(sha256_of, open(path, "rb"))
 
     def add(self, deltas: dict[str, TensorDelta]) -> None:
         for name, delta in deltas.items():
@@ -199,14 +198,6 @@ def _fsync_handle(fd: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256_handle(handle: io.BufferedReader) -> str:
-    digest = hashlib.sha256()
-    with handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_target(directory: str | Path, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -76,14 +77,16 @@ def sha256_files_in_background(files: list[Path]) -> Future[dict[str, str]]:
 
 def sha256_files(files: list[Path]) -> dict[str, str]:
     """SHA-256 of each file, keyed by file name."""
-    digests = {}
-    for file in files:
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        digests[file.name] = digest.hexdigest()
-    return digests
+    return {file.name: sha256_of(open(file, "rb")) for file in files}
+
+
+def sha256_of(handle: BinaryIO) -> str:
+    """SHA-256 of what is left to read in `handle`, which is closed after."""
+    digest = hashlib.sha256()
+    with handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CheckpointReader:
