@@ -80,6 +80,8 @@ class Layerwise:
         set_submodule(model, self.prefix, nn.ModuleList(_Proxy(self, i) for i in range(len(layers))))
         self.model = model
         self._load(model, None)
+        self._hooked_head: nn.Module | None = None
+        self._contiguous_head_input()
         self.mode, self._calls, self._inject, self._arity = "stream", None, None, None
 
     # -- structure -----------------------------------------------------------------------------
@@ -112,6 +114,18 @@ class Layerwise:
     def set_resident(self, deltas: dict[str, TensorDelta]) -> None:
         """Put the deltas of resident tensors into the model (changed matrices swappable)."""
         apply_deltas(self.model, deltas, self.execution, swappable=True, targets=self.targets)
+        self._contiguous_head_input()  # a changed head is a new module
+
+    def _contiguous_head_input(self) -> None:
+        """Hand the head a contiguous input. The model slices its final hidden states to the kept positions
+        (``logits_to_keep``); on that strided input `F.linear` goes through a batched matmul that copies the
+        head's weight once per prompt in bfloat16 (0.5B: +1.16 GiB and 2.6 s against 0.025 GiB and 0.07 s for
+        8 x 33 positions; float32 results bit for bit the same). Every runner of the guard, the reference's
+        included, computes its logits this way."""
+        head = self.model.get_output_embeddings()
+        if head is not None and head is not self._hooked_head:
+            head.register_forward_pre_hook(_contiguous_input)
+            self._hooked_head = head
 
     # -- materialising -------------------------------------------------------------------------
     def _load(self, root: nn.Module, index: int | None) -> None:
@@ -307,6 +321,10 @@ class _Proxy(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.owner._call(self.index, args, kwargs)
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _out(output):

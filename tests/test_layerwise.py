@@ -8,6 +8,8 @@ from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
 from hf_decompose.equivalence import greedy_generate
 from hf_decompose.layerwise import Layerwise, RawTensors
 from hf_decompose.model import _plain_config
+from hf_decompose.modules import DecomposedModule
+from hf_decompose.parts import DensePart, TensorDelta
 
 
 def _runner(pair) -> Layerwise:
@@ -41,3 +43,27 @@ def test_jobs_in_lock_step_that_diverge_fail_instead_of_waiting_forever(tiny_pai
     ids = torch.arange(1, 9)[None]
     with torch.no_grad(), pytest.raises(RuntimeError, match="lock step"):
         lw.in_step([lambda: lw.model(input_ids=ids), lambda: lw.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)])
+
+
+def test_the_head_gets_a_contiguous_input_where_the_model_slices_kept_positions(tiny_pair):
+    """On the strided slice of kept positions a bfloat16 head's `F.linear` copies its weight once per prompt."""
+    lw = _runner(tiny_pair)
+    tok = AutoTokenizer.from_pretrained(tiny_pair.finetuned)
+    enc = tok(tiny_pair.calib_prompts[:8], return_tensors="pt", padding=True)
+    seen = []
+    for resident in (False, True):
+        if resident:  # the tied head wrapped as a decomposed module when the embedding's delta goes in
+            name = "model.embed_tokens.weight"
+            exact = CheckpointReader(tiny_pair.finetuned).get(name) - CheckpointReader(tiny_pair.base).get(name)
+            lw.set_resident({name: TensorDelta(name, tuple(exact.shape), False, [DensePart(exact)])})
+        head = lw.model.get_output_embeddings()
+        assert isinstance(head, DecomposedModule) == resident
+        hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        with torch.no_grad():
+            hidden, calls = lw.capture(enc["input_ids"], enc["attention_mask"])
+            for _, hidden in lw.run(hidden, calls, 0):
+                pass
+            logits = next(lw.head(hidden, enc["input_ids"], enc["attention_mask"], logits_to_keep=3))
+        hook.remove()
+        assert logits.shape[1] == 3 < enc["input_ids"].shape[1]
+    assert seen and all(seen)
