@@ -24,6 +24,13 @@ def machine() -> dict:
     }
 
 
+
+def proc_status(*keys: str) -> dict[str, int]:
+    """Byte counts of `keys` (VmRSS, VmHWM, RssAnon, ...) from this process's /proc/self/status (Linux)."""
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split(":")[0] in keys}
+
+
 # Source of `peak_rss_bytes()` for the fresh processes that benchmarks time phases in. `ru_maxrss` is not it: Linux
 # carries the spawning process's peak across exec (a parent that had built a 0.5B pair made every phase read 2.46 GB);
 # VmHWM is the high-water mark of the phase's own address space.

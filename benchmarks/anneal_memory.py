@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import scale  # noqa: E402
-from _machine import machine  # noqa: E402
+from _machine import machine, proc_status  # noqa: E402
 
 from hf_decompose import DecomposedConfig  # noqa: E402
 from hf_decompose.annealing import _Candidate, _level_delta  # noqa: E402
@@ -41,18 +41,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LEVEL = "lr0.5+step1.5"
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(key + ":"))) * 1024
-
-
 def _measure(step) -> dict:
     """Peak RSS of `step()` above the RSS before it (the high-water mark reset first), and its seconds."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM back to the current RSS
-    before, t = _status("VmRSS"), time.perf_counter()
+    before, t = proc_status("VmRSS")["VmRSS"], time.perf_counter()
     step()
-    return {"seconds": time.perf_counter() - t, "rss_before_bytes": before, "peak_above_bytes": _status("VmHWM") - before}
+    return {"seconds": time.perf_counter() - t, "rss_before_bytes": before, "peak_above_bytes": proc_status("VmHWM")["VmHWM"] - before}
 
 
 def main() -> None:

@@ -31,17 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import scale  # noqa: E402
-from _machine import machine  # noqa: E402
+from _machine import machine, proc_status  # noqa: E402
 
 from hf_decompose import DecomposedConfig, decompose_to_disk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30
-
-
-def _status() -> dict[str, int]:
-    with open("/proc/self/status") as f:
-        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssFile"))}
 
 
 def _tensors(top: int = 6) -> tuple[int, list[tuple[str, int]]]:
@@ -83,7 +78,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         high = 0
         while not self.done.wait(0.02):
-            status = _status()
+            status = proc_status("VmRSS", "RssAnon", "RssFile")
             if status["VmRSS"] < high + self.step:
                 continue
             high = status["VmRSS"]
@@ -110,7 +105,7 @@ def main() -> None:
         pass
     sampler.done.set()
     sampler.join()
-    seconds, peak = time.perf_counter() - sampler.t0, _status()["VmHWM"]
+    seconds, peak = time.perf_counter() - sampler.t0, proc_status("VmHWM")["VmHWM"]
     print(f"\nsynthetic-llama-{args.size}: one checkpoint {checkpoint / GIB:.2f} GiB; anneal {'' if finished else 'stopped after '}{seconds:.0f} s, "
           f"peak RSS (VmHWM) {peak / GIB:.2f} GiB = {peak / checkpoint:.2f}x one checkpoint\n")
     print("| s | RSS GiB | x ckpt | anon | file | tensors | where (innermost frame of each busy thread) |\n| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
