@@ -458,6 +458,7 @@ def anneal_streaming(lw: Layerwise, annealed: dict[str, list[str]], store: Delta
     if config.annealing["target"] == "floor":
         floor = lambda calib: engine.floor(calib, config.annealing["positions"], config.annealing["tie_tolerance"])  # noqa: E731
     choice, overrides, report = _drive(engine, annealed, made.exact, made, tokenizer, calibration_prompts, config, progress, floor)
+    lw.layer_deltas = lambda i: {}  # the engine is done: the runner no longer holds it (nor it the runner, in a cycle)
     chosen = {n: key for key in choice.values() for n in made.names(key)}
 
     def kept(key: str) -> dict[str, TensorDelta]:

@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -240,6 +241,7 @@ class Layerwise:
                 t.join()
         finally:
             self.mode, self._step = "stream", None
+            step.close()
         if errors:
             raise errors[0]
         return results
@@ -278,6 +280,11 @@ class _Lockstep:
         self.lock.wait_for(lambda: self.passed >= self.barrier.parties)
         self.barrier.abort()
 
+    def close(self) -> None:
+        """Let go of the owner and the last layer materialised: the barrier's action holds this (a reference cycle,
+        which would keep both until the garbage collector runs)."""
+        self.owner, self.layer = None, None
+
     def _materialise(self) -> None:
         self.passed = 0
         self.layer = None
@@ -306,12 +313,19 @@ class _Lockstep:
 
 
 class _Proxy(nn.Module):
-    """Stands in for decoder layer `index`: the owner decides what a call does (`Layerwise._call`)."""
+    """Stands in for decoder layer `index`: the owner decides what a call does (`Layerwise._call`). The owner
+    holds the model that holds this, so it is held weakly: a dropped runner is freed at once, with its resident
+    weights (a reference cycle waited for the garbage collector: the fine-tune's runner, done after calibration,
+    kept its vocabulary-sized embedding through the whole anneal)."""
 
     def __init__(self, owner: Layerwise, index: int):
         super().__init__()
-        object.__setattr__(self, "owner", owner)
+        object.__setattr__(self, "_owner", weakref.ref(owner))
         self.index = index
+
+    @property
+    def owner(self) -> Layerwise:
+        return self._owner()
 
     def __getattr__(self, name: str):
         try:

@@ -67,3 +67,22 @@ def test_the_head_gets_a_contiguous_input_where_the_model_slices_kept_positions(
         hook.remove()
         assert logits.shape[1] == 3 < enc["input_ids"].shape[1]
     assert seen and all(seen)
+
+
+def test_a_dropped_runner_is_freed_at_once_with_its_weights(tiny_pair):
+    """Without a reference cycle through its layer proxies: annealing drops the fine-tune's runner after calibration
+    and its resident weights (a vocabulary-sized embedding) must go then, not when the garbage collector runs."""
+    import gc
+    import weakref
+
+    lw = _runner(tiny_pair)
+    tok = AutoTokenizer.from_pretrained(tiny_pair.finetuned)
+    prompts = tiny_pair.calib_prompts[:4]
+    lw.in_step([lambda runner=lw: greedy_generate(runner.model, tok, prompts, 3)])
+    gone, embedding = weakref.ref(lw), weakref.ref(lw.model.get_input_embeddings().weight)
+    gc.disable()
+    try:
+        del lw
+        assert gone() is None and embedding() is None
+    finally:
+        gc.enable()
