@@ -278,6 +278,33 @@ def test_a_layer_left_behind_keeps_its_error_feedback_factor_for_the_next_visit(
     assert len(made) == 2  # once per matrix, not once per visit
 
 
+@pytest.mark.parametrize("levels", [None, ["int8", "mix2"]])
+def test_a_layer_left_behind_stores_its_gram_only_where_a_later_visit_may_use_it(tmp_path, levels):
+    """The ladder's levels use a Gram only to build factors and the error-feedback factor, kept from the first visit: the
+    Gram stays out of the store (a third of it on the 1.5B synthetic Llama); mixed levels refit on it, so it is kept."""
+    from hf_decompose import annealing
+    from hf_decompose.config import Level
+    from hf_decompose.layerwise import DeltaStore
+    from hf_decompose.parts import TensorDelta
+
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"model.layers.{i}": [f"model.layers.{i}.mlp.down_proj.weight"] for i in range(2)}
+    exact = {n: TensorDelta(n, (8, 16), False, [DensePart(torch.randn(8, 16, generator=gen))]) for names in layers.values() for n in names}
+    x = torch.randn(64, 16, generator=gen)
+    store = DeltaStore(tmp_path)
+    config = DecomposedConfig(mode="anneal", annealing={"levels": levels})
+    cands = annealing._Candidates(layers, lambda layer: {n: exact[n] for n in layers[layer]}, lambda layer, names: {n: x.t() @ x for n in names},
+                                  config, store)
+    first, second = (names[0] for names in layers.values())
+    level = Level.parse("lr0.5+step1.2")
+    before = annealing._level_delta(cands[first], level).to_dense()
+    annealing._level_delta(cands[second], level)  # the first layer leaves memory
+    saved = store.get_tensors("candidates:model.layers.0")
+    assert {f"{first}.u", f"{first}.feedback"} <= set(saved)
+    assert (f"{first}.gram" in saved) == (levels is not None)
+    assert torch.equal(annealing._level_delta(cands[first], level).to_dense(), before)
+
+
 def test_ladder_heats_in_rounds_so_a_time_cap_leaves_the_layers_alike(monkeypatch):
     """After the global bisection every layer still heating goes one level further per round (frozen at its first
     refusal): run to the end each layer stops where the guard refused it; stopped by the time cap mid-round no
