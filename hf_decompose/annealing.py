@@ -293,8 +293,10 @@ class GramCollector:
 TALL = 8
 
 
-def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S).
+def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: float = 1e-2,
+                     rank: Callable[[torch.Tensor], int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation-aware SVD of a canonical (out, in) delta: returns (P*S, Q^T L^-1, S), the factors cut to the
+    leading ``rank(S)`` directions where `rank` is given (the same values as the whole factors' leading columns).
 
     The Cholesky factor of the damped Gram is taken in float64 (Grams are ill-conditioned; in its own memory), the SVD
     in float32 (fast, and its error is far below the truncation error). A matrix at least `TALL` times
@@ -308,18 +310,22 @@ def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: fl
         chol = cholesky_lower(h).float()
         del h
     if delta.shape[0] >= TALL * delta.shape[1]:
-        p_s, qh, s = _tall_svd(delta, chol)
+        p_s, qh, s = _tall_svd(delta, chol, rank)
     else:
         p, s, qh = torch.linalg.svd(delta.float() if chol is None else delta.float() @ chol, full_matrices=False)
-        p_s = p * s
+        r = len(s) if rank is None else rank(s)
+        p_s = p[:, :r] * s[:r]
+    r = p_s.shape[1]
     v = qh if chol is None else torch.linalg.solve_triangular(chol, qh, upper=False, left=False)  # Q^T L^{-1}
-    return p_s, v, s
+    return p_s, v if r == len(v) else v[:r].contiguous(), s
 
 
-def _tall_svd(delta: torch.Tensor, chol: torch.Tensor | None, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tall_svd(delta: torch.Tensor, chol: torch.Tensor | None, rank: Callable[[torch.Tensor], int] | None = None,
+              rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P*S, Q^T, S) of ``B = delta @ chol`` (``chol`` None: the identity) for a tall ``(out, in)`` delta, from the
-    eigenvectors of its ``(in, in)`` Gram in float64, both passes a block of `rows` at a time: besides P*S, nothing
-    of the matrix's size is held (in float64, the Gram's eigenvalues keep the float32 SVD's accuracy)."""
+    eigenvectors of its ``(in, in)`` Gram in float64, both passes a block of `rows` at a time: besides P*S (its leading
+    ``rank(S)`` columns where `rank` is given; Q^T whole), nothing of the matrix's size is held (in float64, the Gram's
+    eigenvalues keep the float32 SVD's accuracy)."""
     out, n = delta.shape
     gram = torch.zeros(n, n, dtype=torch.float64)
     for r in range(0, out, rows):
@@ -328,11 +334,14 @@ def _tall_svd(delta: torch.Tensor, chol: torch.Tensor | None, rows: int = 4096) 
         gram.addmm_(b.t(), b)
     energy, vecs = torch.linalg.eigh(gram)
     energy, vecs = energy.flip(0).clamp_min(0.0), vecs.flip(1)  # descending
+    s = energy.sqrt().float()
+    k = n if rank is None else rank(s)
     right = (vecs if chol is None else chol.double() @ vecs).float()  # B V = delta (chol V)
-    p_s = torch.empty(out, n)
-    for r in range(0, out, rows):
-        torch.mm(delta[r : r + rows].float(), right, out=p_s[r : r + rows])
-    return p_s, vecs.t().float().contiguous(), energy.sqrt().float()
+    p_s = torch.empty(out, k)
+    for r in range(0, out, rows):  # whole products cut: the columns kept are those of the whole factors, bit for bit
+        block = torch.mm(delta[r : r + rows].float(), right)
+        p_s[r : r + rows] = block[:, :k]
+    return p_s, vecs.t().float().contiguous(), s
 
 
 def rank_for(s: torch.Tensor, eps: float, floor: int) -> int:
@@ -358,9 +367,19 @@ class _Candidate:
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`weighted_lowrank`'s factors, cut to the most directions a level keeps (`rank_needed`)."""
         if self._factors is None:
-            self._factors = weighted_lowrank(self.full.to_dense(), self.gram)
+            self._factors = weighted_lowrank(self.full.to_dense(), self.gram, rank=self.rank_needed)
         return self._factors
+
+    def rank_needed(self, s: torch.Tensor) -> int:
+        """The most leading directions a level of the ladder keeps, from the singular values `s`: `rank_for` at
+        each level's eps (mixed levels: every direction). A vocabulary-sized matrix's factors were held and stored
+        whole (the 1.5B synthetic Llama's tied embedding: 762 of 2048 directions kept)."""
+        levels = [Level.parse(x) for x in self.config.annealing_options()["levels"]]
+        if any(level.mix is not None for level in levels):
+            return len(s)
+        return max([rank_for(s, eps, self.floor) for eps in {level.eps for level in levels if level.eps is not None}], default=0)
 
     @property
     def feedback(self) -> Feedback | None:

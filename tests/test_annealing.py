@@ -92,6 +92,31 @@ def test_tall_matrices_factor_through_their_gram_as_the_svd_does(weighted, monke
         assert errors[0] <= errors[1] * (1 + 1e-4) + 1e-6 * _output_error(delta, torch.zeros_like(delta), weight), r
 
 
+@pytest.mark.parametrize("rows", [9000, 200])
+def test_factors_cut_to_the_ranks_levels_keep_are_the_whole_factors_leading_columns(rows):
+    """A candidate holds (and stores) only the directions a level of the ladder keeps: bit for bit the whole factors'
+    leading ones, tall (`_tall_svd`) or not, so every level is the same; mixed levels keep every direction."""
+    from hf_decompose.parts import TensorDelta
+
+    g = torch.Generator().manual_seed(6)
+    delta = torch.randn(rows, 6, generator=g) @ torch.randn(6, 96, generator=g) + 0.05 * torch.randn(rows, 96, generator=g)
+    x = torch.randn(400, 96, generator=g) * torch.linspace(0.1, 3.0, 96)
+    whole = weighted_lowrank(delta, x.t() @ x)
+    cut = weighted_lowrank(delta, x.t() @ x, rank=lambda s: 7)
+    assert torch.equal(cut[0], whole[0][:, :7]) and torch.equal(cut[1], whole[1][:7]) and torch.equal(cut[2], whole[2])
+    full = TensorDelta("model.layers.0.mlp.down_proj.weight", tuple(delta.shape), False, [DensePart(delta)])
+    ladder = annealing._Candidate(full, x.t() @ x, DecomposedConfig(mode="anneal"))
+    kept = ladder.rank_needed(whole[2])
+    assert 0 < kept < 96 and ladder.factors[0].shape == (rows, kept) and ladder.factors[1].shape == (kept, 96)
+    assert kept == annealing.rank_for(whole[2], 0.5, ladder.floor)  # the default ladder's eps: 0.5
+    mixed = annealing._Candidate(full, x.t() @ x, DecomposedConfig(mode="anneal", annealing={"levels": ["int8", "mix2"]}))
+    assert mixed.factors[0].shape == (rows, 96)
+    for level in ("lr0.5+step1.5", "lr0.5+int1", "lr0.5"):
+        level = annealing.Level.parse(level)
+        want = annealing._level_delta(annealing._Candidate(full, x.t() @ x, ladder.config, _factors=whole), level)
+        assert torch.equal(annealing._level_delta(ladder, level).to_dense(), want.to_dense())
+
+
 def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tiny_pair, tmp_path, monkeypatch):
     def no_reads(*args, **kwargs):
         raise AssertionError("a checkpoint was read")
