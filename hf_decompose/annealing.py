@@ -71,7 +71,7 @@ class Calibration:
     top1: torch.Tensor  # (n, t) reference greedy tokens
     second: torch.Tensor  # (n, t) reference runner-up tokens
     margin: torch.Tensor  # (n, t) reference top-1 minus top-2 logit
-    logits: torch.Tensor  # (n, t, vocab) reference logits at the continuation positions
+    logits: torch.Tensor  # (n, t, vocab) reference logits at the continuation positions (in the head's dtype)
 
     @property
     def logits_to_keep(self) -> int:
@@ -185,7 +185,7 @@ def _scores(calib: Calibration, logit_batches: Iterable[torch.Tensor], positions
     n, agree, tie, square, kl, max_diff, row = 0, 0, 0, 0.0, 0.0, 0.0, 0
     for logits in (prompt for batch in logit_batches for prompt in batch):
         ref = Calibration(*(getattr(calib, f)[row : row + 1] for f in ("input_ids", "attention_mask")), calib.prompt_len,
-                          *(getattr(calib, f)[row] for f in ("top1", "second", "margin", "logits")))
+                          *(getattr(calib, f)[row] for f in ("top1", "second", "margin")), calib.logits[row].float())
         row += 1
         n += ref.top1.numel()
         top2 = logits.topk(2, dim=-1).indices
@@ -800,10 +800,13 @@ class _StreamEngine:
         self.keep_inputs = True  # every layer's input on the exact model (its Grams' inputs), kept on disk until asked for
         final = self._final(self.calib)
         self.keep_inputs = False
-        logits = _stacked(self._head(final, self.calib), len(ids))
+        # held in the head's dtype: a bfloat16 model's logits are bfloat16 values (half the memory; float32 where used)
+        logits = _stacked((out[:, :-1] for out in self.lw.head(final, ids, mask, self.calib.logits_to_keep)), len(ids))
         self.ref_inputs = _stacked(self._head(final, self.calib, inputs=True), len(ids))
-        top2 = logits.topk(2, dim=-1)
-        self.calib = Calibration(ids, mask, self.calib.prompt_len, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], logits)
+        top2 = [row.float().topk(2, dim=-1) for row in logits]
+        top1, second = torch.stack([t.indices[..., 0] for t in top2]), torch.stack([t.indices[..., 1] for t in top2])
+        margin = torch.stack([t.values[..., 0] - t.values[..., 1] for t in top2])
+        self.calib = Calibration(ids, mask, self.calib.prompt_len, top1, second, margin, logits)
         return self.calib
 
     def screen(self, calib: Calibration) -> HeadScreen | None:

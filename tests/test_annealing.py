@@ -481,3 +481,18 @@ def test_annealed_levels_stay_decoded_within_a_budget_latest_layers_first(tmp_pa
     assert sorted(made.held) == [("model.layers.0", 3), ("model.layers.1", 2), ("model.layers.2", 1), ("model.layers.2", 2)]
     made[("model.layers.0", 4)] = {n: delta[n] for n in layers["model.layers.0"]}  # over budget: the earliest layer's oldest goes
     assert sorted(made.held) == [("model.layers.0", 4), ("model.layers.1", 2), ("model.layers.2", 1), ("model.layers.2", 2)]
+
+
+def test_reference_logits_held_in_bfloat16_score_as_their_float32_values():
+    """A bfloat16 model's reference logits are held as they come (bfloat16 values: half the memory of a float32
+    copy, 96 MiB of the 1.5B synthetic Llama's calibration); the guard's statistics are those of their float32 values."""
+    from hf_decompose.annealing import Calibration, _scores
+
+    gen = torch.Generator().manual_seed(3)
+    ref = (4 * torch.randn(6, 5, 300, generator=gen)).bfloat16()
+    top2 = ref.float().topk(2, dim=-1)
+    held = [Calibration(torch.zeros(6, 9, dtype=torch.long), torch.ones(6, 9, dtype=torch.long), 4, top2.indices[..., 0], top2.indices[..., 1],
+                        top2.values[..., 0] - top2.values[..., 1], logits) for logits in (ref, ref.float())]
+    model = [ref.float() + 0.05 * torch.randn(6, 5, 300, generator=gen)]
+    scores = [_scores(calib, [model[0][:3], model[0][3:]], 2048, 1e-3) for calib in held]
+    assert scores[0] == scores[1] and scores[0]["mean_kl"] > 0
