@@ -374,8 +374,8 @@ class _Candidate:
 
     def rank_needed(self, s: torch.Tensor) -> int:
         """The most leading directions a level of the ladder keeps, from the singular values `s`: `rank_for` at
-        each level's eps (mixed levels: every direction). A vocabulary-sized matrix's factors were held and stored
-        whole (the 1.5B synthetic Llama's tied embedding: 762 of 2048 directions kept)."""
+        each level's eps (mixed levels: every direction). No more are held or stored (of the 1.5B synthetic Llama's
+        tied embedding, 762 of 2048)."""
         levels = [Level.parse(x) for x in self.config.annealing_options()["levels"]]
         if any(level.mix is not None for level in levels):
             return len(s)
