@@ -326,8 +326,10 @@ def test_a_layer_left_behind_stores_its_gram_only_where_a_later_visit_may_use_it
     annealing._level_delta(cands[second], level)  # the first layer leaves memory
     saved = store.get_tensors("candidates:model.layers.0")
     assert {f"{first}.u", f"{first}.feedback"} <= set(saved)
+    assert saved[f"{first}.feedback"].numel() == 16 * 17 // 2  # the upper-triangular factor's rows from the diagonal on
     assert (f"{first}.gram" in saved) == (levels is not None)
     assert torch.equal(annealing._level_delta(cands[first], level).to_dense(), before)
+    assert torch.equal(cands[first].feedback.factor, annealing.Feedback.of(x.t() @ x).factor)  # read back whole
 
 
 def test_ladder_heats_in_rounds_so_a_time_cap_leaves_the_layers_alike(monkeypatch):
