@@ -62,7 +62,7 @@ def main() -> None:
     exact = ft.get(name, dtype=None) - base.get(name, dtype=None)
     delta = TensorDelta(name, tuple(exact.shape), False, [DensePart(exact)])
     inputs = torch.randn(2504, exact.shape[1], generator=torch.Generator().manual_seed(0))  # the default pair's calibration tokens
-    candidate = _Candidate(delta, inputs.t() @ inputs, DecomposedConfig(mode="anneal"))
+    candidate = _Candidate(delta, inputs.t() @ inputs, DecomposedConfig(mode="anneal"), cut=True)  # as annealing's are
     del inputs, exact
     made: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -364,12 +364,13 @@ class _Candidate:
     _factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _floor: int | None = None
     _feedback: Feedback | None = None
+    cut: bool = False  # factors cut to the most directions a level of the config's ladder keeps (`_Candidates`' are)
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`weighted_lowrank`'s factors, cut to the most directions a level keeps (`rank_needed`)."""
+        """`weighted_lowrank`'s factors; `cut`: only the leading `rank_needed` directions."""
         if self._factors is None:
-            self._factors = weighted_lowrank(self.full.to_dense(), self.gram, rank=self.rank_needed)
+            self._factors = weighted_lowrank(self.full.to_dense(), self.gram, rank=self.rank_needed if self.cut else None)
         return self._factors
 
     def rank_needed(self, s: torch.Tensor) -> int:
@@ -585,14 +586,14 @@ class _Candidates:
         key = f"candidates:{layer}"
         if self.store is None or key not in self.store:
             grams = self.grams(layer, list(deltas))
-            return {n: _Candidate(d, grams.get(n), self.config) for n, d in deltas.items()}
+            return {n: _Candidate(d, grams.get(n), self.config, cut=True) for n, d in deltas.items()}
         saved = self.store.get_tensors(key)
         items = {}
         for n, d in deltas.items():
             factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
-            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback)
+            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback, cut=True)
         return items
 
     def clear(self) -> None:
@@ -1054,6 +1055,8 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
         return _mixed_lowrank(c, level.mix)
     full, (u, v, s) = c.full, c.factors
     r = 0 if level.eps is None else rank_for(s, level.eps, c.floor)
+    if r > u.shape[1]:
+        raise ValueError(f"level {level} keeps {r} directions of {full.name}; its candidate holds {u.shape[1]} (cut to its config's ladder)")
     if level.bits is None:  # low rank only
         if r >= min(full.shape) or r * sum(full.shape) >= full.num_params():
             return full
@@ -1103,6 +1106,8 @@ def _mixed_lowrank(c: _Candidate, bits: float) -> TensorDelta:
     the rest dropped; with ``error_feedback`` each width's ``u`` is refit to its rounded ``v`` on the calibration Gram."""
     full, (u, v, s) = c.full, c.factors
     widths = torch.tensor(mixed_widths(s, full.shape, bits))
+    if widths[u.shape[1] :].any():
+        raise ValueError(f"mix{bits} keeps directions of {full.name} past the {u.shape[1]} its candidate holds (cut to its config's ladder)")
     parts, dense = [], full.to_dense()
     gram = c.gram if c.config.annealing["error_feedback"] else None
     for width in sorted({int(w) for w in widths if w}, reverse=True):
