@@ -54,8 +54,8 @@ def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig
     """Entries whose |z| = |r| / sigma rejects N(0, 1), two-sided, under the configured control.
 
     p falls as |z| grows, so both controls keep the n entries of largest |z|. Only entries with
-    p <= q can be rejected: their |z| alone are sorted, and p-values are computed on the sorted values
-    a block at a time. Entries tied at the cut are kept in row-major order, as a stable sort of the
+    p <= q can be rejected, and of them only those `_rejectable` leaves: their |z| alone are sorted, and
+    p-values are computed on the sorted values a block at a time. Entries tied at the cut are kept in row-major order, as a stable sort of the
     p-values keeps them; the mask is filled a block of rows at a time (no index list of the entries).
     """
     if sigma <= 0:
@@ -70,8 +70,9 @@ def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig
         del block
         if blocks:
             release_free_memory()
-    z_sorted[::-1].sort()  # descending |z|: ascending p
     m, kept = residual.numel(), 0
+    z_sorted = _rejectable(z_sorted, m, config)
+    z_sorted[::-1].sort()  # descending |z|: ascending p
     for start in range(0, z_sorted.size, 1 << 20):
         p = 2 * special.ndtr(-z_sorted[start : start + (1 << 20)].astype(np.float64))  # norm.sf, 4x faster
         bound = config.q / m if config.correction == "bonferroni" else config.q * np.arange(start + 1, start + p.size + 1) / m
@@ -93,6 +94,21 @@ def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig
             ties -= tied.shape[0]
         start += z.shape[0]
     return mask
+
+
+def _rejectable(z: np.ndarray, m: int, config: DecomposedConfig) -> np.ndarray:
+    """Of the candidate |z| among `m` entries, those the correction may still reject. Benjamini-Hochberg rejects the
+    k entries of smallest p for the largest k with ``p_(k) <= q k / m``, so with K candidates held no entry of p above
+    ``q K / m`` is among them; dropping those shrinks K, until no more drop (Bonferroni: one cut at ``q / m``). What
+    remains is the entries of largest |z|, every rejected one among them, so the step-up on it finds the same k."""
+    while z.size:
+        k = 1 if config.correction == "bonferroni" else z.size
+        threshold = float(-special.ndtri(config.q * k / (2 * m))) * (1 - 1e-6)  # p <= q k / m, with room for rounding
+        kept = z[z >= threshold]
+        if kept.size == z.size:
+            break
+        z = kept
+    return z
 
 
 def _candidates(chunk: torch.Tensor, sigma: float, threshold: float) -> torch.Tensor:
@@ -166,14 +182,39 @@ def spectral_pvalues(singular: np.ndarray, shape: tuple[int, int], sigma: float)
 def randomized_svd(a: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u, s, vh) of the leading `k` singular triplets of `a` (Halko, Martinsson & Tropp 2011, with
     `niter` power iterations). The random test matrix is drawn on CPU from `seed` (the global RNG is
-    untouched) and moved to `a`'s device, so CPU and CUDA start from the same subspace."""
+    untouched) and moved to `a`'s device, so CPU and CUDA start from the same subspace.
+
+    The power iterations only find the subspace: where the device multiplies bfloat16 natively (`subspace_dtype`)
+    all but the last product multiply a bfloat16 copy of `a` (its rounding, 2^-9 of each entry, is noise far below a
+    delta's own); the last product and the triplets, from `a` projected on that subspace (Rayleigh-Ritz), take `a`
+    itself in its precision."""
     omega = torch.randn(a.shape[1], k, generator=torch.Generator().manual_seed(seed)).to(a.device)
-    q = orthonormal_basis(a @ omega)
+    low = a.to(subspace_dtype(a.device))
+
+    def times(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (m @ x.to(m.dtype)).to(a.dtype)
+
+    q = omega
     for _ in range(niter):
-        q = orthonormal_basis(a.T @ q)
-        q = orthonormal_basis(a @ q)
+        q = orthonormal_basis(times(low, q))
+        q = orthonormal_basis(times(low.T, q))
+    del low
+    q = orthonormal_basis(a @ q)  # the last product in `a`'s precision: the rounding's tilt of the leading directions is contracted away
     ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
     return q @ ub, s, vh
+
+
+def subspace_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matrix products in it are fast (CUDA; a CPU with AMX tiles: 4-5x float32's on this project's
+    2 core Xeon), else float32."""
+    if device.type == "cuda" or (device.type == "cpu" and _amx()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence looked up
+    return bool(probe and probe())
 
 
 # the largest condition number of a block that `orthonormal_basis` orthonormalizes by Cholesky QR: its basis is then

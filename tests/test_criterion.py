@@ -186,3 +186,29 @@ def test_orthonormal_basis_by_cholesky_and_householder_where_the_gram_is_singula
     twins = y[:, :36] + 1e-6 * torch.randn(4096, 36, generator=gen)
     for block in (torch.cat([y[:, :36], y[:, :36]], 1), torch.cat([y[:, :36], twins], 1)):
         assert torch.equal(orthonormal_basis(block), torch.linalg.qr(block).Q)
+
+
+def test_bfloat16_power_iterations_keep_the_spectral_decisions(monkeypatch):
+    """Where the device multiplies bfloat16 natively the randomized SVD's power iterations run in it: spikes near the
+    noise edge and well above it get the same singular values (to float32's Rayleigh-Ritz accuracy), ranks and
+    directions as in float32."""
+    import hf_decompose.criterion as criterion
+
+    gen = torch.Generator().manual_seed(3)
+    m, n = 768, 512
+    noise = torch.randn(m, n, generator=gen) * 1e-4
+    edge = 1e-4 * (m**0.5 + n**0.5)
+    spikes = [(torch.randn(m, 1, generator=gen), torch.randn(1, n, generator=gen), edge * f) for f in (20, 5, 1.6, 1.3, 1.1)]
+    delta = noise + sum(s * (u / u.norm()) @ (v / v.norm()) for u, v, s in spikes)
+    config = DecomposedConfig(mode="criterion")
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setattr(criterion, "subspace_dtype", lambda device, _d=dtype: _d)
+        runs[dtype] = spectral_test(delta, config)
+    single, mixed = runs[torch.float32], runs[torch.bfloat16]
+    assert single.rank == mixed.rank >= 3
+    np.testing.assert_allclose(mixed.singular_values[: single.rank + 1], single.singular_values[: single.rank + 1], rtol=1e-5)
+    # the bulk's Ritz values: a hundredth of float32's own distance from the exact singular values
+    exact = torch.linalg.svdvals(delta).double().numpy()[: len(single.singular_values)]
+    assert np.abs(mixed.singular_values - single.singular_values).max() <= 0.01 * np.abs(single.singular_values - exact).max()
+    torch.testing.assert_close(mixed.u @ mixed.v, single.u @ single.v, rtol=0, atol=1e-3 * float(single.singular_values[0]) / m**0.5)
