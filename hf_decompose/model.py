@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from . import artifact, locks, resume
+from . import artifact, kernels, locks, resume
 from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, sha256_files, sha256_files_in_background
 from .config import DecomposedConfig
 from .annealing import _layer_of, _tokenizer, anneal_streaming
@@ -130,7 +130,13 @@ def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device, dty
 
 
 def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch.Tensor:
-    """fine-tune - base, float32, canonical layout, on `device`."""
+    """fine-tune - base, float32, canonical layout, on `device`. A pair stored in bfloat16 (and not loaded as float16)
+    on CPU is read as stored and subtracted in one pass (`kernels.difference_bf16`: the same values, without float32
+    copies of both tensors)."""
+    stored = {TORCH_DTYPES[pair.finetuned.dtype(info.name)], TORCH_DTYPES[pair.base.dtype(info.name)]}
+    if device.type == "cpu" and stored == {torch.bfloat16} and pair.dtype != torch.float16 and kernels.available():
+        base, ft = pair.base_tensor(info.name, dtype=torch.bfloat16), pair.finetuned.get(info.name, dtype=torch.bfloat16)
+        return info.canonical(kernels.difference_bf16(base, ft))
     out = None
     for rows, base, ft in _row_blocks(pair, info, device):
         if rows is None:

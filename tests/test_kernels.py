@@ -300,6 +300,40 @@ def test_exact_delta_kernel_split_over_threads_or_without_its_delta_finds_the_sa
 
 
 @needs_kernel
+def test_difference_kernel_gives_the_float32_difference_bit_for_bit():
+    """Over a million values (split over threads), signed zeros, subnormals, far exponents and sums past bfloat16's range:
+    PyTorch's float32 subtraction of the upcast tensors; anything else is refused."""
+    base, ft = _bf16_pair((1100, 1000), seed=4)
+    assert torch.equal(kernels.difference_bf16(base, ft).view(torch.int32), (ft.float() - base.float()).view(torch.int32))
+    with pytest.raises(ValueError, match="two contiguous bfloat16 CPU tensors of one shape"):
+        kernels.difference_bf16(base.t(), ft.t())
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, transposed to (out, in)
+def test_the_criterions_deltas_of_a_bfloat16_pair_are_pytorchs(tmp_path, arch, monkeypatch):
+    """`model._delta` of every tensor of a sharded bfloat16 pair: through the kernel where it runs, the values and
+    layout of PyTorch's float32 path."""
+    from hf_decompose import model as model_module
+    from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
+    from hf_decompose.groups import describe
+
+    from .test_architectures import _pair
+
+    base_dir, ft_dir = _pair(tmp_path, arch)
+    pair = CheckpointPair(CheckpointReader(base_dir), CheckpointReader(ft_dir))
+    infos = [describe(name, pair.finetuned.shape(name), arch) for name in pair.names()]
+    calls = []
+    monkeypatch.setattr(kernels, "difference_bf16", lambda b, f, _real=kernels.difference_bf16: calls.append(b.shape) or _real(b, f))
+    fast = {i.name: model_module._delta(pair, i, torch.device("cpu")) for i in infos}
+    assert len(calls) == len(infos)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    for i in infos:
+        want = model_module._delta(pair, i, torch.device("cpu"))
+        assert fast[i.name].stride() == want.stride() and torch.equal(fast[i.name], want), i.name
+
+
+@needs_kernel
 def test_exact_delta_refuses_what_it_does_not_read():
     with pytest.raises(ValueError, match="two bfloat16 CPU tensors of one shape"):
         kernels.exact_delta_bf16(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.float16))

@@ -14,7 +14,8 @@ into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctyp
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
 `exact_delta_bf16` (`bits16.c`) computes a bfloat16 pair's difference, checks that it merges back and counts its
 support in one pass over the two tensors (`deltas.exact_delta`'s first step; without writing the difference, a survey
-that decides a costlier delta before one is written), and `all_finite_16` tells whether a 16-bit tensor holds no NaN
+that decides a costlier delta before one is written), `difference_bf16` writes a bfloat16 pair's difference in float32
+in one pass (the criterion's deltas), and `all_finite_16` tells whether a 16-bit tensor holds no NaN
 or Inf (`checkpoints.all_finite`), both on `torch.get_num_threads()` threads; `z_histogram` counts a float32 residual's z values into
 bins (`criterion.z_histogram`); all in plain C. `feedback_columns` (`feedback.c`) runs the column loop of rounding with
 error feedback (`quantize._error_feedback`).
@@ -269,6 +270,18 @@ def feedback_columns(w1: torch.Tensor, err1: torch.Tensor, codes: torch.Tensor, 
                                     inverse.data_ptr(), step.data_ptr(), rows, nb, c0, c1, mode, qmax)
 
 
+def difference_bf16(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """``finetuned - base`` in float32 for contiguous bfloat16 CPU tensors of one shape, in one pass on
+    `torch.get_num_threads()` threads: the values of ``finetuned.float() - base.float()`` without their float32 copies."""
+    if base.dtype != torch.bfloat16 or finetuned.dtype != torch.bfloat16 or base.shape != finetuned.shape or base.device.type != "cpu" \
+            or not (base.is_contiguous() and finetuned.is_contiguous()):
+        raise ValueError(f"difference_bf16 takes two contiguous bfloat16 CPU tensors of one shape, got {base.dtype} {tuple(base.shape)} and "
+                         f"{finetuned.dtype} {tuple(finetuned.shape)}")
+    out = torch.empty(base.shape, dtype=torch.float32)
+    _library().hfd_difference_bf16(base.data_ptr(), finetuned.data_ptr(), out.data_ptr(), base.numel(), torch.get_num_threads())
+    return out
+
+
 def exact_delta_bf16(base: torch.Tensor, finetuned: torch.Tensor, with_delta: bool = True
                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For contiguous bfloat16 CPU tensors of one shape, ``(finetuned - base)`` rounded once to bfloat16 (as PyTorch's
@@ -364,6 +377,8 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_rows_codes_matmul.restype = ctypes.c_int
             lib.hfd_exact_delta_bf16.argtypes = [p, p, p, i, i, p, p, p, i]
             lib.hfd_exact_delta_bf16.restype = i
+            lib.hfd_difference_bf16.argtypes = [p, p, p, i, ctypes.c_int]
+            lib.hfd_difference_bf16.restype = None
             lib.hfd_all_finite_16.argtypes = [p, i, ctypes.c_uint16, ctypes.c_int]
             lib.hfd_all_finite_16.restype = ctypes.c_int
             lib.hfd_z_histogram.argtypes = [p, i, ctypes.c_float, ctypes.c_float, ctypes.c_float, i, p]

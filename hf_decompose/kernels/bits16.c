@@ -11,6 +11,9 @@
    added to) and returns how many entries do not merge back, rne(base + delta) != ft bit for bit, writing the flat
    positions (within these rows) of the first `capacity` of them, in order, to `mismatch`.
 
+   hfd_difference_bf16 writes out = ft - base for n bfloat16 values each, both widened to float32 and subtracted there (the
+   values of PyTorch's float32 subtraction of the two upcast tensors), on `threads` OpenMP threads from 2^20 values.
+
    hfd_z_histogram adds to counts (bins) the histogram of z = min(max(r * inv_sigma, -range), range) over n float32
    values r, bin floor((z + range) * scale) with z = range in the last, NaN in none: float32 arithmetic, each operation rounded as
    PyTorch's element-wise float32 operations round (`criterion.z_histogram`'s fallback gives the same counts). */
@@ -49,6 +52,16 @@ int hfd_all_finite_16(const uint16_t *restrict bits, int64_t n, uint16_t exponen
             hit |= (uint16_t)((bits[i0 + j] & exponent) == exponent);
     }
     return !hit;
+}
+
+void hfd_difference_bf16(const uint16_t *restrict base, const uint16_t *restrict ft, float *restrict out, int64_t n, int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= (1 << 20))
+    for (int64_t i0 = 0; i0 < n; i0 += 8 * BLOCK) {
+        int64_t len = n - i0 < 8 * BLOCK ? n - i0 : 8 * BLOCK;
+        for (int64_t j = 0; j < len; j++)
+            out[i0 + j] = bf16_to_f32(ft[i0 + j]) - bf16_to_f32(base[i0 + j]);
+    }
 }
 
 int64_t hfd_exact_delta_bf16(const uint16_t *restrict base, const uint16_t *restrict ft, uint16_t *restrict delta, int64_t n_rows,
