@@ -295,7 +295,21 @@ def decomposed_class(cls: type) -> type:
         return cls
     if cls not in _CLASSES:
         _CLASSES[cls] = type(f"Decomposed{cls.__name__}", (DecomposedModel, cls), {"__module__": __name__, "forward": routed(cls.forward)})
+        _listed_beside(cls, _CLASSES[cls])
     return _CLASSES[cls]
+
+
+def _listed_beside(cls: type, decomposed: type) -> None:
+    """List `decomposed` wherever transformers' task mappings list `cls` by name: pipelines and the Trainer tell a
+    model's task by its class name (unlisted, ``pipeline("text-generation", model=...)`` logs an error naming every
+    causal LM, and the Trainer's label smoothing would not shift a causal LM's labels). The key is no config's model
+    type, so no Auto class resolves to it."""
+    from transformers.models.auto import modeling_auto
+
+    for mapping, names in vars(modeling_auto).items():
+        if mapping.startswith("MODEL_") and mapping.endswith("_MAPPING_NAMES") and isinstance(names, dict):
+            if any(cls.__name__ == v or (isinstance(v, tuple) and cls.__name__ in v) for v in names.values()):
+                names[f"{QUANT_METHOD}:{cls.__name__}"] = decomposed.__name__
 
 
 def serving(model: nn.Module, base_sha256: dict[str, str], base_dir: Path | None = None) -> DecomposedModel:

@@ -159,3 +159,21 @@ def test_the_command_runs_as_a_module_too():
     for module in ("hf_decompose", "hf_decompose.cli"):
         done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0 and "usage: hf-decompose" in done.stdout, (module, done.stderr[-500:])
+
+
+def test_pipelines_take_the_decomposed_model_as_the_finetunes_class(tiny_pair, caplog):
+    """``pipeline("text-generation")`` runs a decomposed model without logging it as unsupported, and generates what the
+    pipeline gives the fine-tune; no Auto class resolves to the decomposed class."""
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model = decompose(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode="lossless"), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair.finetuned)
+    prompt = tiny_pair.eval_prompts[0]
+    with caplog.at_level("ERROR"):
+        got = pipeline("text-generation", model=model, tokenizer=tokenizer)(prompt, max_new_tokens=6, do_sample=False)
+    assert not [r for r in caplog.records if "is not supported" in r.getMessage()]
+    finetuned = AutoModelForCausalLM.from_pretrained(tiny_pair.finetuned)
+    assert got == pipeline("text-generation", model=finetuned, tokenizer=tokenizer)(prompt, max_new_tokens=6, do_sample=False)
+    assert type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    assert type(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_pair.finetuned))) is type(finetuned)
