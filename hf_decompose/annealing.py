@@ -313,8 +313,8 @@ def weighted_lowrank(delta: torch.Tensor, gram: torch.Tensor | None, damping: fl
         p_s, qh, s = _tall_svd(delta, chol, rank)
     else:
         p, s, qh = torch.linalg.svd(delta.float() if chol is None else delta.float() @ chol, full_matrices=False)
-        r = len(s) if rank is None else rank(s)
-        p_s = p[:, :r] * s[:r]
+        kept = len(s) if rank is None else rank(s)
+        p_s = p[:, :kept] * s[:kept]
     r = p_s.shape[1]
     v = qh if chol is None else torch.linalg.solve_triangular(chol, qh, upper=False, left=False)  # Q^T L^{-1}
     return p_s, v if r == len(v) else v[:r].contiguous(), s
@@ -377,7 +377,7 @@ class _Candidate:
         """The most leading directions a level of the ladder keeps, from the singular values `s`: `rank_for` at
         each level's eps (mixed levels: every direction). No more are held or stored (of the 1.5B synthetic Llama's
         tied embedding, 762 of 2048)."""
-        levels = [Level.parse(x) for x in self.config.annealing_options()["levels"]]
+        levels = self.config.annealing_levels()
         if any(level.mix is not None for level in levels):
             return len(s)
         return max([rank_for(s, eps, self.floor) for eps in {level.eps for level in levels if level.eps is not None}], default=0)
@@ -502,7 +502,7 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
         return {}, {}, {"target": target, "ladder": [], "levels": [], "trace": [], "precision": {"dtype": "float32", "accepted": False},
                         "calibration_prompts": len(calibration_prompts), "calibration_tokens": opts["calibration_tokens"], "seconds": 0.0}
     specs = [str(x) if isinstance(x, str) else f"lr{x}" for x in opts["levels"]]
-    levels = [Level.parse(x) for x in opts["levels"]]
+    levels = config.annealing_levels()
     by_length = sorted(calibration_prompts, key=lambda p: len(tokenizer(p)["input_ids"]))  # batches of like lengths pad little (`batches`)
     calib = engine.calibrate(tokenizer, by_length, opts["calibration_tokens"])
     floor = None if floor_of is None else floor_of(calib)
@@ -567,7 +567,7 @@ class _Candidates:
         self.layer_of = {n: layer for layer, names in layers.items() for n in names}
         self.exact_of, self.grams, self.config, self.store = exact_of, grams, config, store
         opts = config.annealing_options()  # the knapsack weighs errors by the Grams, mixed levels refit on them
-        self.grams_reused = opts["schedule"] == "knapsack" or any(Level.parse(x).mix is not None for x in opts["levels"])
+        self.grams_reused = opts["schedule"] == "knapsack" or any(level.mix is not None for level in config.annealing_levels())
         self.layer: str | None = None
         self.items: dict[str, _Candidate] = {}
         self.held: dict[str, dict[str, _Candidate]] = {}

@@ -241,6 +241,10 @@ class DecomposedConfig(QuantizationConfigMixin):
         a = self.annealing
         return a | {k: v for k, v in TARGET_SCHEDULES.get(a["target"], LADDER).items() if a[k] is None}
 
+    def annealing_levels(self) -> list[Level]:
+        """The levels `annealing_options` gives, parsed, least aggressive first."""
+        return [Level.parse(x) for x in self.annealing_options()["levels"]]
+
     def torch_device(self) -> torch.device:
         """The device `device` names (``"auto"`` resolved); `ConfigError` if it is not available here."""
         return resolve_device(self.device)
