@@ -108,13 +108,14 @@ def test_factors_cut_to_the_ranks_levels_keep_are_the_whole_factors_leading_colu
     ladder = annealing._Candidate(full, x.t() @ x, DecomposedConfig(mode="anneal"), cut=True)
     kept = ladder.rank_needed(whole[2])
     assert 0 < kept < 96 and ladder.factors[0].shape == (rows, kept) and ladder.factors[1].shape == (kept, 96)
-    assert kept == annealing.rank_for(whole[2], 0.5, ladder.floor)  # the default ladder's eps: 0.5
+    (eps,) = {level.eps for level in ladder.config.annealing_levels() if level.eps is not None}  # the default ladder's one eps
+    assert kept == annealing.rank_for(whole[2], eps, ladder.floor)
     mixed = annealing._Candidate(full, x.t() @ x, DecomposedConfig(mode="anneal", annealing={"levels": ["int8", "mix2"]}), cut=True)
     assert mixed.factors[0].shape == (rows, 96)
     assert annealing._Candidate(full, x.t() @ x, ladder.config).factors[0].shape == (rows, 96)  # not cut: any level
     with pytest.raises(ValueError, match="cut to its config's ladder"):  # a level past the ladder's ranks, not fewer directions
         annealing._level_delta(ladder, annealing.Level.parse("mix8"))
-    for level in ("lr0.5+step1.5", "lr0.5+int1", "lr0.5"):
+    for level in (f"lr{eps}+step1.5", f"lr{eps}+int1", f"lr{eps}"):
         level = annealing.Level.parse(level)
         want = annealing._level_delta(annealing._Candidate(full, x.t() @ x, ladder.config, _factors=whole), level)
         assert torch.equal(annealing._level_delta(ladder, level).to_dense(), want.to_dense())
