@@ -4,7 +4,7 @@ random inputs. Each step's peak RSS beyond what was held before it (VmHWM reset 
 
 * ``factors``  - its activation-weighted low-rank factors (`weighted_lowrank`);
 * ``feedback`` - error feedback's factor of the Gram (`Feedback.of`);
-* ``level``    - one step level of the ladder (``lr0.5+step1.5``: factors kept, the residual rounded with error
+* ``level``    - one step level (``lr0.5+step1.5``, of the former default ladder: factors kept, the residual rounded with error
   feedback, its stored size measured);
 * ``store``    - the candidate and the level written to annealing's scratch store (`DeltaStore`).
 
