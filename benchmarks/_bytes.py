@@ -12,9 +12,9 @@ from hf_decompose.parts.quant import KERNEL_CODES
 
 
 def part_bytes(part: Part) -> int:
-    """Bytes a part reads per step: a fused low-bit part its packed codes and scales (in the compiled kernel's layout
-    or int4-packed for PyTorch's), others every buffer."""
-    fused = next((k for k in ((*KERNEL_CODES, "scales"), ("packed", "scale_zeros")) if isinstance(part, QuantPart) and k[0] in part._buffers), None)
+    """Bytes a part reads per step: a fused low-bit part its packed codes, scales and columns' multipliers (codes in the
+    compiled kernel's layout or int4-packed for PyTorch's), others every buffer."""
+    fused = next((k for k in ((*KERNEL_CODES, "scales", "columns"), ("packed", "scale_zeros", "columns")) if isinstance(part, QuantPart) and k[0] in part._buffers), None)
     if fused:
         return sum(part._buffers[k].numel() * part._buffers[k].element_size() for k in fused if part._buffers.get(k) is not None)
     return sum(b.numel() * b.element_size() for b in part.buffers(recurse=False))

@@ -56,7 +56,7 @@ from .heap import release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
-from .quantize import Feedback, cholesky_lower, quantize_codes
+from .quantize import Feedback, cholesky_lower, column_steps, quantize_codes, scaled_by_columns
 from .screening import HeadScreen, Screened, head_input, head_linear
 from .parts import FullQuantPart, LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 
@@ -364,6 +364,7 @@ class _Candidate:
     _factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _floor: int | None = None
     _feedback: Feedback | None = None
+    _columns: torch.Tensor | None = None
     cut: bool = False  # factors cut to the most directions a level of the config's ladder keeps (`_Candidates`' are)
 
     @property
@@ -388,6 +389,15 @@ class _Candidate:
         if self._feedback is None and self.gram is not None and self.config.annealing["error_feedback"]:
             self._feedback = Feedback.of(self.gram)
         return self._feedback
+
+    @property
+    def columns(self) -> torch.Tensor | None:
+        """Step levels' multipliers per column (`quantize.column_steps` of the Gram's diagonal; None without a Gram or
+        with ``column_steps`` 0), made once."""
+        power = self.config.annealing["column_steps"]
+        if self._columns is None and power and self.gram is not None:
+            self._columns = column_steps(self.gram.diagonal(), power)
+        return self._columns
 
     @property
     def floor(self) -> int:
@@ -593,7 +603,8 @@ class _Candidates:
             factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
-            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback, cut=True)
+            items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
+                                  _columns=saved.get(f"{n}.columns"), cut=True)
         return items
 
     def clear(self) -> None:
@@ -610,6 +621,8 @@ class _Candidates:
                     saved[f"{n}.floor"] = torch.tensor(c._floor)
                 if c._feedback is not None:
                     saved.update({f"{n}.feedback": _upper_rows(c._feedback.factor), f"{n}.dead": c._feedback.dead})
+                if c.columns is not None:  # from the Gram, which a later visit may not have
+                    saved[f"{n}.columns"] = c.columns
             if saved:
                 self.store.put_tensors(key, saved)
         self.layer, self.items = None, {}
@@ -1066,12 +1079,16 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     residual = full.to_dense()
     if u is not None:
         residual.addmm_(u.float(), v.float(), alpha=-1)  # in place: no second matrix of the delta's size
-    # one bit is the same on both grids; a step quantizer is the signed grid with a step per row
+    # one bit is the same on both grids; a step quantizer is the signed grid with a step per row (and per column)
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
-    codes, scales = quantize_codes(residual, level.bits, level.group, gram=c.feedback, grid=grid, step=level.step, overwrite=True)
+    feedback, columns = c.feedback, c.columns if level.step is not None else None
+    if columns is not None:  # rounding w / columns on the Gram C H C is rounding w with a step per column
+        residual.div_(columns.float())
+        feedback = None if feedback is None else scaled_by_columns(feedback, columns)
+    codes, scales = quantize_codes(residual, level.bits, level.group, gram=feedback, grid=grid, step=level.step, overwrite=True)
     del residual  # rounded over: freed before the codes' stored form is made
     kind = FullQuantPart if grid == "full" else QuantPart
-    parts = [kind(codes, scales, level.bits)] + ([] if u is None else [LowRankPart(u, v)])
+    parts = [kind(codes, scales, level.bits, columns)] + ([] if u is None else [LowRankPart(u, v)])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)
     return delta if delta.nbytes() < full.nbytes() else full
 

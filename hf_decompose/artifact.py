@@ -5,7 +5,8 @@ Layout of an artifact directory::
     decomposed_config.json      format version, DecomposedConfig, base (id, revision, SHA-256 of
                                 its weight files), per-tensor shapes, SHA-256 of every file here
     decomposition.safetensors   the kept deltas, per tensor its parts (`hf_decompose.parts`): <tensor>.dense |
-                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes (or .codes_huffman)/.scales;
+                                .block.<i>.* | .sparse.* | .override.* | .lowrank.u/.v | .quant.codes (or .codes_huffman)/.scales
+                                (or .scales_huffman)[/.columns];
                                 above `max_shard_size` (50 GB by default, the Hub's largest file, as in
                                 ``save_pretrained``) sharded: decomposition-00001-of-0000N.safetensors ... and
                                 decomposition.safetensors.index.json (transformers' index), each tensor's parts in one shard
@@ -45,8 +46,9 @@ from .parts import TensorDelta
 from .tensorfile import SafetensorsWriter, header_reserve
 
 # 2: low-bit codes may be Huffman-coded (`.quant.codes_huffman`), unknown to readers of 1; 3: the weights may be sharded,
-# unknown to readers of 2. An artifact is written at the lowest version that reads it (3 only when sharded); all are read.
-FORMAT_VERSION = 3
+# unknown to readers of 2; 4: low-bit codes may have a step per column (`.quant.columns`), unknown to readers of 3. An
+# artifact is written at the lowest version that reads it (3 only when sharded, 4 only with steps per column); all are read.
+FORMAT_VERSION = 4
 INDEX = "decomposed_config.json"
 WEIGHTS = "decomposition.safetensors"
 WEIGHTS_INDEX = "decomposition.safetensors.index.json"  # a sharded artifact's, in transformers' format (what it downloads)
@@ -108,6 +110,7 @@ class ArtifactWriter:
         self.reserve = header_reserve(names)
         self.tensors: dict[str, dict] = {}
         self.weight_map: dict[str, int] = {}  # stored key -> its shard's number
+        self.by_column = False  # whether a part holds steps per column (format version 4)
         self.shards: list[tuple[Path, int]] = []  # closed shards: path and size
         self.digests: list[Future[str]] = []  # the SHA-256 of the closed shards but the last, computed on a thread
         self._threads = ThreadPoolExecutor(2, thread_name_prefix="hf_decompose-shard")  # one flushes, one hashes
@@ -141,6 +144,7 @@ class ArtifactWriter:
         for key, tensor in state.items():
             self.weights.add(key, tensor)
             self.weight_map[key] = len(self.shards)
+            self.by_column |= key.endswith(".columns")
         self.shard_size += size
         self.tensors[name] = meta
 
@@ -172,7 +176,8 @@ class ArtifactWriter:
         others = sorted(p for p in tmp.iterdir() if p.is_file() and p.name not in (INCOMPLETE, *names))
         digests = sha256_files(others) | {name: digest.result() for name, digest in zip(names, self.digests)}
         self._threads.shutdown(wait=True)  # the shards are on disk (publishing flushes every file again: a no-op now)
-        index = dict(index, format_version=2 if count == 1 else 3, files=dict(sorted(digests.items())), weights=names, tensors=self.tensors)
+        version = 4 if self.by_column else 2 if count == 1 else 3
+        index = dict(index, format_version=version, files=dict(sorted(digests.items())), weights=names, tensors=self.tensors)
         _write_index(tmp, index)
         _write_card(tmp, index, report, side_files_from)
         self.finished = True

@@ -260,6 +260,7 @@ def test_cli_calibration_overlaps_evaluation(tmp_path, pair):
         ("decomposition:\n  q: '0.05'\n", "q='0.05' has type str, expected int or float"),
         ("decomposition:\n  mode: lossles\n", "mode='lossles' is not one of"),
         ("decomposition:\n  budget: 3\n", "unknown config field.*'budget'"),
+        ("decomposition:\n  annealing:\n    column_steps: 3\n", r"annealing.column_steps=3 must be a number in \[0, 2\]"),
     ],
 )
 def test_config_value_out_of_range(tmp_path, pair, yaml_text, fragment):

@@ -70,6 +70,12 @@ def test_codes_matmul_equals_the_reference(rows, shape, group, layout):
     half, low_bit = _half_codes(n_out, n_in, 5, gen)
     close(kernels.codes_matmul(x, held, scales, w, (kernels.Factors(u.t(), v), half), bias), x @ (w + delta + u @ v + low_bit).t() + bias)
     close(kernels.codes_matmul(x, None, None, None, (half,)), x @ low_bit.t())  # low-bit factors alone
+    columns = torch.rand(n_in, generator=gen) + 0.5  # a step multiplier per column: the codes read x times them, the rest x
+    scaled = dequantize(codes, scales, columns)
+    close(kernels.codes_matmul(x, held, scales, columns=columns), x @ scaled.t())
+    close(kernels.codes_matmul(x, held, scales, w, (kernels.Factors(u.t(), v), half), bias, columns), x @ (w + scaled + u @ v + low_bit).t() + bias)
+    with pytest.raises(ValueError, match="columns"):
+        kernels.codes_matmul(x, held, scales, columns=columns[1:])
     with pytest.raises(TypeError, match="bfloat16 scales"):
         kernels.codes_matmul(x, held, scales.float())
     with pytest.raises(ValueError, match="at most two sets"):
@@ -87,20 +93,22 @@ def _half_codes(n_out: int, n_in: int, rank: int, gen) -> tuple[kernels.Factors,
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_rows_codes_matmul_runs_each_rows_own_parts(rows):
-    """Each row its own fine-tune's parts (codes in either layout, float and low-bit low rank, any of them together) or
-    the base alone, in one call."""
+    """Each row its own fine-tune's parts (codes in either layout, with or without a step multiplier per column, float
+    and low-bit low rank, any of them together) or the base alone, in one call."""
     gen = torch.Generator().manual_seed(rows)
     shape = (43, 64)  # the last block of outputs short of 8
     w, bias = torch.randn(shape, generator=gen), torch.randn(shape[0], generator=gen)
     tenants, deltas = [], [torch.zeros(shape)]
-    for layout, rank, low_bit in (("escaped", 0, 0), ("nibbles", 2, 0), (None, 3, 0), ("escaped", 1, 2), (None, 0, 4), ("nibbles", 0, 1)):
+    for layout, rank, low_bit, by_column in (("escaped", 0, 0, True), ("nibbles", 2, 0, False), (None, 3, 0, False), ("escaped", 1, 2, False),
+                                            (None, 0, 4, False), ("nibbles", 0, 1, True)):
         codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 2, generator=gen).bfloat16()
+        columns = torch.rand(shape[1], generator=gen) + 0.5 if by_column else None
         u, v = torch.randn(shape[0], rank, generator=gen), torch.randn(rank, shape[1], generator=gen)
         half, product = _half_codes(*shape, low_bit, gen)
         held = None if layout is None else kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes))
         factors = ((kernels.Factors(u.t(), v),) if rank else ()) + ((half,) if low_bit else ())
-        tenants.append((held, None if held is None else scales, factors))
-        deltas.append((0 if held is None else dequantize(codes, scales)) + u @ v + product)
+        tenants.append((held, None if held is None else scales, columns, factors))
+        deltas.append((0 if held is None else dequantize(codes, scales, columns)) + u @ v + product)
     table = kernels.codes_table(tenants)
     assert kernels.table_rank(table) == 4
     which = torch.randint(0, len(deltas), (rows,), generator=gen)
@@ -121,7 +129,7 @@ def test_rows_codes_matmul_decodes_a_finetunes_rows_together_in_any_order():
     parts, deltas = [], [torch.zeros(shape)]
     for layout in ("escaped", "nibbles", "escaped"):
         codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 3, generator=gen).bfloat16()
-        parts.append((kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes)), scales, ()))
+        parts.append((kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes)), scales, None, ()))
         deltas.append(dequantize(codes, scales))
     table = kernels.codes_table(parts)
     which = torch.tensor([i % 4 for i in range(20)])  # five rows each: a run of four, then a lone row

@@ -9,9 +9,10 @@ from torch import nn
 from hf_decompose import ArtifactError, DecomposedConfig, DecomposedModel, artifact, decompose
 from hf_decompose.artifact import WEIGHTS
 from hf_decompose.modules import DecomposedModule
-from hf_decompose.parts import FullQuantPart, QuantPart, TensorDelta
-from hf_decompose.quantize import (BITS, _huffman, bits_of, codes_of, dequantize, huffman_code, huffman_codes_of, huffman_scales, huffman_scales_of, pack,
-                                   pack_codes, quantize, row_codes, unpack)
+from hf_decompose.parts import FullQuantPart, LowRankPart, QuantPart, TensorDelta
+from hf_decompose.parts.quant import run_with_base
+from hf_decompose.quantize import (BITS, Feedback, _huffman, bits_of, codes_of, column_steps, dequantize, huffman_code, huffman_codes_of, huffman_scales,
+                                   huffman_scales_of, pack, pack_codes, quantize, quantize_codes, row_codes, scaled_by_columns, unpack)
 
 
 def output_error(w: torch.Tensor, gram: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, grid: str = "signed") -> float:
@@ -390,3 +391,70 @@ def test_feedback_factors_are_pytorchs_computed_in_the_grams_own_memory(monkeypa
         assert out.data_ptr() == mine.data_ptr()  # no copy was made
     with pytest.raises(torch.linalg.LinAlgError, match="not positive-definite"):
         cholesky_lower(-torch.eye(3, dtype=torch.float64))
+
+
+def test_steps_per_column_spend_bits_where_the_inputs_weigh():
+    """Inputs of very different scales: a step per column from the Gram's diagonal (coarser where an input is small)
+    leaves a smaller output error than one step per row, in codes of no more entropy, and
+    rounding ``w / columns`` with the scaled factor is that quantizer (its values within half a step of each column)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 128, generator=gen)
+    x = torch.randn(2000, 128, generator=gen) * torch.logspace(-1, 1, 128)  # inputs 0.1x to 10x
+    gram = x.t() @ x
+    feedback = Feedback.of(gram)
+    columns = column_steps(gram.diagonal(), 0.5)
+    assert abs(float(columns.float().log().mean())) < 0.01 and float(columns[-1]) < float(columns[0])  # finer steps where inputs are large
+    codes, scales = quantize_codes(w, 4, gram=feedback, step=1.5)
+    by_column, column_scales = quantize_codes(w / columns.float(), 4, gram=scaled_by_columns(feedback, columns), step=1.5)
+
+    def entropy(c: torch.Tensor) -> float:
+        p = torch.unique(c, return_counts=True)[1].double() / c.numel()
+        return float(-(p * p.log2()).sum())
+
+    def error(e: torch.Tensor) -> float:
+        return float(torch.trace(e.double() @ gram.double() @ e.double().t()))
+
+    assert entropy(by_column) <= entropy(codes)
+    assert error(w - dequantize(by_column, column_scales, columns)) < 0.7 * error(w - dequantize(codes, scales))
+    plain, plain_scales = quantize_codes(w / columns.float(), 4, step=1.5)  # without feedback: within half of each column's step
+    steps = plain_scales.float() * columns.float()
+    assert bool(((w - dequantize(plain, plain_scales, columns)).abs() <= steps / 2 * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_a_step_per_column_is_stored_read_and_run_by_every_path(quant_layout, lookup):
+    """A part with a step per column stores its multipliers beside the codes and reads them back; merged, the fused
+    kernels (alone and beside the base and low rank), the reference path and an embedding's lookup all apply them."""
+    gen = torch.Generator().manual_seed(2)
+    shape = (48, 64)
+    codes, scales = quantize_codes(torch.randn(*shape, generator=gen), 4, step=1.2)
+    columns = (torch.rand(shape[1], generator=gen) + 0.5).bfloat16()
+    stored = QuantPart(codes, scales, 4, columns)
+    state = stored.state()
+    assert torch.equal(state["columns"], columns) and stored.nbytes() == sum(t.numel() * t.element_size() for t in state.values())
+    read = QuantPart.from_state(shape, dict.fromkeys(QuantPart.fields) | state)
+    dense = dequantize(codes, scales, columns)
+    assert torch.equal(read.columns, columns) and torch.equal(TensorDelta("weight", shape, parts=[read]).to_dense(), dense)
+    with pytest.raises(ValueError, match="expected"):  # multipliers that do not fit the rows are refused
+        QuantPart.from_state(shape, dict.fromkeys(QuantPart.fields) | state | {"columns": columns[1:]}).check()
+    base = torch.randn(shape, generator=gen)
+    part = read.runtime(base, lambda: dense, lookup=lookup)
+    if lookup:
+        ids = torch.randint(0, shape[0], (3, 5), generator=gen)
+        assert torch.equal(part(ids, lookup=True), dense[ids])
+        return
+    x = torch.randn(3, 5, shape[1], generator=gen)
+    assert part.fused(x)
+    tol = 8e-3 if quant_layout == "int4" else 1e-5  # PyTorch's int4 kernel multiplies in bfloat16
+    reference = x @ dense.t()
+    torch.testing.assert_close(part(x), reference, rtol=0, atol=tol * float(reference.abs().max()))
+    if quant_layout == "kernel":
+        linear = nn.Linear(shape[1], shape[0], bias=False).requires_grad_(False)
+        linear.weight.data = base.clone()
+        u, v = torch.randn(shape[0], 2, generator=gen), torch.randn(2, shape[1], generator=gen)
+        lowrank = LowRankPart(u, v).runtime(base, lambda: u @ v)
+        together = run_with_base(linear, [part, lowrank], x)
+        expected = x @ (base + dense + u @ v).t()
+        torch.testing.assert_close(together, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    part.fused = lambda x: False  # elsewhere (another device): the reference path
+    torch.testing.assert_close(part(x), reference)

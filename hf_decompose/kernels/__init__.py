@@ -1,7 +1,7 @@
 """Compiled CPU kernels, built on first use: split execution, one-pass work on checkpoints, rounding with error feedback.
 
-`codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`) and, optionally, the base matrix and up to two sets of
-low-rank factors beside them (float32 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each),
+`codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`; codes with a step per column against the inputs times
+those multipliers) and, optionally, the base matrix and up to two sets of low-rank factors beside them (float32 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each),
 or any of these alone, reading each once: the bytes a split decode step must read
 (base + delta) in one pass, instead of the base through one kernel and each part through others. `rows_codes_matmul`
 runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
@@ -45,7 +45,7 @@ from ..pair import cache_dir
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c", "feedback.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 PARALLEL_VALUES = 1 << 20  # values a thread takes at least, in kernels split over threads by rows
-ROW = 17  # int64 fields of a `codes_table` row: codes (5), two sets of low-rank factors (6 each)
+ROW = 18  # int64 fields of a `codes_table` row: codes (5), their columns' multipliers (1), two sets of low-rank factors (6 each)
 _AVAILABLE: bool | None = None
 
 
@@ -167,37 +167,40 @@ def fits(shape: tuple[int, ...], group: int) -> bool:
 
 
 def codes_matmul(x: torch.Tensor, codes: HeldCodes | None, scales: torch.Tensor | None, weight: torch.Tensor | None = None,
-                 factors: tuple[Factors, ...] = (), bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (weight + dequantize(codes, scales) + sum of ut^T @ v)^T + bias`` for float32 CPU rows ``x`` ``(rows, in)``:
-    `codes` from `pack` with their bfloat16 `scales` ``(out, in / group)`` (or both None); `weight` ``(out, in)``, up to
-    two sets of low-rank `factors` and `bias` optional, float32; at least one of codes, weight and factors."""
+                 factors: tuple[Factors, ...] = (), bias: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (weight + dequantize(codes, scales, columns) + sum of ut^T @ v)^T + bias`` for float32 CPU rows ``x`` ``(rows, in)``:
+    `codes` from `pack` with their bfloat16 `scales` ``(out, in / group)`` (or both None) and optionally their columns'
+    float32 step multipliers `columns` ``(in,)``; `weight` ``(out, in)``, up to two sets of low-rank `factors` and `bias`
+    optional, float32; at least one of codes, weight and factors."""
     q, escapes, offsets = (None, None, None) if codes is None else codes
     if scales is not None and scales.dtype != torch.bfloat16:
         raise TypeError(f"the kernel reads bfloat16 scales, got {scales.dtype}")
     if len(factors) > 2 or (q is None and weight is None and not factors):
         raise ValueError(f"codes_matmul takes codes, a weight or factors, and at most two sets of factors (got {len(factors)})")
+    if columns is not None and (q is None or columns.dtype != torch.float32 or tuple(columns.shape) != (x.shape[1],)):
+        raise ValueError(f"codes_matmul takes the codes' columns as float32 ({x.shape[1]},) beside codes, got {columns.dtype} {tuple(columns.shape)}")
     if torch.compiler.is_compiling():  # the custom op takes the sets' tensors as one list (an empty scale for float32)
         flat = [t for f in factors for t in (f.ut, f.v, f.scale if f.scale is not None else f.v.new_empty(0, dtype=torch.float32))]
-        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, scales, weight, flat, bias)
-    return _run(x, q, escapes, offsets, scales, weight, factors, bias)
+        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, scales, weight, flat, bias, columns)
+    return _run(x, q, escapes, offsets, scales, weight, factors, bias, columns)
 
 
-def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, tuple[Factors, ...]]]) -> torch.Tensor:
-    """``(1 + len(parts), 17)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
-    (codes, bfloat16 scales, up to two sets of low-rank factors), codes and scales None where it has none: the codes'
-    addresses and group, each set's fields (`Factors.fields`). The table is only valid while those tensors live and stay
-    where they are."""
+def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, torch.Tensor | None, tuple[Factors, ...]]]) -> torch.Tensor:
+    """``(1 + len(parts), 18)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
+    (codes, bfloat16 scales, float32 columns' multipliers or None, up to two sets of low-rank factors), codes and scales
+    None where it has none: the codes' addresses and group, the columns' address, each set's fields (`Factors.fields`).
+    The table is only valid while those tensors live and stay where they are."""
     rows = [(0,) * ROW]
-    for codes, scales, factors in parts:
+    for codes, scales, columns, factors in parts:
         quant = (0,) * 5 if codes is None else (*(_ptr(t) or 0 for t in codes), scales.data_ptr(), codes.shape[1] // scales.shape[1])
         sets = [f.fields() for f in factors] + [(0,) * 6] * (2 - len(factors))
-        rows.append(quant + sets[0] + sets[1])
+        rows.append(quant + (_ptr(columns) or 0,) + sets[0] + sets[1])
     return torch.tensor(rows, dtype=torch.int64)
 
 
 def table_rank(table: torch.Tensor) -> int:
     """The largest rank a row of a `codes_table` runs (its two sets' summed)."""
-    return int((table[:, 9] + table[:, 15]).max())
+    return int((table[:, 10] + table[:, 16]).max())
 
 
 def rows_codes_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, which: torch.Tensor,
@@ -221,7 +224,7 @@ def _run_rows(x, weight, bias, table, which, rank) -> torch.Tensor:
     return y
 
 
-def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], bias) -> torch.Tensor:
+def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], bias, columns=None) -> torch.Tensor:
     lib = _library()
     rows, n_in = x.shape
     n_out = weight.shape[0] if weight is not None else q.shape[0] if q is not None else factors[0].ut.shape[1]
@@ -230,8 +233,9 @@ def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], b
     r = sum(f.ut.shape[0] for f in factors)
     fields = (ctypes.c_int64 * (6 * len(factors)))(*(v for f in factors for v in f.fields())) if factors else None
     t = torch.empty(rows * r) if r else None
+    xc = None if columns is None else x * columns  # the codes' inputs
     _check(lib.hfd_codes_matmul(
-        x.data_ptr(), rows, n_in, n_out, _ptr(weight), _ptr(q), _ptr(escapes), _ptr(offsets), _ptr(scales),
+        x.data_ptr(), _ptr(xc), rows, n_in, n_out, _ptr(weight), _ptr(q), _ptr(escapes), _ptr(offsets), _ptr(scales),
         0 if scales is None else n_in // scales.shape[1], fields, len(factors), _ptr(bias), y.data_ptr(), _ptr(t), torch.get_num_threads()))
     return y
 
@@ -335,13 +339,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 @torch.library.custom_op("hf_decompose::codes_matmul", mutates_args=())
 def _codes_matmul_op(x: torch.Tensor, q: torch.Tensor | None, escapes: torch.Tensor | None, offsets: torch.Tensor | None,
                      scales: torch.Tensor | None, weight: torch.Tensor | None, factors: list[torch.Tensor],
-                     bias: torch.Tensor | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
     sets = (Factors(*factors[i : i + 3]) for i in range(0, len(factors), 3))
-    return _run(x, q, escapes, offsets, scales, weight, tuple(Factors(f.ut, f.v, f.scale if f.scale.numel() else None) for f in sets), bias)
+    return _run(x, q, escapes, offsets, scales, weight, tuple(Factors(f.ut, f.v, f.scale if f.scale.numel() else None) for f in sets), bias, columns)
 
 
 @_codes_matmul_op.register_fake
-def _(x, q, escapes, offsets, scales, weight, factors, bias):
+def _(x, q, escapes, offsets, scales, weight, factors, bias, columns):
     return x.new_empty(x.shape[0], weight.shape[0] if weight is not None else q.shape[0] if q is not None else factors[0].shape[1])
 
 
@@ -371,7 +375,7 @@ def _library() -> ctypes.CDLL | None:
                 reason = "the CPU lacks one of AVX2, FMA and BMI2"
         if reason is None:
             p, i = ctypes.c_void_p, ctypes.c_int64
-            lib.hfd_codes_matmul.argtypes = [p, i, i, i, p, p, p, p, p, i, ctypes.POINTER(i), i, p, p, p, ctypes.c_int]
+            lib.hfd_codes_matmul.argtypes = [p, p, i, i, i, p, p, p, p, p, i, ctypes.POINTER(i), i, p, p, p, ctypes.c_int]
             lib.hfd_codes_matmul.restype = ctypes.c_int
             lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, i, p, i, p, p, p, i, ctypes.c_int]
             lib.hfd_rows_codes_matmul.restype = ctypes.c_int

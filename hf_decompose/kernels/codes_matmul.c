@@ -3,7 +3,9 @@
    y[i, o] = bias[o] + W[o] . x[i] + sum_g s[o, g] (q[o, g] . x[i, g]) + sum_f sum_k U_f[k, o] t_f[i, k],   t_f[i] = V_f x[i]
 
    x (m, n_in); W (n_out, n_in) or NULL; s (n_out, n_in / group) the codes' bfloat16 scales; bias (n_out) or NULL; x, W,
-   bias float32. The codes q come in one of two layouts (`codes`), or none (q NULL):
+   bias float32. Codes with a step multiplier per column c (n_in) read xc = x * c (m, n_in) instead of x (xc NULL: x);
+   W and the factors read x, then each in its own pass over the row's inputs. The codes q come in one of two layouts
+   (`codes`), or none (q NULL):
    - nibbles (esc NULL): (n_out, n_in / 2) bytes, each 16 codes in 8, byte b holding q[b] + 8 in its low and
      q[b + 8] + 8 in its high nibble;
    - two bits with escapes: (n_out, n_in / 4) bytes, each 16 codes in 4 read as a little-endian word whose field i
@@ -21,11 +23,13 @@
 
    hfd_rows_codes_matmul is the same for rows that each have parts of their own (many fine-tunes of one base in one
    batch): row i's are those of table row which[i / per] (of n_table), whose ROW fields hold its codes (the addresses
-   of q, esc, off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, then two sets of
-   low-rank factors (r 0 for none); all 0: the base alone. r_max: the largest sum of a row's r (t: room for m x r_max
-   floats). There the rows of one fine-tune run side by side (copied so where they are not: `grouped_order`), the
-   base first for every row, then each run of up to four rows of one fine-tune decodes its codes once per output row
-   (`row_block`), a lone row two output rows at a time (`row_pair`).
+   of q, esc, off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, the address of
+   their columns' float32 step multipliers c (0: none), then two sets of low-rank factors (r 0 for none); all 0: the
+   base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats). There the rows of one fine-tune run
+   side by side (copied so where they are not: `grouped_order`), the base first for every row, then each run of up to
+   four rows of one fine-tune decodes its codes once per output row (`row_block`), a lone row two output rows at a time
+   (`row_pair`); where any row's codes have columns' multipliers, every row's codes read their own copy of x (times
+   them, where they have them).
    Both return 0, or 1 where their scratch could not be allocated; hfd_rows_codes_matmul 2 where a row names no table
    row. */
 #include <immintrin.h>
@@ -36,7 +40,7 @@
 typedef struct { const uint8_t *q, *esc; const int32_t *off; } codes;
 typedef struct { const void *u; int64_t u_sk, u_so; const void *v; int64_t r; const float *s; } factors;
 
-enum { FACTORS = 6, ROW = 5 + 2 * FACTORS }; /* int64 fields of a set of factors, of a row of hfd_rows_codes_matmul's table */
+enum { FACTORS = 6, ROW = 6 + 2 * FACTORS }; /* int64 fields of a set of factors, of a row of hfd_rows_codes_matmul's table */
 enum { OB = 8, IB = 64 }; /* output rows per block (the low-rank sums run across them as one vector), input rows per pass */
 
 static inline factors factors_at(const int64_t *f) {
@@ -259,7 +263,7 @@ static inline __attribute__((always_inline)) void row_pair(const int ESCAPES, co
     out[1] = db;
 }
 
-int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q, const uint8_t *esc,
+int hfd_codes_matmul(const float *x, const float *xc, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q, const uint8_t *esc,
                      const int32_t *off, const uint16_t *s, int64_t group, const int64_t *lowrank, int64_t sets, const float *bias, float *y,
                      float *t, int threads) {
     const codes c = {q, esc, off};
@@ -269,7 +273,8 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
     for (int64_t j = 0; j < sets; j++) f[j] = factors_at(lowrank + j * FACTORS), r += f[j].r;
     float *xs8 = q ? malloc((m * n_groups + 1) * sizeof(float)) : 0; /* + 1: never a request of 0 bytes (no rows) */
     if (q && !xs8) return 1; /* out of memory */
-    for (int64_t i = 0; q && i < m; i++) group_sums8(x + i * n_in, n_in, group, xs8 + i * n_groups);
+    const float *xq = xc ? xc : x; /* the codes' inputs */
+    for (int64_t i = 0; q && i < m; i++) group_sums8(xq + i * n_in, n_in, group, xs8 + i * n_groups);
     #pragma omp parallel num_threads(threads)
     {
     #pragma omp for schedule(static)
@@ -286,8 +291,13 @@ int hfd_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out, con
                 for (int64_t i = 0; i < mi; i += 4) {
                     const int64_t nb = mi - i < 4 ? mi - i : 4;
                     float out[4] = {0, 0, 0, 0};
-                    if (W || q)
-                        codes_block(nb, x + (i0 + i) * n_in, n_in, W ? W + o * n_in : 0, c, o, q ? s + o * n_groups : 0, group,
+                    if (W && q && xc) { /* the base reads x, the codes xc: a pass each over the row's inputs */
+                        float d[4];
+                        codes_block(nb, x + (i0 + i) * n_in, n_in, W + o * n_in, (codes){0}, o, 0, 0, 0, 0, out);
+                        codes_block(nb, xc + (i0 + i) * n_in, n_in, 0, c, o, s + o * n_groups, group, xs8 + (i0 + i) * n_groups, n_groups, d);
+                        for (int64_t b = 0; b < nb; b++) out[b] += d[b];
+                    } else if (W || q)
+                        codes_block(nb, (W ? x : xq) + (i0 + i) * n_in, n_in, W ? W + o * n_in : 0, c, o, q ? s + o * n_groups : 0, group,
                                     q ? xs8 + (i0 + i) * n_groups : 0, n_groups, out);
                     for (int64_t b = 0; b < nb; b++) v[i + b][e] = out[b] + (bias ? bias[o] : 0.0f);
                 }
@@ -344,16 +354,28 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
         if (order) memcpy(xo + i * n_in, x + from * n_in, n_in * sizeof(float));
     }
     if (order) x = xo;
+    int scaled = 0; /* whether a row's codes read x times their columns' multipliers: then every row's codes read xq */
+    for (int64_t i = 0; i < m; i++) scaled |= table[ROW * tab[i] + 5] != 0;
+    float *xq = scaled ? malloc((m * n_in + 1) * sizeof(float)) : 0;
+    if (scaled && !xq) {
+        free(order), free(xo), free(xs8), free(tab);
+        return 1;
+    }
+    for (int64_t i = 0; xq && i < m; i++) {
+        const float *col = (const float *)table[ROW * tab[i] + 5];
+        for (int64_t j = 0; j < n_in; j++) xq[i * n_in + j] = col ? x[i * n_in + j] * col[j] : x[i * n_in + j];
+    }
+    const float *xcodes = xq ? xq : x;
     for (int64_t i = 0; i < m; i++) { /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
         const int64_t *row = table + ROW * tab[i];
-        if (row[0]) group_sums8(x + i * n_in, n_in, row[4], xs8 + i * (n_in / 16));
+        if (row[0]) group_sums8(xcodes + i * n_in, n_in, row[4], xs8 + i * (n_in / 16));
     }
     #pragma omp parallel num_threads(threads)
     {
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < m * r_max; p++) { /* t (m, r_max): each row's x V^T, before the rows that read it */
         const int64_t i = p / r_max, k = p % r_max, *row = table + ROW * tab[i];
-        const factors f[2] = {factors_at(row + 5), factors_at(row + 5 + FACTORS)};
+        const factors f[2] = {factors_at(row + 6), factors_at(row + 6 + FACTORS)};
         if (k < f[0].r + f[1].r) t[p] = project_at(x + i * n_in, n_in, f, k);
     }
     #pragma omp for schedule(static)
@@ -386,7 +408,7 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                         _mm_prefetch((const char *)(c.esc + at), _MM_HINT_T0);
                 }
                 const int64_t group = row[4];
-                const float *xi = x + (i0 + i) * n_in, *xs = xs8 + (i0 + i) * (n_in / 16);
+                const float *xi = xcodes + (i0 + i) * n_in, *xs = xs8 + (i0 + i) * (n_in / 16);
                 const uint16_t *s = (const uint16_t *)row[3] + o0 * (n_in / group);
                 int64_t e = 0;
                 if (nb > 1) { /* several rows: each output row's codes against all of them */
@@ -414,13 +436,13 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
             }
             for (int64_t i = 0; i < mi; i++) {
                 const int64_t *row = table + ROW * tab[i0 + i];
-                const factors f[2] = {factors_at(row + 5), factors_at(row + 5 + FACTORS)};
+                const factors f[2] = {factors_at(row + 6), factors_at(row + 6 + FACTORS)};
                 expand_block(f, 2, o0, ne, t + (i0 + i) * r_max, v[i]);
                 memcpy(y + (order ? order[i0 + i] : i0 + i) * n_out + o0, v[i], ne * sizeof(float));
             }
         }
     }
     }
-    free(order), free(xo), free(xs8), free(tab);
+    free(order), free(xo), free(xs8), free(tab), free(xq);
     return 0;
 }

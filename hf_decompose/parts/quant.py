@@ -2,10 +2,11 @@
 
 Stored bit-packed (`hf_decompose.quantize`: ``bits`` bits per entry, key ``codes``) or, where that is smaller,
 Huffman-coded (about the codes' entropy per entry, key ``codes_huffman``), with scales ``(out, in / group)``
-(``scales``, or Huffman-coded ``scales_huffman``); held as int8 codes. At run time on CPU, codes of at most 4
-bits run fused, never building the float matrix: through hf_decompose's compiled kernel (`hf_decompose.kernels`:
-rows of a multiple of 16 codes, held four bits each, or after `compact` two bits each with the rarer codes escaped;
-products in float32; `run_with_base` runs a split module's base matrix and low-rank factors in the same pass), or
+(``scales``, or Huffman-coded ``scales_huffman``) and, for a step quantizer with a step per column, each column's
+bfloat16 multiplier (``columns``, ``(in,)``; the kernels multiply the codes' inputs by them); held as int8 codes. At
+run time on CPU, codes of at most 4 bits run fused, never building the float matrix: through hf_decompose's compiled
+kernel (`hf_decompose.kernels`: rows of a multiple of 16 codes, held four bits each, or after `compact` two bits each
+with the rarer codes escaped; products in float32; `run_with_base` runs a split module's base matrix and low-rank factors in the same pass), or
 where that kernel is not available, in groups of a multiple of 32 columns (rows a multiple of 16; a wider group as
 several of a width the kernel takes, its scale repeated) as an int4-packed copy through PyTorch's dequantize-matmul
 kernel (products in bfloat16; float16 inputs stay float16). That copy is then all the run-time part holds; an
@@ -35,16 +36,17 @@ KERNEL_CODES = ("kernel_codes", "escapes", "escape_offsets")  # buffers of the c
 class QuantPart(Part):
     kind = "quant"
     order = 60
-    fields = ("codes", "codes_huffman", "scales", "scales_huffman")
-    optional = frozenset(fields)  # codes and scales each in one of two forms
+    fields = ("codes", "codes_huffman", "scales", "scales_huffman", "columns")
+    optional = frozenset(fields)  # codes and scales each in one of two forms; columns only where a step is per column
     FUSED_GROUPS = (32, 64, 128, 256)
     grid = "signed"  # the codes' grid (`hf_decompose.quantize`)
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int, columns: torch.Tensor | None = None):
         super().__init__(codes.shape)
         self.bits = bits
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
+        self.register_buffer("columns", columns)  # bfloat16 (in,): each column's step multiplier, or None (all 1)
         self.group = codes.shape[-1] // max(scales.shape[-1], 1)
         self._stored: dict[str, torch.Tensor] | None = None  # the stored form, once stored or read
 
@@ -70,11 +72,14 @@ class QuantPart(Part):
             codes = {"codes_huffman": coded} if coded is not None and coded.numel() < packed_bytes else {"codes": pack_codes(self.codes, self.bits, self.grid)}
             scales = huffman_scales(self.scales)
             self._stored = codes | ({"scales_huffman": scales} if scales.numel() < self.scales.numel() * 2 else {"scales": self.scales})
+            if self.columns is not None:
+                self._stored["columns"] = self.columns
         return self._stored
 
     @classmethod
     def from_state(cls, shape, tensors):
         forms = [(tensors["codes"], tensors["codes_huffman"]), (tensors["scales"], tensors["scales_huffman"])]
+        columns = tensors.get("columns")
         if any((plain is None) == (coded is None) for plain, coded in forms):
             raise ValueError("a quantized part stores its codes and its scales each in exactly one form, plain or Huffman-coded")
         (packed, coded), (scales, coded_scales) = forms
@@ -88,11 +93,15 @@ class QuantPart(Part):
             cls._check_packed(coded, scales, shape)
             codes, bits = huffman_codes_of(coded, shape, cls.grid)
             part = cls(codes, scales, bits)
+        if columns is not None:
+            part.columns = columns
         part._stored = {k: t for k, t in tensors.items() if t is not None}
         return part
 
     def check(self) -> None:
         expect(self.scales, (self.shape[0], self.scales.shape[1]), values=True)
+        if self.columns is not None:
+            expect(self.columns, (self.shape[1],), values=True)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state().values())
@@ -102,7 +111,7 @@ class QuantPart(Part):
 
     def add_to(self, out: torch.Tensor) -> None:
         for rows in row_blocks(out):
-            out[rows] += dequantize(self.codes[rows], self.scales[rows])
+            out[rows] += dequantize(self.codes[rows], self.scales[rows], self.columns)
 
     def mark(self, mask: torch.Tensor) -> None:
         mask[...] = True
@@ -125,6 +134,8 @@ class QuantPart(Part):
             part.register_buffer("scale_zeros", torch.stack([step, torch.zeros_like(step)], -1).bfloat16(), persistent=False)
         else:
             return part
+        if part.columns is not None:
+            part.columns = part.columns.float()  # as the kernels read them
         if lookup and "packed" in part._buffers:  # rows are looked up in their stored bit-packing (rows of a multiple of 32 codes end on a byte)
             part.register_buffer("rows", pack_codes(codes, self.bits, self.grid).view(self.shape[0], -1), persistent=False)
         part.codes = None  # the fused copy is all the forward reads
@@ -183,6 +194,10 @@ class QuantPart(Part):
             return kernels.unpack(self.kernel_layout())
         return _int4_codes(self.packed.cpu(), self.group, self.shape)
 
+    def kernel_columns(self) -> torch.Tensor | None:
+        """The columns' step multipliers as the compiled kernel reads them (float32), or None."""
+        return None if self.columns is None else cast(self.columns, torch.float32)
+
     def cost(self) -> int:
         return math.prod(self.shape)
 
@@ -194,16 +209,17 @@ class QuantPart(Part):
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat @ dequantize(codes)^T`` through the fused kernel, for rows `flat` ``(rows, in)``, in their dtype."""
         if "kernel_codes" in self._buffers:
-            return cast(kernels.codes_matmul(cast(flat, torch.float32), self.kernel_layout(), self.scales), flat.dtype)
-        x = cast(flat, fused_dtype(flat)).contiguous()  # the kernel needs it contiguous: a bfloat16 model's head gets a view of the last positions
+            return cast(kernels.codes_matmul(cast(flat, torch.float32), self.kernel_layout(), self.scales, columns=self.kernel_columns()), flat.dtype)
+        x = flat if self.columns is None else flat * self.columns  # the codes' inputs
+        x = cast(x, fused_dtype(flat)).contiguous()  # the kernel needs it contiguous: a bfloat16 model's head gets a view of the last positions
         return cast(torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, cast(self.scale_zeros, x.dtype)), flat.dtype)
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         if lookup:
-            return dequantize(self._rows(x), self.scales[x])
+            return dequantize(self._rows(x), self.scales[x], self.columns)
         if self.fused(x):
             return self.matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.shape[0])
-        return F.linear(x, cast(dequantize(self._held_codes().to(x.device), self.scales), x.dtype))
+        return F.linear(x, cast(dequantize(self._held_codes().to(x.device), self.scales, self.columns), x.dtype))
 
 
 def kernel_base(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -219,16 +235,17 @@ def kernel_base(base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return w.detach(), None if b is None else b.detach()
 
 
-def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Tensor | None, tuple[kernels.Factors, ...]] | None:
-    """(codes, scales, factors) of parts the compiled kernel runs (`kernels.codes_matmul`), on CPU: at most one
-    `QuantPart` in the kernel's layout (else codes and scales None) and at most two sets of low-rank factors
-    (`LowRankPart.kernel_factors`, `QuantLowRankPart.kernel_factors`); otherwise None."""
-    codes = scales = None
+def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Tensor | None, torch.Tensor | None, tuple[kernels.Factors, ...]] | None:
+    """(codes, scales, columns, factors) of parts the compiled kernel runs (`kernels.codes_matmul`), on CPU: at most one
+    `QuantPart` in the kernel's layout (else codes, scales and columns None; columns None where its steps are per row
+    alone) and at most two sets of low-rank factors (`LowRankPart.kernel_factors`, `QuantLowRankPart.kernel_factors`);
+    otherwise None."""
+    codes = scales = columns = None
     factors = []
     for part in parts:
         held = part.kernel_layout() if isinstance(part, QuantPart) and codes is None else None
         if held is not None and held.q.device.type == "cpu":
-            codes, scales = held, part.scales
+            codes, scales, columns = held, part.scales, part.kernel_columns()
             continue
         f = part.kernel_factors() if isinstance(part, (LowRankPart, QuantLowRankPart)) else None
         if f is None:
@@ -236,7 +253,7 @@ def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Ten
         factors.append(f)
     if not parts or len(factors) > 2 or (codes is None and not kernels.available()):
         return None
-    return codes, scales, tuple(factors)
+    return codes, scales, columns, tuple(factors)
 
 
 def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
@@ -246,9 +263,9 @@ def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.
     weights = None if args is None else kernel_base(base, x)
     if weights is None:
         return None
-    codes, scales, factors = args
+    codes, scales, columns, factors = args
     w, b = weights
-    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, w, factors, b)
+    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, w, factors, b, columns)
     return y.view(*x.shape[:-1], -1)
 
 
