@@ -395,8 +395,8 @@ def test_feedback_factors_are_pytorchs_computed_in_the_grams_own_memory(monkeypa
 
 def test_steps_per_column_spend_bits_where_the_inputs_weigh():
     """Inputs of very different scales: a step per column from the Gram's diagonal (coarser where an input is small)
-    leaves a smaller output error than one step per row, in codes of no more entropy, and
-    rounding ``w / columns`` with the scaled factor is that quantizer (its values within half a step of each column)."""
+    leaves a smaller output error than one step per row, in codes of no more entropy; rounding ``w / columns`` is that
+    quantizer (without feedback, every value within half of its column's step)."""
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(64, 128, generator=gen)
     x = torch.randn(2000, 128, generator=gen) * torch.logspace(-1, 1, 128)  # inputs 0.1x to 10x

@@ -1,9 +1,10 @@
 """Compiled CPU kernels, built on first use: split execution, one-pass work on checkpoints, rounding with error feedback.
 
 `codes_matmul` runs a matrix's low-bit codes (`parts.QuantPart`; codes with a step per column against the inputs times
-those multipliers) and, optionally, the base matrix and up to two sets of low-rank factors beside them (float32 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each),
-or any of these alone, reading each once: the bytes a split decode step must read
-(base + delta) in one pass, instead of the base through one kernel and each part through others. `rows_codes_matmul`
+those multipliers) and, optionally, the base matrix and up to two sets of low-rank factors beside them (float32
+`parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each), or any of these alone, reading each
+once: the bytes a split decode step must read (base + delta) in one pass, instead of the base through one kernel and
+each part through others. `rows_codes_matmul`
 runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
 Punica's and S-LoRA's grouped kernels do for adapters), each row's codes and low-rank factors its own. Codes come in
 two layouts: four bits each (`pack_nibbles`, the faster to decode), or two bits each with the codes beyond -1..1
