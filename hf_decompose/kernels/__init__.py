@@ -4,9 +4,9 @@
 those multipliers) and, optionally, the base matrix and up to two sets of low-rank factors beside them (float32
 `parts.LowRankPart`, or `parts.QuantLowRankPart`'s codes held one byte each), or any of these alone, reading each
 once: the bytes a split decode step must read (base + delta) in one pass, instead of the base through one kernel and
-each part through others. `rows_codes_matmul`
-runs the base matrix once for rows that each add codes of their own (many fine-tunes of one base in one batch, as
-Punica's and S-LoRA's grouped kernels do for adapters), each row's codes and low-rank factors its own. Codes come in
+each part through others. `rows_codes_matmul` runs the base matrix once for rows that each add codes of their own
+(many fine-tunes of one base in one batch, as Punica's and S-LoRA's grouped kernels do for adapters), each row's codes
+and low-rank factors its own. Codes come in
 two layouts: four bits each (`pack_nibbles`, the faster to decode), or two bits each with the codes beyond -1..1
 escaped to a stream of four-bit values beside them (`pack_escaped`; annealing's codes are mostly -1, 0 and 1: the
 default pair's take 2.3 bits each so, against their entropy of 1.85 bits); `pack` takes the smaller. The C source
