@@ -62,7 +62,8 @@ def entry_support(residual: torch.Tensor, sigma: float, config: DecomposedConfig
     if sigma <= 0:
         return residual != 0
     threshold = float(-special.ndtri(config.q / 2))  # scipy.stats' norm.isf, without its per-call overhead
-    blocks = [_candidates(chunk, sigma, threshold).cpu().numpy() for chunk in row_chunks(residual)]
+    chunks = (residual,) if _compiled(residual) else row_chunks(residual)  # the kernel holds no temporaries
+    blocks = [_candidates(chunk, sigma, threshold).cpu().numpy() for chunk in chunks]
     z_sorted, start = np.empty(sum(b.size for b in blocks), dtype=np.float32), 0
     while blocks:  # moved block by block, each freed and its pages returned: never two copies of all the candidates
         block = blocks.pop(0)
@@ -113,10 +114,18 @@ def _rejectable(z: np.ndarray, m: int, config: DecomposedConfig) -> np.ndarray:
 
 
 def _candidates(chunk: torch.Tensor, sigma: float, threshold: float) -> torch.Tensor:
-    """The |z| = |r| / sigma >= `threshold` of one block, dividing only entries near or above it."""
+    """The |z| = |r| / sigma >= `threshold` of one block: in one pass in C on CPU, elsewhere dividing only entries near or
+    above it."""
+    if _compiled(chunk):
+        return kernels.z_candidates(chunk, sigma, threshold)
     magnitude = chunk.abs()
     z = magnitude[magnitude >= threshold * sigma * (1 - 1e-6)].div_(sigma)
     return z[z >= threshold]
+
+
+def _compiled(t: torch.Tensor) -> bool:
+    """Whether the compiled entry-wise kernels take `t` (a contiguous float32 CPU tensor)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and kernels.available()
 
 
 def _z_blocks(residual: torch.Tensor, sigma: float) -> Iterator[torch.Tensor]:
@@ -144,16 +153,18 @@ def reject(pvalues: np.ndarray, q: float, correction: str) -> np.ndarray:
 def robust_sigma(values: torch.Tensor) -> float:
     """1.4826 x median absolute deviation from the median: the Gaussian sigma, robust to outliers."""
     flat = values.reshape(-1)
-    if flat.numel() > 4_000_000:  # a fixed-stride subsample estimates the median to ~1e-3 relative
-        flat = flat[:: flat.numel() // 2_000_000]
-    med = _median(flat)
-    return float(MAD_TO_SIGMA * _median((flat - med).abs()))
+    if flat.numel() > 4_000_000:  # a fixed-stride subsample estimates the median to ~1e-3 relative (copied: read once)
+        flat = flat[:: flat.numel() // 2_000_000].contiguous()
+    k = (flat.numel() - 1) // 2  # the lower middle value for an even count, as `torch.median`
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and kernels.available():  # two histogram passes each, in C
+        med = kernels.select_f32(flat, k)
+        return float(np.float32(MAD_TO_SIGMA) * np.float32(kernels.select_f32(flat, k, center=med)))
+    med = _median(flat, k)
+    return float(MAD_TO_SIGMA * _median((flat - med).abs(), k))
 
 
-def _median(values: torch.Tensor) -> torch.Tensor:
-    """`torch.median` of a 1-D tensor (the lower middle value for an even count); on CPU by numpy's
-    selection, which is twice as fast."""
-    k = (values.numel() - 1) // 2
+def _median(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k`-th smallest of a 1-D tensor; on CPU by numpy's selection, twice as fast as `torch.kthvalue`."""
     if values.device.type != "cpu":
         return values.kthvalue(k + 1).values
     return torch.from_numpy(np.partition(values.numpy(), k)[k : k + 1]).reshape(())
@@ -187,8 +198,8 @@ def randomized_svd(a: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torc
 
     The power iterations only find the subspace: where the device multiplies bfloat16 natively (`subspace_dtype`)
     all but the last product multiply a bfloat16 copy of `a` (its rounding, 2^-9 of each entry, is noise far below a
-    delta's own); the last product and the triplets, from `a` projected on that subspace (Rayleigh-Ritz), take `a`
-    itself in its precision."""
+    delta's own); the last product and the triplets, from `a` projected on that subspace (Rayleigh-Ritz, `_small_svd`),
+    take `a` itself in its precision."""
     omega = torch.randn(a.shape[1], k, generator=torch.Generator().manual_seed(seed)).to(a.device)
     low = a.to(subspace_dtype(a.device))
 
@@ -201,8 +212,19 @@ def randomized_svd(a: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torc
         q = orthonormal_basis(times(low.T, q))
     del low
     q = orthonormal_basis(a @ q)  # the last product in `a`'s precision: the rounding's tilt of the leading directions is contracted away
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    ub, s, vh = _small_svd(q.T @ a)
     return q @ ub, s, vh
+
+
+def _small_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of a wide `b` (k, n), k <= n, from the eigendecomposition of its Gram ``b b^T`` (k x k) in float64:
+    ``vh = diag(1 / s) u^T b`` (a direction of zero singular value gets a zero row). The leading triplets match LAPACK's
+    SVD to ~1e-12 relative, a direction of singular value s to ~eps64 (s_1 / s)^2; 5-7x faster for k = 72."""
+    b64 = b.double()
+    values, u = torch.linalg.eigh(b64 @ b64.T)
+    s, u = values.flip(0).clamp_(min=0).sqrt_(), u.flip(1)
+    vh = (u.T @ b64).mul_(torch.where(s > 0, 1 / s, 0)[:, None])
+    return u.to(b.dtype), s.to(b.dtype), vh.to(b.dtype)
 
 
 def subspace_dtype(device: torch.device) -> torch.dtype:
@@ -225,15 +247,15 @@ CHOLESKY_QR_CONDITION = 1e4
 
 def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the columns of a tall `y` (its QR's Q, up to the signs of the columns): Cholesky QR in
-    float64 (the Gram ``y^T y``, its Cholesky factor L, ``y L^-T``: matrix products, 2.6-9x faster than Householder QR
-    on a 2 core CPU for 72 columns); Householder QR where the Gram is singular or `y` (whose condition number is L's)
-    is conditioned worse than `CHOLESKY_QR_CONDITION`."""
+    float64 (the Gram ``y^T y``, its Cholesky factor L, ``y L^-T`` with L's inverse: matrix products, 2-3x faster than
+    Householder QR on a 2 core CPU for 72 columns); Householder QR where the Gram is singular or `y` (whose condition
+    number is L's) may be conditioned worse than `CHOLESKY_QR_CONDITION` (``||L||_F ||L^-1||_F``, a bound of it, above)."""
     y64 = y.double()
     chol, info = torch.linalg.cholesky_ex(y64.T @ y64)
     if int(info) == 0:
-        s = torch.linalg.svdvals(chol)
-        if float(s[0]) <= CHOLESKY_QR_CONDITION * float(s[-1]):
-            return torch.linalg.solve_triangular(chol, y64.T, upper=False).T.to(y.dtype)
+        inverse = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device), upper=False)
+        if float(torch.linalg.matrix_norm(chol)) * float(torch.linalg.matrix_norm(inverse)) <= CHOLESKY_QR_CONDITION:
+            return (y64 @ inverse.T.contiguous()).to(y.dtype)
     return torch.linalg.qr(y).Q
 
 
@@ -370,7 +392,7 @@ def z_histogram(residual: torch.Tensor, sigma: float) -> torch.Tensor:
     single pass: ``torch.histc`` took a fifth of the criterion's time), else by PyTorch a block of rows at a time, the
     same counts."""
     inv = 1 / sigma
-    if residual.device.type == "cpu" and residual.dtype == torch.float32 and residual.is_contiguous() and kernels.available():
+    if _compiled(residual):
         return kernels.z_histogram(residual, inv, Z_HIST_RANGE, Z_HIST_BINS)
     counts = torch.zeros(Z_HIST_BINS, dtype=torch.int64, device=residual.device)
     scale = Z_HIST_BINS / (2 * Z_HIST_RANGE)

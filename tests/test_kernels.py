@@ -1,5 +1,6 @@
 """hf_decompose's compiled CPU kernel: base matrix, 4-bit codes and low-rank factors in one pass."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,7 +248,7 @@ def test_a_cpu_without_the_instructions_warns_and_pytorchs_kernels_run(monkeypat
 def test_a_failed_build_warns_and_pytorchs_kernels_run(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
     monkeypatch.setenv("HF_DECOMPOSE_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c, bits16.c, feedback.c failed"):
+    with pytest.warns(UserWarning, match="kernels are off: compiling codes_matmul.c, bits16.c, feedback.c, select.c failed"):
         assert kernels._library.__wrapped__() is None
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built left in place
 
@@ -387,6 +388,52 @@ def test_z_histogram_kernel_counts_as_pytorchs_path(monkeypatch):
     clear = (position - position.round()).abs() > 1e-3  # not at an edge: no rounding decides the bin
     bins = position[clear].floor().long().clamp(max=criterion.Z_HIST_BINS - 1)
     assert torch.equal(criterion.z_histogram(residual.reshape(-1)[clear], sigma), torch.bincount(bins, minlength=criterion.Z_HIST_BINS))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 5, 1000, 300_001, 4_000_001])
+def test_select_kernel_gives_numpys_partition_and_the_robust_sigma_of_pytorchs_path(n, monkeypatch):
+    """The compiled k-th smallest is `np.partition`'s at any k, of values and of their distances from a center (ties, signed
+    zeros, infinities and NaN among them; a strided view), and `robust_sigma` through it equals its numpy path bit for bit."""
+    from hf_decompose import criterion
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3e-4
+    if n > 5:
+        x[::7] = torch.randint(-3, 4, x[::7].shape, generator=g).float() * 1e-4  # runs of ties
+        x[:6] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan")])
+    for view in (x, x[:: max(1, n // 1000)]):
+        values = view.numpy()
+        center = float(np.float32(np.median(values[np.isfinite(values)]))) if np.isfinite(values).any() else 0.0
+        for k in sorted({0, view.numel() // 3, (view.numel() - 1) // 2, view.numel() - 1}):
+            want = np.partition(values, k)[k]
+            got = kernels.select_f32(view, k)
+            assert got == want or (np.isnan(got) and np.isnan(want))
+            want = np.partition(np.abs(values - np.float32(center)), k)[k]
+            got = kernels.select_f32(view, k, center=center)
+            assert got == want or (np.isnan(got) and np.isnan(want))
+    finite = x[x.isfinite()]
+    if finite.numel():
+        got = criterion.robust_sigma(finite)
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        assert got == criterion.robust_sigma(finite)
+
+
+@needs_kernel
+def test_z_candidates_kernel_gives_pytorchs_path(monkeypatch):
+    """The compiled entry-test candidates are PyTorch's: the same z values, in order, over a buffer that fills (5% of a
+    normal residual lies beyond 1.96), values at the threshold included."""
+    from hf_decompose import criterion
+
+    g = torch.Generator().manual_seed(5)
+    sigma, threshold = 2.5e-4, 1.959963984540054
+    residual = torch.randn(1000, 700, generator=g) * sigma
+    residual[0, :8] = torch.tensor([threshold, -threshold, 3.0, float("inf"), float("nan"), 0.0, -0.0, 1e-45]) * sigma
+    residual[5, :40] = 100 * sigma  # a dense run: more than the buffer's first guess in one chunk
+    got = criterion._candidates(residual, sigma, threshold)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert torch.equal(got, criterion._candidates(residual, sigma, threshold))
+    assert 0.045 < got.numel() / residual.numel() < 0.06
 
 
 @needs_kernel

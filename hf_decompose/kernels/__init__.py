@@ -19,7 +19,9 @@ that decides a costlier delta before one is written), `difference_bf16` writes a
 in one pass (the criterion's deltas), and `all_finite_16` tells whether a 16-bit tensor holds no NaN
 or Inf (`checkpoints.all_finite`), both on `torch.get_num_threads()` threads; `z_histogram` counts a float32 residual's z values into
 bins (`criterion.z_histogram`); all in plain C. `feedback_columns` (`feedback.c`) runs the column loop of rounding with
-error feedback (`quantize._error_feedback`).
+error feedback (`quantize._error_feedback`). `select_f32` (`select.c`) finds a k-th smallest value by two histogram passes
+(the criterion's medians, exact, in linear time), `z_candidates` the z values of a residual at or above a threshold (its
+entry test's candidates).
 Where that cannot be done (no compiler, a CPU without AVX2, FMA or BMI2, ``HF_DECOMPOSE_KERNELS=0``) `available()` is False,
 a warning says why once, and the parts run through PyTorch's own kernels (split execution: the same values up to rounding;
 exact deltas, finiteness, z histograms and error-feedback codes: the same results).
@@ -43,7 +45,7 @@ import torch
 
 from ..pair import cache_dir
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c", "feedback.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c", "feedback.c", "select.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 PARALLEL_VALUES = 1 << 20  # values a thread takes at least, in kernels split over threads by rows
 ROW = 18  # int64 fields of a `codes_table` row: codes (5), their columns' multipliers (1), two sets of low-rank factors (6 each)
@@ -258,6 +260,41 @@ def z_histogram(residual: torch.Tensor, inv_sigma: float, z_range: float, bins: 
     return counts
 
 
+def select_f32(values: torch.Tensor, k: int, center: float | None = None) -> float:
+    """The `k`-th smallest (0-based) of a 1-D float32 CPU tensor (any stride), or of ``(values - center).abs()``: the value
+    ``np.partition`` puts at `k`, NaN sorting last."""
+    if values.dtype != torch.float32 or values.device.type != "cpu" or values.dim() != 1 or not 0 <= k < values.numel() < 2**32:
+        raise ValueError(f"select_f32 takes a 1-D float32 CPU tensor of fewer than 2^32 values and 0 <= k < its size, got {values.dtype} "
+                         f"{tuple(values.shape)} on {values.device}, k={k}")
+    result = ctypes.c_float()
+    if not _library().hfd_select_f32(values.data_ptr(), values.numel(), values.stride(0), 0.0 if center is None else center, center is not None, k,
+                                     torch.get_num_threads(), ctypes.byref(result)):
+        raise MemoryError("hf_decompose's select kernel could not allocate its histograms")
+    return result.value
+
+
+def z_candidates(residual: torch.Tensor, sigma: float, threshold: float) -> torch.Tensor:
+    """z = ``residual.abs() / sigma`` (float32) at or above `threshold`, in order, for a contiguous float32 CPU tensor;
+    consecutive blocks on `torch.get_num_threads()` threads."""
+    if residual.dtype != torch.float32 or residual.device.type != "cpu" or not residual.is_contiguous():
+        raise ValueError(f"z_candidates takes a contiguous float32 CPU tensor, got {residual.dtype} on {residual.device}")
+    flat = residual.reshape(-1)
+    parts = max(1, min(torch.get_num_threads(), flat.numel() // PARALLEL_VALUES))
+    bounds = [flat.numel() * i // parts for i in range(parts + 1)]
+
+    def block(i: int) -> torch.Tensor:
+        values = flat[bounds[i] : bounds[i + 1]]
+        capacity = values.numel() // 8 + 64  # a normal residual has 5% beyond the entry test's 1.96 at q = 0.05
+        while True:
+            out = torch.empty(capacity, dtype=torch.float32)
+            found = _library().hfd_z_candidates(values.data_ptr(), values.numel(), sigma, threshold, out.data_ptr(), capacity)
+            if found <= capacity:
+                return out[:found]
+            capacity = found
+
+    return block(0) if parts == 1 else torch.cat(list(_threads().map(block, range(parts))))
+
+
 def feedback_columns(w1: torch.Tensor, err1: torch.Tensor, codes: torch.Tensor, h1: torch.Tensor, alpha: torch.Tensor, inverse: torch.Tensor,
                      step: torch.Tensor, c0: int, c1: int, mode: int, qmax: int) -> None:
     """Columns ``c0:c1`` of a block of error-feedback rounding, in place: `w1` and `err1` ``(rows, nb)`` contiguous, `codes` a
@@ -390,6 +427,10 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_z_histogram.restype = None
             lib.hfd_feedback_columns.argtypes = [p, p, p, i, p, i, p, p, p, i, i, i, i, ctypes.c_int, ctypes.c_float]
             lib.hfd_feedback_columns.restype = None
+            lib.hfd_select_f32.argtypes = [p, i, i, ctypes.c_float, ctypes.c_int, i, ctypes.c_int, p]
+            lib.hfd_select_f32.restype = ctypes.c_int
+            lib.hfd_z_candidates.argtypes = [p, i, ctypes.c_float, ctypes.c_float, p, i]
+            lib.hfd_z_candidates.restype = i
             return lib
     if reason:
         warnings.warn(f"hf_decompose's CPU kernels are off: {reason}; low-bit parts and exact deltas run through PyTorch's kernels (slower)", stacklevel=3)
