@@ -350,8 +350,10 @@ def assess_layer(
             spectral = spectral_test(delta, config, sigma=init_sigma)
             if len(row_chunks(delta)) > 1:
                 release_free_memory()  # the randomized SVD's temporaries of a large matrix
-            if spectral.rank:
-                residual = delta if in_place else torch.empty_like(delta)
+            if spectral.rank and in_place:  # one product added into the delta: no temporary, one pass over it
+                residual = delta.addmm_(spectral.u, spectral.v, alpha=-1)
+            elif spectral.rank:
+                residual = torch.empty_like(delta)
                 step = row_chunks(delta)[0].shape[0]
                 for d, r, u in zip(delta.split(step), residual.split(step), spectral.u.split(step)):
                     torch.sub(d, u @ spectral.v, out=r)
