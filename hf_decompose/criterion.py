@@ -156,7 +156,7 @@ def robust_sigma(values: torch.Tensor) -> float:
     if flat.numel() > 4_000_000:  # a fixed-stride subsample estimates the median to ~1e-3 relative (copied: read once)
         flat = flat[:: flat.numel() // 2_000_000].contiguous()
     k = (flat.numel() - 1) // 2  # the lower middle value for an even count, as `torch.median`
-    if flat.device.type == "cpu" and flat.dtype == torch.float32 and kernels.available():  # two histogram passes each, in C
+    if _compiled(flat):  # two histogram passes each, in C
         med = kernels.select_f32(flat, k)
         return float(np.float32(MAD_TO_SIGMA) * np.float32(kernels.select_f32(flat, k, center=med)))
     med = _median(flat, k)
@@ -350,13 +350,8 @@ def assess_layer(
             spectral = spectral_test(delta, config, sigma=init_sigma)
             if len(row_chunks(delta)) > 1:
                 release_free_memory()  # the randomized SVD's temporaries of a large matrix
-            if spectral.rank and in_place:  # one product added into the delta: no temporary, one pass over it
-                residual = delta.addmm_(spectral.u, spectral.v, alpha=-1)
-            elif spectral.rank:
-                residual = torch.empty_like(delta)
-                step = row_chunks(delta)[0].shape[0]
-                for d, r, u in zip(delta.split(step), residual.split(step), spectral.u.split(step)):
-                    torch.sub(d, u @ spectral.v, out=r)
+            if spectral.rank:  # delta - u v as one product added in: one pass, no temporary beside the residual
+                residual = (delta.addmm_ if in_place else delta.addmm)(spectral.u, spectral.v, alpha=-1)
         sigma = init_sigma if init_sigma is not None else robust_sigma(residual)
         matrix_sigmas.append(sigma)
         results[name] = TensorTest(info, residual, sigma, torch.zeros_like(residual, dtype=torch.bool), spectral)

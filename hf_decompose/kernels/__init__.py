@@ -261,13 +261,14 @@ def z_histogram(residual: torch.Tensor, inv_sigma: float, z_range: float, bins: 
 
 
 def select_f32(values: torch.Tensor, k: int, center: float | None = None) -> float:
-    """The `k`-th smallest (0-based) of a 1-D float32 CPU tensor (any stride), or of ``(values - center).abs()``: the value
+    """The `k`-th smallest (0-based) of a contiguous 1-D float32 CPU tensor, or of ``(values - center).abs()``: the value
     ``np.partition`` puts at `k`, NaN sorting last."""
-    if values.dtype != torch.float32 or values.device.type != "cpu" or values.dim() != 1 or not 0 <= k < values.numel() < 2**32:
-        raise ValueError(f"select_f32 takes a 1-D float32 CPU tensor of fewer than 2^32 values and 0 <= k < its size, got {values.dtype} "
-                         f"{tuple(values.shape)} on {values.device}, k={k}")
+    if values.dtype != torch.float32 or values.device.type != "cpu" or values.dim() != 1 or not values.is_contiguous() \
+            or not 0 <= k < values.numel() < 2**32:
+        raise ValueError(f"select_f32 takes a contiguous 1-D float32 CPU tensor of fewer than 2^32 values and 0 <= k < its size, got "
+                         f"{values.dtype} {tuple(values.shape)} with strides {values.stride()} on {values.device}, k={k}")
     result = ctypes.c_float()
-    if not _library().hfd_select_f32(values.data_ptr(), values.numel(), values.stride(0), 0.0 if center is None else center, center is not None, k,
+    if not _library().hfd_select_f32(values.data_ptr(), values.numel(), 0.0 if center is None else center, center is not None, k,
                                      torch.get_num_threads(), ctypes.byref(result)):
         raise MemoryError("hf_decompose's select kernel could not allocate its histograms")
     return result.value
@@ -427,7 +428,7 @@ def _library() -> ctypes.CDLL | None:
             lib.hfd_z_histogram.restype = None
             lib.hfd_feedback_columns.argtypes = [p, p, p, i, p, i, p, p, p, i, i, i, i, ctypes.c_int, ctypes.c_float]
             lib.hfd_feedback_columns.restype = None
-            lib.hfd_select_f32.argtypes = [p, i, i, ctypes.c_float, ctypes.c_int, i, ctypes.c_int, p]
+            lib.hfd_select_f32.argtypes = [p, i, ctypes.c_float, ctypes.c_int, i, ctypes.c_int, p]
             lib.hfd_select_f32.restype = ctypes.c_int
             lib.hfd_z_candidates.argtypes = [p, i, ctypes.c_float, ctypes.c_float, p, i]
             lib.hfd_z_candidates.restype = i

@@ -1,6 +1,6 @@
 /* The criterion's entry-wise statistics of a float32 residual (plain C, vectorized by the compiler where it can be).
 
-   hfd_select_f32 writes to result the k-th smallest (0-based) of n < 2^32 values v_i = x[i * stride], or of |v_i - center| (float32
+   hfd_select_f32 writes to result the k-th smallest (0-based) of n < 2^32 values x_i, or of |x_i - center| (float32
    arithmetic: PyTorch's `(x - center).abs()`) when `absdev`: the value `np.partition` puts at k (NaN last). Two passes
    over the values, each a histogram of 16 bits of an order-preserving key (the high half, then the low half among the
    values in the bin that holds the k-th), on `threads` OpenMP threads from 2^17 values: exact, in linear time. It returns
@@ -39,16 +39,10 @@ static inline float key_value(uint32_t key)
     return v;
 }
 
-static inline float value_at(const float *x, int64_t i, int64_t stride, float center, int absdev)
-{
-    float v = x[i * stride];
-    return absdev ? fabsf(v - center) : v;
-}
-
 /* counts (BINS) of the keys' high half (`high` < 0), or of the low half among keys whose high half is `high`; 0 where
    the threads' histograms could not be allocated. Each thread keeps WAYS interleaved histograms: runs of one bin (the
    values of a residual share a few exponents) do not wait on one counter. */
-static int histogram(const float *x, int64_t n, int64_t stride, float center, int absdev, int64_t high, int threads, int64_t *counts)
+static int histogram(const float *x, int64_t n, float center, int absdev, int64_t high, int threads, int64_t *counts)
 {
     threads = n >= (1 << 17) ? threads : 1;
     uint32_t *local = calloc((size_t)threads * WAYS * BINS, sizeof *local); /* n < 2^32: no count overflows */
@@ -60,15 +54,12 @@ static int histogram(const float *x, int64_t n, int64_t stride, float center, in
 #pragma omp for schedule(static)
         for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
             int64_t len = n - i0 < CHUNK ? n - i0 : CHUNK, j = 0;
-            if (stride == 1 && absdev) /* the common cases, vectorized */
+            if (absdev) /* two loops: each vectorized */
                 for (j = 0; j < len; j++)
                     keys[j] = order_key(fabsf(x[i0 + j] - center));
-            else if (stride == 1)
-                for (j = 0; j < len; j++)
-                    keys[j] = order_key(x[i0 + j]);
             else
                 for (j = 0; j < len; j++)
-                    keys[j] = order_key(value_at(x, i0 + j, stride, center, absdev));
+                    keys[j] = order_key(x[i0 + j]);
             if (high < 0) {
                 for (j = 0; j + WAYS <= len; j += WAYS)
                     for (int w = 0; w < WAYS; w++)
@@ -100,13 +91,13 @@ static int64_t bin_of(const int64_t *counts, int64_t *k)
     return b;
 }
 
-int hfd_select_f32(const float *x, int64_t n, int64_t stride, float center, int absdev, int64_t k, int threads, float *result)
+int hfd_select_f32(const float *x, int64_t n, float center, int absdev, int64_t k, int threads, float *result)
 {
     int64_t *counts = malloc(BINS * sizeof *counts), high = 0, low = 0;
-    int ok = counts && histogram(x, n, stride, center, absdev, -1, threads, counts);
+    int ok = counts && histogram(x, n, center, absdev, -1, threads, counts);
     if (ok)
         high = bin_of(counts, &k);
-    ok = ok && histogram(x, n, stride, center, absdev, high, threads, counts);
+    ok = ok && histogram(x, n, center, absdev, high, threads, counts);
     if (ok)
         low = bin_of(counts, &k);
     free(counts);
