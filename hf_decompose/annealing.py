@@ -6,11 +6,11 @@ through increasingly aggressive *levels* (the temperature, `config.Level`). A le
 of one budget: how many activation-weighted singular directions of each matrix's delta are kept
 exactly (``lr<eps>``: the fewest whose left-out weighted norm is at most eps), and in how many bits
 the rest is stored (``int<bits>[g<group>]``: every remaining entry as a signed integer of that many
-bits, one scale per group of inputs of a row). ``"int8"`` keeps every entry in 8 bits; ``"lr0.05"``
-keeps directions only. With ``keep_supported`` the criterion's spectrally supported directions are
-never dropped (a rank floor). The schedule first finds one temperature for the whole model
-(bisection over the levels), then heats the layers further in rounds, one level per layer and round, each
-while the guard holds.
+bits, one scale per group of inputs of a row; the output head's rows coarser for tokens that stay far below the top
+on calibration, `head_row_steps`). ``"int8"`` keeps every entry in 8 bits; ``"lr0.05"`` keeps directions only.
+With ``keep_supported`` the criterion's spectrally supported directions are never dropped (a rank floor). The
+schedule first finds one temperature for the whole model (bisection over the levels), then heats the layers further
+in rounds, one level per layer and round, each while the guard holds.
 
 Compensation. The directions are those of ``D L`` where ``L L^T = X^T X + damping`` is the Gram
 of the matrix's calibration inputs: the kept factors are the least-squares optimum of
@@ -154,6 +154,25 @@ def tie_equivalent(calib: Calibration, logits: torch.Tensor, tolerance: float) -
     """Per calibration position: the model's top-1 is the reference's, or the reference's margin
     is below `tolerance` and the two swapped their top-2 (a near-tie resolved the other way)."""
     return _tie_equivalent(calib, logits.topk(2, dim=-1).indices, tolerance)
+
+
+# the most a token's row steps grow by (`head_row_steps`): at `step1.2`, four times coarser rounds 98% of a Gaussian row to zero
+HEAD_ROW_CAP = 4.0
+
+
+def head_row_steps(calib: Calibration, gap: float, cap: float = HEAD_ROW_CAP) -> torch.Tensor:
+    """Step multipliers ``(vocab,)`` for the rows of the output head: ``min(cap, max(1, d / gap))``, ``d`` the least
+    distance (logits) of the token below the reference's top-1 over the calibration positions. A row's rounding moves
+    its token's logit only, which flips a greedy choice only where the token is near the top: tokens that stay far
+    below it take coarser steps. Tokens of the calibration prompts and continuations keep 1 (a tied head's rows are
+    also their input embeddings)."""
+    least = torch.full((calib.logits.shape[-1],), float("inf"))
+    for logits in calib.logits:  # a prompt at a time: one (positions, vocab) temporary
+        logits = logits.float()
+        least = torch.minimum(least, (logits.amax(-1, keepdim=True) - logits).amin(0))
+    rows = (least / gap).clamp_(1.0, cap)
+    rows[calib.input_ids[calib.attention_mask.bool()]] = 1.0
+    return rows
 
 
 def _tie_equivalent(calib: Calibration | Screened, top2: torch.Tensor, tolerance: float) -> torch.Tensor:
@@ -365,6 +384,7 @@ class _Candidate:
     _floor: int | None = None
     _feedback: Feedback | None = None
     _columns: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # multipliers of the steps per row on the signed grid (an output head's: `head_row_steps`)
     cut: bool = False  # factors cut to the most directions a level of the config's ladder keeps (`_Candidates`' are)
 
     @property
@@ -518,7 +538,9 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     floor = None if floor_of is None else floor_of(calib)
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
              "tie_tolerance": opts["tie_tolerance"], "floor": floor, "screen": engine.screen(calib) if target in ("tie", "identical") else None}
-    cands = _Candidates(layers, exact_of, engine.grams, config, made.store if isinstance(made, _StoredLevels) else None)
+    head = [n for n in layers.get("~head", []) if engine.gram_names.get(n) == _output_name(engine.model)]  # a tied embedding's too
+    rows = dict.fromkeys(head, head_row_steps(calib, opts["head_row_steps"])) if head and opts["head_row_steps"] else {}
+    cands = _Candidates(layers, exact_of, engine.grams, config, made.store if isinstance(made, _StoredLevels) else None, rows)
     order = sorted(layers, key=_layer_key)
     level_of: dict[str, int | None] = dict.fromkeys(order)
 
@@ -573,9 +595,9 @@ class _Candidates:
     visit may still use there."""
 
     def __init__(self, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], grams, config: DecomposedConfig,
-                 store: DeltaStore | None = None):
+                 store: DeltaStore | None = None, rows: dict[str, torch.Tensor] | None = None):
         self.layer_of = {n: layer for layer, names in layers.items() for n in names}
-        self.exact_of, self.grams, self.config, self.store = exact_of, grams, config, store
+        self.exact_of, self.grams, self.config, self.store, self.rows = exact_of, grams, config, store, rows or {}
         opts = config.annealing_options()  # the knapsack weighs errors by the Grams, mixed levels refit on them
         self.grams_reused = opts["schedule"] == "knapsack" or any(level.mix is not None for level in config.annealing_levels())
         self.layer: str | None = None
@@ -596,7 +618,7 @@ class _Candidates:
         key = f"candidates:{layer}"
         if self.store is None or key not in self.store:
             grams = self.grams(layer, list(deltas))
-            return {n: _Candidate(d, grams.get(n), self.config, cut=True) for n, d in deltas.items()}
+            return {n: _Candidate(d, grams.get(n), self.config, rows=self.rows.get(n), cut=True) for n, d in deltas.items()}
         saved = self.store.get_tensors(key)
         items = {}
         for n, d in deltas.items():
@@ -604,7 +626,7 @@ class _Candidates:
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
             items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
-                                  _columns=saved.get(f"{n}.columns"), cut=True)
+                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True)
         return items
 
     def clear(self) -> None:
@@ -771,6 +793,10 @@ class _StreamEngine:
         self.keep_inputs = False
         self.ref_inputs: torch.Tensor | None = None  # the exact model's head inputs, from `calibrate` until `screen`
         lw.layer_deltas = self._deltas
+
+    @property
+    def model(self) -> nn.Module:
+        return self.lw.model
 
     def _deltas(self, index: int) -> dict[str, TensorDelta]:
         if index not in self.fixed:
@@ -1085,7 +1111,8 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     if columns is not None:  # rounding w / columns on the Gram C H C is rounding w with a step per column
         residual.div_(columns.float())
         feedback = None if feedback is None else scaled_by_columns(feedback, columns)
-    codes, scales = quantize_codes(residual, level.bits, level.group, gram=feedback, grid=grid, step=level.step, overwrite=True)
+    rows = c.rows if grid == "signed" and level.bits > 1 else None
+    codes, scales = quantize_codes(residual, level.bits, level.group, gram=feedback, grid=grid, step=level.step, overwrite=True, row_steps=rows)
     del residual  # rounded over: freed before the codes' stored form is made
     kind = FullQuantPart if grid == "full" else QuantPart
     parts = [kind(codes, scales, level.bits, columns)] + ([] if u is None else [LowRankPart(u, v)])
@@ -1144,6 +1171,12 @@ def _install(model: nn.Module, deltas: dict[str, TensorDelta], module_names: dic
     for name, delta in deltas.items():
         module = model.get_submodule(module_names[name])
         module.set_delta(delta)
+
+
+def _output_name(model: nn.Module) -> str | None:
+    """The name of `model`'s output embeddings module."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def _layer_of(module_name: str) -> str:

@@ -52,6 +52,9 @@ ANNEALING: dict[str, Any] = {
     # 0.5 (steps per column): 4.76% / 9.40% of the float32 delta against 5.57% / 11.04% per row on the default / long
     # weight-decay pair, but 4 of 192 held-out prompts of the latter diverged outside the tie grade, against 1 (README)
     "column_steps": 0.0,
+    # the default pair at 5.13% / 5.25% of the float32 delta with 3 / 4 against 5.62% without, 32 / 32 tie and none of 192
+    # held-out prompts outside it; 2: 4.85%, but 31 / 32 and 2 of 192 (README)
+    "head_row_steps": 3.0,
 }
 
 
@@ -161,7 +164,9 @@ class DecomposedConfig(QuantizationConfigMixin):
             and more use all their levels, `hf_decompose.quantize`; it lost on the default pair),
             ``column_steps`` (step levels: each column's step times ``H_jj^(-column_steps / 2)``, ``H_jj`` the
             calibration inputs' second moment, coarser where an input is small, `quantize.column_steps`; 0: one
-            step per row).
+            step per row), ``head_row_steps`` (levels of the output head on the signed grid, a tied embedding's too: each
+            token's row step times ``min(4, max(1, d / head_row_steps))``, ``d`` the least distance in logits of the token below the
+            top-1 on the calibration positions, `annealing.head_row_steps`; 0: off).
         calibration: ``mode="anneal"``: the prompts the guard runs on (a list of strings, a prompts
             file, or a `datasets.Dataset`; keep them disjoint from evaluation prompts); None uses the
             built-in default set (`DEFAULT_CALIBRATION`) and the report says so. Not saved.
@@ -243,6 +248,8 @@ class DecomposedConfig(QuantizationConfigMixin):
             Level.parse(level)
         if isinstance(a["column_steps"], bool) or not isinstance(a["column_steps"], (int, float)) or not 0 <= a["column_steps"] <= 2:
             raise ConfigError(f"annealing.column_steps={a['column_steps']!r} must be a number in [0, 2] (0: one step per row)")
+        if isinstance(a["head_row_steps"], bool) or not isinstance(a["head_row_steps"], (int, float)) or not 0 <= a["head_row_steps"] < float("inf"):
+            raise ConfigError(f"annealing.head_row_steps={a['head_row_steps']!r} must be a non-negative number of logits (0: off)")
         for key in ("calibration_prompts", "calibration_tokens", "max_time_s", "expected_flips", "positions", "tolerance", "tie_tolerance"):
             if isinstance(a[key], bool) or not isinstance(a[key], (int, float)) or a[key] <= 0:
                 raise ConfigError(f"annealing.{key}={a[key]!r} must be a positive number")

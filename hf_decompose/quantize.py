@@ -12,7 +12,8 @@ at most half a step. Two grids:
   beyond 7 steps are clipped). Its rate follows the step, not the width: Huffman-coded, a Gaussian row costs about
   ``2.05 - log2(step)`` bits of entropy per entry (Huffman-coded at step 1.7: ~1.5 bits) and no group scales
   (3 bits with a bfloat16 scale per 64 entries spend a quarter bit on scales). Its step may also differ per column
-  (`column_steps`: coarser where an input is small), a bfloat16 multiplier per column.
+  (`column_steps`: coarser where an input is small), a bfloat16 multiplier per column, and per row beyond the RMS
+  (`row_steps`, also on the absmax grid: an output head's rows coarser for tokens far from the top), kept in its scale.
 - ``full``: every code used, the odd integers ``-(2^bits - 1)..2^bits - 1`` (2 bits: -3, -1, 1, 3),
   with the scale (half a step) whose rounding error is smallest among clipped absmax candidates
   (outliers clipped where that lowers the group's error, as GPTQ's and AWQ's clip searches do).
@@ -66,9 +67,11 @@ def quantize(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor
 
 
 def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.Tensor | Feedback | None = None, grid: str = "signed",
-                   step: float | None = None, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   step: float | None = None, overwrite: bool = False, row_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize` with the signed codes unpacked (int8; int16 for 8 bits on the full grid), as `codes_of` reads them.
-    `overwrite`: float32 `values` may be overwritten by error feedback (the caller's scratch), not copied first."""
+    `overwrite`: float32 `values` may be overwritten by error feedback (the caller's scratch), not copied first.
+    `row_steps`: on the signed grid of 2 bits and more, each row's scales multiplied by its entry (``(out,)``, positive):
+    its step, stored in its scales."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not one of {BITS}")
     if grid not in GRIDS:
@@ -76,8 +79,11 @@ def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.
     if step is not None and (group or grid != "signed" or bits == 1 or not step > 0):
         raise ValueError(f"a step quantizer (step={step}) takes one positive step per row on the signed grid, at least 2 bits")
     out, n_in = values.shape
+    if row_steps is not None and (grid != "signed" or bits == 1 or row_steps.shape != (out,) or not bool((row_steps > 0).all())):
+        raise ValueError(f"row_steps take the signed grid of 2 bits or more and one positive multiplier per row ({out}); got {tuple(row_steps.shape)}"
+                         f" with {bits} bits on the {grid} grid")
     g = group_size(values.shape, group)
-    grid_ = _Grid(bits, grid, step)
+    grid_ = _Grid(bits, grid, step, None if row_steps is None else row_steps.to(values.device, torch.float32))
     if gram is not None:
         feedback = gram if isinstance(gram, Feedback) else Feedback.of(gram.to(values.device))
         w = values.float()
@@ -92,8 +98,8 @@ def quantize_codes(values: torch.Tensor, bits: int, group: int = 0, gram: torch.
 class _Grid:
     """The codes of `bits` bits on a grid: rounding, scales, and the unsigned stored form."""
 
-    def __init__(self, bits: int, grid: str, step: float | None = None):
-        self.bits, self.full, self.step = bits, grid == "full" or bits == 1, step
+    def __init__(self, bits: int, grid: str, step: float | None = None, rows: torch.Tensor | None = None):
+        self.bits, self.full, self.step, self.rows = bits, grid == "full" or bits == 1, step, rows
         self.qmax = 2**bits - 1 if self.full else 2 ** (bits - 1) - 1  # the largest code
 
     def round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -109,16 +115,16 @@ class _Grid:
             return (2 * torch.floor(y / 2) + 1).clamp_(-self.qmax, self.qmax)
         return y.round().clamp_(-self.qmax, self.qmax)
 
-    def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """Per group (last dim) of `x`: the mean magnitude (one bit), `step` x the RMS (a step quantizer),
-        absmax / qmax (signed), or the clipped absmax / qmax of smallest rounding error (full)."""
+    def scales(self, x: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Per group (last dim) of `x`: the mean magnitude (one bit), `step` x the RMS (a step quantizer) or absmax /
+        qmax (signed), either times the multipliers of `rows` (the matrix rows `x` holds) where the grid has them, or the
+        clipped absmax / qmax of smallest rounding error (full)."""
         if self.bits == 1:
             return x.abs().mean(-1, keepdim=True).bfloat16()
-        if self.step is not None:
-            return (self.step * x.square().mean(-1, keepdim=True).sqrt()).bfloat16()
-        amax = x.abs().amax(-1, keepdim=True)
         if not self.full:
-            return (amax / self.qmax).bfloat16()
+            scale = self.step * x.square().mean(-1, keepdim=True).sqrt() if self.step is not None else x.abs().amax(-1, keepdim=True) / self.qmax
+            return (scale if self.rows is None else scale * self.rows[rows].reshape(-1, *[1] * (x.dim() - 1))).bfloat16()
+        amax = x.abs().amax(-1, keepdim=True)
         best, best_err = None, None
         for clip in CLIPS:
             scale = (amax * clip / self.qmax).bfloat16()
@@ -235,7 +241,7 @@ def _error_feedback(w: torch.Tensor, feedback: Feedback, grid: _Grid, g: int, bl
                     scales[:, col // g] = grid.scales(w1[:, i : i + g])[:, 0]
                 else:  # a group past the block (a step quantizer's whole row): gathered rows at a time, never whole
                     for r in range(0, out, rows):
-                        scales[r : r + rows, col // g] = grid.scales(torch.cat([w1[r : r + rows, i:], w[r : r + rows, i2 : col + g]], 1))[:, 0]
+                        scales[r : r + rows, col // g] = grid.scales(torch.cat([w1[r : r + rows, i:], w[r : r + rows, i2 : col + g]], 1), slice(r, r + rows))[:, 0]
                 step = scales[:, col // g].float()
                 inverse = torch.where(step > 0, 1 / step.clamp_min(1e-38), 0.0)
             end = min(i2 - i1, i + g - col % g)  # to the next group's first column, or the block's end

@@ -217,6 +217,24 @@ def test_tie_rule_and_flips_above_the_tolerance():
     assert expected_flips(calib, ref, 100, 1e-3) == 0.0
 
 
+def test_head_rows_coarser_for_tokens_far_below_the_top():
+    """`head_row_steps`: a token's multiplier is its least distance below the top-1 over the calibration positions,
+    over the gap, between 1 and the cap; tokens of the prompts and continuations keep 1 (padding is no token)."""
+    from hf_decompose.annealing import HEAD_ROW_CAP, Calibration, head_row_steps
+
+    ref = torch.tensor([[[9.0, 8.0, 1.0, -30.0, 5.0, -30.0], [2.0, 9.0, 3.0, -30.0, 7.0, -30.0]],
+                        [[9.0, 0.0, 0.0, -30.0, 1.0, -30.0], [0.0, 0.0, 9.0, -30.0, 1.0, -30.0]]])  # least distances 0, 0, 0, 39, 2, 39
+    top2 = ref.topk(2, dim=-1)
+    ids, mask = torch.tensor([[3, 0, 1, 2], [0, 1, 2, 0]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # token 3 only as padding
+    calib = Calibration(ids, mask, 2, top2.indices[..., 0], top2.indices[..., 1], top2.values[..., 0] - top2.values[..., 1], ref)
+    cap = HEAD_ROW_CAP
+    assert head_row_steps(calib, 1.0).tolist() == [1.0, 1.0, 1.0, cap, 2.0, cap]
+    assert head_row_steps(calib, 0.5).tolist() == [1.0, 1.0, 1.0, cap, cap, cap]
+    assert head_row_steps(calib, 8.0).tolist() == [1.0, 1.0, 1.0, cap, 1.0, cap]
+    calib.input_ids = torch.tensor([[3, 0, 1, 5], [0, 1, 2, 4]])  # tokens 4 and 5 in the inputs
+    assert head_row_steps(calib, 1.0).tolist() == [1.0, 1.0, 1.0, cap, 1.0, 1.0]
+
+
 def test_targets_exact_is_lossless_and_floor_is_bounded_by_bf16(tiny_pair, exact):
     _, _, calib = exact
     config = DecomposedConfig(mode="anneal", annealing={"target": "exact", "calibration_prompts": 4, "calibration_tokens": 8})
@@ -433,6 +451,38 @@ def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_
     assert set(streamed.deltas) == set(kept)
     for name, delta in kept.items():
         assert torch.equal(streamed.deltas[name].to_dense(), delta.to_dense()), name
+
+
+def test_head_row_steps_reach_the_tied_heads_codes_in_both_engines(tiny_pair):
+    """With ``head_row_steps``, the tied head's step level scales each token's row step (`head_row_steps`): against
+    the same anneal without them, rows of tokens off the calibration text and never its top-1 take the cap, the others
+    keep theirs; layer by layer and in memory alike."""
+    from hf_decompose.annealing import HEAD_ROW_CAP, anneal_model
+    from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
+    from hf_decompose.model import build_model, compute_deltas
+
+    def head_scales(head_rows: float, streamed: bool) -> torch.Tensor:
+        config = DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128, "target": "kl",
+                                                            "tolerance": 1e9, "levels": ["lr0.3+step1.5"], "head_row_steps": head_rows})
+        if streamed:
+            deltas = decompose(tiny_pair.finetuned, tiny_pair.base, config, calibration=tiny_pair.calib_prompts, progress=False).deltas
+        else:
+            checkpoints = CheckpointPair(CheckpointReader(tiny_pair.base), CheckpointReader(tiny_pair.finetuned))
+            exact, _ = compute_deltas(checkpoints, config, progress=False)
+            model = build_model(tiny_pair.base, tiny_pair.finetuned, exact, config, checkpoints.dtype)
+            deltas, _ = anneal_model(model, exact, tiny_pair.finetuned, tiny_pair.base, tiny_pair.calib_prompts, config, progress=False)
+        return deltas["model.embed_tokens.weight"].get("quant").scales.float()[:, 0]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair.finetuned)
+    calib = calibrate(model, AutoTokenizer.from_pretrained(tiny_pair.finetuned), tiny_pair.calib_prompts[:8], 16)
+    kept = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    kept[calib.input_ids[calib.attention_mask.bool()]] = True
+    kept[calib.top1] = True
+    for streamed in (True, False):
+        ratio = head_scales(1e-6, streamed) / head_scales(0.0, streamed)
+        assert bool(kept.any()) and not bool(kept.all())
+        torch.testing.assert_close(ratio[kept], torch.ones(int(kept.sum())), rtol=0, atol=0)
+        torch.testing.assert_close(ratio[~kept], torch.full((int((~kept).sum()),), HEAD_ROW_CAP), rtol=2**-7, atol=0)
 
 
 def test_calibration_batches_drop_only_the_padding_every_row_of_a_batch_has():

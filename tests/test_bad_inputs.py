@@ -261,6 +261,7 @@ def test_cli_calibration_overlaps_evaluation(tmp_path, pair):
         ("decomposition:\n  mode: lossles\n", "mode='lossles' is not one of"),
         ("decomposition:\n  budget: 3\n", "unknown config field.*'budget'"),
         ("decomposition:\n  annealing:\n    column_steps: 3\n", r"annealing.column_steps=3 must be a number in \[0, 2\]"),
+        ("decomposition:\n  annealing:\n    head_row_steps: -1\n", r"annealing.head_row_steps=-1 must be a non-negative number of logits"),
     ],
 )
 def test_config_value_out_of_range(tmp_path, pair, yaml_text, fragment):

@@ -421,6 +421,30 @@ def test_steps_per_column_spend_bits_where_the_inputs_weigh():
     assert bool(((w - dequantize(plain, plain_scales, columns)).abs() <= steps / 2 * (1 + 1e-5)).all())
 
 
+@pytest.mark.parametrize("step", [1.2, None])
+@pytest.mark.parametrize("feedback", [False, True])
+def test_steps_per_row_scale_each_rows_step_and_leave_the_other_rows_as_they_were(feedback, step):
+    """``row_steps`` multiply a row's scales (its step), on a step quantizer and absmax scales alike: rows at 1 get the
+    codes and scales they get without, the others scales that many times coarser, in codes of less entropy; with error
+    feedback on a matrix taller than the rows it gathers at a time, each row's own multiplier still (rows are rounded
+    independently)."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(4100, 160, generator=gen)
+    x = torch.randn(400, 160, generator=gen)
+    gram = Feedback.of(x.t() @ x) if feedback else None
+    rows = torch.ones(4100)
+    rows[:10], rows[4096:] = 2.0, 3.0  # the last rows: past the first 4096 the feedback gathers
+    plain_codes, plain_scales = quantize_codes(w, 4, gram=gram, step=step)
+    codes, scales = quantize_codes(w, 4, gram=gram, step=step, row_steps=rows)
+    same = rows == 1
+    assert torch.equal(codes[same], plain_codes[same]) and torch.equal(scales[same], plain_scales[same])
+    torch.testing.assert_close(scales[~same].float(), rows[~same, None] * plain_scales[~same].float(), rtol=2**-7, atol=0)
+    assert float((codes[~same] == 0).float().mean()) > float((plain_codes[~same] == 0).float().mean()) + 0.2
+    for bad in ({"grid": "full"}, {"row_steps": -rows}, {"row_steps": rows[:-1]}):
+        with pytest.raises(ValueError, match="row_steps take the signed grid of 2 bits or more"):
+            quantize_codes(w, 4, gram=gram, **({"row_steps": rows} | bad))
+
+
 @pytest.mark.parametrize("lookup", [False, True])
 def test_a_step_per_column_is_stored_read_and_run_by_every_path(quant_layout, lookup):
     """A part with a step per column stores its multipliers beside the codes and reads them back; merged, the fused
