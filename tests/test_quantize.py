@@ -439,7 +439,7 @@ def test_steps_per_row_scale_each_rows_step_and_leave_the_other_rows_as_they_wer
     same = rows == 1
     assert torch.equal(codes[same], plain_codes[same]) and torch.equal(scales[same], plain_scales[same])
     torch.testing.assert_close(scales[~same].float(), rows[~same, None] * plain_scales[~same].float(), rtol=2**-7, atol=0)
-    assert float((codes[~same] == 0).float().mean()) > float((plain_codes[~same] == 0).float().mean()) + 0.2
+    assert float((codes[~same] == 0).float().mean()) > 1.5 * float((plain_codes[~same] == 0).float().mean())  # 1.7-2.3x here
     for bad in ({"grid": "full"}, {"row_steps": -rows}, {"row_steps": rows[:-1]}):
         with pytest.raises(ValueError, match="row_steps take the signed grid of 2 bits or more"):
             quantize_codes(w, 4, gram=gram, **({"row_steps": rows} | bad))
