@@ -618,7 +618,7 @@ class _Candidates:
         key = f"candidates:{layer}"
         if self.store is None or key not in self.store:
             grams = self.grams(layer, list(deltas))
-            return {n: _Candidate(d, grams.get(n), self.config, rows=self.rows.get(n), cut=True) for n, d in deltas.items()}
+            return {n: _Candidate(d, grams.get(n), self.config, rows=self._rows(n, d), cut=True) for n, d in deltas.items()}
         saved = self.store.get_tensors(key)
         items = {}
         for n, d in deltas.items():
@@ -626,8 +626,14 @@ class _Candidates:
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
             items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
-                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True)
+                                  _columns=saved.get(f"{n}.columns"), rows=self._rows(n, d), cut=True)
         return items
+
+    def _rows(self, name: str, delta: TensorDelta) -> torch.Tensor | None:
+        """`name`'s step multipliers per row, where it has them and they match its rows (a head of other rows than the
+        logits keeps one step per row)."""
+        rows = self.rows.get(name)
+        return rows if rows is not None and len(rows) == delta.shape[0] else None
 
     def clear(self) -> None:
         """Forget the layer last asked for (with a store: saved there first, its Grams and factors)."""
