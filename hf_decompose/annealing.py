@@ -53,7 +53,7 @@ from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
 from .heap import release_free_memory
-from .layerwise import DeltaStore, Hidden, Layerwise, batches
+from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
 from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import Feedback, cholesky_lower, column_steps, quantize_codes, scaled_by_columns
@@ -538,8 +538,11 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     floor = None if floor_of is None else floor_of(calib)
     judge = {"target": target, "tolerance": opts["tolerance"], "max_flips": opts["expected_flips"], "positions": opts["positions"],
              "tie_tolerance": opts["tie_tolerance"], "floor": floor, "screen": engine.screen(calib) if target in ("tie", "identical") else None}
-    head = [n for n in layers.get("~head", []) if engine.gram_names.get(n) == _output_name(engine.model)]  # a tied embedding's too
-    rows = dict.fromkeys(head, head_row_steps(calib, opts["head_row_steps"])) if head and opts["head_row_steps"] else {}
+    rows = {}
+    if opts["head_row_steps"]:  # the output head's matrix, a tied embedding's too: the delta its inputs weigh
+        out = output_name(engine.model)
+        head = [n for n in layers.get("~head", []) if engine.gram_names.get(n) == out]
+        rows = dict.fromkeys(head, head_row_steps(calib, opts["head_row_steps"])) if head else {}
     cands = _Candidates(layers, exact_of, engine.grams, config, made.store if isinstance(made, _StoredLevels) else None, rows)
     order = sorted(layers, key=_layer_key)
     level_of: dict[str, int | None] = dict.fromkeys(order)
@@ -618,7 +621,7 @@ class _Candidates:
         key = f"candidates:{layer}"
         if self.store is None or key not in self.store:
             grams = self.grams(layer, list(deltas))
-            return {n: _Candidate(d, grams.get(n), self.config, rows=self._rows(n, d), cut=True) for n, d in deltas.items()}
+            return {n: _Candidate(d, grams.get(n), self.config, rows=self.rows.get(n), cut=True) for n, d in deltas.items()}
         saved = self.store.get_tensors(key)
         items = {}
         for n, d in deltas.items():
@@ -626,14 +629,8 @@ class _Candidates:
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
             items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
-                                  _columns=saved.get(f"{n}.columns"), rows=self._rows(n, d), cut=True)
+                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True)
         return items
-
-    def _rows(self, name: str, delta: TensorDelta) -> torch.Tensor | None:
-        """`name`'s step multipliers per row, where it has them and they match its rows (a head of other rows than the
-        logits keeps one step per row)."""
-        rows = self.rows.get(name)
-        return rows if rows is not None and len(rows) == delta.shape[0] else None
 
     def clear(self) -> None:
         """Forget the layer last asked for (with a store: saved there first, its Grams and factors)."""
@@ -1177,12 +1174,6 @@ def _install(model: nn.Module, deltas: dict[str, TensorDelta], module_names: dic
     for name, delta in deltas.items():
         module = model.get_submodule(module_names[name])
         module.set_delta(delta)
-
-
-def _output_name(model: nn.Module) -> str | None:
-    """The name of `model`'s output embeddings module."""
-    head = model.get_output_embeddings()
-    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def _layer_of(module_name: str) -> str:

@@ -48,6 +48,13 @@ def batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, size: int) ->
         yield ids[:, first:], mask[:, first:]
 
 
+
+def output_name(model: nn.Module) -> str | None:
+    """The name of `model`'s output embeddings module (None without one)."""
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
 class Layerwise:
     """`hf_config`'s model in `dtype` with weights `weights(name)` (a checkpoint tensor by name, any
     float dtype) for checkpoint tensors `names`, those of decoder layers read by `layer_weights` (default:
@@ -106,9 +113,7 @@ class Layerwise:
             if runs_split(target, modules[owner]):
                 module_names[name] = owner
         gram_names = dict(module_names)
-        head = self.model.get_output_embeddings()
-        if head is not None and tied(self.model):
-            head_name = next(n for n, m in modules.items() if m is head)
+        if (head_name := output_name(self.model)) is not None and tied(self.model):
             gram_names.update({n: head_name for n, m in module_names.items() if modules[m] is self.model.get_input_embeddings()})
         return module_names, gram_names
 

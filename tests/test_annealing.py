@@ -423,17 +423,7 @@ def test_ladder_heats_a_round_in_groups_and_splits_a_refused_one(monkeypatch):
 def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_untied, tied, annealing):
     """`decompose` anneals one decoder layer at a time (`layerwise`); annealing the whole model held in
     memory makes the same guard calls with the same statistics and keeps the same deltas."""
-    from hf_decompose.annealing import anneal_model
-    from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
-    from hf_decompose.model import build_model, compute_deltas
-
-    pair = tiny_pair if tied else tiny_pair_untied
-    config = DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128, **annealing})
-    streamed = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=False)
-    checkpoints = CheckpointPair(CheckpointReader(pair.base), CheckpointReader(pair.finetuned))
-    deltas, _ = compute_deltas(checkpoints, config, progress=False)
-    model = build_model(pair.base, pair.finetuned, deltas, config, checkpoints.dtype)
-    kept, report = anneal_model(model, deltas, pair.finetuned, pair.base, pair.calib_prompts, config, progress=False)
+    streamed, kept, report = _annealed_both_ways(tiny_pair if tied else tiny_pair_untied, annealing)
     annealed = streamed.report["annealing"]
     assert [x["level"] for x in annealed["levels"]] == [x["level"] for x in report["levels"]]
     assert any(x["level"] is not None for x in report["levels"])  # something was annealed
@@ -453,33 +443,40 @@ def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_
         assert torch.equal(streamed.deltas[name].to_dense(), delta.to_dense()), name
 
 
+def _annealed_both_ways(pair, annealing: dict):
+    """`pair` annealed (8 calibration prompts x 16 tokens, then `annealing`) layer by layer through `decompose`, and as a
+    whole model in memory (`anneal_model`): (the decomposed model, the kept deltas and report of the second)."""
+    from hf_decompose.annealing import anneal_model
+    from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
+    from hf_decompose.model import build_model, compute_deltas
+
+    config = DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128, **annealing})
+    streamed = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=False)
+    checkpoints = CheckpointPair(CheckpointReader(pair.base), CheckpointReader(pair.finetuned))
+    deltas, _ = compute_deltas(checkpoints, config, progress=False)
+    model = build_model(pair.base, pair.finetuned, deltas, config, checkpoints.dtype)
+    kept, report = anneal_model(model, deltas, pair.finetuned, pair.base, pair.calib_prompts, config, progress=False)
+    return streamed, kept, report
+
+
 def test_head_row_steps_reach_the_tied_heads_codes_in_both_engines(tiny_pair):
     """With ``head_row_steps``, the tied head's step level scales each token's row step (`head_row_steps`): against
     the same anneal without them, rows of tokens off the calibration text and never its top-1 take the cap, the others
     keep theirs; layer by layer and in memory alike."""
-    from hf_decompose.annealing import HEAD_ROW_CAP, anneal_model
-    from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
-    from hf_decompose.model import build_model, compute_deltas
+    from hf_decompose.annealing import HEAD_ROW_CAP
 
-    def head_scales(head_rows: float, streamed: bool) -> torch.Tensor:
-        config = DecomposedConfig(mode="anneal", annealing={"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128, "target": "kl",
-                                                            "tolerance": 1e9, "levels": ["lr0.3+step1.5"], "head_row_steps": head_rows})
-        if streamed:
-            deltas = decompose(tiny_pair.finetuned, tiny_pair.base, config, calibration=tiny_pair.calib_prompts, progress=False).deltas
-        else:
-            checkpoints = CheckpointPair(CheckpointReader(tiny_pair.base), CheckpointReader(tiny_pair.finetuned))
-            exact, _ = compute_deltas(checkpoints, config, progress=False)
-            model = build_model(tiny_pair.base, tiny_pair.finetuned, exact, config, checkpoints.dtype)
-            deltas, _ = anneal_model(model, exact, tiny_pair.finetuned, tiny_pair.base, tiny_pair.calib_prompts, config, progress=False)
-        return deltas["model.embed_tokens.weight"].get("quant").scales.float()[:, 0]
+    def head_scales(head_rows: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tied head's scales, layer by layer and in memory."""
+        streamed, kept, _ = _annealed_both_ways(tiny_pair, {"target": "kl", "tolerance": 1e9, "levels": ["lr0.3+step1.5"], "head_row_steps": head_rows})
+        return tuple(d["model.embed_tokens.weight"].get("quant").scales.float()[:, 0] for d in (streamed.deltas, kept))
 
     model = AutoModelForCausalLM.from_pretrained(tiny_pair.finetuned)
     calib = calibrate(model, AutoTokenizer.from_pretrained(tiny_pair.finetuned), tiny_pair.calib_prompts[:8], 16)
     kept = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     kept[calib.input_ids[calib.attention_mask.bool()]] = True
     kept[calib.top1] = True
-    for streamed in (True, False):
-        ratio = head_scales(1e-6, streamed) / head_scales(0.0, streamed)
+    for coarse, plain in zip(head_scales(1e-6), head_scales(0.0)):  # layer by layer, then in memory
+        ratio = coarse / plain
         assert bool(kept.any()) and not bool(kept.all())
         torch.testing.assert_close(ratio[kept], torch.ones(int(kept.sum())), rtol=0, atol=0)
         torch.testing.assert_close(ratio[~kept], torch.full((int((~kept).sum()),), HEAD_ROW_CAP), rtol=2**-7, atol=0)
