@@ -54,7 +54,7 @@ from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
 from .heap import release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
-from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
+from .metrics import TIE_TOLERANCE
 from .modules import DecomposedModule
 from .quantize import Feedback, cholesky_lower, column_steps, quantize_codes, scaled_by_columns
 from .screening import HeadScreen, Screened, head_input, head_linear

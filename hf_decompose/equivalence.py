@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import PromptError
-from .metrics import load_generation_equivalence
-from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE, TOP_K
+from .metrics import TIE_TOLERANCE, TOP_K, load_generation_equivalence
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 logger = logging.getLogger(__name__)

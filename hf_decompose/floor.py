@@ -21,7 +21,7 @@ from torch import nn
 
 from .equivalence import EquivalenceResult, compare, greedy_generate, load_prompts
 from .errors import CheckpointError, ConfigError
-from .metrics.generation_equivalence.generation_equivalence import TIE_TOLERANCE
+from .metrics import TIE_TOLERANCE
 
 VARIANTS = ("bfloat16", "batch_size", "threads", "delta_bfloat16")
 

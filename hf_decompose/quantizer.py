@@ -12,7 +12,7 @@ into the model (the base; the fine-tune only to compute its deltas):
    against, calibration prompts for ``mode="anneal"``). A device map over several devices or with disk
    offload is loaded on the CPU and placed once the substructures exist (step 5), since Accelerate places
    modules by name and the substructures are modules too.
-2. ``update_attn_implementation`` sees the config: an artifact's ``transformers_weights`` (a sentence
+2. ``update_attn_implementation`` (``update_tp_plan`` in transformers 5.17) sees the config: an artifact's ``transformers_weights`` (a sentence
    that stops transformers without this plugin) is pointed back at ``decomposition.safetensors`` (a sharded
    artifact: at its index, so that transformers downloads every shard).
 3. ``preprocess_model`` sees the empty skeleton and the checkpoint files. An artifact's other files are
@@ -78,9 +78,13 @@ class DecomposedHfQuantizer(HfQuantizer):
             device_map.update(dict.fromkeys(device_map, "cpu"))  # loaded on the CPU, placed after the deltas are in
 
     def update_attn_implementation(self, config):
+        """Point an artifact's ``transformers_weights`` back at its weights: transformers 5.25 calls this hook just
+        before it resolves the checkpoint files, 5.17 calls `update_tp_plan` there (the same method)."""
         if self.pre_quantized and getattr(config, "transformers_weights", None) in artifact.WEIGHTS_OF:
             config.transformers_weights = artifact.WEIGHTS_OF[config.transformers_weights]
         return config
+
+    update_tp_plan = update_attn_implementation
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         if not checkpoint_files:

@@ -78,6 +78,14 @@ def test_every_third_party_import_is_declared(folders, extras):
     assert not missing, f"imported but not declared in pyproject.toml {list(extras) or 'dependencies'}: {missing}"
 
 
+def test_import_leaves_datasets_and_evaluate_until_used():
+    """`import hf_decompose` needs neither (only prompt files and the `evaluate` metric do): a machine without them
+    can still load, decompose and serve."""
+    code = "import sys, hf_decompose; print(sorted(m for m in ('datasets', 'evaluate') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_torch_is_a_range_that_keeps_an_installed_build():
     (torch,) = [r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if _normalized(r) == "torch"]
     assert "==" not in torch and ">=" in torch, torch

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AutoQuantizationConfig
 
 from hf_decompose import artifact
@@ -75,6 +75,17 @@ def test_local_round_trip_generates_like_the_finetune(tiny_pair, tmp_path):
     for loaded in (AutoDecomposedModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
         assert type(loaded).__name__ == "DecomposedLlamaForCausalLM"
         assert _generate(loaded, tokenizer, prompts) == expected
+
+
+@pytest.mark.parametrize("hook", ["update_attn_implementation", "update_tp_plan"])
+def test_either_config_hook_points_an_artifact_at_its_weights(hook):
+    """transformers 5.25 resolves the checkpoint files right after `update_attn_implementation`, 5.17 after
+    `update_tp_plan` (where an artifact stopped at "neither a safetensors file" with the first alone): both point back."""
+    quantizer = DecomposedHfQuantizer(DecomposedConfig(), pre_quantized=True)
+    for sentence, weights in artifact.WEIGHTS_OF.items():
+        config = PretrainedConfig(transformers_weights=sentence)
+        assert getattr(quantizer, hook)(config).transformers_weights == weights
+    assert getattr(quantizer, hook)(PretrainedConfig(transformers_weights="model.safetensors")).transformers_weights == "model.safetensors"
 
 
 def test_without_the_plugin_loading_fails_and_says_what_to_do(tmp_path):

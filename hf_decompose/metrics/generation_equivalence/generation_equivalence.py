@@ -6,8 +6,7 @@ import datasets
 import evaluate
 import numpy as np
 
-TIE_TOLERANCE = 1e-3  # logits: a top-1/top-2 margin below this is a tie
-TOP_K = 5  # vLLM's check_logprobs_close looks at each model's top 5
+from hf_decompose.metrics import TIE_TOLERANCE, TOP_K
 
 _DESCRIPTION = """
 Compares greedy continuations of a candidate model (`predictions`) with those of a reference
