@@ -1,6 +1,6 @@
 """GPU check: correctness and timings of hf_decompose on CUDA, in one unattended run of a few minutes.
 
-    python benchmarks/gpu_check.py [--budget-s 540] [--output benchmarks/results/gpu_check.json]
+    python benchmarks/gpu_check.py [--budget-s 540] [--timings plain,lowbit] [--output benchmarks/results/gpu_check.json]
 
 Run from a checkout on a machine with a CUDA GPU; needs only torch, transformers and accelerate
 (packages hf_decompose imports but nothing here runs, such as scipy, are stubbed when missing). It
@@ -229,6 +229,8 @@ def check_decompose_devices(fam: dict, device: str, tmp: Path) -> dict:
         on_logits, cpu_logits = (logits(DecomposedModel.from_pretrained(arts[d], base_model=fam["base"]).to(device), ids) for d in (device, "cpu"))
         out[mode] = {
             "same_tensors": same,
+            "only_on_device": sorted(on.keys() - cpu.keys())[:8], "only_on_cpu": sorted(cpu.keys() - on.keys())[:8],
+            "shapes_differ": [f"{k}: {tuple(on[k].shape)} vs {tuple(cpu[k].shape)}" for k in sorted(on.keys() & cpu.keys()) if on[k].shape != cpu[k].shape][:8],
             "same_support": same and all(torch.equal(on[k], cpu[k]) for k in on if k not in floats),  # indices, block rows / cols
             "bit_identical": same and all(torch.equal(on[k], cpu[k]) for k in on),
             "max_value_diff": max(((on[k].float() - cpu[k].float()).abs().max().item() for k in floats), default=0.0),
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip timing sections that would end later than this")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run with tiny sizes")
+    parser.add_argument("--timings", default="plain,lowbit", help="timing families to build and time: plain (low-rank + sparse / block "
+                        "deltas), lowbit (anneal-style low-rank + 3-bit), both by default; 'none' for the checks alone")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is available (torch.cuda.is_available() is False): nothing checked.")
@@ -372,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         section("decompose_devices", lambda: check_decompose_devices(tiny, args.device, tmp))
         section("device_maps", lambda: check_device_maps(tiny, args.device, tmp))
         new_tokens = 128 if gpu else 8
-        for label, kinds in (("", (0, 1)), ("_lowbit", (3,))):  # no dense deltas; then anneal-style low-rank + 3-bit
+        families = {"plain": ("", (0, 1)), "lowbit": ("_lowbit", (3,))}  # no dense deltas; anneal-style low-rank + 3-bit
+        chosen = [] if args.timings == "none" else args.timings.split(",")
+        if unknown := sorted(set(chosen) - families.keys()):
+            parser.error(f"--timings: unknown {unknown}; choose among {sorted(families)} or none")
+        for label, kinds in (families[f] for f in chosen):
             try:
                 mid = build_family(tmp / f"mid{label}", MID if gpu else TINY, tenants=8, dense_copies=8, kinds=kinds)
             except Exception:

@@ -5,7 +5,8 @@ random base (weights N(0, 0.02^2), norms 1) and a fine-tune = base + a rank-8 ch
 + small dense noise (every parameter), both saved in bfloat16 as sharded safetensors (1 GiB shards,
 an index), with the default pair's tokenizer. They are SYNTHETIC: random weights, no language.
 
-Per size, each phase in a fresh process (peaks do not mix), timed after its imports:
+Per size, each phase in a fresh process (peaks do not mix), timed after its imports (and the CUDA context, made
+once per process; both reported as ``imports_s``):
 
 * ``read``   - `safetensors.torch.load_file` of both checkpoints, every tensor cloned (the reference), run
   again after every mode: a mode's ratio is over the mean of the reads just before and after it (the
@@ -74,6 +75,8 @@ elif phase == "copy":
     from hf_decompose.checkpoints import sha256_files
 else:
     from hf_decompose import DecomposedConfig, decompose_to_disk
+if device != "cpu" and phase not in ("read", "copy") and torch.cuda.is_available():
+    torch.empty(1, device=device)  # the CUDA context: once per process, timed apart as the imports are
 t1 = time.perf_counter()
 if phase == "read":  # load_file maps the file; cloning brings every tensor's bytes into memory
     for f in sorted(Path(base).glob("*.safetensors")) + sorted(Path(ft).glob("*.safetensors")):
@@ -187,7 +190,9 @@ def _write_shard(save_file, shard: tuple[dict, dict], k: int, base_dir: Path, ft
 
 def run_phase(phase: str, base: Path, ft: Path, device: str, tmp: Path, threads: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(ft), device, str(tmp), str(threads)], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(ft), device, str(tmp), str(threads)], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"phase {phase} of {ft} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

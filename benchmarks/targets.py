@@ -5,7 +5,7 @@ verify on its 32 held-out prompts x 64 tokens (exact / tie-equivalent / vLLM-clo
 record stored bytes, bits per delta parameter, the fraction of the float32 delta and the time.
 Reads the pair's noise floor from results/noise_floor_<pair>.json when present (benchmarks/noise_floor.py).
     flock /tmp/hf_decompose_bench.lock python benchmarks/targets.py [--recipe recipes/long_wd_pair.yaml] [--targets tie,floor]
-        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5] [--expected-flips 0.25] [--max-time-s 900] [--head-row-steps 4]
+        [--schedule knapsack --levels int6,int4g64,lr0.5+int3g64,lr0.5+int2g64,lr0.5+int1g64,lr0.5+int1,lr0.5] [--expected-flips 0.25] [--max-time-s 900] [--head-row-steps 4] [--column-steps 0.5]
         [--more-heldout 160] [--output DIR]
 """
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--expected-flips", type=float, default=None, help="the guard's flip budget (default: the config's)")
     parser.add_argument("--max-time-s", type=float, default=None, help="the annealing's time cap (default: the config's)")
     parser.add_argument("--head-row-steps", type=float, default=None, help="annealing.head_row_steps (default: the config's)")
+    parser.add_argument("--column-steps", type=float, default=None, help="annealing.column_steps (default: the config's)")
     parser.add_argument("--more-heldout", type=int, default=0,
                         help="also verify on this many more held-out prompts (after the pair's calibration prompts in its prompt order)")
     parser.add_argument("--output", default=None, help="save each target's artifact under OUTPUT/<target>")
@@ -60,6 +61,7 @@ def main() -> None:
         overrides = ({"levels": args.levels.split(",")} if args.levels else {}) | ({} if args.expected_flips is None else {"expected_flips": args.expected_flips})
         overrides |= {} if args.max_time_s is None else {"max_time_s": args.max_time_s}
         overrides |= {} if args.head_row_steps is None else {"head_row_steps": args.head_row_steps}
+        overrides |= {} if args.column_steps is None else {"column_steps": args.column_steps}
         config = DecomposedConfig(mode="anneal", annealing={"target": target, "schedule": args.schedule, "grid": args.grid, **overrides})
         opts = config.annealing_options()
         model = decompose(pair.finetuned, pair.base, config, calibration=pair.calib_prompts, progress=True)
@@ -73,6 +75,7 @@ def main() -> None:
             model.save_pretrained(Path(args.output) / target)
         key = f"{target}/{opts['schedule']}/{args.grid}" + (f"/{args.levels}" if args.levels else "") + f"/flips{opts['expected_flips']:g}" + f"/{opts['max_time_s']:g}s"
         key += f"/head_rows{opts['head_row_steps']:g}" if opts["head_row_steps"] else ""
+        key += f"/column_steps{opts['column_steps']:g}" if opts["column_steps"] else ""
         rows[key] = {
             "target": target, "schedule": opts["schedule"], "levels_tried": opts["levels"], "grid": config.annealing["grid"], "stored_bytes": stored, "stored_fraction": report["stored_fraction"],
             "bits_per_param": bits_per_param(stored, report["delta_params"]),
