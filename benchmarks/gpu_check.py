@@ -96,6 +96,8 @@ from hf_decompose.parts import BlockPart, DensePart, LowRankPart, QuantPart, Spa
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+# timing families: label, matrix kinds (low-rank + sparse / block, no dense deltas; anneal-style low-rank + 3-bit)
+TIMING_FAMILIES = {"plain": ("", (0, 1)), "lowbit": ("_lowbit", (3,))}
 MID = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
            num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
 
@@ -342,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timings", default="plain,lowbit", help="timing families to build and time: plain (low-rank + sparse / block "
                         "deltas), lowbit (anneal-style low-rank + 3-bit), both by default; 'none' for the checks alone")
     args = parser.parse_args(argv)
+    timings = [] if args.timings == "none" else args.timings.split(",")
+    if unknown := sorted(set(timings) - TIMING_FAMILIES.keys()):
+        parser.error(f"--timings: unknown {unknown}; choose among {sorted(TIMING_FAMILIES)} or none")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is available (torch.cuda.is_available() is False): nothing checked.")
         return 3
@@ -376,11 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         section("decompose_devices", lambda: check_decompose_devices(tiny, args.device, tmp))
         section("device_maps", lambda: check_device_maps(tiny, args.device, tmp))
         new_tokens = 128 if gpu else 8
-        families = {"plain": ("", (0, 1)), "lowbit": ("_lowbit", (3,))}  # no dense deltas; anneal-style low-rank + 3-bit
-        chosen = [] if args.timings == "none" else args.timings.split(",")
-        if unknown := sorted(set(chosen) - families.keys()):
-            parser.error(f"--timings: unknown {unknown}; choose among {sorted(families)} or none")
-        for label, kinds in (families[f] for f in chosen):
+        for label, kinds in (TIMING_FAMILIES[f] for f in timings):
             try:
                 mid = build_family(tmp / f"mid{label}", MID if gpu else TINY, tenants=8, dense_copies=8, kinds=kinds)
             except Exception:
