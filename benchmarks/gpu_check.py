@@ -237,9 +237,20 @@ def check_decompose_devices(fam: dict, device: str, tmp: Path) -> dict:
             "bit_identical": same and all(torch.equal(on[k], cpu[k]) for k in on),
             "max_value_diff": max(((on[k].float() - cpu[k].float()).abs().max().item() for k in floats), default=0.0),
             "max_logit_diff": (on_logits - cpu_logits).abs().max().item(),
+            "test_stats_differ": _stats_differ(*(json.loads((arts[d] / artifact.REPORT).read_text()) for d in (device, "cpu"))),
         }
         ok &= out[mode]["same_support"] and out[mode]["max_logit_diff"] <= 1e-3 and (mode != "lossless" or out[mode]["bit_identical"])
     return out | {"ok": ok}
+
+
+def _stats_differ(on: dict, cpu: dict, limit: int = 8) -> list[str]:
+    """The criterion's per-tensor test statistics (robust scale, ranks, supported counts) that differ between two reports."""
+    out = []
+    for layer_on, layer_cpu in zip(on["layers"], cpu["layers"]):
+        for name, stats in layer_on.get("tensors", {}).items():
+            other = layer_cpu.get("tensors", {}).get(name, {})
+            out += [f"{name} {k}: {v} vs {other.get(k)}" for k, v in stats.items() if other.get(k) != v]
+    return out[:limit]
 
 
 def check_device_maps(fam: dict, device: str, tmp: Path) -> dict:
