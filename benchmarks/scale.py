@@ -20,8 +20,8 @@ once per process; both reported as ``imports_s``):
 Reported per mode: seconds and seconds over the read (ratio in one round), nanoseconds per parameter,
 peak RSS (VmHWM, the phase's own) over one checkpoint's bytes, and peak GPU memory when the device is CUDA.
 Acceptance (issue 12): on CPU lossless <= 3x and criterion <= 10x the read; time per parameter flat
-within 1.3x across sizes; peak RSS <= 1.5x one checkpoint at 1.5B. Writes benchmarks/results/scale.json
-and scale.png.
+within 1.3x across sizes; peak RSS <= 1.5x one checkpoint at 1.5B. Writes benchmarks/results/scale.json after
+every row (``"partial": true`` until the run ends) and scale.png at the end.
 
     python benchmarks/scale.py [--sizes 0.1b,0.5b,1.5b] [--modes lossless,criterion] [--device auto]
 """
@@ -246,6 +246,15 @@ def main() -> None:
         return
     load_before = os.getloadavg()
     rows = []
+
+    def write(partial: bool) -> None:
+        result = {"synthetic": True, "partial": partial, "machine": machine(), "device": args.device, "threads": args.threads or torch.get_num_threads(),
+                  "load_average_before": load_before, "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "family": {s: {"config": SIZES[s], "rank": RANK, "lowrank_scale": LOWRANK_SCALE, "noise": NOISE} for s in sizes},
+                  "acceptance": _acceptance(rows, cuda), "rows": rows}  # fmt: skip
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
     tmp = family_dir("tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for size, (base, ft) in pairs.items():
@@ -265,19 +274,15 @@ def main() -> None:
                 "peak_rss_bytes": r["peak_rss_bytes"], "rss_over_checkpoint": r["peak_rss_bytes"] / checkpoint, "peak_gpu_bytes": r["peak_gpu_bytes"],
             })  # fmt: skip
             print(_row(rows[-1]), flush=True)
+            write(partial=True)  # a run stopped early (a time limit) keeps the rows it measured
     shutil.rmtree(tmp, ignore_errors=True)
-    acceptance = _acceptance(rows, cuda)
     print(f"\nsynthetic Llama family (random weights), device {args.device}, torch threads {args.threads or torch.get_num_threads()}\n")
     print("| size | params | checkpoint (GiB) | phase | seconds | x read | ns / param | peak RSS (GiB) | RSS / checkpoint | peak GPU (GiB) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(_row(r))
-    print(json.dumps(acceptance, indent=2))
-    result = {"synthetic": True, "machine": machine(), "device": args.device, "threads": args.threads or torch.get_num_threads(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "family": {s: {"config": SIZES[s], "rank": RANK, "lowrank_scale": LOWRANK_SCALE,
-              "noise": NOISE} for s in sizes}, "acceptance": acceptance, "rows": rows}  # fmt: skip
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(_acceptance(rows, cuda), indent=2))
+    write(partial=False)
     plot(rows, Path(args.output).with_suffix(".png"))
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")
 
