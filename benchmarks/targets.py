@@ -88,9 +88,10 @@ def main() -> None:
         }
         if more:  # the acceptance's prompts and these: divergences outside the tie grade in all of them
             eq2 = verify_equivalence(reference, model, tokenizer, more, args.max_new_tokens, reference_tokens=more_tokens, progress=False)
-            rows[key]["more_heldout"] = {"prompts": len(more), "identical": eq2.identical, "tie_equivalent": round(eq2.tie_equivalent_rate * len(more)),
+            tie = round(eq2.tie_equivalent_rate * len(more))
+            rows[key]["more_heldout"] = {"prompts": len(more), "identical": eq2.identical, "tie_equivalent": tie,
                                          "vllm_close": round(eq2.logprobs_close_rate * len(more)), "mean_kl": eq2.mean_kl,
-                                         "non_tie_of_all": len(more) + eq.num_prompts - round(eq2.tie_equivalent_rate * len(more)) - round(eq.tie_equivalent_rate * eq.num_prompts)}
+                                         "non_tie_of_all": len(more) + eq.num_prompts - tie - rows[key]["tie_equivalent"]}
             print(f"{len(more)} more held-out prompts: {rows[key]['more_heldout']}", flush=True)
         print(f"\n== target {target} ({opts['schedule']}) ==\n{summary_table(report)}", flush=True)
         RESULTS.mkdir(exist_ok=True)

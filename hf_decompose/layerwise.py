@@ -48,7 +48,6 @@ def batches(input_ids: torch.Tensor, attention_mask: torch.Tensor, size: int) ->
         yield ids[:, first:], mask[:, first:]
 
 
-
 def output_name(model: nn.Module) -> str | None:
     """The name of `model`'s output embeddings module (None without one)."""
     head = model.get_output_embeddings()

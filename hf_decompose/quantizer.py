@@ -12,9 +12,9 @@ into the model (the base; the fine-tune only to compute its deltas):
    against, calibration prompts for ``mode="anneal"``). A device map over several devices or with disk
    offload is loaded on the CPU and placed once the substructures exist (step 5), since Accelerate places
    modules by name and the substructures are modules too.
-2. ``update_attn_implementation`` (``update_tp_plan`` in transformers 5.17) sees the config: an artifact's ``transformers_weights`` (a sentence
-   that stops transformers without this plugin) is pointed back at ``decomposition.safetensors`` (a sharded
-   artifact: at its index, so that transformers downloads every shard).
+2. ``update_attn_implementation`` (``update_tp_plan`` in transformers 5.17) sees the config: an artifact's
+   ``transformers_weights`` (a sentence that stops transformers without this plugin) is pointed back at
+   ``decomposition.safetensors`` (a sharded artifact: at its index, so that transformers downloads every shard).
 3. ``preprocess_model`` sees the empty skeleton and the checkpoint files. An artifact's other files are
    pulled and checksummed, its base pulled at the pinned revision and its SHA-256 checked; a fine-tune
    and its base are paired (shapes, dtypes, architecture). Then the checkpoint files transformers is about
