@@ -40,6 +40,10 @@ Z_HIST_RANGE, Z_HIST_BINS = 8.0, 64  # per-tensor histogram of entry z, kept in 
 # Tracy-Widom (beta=1) as a shifted gamma: Chiani (2014), "Distribution of the largest eigenvalue ...".
 _TW1_SHAPE, _TW1_SCALE, _TW1_SHIFT = 46.446, 0.186054, 9.84801
 CHUNK_BYTES = 4 * 2**20  # entry-wise work on a large matrix (an embedding) runs on blocks of rows this size
+# The smallest noise energy the tests resolve, as a fraction of the delta's: a noise scale below 1e-3 of its RMS is
+# none. A delta that is exactly structured (a merged adapter saved in float32) leaves a residual of float32 rounding
+# (~1e-7 of its scale) whose robust scale would make every test weigh the device's rounding (every entry supported).
+RESOLUTION = 1e-6
 
 
 def row_chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -151,7 +155,8 @@ def reject(pvalues: np.ndarray, q: float, correction: str) -> np.ndarray:
 
 
 def robust_sigma(values: torch.Tensor) -> float:
-    """1.4826 x median absolute deviation from the median: the Gaussian sigma, robust to outliers."""
+    """1.4826 x median absolute deviation from the median: the Gaussian sigma, robust to outliers (not floored:
+    `assess_layer` floors it at `resolution`)."""
     flat = values.reshape(-1)
     if flat.numel() > 4_000_000:  # a fixed-stride subsample estimates the median to ~1e-3 relative (copied: read once)
         flat = flat[:: flat.numel() // 2_000_000].contiguous()
@@ -161,6 +166,16 @@ def robust_sigma(values: torch.Tensor) -> float:
         return float(np.float32(MAD_TO_SIGMA) * np.float32(kernels.select_f32(flat, k, center=med)))
     med = _median(flat, k)
     return float(MAD_TO_SIGMA * _median((flat - med).abs(), k))
+
+
+def energy(delta: torch.Tensor) -> float:
+    """The sum of squares of `delta`: float32 pairwise sums (~1e-7 relative) of row blocks, added in float64."""
+    return sum(float(c.square().sum()) for c in row_chunks(delta))
+
+
+def resolution(total: float, numel: int) -> float:
+    """The smallest noise scale the tests resolve in a delta of `numel` entries and energy `total` (`RESOLUTION`)."""
+    return math.sqrt(RESOLUTION * total / numel) if numel else 0.0
 
 
 def _median(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -265,6 +280,7 @@ class SpectralResult:
 
     sigma: float
     edge: float
+    floor: float  # `resolution` of the delta: its noise scale is at least this
     rank: int
     singular_values: np.ndarray
     pvalues: np.ndarray
@@ -286,13 +302,13 @@ def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | 
     else:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     s_np = s.double().cpu().numpy()
-    total = sum(float(c.square().sum()) for c in row_chunks(delta))  # float32 pairwise sums (~1e-7 relative), blocks added in float64
+    total = energy(delta)
     tested = min(config.max_rank, len(s_np))
     rank, known = 0, sigma is not None
     for _ in range(10):
         if not known:
-            # floored at float32 resolution: an exactly low-rank delta (merged LoRA) leaves ~0, not a zero scale
-            noise = max(total - float((s_np[:rank] ** 2).sum()), 1e-6 * total)
+            # floored at `RESOLUTION`: an exactly low-rank delta (merged LoRA) leaves ~0, not a zero scale
+            noise = max(total - float((s_np[:rank] ** 2).sum()), RESOLUTION * total)
             sigma = math.sqrt(noise / ((m - rank) * (n - rank))) if noise > 0 else 0.0
         pvalues = spectral_pvalues(s_np[:tested], delta.shape, sigma)
         rejected = reject(pvalues, config.q, config.correction)
@@ -304,6 +320,7 @@ def spectral_test(delta: torch.Tensor, config: DecomposedConfig, sigma: float | 
     return SpectralResult(
         sigma=sigma,
         edge=sigma * (math.sqrt(m) + math.sqrt(n)),
+        floor=resolution(total, m * n),
         rank=rank,
         singular_values=s_np[:tested],
         pvalues=pvalues,
@@ -337,7 +354,8 @@ def assess_layer(
 
     `tensors` maps a name to (info, delta); under ``null="init"`` the delta is the weight itself and
     `init_sigma` the known scale of the initialization distribution. With `in_place`, each delta is
-    overwritten by its residual (no second copy of the largest matrix).
+    overwritten by its residual (no second copy of the largest matrix). An estimated nonzero scale is floored at
+    the delta's `resolution`.
     """
     results: dict[str, TensorTest] = {}
     matrix_sigmas = []
@@ -350,9 +368,12 @@ def assess_layer(
             spectral = spectral_test(delta, config, sigma=init_sigma)
             if len(row_chunks(delta)) > 1:
                 release_free_memory()  # the randomized SVD's temporaries of a large matrix
+            floor = spectral.floor
             if spectral.rank:  # delta - u v as one product added in: one pass, no temporary beside the residual
                 residual = (delta.addmm_ if in_place else delta.addmm)(spectral.u, spectral.v, alpha=-1)
-        sigma = init_sigma if init_sigma is not None else robust_sigma(residual)
+        else:
+            floor = resolution(energy(delta), delta.numel()) if init_sigma is None else 0.0
+        sigma = init_sigma if init_sigma is not None else _floored(robust_sigma(residual), floor)
         matrix_sigmas.append(sigma)
         results[name] = TensorTest(info, residual, sigma, torch.zeros_like(residual, dtype=torch.bool), spectral)
     # Vectors (norms, biases) are too short to estimate their own noise: use the layer's matrices.
@@ -360,7 +381,7 @@ def assess_layer(
     for name, (info, delta) in tensors.items():
         if delta.dim() == 2:
             continue
-        sigma = layer_sigma if layer_sigma is not None else robust_sigma(delta)
+        sigma = layer_sigma if layer_sigma is not None else _floored(robust_sigma(delta), resolution(energy(delta), delta.numel()))
         results[name] = TensorTest(info, delta, sigma, torch.zeros_like(delta, dtype=torch.bool))
 
     if config.entry_test:
@@ -381,6 +402,11 @@ def assess_layer(
         if result.sigma > 0:
             result.stats["z_hist"] = z_histogram(result.residual, result.sigma).tolist()
     return results
+
+
+def _floored(sigma: float, floor: float) -> float:
+    """A robust scale at least `floor`; 0 stays 0 (most entries unchanged: a sparse delta keeps every changed entry)."""
+    return max(sigma, floor) if sigma > 0 else sigma
 
 
 def z_histogram(residual: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -136,6 +136,29 @@ def test_spectral_test_recovers_planted_rank_and_not_noise():
     assert spectral_test(noise, config).rank == 0
 
 
+def test_exact_structure_leaves_no_rounding_supported():
+    """A merged adapter saved in float32 (fine-tune = base + B A, rounded once): its delta is rank 8 plus float32
+    rounding, 1e-7 of its scale. The tests resolve noise down to `RESOLUTION`: the spectral part keeps rank 8 and no
+    entry of the rounding is supported (every one was, and which ones depended on the device's rounding). An exactly
+    sparse delta (robust scale 0) keeps every changed entry, and a noisy one is tested at its own scale."""
+    gen = torch.Generator().manual_seed(0)
+    names = [f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+    layer = {}
+    for name in names:
+        shape = (256, 512) if "down" in name else (512, 256)
+        base = torch.randn(shape, generator=gen) * 0.02
+        lora = (torch.randn(shape[0], 8, generator=gen) * 0.01) @ (torch.randn(8, shape[1], generator=gen) * 0.01)
+        layer[name] = (describe(name, shape, "llama"), (base + lora) - base)
+    for name, test in assess_layer(layer, DecomposedConfig(mode="criterion"), None).items():
+        assert test.stats["spectral_rank"] == 8 and test.stats["supported_entries"] == 0, name
+    sparse = torch.zeros(512, 256)
+    sparse.view(-1)[torch.randperm(sparse.numel(), generator=gen)[:300]] = torch.randn(300, generator=gen) * 1e-3
+    only = assess_layer(_layer({names[0]: sparse.clone()}), DecomposedConfig(mode="criterion", spectral_test=False), None)[names[0]]
+    assert torch.equal(only.mask, sparse != 0)
+    noisy = torch.randn(512, 256, generator=gen) * 1e-4
+    assert abs(assess_layer(_layer({names[0]: noisy}), DecomposedConfig(mode="criterion"), None)[names[0]].sigma - 1e-4) < 5e-6
+
+
 def test_robust_sigma_ignores_outliers():
     torch.manual_seed(4)
     x = torch.randn(100_000) * 2.0
