@@ -63,7 +63,8 @@ from .parts import FullQuantPart, LowRankPart, QuantLowRankPart, QuantPart, Tens
 
 @dataclass
 class Calibration:
-    """Reference continuations and logits of the fine-tuned model on the calibration prompts."""
+    """Reference continuations and logits of the fine-tuned model on the calibration prompts: token ids and mask on
+    CPU, the reference's tokens, margins and logits where the guard's model runs."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -165,12 +166,12 @@ def head_row_steps(calib: Calibration, gap: float, cap: float = HEAD_ROW_CAP) ->
     distance (logits) of the token below the reference's top-1 over the calibration positions. A row's rounding moves
     its token's logit only, which flips a greedy choice only where the token is near the top: tokens that stay far
     below it take coarser steps. Tokens of the calibration prompts and continuations keep 1 (a tied head's rows are
-    also their input embeddings)."""
-    least = torch.full((calib.logits.shape[-1],), float("inf"))
+    also their input embeddings). Computed where the reference logits are; the steps are on CPU."""
+    least = torch.full((calib.logits.shape[-1],), float("inf"), device=calib.logits.device)
     for logits in calib.logits:  # a prompt at a time: one (positions, vocab) temporary
         logits = logits.float()
         least = torch.minimum(least, (logits.amax(-1, keepdim=True) - logits).amin(0))
-    rows = (least / gap).clamp_(1.0, cap)
+    rows = (least / gap).clamp_(1.0, cap).cpu()
     rows[calib.input_ids[calib.attention_mask.bool()]] = 1.0
     return rows
 
@@ -287,7 +288,7 @@ class GramCollector:
             x = args[0].detach().float()
             if isinstance(module, nn.Embedding) or (isinstance(module, DecomposedModule) and isinstance(module.base, nn.Embedding)):
                 return
-            x = x[self.mask.bool()] if self.mask is not None and x.shape[:2] == self.mask.shape else x.reshape(-1, x.shape[-1])
+            x = x[self.mask.to(x.device).bool()] if self.mask is not None and x.shape[:2] == self.mask.shape else x.reshape(-1, x.shape[-1])
             gram = x.t() @ x
             self.grams[name] = self.grams[name] + gram if name in self.grams else gram
 
@@ -300,10 +301,10 @@ class GramCollector:
         return self.close()
 
     def close(self) -> dict[str, torch.Tensor]:
-        """Remove the hooks; the Grams gathered."""
+        """Remove the hooks; the Grams gathered, on CPU (where the candidates are made)."""
         for h in self.handles:
             h.remove()
-        return self.grams
+        return {name: gram.cpu() for name, gram in self.grams.items()}
 
 
 # out / in from which `weighted_lowrank` factors a matrix through its Gram: on the 1.5B synthetic Llama's (49152, 2048)
@@ -929,7 +930,7 @@ class _StreamEngine:
     def _exact_inputs(self, index: int) -> Hidden:
         """The hidden states entering layer `index` (the final ones: N) on the exact model, per batch."""
         saved = self.made.store.get_tensors(f"inputs:{index}")
-        return [saved[str(b)] for b in range(len(saved))]
+        return [saved[str(b)].to(self.lw.device) for b in range(len(saved))]
 
     def _deltas_exact(self, index: int) -> dict[str, TensorDelta]:
         self._deltas(index)  # reads the fixed deltas

@@ -173,10 +173,11 @@ class DecomposedConfig(QuantizationConfigMixin):
         calibration_column: the column of a dataset given as `calibration` (default ``prompt`` or ``text``).
         hub_options: ``token`` / ``cache_dir`` / ``local_files_only`` for the downloads a load makes
             besides transformers' own (the base checkpoint). Not saved.
-        device: where the per-layer work runs (deltas, the criterion's tests and SVDs, Gram matrices and
-            error-feedback rounding): ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``,
-            ``"cuda:1"``... Layers stream from the files to it and their results back to CPU. Not saved:
-            the result is the same on every device up to float tolerance.
+        device: where the per-layer work runs (deltas, the criterion's tests and SVDs; annealing's guard:
+            its forward passes a decoder layer at a time and the Gram matrices; annealing's candidates, low
+            rank and rounding, are made on CPU): ``"auto"`` (CUDA when present, else CPU), ``"cpu"``,
+            ``"cuda"``, ``"cuda:1"``... Layers stream from the files to it and their results back to CPU.
+            Not saved: the result is the same on every device up to float tolerance.
         quant_method: always ``"hf_decompose"``: as a transformers ``quantization_config``
             (``from_pretrained(..., quantization_config=DecomposedConfig(base_model=...))``), this
             config makes loading decompose the checkpoint against ``base_model`` (see `hf_decompose.quantizer`).

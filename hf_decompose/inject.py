@@ -82,11 +82,11 @@ def wrappable(module: nn.Module) -> bool:
 
 
 def merge_into(param: nn.Parameter, delta: TensorDelta) -> None:
-    """param <- param + delta, in place (the same Parameter object, so ties and optimizers keep it)."""
+    """param <- param + delta, in place (the same Parameter and storage, so ties, views and optimizers keep it)."""
     if param.device.type == "meta":
         raise CheckpointError(f"cannot merge the delta of {delta.name!r} into an offloaded parameter")
     with torch.no_grad():
-        param.data = delta.merge(param.data)
+        param.copy_(delta.merge(param))
 
 
 def _wrap_tied_head(model: nn.Module, modules: dict[str, nn.Module], wrapped: dict[str, DecomposedModule]) -> None:

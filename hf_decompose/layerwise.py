@@ -7,7 +7,7 @@ runs; a proxy either materialises its layer (weights read from the checkpoint, d
 `inject.apply_deltas` does) for the one call, or records the arguments the model passes it, or hands
 back hidden states computed elsewhere. `run` takes the other path: layer by layer over cached hidden
 states, each layer materialised once for every batch. Peak memory: the resident modules, one layer,
-and the hidden states.
+and the hidden states, all on the runner's device (weights cross to it in their stored dtype).
 """
 
 from __future__ import annotations
@@ -55,17 +55,21 @@ def output_name(model: nn.Module) -> str | None:
 
 
 class Layerwise:
-    """`hf_config`'s model in `dtype` with weights `weights(name)` (a checkpoint tensor by name, any
+    """`hf_config`'s model in `dtype` on `device` with weights `weights(name)` (a checkpoint tensor by name, any
     float dtype) for checkpoint tensors `names`, those of decoder layers read by `layer_weights` (default:
     `weights`) every time a layer is materialised; decoder layer ``i`` gets ``layer_deltas(i)`` (an
     attribute: none by default) put in (`execution`, swappable) whenever it is. Resident deltas go in with
-    `set_resident`."""
+    `set_resident`. Token ids and masks may be anywhere; hidden states, logits and head inputs are on `device`."""
 
     def __init__(self, hf_config, dtype: torch.dtype, names: list[str], weights: Callable[[str], torch.Tensor],
-                 layer_weights: Callable[[str], torch.Tensor] | None = None, execution: str = "merged", batch_size: int = 8):
+                 layer_weights: Callable[[str], torch.Tensor] | None = None, execution: str = "merged", batch_size: int = 8,
+                 device: torch.device | str = "cpu"):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         model.eval()
+        self.device = torch.device(device)
+        for module in model.modules():  # the buffers are real (rotary frequencies): the parameters come in `_load`
+            module._buffers.update({n: b.to(self.device) for n, b in module._buffers.items() if b is not None})
         self.targets = TensorTargets(model)
         self.dtype, self.execution, self.batch_size = dtype, execution, batch_size
         self.weights, self.layer_weights = weights, layer_weights or weights
@@ -138,14 +142,14 @@ class Layerwise:
         skip = f"{self.prefix}.{index}." if index is not None else ""
         for name in self.by_layer.get(index, []):
             target = self.target_of[name]
-            tensor = (self.weights if index is None else self.layer_weights)(name).to(self.dtype)
+            tensor = (self.weights if index is None else self.layer_weights)(name).to(self.device).to(self.dtype)  # crosses as stored
             pname = target.parameter[len(skip) :]
             owner_name, _, attr = pname.rpartition(".")
             owner = root.get_submodule(owner_name)
             param = getattr(owner, attr)
             if target.strides is not None:  # entries of a fused parameter
                 if param.device.type == "meta":
-                    param = nn.Parameter(torch.zeros(param.shape, dtype=self.dtype), requires_grad=False)
+                    param = nn.Parameter(torch.zeros(param.shape, dtype=self.dtype, device=self.device), requires_grad=False)
                     owner._parameters[attr] = param
                 target.view(param.data).copy_(tensor)
                 continue
@@ -186,7 +190,7 @@ class Layerwise:
         try:
             for ids, mask in batches(input_ids, attention_mask, self.batch_size):
                 self._calls = {}
-                self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
+                self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=1, use_cache=False)
                 hidden.append(self._calls[0][0][0])
                 calls.append({i: (args[1:], kwargs) for i, (args, kwargs) in self._calls.items()})
         finally:
@@ -211,7 +215,7 @@ class Layerwise:
         try:
             for h, (ids, mask) in zip(hidden, batches(input_ids, attention_mask, self.batch_size)):
                 self._inject = h
-                kwargs = {"input_ids": ids, "attention_mask": mask, "logits_to_keep": logits_to_keep, "use_cache": False}
+                kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "logits_to_keep": logits_to_keep, "use_cache": False}
                 yield head_input(self.model, **kwargs) if inputs else self.model(**kwargs).logits
         finally:
             self.mode, self._inject = "stream", None

@@ -491,7 +491,8 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
         _log_resumed(inputs, len(groups), inputs.cache)
         t2 = time.perf_counter()
         hf_config = _plain_config(inputs.ft_dir)
-        lw = Layerwise(hf_config, pair.dtype, pair.names(), pair.base_tensor, RawTensors(pair.base.files).get, execution=config.execution)
+        device = config.torch_device()  # the guard's forward passes run there (the candidates are made on CPU)
+        lw = Layerwise(hf_config, pair.dtype, pair.names(), pair.base_tensor, RawTensors(pair.base.files).get, execution=config.execution, device=device)
         module_names, gram_names = lw.split_modules(annealable)
         resident = lw.by_layer.get(None, [])
         lw.set_resident({n: d for g in groups for n, d in store.get(g, [n for n in store.names(g) if n in resident]).items()})
@@ -500,7 +501,7 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
             annealed[_layer_of(module_names[n])].append(n)
 
         def reference(dtype: torch.dtype) -> Layerwise:  # the fine-tune itself, read layer by layer
-            return Layerwise(hf_config, dtype, pair.names(), pair.finetuned.get, RawTensors(pair.finetuned.files).get)
+            return Layerwise(hf_config, dtype, pair.names(), pair.finetuned.get, RawTensors(pair.finetuned.files).get, device=device)
 
         t3 = time.perf_counter()
         tokenizer = _tokenizer(inputs.ft_dir, inputs.base_dir)

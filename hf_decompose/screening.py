@@ -121,7 +121,7 @@ class HeadScreen:
         for weight, outside, norm in self._bounds:
             if weight is head.weight or torch.equal(weight, head.weight):
                 return outside, norm
-        outside = torch.empty(self.cand.shape[:2])
+        outside = torch.empty(self.cand.shape[:2], device=self.cand.device)
         for p in range(len(self.ref_inputs)):
             logits = F.linear(self.ref_inputs[p], head.weight, head.bias)
             outside[p] = logits.scatter_(-1, self.cand[p], float("-inf")).amax(-1)

@@ -13,6 +13,8 @@ from hf_decompose import ConfigError, DecomposedConfig, artifact, decompose_to_d
 from hf_decompose.criterion import randomized_svd
 from hf_decompose.quantize import quantize
 
+from .emulated_device import emulated_device
+
 CUDA = torch.cuda.is_available()
 
 
@@ -70,6 +72,28 @@ def test_explicit_cpu_runs_the_work_there_and_writes_the_default_artifact(tiny_p
     assert default.keys() == cpu.keys() and all(torch.equal(default[k], cpu[k]) for k in default)
     index = json.loads((tmp_path / "cpu" / artifact.INDEX).read_text())
     assert "device" not in index["config"]
+
+
+@pytest.mark.parametrize("mode", ["lossless", "criterion", "anneal"])
+def test_an_accelerator_emulated_on_cpu_runs_each_mode_there_and_writes_the_cpus_artifact(tiny_pair, single_thread, tmp_path, monkeypatch, mode):
+    """Device placement without a device: on an accelerator emulated on CPU (`emulated_device`: any operation mixing its
+    tensors with CPU tensors fails, as on CUDA) each mode runs its per-layer work there (annealing also its guard: every
+    decoder layer materialised there, the guard's forward passes and Grams) and writes the CPU's artifact byte for byte."""
+    from hf_decompose.layerwise import Layerwise
+
+    annealing = {"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128}
+    config = DecomposedConfig(mode=mode, annealing=annealing, calibration=tiny_pair.calib_prompts if mode == "anneal" else None, device="cpu")
+    cpu = decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, config, output_dir=tmp_path / "cpu", progress=False)
+    materialised = []
+    layer = Layerwise.layer
+    monkeypatch.setattr(Layerwise, "layer", lambda self, *a, **k: materialised.append(layer(self, *a, **k)) or materialised[-1])
+    with emulated_device() as device:
+        monkeypatch.setattr(DecomposedConfig, "torch_device", lambda self: device)
+        emulated = decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, config, output_dir=tmp_path / "emulated", progress=False)
+        placed = {p.device for m in materialised for p in m.parameters()}
+    assert placed == ({device} if mode == "anneal" else set())
+    ours, theirs = load_file(cpu / artifact.WEIGHTS), load_file(emulated / artifact.WEIGHTS)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _tensors(args) -> list[torch.Tensor]:
