@@ -131,12 +131,17 @@ def _row_blocks(pair: CheckpointPair, info: ParamInfo, device: torch.device, dty
 
 def _delta(pair: CheckpointPair, info: ParamInfo, device: torch.device) -> torch.Tensor:
     """fine-tune - base, float32, canonical layout, on `device`. A pair stored in bfloat16 (and not loaded as float16)
-    on CPU is read as stored and subtracted in one pass (`kernels.difference_bf16`: the same values, without float32
-    copies of both tensors)."""
+    is read as stored: on CPU subtracted in one pass (`kernels.difference_bf16`: the same values, without float32
+    copies of both tensors), on an accelerator moved there in bfloat16 (half the bytes of float32, no conversion on
+    the CPU) and subtracted there in float32 (exact: the same values)."""
     stored = {TORCH_DTYPES[pair.finetuned.dtype(info.name)], TORCH_DTYPES[pair.base.dtype(info.name)]}
-    if device.type == "cpu" and stored == {torch.bfloat16} and pair.dtype != torch.float16 and kernels.available():
+    as_stored = stored == {torch.bfloat16} and pair.dtype != torch.float16
+    if as_stored and device.type == "cpu" and kernels.available():
         base, ft = pair.base_tensor(info.name, dtype=torch.bfloat16), pair.finetuned.get(info.name, dtype=torch.bfloat16)
         return info.canonical(kernels.difference_bf16(base, ft))
+    if as_stored and device.type != "cpu":
+        ((_, base, ft),) = _row_blocks(pair, info, device, torch.bfloat16)  # 16-bit: read whole
+        return ft.float().sub_(base.float())
     out = None
     for rows, base, ft in _row_blocks(pair, info, device):
         if rows is None:

@@ -96,6 +96,29 @@ def test_an_accelerator_emulated_on_cpu_runs_each_mode_there_and_writes_the_cpus
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_bfloat16_pair_crosses_to_an_emulated_accelerator_as_stored(tmp_path, single_thread, monkeypatch):
+    """On an accelerator the criterion's deltas of a bfloat16 pair cross in bfloat16 (half float32's bytes) and are
+    subtracted there in float32: the artifact is the CPU's byte for byte (the randomized SVD's subspace in the CPU's
+    dtype on both: an accelerator may choose another)."""
+    import hf_decompose.criterion as criterion
+
+    from .test_dtypes import pair_16bit
+
+    base, ft = pair_16bit(tmp_path, torch.bfloat16)
+    config = DecomposedConfig(mode="criterion", device="cpu")
+    cpu = decompose_to_disk(ft, base, config, output_dir=tmp_path / "cpu", progress=False)
+    monkeypatch.setattr(criterion, "subspace_dtype", lambda device, _dtype=criterion.subspace_dtype(torch.device("cpu")): _dtype)
+    crossed = []
+    row_blocks = model_module._row_blocks
+    monkeypatch.setattr(model_module, "_row_blocks", lambda *a: crossed.append(a[-1]) or row_blocks(*a))
+    with emulated_device() as device:
+        monkeypatch.setattr(DecomposedConfig, "torch_device", lambda self: device)
+        emulated = decompose_to_disk(ft, base, config, output_dir=tmp_path / "emulated", progress=False)
+    assert crossed and set(crossed) == {torch.bfloat16}
+    ours, theirs = load_file(cpu / artifact.WEIGHTS), load_file(emulated / artifact.WEIGHTS)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def _tensors(args) -> list[torch.Tensor]:
     """The tensors among `assess_layer`'s or `exact_delta`'s arguments."""
     out = [a for a in args if isinstance(a, torch.Tensor)]
