@@ -7,7 +7,7 @@ runs; a proxy either materialises its layer (weights read from the checkpoint, d
 `inject.apply_deltas` does) for the one call, or records the arguments the model passes it, or hands
 back hidden states computed elsewhere. `run` takes the other path: layer by layer over cached hidden
 states, each layer materialised once for every batch. Peak memory: the resident modules, one layer,
-and the hidden states, all on the runner's device (weights cross to it in their stored dtype).
+and the hidden states, all on the runner's device (a decoder layer's weights cross to it in their stored dtype).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class Layerwise:
         skip = f"{self.prefix}.{index}." if index is not None else ""
         for name in self.by_layer.get(index, []):
             target = self.target_of[name]
-            tensor = (self.weights if index is None else self.layer_weights)(name).to(self.device).to(self.dtype)  # crosses as stored
+            tensor = (self.weights if index is None else self.layer_weights)(name).to(self.device).to(self.dtype)  # cast on the device
             pname = target.parameter[len(skip) :]
             owner_name, _, attr = pname.rpartition(".")
             owner = root.get_submodule(owner_name)
