@@ -14,8 +14,8 @@ factors, dense blocks, sparse entries) saved as artifacts, and checks on ``cuda`
 * decomposition on the device (``DecomposedConfig(device=...)``) against CPU, lossless and criterion, of the tiny
   pair (noise-free structured deltas, as a merged LoRA in float32) and of one with dense noise in every delta: the
   same stored tensors and support (lossless bit for bit), logits within 1e-3, and the criterion's per-tensor
-  statistics that differ (annealing's levels are not compared here: the tiny pairs have no tokenizer for its
-  calibration prompts);
+  statistics that differ; annealing (its guard's forward passes on the device) of the tiny pair with a character
+  tokenizer for the built-in calibration prompts: the same level for every layer, logits within 1e-2, both timed;
 * device maps: substructures offloaded to CPU and to disk, ``"auto"`` under a small
   ``max_memory``, and with two or more GPUs ``"balanced"`` with the substructures spread: identical
   greedy tokens.
@@ -248,6 +248,38 @@ def check_decompose_devices(fam: dict, device: str, tmp: Path) -> dict:
     return out | {"ok": ok}
 
 
+def char_tokenizer(directory: Path):
+    """A tokenizer of one token per character of the built-in calibration prompts (fewer than the tiny vocabulary's
+    256), saved into `directory`: what annealing needs of a fine-tune to calibrate on them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set((ROOT / "hf_decompose" / "data" / "calibration.txt").read_text()))
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated"), decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="</s>").save_pretrained(directory)
+
+
+def check_anneal_devices(fam: dict, device: str, tmp: Path) -> dict:
+    """Anneal the first fine-tune on `device` and on CPU (8 built-in calibration prompts x 16 tokens): the same level
+    for every layer, logits within 1e-2 (codes rounded on Grams of each device's arithmetic may differ), both timed."""
+    char_tokenizer(fam["dense"][0])
+    ids = prompts(3, TINY["vocab_size"], device, seed=5)
+    config = {"calibration_prompts": 8, "calibration_tokens": 16}  # the guard's default 2048 positions: the layers stop at 3 levels
+    arts, seconds, levels = {}, {}, {}
+    for d in dict.fromkeys((device, "cpu")):
+        t = time.perf_counter()
+        arts[d] = decompose_to_disk(fam["dense"][0], fam["base"], DecomposedConfig(mode="anneal", device=d, annealing=config),
+                                    output_dir=tmp / f"anneal_on_{d}", progress=False)  # fmt: skip
+        seconds[d] = time.perf_counter() - t
+        levels[d] = {row["layer"]: row["level"] for row in json.loads((arts[d] / artifact.REPORT).read_text())["annealing"]["levels"]}
+    on_logits, cpu_logits = (logits(DecomposedModel.from_pretrained(arts[d], base_model=fam["base"]).to(device), ids) for d in (device, "cpu"))
+    same_bytes = (arts[device] / artifact.WEIGHTS).read_bytes() == (arts["cpu"] / artifact.WEIGHTS).read_bytes()
+    diff = (on_logits - cpu_logits).abs().max().item()
+    return {"ok": levels[device] == levels["cpu"] and diff <= 1e-2, "levels_on_device": levels[device], "levels_on_cpu": levels["cpu"],
+            "bit_identical": same_bytes, "max_logit_diff": diff, "seconds_on_device": seconds[device], "seconds_on_cpu": seconds["cpu"]}  # fmt: skip
+
+
 def _stats_differ(on: dict, cpu: dict, limit: int = 8) -> list[str]:
     """The criterion's per-tensor test statistics (robust scale, ranks, supported counts) that differ between two reports."""
     out = []
@@ -399,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         # 1e-8), so the tests weigh each device's rounding (criterion's rows differed so on an H200); with it they do not
         noisy = build_family(tmp / "tiny_noisy", TINY, tenants=1, dense_copies=1, kinds=(0, 1, 2), noise=2e-3)
         section("decompose_devices_noisy", lambda: check_decompose_devices(noisy, args.device, tmp / "noisy"))
+        section("anneal_devices", lambda: check_anneal_devices(tiny, args.device, tmp / "anneal"))
         section("device_maps", lambda: check_device_maps(tiny, args.device, tmp))
         new_tokens = 128 if gpu else 8
         for label, kinds in (TIMING_FAMILIES[f] for f in timings):
