@@ -3,7 +3,8 @@
 Tensors made on or moved to the emulated device (PyTorch's ``lazy`` device type, which a CPU build dispatches
 without a backend of its own) are `OnDevice` wrappers around CPU tensors; every operation on them runs on CPU
 through `EmulatedDevice`, and one that mixes them with CPU tensors of a dimension or more raises, as CUDA does
-(copies, and indices for indexing, may cross). NumPy refuses them, as it refuses CUDA tensors.
+(copies may cross, and CPU indices may index a tensor on the device, not the other way). NumPy refuses them, as it
+refuses CUDA tensors.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 DEVICE = torch.device("lazy", 0)
 aten = torch.ops.aten
-CROSSING = {aten.copy_.default, aten._to_copy.default, aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
-            aten._index_put_impl_.default}  # fmt: skip
+COPIES = {aten.copy_.default, aten._to_copy.default}
+INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}  # indices may be on CPU
 
 
 class OnDevice(torch.Tensor):
@@ -48,7 +49,8 @@ class EmulatedDevice(TorchDispatchMode):
         flat, _ = tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         on_device = any(isinstance(t, OnDevice) for t in tensors)
-        if on_device and func not in CROSSING and any(not isinstance(t, OnDevice) and t.dim() for t in tensors):
+        checked = tensors if func not in INDEXING else [args[0], *args[2:3]] if isinstance(args[0], OnDevice) else tensors  # self, values
+        if on_device and func not in COPIES and any(not isinstance(t, OnDevice) and t.dim() for t in checked if isinstance(t, torch.Tensor)):
             raise RuntimeError(f"{func}: tensors on the emulated device and on CPU")
         target = kwargs.get("device")
         to_device = target is not None and torch.device(target).type == DEVICE.type
