@@ -84,13 +84,17 @@ def test_an_accelerator_emulated_on_cpu_runs_each_mode_there_and_writes_the_cpus
     annealing = {"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128}
     config = DecomposedConfig(mode=mode, annealing=annealing, calibration=tiny_pair.calib_prompts if mode == "anneal" else None, device="cpu")
     cpu = decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, config, output_dir=tmp_path / "cpu", progress=False)
-    materialised = []
+    materialised, seen = [], []
     layer = Layerwise.layer
     monkeypatch.setattr(Layerwise, "layer", lambda self, *a, **k: materialised.append(layer(self, *a, **k)) or materialised[-1])
+    for name in ("assess_layer", "exact_delta"):
+        real = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, _real=real, **k: seen.append({t.device for t in _tensors(a)}) or _real(*a, **k))
     with emulated_device() as device:
         monkeypatch.setattr(DecomposedConfig, "torch_device", lambda self: device)
         emulated = decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, config, output_dir=tmp_path / "emulated", progress=False)
         placed = {p.device for m in materialised for p in m.parameters()}
+    assert seen and all(devices == {device} for devices in seen)
     assert placed == ({device} if mode == "anneal" else set())
     ours, theirs = load_file(cpu / artifact.WEIGHTS), load_file(emulated / artifact.WEIGHTS)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
