@@ -234,12 +234,20 @@ def randomized_svd(a: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torc
 def _small_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD of a wide `b` (k, n), k <= n, from the eigendecomposition of its Gram ``b b^T`` (k x k) in float64:
     ``vh = diag(1 / s) u^T b`` (a direction of zero singular value gets a zero row). The leading triplets match LAPACK's
-    SVD to ~1e-12 relative, a direction of singular value s to ~eps64 (s_1 / s)^2; 5-7x faster for k = 72."""
+    SVD to ~1e-12 relative, a direction of singular value s to ~eps64 (s_1 / s)^2; 5-7x faster for k = 72. The k x k
+    eigendecomposition runs on the CPU (`_on_host`)."""
     b64 = b.double()
-    values, u = torch.linalg.eigh(b64 @ b64.T)
+    values, u = (t.to(b.device) for t in torch.linalg.eigh(_on_host(b64 @ b64.T)))
     s, u = values.flip(0).clamp_(min=0).sqrt_(), u.flip(1)
     vh = (u.T @ b64).mul_(torch.where(s > 0, 1 / s, 0)[:, None])
     return u.to(b.dtype), s.to(b.dtype), vh.to(b.dtype)
+
+
+def _on_host(small: torch.Tensor) -> torch.Tensor:
+    """A small (k x k) matrix on the CPU for its factorization: on CUDA `torch.linalg`'s eigendecomposition and Cholesky
+    of one 72 x 72 matrix launch cuSOLVER for milliseconds and wait for it (pytorch#121603, #183806), LAPACK on the
+    host takes tens of microseconds; the same matrix on CPU (no copy)."""
+    return small.cpu()
 
 
 def subspace_dtype(device: torch.device) -> torch.dtype:
@@ -266,11 +274,11 @@ def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
     Householder QR on a 2 core CPU for 72 columns); Householder QR where the Gram is singular or `y` (whose condition
     number is L's) may be conditioned worse than `CHOLESKY_QR_CONDITION` (``||L||_F ||L^-1||_F``, a bound of it, above)."""
     y64 = y.double()
-    chol, info = torch.linalg.cholesky_ex(y64.T @ y64)
+    chol, info = torch.linalg.cholesky_ex(_on_host(y64.T @ y64))  # the small factorization on the CPU (`_on_host`)
     if int(info) == 0:
-        inverse = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device), upper=False)
+        inverse = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[0], dtype=chol.dtype), upper=False)
         if float(torch.linalg.matrix_norm(chol)) * float(torch.linalg.matrix_norm(inverse)) <= CHOLESKY_QR_CONDITION:
-            return (y64 @ inverse.T.contiguous()).to(y.dtype)
+            return (y64 @ inverse.T.contiguous().to(y.device)).to(y.dtype)
     return torch.linalg.qr(y).Q
 
 

@@ -59,6 +59,27 @@ def test_randomized_svd_finds_the_leading_triplets_and_leaves_the_global_rng_alo
     assert torch.equal(s, s2) and torch.equal(u, u2)
 
 
+def test_the_randomized_svd_on_an_emulated_accelerator_factors_its_small_matrices_on_the_host(monkeypatch):
+    """On an accelerator the randomized SVD's products run there and its k x k factorizations (Cholesky, eigenvalues)
+    on the CPU, where LAPACK takes microseconds and cuSOLVER milliseconds: the CPU's triplets bit for bit."""
+    import hf_decompose.criterion as criterion
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(600, 8, generator=gen) @ torch.randn(8, 400, generator=gen) + 1e-3 * torch.randn(600, 400, generator=gen)
+    monkeypatch.setattr(criterion, "subspace_dtype", lambda device, _dtype=criterion.subspace_dtype(torch.device("cpu")): _dtype)
+    cpu = randomized_svd(a, 72, niter=3, seed=0)
+    factored = []
+    for name in ("eigh", "cholesky_ex"):
+        real = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda m, *args, _real=real, **kw: factored.append(m.device) or _real(m, *args, **kw))
+    with emulated_device() as device:
+        on_device = randomized_svd(a.to(device), 72, niter=3, seed=0)
+        assert all(t.device == device for t in on_device)
+        on_device = [t.cpu() for t in on_device]
+    assert len(factored) == 8 and set(factored) == {torch.device("cpu")}  # 7 bases, 1 small SVD
+    assert all(torch.equal(x, y) for x, y in zip(cpu, on_device))
+
+
 @pytest.mark.parametrize("mode", ["lossless", "criterion"])
 def test_explicit_cpu_runs_the_work_there_and_writes_the_default_artifact(tiny_pair, single_thread, tmp_path, monkeypatch, mode):
     decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode=mode), output_dir=tmp_path / "default", progress=False)
