@@ -23,7 +23,7 @@ Acceptance (issue 12): on CPU lossless <= 3x and criterion <= 10x the read; time
 within 1.3x across sizes; peak RSS <= 1.5x one checkpoint at 1.5B. Writes benchmarks/results/scale.json after
 every row (``"partial": true`` until the run ends) and scale.png at the end.
 
-    python benchmarks/scale.py [--sizes 0.1b,0.5b,1.5b] [--modes lossless,criterion] [--device auto] [--tokenizer DIR]
+    python benchmarks/scale.py [--sizes 0.1b,0.5b,1.5b] [--modes lossless,criterion] [--device auto] [--tokenizer DIR] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ RANK, LOWRANK_SCALE, NOISE = 8, 1e-3, 2e-4
 
 PHASE = PEAK_RSS + r"""
 import json, sys, tempfile, time
-phase, base, ft, device, out, threads = sys.argv[1:7]
+phase, base, ft, device, out, threads, profile = sys.argv[1:8]
 t0 = time.perf_counter()
 import torch
 if int(threads):
@@ -89,6 +89,15 @@ elif phase == "copy":
         flushed.start()  # flushed while hashed, as an artifact's weights are
         sha256_files(copies)
         flushed.join()
+elif profile:  # the operators' own times, CPU and CUDA, two tables in one file (the phase's time is not reported)
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and device != "cpu" else [])
+    with tempfile.TemporaryDirectory(dir=out) as tmp, torch.profiler.profile(activities=activities) as prof:
+        decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
+    table = prof.key_averages()
+    with open(profile, "w") as f:
+        for key in ["self_cpu_time_total"] + (["self_device_time_total"] if len(activities) > 1 else []):
+            f.write(f"sorted by {key}\n{table.table(sort_by=key, row_limit=40)}\n")
 else:
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
@@ -192,9 +201,11 @@ def _write_shard(save_file, shard: tuple[dict, dict], k: int, base_dir: Path, ft
         save_file(tensors, str(d / f"shard-{k}.safetensors"), metadata={"format": "pt"})
 
 
-def run_phase(phase: str, base: Path, ft: Path, device: str, tmp: Path, threads: int = 0) -> dict:
+def run_phase(phase: str, base: Path, ft: Path, device: str, tmp: Path, threads: int = 0, profile: Path | None = None) -> dict:
+    """One phase in a fresh process; with `profile`, run again under `torch.profiler` instead, its tables written there."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", PHASE, phase, str(base), str(ft), device, str(tmp), str(threads)], capture_output=True, text=True, env=env)
+    argv = [sys.executable, "-c", PHASE, phase, str(base), str(ft), device, str(tmp), str(threads), str(profile or "")]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"phase {phase} of {ft} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -238,6 +249,8 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="build (or find) the checkpoints and stop")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a folder with the tokenizer files to build the family with (default: the "
                         "default pair's, built if missing)")
+    parser.add_argument("--profile", type=Path, default=None, help="after each timed mode, run it once more under torch.profiler and write "
+                        "the operators' CPU and CUDA times to PROFILE/<size>_<mode>.txt")
     parser.add_argument("--output", default=str(RESULTS / "scale.json"))
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -281,6 +294,9 @@ def main() -> None:
             })  # fmt: skip
             print(_row(rows[-1]), flush=True)
             write(partial=True)  # a run stopped early (a time limit) keeps the rows it measured
+            if args.profile and phase != "read":
+                args.profile.mkdir(parents=True, exist_ok=True)
+                run_phase(phase, base, ft, args.device, tmp, args.threads, profile=args.profile / f"{size}_{phase}.txt")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nsynthetic Llama family (random weights), device {args.device}, torch threads {args.threads or torch.get_num_threads()}\n")
     print("| size | params | checkpoint (GiB) | phase | seconds | x read | ns / param | peak RSS (GiB) | RSS / checkpoint | peak GPU (GiB) |")
