@@ -30,11 +30,15 @@ class OnDevice(torch.Tensor):
 
     @staticmethod
     def __new__(cls, inner: torch.Tensor):
-        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, strides=inner.stride(), storage_offset=inner.storage_offset(),
-                                                    dtype=inner.dtype, device=DEVICE, requires_grad=inner.requires_grad)  # fmt: skip
+        strided = {"strides": inner.stride(), "storage_offset": inner.storage_offset()} if inner.layout == torch.strided else {}
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, **strided, layout=inner.layout, dtype=inner.dtype, device=DEVICE,
+                                                    requires_grad=inner.requires_grad)  # fmt: skip
 
     def __init__(self, inner: torch.Tensor):
         self.inner = inner
+
+    def tolist(self):  # a copy to the host, as on CUDA (PyTorch refuses it for subclasses)
+        return self.inner.tolist()
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -10,6 +10,7 @@ from hf_decompose.multi import TenantModule, TenantVectors, _Stacked
 from hf_decompose.parts import LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import quantize
 
+from .emulated_device import emulated_device
 from .synthetic import perturb, random_model
 
 NAMES = ("a", "b", "c")
@@ -65,6 +66,27 @@ def test_mixed_batch_equals_each_finetune_alone(family):
     with torch.no_grad():  # the fine-tunes differ from each other and from the base, so a mix-up would show
         logits = [multi(input_ids=ids[:1], decomposed_names=[n]).logits for n in (*NAMES, None)]
     assert all((a - b).abs().max() > 0.1 for i, a in enumerate(logits) for b in logits[i + 1 :])
+
+
+def test_every_execution_runs_on_an_emulated_accelerator_as_on_cpu(family):
+    """Merged, split and several fine-tunes in one batch, moved to an accelerator emulated on CPU (`emulated_device`: an
+    operation mixing its tensors with CPU tensors fails, as on CUDA): the CPU's logits within 1e-5, the same tokens."""
+    ids, rows = _ids(3), ["a", None, "c"]
+    mask = torch.ones_like(ids)
+    models = {execution: DecomposedModel.from_pretrained(family / "art_a", execution=execution) for execution in ("merged", "split")}
+    models["multi"] = DecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    kwargs = {"multi": {"decomposed_names": rows}}
+    with torch.no_grad():
+        expected = {k: (m(input_ids=ids, **kwargs.get(k, {})).logits, m.generate(input_ids=ids, attention_mask=mask, **kwargs.get(k, {}), **GEN))
+                    for k, m in models.items()}
+    with emulated_device() as device, torch.no_grad():
+        for k, m in models.items():
+            m.to(device)
+            logits = m(input_ids=ids.to(device), **kwargs.get(k, {})).logits
+            tokens = m.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs.get(k, {}), **GEN)
+            assert logits.device == device and tokens.device == device, k
+            torch.testing.assert_close(logits.cpu(), expected[k][0], rtol=0, atol=1e-5, msg=k)
+            assert torch.equal(tokens.cpu(), expected[k][1]), k
 
 
 def test_set_active_matches_single_model_and_base(family):
