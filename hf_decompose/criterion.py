@@ -246,7 +246,7 @@ def _small_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def _on_host(small: torch.Tensor) -> torch.Tensor:
     """A small (k x k) matrix on the CPU for its factorization: on CUDA `torch.linalg`'s eigendecomposition and Cholesky
     of one 72 x 72 matrix launch cuSOLVER for milliseconds and wait for it (pytorch#121603, #183806), LAPACK on the
-    host takes tens of microseconds; the same matrix on CPU (no copy)."""
+    host takes tens of microseconds. A matrix already on the CPU is returned as it is."""
     return small.cpu()
 
 
