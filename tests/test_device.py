@@ -83,14 +83,10 @@ def test_the_randomized_svd_on_an_emulated_accelerator_factors_its_small_matrice
 @pytest.mark.parametrize("mode", ["lossless", "criterion"])
 def test_explicit_cpu_runs_the_work_there_and_writes_the_default_artifact(tiny_pair, single_thread, tmp_path, monkeypatch, mode):
     decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode=mode), output_dir=tmp_path / "default", progress=False)
-    seen = []
-    for name in ("assess_layer", "exact_delta"):
-        real = getattr(model_module, name)
-        monkeypatch.setattr(model_module, name, lambda *a, _real=real, **k: seen.append({t.device for t in _tensors(a)}) or _real(*a, **k))
+    seen = _devices_of_the_work(monkeypatch)
     decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, DecomposedConfig(mode=mode, device="cpu"), output_dir=tmp_path / "cpu", progress=False)
     assert seen and all(devices == {torch.device("cpu")} for devices in seen)
-    default, cpu = load_file(tmp_path / "default" / artifact.WEIGHTS), load_file(tmp_path / "cpu" / artifact.WEIGHTS)
-    assert default.keys() == cpu.keys() and all(torch.equal(default[k], cpu[k]) for k in default)
+    _assert_same_weights(tmp_path / "default", tmp_path / "cpu")
     index = json.loads((tmp_path / "cpu" / artifact.INDEX).read_text())
     assert "device" not in index["config"]
 
@@ -105,20 +101,16 @@ def test_an_accelerator_emulated_on_cpu_runs_each_mode_there_and_writes_the_cpus
     annealing = {"calibration_prompts": 8, "calibration_tokens": 16, "positions": 128}
     config = DecomposedConfig(mode=mode, annealing=annealing, calibration=tiny_pair.calib_prompts if mode == "anneal" else None, device="cpu")
     cpu = decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, config, output_dir=tmp_path / "cpu", progress=False)
-    materialised, seen = [], []
+    materialised, seen = [], _devices_of_the_work(monkeypatch)
     layer = Layerwise.layer
     monkeypatch.setattr(Layerwise, "layer", lambda self, *a, **k: materialised.append(layer(self, *a, **k)) or materialised[-1])
-    for name in ("assess_layer", "exact_delta"):
-        real = getattr(model_module, name)
-        monkeypatch.setattr(model_module, name, lambda *a, _real=real, **k: seen.append({t.device for t in _tensors(a)}) or _real(*a, **k))
     with emulated_device() as device:
         monkeypatch.setattr(DecomposedConfig, "torch_device", lambda self: device)
         emulated = decompose_to_disk(tiny_pair.finetuned, tiny_pair.base, config, output_dir=tmp_path / "emulated", progress=False)
         placed = {p.device for m in materialised for p in m.parameters()}
     assert seen and all(devices == {device} for devices in seen)
     assert placed == ({device} if mode == "anneal" else set())
-    ours, theirs = load_file(cpu / artifact.WEIGHTS), load_file(emulated / artifact.WEIGHTS)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    _assert_same_weights(cpu, emulated)
 
 
 def test_a_bfloat16_pair_crosses_to_an_emulated_accelerator_as_stored(tmp_path, single_thread, monkeypatch):
@@ -140,7 +132,21 @@ def test_a_bfloat16_pair_crosses_to_an_emulated_accelerator_as_stored(tmp_path, 
         monkeypatch.setattr(DecomposedConfig, "torch_device", lambda self: device)
         emulated = decompose_to_disk(ft, base, config, output_dir=tmp_path / "emulated", progress=False)
     assert crossed and set(crossed) == {torch.bfloat16}
-    ours, theirs = load_file(cpu / artifact.WEIGHTS), load_file(emulated / artifact.WEIGHTS)
+    _assert_same_weights(cpu, emulated)
+
+
+def _devices_of_the_work(monkeypatch) -> list[set[torch.device]]:
+    """The devices of the tensors `assess_layer` and `exact_delta` are given, a set per call, filled as they run."""
+    seen = []
+    for name in ("assess_layer", "exact_delta"):
+        real = getattr(model_module, name)
+        monkeypatch.setattr(model_module, name, lambda *a, _real=real, **k: seen.append({t.device for t in _tensors(a)}) or _real(*a, **k))
+    return seen
+
+
+def _assert_same_weights(a, b) -> None:
+    """Two artifacts' weights: the same tensors, bit for bit."""
+    ours, theirs = load_file(a / artifact.WEIGHTS), load_file(b / artifact.WEIGHTS)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
