@@ -74,6 +74,8 @@ elif phase == "copy":
     from pathlib import Path
     from hf_decompose.checkpoints import sha256_files
 else:
+    import contextlib
+    from torch.profiler import ProfilerActivity
     from hf_decompose import DecomposedConfig, decompose_to_disk
 if device != "cpu" and phase not in ("read", "copy") and torch.cuda.is_available():
     torch.empty(1, device=device)  # the CUDA context: once per process, timed apart as the imports are
@@ -89,18 +91,14 @@ elif phase == "copy":
         flushed.start()  # flushed while hashed, as an artifact's weights are
         sha256_files(copies)
         flushed.join()
-elif profile:  # the operators' own times, CPU and CUDA, two tables in one file (the phase's time is not reported)
-    from torch.profiler import ProfilerActivity
+else:  # with `profile`: the operators' own times, CPU and CUDA, two tables in one file (the phase's time is not reported)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and device != "cpu" else [])
-    with tempfile.TemporaryDirectory(dir=out) as tmp, torch.profiler.profile(activities=activities) as prof:
+    with tempfile.TemporaryDirectory(dir=out) as tmp, torch.profiler.profile(activities=activities) if profile else contextlib.nullcontext() as prof:
         decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
-    table = prof.key_averages()
-    with open(profile, "w") as f:
-        for key in ["self_cpu_time_total"] + (["self_device_time_total"] if len(activities) > 1 else []):
-            f.write(f"sorted by {key}\n{table.table(sort_by=key, row_limit=40)}\n")
-else:
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
+    if profile:
+        with open(profile, "w") as f:
+            for key in ["self_cpu_time_total"] + (["self_device_time_total"] if len(activities) > 1 else []):
+                f.write(f"sorted by {key}\n{prof.key_averages().table(sort_by=key, row_limit=40)}\n")
 t2 = time.perf_counter()
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and phase not in ("read", "copy") else None
 print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": peak_rss_bytes(),
