@@ -602,8 +602,8 @@ class _Candidates:
                  store: DeltaStore | None = None, rows: dict[str, torch.Tensor] | None = None):
         self.layer_of = {n: layer for layer, names in layers.items() for n in names}
         self.exact_of, self.grams, self.config, self.store, self.rows = exact_of, grams, config, store, rows or {}
-        opts = config.annealing_options()  # the knapsack weighs errors by the Grams, mixed levels refit on them
-        self.grams_reused = opts["schedule"] == "knapsack" or any(level.mix is not None for level in config.annealing_levels())
+        opts = config.annealing_options()  # the knapsack weighs errors by the Grams, mixed and low-bit factors refit on them
+        self.grams_reused = opts["schedule"] == "knapsack" or any(level.mix is not None or level.factor_bits is not None for level in config.annealing_levels())
         self.layer: str | None = None
         self.items: dict[str, _Candidate] = {}
         self.held: dict[str, dict[str, _Candidate]] = {}
@@ -656,7 +656,7 @@ class _Candidates:
 
     def _gram_needed(self, c: _Candidate) -> bool:
         """Whether a later visit may use `c`'s Gram: for factors or an error-feedback factor not built yet, the knapsack's
-        errors or a mixed level's refit. Else it stays out of the store (on the 1.5B synthetic Llama: a third of 1 GiB a layer)."""
+        errors or a mixed or low-bit factors' refit. Else it stays out of the store (on the 1.5B synthetic Llama: a third of 1 GiB a layer)."""
         return self.grams_reused or c._factors is None or (c._feedback is None and bool(self.config.annealing["error_feedback"]))
 
 
@@ -1104,11 +1104,16 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
         if r >= min(full.shape) or r * sum(full.shape) >= full.num_params():
             return full
         return TensorDelta(full.name, full.shape, full.transposed, [LowRankPart(u[:, :r].contiguous(), v[:r].contiguous())])
-    # the factors go to bfloat16 first, so the quantized residual absorbs their rounding too
-    u, v = (u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous()) if r else (None, None)
-    residual = full.to_dense()
-    if u is not None:
-        residual.addmm_(u.float(), v.float(), alpha=-1)  # in place: no second matrix of the delta's size
+    # the factors are rounded first (to bfloat16, or to codes of `factor_bits` with u refit to the rounded v on the
+    # calibration Gram), so that the codes of the residual absorb their rounding too
+    residual, lowrank = full.to_dense(), None
+    if r and level.factor_bits is None:
+        lowrank = LowRankPart(u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous())
+    elif r:
+        lowrank = QuantLowRankPart.quantize(u[:, :r], v[:r], level.factor_bits, c.gram if c.config.annealing["error_feedback"] else None, residual)
+    if lowrank is not None:
+        fu, fv = (lowrank.u, lowrank.v) if level.factor_bits is None else lowrank.factors()
+        residual.addmm_(fu.float(), fv.float(), alpha=-1)  # in place: no second matrix of the delta's size
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row (and per column)
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
     feedback, columns = c.feedback, c.columns if level.step is not None else None
@@ -1119,7 +1124,7 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     codes, scales = quantize_codes(residual, level.bits, level.group, gram=feedback, grid=grid, step=level.step, overwrite=True, row_steps=rows)
     del residual  # rounded over: freed before the codes' stored form is made
     kind = FullQuantPart if grid == "full" else QuantPart
-    parts = [kind(codes, scales, level.bits, columns)] + ([] if u is None else [LowRankPart(u, v)])
+    parts = [kind(codes, scales, level.bits, columns)] + ([] if lowrank is None else [lowrank])
     delta = TensorDelta(full.name, full.shape, full.transposed, parts)
     return delta if delta.nbytes() < full.nbytes() else full
 

@@ -74,7 +74,7 @@ TARGET_SCHEDULES: dict[str, dict[str, Any]] = {
 
 
 MIX = re.compile(r"^mix(?P<bits>[0-9]+(?:\.[0-9]+)?)$")
-LEVEL = re.compile(r"^(?:lr(?P<eps>[0-9.]+)(?:$|\+(?=[is])))?(?:int(?P<bits>\d+)(?:g(?P<group>\d+))?|step(?P<step>[0-9.]+))?$")
+LEVEL = re.compile(r"^(?:lr(?P<eps>[0-9.]+)(?:q(?P<factor_bits>\d+))?(?:$|\+(?=[is])))?(?:int(?P<bits>\d+)(?:g(?P<group>\d+))?|step(?P<step>[0-9.]+))?$")
 STEP_BITS = 4  # a step level's code width: +-7, what the fused 4-bit kernels run
 
 
@@ -88,7 +88,8 @@ class Level:
     size follows the step, about ``2.05 - log2(step)`` bits per Gaussian entry).
 
     Written ``"lr0.5+int3g64"``, ``"int8"`` (every entry in 8 bits), ``"lr0.05"`` (low rank only),
-    ``"lr0.5+step1.7"``;
+    ``"lr0.5+step1.7"``, ``"lr0.5q8+step1.7"`` (`factor_bits`: the kept directions' factors in 8-bit codes with a scale
+    per direction, rounded before the rest, whose codes absorb their rounding; without ``q``, bfloat16 factors);
     a bare number ``0.05`` means ``"lr0.05"``. ``"mix1.5"`` (`mix`): Delta-CoMe's mixed precision at 1.5
     bits per entry, the weighted directions in 2- to 8-bit factors as their energies earn the bits
     (`annealing.mixed_widths`), the rest dropped.
@@ -99,6 +100,7 @@ class Level:
     group: int = 0
     mix: float | None = None
     step: float | None = None
+    factor_bits: int | None = None
 
     @classmethod
     def parse(cls, spec: str | float) -> Level:
@@ -113,11 +115,14 @@ class Level:
         try:
             step = None if match["step"] is None else float(match["step"])
             bits = STEP_BITS if step is not None else None if match["bits"] is None else int(match["bits"])
-            level = cls(None if match["eps"] is None else float(match["eps"]), bits, int(match["group"] or 0), step=step)
+            factor_bits = None if match["factor_bits"] is None else int(match["factor_bits"])
+            level = cls(None if match["eps"] is None else float(match["eps"]), bits, int(match["group"] or 0), step=step, factor_bits=factor_bits)
         except (TypeError, ValueError):
-            raise ConfigError(f"annealing level {spec!r} is not of the form 'lr<eps>', 'int<bits>[g<group>]', 'step<step>', 'lr<eps>+' one of those two, or 'mix<bits>'") from None
+            raise ConfigError(f"annealing level {spec!r} is not of the form 'lr<eps>', 'int<bits>[g<group>]', 'step<step>', 'lr<eps>[q<bits>]+' one of those two, or 'mix<bits>'") from None
         if (level.eps is None and level.bits is None) or (level.eps is not None and not 0 < level.eps <= 1) or (level.bits is not None and level.bits not in BITS):
             raise ConfigError(f"annealing level {spec!r}: eps must lie in (0, 1] and bits in {BITS}")
+        if factor_bits is not None and (level.bits is None or not 2 <= factor_bits <= 8):
+            raise ConfigError(f"annealing level {spec!r}: factors in q<bits> take 2 to 8 bits, beside codes (low rank alone in low bits: 'mix<bits>')")
         if step is not None and not 0 < step <= 64:
             raise ConfigError(f"annealing level {spec!r}: a step must lie in (0, 64] row RMS")
         return level

@@ -419,6 +419,7 @@ def test_ladder_heats_a_round_in_groups_and_splits_a_refused_one(monkeypatch):
     (True, {"levels": ["lr0.003", "lr0.01", "lr0.03"]}),  # low-rank-only levels: the bfloat16 precision step is accepted
     (False, {"schedule": "knapsack"}),
     (False, {"schedule": "knapsack", "levels": ["mix16", "mix8", "mix2"]}),  # low-bit low rank (`qlowrank`; the tiny deltas are full rank)
+    (False, {"levels": ["lr0.3q8+int8", "lr0.3q8+step0.8"]}),  # 8-bit factors beside the codes (their refit on the Grams)
 ])  # fmt: skip
 def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_untied, tied, annealing):
     """`decompose` anneals one decoder layer at a time (`layerwise`); annealing the whole model held in
@@ -431,7 +432,7 @@ def test_layer_by_layer_anneal_matches_the_model_in_memory(tiny_pair, tiny_pair_
     assert [{k: t.get(k) for k in keys} for t in annealed["trace"]] == [{k: t.get(k) for k in keys} for t in report["trace"]]
     assert annealed["precision"] == report["precision"]
     assert report["precision"]["accepted"] == tied
-    if any("mix" in level for level in annealing.get("levels", [])):  # the artifact stores and runs the low-bit factors
+    if any("mix" in level or "q8" in level for level in annealing.get("levels", [])):  # the artifact stores and runs the low-bit factors
         assert any(p.kind == "qlowrank" for d in streamed.deltas.values() for p in d.parts)
         ids = torch.tensor([[1, 5, 9, 13]])
         with torch.no_grad():
