@@ -1107,12 +1107,13 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
     # the factors are rounded first (to bfloat16, or to codes of `factor_bits` with u refit to the rounded v on the
     # calibration Gram), so that the codes of the residual absorb their rounding too
     residual, lowrank = full.to_dense(), None
-    if r and level.factor_bits is None:
-        lowrank = LowRankPart(u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous())
-    elif r:
-        lowrank = QuantLowRankPart.quantize(u[:, :r], v[:r], level.factor_bits, c.gram if c.config.annealing["error_feedback"] else None, residual)
-    if lowrank is not None:
-        fu, fv = (lowrank.u, lowrank.v) if level.factor_bits is None else lowrank.factors()
+    if r:
+        if level.factor_bits is None:
+            lowrank = LowRankPart(u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous())
+            fu, fv = lowrank.u, lowrank.v
+        else:
+            lowrank = QuantLowRankPart.quantize(u[:, :r], v[:r], level.factor_bits, c.gram if c.config.annealing["error_feedback"] else None, residual)
+            fu, fv = lowrank.factors()
         residual.addmm_(fu.float(), fv.float(), alpha=-1)  # in place: no second matrix of the delta's size
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row (and per column)
     grid = "signed" if level.bits == 1 or level.step is not None else c.config.annealing["grid"]
