@@ -39,7 +39,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -387,6 +387,7 @@ class _Candidate:
     _columns: torch.Tensor | None = None
     rows: torch.Tensor | None = None  # multipliers of the steps per row on the signed grid (an output head's: `head_row_steps`)
     cut: bool = False  # factors cut to the most directions a level of the config's ladder keeps (`_Candidates`' are)
+    rounded: dict[tuple[int, int], QuantLowRankPart] = field(default_factory=dict)  # (directions, bits): `rounded_factors`
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -403,6 +404,24 @@ class _Candidate:
         if any(level.mix is not None for level in levels):
             return len(s)
         return max([rank_for(s, eps, self.floor) for eps in {level.eps for level in levels if level.eps is not None}], default=0)
+
+    def rounded_factors(self, r: int, bits: int, target: torch.Tensor | None = None) -> QuantLowRankPart:
+        """The leading `r` directions in `bits`-bit factors, u refit to the rounded v on the Gram when error feedback
+        is on (`QuantLowRankPart.quantize`; `target`: the dense delta, if at hand), made once: every level with
+        these directions and bits has the same factors, so a revisit needs neither the Gram nor a refit."""
+        if (r, bits) not in self.rounded:
+            u, v, _ = self.factors
+            gram = self.gram if self.config.annealing["error_feedback"] else None
+            target = target if target is not None or gram is None else self.full.to_dense()
+            self.rounded[r, bits] = QuantLowRankPart.quantize(u[:, :r], v[:r], bits, gram, target)
+        return self.rounded[r, bits]
+
+    def round_factors(self) -> None:
+        """Make the rounded factors of every level of the config with `factor_bits` (before the Gram is let go)."""
+        _, _, s = self.factors
+        for level in self.config.annealing_levels():
+            if level.factor_bits is not None and level.eps is not None and (r := rank_for(s, level.eps, self.floor)):
+                self.rounded_factors(r, level.factor_bits)
 
     @property
     def feedback(self) -> Feedback | None:
@@ -602,8 +621,8 @@ class _Candidates:
                  store: DeltaStore | None = None, rows: dict[str, torch.Tensor] | None = None):
         self.layer_of = {n: layer for layer, names in layers.items() for n in names}
         self.exact_of, self.grams, self.config, self.store, self.rows = exact_of, grams, config, store, rows or {}
-        opts = config.annealing_options()  # the knapsack weighs errors by the Grams, mixed and low-bit factors refit on them
-        self.grams_reused = opts["schedule"] == "knapsack" or any(level.mix is not None or level.factor_bits is not None for level in config.annealing_levels())
+        opts = config.annealing_options()  # the knapsack weighs errors by the Grams, mixed levels refit on them
+        self.grams_reused = opts["schedule"] == "knapsack" or any(level.mix is not None for level in config.annealing_levels())
         self.layer: str | None = None
         self.items: dict[str, _Candidate] = {}
         self.held: dict[str, dict[str, _Candidate]] = {}
@@ -630,7 +649,7 @@ class _Candidates:
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
             items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
-                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True)
+                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True, rounded=_rounded_of(saved, n))
         return items
 
     def clear(self) -> None:
@@ -639,6 +658,8 @@ class _Candidates:
         if self.store is not None and self.layer is not None and key not in self.store:  # a first visit builds every factor it needs
             saved = {}
             for n, c in self.items.items():
+                if c.gram is not None and c._factors is not None:
+                    c.round_factors()
                 if c.gram is not None and self._gram_needed(c):
                     saved[f"{n}.gram"] = c.gram
                 if c._factors is not None:
@@ -649,6 +670,8 @@ class _Candidates:
                     saved.update({f"{n}.feedback": _upper_rows(c._feedback.factor), f"{n}.dead": c._feedback.dead})
                 if c.columns is not None:  # from the Gram, which a later visit may not have
                     saved[f"{n}.columns"] = c.columns
+                for (r, bits), part in c.rounded.items():
+                    saved.update({f"{n}.rounded.{r}.{bits}.{k}": getattr(part, k) for k in QuantLowRankPart.fields})
             if saved:
                 self.store.put_tensors(key, saved)
         self.layer, self.items = None, {}
@@ -656,8 +679,19 @@ class _Candidates:
 
     def _gram_needed(self, c: _Candidate) -> bool:
         """Whether a later visit may use `c`'s Gram: for factors or an error-feedback factor not built yet, the knapsack's
-        errors or a mixed or low-bit factors' refit. Else it stays out of the store (on the 1.5B synthetic Llama: a third of 1 GiB a layer)."""
+        errors or a mixed level's refit (low-bit factors are rounded before it goes, `round_factors`). Else it stays
+        out of the store (on the 1.5B synthetic Llama: a third of 1 GiB a layer)."""
         return self.grams_reused or c._factors is None or (c._feedback is None and bool(self.config.annealing["error_feedback"]))
+
+
+def _rounded_of(saved: dict[str, torch.Tensor], name: str) -> dict[tuple[int, int], QuantLowRankPart]:
+    """A candidate's rounded factors as `_Candidates.clear` stored them (``NAME.rounded.R.BITS.FIELD``)."""
+    prefix, found = f"{name}.rounded.", defaultdict(dict)
+    for key, t in saved.items():
+        if key.startswith(prefix):
+            r, bits, k = key[len(prefix) :].split(".")
+            found[int(r), int(bits)][k] = t
+    return {(r, bits): QuantLowRankPart(**f, bits=bits) for (r, bits), f in found.items()}
 
 
 def _upper_rows(factor: torch.Tensor) -> torch.Tensor:
@@ -1112,7 +1146,7 @@ def _level_delta(c: _Candidate, level: Level) -> TensorDelta:
             lowrank = LowRankPart(u[:, :r].bfloat16().contiguous(), v[:r].bfloat16().contiguous())
             fu, fv = lowrank.u, lowrank.v
         else:
-            lowrank = QuantLowRankPart.quantize(u[:, :r], v[:r], level.factor_bits, c.gram if c.config.annealing["error_feedback"] else None, residual)
+            lowrank = c.rounded_factors(r, level.factor_bits, residual)
             fu, fv = lowrank.factors()
         residual.addmm_(fu.float(), fv.float(), alpha=-1)  # in place: no second matrix of the delta's size
     # one bit is the same on both grids; a step quantizer is the signed grid with a step per row (and per column)

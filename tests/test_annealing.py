@@ -327,8 +327,9 @@ def test_a_layer_left_behind_keeps_its_error_feedback_factor_for_the_next_visit(
 
 @pytest.mark.parametrize("levels", [None, ["int8", "mix2"]])
 def test_a_layer_left_behind_stores_its_gram_only_where_a_later_visit_may_use_it(tmp_path, levels):
-    """The ladder's levels use a Gram only to build factors and the error-feedback factor, kept from the first visit: the
-    Gram stays out of the store (a third of it on the 1.5B synthetic Llama); mixed levels refit on it, so it is kept."""
+    """The ladder's levels use a Gram only to build factors, the error-feedback factor and their 8-bit factors, kept
+    from the first visit: the Gram stays out of the store (a third of it on the 1.5B synthetic Llama); mixed levels
+    refit on it, so it is kept."""
     from hf_decompose import annealing
     from hf_decompose.config import Level
     from hf_decompose.layerwise import DeltaStore
@@ -350,6 +351,7 @@ def test_a_layer_left_behind_stores_its_gram_only_where_a_later_visit_may_use_it
     assert {f"{first}.u", f"{first}.feedback"} <= set(saved)
     assert saved[f"{first}.feedback"].numel() == 16 * 17 // 2  # the upper-triangular factor's rows from the diagonal on
     assert (f"{first}.gram" in saved) == (levels is not None)
+    assert any(k.startswith(f"{first}.rounded.") for k in saved) == (levels is None)  # the default ladder's 8-bit factors, rounded instead
     assert torch.equal(annealing._level_delta(cands[first], level).to_dense(), before)
     assert torch.equal(cands[first].feedback.factor, annealing.Feedback.of(x.t() @ x).factor)  # read back whole
 
