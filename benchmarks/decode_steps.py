@@ -20,6 +20,7 @@ first use).
 
     python benchmarks/decode_steps.py --synthetic 12 [--threads 2]
     python benchmarks/decode_steps.py --synthetic 18 --hidden 2048 --level step1.5 --steps 24   # ~0.9B, ~15 min
+    python benchmarks/decode_steps.py --artifact out/demo/anneal --output results/decode_steps_demo.json   # an artifact you have
 """
 
 from __future__ import annotations
@@ -94,22 +95,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--level", default="int3g64", choices=SYNTHETIC_LEVELS, help="the synthetic fine-tune's stored layout")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per case")
+    parser.add_argument("--artifact", type=Path, help="an artifact of the default pair's fine-tune to run (a demo's `out/demo/anneal`) "
+                        "instead of the one built from --mode and --target; needs --output")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    if args.artifact and (args.synthetic or not args.output):
+        parser.error("--artifact runs the default pair's artifact given, written to --output (not with --synthetic)")
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     from hf_decompose.pair import cache_dir
 
     root = cache_dir() / "benchmarks"
-    family = synthetic_family(root, args.synthetic, args.hidden, args.level) if args.synthetic else default_family(1, root, args.mode, args.target)
+    family = synthetic_family(root, args.synthetic, args.hidden, args.level) if args.synthetic else default_family(1, root, args.mode, args.target, args.artifact)
     vocab = AutoModelForCausalLM.from_pretrained(family["base"]).config.vocab_size
     ids = torch.randint(1, vocab, (ROWS, 16), generator=torch.Generator().manual_seed(0))
     original = AutoModelForCausalLM.from_pretrained(family["finetuned"][0], dtype=torch.float32).eval()
     merged = DecomposedModel.from_pretrained(family["artifacts"][0]).set_execution("merged")
     split = DecomposedModel.from_pretrained(family["artifacts"][0]).set_execution("split")
     label = f"synthetic Llama {sum(p.numel() for p in original.parameters()) / 1e9:.2f}B, {args.level}" if args.synthetic else \
-        f"default pair, {args.mode} artifact{f' ({args.target} target)' if args.target else ''}"
+        f"default pair, {args.mode} artifact{f' ({args.target} target)' if args.target else ''}" if not args.artifact else \
+        f"default pair, the artifact given ({merged.report['stored_fraction']:.2%} of the float32 delta)"
     art_bytes = Path(family["artifacts"][0], "decomposition.safetensors").stat().st_size
     multi = DecomposedModel.from_pretrained({f"ft{k}": family["artifacts"][0] for k in range(max(TENANTS))})  # N = 1, 2, 4 use the first N
     names = {n: [f"ft{i % n}" for i in range(ROWS)] for n in TENANTS}

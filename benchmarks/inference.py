@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -48,9 +49,9 @@ TARGETS = {"merged_vs_original": 1.03, "split_vs_merged_b1": 1.15, "memory_n8_vs
 
 
 # -- the models --------------------------------------------------------------------------------
-def default_family(n: int, root: Path, mode: str = "criterion", target: str | None = None) -> dict:
+def default_family(n: int, root: Path, mode: str = "criterion", target: str | None = None, artifact: Path | None = None) -> dict:
     """The default pair plus n - 1 recipe variants, decomposed (`mode`, ``"anneal"`` for the anneal artifact, to
-    annealing's `target` when given; lossless for the first too)."""
+    annealing's `target` when given; lossless for the first too); `artifact`: the default pair's, as given."""
     from transformers import AutoTokenizer
 
     from hf_decompose.pair import TRAIN_PLAYS, FinetuneRecipe, prepare_default_pair
@@ -64,7 +65,7 @@ def default_family(n: int, root: Path, mode: str = "criterion", target: str | No
     tokenizer = AutoTokenizer.from_pretrained(pair.finetuned)
     prompts = [tokenizer(p)["input_ids"] for p in pair.eval_prompts[:ROWS]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return _decomposed(pair.base, tuned, root, prompts, pad, mode, target)
+    return _decomposed(pair.base, tuned, root, prompts, pad, mode, target, artifact)
 
 
 def quick_family(n: int, root: Path) -> dict:
@@ -143,11 +144,13 @@ def synthetic_family(root: Path, layers: int, hidden: int = 1024, level: str = "
 
 
 def _decomposed(base: Path, tuned: list[Path], root: Path, prompts: list[list[int]], pad: int, mode: str = "criterion",
-                target: str | None = None) -> dict:
-    artifacts = []
+                target: str | None = None, artifact: Path | None = None) -> dict:
+    artifacts = [] if artifact is None else [str(artifact)]
     config = DecomposedConfig(mode=mode, annealing={"target": target} if target else {})
-    for ft in tuned:
-        out = root / f"{Path(ft).name}-{mode}{f'-{target}' if target else ''}"
+    # the whole configuration, defaults filled in, names a cached artifact: a default changed since is not served stale
+    settings = hashlib.sha256(json.dumps(config.to_dict() | {"annealing": config.annealing_options()}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    for ft in tuned[len(artifacts) :]:
+        out = root / f"{Path(ft).name}-{mode}{f'-{target}' if target else ''}-{settings}"
         if not (out / "decomposed_config.json").exists():
             decompose(ft, base, config, progress=False).save_pretrained(out, overwrite=True)
         artifacts.append(str(out))
