@@ -283,7 +283,10 @@ def check_artifact_config(quantization_config: Any, where: str | Path) -> Decomp
     method = quantization_config.get("quant_method") if isinstance(quantization_config, dict) else getattr(quantization_config, "quant_method", None)
     if method != QUANT_METHOD:
         raise ArtifactError(f"{where}: its config.json has quant_method {method!r}, not {QUANT_METHOD!r}: not a decomposed artifact")
-    return DecomposedConfig.from_dict(dict(quantization_config))
+    try:
+        return DecomposedConfig.from_dict(dict(quantization_config))
+    except ConfigError as e:  # named by its artifact: a field another version of hf_decompose wrote, or an edited file
+        raise ConfigError(f"{where}: its config.json's quantization_config: {e}") from e
 
 
 _CLASSES: dict[type, type] = {}

@@ -4,6 +4,7 @@ loading through `AutoModelForCausalLM` / `AutoDecomposedModelForCausalLM`, and t
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -178,6 +179,12 @@ def test_unknown_quant_method_and_plain_checkpoints(tmp_path):
     index["files"]["config.json"] = sha256_files([out / "config.json"])["config.json"]
     artifact._write_index(out, index)  # consistently re-signed: the config itself must be refused
     with pytest.raises(ArtifactError, match="quant_method 'mystery', not 'hf_decompose'"):
+        AutoDecomposedModelForCausalLM.from_pretrained(out)
+    config["quantization_config"] |= {"quant_method": "hf_decompose", "annealing": {"factor_bits": 8}}  # a field this version does not know
+    (out / "config.json").write_text(json.dumps(config))
+    index["files"]["config.json"] = sha256_files([out / "config.json"])["config.json"]
+    artifact._write_index(out, index)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(out))}: its config.json's quantization_config: unknown annealing field.s.: factor_bits"):
         AutoDecomposedModelForCausalLM.from_pretrained(out)
 
 
