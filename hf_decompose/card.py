@@ -110,7 +110,7 @@ def _equivalence(eq: dict | None, floor: dict | None = None) -> str:
         return "Not measured for this upload (run `hf-decompose verify DIR --prompts PROMPTS` and push again)."
     n = eq["num_prompts"]
     rows = [
-        ("greedy `generate()` identical", f"{eq['exact_match_rate']:.0%} of {n} held-out prompts x {eq['max_new_tokens']} new tokens"),
+        ("greedy `generate()` identical", f"{round(eq['exact_match_rate'] * n)} / {n} held-out prompts x {eq['max_new_tokens']} new tokens"),
         ("max abs logit difference", f"{eq['max_abs_logit_diff']:.3g}"),
         ("mean KL(fine-tune || decomposed)", f"{eq['mean_kl']:.3g}"),
         ("top-1 agreement", f"{eq['top1_agreement']:.2%}"),
