@@ -16,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
@@ -91,8 +91,15 @@ def _short(name: str) -> str:
     return name.removesuffix(".weight").split(".")[-1]
 
 
+def bits_scale(bits: np.ndarray) -> str:
+    """The bits axis's scale: log where the nonzero bars span more than a decade (a float32 norm's 32 bits beside
+    layers of 1-2 bits left those a row of equal stubs), else linear."""
+    positive = bits[bits > 0]
+    return "log" if len(positive) and positive.min() < positive.max() / 10 else "linear"
+
+
 def plot_layers(report: dict, path: Path) -> Path:
-    """Bars: stored bits per delta parameter (log scale when they span decades) and number of substructures per layer."""
+    """Bars: stored bits per delta parameter (`bits_scale`) and number of substructures per layer."""
     layers = report.get("layers", [])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(FIGSIZE[0], 6), sharex=True)
     if not layers:
@@ -102,8 +109,13 @@ def plot_layers(report: dict, path: Path) -> Path:
     x = np.arange(len(layers))
     bits = np.array([bits_per_param(layer.get("stored_bytes", 4 * layer["kept_params"]), layer["delta_params"]) for layer in layers])
     top.bar(x, np.maximum(bits, 1e-6), color="tab:blue")
-    if bits.max() > 0 and bits[bits > 0].min() < bits.max() / 100:
-        top.set_yscale("log")
+    top.set_yscale(bits_scale(bits))
+    if top.get_yscale() == "log":  # bits read as powers of two (1, 2, 4, ..., 32), at most 8 of them
+        positive = bits[bits > 0]
+        lo, hi = math.floor(math.log2(positive.min())), math.ceil(math.log2(positive.max()))
+        top.set_yticks([2.0**k for k in range(hi, lo - 1, -math.ceil((hi - lo + 1) / 8))], minor=False)
+        top.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        top.yaxis.set_minor_formatter(NullFormatter())
     top.set_ylabel("bits per delta parameter")
     stored = stored_bytes(report)
     top.set_title(f"mode {report.get('mode')}: {bits_per_param(stored, report.get('delta_params', 0)):.2f} bits per delta parameter, "

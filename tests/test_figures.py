@@ -9,7 +9,7 @@ from PIL import Image
 
 from hf_decompose import DecomposedConfig, artifact, decompose
 from hf_decompose.cli import main
-from hf_decompose.figures import DPI, block_order
+from hf_decompose.figures import DPI, bits_scale, block_order
 from tests.synthetic import perturb, random_model
 
 
@@ -103,3 +103,10 @@ def test_block_order_makes_components_contiguous():
         r, c = r + h, c + w
     assert sorted(blocks) == sorted(sizes) and int(reordered.sum()) == sum(h * w for h, w in sizes)
     assert not reordered[r:].any()  # unused rows come last
+
+
+def test_bits_axis_turns_log_where_bars_span_a_decade():
+    """An annealed artifact's layers at 1-2 bits beside a float32 norm's 32: a linear axis showed them as equal stubs."""
+    assert bits_scale(np.array([1.07, 1.95, 1.26, 32.0])) == "log"
+    assert bits_scale(np.array([0.0, 3.76, 2.04, 4.15])) == "linear"  # a layer storing nothing does not count
+    assert bits_scale(np.array([0.0, 0.0])) == "linear"
