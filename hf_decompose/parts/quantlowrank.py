@@ -21,6 +21,12 @@ from ..quantize import bits_of, codes_of, dequantize, pack_codes, quantize
 from .base import Part, cast, expect, register_part, row_blocks
 
 
+def _times_double(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float64 for a float64 `b`, `a` cast a block of rows at a time (whole, the float64 copy of the 1.5B
+    synthetic Llama's tied embedding delta would be 1.5 GiB): each row's product is the one of the whole."""
+    return torch.cat([a[rows].double() @ b for rows in row_blocks(a)])
+
+
 def _grid(bits: int) -> str:
     return "full" if bits > 1 else "signed"  # one bit is the same on both grids
 
@@ -49,10 +55,10 @@ class QuantLowRankPart(Part):
         v_codes = codes_of(packed, tuple(v.shape), _grid(bits))
         if gram is not None and target is not None:
             vq = dequantize(v_codes, scales).double()
-            gv = gram.double().to(vq.device) @ vq.t()  # (in, r): never an (in, in) product
+            gv = _times_double(gram.to(vq.device), vq.t())  # (in, r): never an (in, in) product
             normal = vq @ gv
             normal += 1e-6 * normal.diagonal().mean().clamp_min(1e-30) * torch.eye(r, dtype=normal.dtype)
-            u = torch.linalg.solve(normal, (target.double() @ gv).t()).t().float()
+            u = torch.linalg.solve(normal, _times_double(target, gv).t()).t().float()
         u_packed, u_scales = quantize(u.t().contiguous(), bits, 0, grid=_grid(bits))
         return cls(codes_of(u_packed, (r, u.shape[0]), _grid(bits)), u_scales, v_codes, scales, bits)
 
