@@ -23,7 +23,7 @@ from .base import Part, cast, expect, register_part, row_blocks
 
 def _times_double(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in float64 for a float64 `b`, `a` cast a block of rows at a time (whole, the float64 copy of the 1.5B
-    synthetic Llama's tied embedding delta would be 1.5 GiB): each row's product is the one of the whole."""
+    synthetic Llama's tied embedding delta would be 1.5 GiB); bit for bit the whole product on the shapes checked."""
     return torch.cat([a[rows].double() @ b for rows in row_blocks(a)])
 
 
