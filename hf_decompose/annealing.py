@@ -411,9 +411,9 @@ class _Candidate:
         these directions and bits has the same factors, so a revisit needs neither the Gram nor a refit."""
         if (r, bits) not in self.rounded:
             u, v, _ = self.factors
-            gram = self.gram if self.config.annealing["error_feedback"] else None
-            target = target if target is not None or gram is None else self.full.to_dense()
-            self.rounded[r, bits] = QuantLowRankPart.quantize(u[:, :r], v[:r], bits, gram, target)
+            if target is None and self.refit_gram is not None:
+                target = self.full.to_dense()
+            self.rounded[r, bits] = QuantLowRankPart.quantize(u[:, :r], v[:r], bits, self.refit_gram, target)
         return self.rounded[r, bits]
 
     def round_factors(self) -> None:
@@ -422,6 +422,11 @@ class _Candidate:
         for level in self.config.annealing_levels():
             if level.factor_bits is not None and level.eps is not None and (r := rank_for(s, level.eps, self.floor)):
                 self.rounded_factors(r, level.factor_bits)
+
+    @property
+    def refit_gram(self) -> torch.Tensor | None:
+        """The Gram low-bit factors' u is refit on (`QuantLowRankPart.quantize`): None with ``error_feedback`` off."""
+        return self.gram if self.config.annealing["error_feedback"] else None
 
     @property
     def feedback(self) -> Feedback | None:
@@ -1196,8 +1201,7 @@ def _mixed_lowrank(c: _Candidate, bits: float) -> TensorDelta:
     widths = torch.tensor(mixed_widths(s, full.shape, bits))
     if widths[u.shape[1] :].any():
         raise ValueError(f"mix{bits} keeps directions of {full.name} past the {u.shape[1]} its candidate holds (cut to its config's ladder)")
-    parts, dense = [], full.to_dense()
-    gram = c.gram if c.config.annealing["error_feedback"] else None
+    parts, dense, gram = [], full.to_dense(), c.refit_gram
     for width in sorted({int(w) for w in widths if w}, reverse=True):
         idx = (widths == width).nonzero()[:, 0]
         part = QuantLowRankPart.quantize(u[:, idx], v[idx], width, gram, None if gram is None else dense)

@@ -109,8 +109,9 @@ def plot_layers(report: dict, path: Path) -> Path:
     x = np.arange(len(layers))
     bits = np.array([bits_per_param(layer.get("stored_bytes", 4 * layer["kept_params"]), layer["delta_params"]) for layer in layers])
     top.bar(x, np.maximum(bits, 1e-6), color="tab:blue")
-    top.set_yscale(bits_scale(bits))
-    if top.get_yscale() == "log":  # bits read as powers of two (1, 2, 4, ..., 32), at most 8 of them
+    scale = bits_scale(bits)
+    top.set_yscale(scale)
+    if scale == "log":  # bits read as powers of two (1, 2, 4, ..., 32), at most 8 of them
         positive = bits[bits > 0]
         lo, hi = math.floor(math.log2(positive.min())), math.ceil(math.log2(positive.max()))
         top.set_yticks([2.0**k for k in range(hi, lo - 1, -math.ceil((hi - lo + 1) / 8))], minor=False)

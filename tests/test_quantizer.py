@@ -175,15 +175,17 @@ def test_unknown_quant_method_and_plain_checkpoints(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="config.json: checksum mismatch"):  # a modified file is caught first
         AutoDecomposedModelForCausalLM.from_pretrained(out)
-    index = json.loads((out / artifact.INDEX).read_text())
-    index["files"]["config.json"] = sha256_files([out / "config.json"])["config.json"]
-    artifact._write_index(out, index)  # consistently re-signed: the config itself must be refused
+
+    def signed(config: dict) -> None:  # consistently re-signed: the config itself must be refused
+        (out / "config.json").write_text(json.dumps(config))
+        index = json.loads((out / artifact.INDEX).read_text())
+        index["files"]["config.json"] = sha256_files([out / "config.json"])["config.json"]
+        artifact._write_index(out, index)
+
+    signed(config)
     with pytest.raises(ArtifactError, match="quant_method 'mystery', not 'hf_decompose'"):
         AutoDecomposedModelForCausalLM.from_pretrained(out)
-    config["quantization_config"] |= {"quant_method": "hf_decompose", "annealing": {"factor_bits": 8}}  # a field this version does not know
-    (out / "config.json").write_text(json.dumps(config))
-    index["files"]["config.json"] = sha256_files([out / "config.json"])["config.json"]
-    artifact._write_index(out, index)
+    signed(config | {"quantization_config": config["quantization_config"] | {"quant_method": "hf_decompose", "annealing": {"factor_bits": 8}}})  # a field this version does not know
     with pytest.raises(ConfigError, match=f"{re.escape(str(out))}: its config.json's quantization_config: unknown annealing field.s.: factor_bits"):
         AutoDecomposedModelForCausalLM.from_pretrained(out)
 
