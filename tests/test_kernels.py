@@ -20,6 +20,12 @@ def _codes(shape, escaped: float, gen) -> torch.Tensor:
     return codes
 
 
+def _held(codes: torch.Tensor, layout: str) -> kernels.HeldCodes:
+    """Codes in the kernel's layout `layout` ("nibbles", "escaped" or "masked")."""
+    return {"nibbles": lambda: kernels.HeldCodes(kernels.pack_nibbles(codes)), "escaped": lambda: kernels.pack_escaped(codes),
+            "masked": lambda: kernels.pack_masked(codes)}[layout]()
+
+
 def test_nibble_packing_round_trips_every_code():
     codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 4)[:, torch.randperm(64, generator=torch.Generator().manual_seed(0))]
     nibbles = kernels.pack_nibbles(codes)
@@ -29,37 +35,49 @@ def test_nibble_packing_round_trips_every_code():
 
 
 @pytest.mark.parametrize("escaped", [0.0, 0.07, 0.6])
-def test_escaped_packing_round_trips_whole_and_by_rows(escaped):
+@pytest.mark.parametrize("layout", ["escaped", "masked"])
+def test_two_bit_packings_round_trip_whole_and_by_rows(escaped, layout):
     gen = torch.Generator().manual_seed(0)
     codes = _codes((9, 64), escaped, gen)
-    held = kernels.pack_escaped(codes)
-    assert held.q.shape == (9, 16) and held.offsets.tolist()[-1] == int((codes.abs() > 1).sum())
+    codes[2, 5:40] = 0  # a run of zeros across chunks
+    held = _held(codes, layout)
+    escapes = held.offsets if layout == "escaped" else held.offsets[:, 0]
+    assert held.shape == (9, 64) and escapes.tolist()[-1] == int((codes.abs() > 1).sum())
+    if layout == "masked":  # a bit per code, a sign per -1 and 1
+        assert held.q.shape == (9, 8) and held.offsets[-1, 1] == int((codes.abs() == 1).sum())
     assert torch.equal(kernels.unpack(held), codes)
-    rows = torch.tensor([8, 0, 3, 3])
+    rows = torch.tensor([8, 0, 3, 3, 2])
     assert torch.equal(kernels.unpack(held, rows), codes[rows])
 
 
-def test_pack_takes_the_smaller_layout_the_kernel_reads():
+def test_pack_takes_the_smallest_layout_the_kernel_reads():
     gen = torch.Generator().manual_seed(1)
-    assert kernels.pack(_codes((32, 64), 0.07, gen)).escapes is not None  # annealing's codes: 2.3 bits against 4
+    held = kernels.pack(_codes((32, 64), 0.07, gen))  # a third of them 0, 6% escaped: 2.3 bits two each, 3.1 masked
+    assert held.escapes is not None and held.signs is None
+    sparse = _codes((32, 64), 0.02, gen) * (torch.rand(32, 64, generator=gen) < 0.3)  # 80% zeros (an embedding's): 1.3 bits masked
+    held = kernels.pack(sparse)
+    assert held.signs is not None and held.nbytes() < kernels.pack_escaped(sparse).nbytes()
     assert kernels.pack(torch.randint(-8, 8, (32, 64), dtype=torch.int8, generator=gen)).escapes is None  # uniform: 5.5 against 4
     dense = _codes((2, 32), 0.0, gen)
     dense[1, 16:] = 5  # 16 escaped codes in a row: more than one 64-bit word of escapes, which the kernel reads per 16 codes
     assert kernels.pack(dense).escapes is None
     with pytest.raises(ValueError, match="at most 15"):
         kernels.pack_escaped(dense)
+    assert torch.equal(kernels.unpack(kernels.pack_masked(dense)), dense)  # a list of escapes: any number of them
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("shape,group", [((45, 32), 16), ((96, 128), 64), ((40, 576), 576)])  # 45: a block of outputs short of 8
-@pytest.mark.parametrize("layout", ["nibbles", "escaped"])
+@pytest.mark.parametrize("layout", ["nibbles", "escaped", "masked"])
 def test_codes_matmul_equals_the_reference(rows, shape, group, layout):
     gen = torch.Generator().manual_seed(rows)
     n_out, n_in = shape
     codes = _codes(shape, 0.3, gen)
+    codes[torch.rand(shape, generator=gen) < 0.5] = 0  # and zeros, some chunks all of them
+    codes[:, :16] = 0
     scales = torch.rand(n_out, n_in // group, generator=gen).bfloat16()
-    held = kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes))
+    held = _held(codes, layout)
     x, w, bias = torch.randn(rows, n_in, generator=gen), torch.randn(shape, generator=gen), torch.randn(n_out, generator=gen)
     u, v = torch.randn(n_out, 3, generator=gen), torch.randn(3, n_in, generator=gen)
     delta = dequantize(codes, scales)
@@ -101,12 +119,12 @@ def test_rows_codes_matmul_runs_each_rows_own_parts(rows):
     w, bias = torch.randn(shape, generator=gen), torch.randn(shape[0], generator=gen)
     tenants, deltas = [], [torch.zeros(shape)]
     for layout, rank, low_bit, by_column in (("escaped", 0, 0, True), ("nibbles", 2, 0, False), (None, 3, 0, False), ("escaped", 1, 2, False),
-                                            (None, 0, 4, False), ("nibbles", 0, 1, True)):
+                                            (None, 0, 4, False), ("nibbles", 0, 1, True), ("masked", 1, 0, False), ("masked", 0, 0, True)):
         codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 2, generator=gen).bfloat16()
         columns = torch.rand(shape[1], generator=gen) + 0.5 if by_column else None
         u, v = torch.randn(shape[0], rank, generator=gen), torch.randn(rank, shape[1], generator=gen)
         half, product = _half_codes(*shape, low_bit, gen)
-        held = None if layout is None else kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes))
+        held = None if layout is None else _held(codes, layout)
         factors = ((kernels.Factors(u.t(), v),) if rank else ()) + ((half,) if low_bit else ())
         tenants.append((held, None if held is None else scales, columns, factors))
         deltas.append((0 if held is None else dequantize(codes, scales, columns)) + u @ v + product)
@@ -128,9 +146,9 @@ def test_rows_codes_matmul_decodes_a_finetunes_rows_together_in_any_order():
     shape = (40, 96)
     w = torch.randn(shape, generator=gen)
     parts, deltas = [], [torch.zeros(shape)]
-    for layout in ("escaped", "nibbles", "escaped"):
+    for layout in ("escaped", "nibbles", "masked"):
         codes, scales = _codes(shape, 0.1, gen), torch.rand(shape[0], 3, generator=gen).bfloat16()
-        parts.append((kernels.pack_escaped(codes) if layout == "escaped" else kernels.HeldCodes(kernels.pack_nibbles(codes)), scales, None, ()))
+        parts.append((_held(codes, layout), scales, None, ()))
         deltas.append(dequantize(codes, scales))
     table = kernels.codes_table(parts)
     which = torch.tensor([i % 4 for i in range(20)])  # five rows each: a run of four, then a lone row
@@ -167,7 +185,7 @@ def test_split_runs_the_base_and_its_parts_in_one_kernel_call(bias, monkeypatch)
         module.execution = "split"
         calls = []
         run = kernels._run
-        monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(a[5] is not None) or run(*a))  # the base matrix (weight) passed
+        monkeypatch.setattr(kernels, "_run", lambda *a: calls.append(a[3] is not None) or run(*a))  # the base matrix (weight) passed
         monkeypatch.setattr(torch.nn.Linear, "forward", None)  # the base matrix runs inside the kernel
         split = module(x)
     assert calls == [True]

@@ -7,9 +7,11 @@ once: the bytes a split decode step must read (base + delta) in one pass, instea
 each part through others. `rows_codes_matmul` runs the base matrix once for rows that each add codes of their own
 (many fine-tunes of one base in one batch, as Punica's and S-LoRA's grouped kernels do for adapters), each row's codes
 and low-rank factors its own. Codes come in
-two layouts: four bits each (`pack_nibbles`, the faster to decode), or two bits each with the codes beyond -1..1
-escaped to a stream of four-bit values beside them (`pack_escaped`; annealing's codes are mostly -1, 0 and 1: the
-default pair's take 2.3 bits each so, against their entropy of 1.85 bits); `pack` takes the smaller. The C source
+three layouts: four bits each (`pack_nibbles`); two bits each with the codes beyond -1..1 escaped to a stream of
+four-bit values beside them (`pack_escaped`; annealing's codes are mostly -1, 0 and 1); or a bit per code marking
+-1 and 1, a sign bit for each of those and a list of the other nonzero codes (`pack_masked`; the smallest where most
+codes are 0 or +-1, as annealing's are: 1.35 bits a code on the default pair's embedding and 1.85 in its layers,
+against 2.08 and 2.1 two bits each). `pack` takes the smallest. The C source
 (`codes_matmul.c`: AVX2, FMA and BMI2, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
 into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
@@ -48,7 +50,8 @@ from ..pair import cache_dir
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("codes_matmul.c", "bits16.c", "feedback.c", "select.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 PARALLEL_VALUES = 1 << 20  # values a thread takes at least, in kernels split over threads by rows
-ROW = 18  # int64 fields of a `codes_table` row: codes (5), their columns' multipliers (1), two sets of low-rank factors (6 each)
+ROW = 19  # int64 fields of a `codes_table` row: codes (6), their columns' multipliers (1), two sets of low-rank factors (6 each)
+RANKS = (11, 17)  # the fields of a `codes_table` row that hold its sets' ranks
 _AVAILABLE: bool | None = None
 
 
@@ -62,16 +65,18 @@ def available() -> bool:
 
 
 class HeldCodes(NamedTuple):
-    """Codes ``(out, in)`` in one of the kernel's layouts: `q` nibble-packed (`pack_nibbles`; `escapes` and `offsets`
-    None), or two bits each with the codes beyond -1..1 escaped (`pack_escaped`)."""
+    """Codes ``(out, in)`` in one of the kernel's layouts: `q` nibble-packed (`pack_nibbles`; the rest None), two bits
+    each with the codes beyond -1..1 escaped (`pack_escaped`; `signs` None), or a bit per code marking -1 and 1
+    (`pack_masked`)."""
 
     q: torch.Tensor
     escapes: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
+    signs: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q.shape[0], self.q.shape[1] * (2 if self.escapes is None else 4)
+        return self.q.shape[0], self.q.shape[1] * (2 if self.escapes is None else 4 if self.signs is None else 8)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self if t is not None)
@@ -92,13 +97,14 @@ class Factors(NamedTuple):
 
 
 def pack(codes: torch.Tensor) -> HeldCodes:
-    """Codes ``(out, in)`` in -8..7 (``in`` a multiple of 16) in the smaller of the kernel's layouts (escapes only where
-    they fit it: `pack_escaped`)."""
+    """Codes ``(out, in)`` in -8..7 (``in`` a multiple of 16) in the smallest of the kernel's layouts (escapes only where
+    they fit them: `pack_escaped`)."""
+    layouts = [HeldCodes(pack_nibbles(codes))]
     if _escapes_fit(codes):
-        escaped = _pack_escaped(codes)
-        if escaped.nbytes() < codes.numel() // 2:
-            return escaped
-    return HeldCodes(pack_nibbles(codes))
+        layouts.append(_pack_escaped(codes))
+    if _masked_fits(codes):
+        layouts.append(_pack_masked(codes))
+    return min(layouts, key=HeldCodes.nbytes)
 
 
 def _escapes_fit(codes: torch.Tensor) -> bool:
@@ -106,6 +112,12 @@ def _escapes_fit(codes: torch.Tensor) -> bool:
     (int32 offsets)."""
     per_chunk = (codes.view(-1, 16).abs() > 1).sum(1)
     return bool(per_chunk.max() < 16) and int(per_chunk.sum()) < 2**31
+
+
+def _masked_fits(codes: torch.Tensor) -> bool:
+    """Columns that fit the escapes' uint16, fewer than 2^31 codes -1 and 1 and fewer than 2^31 others (int32 offsets)."""
+    ones = int((codes.abs() == 1).sum())
+    return codes.shape[1] <= 2**16 and ones < 2**31 and int(codes.count_nonzero()) - ones < 2**31
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -134,17 +146,80 @@ def pack_escaped(codes: torch.Tensor) -> HeldCodes:
     return _pack_escaped(codes)
 
 
+def pack_masked(codes: torch.Tensor) -> HeldCodes:
+    """Codes ``(out, in)`` in -8..7 a bit each marking -1 and 1: bit i of byte b of row o set where ``codes[o, 8 b + i]``
+    is -1 or 1; for each of those a bit, 1 for 1, in `signs` (row o's from bit ``offsets[o, 1]``, 8 bytes of padding
+    after them); the other nonzero codes (escapes) listed 3 bytes each, their column (little-endian uint16) and the
+    code (int8), row o's from entry ``offsets[o, 0]`` (int32 ``(out + 1, 2)``), 8 bytes of padding after them. Up to
+    65536 columns."""
+    if not _masked_fits(codes):
+        raise ValueError(f"the masked layout takes at most 65536 columns and fewer than 2^31 codes of each kind, got {tuple(codes.shape)}")
+    return _pack_masked(codes)
+
+
+def _field_order(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``(out, in)`` in the order of the two-bit fields: code ``i // 2 + 8 (i % 2)`` of each 16 at i."""
+    n_out, n_in = codes.shape
+    return codes.view(n_out, n_in // 16, 2, 8).transpose(2, 3).reshape(n_out, n_in)
+
+
+def _bit_stream(values: torch.Tensor, bits: int, padding: int = 8) -> torch.Tensor:
+    """uint8 `values` of `bits` (1, 2 or 4) bits each packed little-endian into bytes, then `padding` bytes."""
+    per = 8 // bits
+    values = torch.cat([values, values.new_zeros(-values.numel() % per + padding * per)]).view(-1, per)
+    packed = values[:, 0].clone()
+    for i in range(1, per):
+        packed |= values[:, i] << (i * bits)
+    return packed
+
+
+def _bit_values(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The `bits`-bit values of `_bit_stream`'s bytes ``(..., n)``: ``(..., n * 8 / bits)`` uint8."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def _stream_values(stream: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The values of rows `rows` (all: None) one after another, from a `_bit_stream` of `bits`-bit values in which row o's
+    start at ``offsets[o]`` (``(out + 1,)``)."""
+    if rows is None:
+        return _bit_values(stream, bits)[: int(offsets[-1])]
+    at, per = _positions(offsets, rows), 8 // bits
+    return (stream[at // per] >> ((at % per) * bits).to(torch.uint8)) & ((1 << bits) - 1)
+
+
+def _positions(offsets: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The positions of rows `rows`' (all: None) entries, one row's after another, where row o's start at ``offsets[o]``."""
+    offsets = offsets.long()
+    if rows is None:
+        return torch.arange(int(offsets[-1]), device=offsets.device)
+    first, counts = offsets[rows], offsets[rows + 1] - offsets[rows]
+    return torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts) + torch.arange(int(counts.sum()), device=offsets.device)
+
+
+def _row_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """Each row's first position in a stream of its `counts` ``(out,)`` values (and the end), int32."""
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
 def _pack_escaped(codes: torch.Tensor) -> HeldCodes:
     n_out, n_in = codes.shape
-    ordered = codes.view(n_out, n_in // 16, 2, 8).transpose(2, 3).reshape(n_out, n_in)  # field order
+    ordered = _field_order(codes)
     escaped = ordered.abs() > 1
-    fields = torch.where(escaped, 3, ordered.to(torch.int16) + 1).to(torch.uint8).view(n_out, n_in // 4, 4)
-    q = (fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)).contiguous()
-    values = (ordered[escaped].to(torch.int16) + 8).to(torch.uint8)
-    values = torch.cat([values, values.new_zeros(values.numel() % 2)]).view(-1, 2)
-    escapes = torch.cat([values[:, 0] | (values[:, 1] << 4), values.new_zeros(8)])
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), escaped.sum(1).cumsum(0)]).to(torch.int32)
-    return HeldCodes(q, escapes, offsets)
+    q = _bit_stream(torch.where(escaped, 3, ordered.to(torch.int16) + 1).to(torch.uint8).flatten(), 2, 0).view(n_out, n_in // 4)
+    escapes = _bit_stream((ordered[escaped].to(torch.int16) + 8).to(torch.uint8), 4)
+    return HeldCodes(q, escapes, _row_offsets(escaped.sum(1)))
+
+
+def _pack_masked(codes: torch.Tensor) -> HeldCodes:
+    n_out, n_in = codes.shape
+    ones, escaped = codes.abs() == 1, codes.abs() > 1
+    q = _bit_stream(ones.to(torch.uint8).flatten(), 1, 0).view(n_out, n_in // 8)
+    signs = _bit_stream((codes[ones] > 0).to(torch.uint8), 1)
+    rows, columns = escaped.nonzero(as_tuple=True)
+    entries = torch.stack([(columns & 255).to(torch.uint8), (columns >> 8).to(torch.uint8), codes[rows, columns].view(torch.uint8)], 1)
+    offsets = torch.stack([_row_offsets(escaped.sum(1)), _row_offsets(ones.sum(1))], 1).contiguous()
+    return HeldCodes(q, torch.cat([entries.flatten(), entries.new_zeros(8)]), offsets, signs)  # padded: never empty (a null pointer)
 
 
 def unpack(held: HeldCodes, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,15 +227,23 @@ def unpack(held: HeldCodes, rows: torch.Tensor | None = None) -> torch.Tensor:
     q = held.q if rows is None else held.q[rows]
     if held.escapes is None:
         return unpack_nibbles(q)
-    fields = (q[..., None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=q.device)) & 3
-    codes = (fields.to(torch.int8) - 1).flatten(-2)
-    escaped = codes == 2
-    offsets = held.offsets.long()
-    first, last = (offsets[:-1], offsets[1:]) if rows is None else (offsets[rows], offsets[rows + 1])
-    counts = last - first  # each row's escapes, read from its own place in the stream
-    at = torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts) + torch.arange(int(counts.sum()), device=q.device)
-    codes[escaped] = ((held.escapes[at >> 1] >> ((at & 1) * 4).to(torch.uint8)) & 15).to(torch.int8) - 8
+    if held.signs is not None:
+        return _unpack_masked(held, q, rows)
+    codes = _bit_values(q, 2).to(torch.int8) - 1
+    codes[codes == 2] = _stream_values(held.escapes, held.offsets, rows, 4).to(torch.int8) - 8
     return codes.view(codes.shape[0], -1, 8, 2).transpose(2, 3).reshape(codes.shape)
+
+
+def _unpack_masked(held: HeldCodes, q: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    ones = _bit_values(q, 1).bool()
+    codes = torch.zeros(ones.shape, dtype=torch.int8, device=q.device)
+    codes[ones] = _stream_values(held.signs, held.offsets[:, 1], rows, 1).to(torch.int8) * 2 - 1
+    first = held.offsets[:, 0].long()
+    counts = first[1:] - first[:-1] if rows is None else first[rows + 1] - first[rows]
+    entries = held.escapes[:-8].view(-1, 3)[_positions(held.offsets[:, 0], rows)]
+    at_rows = torch.arange(len(q), device=q.device).repeat_interleave(counts)
+    codes[at_rows, entries[:, 0].long() | (entries[:, 1].long() << 8)] = entries[:, 2].view(torch.int8)
+    return codes
 
 
 def fits(shape: tuple[int, ...], group: int) -> bool:
@@ -175,7 +258,7 @@ def codes_matmul(x: torch.Tensor, codes: HeldCodes | None, scales: torch.Tensor 
     `codes` from `pack` with their bfloat16 `scales` ``(out, in / group)`` (or both None) and optionally their columns'
     float32 step multipliers `columns` ``(in,)``; `weight` ``(out, in)``, up to two sets of low-rank `factors` and `bias`
     optional, float32; at least one of codes, weight and factors."""
-    q, escapes, offsets = (None, None, None) if codes is None else codes
+    q, escapes, offsets, signs = (None,) * 4 if codes is None else codes
     if scales is not None and scales.dtype != torch.bfloat16:
         raise TypeError(f"the kernel reads bfloat16 scales, got {scales.dtype}")
     if len(factors) > 2 or (q is None and weight is None and not factors):
@@ -184,18 +267,18 @@ def codes_matmul(x: torch.Tensor, codes: HeldCodes | None, scales: torch.Tensor 
         raise ValueError(f"codes_matmul takes the codes' columns as float32 ({x.shape[1]},) beside codes, got {columns.dtype} {tuple(columns.shape)}")
     if torch.compiler.is_compiling():  # the custom op takes the sets' tensors as one list (an empty scale for float32)
         flat = [t for f in factors for t in (f.ut, f.v, f.scale if f.scale is not None else f.v.new_empty(0, dtype=torch.float32))]
-        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, scales, weight, flat, bias, columns)
-    return _run(x, q, escapes, offsets, scales, weight, factors, bias, columns)
+        return torch.ops.hf_decompose.codes_matmul(x, q, escapes, offsets, signs, scales, weight, flat, bias, columns)
+    return _run(x, codes, scales, weight, factors, bias, columns)
 
 
 def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, torch.Tensor | None, tuple[Factors, ...]]]) -> torch.Tensor:
-    """``(1 + len(parts), 18)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
+    """``(1 + len(parts), ROW)`` int64 rows for `rows_codes_matmul`: zeros (the base alone), then for each fine-tune its
     (codes, bfloat16 scales, float32 columns' multipliers or None, up to two sets of low-rank factors), codes and scales
     None where it has none: the codes' addresses and group, the columns' address, each set's fields (`Factors.fields`).
     The table is only valid while those tensors live and stay where they are."""
     rows = [(0,) * ROW]
     for codes, scales, columns, factors in parts:
-        quant = (0,) * 5 if codes is None else (*(_ptr(t) or 0 for t in codes), scales.data_ptr(), codes.shape[1] // scales.shape[1])
+        quant = (0,) * 6 if codes is None else (*(_ptr(t) or 0 for t in codes), scales.data_ptr(), codes.shape[1] // scales.shape[1])
         sets = [f.fields() for f in factors] + [(0,) * 6] * (2 - len(factors))
         rows.append(quant + (_ptr(columns) or 0,) + sets[0] + sets[1])
     return torch.tensor(rows, dtype=torch.int64)
@@ -203,7 +286,7 @@ def codes_table(parts: list[tuple[HeldCodes | None, torch.Tensor | None, torch.T
 
 def table_rank(table: torch.Tensor) -> int:
     """The largest rank a row of a `codes_table` runs (its two sets' summed)."""
-    return int((table[:, 10] + table[:, 16]).max())
+    return int(table[:, list(RANKS)].sum(1).max())
 
 
 def rows_codes_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, which: torch.Tensor,
@@ -227,8 +310,9 @@ def _run_rows(x, weight, bias, table, which, rank) -> torch.Tensor:
     return y
 
 
-def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], bias, columns=None) -> torch.Tensor:
+def _run(x, codes: HeldCodes | None, scales, weight, factors: tuple[Factors, ...], bias, columns=None) -> torch.Tensor:
     lib = _library()
+    q, escapes, offsets, signs = (None,) * 4 if codes is None else codes
     rows, n_in = x.shape
     n_out = weight.shape[0] if weight is not None else q.shape[0] if q is not None else factors[0].ut.shape[1]
     x = x if x.is_contiguous() else x.contiguous()
@@ -238,7 +322,7 @@ def _run(x, q, escapes, offsets, scales, weight, factors: tuple[Factors, ...], b
     t = torch.empty(rows * r) if r else None
     xc = None if columns is None else x * columns  # the codes' inputs
     _check(lib.hfd_codes_matmul(
-        x.data_ptr(), _ptr(xc), rows, n_in, n_out, _ptr(weight), _ptr(q), _ptr(escapes), _ptr(offsets), _ptr(scales),
+        x.data_ptr(), _ptr(xc), rows, n_in, n_out, _ptr(weight), _ptr(q), _ptr(escapes), _ptr(offsets), _ptr(signs), _ptr(scales),
         0 if scales is None else n_in // scales.shape[1], fields, len(factors), _ptr(bias), y.data_ptr(), _ptr(t), torch.get_num_threads()))
     return y
 
@@ -377,14 +461,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 @torch.library.custom_op("hf_decompose::codes_matmul", mutates_args=())
 def _codes_matmul_op(x: torch.Tensor, q: torch.Tensor | None, escapes: torch.Tensor | None, offsets: torch.Tensor | None,
-                     scales: torch.Tensor | None, weight: torch.Tensor | None, factors: list[torch.Tensor],
+                     signs: torch.Tensor | None, scales: torch.Tensor | None, weight: torch.Tensor | None, factors: list[torch.Tensor],
                      bias: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
     sets = (Factors(*factors[i : i + 3]) for i in range(0, len(factors), 3))
-    return _run(x, q, escapes, offsets, scales, weight, tuple(Factors(f.ut, f.v, f.scale if f.scale.numel() else None) for f in sets), bias, columns)
+    codes = None if q is None else HeldCodes(q, escapes, offsets, signs)
+    return _run(x, codes, scales, weight, tuple(Factors(f.ut, f.v, f.scale if f.scale.numel() else None) for f in sets), bias, columns)
 
 
 @_codes_matmul_op.register_fake
-def _(x, q, escapes, offsets, scales, weight, factors, bias, columns):
+def _(x, q, escapes, offsets, signs, scales, weight, factors, bias, columns):
     return x.new_empty(x.shape[0], weight.shape[0] if weight is not None else q.shape[0] if q is not None else factors[0].shape[1])
 
 
@@ -414,7 +499,7 @@ def _library() -> ctypes.CDLL | None:
                 reason = "the CPU lacks one of AVX2, FMA and BMI2"
         if reason is None:
             p, i = ctypes.c_void_p, ctypes.c_int64
-            lib.hfd_codes_matmul.argtypes = [p, p, i, i, i, p, p, p, p, p, i, ctypes.POINTER(i), i, p, p, p, ctypes.c_int]
+            lib.hfd_codes_matmul.argtypes = [p, p, i, i, i, p, p, p, p, p, p, i, ctypes.POINTER(i), i, p, p, p, ctypes.c_int]
             lib.hfd_codes_matmul.restype = ctypes.c_int
             lib.hfd_rows_codes_matmul.argtypes = [p, i, i, i, p, p, i, p, i, p, p, p, i, ctypes.c_int]
             lib.hfd_rows_codes_matmul.restype = ctypes.c_int

@@ -4,7 +4,7 @@
 
    x (m, n_in); W (n_out, n_in) or NULL; s (n_out, n_in / group) the codes' bfloat16 scales; bias (n_out) or NULL; x, W,
    bias float32. Codes with a step multiplier per column c (n_in) read xc = x * c (m, n_in) instead of x (xc NULL: x);
-   W and the factors read x, then each in its own pass over the row's inputs. The codes q come in one of two layouts
+   W and the factors read x, then each in its own pass over the row's inputs. The codes q come in one of three layouts
    (`codes`), or none (q NULL):
    - nibbles (esc NULL): (n_out, n_in / 2) bytes, each 16 codes in 8, byte b holding q[b] + 8 in its low and
      q[b + 8] + 8 in its high nibble;
@@ -12,7 +12,14 @@
      (bits 2i, 2i + 1) holds code i / 2 + 8 (i % 2) (the nibble layout's order) as q + 1 for q in -1..1, 3 for any
      other code; those escaped codes follow one another in `esc`, a stream of nibbles (q + 8, two to a byte, low
      nibble first) in field order, row o's starting at nibble off[o] (int32), with 8 bytes of padding at its end; at most
-     15 of each 16 codes escape.
+     15 of each 16 codes escape;
+   - masked (sign not NULL): (n_out, n_in / 8) bytes, bit i of byte b (in order) set where code 8 b + i is -1 or 1; a bit
+     each for those, 1 for 1, in the stream `sign` (bit i of byte b the (8 b + i)-th), row o's from bit off[2 o + 1],
+     with 8 bytes of padding at its end; the other nonzero codes (escapes) in a list of 3 bytes each, the column
+     (little-endian uint16) and the code (int8), row o's from entry off[2 o] (int32 off), with 8 bytes of padding at
+     its end. Codes -1, 0 and 1 take 1 bit each and 1 more when nonzero, the rarer codes 24 bits each (added after
+     the row): fewer bits than two a code where most codes are 0 or +-1 (1.46 bits on the default pair's annealed
+     embedding, 1.69 in most of its layers), decoded faster than two bits (no table, no branch).
    Low-rank factors (`factors`, up to two sets): U (r, n_out) at strides (u_sk, u_so) and V (r, n_in), float32, or int8
    half codes h standing for the odd integers 2h + 1 (low-bit factors' codes), the directions' scales (U's times V's,
    float32) in s; each set as FACTORS int64 fields (the address of U, u_sk, u_so, the address of V, r, the address of s
@@ -23,8 +30,9 @@
 
    hfd_rows_codes_matmul is the same for rows that each have parts of their own (many fine-tunes of one base in one
    batch): row i's are those of table row which[i / per] (of n_table), whose ROW fields hold its codes (the addresses
-   of q, esc, off: esc 0 for nibbles; q 0 for no codes), the address of their scales, their group, the address of
-   their columns' float32 step multipliers c (0: none), then two sets of low-rank factors (r 0 for none); all 0: the
+   of q, esc, off, sign: esc 0 for nibbles, sign 0 but for masked codes; q 0 for no codes), the address of their
+   scales, their group, the address of their columns' float32 step multipliers c (0: none), then two sets of low-rank
+   factors (r 0 for none); all 0: the
    base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats). There the rows of one fine-tune run
    side by side (copied so where they are not: `grouped_order`), the base first for every row, then each run of up to
    four rows of one fine-tune decodes its codes once per output row (`row_block`), a lone row two output rows at a time
@@ -37,17 +45,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct { const uint8_t *q, *esc; const int32_t *off; } codes;
+typedef struct { const uint8_t *q, *esc; const int32_t *off; const uint8_t *sign; } codes;
+enum { NIBBLES, TWO_BITS, MASKED }; /* the codes' layouts */
 typedef struct { const void *u; int64_t u_sk, u_so; const void *v; int64_t r; const float *s; } factors;
 
-enum { FACTORS = 6, ROW = 6 + 2 * FACTORS }; /* int64 fields of a set of factors, of a row of hfd_rows_codes_matmul's table */
+enum { FACTORS = 6, ROW = 7 + 2 * FACTORS }; /* int64 fields of a set of factors, of a row of hfd_rows_codes_matmul's table */
 enum { OB = 8, IB = 64 }; /* output rows per block (the low-rank sums run across them as one vector), input rows per pass */
 
 static inline factors factors_at(const int64_t *f) {
     return (factors){(const void *)f[0], f[1], f[2], (const void *)f[3], f[4], (const float *)f[5]};
 }
 
-static inline const uint8_t *codes_row(codes c, int64_t o, int64_t n_in) { return c.q + o * (n_in / (c.esc ? 4 : 2)); }
+static inline int layout_of(codes c) { return c.sign ? MASKED : c.esc ? TWO_BITS : NIBBLES; }
+static inline const uint8_t *codes_row(codes c, int64_t o, int64_t n_in) { return c.q + o * (n_in / (c.sign ? 8 : c.esc ? 4 : 2)); }
+static inline int64_t escapes_from(codes c, int64_t o) { return c.off[c.sign ? 2 * o : o]; } /* row o's first escape */
+static inline int64_t signs_from(codes c, int64_t o) { return c.sign ? c.off[2 * o + 1] : 0; } /* row o's first sign bit */
+static inline const uint8_t *escape_bytes(codes c, int64_t k) { return c.esc + (c.sign ? 3 * k : k >> 1); } /* escape k's first byte */
 
 int hfd_supported(void) { /* whether this CPU runs the instructions the rest is compiled for */
     __builtin_cpu_init();
@@ -146,16 +159,36 @@ static inline uint64_t escaped16(uint32_t fields, const uint8_t *esc, int64_t *k
     return ((spread + 0x7777777777777777ull) & ~mask) | _pdep_u64(stream, mask);
 }
 
-/* Codes j .. j + 15 of a row (q: the row's first byte; *k: the row's next escape) plus 8, as two vectors of eight floats
-   (the offset comes off once per group: `row_block`). */
-static inline __attribute__((always_inline)) void codes16(const int ESCAPES, const uint8_t *q, const uint8_t *esc, int64_t *k, int64_t j,
+/* Eight lanes of 1, -1 or 0: 1 where the bit of `bits` that `to_one` shifts into the lane's sign bit is set, else -1
+   where the one `to_minus` shifts there is (each lane's sign bit picks, no table and no branch). */
+static inline __m256 ternary8(__m256i bits, __m256i to_one, __m256i to_minus) {
+    const __m256 one = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_set1_ps(1.0f), _mm256_castsi256_ps(_mm256_sllv_epi32(bits, to_one)));
+    return _mm256_blendv_ps(one, _mm256_set1_ps(-1.0f), _mm256_castsi256_ps(_mm256_sllv_epi32(bits, to_minus)));
+}
+
+/* Codes j .. j + 15 of a row (q: the row's first byte; *k: the row's next escape, *ks its next sign bit) plus 8 (masked:
+   their -1, 0 and 1 alone, without the offset), as two vectors of eight floats (the offset comes off once per group:
+   `row_block`). */
+static inline __attribute__((always_inline)) void codes16(const int LAYOUT, const uint8_t *q, codes c, int64_t *k, int64_t *ks, int64_t j,
                                                          __m256 *q0, __m256 *q1) {
     const __m128i low = _mm_set1_epi8(0x0f);
     __m128i v;
-    if (ESCAPES) {
+    if (LAYOUT == MASKED) { /* the sign bits deposited on the mask's: the ones, the rest of the mask the minus ones */
+        uint16_t mask;
+        uint64_t signs;
+        memcpy(&mask, q + (j >> 3), 2);
+        memcpy(&signs, c.sign + (*ks >> 3), 8);
+        const uint32_t plus = (uint32_t)_pdep_u64(signs >> (*ks & 7), mask), minus = mask ^ plus; /* at least 57 bits from ks */
+        *ks += __builtin_popcount(mask);
+        const __m256i bits = _mm256_set1_epi32((int)(plus | minus << 16)); /* code i: a one at bit i, a minus one at 16 + i */
+        *q0 = ternary8(bits, _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24), _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8));
+        *q1 = ternary8(bits, _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+        return;
+    }
+    if (LAYOUT == TWO_BITS) {
         uint32_t fields;
         memcpy(&fields, q + (j >> 2), 4);
-        v = _mm_cvtsi64_si128((long long)escaped16(fields, esc, k));
+        v = _mm_cvtsi64_si128((long long)escaped16(fields, c.esc, k));
     } else {
         v = _mm_loadl_epi64((const __m128i *)(q + (j >> 1)));
     }
@@ -174,16 +207,28 @@ static inline __attribute__((always_inline)) void base_block(const int NB, const
     for (int b = 0; b < NB; b++) out[b] = hsum(a[b]);
 }
 
-/* One output row o (its weights w, codes c, scales s) for a block of NB rows of x (NB and ESCAPES constants after
+/* The escaped codes of masked row o (their scales s) for NB rows of x (row b's at x + b * n_in), added to out. */
+static inline __attribute__((always_inline)) void escapes_block(const int NB, const float *x, int64_t n_in, codes c, int64_t o,
+                                                               const uint16_t *s, int64_t group, float *out) {
+    for (int64_t e = escapes_from(c, o), end = escapes_from(c, o + 1); e < end; e++) {
+        uint16_t col;
+        memcpy(&col, c.esc + 3 * e, 2);
+        const float v = (float)(int8_t)c.esc[3 * e + 2] * bf16(s[col / group]);
+        for (int b = 0; b < NB; b++) out[b] += v * x[b * n_in + col];
+    }
+}
+
+/* One output row o (its weights w, codes c, scales s) for a block of NB rows of x (NB and LAYOUT constants after
    inlining, so the accumulators stay in registers; up to two rows, each half of a chunk has its own, which halves the
    chains of dependent FMAs). The codes are summed plus 8, then 8 times the group's sum of x (xs8, row b's at
-   xs8 + b * xs_row) comes off: two instructions fewer per 16 codes. */
+   xs8 + b * xs_row) comes off: two instructions fewer per 16 codes (masked codes: -1, 0 and 1 as they are, then the
+   escapes). */
 static inline __attribute__((always_inline)) void row_block(
-    const int NB, const int ESCAPES, const float *x, int64_t n_in, const float *w, codes c, int64_t o, const uint16_t *s,
+    const int NB, const int LAYOUT, const float *x, int64_t n_in, const float *w, codes c, int64_t o, const uint16_t *s,
     int64_t group, const float *xs8, int64_t xs_row, float *out) {
     const int H = NB <= 2; /* the second half's accumulators */
     const uint8_t *q = codes_row(c, o, n_in);
-    int64_t k = ESCAPES ? c.off[o] : 0;
+    int64_t k = LAYOUT != NIBBLES ? escapes_from(c, o) : 0, ks = signs_from(c, o);
     __m256 base[2][4], d[2][4];
     float delta[4] = {0, 0, 0, 0};
     for (int b = 0; b < NB; b++) base[0][b] = base[1][b] = _mm256_setzero_ps();
@@ -191,7 +236,7 @@ static inline __attribute__((always_inline)) void row_block(
         for (int b = 0; b < NB; b++) d[0][b] = d[1][b] = _mm256_setzero_ps();
         for (int64_t j = g0; j < g0 + group; j += 16) {
             __m256 q0, q1;
-            codes16(ESCAPES, q, c.esc, &k, j, &q0, &q1);
+            codes16(LAYOUT, q, c, &k, &ks, j, &q0, &q1);
             const __m256 w0 = w ? _mm256_loadu_ps(w + j) : q0, w1 = w ? _mm256_loadu_ps(w + j + 8) : q1;
             for (int b = 0; b < NB; b++) {
                 __m256 x0 = _mm256_loadu_ps(x + b * n_in + j), x1 = _mm256_loadu_ps(x + b * n_in + j + 8);
@@ -204,8 +249,10 @@ static inline __attribute__((always_inline)) void row_block(
             }
         }
         const float scale = bf16(s[g0 / group]);
-        for (int b = 0; b < NB; b++) delta[b] += scale * (hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]) - xs8[b * xs_row + g0 / group]);
+        for (int b = 0; b < NB; b++)
+            delta[b] += scale * (hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]) - (LAYOUT == MASKED ? 0.0f : xs8[b * xs_row + g0 / group]));
     }
+    if (LAYOUT == MASKED) escapes_block(NB, x, n_in, c, o, s, group, delta);
     for (int b = 0; b < NB; b++) out[b] = (w ? hsum(H ? _mm256_add_ps(base[0][b], base[1][b]) : base[0][b]) : 0.0f) + delta[b];
 }
 
@@ -218,55 +265,67 @@ static inline __attribute__((always_inline)) void codes_block(int nb, const floa
             case 3: base_block(3, x, n_in, w, out); break;
             default: base_block(4, x, n_in, w, out); break;
         }
-    } else if (c.esc) {
+    } else if (layout_of(c) == MASKED) {
         switch (nb) {
-            case 1: row_block(1, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 2: row_block(2, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 3: row_block(3, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            default: row_block(4, 1, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 1: row_block(1, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 2: row_block(2, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 3: row_block(3, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            default: row_block(4, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+        }
+    } else if (layout_of(c) == TWO_BITS) {
+        switch (nb) {
+            case 1: row_block(1, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 2: row_block(2, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 3: row_block(3, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            default: row_block(4, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
         }
     } else {
         switch (nb) {
-            case 1: row_block(1, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 2: row_block(2, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 3: row_block(3, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            default: row_block(4, 0, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 1: row_block(1, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 2: row_block(2, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            case 3: row_block(3, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+            default: row_block(4, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
         }
     }
 }
 
 /* Codes of output rows o and o + 1 (their scales s, s + n_in / group) for one row of x: the two rows' codes decoded
    side by side against the same loads of x (four independent chains of FMAs). */
-static inline __attribute__((always_inline)) void row_pair(const int ESCAPES, const float *x, int64_t n_in, codes c, int64_t o,
+static inline __attribute__((always_inline)) void row_pair(const int LAYOUT, const float *x, int64_t n_in, codes c, int64_t o,
                                                           const uint16_t *s, int64_t group, const float *xs8, float *out) {
     const uint8_t *qa = codes_row(c, o, n_in), *qb = codes_row(c, o + 1, n_in);
-    int64_t ka = ESCAPES ? c.off[o] : 0, kb = ESCAPES ? c.off[o + 1] : 0;
+    int64_t ka = LAYOUT != NIBBLES ? escapes_from(c, o) : 0, kb = LAYOUT != NIBBLES ? escapes_from(c, o + 1) : 0;
+    int64_t ksa = signs_from(c, o), ksb = signs_from(c, o + 1);
     const int64_t n_groups = n_in / group;
     float da = 0.0f, db = 0.0f;
     for (int64_t g0 = 0; g0 < n_in; g0 += group) {
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
         for (int64_t j = g0; j < g0 + group; j += 16) {
             __m256 qa0, qa1, qb0, qb1;
-            codes16(ESCAPES, qa, c.esc, &ka, j, &qa0, &qa1);
-            codes16(ESCAPES, qb, c.esc, &kb, j, &qb0, &qb1);
+            codes16(LAYOUT, qa, c, &ka, &ksa, j, &qa0, &qa1);
+            codes16(LAYOUT, qb, c, &kb, &ksb, j, &qb0, &qb1);
             const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
             a0 = _mm256_fmadd_ps(qa0, x0, a0);
             a1 = _mm256_fmadd_ps(qa1, x1, a1);
             b0 = _mm256_fmadd_ps(qb0, x0, b0);
             b1 = _mm256_fmadd_ps(qb1, x1, b1);
         }
-        const float xs = xs8[g0 / group];
+        const float xs = LAYOUT == MASKED ? 0.0f : xs8[g0 / group];
         da += bf16(s[g0 / group]) * (hsum(_mm256_add_ps(a0, a1)) - xs);
         db += bf16(s[n_groups + g0 / group]) * (hsum(_mm256_add_ps(b0, b1)) - xs);
+    }
+    if (LAYOUT == MASKED) {
+        escapes_block(1, x, n_in, c, o, s, group, &da);
+        escapes_block(1, x, n_in, c, o + 1, s + n_groups, group, &db);
     }
     out[0] = da;
     out[1] = db;
 }
 
 int hfd_codes_matmul(const float *x, const float *xc, int64_t m, int64_t n_in, int64_t n_out, const float *W, const uint8_t *q, const uint8_t *esc,
-                     const int32_t *off, const uint16_t *s, int64_t group, const int64_t *lowrank, int64_t sets, const float *bias, float *y,
+                     const int32_t *off, const uint8_t *sign, const uint16_t *s, int64_t group, const int64_t *lowrank, int64_t sets, const float *bias, float *y,
                      float *t, int threads) {
-    const codes c = {q, esc, off};
+    const codes c = {q, esc, off, sign};
     const int64_t n_groups = q ? n_in / group : 0;
     factors f[2] = {{0}, {0}};
     int64_t r = 0;
@@ -355,27 +414,27 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
     }
     if (order) x = xo;
     int scaled = 0; /* whether a row's codes read x times their columns' multipliers: then every row's codes read xq */
-    for (int64_t i = 0; i < m; i++) scaled |= table[ROW * tab[i] + 5] != 0;
+    for (int64_t i = 0; i < m; i++) scaled |= table[ROW * tab[i] + 6] != 0;
     float *xq = scaled ? malloc((m * n_in + 1) * sizeof(float)) : 0;
     if (scaled && !xq) {
         free(order), free(xo), free(xs8), free(tab);
         return 1;
     }
     for (int64_t i = 0; xq && i < m; i++) {
-        const float *col = (const float *)table[ROW * tab[i] + 5];
+        const float *col = (const float *)table[ROW * tab[i] + 6];
         for (int64_t j = 0; j < n_in; j++) xq[i * n_in + j] = col ? x[i * n_in + j] * col[j] : x[i * n_in + j];
     }
     const float *xcodes = xq ? xq : x;
     for (int64_t i = 0; i < m; i++) { /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
         const int64_t *row = table + ROW * tab[i];
-        if (row[0]) group_sums8(xcodes + i * n_in, n_in, row[4], xs8 + i * (n_in / 16));
+        if (row[0]) group_sums8(xcodes + i * n_in, n_in, row[5], xs8 + i * (n_in / 16));
     }
     #pragma omp parallel num_threads(threads)
     {
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < m * r_max; p++) { /* t (m, r_max): each row's x V^T, before the rows that read it */
         const int64_t i = p / r_max, k = p % r_max, *row = table + ROW * tab[i];
-        const factors f[2] = {factors_at(row + 6), factors_at(row + 6 + FACTORS)};
+        const factors f[2] = {factors_at(row + 7), factors_at(row + 7 + FACTORS)};
         if (k < f[0].r + f[1].r) t[p] = project_at(x + i * n_in, n_in, f, k);
     }
     #pragma omp for schedule(static)
@@ -397,19 +456,22 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
             for (int64_t i = 0, nb; i < mi; i += nb) { /* each run of up to four rows of one fine-tune: its codes once */
                 const int64_t *row = table + ROW * tab[i0 + i];
                 for (nb = 1; nb < 4 && i + nb < mi && tab[i0 + i + nb] == tab[i0 + i];) nb++;
-                const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2]};
+                const codes c = {(const uint8_t *)row[0], (const uint8_t *)row[1], (const int32_t *)row[2], (const uint8_t *)row[3]};
                 if (!c.q)
                     continue;
                 if (o0 + OB < n_out) { /* this fine-tune's codes of the next block: many streams outrun the prefetcher */
                     const int64_t last = o0 + 2 * OB < n_out ? o0 + 2 * OB : n_out;
                     for (const uint8_t *l = codes_row(c, o0 + OB, n_in), *end = codes_row(c, last, n_in); l < end; l += 64)
                         _mm_prefetch((const char *)l, _MM_HINT_T0);
-                    for (int64_t at = c.off ? c.off[o0 + OB] >> 1 : 0, end = c.off ? (c.off[last] >> 1) + 1 : 0; at < end; at += 64)
-                        _mm_prefetch((const char *)(c.esc + at), _MM_HINT_T0);
+                    if (c.off)
+                        for (const uint8_t *l = escape_bytes(c, escapes_from(c, o0 + OB)), *end = escape_bytes(c, escapes_from(c, last)) + 3; l < end; l += 64)
+                            _mm_prefetch((const char *)l, _MM_HINT_T0);
+                    for (int64_t at = signs_from(c, o0 + OB) >> 3, end = c.sign ? (signs_from(c, last) >> 3) + 1 : 0; at < end; at += 64)
+                        _mm_prefetch((const char *)(c.sign + at), _MM_HINT_T0);
                 }
-                const int64_t group = row[4];
+                const int64_t group = row[5];
                 const float *xi = xcodes + (i0 + i) * n_in, *xs = xs8 + (i0 + i) * (n_in / 16);
-                const uint16_t *s = (const uint16_t *)row[3] + o0 * (n_in / group);
+                const uint16_t *s = (const uint16_t *)row[4] + o0 * (n_in / group);
                 int64_t e = 0;
                 if (nb > 1) { /* several rows: each output row's codes against all of them */
                     for (; e < ne; e++, s += n_in / group) {
@@ -421,10 +483,12 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                 }
                 for (; e + 1 < ne; e += 2, s += 2 * (n_in / group)) { /* one row: two output rows at a time */
                     float d[2];
-                    if (c.esc)
-                        row_pair(1, xi, n_in, c, o0 + e, s, group, xs, d);
+                    if (layout_of(c) == MASKED)
+                        row_pair(MASKED, xi, n_in, c, o0 + e, s, group, xs, d);
+                    else if (layout_of(c) == TWO_BITS)
+                        row_pair(TWO_BITS, xi, n_in, c, o0 + e, s, group, xs, d);
                     else
-                        row_pair(0, xi, n_in, c, o0 + e, s, group, xs, d);
+                        row_pair(NIBBLES, xi, n_in, c, o0 + e, s, group, xs, d);
                     v[i][e] += d[0];
                     v[i][e + 1] += d[1];
                 }
@@ -436,7 +500,7 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
             }
             for (int64_t i = 0; i < mi; i++) {
                 const int64_t *row = table + ROW * tab[i0 + i];
-                const factors f[2] = {factors_at(row + 6), factors_at(row + 6 + FACTORS)};
+                const factors f[2] = {factors_at(row + 7), factors_at(row + 7 + FACTORS)};
                 expand_block(f, 2, o0, ne, t + (i0 + i) * r_max, v[i]);
                 memcpy(y + (order ? order[i0 + i] : i0 + i) * n_out + o0, v[i], ne * sizeof(float));
             }
