@@ -1,5 +1,7 @@
 """Many fine-tunes over one base: per-row routing equals each fine-tune alone; storage is shared."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -8,7 +10,7 @@ from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, Decompose
 from hf_decompose import kernels, placement
 from hf_decompose.multi import TenantModule, TenantVectors, _Stacked
 from hf_decompose.parts import LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
-from hf_decompose.quantize import quantize
+from hf_decompose.quantize import quantize, quantize_codes
 
 from .emulated_device import emulated_device
 from .synthetic import perturb, random_model
@@ -161,22 +163,32 @@ def test_placed_with_offloaded_substructures(family, tmp_path):
         multi.load_decomposed("d", family / "art_a")
 
 
-def _lowrank_quant(base, seed: int, rank: int = 2, bits: int = 3, group: int = 32) -> dict[str, TensorDelta]:
-    """A fine-tune as annealing stores one: low rank plus a low-bit residual on every matrix."""
+def _lowrank_quant(base, seed: int, rank: int = 2, bits: int = 3, group: int = 32, step: float | None = None) -> dict[str, TensorDelta]:
+    """A fine-tune as annealing stores one: low rank plus a low-bit residual on every matrix (`step`: a step per row of
+    that many standard deviations, annealing's coarser levels, whose codes are mostly 0)."""
     gen = torch.Generator().manual_seed(seed)
     deltas = {}
     for name, p in base.named_parameters():
         if p.dim() == 2:
             u, v = torch.randn(p.shape[0], rank + seed % 2, generator=gen) * 0.05, torch.randn(rank + seed % 2, p.shape[1], generator=gen)
-            codes, scales = quantize(torch.randn(p.shape, generator=gen) * 1e-2, bits, group)
-            deltas[name] = TensorDelta(name, tuple(p.shape), parts=[LowRankPart(u, v), QuantPart.from_packed(codes, scales, tuple(p.shape))])
+            residual = torch.randn(p.shape, generator=gen) * 1e-2
+            if step is None:
+                codes, scales = quantize(residual, bits, group)
+                quant = QuantPart.from_packed(codes, scales, tuple(p.shape))
+            else:
+                quant = QuantPart(*quantize_codes(residual, bits, 0, step=step), bits)
+            deltas[name] = TensorDelta(name, tuple(p.shape), parts=[LowRankPart(u, v), quant])
     return deltas
 
 
 def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monkeypatch):
     layout = quant_layout
     base = random_model("llama")
-    deltas = {name: _lowrank_quant(base, seed=i) for i, name in enumerate(NAMES)}
+    deltas = {name: _lowrank_quant(base, seed=i, step=1.9 if name == "c" else None) for i, name in enumerate(NAMES)}
+    merged_c = copy.deepcopy(base)  # "c" merged into a plain model: the reference its rows must give
+    for name, p in merged_c.named_parameters():
+        if name in deltas["c"]:
+            p.data = deltas["c"][name].merge(p.data)
     multi = MultiDecomposedModel(base, {})
     for name in NAMES:
         multi.add_decomposed(name, deltas[name])
@@ -193,10 +205,12 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monk
             call = _Stacked.__call__
             monkeypatch.setattr(_Stacked, "__call__", lambda self, x, lookup, used: stacked.append(lookup) or call(self, x, lookup, used))
         mixed = multi(input_ids=ids, decomposed_names=rows).logits
+        reference = merged_c(input_ids=ids[3:4]).logits
     assert all(stacked)  # with the kernel, only the embedding's lookups run outside it
     # PyTorch's int4 kernel rounds activations to bfloat16: a reassociated float32 sum can move them a step
     tol = 1e-3 if layout == "int4" else 1e-4
     torch.testing.assert_close(mixed, alone, rtol=tol, atol=tol)
+    torch.testing.assert_close(alone[3:4], reference, rtol=10 * tol, atol=10 * tol)  # int4: activations in bfloat16 against float32
     monkeypatch.undo()
     held = {t.untyped_storage().data_ptr() for t in multi.buffers()}
     stacks = [m._batched[1][1] for m in multi.modules() if isinstance(m, TenantModule) and m._batched is not None]
@@ -204,6 +218,7 @@ def test_mixed_rows_run_batched_and_equal_each_finetune_alone(quant_layout, monk
     assert all((s.table is not None) == (layout == "kernel") for s in stacks)
     held = [p.kernel_layout() for p in multi.modules() if isinstance(p, QuantPart) and p.kernel_layout() is not None]
     assert (layout == "kernel") == any(h.escapes is not None for h in held)  # serving many: each fine-tune's codes compact
+    assert (layout == "kernel") == any(h.signs is not None for h in held)  # "c"'s codes, mostly 0: masked
     out = multi.generate(input_ids=ids, decomposed_names=rows, **GEN)
     for i, name in enumerate(rows):
         assert torch.equal(out[i], multi.generate(input_ids=ids[i : i + 1], decomposed_names=[name], **GEN)[0]), (i, name)
