@@ -190,11 +190,16 @@ def _stream_values(stream: torch.Tensor, offsets: torch.Tensor, rows: torch.Tens
 
 def _positions(offsets: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The positions of rows `rows`' (all: None) entries, one row's after another, where row o's start at ``offsets[o]``."""
-    offsets = offsets.long()
     if rows is None:
         return torch.arange(int(offsets[-1]), device=offsets.device)
-    first, counts = offsets[rows], offsets[rows + 1] - offsets[rows]
+    first, counts = _row_spans(offsets, rows)
     return torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts) + torch.arange(int(counts.sum()), device=offsets.device)
+
+
+def _row_spans(offsets: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where rows `rows`' (all: None) entries start and how many there are (int64; only those rows' offsets read)."""
+    first, last = (offsets[:-1], offsets[1:]) if rows is None else (offsets[rows], offsets[rows + 1])
+    return first.long(), (last - first).long()
 
 
 def _row_offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -238,8 +243,7 @@ def _unpack_masked(held: HeldCodes, q: torch.Tensor, rows: torch.Tensor | None) 
     ones = _bit_values(q, 1).bool()
     codes = torch.zeros(ones.shape, dtype=torch.int8, device=q.device)
     codes[ones] = _stream_values(held.signs, held.offsets[:, 1], rows, 1).to(torch.int8) * 2 - 1
-    first = held.offsets[:, 0].long()
-    counts = first[1:] - first[:-1] if rows is None else first[rows + 1] - first[rows]
+    counts = _row_spans(held.offsets[:, 0], rows)[1]
     entries = held.escapes[:-8].view(-1, 3)[_positions(held.offsets[:, 0], rows)]
     at_rows = torch.arange(len(q), device=q.device).repeat_interleave(counts)
     codes[at_rows, entries[:, 0].long() | (entries[:, 1].long() << 8)] = entries[:, 2].view(torch.int8)
