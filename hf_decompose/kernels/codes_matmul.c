@@ -222,16 +222,16 @@ static inline __attribute__((always_inline)) void escapes_block(const int NB, co
    inlining, so the accumulators stay in registers; up to two rows, each half of a chunk has its own, which halves the
    chains of dependent FMAs). The codes are summed plus 8, then 8 times the group's sum of x (xs8, row b's at
    xs8 + b * xs_row) comes off: two instructions fewer per 16 codes (masked codes: -1, 0 and 1 as they are, then the
-   escapes). */
+   escapes). Each group's sums times its scale add up lane by lane: one horizontal sum per row, not per group. */
 static inline __attribute__((always_inline)) void row_block(
     const int NB, const int LAYOUT, const float *x, int64_t n_in, const float *w, codes c, int64_t o, const uint16_t *s,
     int64_t group, const float *xs8, int64_t xs_row, float *out) {
     const int H = NB <= 2; /* the second half's accumulators */
     const uint8_t *q = codes_row(c, o, n_in);
     int64_t k = LAYOUT != NIBBLES ? escapes_from(c, o) : 0, ks = signs_from(c, o);
-    __m256 base[2][4], d[2][4];
-    float delta[4] = {0, 0, 0, 0};
-    for (int b = 0; b < NB; b++) base[0][b] = base[1][b] = _mm256_setzero_ps();
+    __m256 base[2][4], d[2][4], total[4]; /* total: the groups' sums times their scales, lane by lane (one sum per row) */
+    float delta[4] = {0, 0, 0, 0}; /* minus the offsets' sums, then the sums themselves */
+    for (int b = 0; b < NB; b++) base[0][b] = base[1][b] = total[b] = _mm256_setzero_ps();
     for (int64_t g0 = 0; g0 < n_in; g0 += group) {
         for (int b = 0; b < NB; b++) d[0][b] = d[1][b] = _mm256_setzero_ps();
         for (int64_t j = g0; j < g0 + group; j += 16) {
@@ -249,9 +249,12 @@ static inline __attribute__((always_inline)) void row_block(
             }
         }
         const float scale = bf16(s[g0 / group]);
-        for (int b = 0; b < NB; b++)
-            delta[b] += scale * (hsum(H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b]) - (LAYOUT == MASKED ? 0.0f : xs8[b * xs_row + g0 / group]));
+        for (int b = 0; b < NB; b++) {
+            total[b] = _mm256_fmadd_ps(_mm256_set1_ps(scale), H ? _mm256_add_ps(d[0][b], d[1][b]) : d[0][b], total[b]);
+            if (LAYOUT != MASKED) delta[b] -= scale * xs8[b * xs_row + g0 / group];
+        }
     }
+    for (int b = 0; b < NB; b++) delta[b] += hsum(total[b]);
     if (LAYOUT == MASKED) escapes_block(NB, x, n_in, c, o, s, group, delta);
     for (int b = 0; b < NB; b++) out[b] = (w ? hsum(H ? _mm256_add_ps(base[0][b], base[1][b]) : base[0][b]) : 0.0f) + delta[b];
 }
@@ -297,7 +300,8 @@ static inline __attribute__((always_inline)) void row_pair(const int LAYOUT, con
     int64_t ka = LAYOUT != NIBBLES ? escapes_from(c, o) : 0, kb = LAYOUT != NIBBLES ? escapes_from(c, o + 1) : 0;
     int64_t ksa = signs_from(c, o), ksb = signs_from(c, o + 1);
     const int64_t n_groups = n_in / group;
-    float da = 0.0f, db = 0.0f;
+    float da = 0.0f, db = 0.0f; /* minus the offsets' sums, then the sums themselves */
+    __m256 ta = _mm256_setzero_ps(), tb = _mm256_setzero_ps(); /* the groups' sums times their scales, lane by lane */
     for (int64_t g0 = 0; g0 < n_in; g0 += group) {
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
         for (int64_t j = g0; j < g0 + group; j += 16) {
@@ -310,10 +314,12 @@ static inline __attribute__((always_inline)) void row_pair(const int LAYOUT, con
             b0 = _mm256_fmadd_ps(qb0, x0, b0);
             b1 = _mm256_fmadd_ps(qb1, x1, b1);
         }
-        const float xs = LAYOUT == MASKED ? 0.0f : xs8[g0 / group];
-        da += bf16(s[g0 / group]) * (hsum(_mm256_add_ps(a0, a1)) - xs);
-        db += bf16(s[n_groups + g0 / group]) * (hsum(_mm256_add_ps(b0, b1)) - xs);
+        const float sa = bf16(s[g0 / group]), sb = bf16(s[n_groups + g0 / group]), xs = LAYOUT == MASKED ? 0.0f : xs8[g0 / group];
+        ta = _mm256_fmadd_ps(_mm256_set1_ps(sa), _mm256_add_ps(a0, a1), ta);
+        tb = _mm256_fmadd_ps(_mm256_set1_ps(sb), _mm256_add_ps(b0, b1), tb);
+        da -= sa * xs, db -= sb * xs;
     }
+    da += hsum(ta), db += hsum(tb);
     if (LAYOUT == MASKED) {
         escapes_block(1, x, n_in, c, o, s, group, &da);
         escapes_block(1, x, n_in, c, o + 1, s + n_groups, group, &db);
