@@ -10,8 +10,8 @@ and low-rank factors its own. Codes come in
 three layouts: four bits each (`pack_nibbles`); two bits each with the codes beyond -1..1 escaped to a stream of
 four-bit values beside them (`pack_escaped`; annealing's codes are mostly -1, 0 and 1); or a bit per code marking
 -1 and 1, a sign bit for each of those and a list of the other nonzero codes (`pack_masked`; the smallest where most
-codes are 0 or +-1, as annealing's are: 1.35 bits a code on the default pair's embedding and 1.85 in its layers,
-against 2.08 and 2.1 two bits each). `pack` takes the smallest. The C source
+codes are 0 or +-1, as annealing's are: 1.46 bits a code in the default tie artifact's embedding and 1.69 in most of
+its layers, against about 2.1 two bits each, and the faster to decode of the two). `pack` takes the smallest. The C source
 (`codes_matmul.c`: AVX2, FMA and BMI2, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
 into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
 kernels run as the custom ops ``hf_decompose::codes_matmul`` and ``hf_decompose::rows_codes_matmul``.
