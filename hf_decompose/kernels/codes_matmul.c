@@ -8,7 +8,7 @@
    (`codes`), or none (q NULL):
    - nibbles (esc NULL): (n_out, n_in / 2) bytes, each 16 codes in 8, byte b holding q[b] + 8 in its low and
      q[b + 8] + 8 in its high nibble;
-   - two bits with escapes: (n_out, n_in / 4) bytes, each 16 codes in 4 read as a little-endian word whose field i
+   - two bits with escapes (esc not NULL, sign NULL): (n_out, n_in / 4) bytes, each 16 codes in 4 read as a little-endian word whose field i
      (bits 2i, 2i + 1) holds code i / 2 + 8 (i % 2) (the nibble layout's order) as q + 1 for q in -1..1, 3 for any
      other code; those escaped codes follow one another in `esc`, a stream of nibbles (q + 8, two to a byte, low
      nibble first) in field order, row o's starting at nibble off[o] (int32), with 8 bytes of padding at its end; at most
@@ -32,12 +32,11 @@
    batch): row i's are those of table row which[i / per] (of n_table), whose ROW fields hold its codes (the addresses
    of q, esc, off, sign: esc 0 for nibbles, sign 0 but for masked codes; q 0 for no codes), the address of their
    scales, their group, the address of their columns' float32 step multipliers c (0: none), then two sets of low-rank
-   factors (r 0 for none); all 0: the
-   base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats). There the rows of one fine-tune run
-   side by side (copied so where they are not: `grouped_order`), the base first for every row, then each run of up to
-   four rows of one fine-tune decodes its codes once per output row (`row_block`), a lone row two output rows at a time
-   (`row_pair`); where any row's codes have columns' multipliers, every row's codes read their own copy of x (times
-   them, where they have them).
+   factors (r 0 for none); all 0: the base alone. r_max: the largest sum of a row's r (t: room for m x r_max floats).
+   There the rows of one fine-tune run side by side (copied so where they are not: `grouped_order`), the base first
+   for every row, then each run of up to four rows of one fine-tune decodes its codes once per output row
+   (`row_block`), a lone row two output rows at a time (`row_pair`); where any row's codes have columns' multipliers,
+   every row's codes read their own copy of x (times them, where they have them).
    Both return 0, or 1 where their scratch could not be allocated; hfd_rows_codes_matmul 2 where a row names no table
    row. */
 #include <immintrin.h>
