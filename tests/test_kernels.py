@@ -50,6 +50,22 @@ def test_two_bit_packings_round_trip_whole_and_by_rows(escaped, layout):
     assert torch.equal(kernels.unpack(held, rows), codes[rows])
 
 
+def test_masked_escapes_step_along_rows_wider_than_an_entrys_step():
+    """Escapes' entries hold a 12-bit step from the previous escape's column: a wider gap takes entries of steps alone."""
+    codes = torch.zeros(3, 8192, dtype=torch.int8)
+    codes[0, 8000] = 5  # a row's first escape 8000 columns in: one step alone (4095), then its entry (3905)
+    codes[1, [0, 4095, 8190]] = torch.tensor([-3, 2, 7], dtype=torch.int8)  # steps 0, 4095 and 4095: no entries alone
+    codes[2, ::7] = 1
+    held = kernels.pack_masked(codes)
+    assert held.offsets[:, 0].tolist() == [0, 2, 5, 5]
+    assert torch.equal(kernels.unpack(held), codes)
+    assert torch.equal(kernels.unpack(held, torch.tensor([1, 0])), codes[[1, 0]])
+    if kernels.available():
+        scales, x = torch.rand(3, 128).bfloat16(), torch.randn(2, 8192, generator=torch.Generator().manual_seed(0))
+        ref = x @ dequantize(codes, scales).t()
+        torch.testing.assert_close(kernels.codes_matmul(x, held, scales), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_pack_takes_the_smallest_layout_the_kernel_reads():
     gen = torch.Generator().manual_seed(1)
     held = kernels.pack(_codes((32, 64), 0.07, gen))  # a third of them 0, 6% escaped: 2.3 bits two each, 3.1 masked

@@ -10,7 +10,7 @@ and low-rank factors its own. Codes come in
 three layouts: four bits each (`pack_nibbles`); two bits each with the codes beyond -1..1 escaped to a stream of
 four-bit values beside them (`pack_escaped`; annealing's codes are mostly -1, 0 and 1); or a bit per code marking
 -1 and 1, a sign bit for each of those and a list of the other nonzero codes (`pack_masked`; the smallest where most
-codes are 0 or +-1, as annealing's are: 1.46 bits a code in the default tie artifact's embedding and 1.69 in most of
+codes are 0 or +-1, as annealing's are: 1.41 bits a code in the default tie artifact's embedding and 1.74 in most of
 its layers, against about 2.1 two bits each, and the faster to decode of the two). `pack` takes the smallest. The C source
 (`codes_matmul.c`: AVX2, FMA and BMI2, OpenMP threads) is compiled with the system's C compiler (``$CC``, else ``cc``)
 into ``~/.cache/hf_decompose/kernels/<hash>/`` on first use and loaded with ctypes; inside `torch.compile` the
@@ -52,6 +52,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mbmi2", "-fopenmp", "-shared", "-fPIC")
 PARALLEL_VALUES = 1 << 20  # values a thread takes at least, in kernels split over threads by rows
 ROW = 19  # int64 fields of a `codes_table` row: codes (6), their columns' multipliers (1), two sets of low-rank factors (6 each)
 RANKS = (11, 17)  # the fields of a `codes_table` row that hold its sets' ranks
+MAX_STEP = 4095  # the largest step in columns of an entry of `pack_masked`'s escapes (12 bits)
 _AVAILABLE: bool | None = None
 
 
@@ -115,9 +116,10 @@ def _escapes_fit(codes: torch.Tensor) -> bool:
 
 
 def _masked_fits(codes: torch.Tensor) -> bool:
-    """Columns that fit the escapes' uint16, fewer than 2^31 codes -1 and 1 and fewer than 2^31 others (int32 offsets)."""
+    """Fewer than 2^31 codes -1 and 1 and fewer than 2^31 entries of others (int32 offsets; an entry per 4095 columns
+    at most beside them)."""
     ones = int((codes.abs() == 1).sum())
-    return codes.shape[1] <= 2**16 and ones < 2**31 and int(codes.count_nonzero()) - ones < 2**31
+    return ones < 2**31 and int(codes.count_nonzero()) - ones + codes.numel() // MAX_STEP < 2**31
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -149,11 +151,12 @@ def pack_escaped(codes: torch.Tensor) -> HeldCodes:
 def pack_masked(codes: torch.Tensor) -> HeldCodes:
     """Codes ``(out, in)`` in -8..7 a bit each marking -1 and 1: bit i of byte b of row o set where ``codes[o, 8 b + i]``
     is -1 or 1; for each of those a bit, 1 for 1, in `signs` (row o's from bit ``offsets[o, 1]``, 8 bytes of padding
-    after them); the other nonzero codes (escapes) listed 3 bytes each, their column (little-endian uint16) and the
-    code (int8), row o's from entry ``offsets[o, 0]`` (int32 ``(out + 1, 2)``), 8 bytes of padding after them. Up to
-    65536 columns."""
+    after them); the other nonzero codes (escapes) in little-endian uint16 entries, ``code + 8`` in the low 4 bits and
+    the step in columns from the previous entry's (from column 0 for a row's first) in the high 12, an entry of code 0
+    a step of `MAX_STEP` alone, row o's from entry ``offsets[o, 0]`` (int32 ``(out + 1, 2)``), 8 bytes of padding
+    after them."""
     if not _masked_fits(codes):
-        raise ValueError(f"the masked layout takes at most 65536 columns and fewer than 2^31 codes of each kind, got {tuple(codes.shape)}")
+        raise ValueError(f"the masked layout takes fewer than 2^31 codes of each kind, got {tuple(codes.shape)}")
     return _pack_masked(codes)
 
 
@@ -222,9 +225,20 @@ def _pack_masked(codes: torch.Tensor) -> HeldCodes:
     q = _bit_stream(ones.to(torch.uint8).flatten(), 1, 0).view(n_out, n_in // 8)
     signs = _bit_stream((codes[ones] > 0).to(torch.uint8), 1)
     rows, columns = escaped.nonzero(as_tuple=True)
-    entries = torch.stack([(columns & 255).to(torch.uint8), (columns >> 8).to(torch.uint8), codes[rows, columns].view(torch.uint8)], 1)
-    offsets = torch.stack([_row_offsets(escaped.sum(1)), _row_offsets(ones.sum(1))], 1).contiguous()
-    return HeldCodes(q, torch.cat([entries.flatten(), entries.new_zeros(8)]), offsets, signs)  # padded: never empty (a null pointer)
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    step = columns - torch.where(first, 0, columns.roll(1))  # from the previous escape's column in the row, or column 0
+    alone = torch.where(step > 0, (step - 1) // MAX_STEP, 0)  # steps of MAX_STEP alone before the escape's entry
+    counts = alone + 1
+    escape = torch.arange(len(rows)).repeat_interleave(counts)
+    last = torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts)[escape] == alone[escape]
+    steps = torch.where(last, step[escape] - MAX_STEP * alone[escape], MAX_STEP)
+    values = torch.where(last, codes[rows, columns].long()[escape] + 8, 8)
+    entries = (steps << 4) | values
+    entries = torch.stack([entries & 255, entries >> 8], 1).to(torch.uint8).flatten()
+    per_row = torch.zeros(n_out, dtype=torch.int64).index_add_(0, rows, counts)
+    offsets = torch.stack([_row_offsets(per_row), _row_offsets(ones.sum(1))], 1).contiguous()
+    return HeldCodes(q, torch.cat([entries, entries.new_zeros(8)]), offsets, signs)  # padded: never empty (a null pointer)
 
 
 def unpack(held: HeldCodes, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,9 +258,16 @@ def _unpack_masked(held: HeldCodes, q: torch.Tensor, rows: torch.Tensor | None) 
     codes = torch.zeros(ones.shape, dtype=torch.int8, device=q.device)
     codes[ones] = _stream_values(held.signs, held.offsets[:, 1], rows, 1).to(torch.int8) * 2 - 1
     counts = _row_spans(held.offsets[:, 0], rows)[1]
-    entries = held.escapes[:-8].view(-1, 3)[_positions(held.offsets[:, 0], rows)]
-    at_rows = torch.arange(len(q), device=q.device).repeat_interleave(counts)
-    codes[at_rows, entries[:, 0].long() | (entries[:, 1].long() << 8)] = entries[:, 2].view(torch.int8)
+    pairs = held.escapes[:-8].view(-1, 2)[_positions(held.offsets[:, 0], rows)].long()
+    if not len(pairs):
+        return codes
+    entries = pairs[:, 0] | (pairs[:, 1] << 8)
+    steps, values = entries >> 4, (entries & 15) - 8
+    column = steps.cumsum(0)  # each entry's column: its steps summed across rows, less those before its row's first
+    column -= (column - steps)[(counts.cumsum(0) - counts).clamp(max=len(column) - 1)].repeat_interleave(counts)
+    row = torch.arange(len(q), device=q.device).repeat_interleave(counts)
+    kept = values != 0  # not a step alone
+    codes[row[kept], column[kept]] = values[kept].to(torch.int8)
     return codes
 
 

@@ -15,11 +15,13 @@
      15 of each 16 codes escape;
    - masked (sign not NULL): (n_out, n_in / 8) bytes, bit i of byte b (in order) set where code 8 b + i is -1 or 1; a bit
      each for those, 1 for 1, in the stream `sign` (bit i of byte b the (8 b + i)-th), row o's from bit off[2 o + 1],
-     with 8 bytes of padding at its end; the other nonzero codes (escapes) in a list of 3 bytes each, the column
-     (little-endian uint16) and the code (int8), row o's from entry off[2 o] (int32 off), with 8 bytes of padding at
-     its end. Codes -1, 0 and 1 take 1 bit each and 1 more when nonzero, the rarer codes 24 bits each (added after
-     the row): fewer bits than two a code where most codes are 0 or +-1 (1.46 bits on the default pair's annealed
-     embedding, 1.69 in most of its layers), decoded faster than two bits (no table, no branch).
+     with 8 bytes of padding at its end; the other nonzero codes (escapes) in a list of little-endian uint16 entries,
+     each the code + 8 in its low 4 bits and the step from the previous entry's column (from column 0 for a row's
+     first) in its high 12, an entry of code 0 a step alone (for steps beyond 4095), row o's from entry off[2 o] (int32
+     off), with 8 bytes of padding at its end. Codes -1, 0 and 1 take 1 bit each and 1 more when nonzero, the rarer
+     codes 16 bits each (added after the row): fewer bits than two a code where most codes are 0 or +-1 (1.41 bits on
+     the default pair's annealed embedding, 1.74 in most of its layers), decoded faster than two bits (no table, no
+     branch).
    Low-rank factors (`factors`, up to two sets): U (r, n_out) at strides (u_sk, u_so) and V (r, n_in), float32, or int8
    half codes h standing for the odd integers 2h + 1 (low-bit factors' codes), the directions' scales (U's times V's,
    float32) in s; each set as FACTORS int64 fields (the address of U, u_sk, u_so, the address of V, r, the address of s
@@ -59,7 +61,7 @@ static inline int layout_of(codes c) { return c.sign ? MASKED : c.esc ? TWO_BITS
 static inline const uint8_t *codes_row(codes c, int64_t o, int64_t n_in) { return c.q + o * (n_in / (c.sign ? 8 : c.esc ? 4 : 2)); }
 static inline int64_t escapes_from(codes c, int64_t o) { return c.off[c.sign ? 2 * o : o]; } /* row o's first escape */
 static inline int64_t signs_from(codes c, int64_t o) { return c.sign ? c.off[2 * o + 1] : 0; } /* row o's first sign bit */
-static inline const uint8_t *escape_bytes(codes c, int64_t k) { return c.esc + (c.sign ? 3 * k : k >> 1); } /* escape k's first byte */
+static inline const uint8_t *escape_bytes(codes c, int64_t k) { return c.esc + (c.sign ? 2 * k : k >> 1); } /* escape k's first byte */
 
 int hfd_supported(void) { /* whether this CPU runs the instructions the rest is compiled for */
     __builtin_cpu_init();
@@ -209,10 +211,14 @@ static inline __attribute__((always_inline)) void base_block(const int NB, const
 /* The escaped codes of masked row o (their scales s) for NB rows of x (row b's at x + b * n_in), added to out. */
 static inline __attribute__((always_inline)) void escapes_block(const int NB, const float *x, int64_t n_in, codes c, int64_t o,
                                                                const uint16_t *s, int64_t group, float *out) {
+    int64_t col = 0;
     for (int64_t e = escapes_from(c, o), end = escapes_from(c, o + 1); e < end; e++) {
-        uint16_t col;
-        memcpy(&col, c.esc + 3 * e, 2);
-        const float v = (float)(int8_t)c.esc[3 * e + 2] * bf16(s[col / group]);
+        uint16_t entry;
+        memcpy(&entry, c.esc + 2 * e, 2);
+        col += entry >> 4;
+        const int code = (entry & 15) - 8;
+        if (!code) continue; /* a step alone */
+        const float v = (float)code * bf16(s[col / group]);
         for (int b = 0; b < NB; b++) out[b] += v * x[b * n_in + col];
     }
 }
@@ -469,7 +475,7 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
                     for (const uint8_t *l = codes_row(c, o0 + OB, n_in), *end = codes_row(c, last, n_in); l < end; l += 64)
                         _mm_prefetch((const char *)l, _MM_HINT_T0);
                     if (c.off)
-                        for (const uint8_t *l = escape_bytes(c, escapes_from(c, o0 + OB)), *end = escape_bytes(c, escapes_from(c, last)) + 3; l < end; l += 64)
+                        for (const uint8_t *l = escape_bytes(c, escapes_from(c, o0 + OB)), *end = escape_bytes(c, escapes_from(c, last)) + 2; l < end; l += 64)
                             _mm_prefetch((const char *)l, _MM_HINT_T0);
                     for (int64_t at = signs_from(c, o0 + OB) >> 3, end = c.sign ? (signs_from(c, last) >> 3) + 1 : 0; at < end; at += 64)
                         _mm_prefetch((const char *)(c.sign + at), _MM_HINT_T0);

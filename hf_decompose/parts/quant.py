@@ -158,8 +158,8 @@ class QuantPart(Part):
 
     def compact(self) -> None:
         """Hold the codes in the compiled kernel's smallest layout (`kernels.pack`): annealing's codes a bit each
-        marking -1 and 1, a sign bit for those and a list of the rarer ones (1.46 bits a code in the default tie
-        artifact's embedding, 1.69 in most of its layers, against 4), for about twice the kernel's decoding work. A
+        marking -1 and 1, a sign bit for those and a list of the rarer ones (1.41 bits a code in the default tie
+        artifact's embedding, 1.74 in most of its layers, against 4), for about twice the kernel's decoding work. A
         model serving many fine-tunes holds each one's so; one split model, four bits."""
         held = self.kernel_layout()
         if held is not None and held.escapes is None:
