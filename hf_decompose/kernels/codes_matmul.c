@@ -264,6 +264,18 @@ static inline __attribute__((always_inline)) void row_block(
     for (int b = 0; b < NB; b++) out[b] = (w ? hsum(H ? _mm256_add_ps(base[0][b], base[1][b]) : base[0][b]) : 0.0f) + delta[b];
 }
 
+/* `row_block` of LAYOUT for nb rows of x (1 to 4; a constant in each call, so that its accumulators stay in registers). */
+static inline __attribute__((always_inline)) void layout_block(const int LAYOUT, int nb, const float *x, int64_t n_in, const float *w, codes c,
+                                                              int64_t o, const uint16_t *s, int64_t group, const float *xs8, int64_t xs_row,
+                                                              float *out) {
+    switch (nb) {
+        case 1: row_block(1, LAYOUT, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+        case 2: row_block(2, LAYOUT, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+        case 3: row_block(3, LAYOUT, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+        default: row_block(4, LAYOUT, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
+    }
+}
+
 static inline __attribute__((always_inline)) void codes_block(int nb, const float *x, int64_t n_in, const float *w, codes c, int64_t o,
                                                              const uint16_t *s, int64_t group, const float *xs8, int64_t xs_row, float *out) {
     if (!c.q) {
@@ -274,26 +286,11 @@ static inline __attribute__((always_inline)) void codes_block(int nb, const floa
             default: base_block(4, x, n_in, w, out); break;
         }
     } else if (layout_of(c) == MASKED) {
-        switch (nb) {
-            case 1: row_block(1, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 2: row_block(2, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 3: row_block(3, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            default: row_block(4, MASKED, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-        }
+        layout_block(MASKED, nb, x, n_in, w, c, o, s, group, xs8, xs_row, out);
     } else if (layout_of(c) == TWO_BITS) {
-        switch (nb) {
-            case 1: row_block(1, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 2: row_block(2, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 3: row_block(3, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            default: row_block(4, TWO_BITS, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-        }
+        layout_block(TWO_BITS, nb, x, n_in, w, c, o, s, group, xs8, xs_row, out);
     } else {
-        switch (nb) {
-            case 1: row_block(1, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 2: row_block(2, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            case 3: row_block(3, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-            default: row_block(4, NIBBLES, x, n_in, w, c, o, s, group, xs8, xs_row, out); break;
-        }
+        layout_block(NIBBLES, nb, x, n_in, w, c, o, s, group, xs8, xs_row, out);
     }
 }
 
@@ -344,7 +341,7 @@ int hfd_codes_matmul(const float *x, const float *xc, int64_t m, int64_t n_in, i
     float *xs8 = q ? malloc((m * n_groups + 1) * sizeof(float)) : 0; /* + 1: never a request of 0 bytes (no rows) */
     if (q && !xs8) return 1; /* out of memory */
     const float *xq = xc ? xc : x; /* the codes' inputs */
-    for (int64_t i = 0; q && i < m; i++) group_sums8(xq + i * n_in, n_in, group, xs8 + i * n_groups);
+    for (int64_t i = 0; q && !sign && i < m; i++) group_sums8(xq + i * n_in, n_in, group, xs8 + i * n_groups); /* masked codes: no offset */
     #pragma omp parallel num_threads(threads)
     {
     #pragma omp for schedule(static)
@@ -438,7 +435,7 @@ int hfd_rows_codes_matmul(const float *x, int64_t m, int64_t n_in, int64_t n_out
     const float *xcodes = xq ? xq : x;
     for (int64_t i = 0; i < m; i++) { /* row i's group sums (its fine-tune's group) at xs8 + i * n_in / 16 */
         const int64_t *row = table + ROW * tab[i];
-        if (row[0]) group_sums8(xcodes + i * n_in, n_in, row[5], xs8 + i * (n_in / 16));
+        if (row[0] && !row[3]) group_sums8(xcodes + i * n_in, n_in, row[5], xs8 + i * (n_in / 16)); /* masked codes: no offset */
     }
     #pragma omp parallel num_threads(threads)
     {
