@@ -209,6 +209,16 @@ def test_orthonormal_basis_by_cholesky_and_householder_where_the_gram_is_singula
     twins = y[:, :36] + 1e-6 * torch.randn(4096, 36, generator=gen)
     for block in (torch.cat([y[:, :36], y[:, :36]], 1), torch.cat([y[:, :36], twins], 1)):
         assert torch.equal(orthonormal_basis(block), torch.linalg.qr(block).Q)
+        assert torch.equal(orthonormal_basis(block, exact=False), torch.linalg.qr(block).Q)
+    # a power iteration's basis, by Cholesky QR in float32 up to a condition bound of 1e3: near orthonormal, the same span
+    for block in (y, y * torch.logspace(0, -2, 72)):
+        q = orthonormal_basis(block, exact=False)
+        torch.testing.assert_close(q.T @ q, torch.eye(72), rtol=0, atol=0.05)
+        span = torch.linalg.qr(block).Q
+        torch.testing.assert_close(span @ (span.T @ q), q, rtol=0, atol=1e-4)
+    ill = y * torch.logspace(0, -2.5, 72)  # a bound of 2.1e3: within the exact basis's, beyond the power iteration's
+    assert not torch.equal(orthonormal_basis(ill), torch.linalg.qr(ill).Q)
+    assert torch.equal(orthonormal_basis(ill, exact=False), torch.linalg.qr(ill).Q)
 
 
 def test_bfloat16_power_iterations_keep_the_spectral_decisions(monkeypatch):
