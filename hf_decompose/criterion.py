@@ -445,38 +445,37 @@ def _z2(values: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _group_tests(results: dict[str, TensorTest], config: DecomposedConfig, geometry: Geometry | None) -> None:
     """Chi-square per dependency group, pooled across the tensors a group spans, BH per kind."""
-    sums: dict[str, np.ndarray] = {}
-    dofs: dict[str, np.ndarray] = {}
-    members = []
+    members = []  # (name, pool key, group id of each unit, the unit's sum of z^2, its entries)
     for name, result in results.items():
         info = result.info
         if result.sigma <= 0:
             continue
         if info.group_axis is None:
             z2 = _z2(result.residual, result.sigma)
-            key, ids, per_unit, count = f"vector:{name}", np.zeros(1, dtype=np.int64), z2.sum().double().reshape(1).cpu().numpy(), np.array([z2.numel()])
-        else:
-            if geometry is None and info.group_kind in ("head", "kv_head"):
-                continue
-            other = 1 - info.group_axis
-            # row sums of row blocks are the row sums of the whole; column sums are summed whole
-            chunks = row_chunks(result.residual) if other == 1 else (result.residual,)
-            per_unit = torch.cat([_z2(c, result.sigma).sum(dim=other) for c in chunks]).double().cpu().numpy()
-            ids = group_ids(info, tuple(result.residual.shape), geometry) if geometry else np.arange(per_unit.size)
-            # a kind the groups know pools across the layer's tensors; an unrecognised matrix is its own group
-            key = f"{info.layer}:{info.group_kind}" if info.role != "matrix" else f"{info.layer}:{info.group_kind}:{name}"
-            count = np.full(per_unit.size, result.residual.shape[other])
-        size = int(ids.max()) + 1
-        sums.setdefault(key, np.zeros(size))
-        dofs.setdefault(key, np.zeros(size))
+            members.append((name, f"vector:{name}", np.zeros(1, dtype=np.int64), z2.sum().double().reshape(1).cpu().numpy(), np.array([z2.numel()])))
+            continue
+        if geometry is None and info.group_kind in ("head", "kv_head"):
+            continue
+        other = 1 - info.group_axis
+        # row sums of row blocks are the row sums of the whole; column sums are summed whole
+        chunks = row_chunks(result.residual) if other == 1 else (result.residual,)
+        per_unit = torch.cat([_z2(c, result.sigma).sum(dim=other) for c in chunks]).double().cpu().numpy()
+        # a kind the groups know pools across the layer's tensors; an unrecognised matrix is its own group
+        key = f"{info.layer}:{info.group_kind}" if info.role != "matrix" else f"{info.layer}:{info.group_kind}:{name}"
+        members.append((name, key, group_ids(info, tuple(result.residual.shape), geometry), per_unit, np.full(per_unit.size, result.residual.shape[other])))
+    sizes: dict[str, int] = {}
+    for _, key, ids, _, _ in members:  # a pool spans its members' ids (a fused q/k/v matrix's kv heads follow the query heads)
+        sizes[key] = max(sizes.get(key, 0), int(ids.max()) + 1)
+    sums = {key: np.zeros(size) for key, size in sizes.items()}
+    dofs = {key: np.zeros(size) for key, size in sizes.items()}
+    for _, key, ids, per_unit, count in members:
         np.add.at(sums[key], ids, per_unit)
         np.add.at(dofs[key], ids, count)
-        members.append((name, key, ids))
     supported, pvalues = {}, {}
     for key in sums:
         pvalues[key] = special.chdtrc(np.maximum(dofs[key], 1), sums[key])  # chi2.sf
         supported[key] = reject(pvalues[key], config.q, config.correction)
-    for name, key, ids in members:
+    for name, key, ids, _, _ in members:
         result = results[name]
         result.group_pvalues = pvalues[key][ids]
         hit = torch.from_numpy(supported[key][ids]).to(result.mask.device)

@@ -22,8 +22,10 @@ _GPT2 = re.compile(r"^(?P<layer>.*?h\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>c_attn
 _LAYER = re.compile(r"^(?P<layer>.*?(?:layers|h)\.\d+)\.")
 _TOKEN_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")
 
-READS_HIDDEN = {"q", "k", "v", "gate", "up", "c_attn", "c_fc"}
+READS_HIDDEN = {"q", "k", "v", "qkv", "gate", "up", "gate_up", "c_attn", "c_fc"}
 WRITES_HIDDEN = {"o", "down", "c_proj"}
+NEURON_ROLES = {"gate", "up", "gate_up", "down", "c_fc"}
+ALIASES = {"out": "o"}  # OPT's attention output projection, out_proj
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,13 @@ def describe(name: str, shape: tuple[int, ...], model_type: str) -> ParamInfo:
     if len(shape) != 2:
         return ParamInfo(name, layer, "vector", False, None, "vector")
     match = _LLAMA.match(name) or _GPT2.match(name)
-    if match and match.group("kind") == "weight":
-        role = match.group("proj")
-        if role == "c_proj":  # GPT-2 names both output projections c_proj
-            role = "down" if match.group("block") == "mlp" else "o"
+    role = ALIASES.get(match.group("proj"), match.group("proj")) if match else None
+    if role == "c_proj":  # GPT-2 names both output projections c_proj
+        role = "down" if match.group("block") == "mlp" else "o"
+    # a projection of another layout (MLA's q_a / q_b / kv_b, ...) is a plain matrix: its rows are no heads or neurons
+    if match and match.group("kind") == "weight" and role in READS_HIDDEN | WRITES_HIDDEN:
         axis = 1 if role in WRITES_HIDDEN else 0
-        kind = "neuron" if role in ("gate", "up", "down", "c_fc") else ("kv_head" if role in ("k", "v") else "head")
+        kind = "neuron" if role in NEURON_ROLES else ("kv_head" if role in ("k", "v") else "head")
         return ParamInfo(name, match.group("layer"), role, model_type == "gpt2", axis, kind)
     if name.endswith(_TOKEN_ROWS):
         return ParamInfo(name, None, "lm_head" if name.endswith("lm_head.weight") else "embed", False, 0, "token")
@@ -95,21 +98,39 @@ def describe(name: str, shape: tuple[int, ...], model_type: str) -> ParamInfo:
     return ParamInfo(name, layer, "matrix", False, 0, "row")
 
 
-def group_ids(info: ParamInfo, shape: tuple[int, ...], geometry: Geometry) -> np.ndarray:
+def group_ids(info: ParamInfo, shape: tuple[int, ...], geometry: Geometry | None) -> np.ndarray:
     """Group index of each row (group_axis 0) or column (axis 1) of the canonical matrix.
 
     Ids are local to (layer, group_kind): q rows and o columns of head h share id h; k and v rows of
-    kv head g share id g; gate/up rows and down columns of neuron n share id n.
+    kv head g share id g; gate/up rows and down columns of neuron n share id n. A fused q/k/v matrix's k and v rows
+    of kv head g take id ``num_heads + g`` (after the query heads': the kv head's node in `layer_components`); a fused
+    gate/up matrix's rows j and ``n / 2 + j`` are neuron j's. A head's rows or columns are the matrix's own share of
+    them (MLA's values are narrower than its queries and keys): a matrix the head count does not divide raises.
+    Only heads need the `geometry`.
     """
     n = shape[info.group_axis]
-    hd = geometry.head_dim
     if info.role in ("q", "o"):
-        return np.arange(n) // hd
+        return _heads(info, n, geometry.num_heads)
     if info.role in ("k", "v"):
-        return np.arange(n) // hd
+        return _heads(info, n, geometry.num_kv_heads)
+    if info.role == "qkv":
+        ids = _heads(info, n, geometry.num_heads + 2 * geometry.num_kv_heads)
+        kv = ids >= geometry.num_heads
+        ids[kv] = geometry.num_heads + (ids[kv] - geometry.num_heads) % geometry.num_kv_heads
+        return ids
+    if info.role == "gate_up":
+        return np.arange(n) % (n // 2)
     if info.role == "c_attn":  # rows: [q | k | v] blocks of hidden_size each; all three belong to the head
-        return (np.arange(n) % geometry.hidden_size) // hd
+        return (np.arange(n) % geometry.hidden_size) // geometry.head_dim
     return np.arange(n)
+
+
+def _heads(info: ParamInfo, n: int, heads: int) -> np.ndarray:
+    """Ids of `n` rows or columns in `heads` equal consecutive blocks."""
+    if n % heads:
+        raise ValueError(f"{info.name}: {n} {'columns' if info.group_axis else 'rows'} do not split into {heads} heads of equal size; "
+                         "the config's attention geometry does not describe this matrix")
+    return np.arange(n) // (n // heads)
 
 
 def kv_group_of_head(head: int, geometry: Geometry) -> int:

@@ -38,6 +38,19 @@ ARCHITECTURES = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "shared_expert_intermediate_size": 32, **MOE},
     "qwen3_moe": {"num_experts": 4, "head_dim": 8, **MOE},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, "layer_types": ["sliding_attention", "full_attention"],
+                "sliding_window": 16},
+    "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                 "head_dim": 8, "n_group": 1, "topk_group": 1},
+    # multi-head latent attention: low-rank q and kv projections, values narrower than queries and keys
+    "deepseek_v3": {"num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                    "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+                    "v_head_dim": 8, "n_group": 1, "topk_group": 1},
+    # linear attention (gated delta rule) beside full attention
+    "qwen3_next": {"num_experts": 4, "head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
+                   "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8, **MOE},
 }
 
 

@@ -1,8 +1,10 @@
 """Substructure extraction: planted blocks are found under any permutation; storage round-trips."""
 
+import numpy as np
+import pytest
 import torch
 
-from hf_decompose.groups import Geometry, describe
+from hf_decompose.groups import Geometry, describe, group_ids
 from hf_decompose.parts import TensorDelta
 from hf_decompose.substructures import extract, layer_components
 
@@ -149,3 +151,35 @@ def test_pairs_of_a_delta_that_replaces_every_entry_are_those_of_a_full_support(
     for shape in ((5, 7), (1, 3), (4, 1)):
         got, expected = _every_pair(shape), _spanning_pairs(torch.ones(shape, dtype=torch.bool))
         assert all(torch.equal(a, b) for a, b in zip(got, expected)), shape
+
+
+def test_group_ids_of_fused_narrow_and_foreign_projections():
+    """Phi-3's fused q/k/v rows are query heads then kv heads (GQA), its fused gate/up rows neuron j's at j and n/2 + j;
+    OPT's out_proj is an output projection; MLA's o_proj columns are its narrower value heads' (not the config's rope
+    head_dim), and its low-rank projections are plain matrices; a matrix the heads do not divide is refused by name.
+    A dense Phi-3 layer is one component of every hidden dim, head, kv head and neuron."""
+    g = Geometry(num_heads=4, num_kv_heads=2, head_dim=4, hidden_size=16)
+    qkv = describe("model.layers.0.self_attn.qkv_proj.weight", (32, 16), "phi3")
+    assert (qkv.role, qkv.group_kind, qkv.group_axis) == ("qkv", "head", 0)
+    np.testing.assert_array_equal(group_ids(qkv, (32, 16), g), np.repeat([0, 1, 2, 3, 4, 5, 4, 5], 4))
+    gate_up = describe("model.layers.0.mlp.gate_up_proj.weight", (64, 16), "phi3")
+    assert (gate_up.role, gate_up.group_kind) == ("gate_up", "neuron")
+    np.testing.assert_array_equal(group_ids(gate_up, (64, 16), g), np.tile(np.arange(32), 2))
+    out = describe("model.decoder.layers.0.self_attn.out_proj.weight", (16, 16), "opt")
+    assert (out.role, out.group_kind, out.group_axis) == ("o", "head", 1)
+    o = describe("model.layers.0.self_attn.o_proj.weight", (16, 32), "deepseek_v3")
+    np.testing.assert_array_equal(group_ids(o, (16, 32), g), np.repeat(np.arange(4), 8))
+    for proj in ("q_a_proj", "q_b_proj", "kv_b_proj", "kv_a_proj_with_mqa"):
+        info = describe(f"model.layers.0.self_attn.{proj}.weight", (24, 16), "deepseek_v3")
+        assert (info.role, info.group_kind) == ("matrix", "row"), info
+    odd = describe("model.layers.0.self_attn.q_proj.weight", (18, 16), "llama")
+    with pytest.raises(ValueError, match=r"q_proj.weight: 18 rows do not split into 4 heads"):
+        group_ids(odd, (18, 16), g)
+
+    shapes = {"self_attn.qkv_proj": (32, 16), "self_attn.o_proj": (16, 16), "mlp.gate_up_proj": (64, 16), "mlp.down_proj": (16, 32)}
+    deltas = {}
+    for name, shape in shapes.items():
+        info = describe(f"model.layers.0.{name}.weight", shape, "phi3")
+        values = torch.ones(shape)
+        deltas[name] = (info, extract(info, values, values != 0))
+    assert layer_components(deltas, g) == [{"hidden": 3 * 16, "units": 4 + 2 + 32}]
