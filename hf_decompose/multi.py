@@ -12,15 +12,16 @@ Matrices (linear, embedding, tied head) become a `TenantModule`: the base output
 batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
 step (`Routing.layout`) into one padded slab per fine-tune; low-rank factors and biases of every
 fine-tune run stacked (two `bmm`), so their kernel count does not grow with the fine-tunes.
-Modules with other changed tensors (norm weights and biases) become `TenantVectors`: a small copy of the module per
-fine-tune; a mixed batch runs an RMS norm once with each row's weight, other modules per fine-tune on its rows.
+Modules with other changed parameters (norm weights and biases, a mixture of experts' fused expert weights, learned
+positions) become `TenantParameters`: each fine-tune's values of them, swapped in for its rows; a mixed batch runs an
+RMS norm once with each row's weight, other modules per fine-tune on its rows. Checkpoint tensors find their
+parameters as in a single model (`names.TensorTargets`: transformers' own checkpoint conversion).
 Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
 from collections import defaultdict
@@ -33,7 +34,8 @@ from torch import nn
 
 from . import artifact, kernels
 from .errors import ArtifactError, ConfigError
-from .inject import WRAPPABLE, param_name, set_submodule
+from .inject import param_name, wrappable
+from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
 from .parts.ops import runs_direct
 from .parts.quant import kernel_base, kernel_parts
@@ -309,64 +311,97 @@ class TenantModule(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class TenantVectors(nn.Module):
-    """A module whose vectors (norm weights, biases) differ per fine-tune: a copy per fine-tune.
+class TenantParameters(nn.Module):
+    """A module whose own parameters differ per fine-tune (norm weights, biases, fused expert weights, learned
+    positions): each fine-tune's values of the changed ones, held whole (``tenants.<name>.<attr>``) and swapped in.
 
-    A mixed batch runs the module once with each row's own vectors where the module applies them by
-    broadcasting (RMS norms: ``weight * x``), checked once against a run per fine-tune (bit for bit);
-    otherwise (``F.layer_norm`` takes one weight) each fine-tune's copy runs on its rows."""
+    Rows that share one selection of fine-tunes run the module once with theirs (several: their deltas add up). A
+    mixed batch runs a module called on one tensor with 1-D parameters (an RMS norm: ``weight * x``) once with each
+    row's own, checked once against a run per fine-tune (bit for bit); any other module once per fine-tune on its
+    rows, where every tensor it is called with has the rows first (a mixture of experts gets the batch's tokens in
+    row order, each row's as many); a module called with anything else (attention, with its cache) refuses a mixed
+    batch by name."""
 
-    def __init__(self, base: nn.Module, routing: Routing):
+    def __init__(self, base: nn.Module, routing: Routing, name: str):
         super().__init__()
         self.base = base
         self.tenants = nn.ModuleDict()
         object.__setattr__(self, "routing", routing)
+        object.__setattr__(self, "name", name)
         object.__setattr__(self, "_combined", {})
-        object.__setattr__(self, "_rows", None)  # (routing state, source vectors and versions, per-row vectors) of the last mixed batch
-        object.__setattr__(self, "_per_row", None)  # whether per-row vectors give each copy's output: checked once
+        object.__setattr__(self, "_rows", None)  # (routing state, source tensors and versions, per-row vectors) of the last mixed batch
+        object.__setattr__(self, "_per_row", None)  # whether per-row vectors give each fine-tune's output: checked once
 
-    def add(self, name: str, deltas: dict[str, TensorDelta]) -> None:
-        module = copy.deepcopy(self.base)
-        for attr, delta in deltas.items():
-            setattr(module, attr, nn.Parameter(delta.merge(getattr(self.base, attr).detach()), requires_grad=False))
-        self.tenants[name] = module
+    def __getattr__(self, name: str):
+        """The base module's attributes; a parameter read by another module (a convolution's weight that its parent
+        passes to a kernel) is the routed fine-tunes' value."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules["base"]
+            if name not in base._parameters:
+                return getattr(base, name)
+        rows = self.routing.rows
+        groups = self.routing.groups_for(self.tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
+        if not groups:
+            return base._parameters[name]
+        if groups[0][1] is not None:
+            raise ConfigError(f"{self.name}.{name} is read by another module, so a batch mixing fine-tunes that change it cannot run row "
+                              "by row: give every row the same fine-tunes")
+        return self._params(groups[0][0]).get(name, base._parameters[name])
+
+    def add(self, name: str, values: dict[str, torch.Tensor]) -> None:
+        """Fine-tune `name`'s values of the base module's parameters named in `values` (whole tensors)."""
+        self.tenants[name] = nn.ParameterDict({attr: nn.Parameter(v, requires_grad=False) for attr, v in values.items()})
         self._combined.clear()
 
-    def _apply(self, fn, recurse=True):  # a move or a cast gathers the per-row vectors again
+    def _apply(self, fn, recurse=True):  # a move or a cast gathers the per-row vectors and the sums again
         object.__setattr__(self, "_rows", None)
+        self._combined.clear()
         return super()._apply(fn, recurse)
 
-    def _module(self, names: tuple[str, ...]) -> nn.Module:
+    def _params(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The parameters that `names` change, as they run: one fine-tune's own, or several's deltas added up."""
         names = tuple(n for n in names if n in self.tenants)
         if len(names) == 1:
-            return self.tenants[names[0]]
-        if names not in self._combined:  # several fine-tunes at once: their vector deltas add up
-            module = copy.deepcopy(self.base)
-            for attr, base in self.base.named_parameters(recurse=False):
-                total = base.detach() + sum(getattr(self.tenants[n], attr).detach() - base.detach() for n in names)
-                setattr(module, attr, nn.Parameter(total, requires_grad=False))
-            self._combined[names] = module
+            return dict(self.tenants[names[0]].items())
+        if names not in self._combined:
+            attrs = dict.fromkeys(a for n in names for a in self.tenants[n].keys())
+            base = {a: getattr(self.base, a).detach() for a in attrs}
+            self._combined[names] = {a: base[a] + sum(self.tenants[n][a].detach() - base[a] for n in names if a in self.tenants[n]) for a in attrs}
         return self._combined[names]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs):
+        x = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
         groups = self.routing.groups_for(self.tenants, x.shape[0], x.device)
         if not groups:
-            return self.base(x)
+            return self.base(*args, **kwargs)
         if groups[0][1] is None:
-            return self._module(groups[0][0])(x)
-        y = self._rowwise(x) if self._per_row is not False else None
-        return y if y is not None else self._per_copy(groups, x)
+            return _call_with(self.base, self._params(groups[0][0]), *args, **kwargs)
+        y = self._rowwise(args[0]) if self._per_row is not False and len(args) == 1 and not kwargs else None
+        return y if y is not None else self._per_copy(groups, args, kwargs)
 
-    def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+    def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], args: tuple, kwargs: dict):
+        """The base's output for every row, each fine-tune's rows run again with its parameters."""
+        batch = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)).shape[0]
+        unsplit = [k for k, v in (*enumerate(args), *kwargs.items()) if not (isinstance(v, torch.Tensor) and v.dim() and v.shape[0] in (1, batch))
+                   and not (v is None or isinstance(v, (bool, int, float, str)))]  # fmt: skip
+        if unsplit:
+            raise ConfigError(f"{self.name} ({type(self.base).__name__}) is called with more than its rows ({unsplit}), so a batch mixing "
+                              "fine-tunes that change its parameters cannot run it row by row: give every row the same fine-tunes")
+        y = self.base(*args, **kwargs)
         for names, idx in groups:
-            y = y.index_copy(0, idx, self._module(names)(x.index_select(0, idx)).to(y.dtype))
+            def rows(v):  # a tensor of one row is every row's (position ids)
+                return v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.shape[0] == batch else v
+
+            part = _call_with(self.base, self._params(names), *map(rows, args), **{k: rows(v) for k, v in kwargs.items()})
+            y = _put_rows(y, part, idx, batch, f"{self.name} ({type(self.base).__name__})")
         return y
 
     def _rowwise(self, x: torch.Tensor) -> torch.Tensor | None:
         """The module run once with every row's vectors ``(rows, 1.., dim)``; None where it does not take them. The
         per-row vectors are gathered once per routing, batch and device (the same rows step after step), again where a
-        source vector was replaced or changed in place, and per call where a gradient flows."""
+        source parameter was replaced or changed in place, and per call where a gradient flows."""
         key = (self.routing.state, len(self.tenants._modules), x.shape[0], x.dim(), x.device)
         memo = self._rows
         if memo is None or memo[0] != key or torch.is_grad_enabled() and memo[3] or not all(
@@ -378,40 +413,55 @@ class TenantVectors(nn.Module):
             y = _call_with(self.base, memo[2], x)
         except (RuntimeError, ValueError):
             y = None
-        if self._per_row is None:  # the first mixed batch: per-row vectors must give what each copy gives
+        if self._per_row is None:  # the first mixed batch: per-row vectors must give what each fine-tune's run gives
             groups = self.routing.groups_for(self.tenants, x.shape[0], x.device)
-            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(groups, x)))
+            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(groups, (x,), {})))
         return y if self._per_row else None
 
     def _gather(self, x: torch.Tensor, key: tuple) -> tuple | None:
         """(key, sources: (parameters dict, name, tensor, version), per-row vectors, whether a gradient may flow),
-        kept where none may; None where the module's vectors are not all 1-D."""
+        kept where none may; None where the module's parameters are not all 1-D."""
         attrs = [a for a, _ in self.base.named_parameters(recurse=False)]
         if not attrs or any(getattr(self.base, a).dim() != 1 for a in attrs):
             object.__setattr__(self, "_per_row", False)
             return None
         groups = self.routing.groups(x.shape[0], x.device)
         held = self.tenants._modules.keys()
-        modules = [self.base, *(self._module(n) if not held.isdisjoint(n) else self.base for n, _ in groups)]
+        changed = [{}, *(self._params(n) if not held.isdisjoint(n) else {} for n, _ in groups)]
         shape = (x.shape[0], *[1] * (x.dim() - 2), -1)
         which = self.routing.row_groups(x.shape[0], x.device)
-        params = {a: torch.stack([getattr(m, a) for m in modules]).index_select(0, which).view(shape) for a in attrs}
-        sources = [(m._parameters, a, m._parameters[a], m._parameters[a]._version) for m in modules for a in attrs]
+        params = {a: torch.stack([c.get(a, getattr(self.base, a)) for c in changed]).index_select(0, which).view(shape) for a in attrs}
+        owners = [self.base._parameters, *(self.tenants[n]._parameters for n in held)]
+        sources = [(o, a, t, t._version) for o in owners for a, t in o.items() if a in attrs]
         grad = any(t.requires_grad for _, _, t, _ in sources)
         memo = (key, sources, params, grad)
         object.__setattr__(self, "_rows", None if grad and torch.is_grad_enabled() else memo)
         return memo
 
 
-def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` with `params` in place of its own parameters (`torch.func.functional_call`; outside
-    `torch.compile` by swapping them in and back, which took a tenth of its time)."""
+def _put_rows(y, part, idx: torch.Tensor, batch: int, name: str):
+    """`y` (a tensor or a tuple of them) with rows `idx` of `batch` replaced by `part`'s. An output of several entries a
+    row (a router's logits of the rows' tokens, flattened) holds each row's together, in order."""
+    if not isinstance(y, torch.Tensor):
+        return type(y)(_put_rows(a, b, idx, batch, name) for a, b in zip(y, part))
+    each = y.shape[0] // batch if y.dim() else 0
+    if not each or y.shape[0] != each * batch or part.shape[0] != each * idx.numel():
+        raise ConfigError(f"{name}: an output of shape {tuple(y.shape)} has no rows of a batch of {batch}, so a batch mixing fine-tunes that "
+                          "change its parameters cannot run it row by row: give every row the same fine-tunes")
+    if each > 1:
+        idx = (idx[:, None] * each + torch.arange(each, device=idx.device)).flatten()
+    return y.index_copy(0, idx, part.to(y.dtype))
+
+
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
+    """``module(*args, **kwargs)`` with `params` in place of some of its own parameters (`torch.func.functional_call`;
+    outside `torch.compile` by swapping them in and back, which took a tenth of its time)."""
     if torch.compiler.is_compiling():
-        return torch.func.functional_call(module, params, (x,))
+        return torch.func.functional_call(module, params, args, kwargs)
     own = {name: module._parameters[name] for name in params}
     try:
         module._parameters.update(params)
-        return module(x)
+        return module(*args, **kwargs)
     finally:
         module._parameters.update(own)
 
@@ -423,7 +473,7 @@ class Tenancy:
         self.base_sha256 = base_sha256
         self.routing = Routing()
         self.names: list[str] = []
-        self.params = dict(model.named_parameters())  # as loaded, before wrapping
+        self.targets = TensorTargets(model)  # as loaded, before wrapping
         self.owners = dict(model.named_modules())
         self.wrappers: dict[str, nn.Module] = {}
 
@@ -457,15 +507,14 @@ class MultiTenant:
             raise ConfigError("load every fine-tune before placing the model on devices")
         for owner_name, attrs in self._by_owner(deltas).items():
             owner = t.owners[owner_name]
-            if isinstance(owner, WRAPPABLE):
-                self._wrap(owner_name, owner, TenantModule).tenants[name] = _ops(owner, attrs)
+            whole = all(len(found) == 1 and found[0][1].strides is None for found in attrs.values())
+            if wrappable(owner) and whole and set(attrs) <= {"weight", "bias"}:
+                self._wrap(owner_name, TenantModule(owner, t.routing)).tenants[name] = _ops(owner, {a: f[0][0] for a, f in attrs.items()})
             else:
-                self._wrap(owner_name, owner, TenantVectors).add(name, attrs)
+                self._wrap(owner_name, TenantParameters(owner, t.routing, owner_name)).add(name, _values(owner, attrs))
         tied = self._tied_head()
         if tied is not None and tied[1] in t.wrappers and tied[0] not in t.wrappers:
-            head = TenantModule(t.owners[tied[0]], t.routing, tied=t.wrappers[tied[1]])
-            set_submodule(self, tied[0], head)
-            t.wrappers[tied[0]] = head
+            self._wrap(tied[0], TenantModule(t.owners[tied[0]], t.routing, tied=t.wrappers[tied[1]]))
         t.names.append(name)
         return self
 
@@ -508,20 +557,24 @@ class MultiTenant:
         self._check_names(names)
         return self._tenants().routing.per_row(names)
 
-    def _by_owner(self, deltas: dict[str, TensorDelta]) -> dict[str, dict[str, TensorDelta]]:
+    def _by_owner(self, deltas: dict[str, TensorDelta]) -> dict[str, dict[str, list[tuple[TensorDelta, Target]]]]:
+        """Each changed tensor's delta and where it lives, by owner module and parameter (several for a fused one)."""
         t, tied = self.tenancy, self._tied_head()
-        out: dict[str, dict[str, TensorDelta]] = defaultdict(dict)
+        out: dict[str, dict[str, list[tuple[TensorDelta, Target]]]] = defaultdict(lambda: defaultdict(list))
         for key, delta in deltas.items():
-            pname = param_name(key, t.params)
-            if delta.is_empty() or (pname is None and tied is not None and key.endswith("lm_head.weight")):
+            if delta.is_empty() or (tied is not None and key.endswith("lm_head.weight")):
                 continue  # a tied head's delta is its embedding's
-            if pname is None:
+            target = t.targets.get(key)
+            if target is None and (pname := param_name(key, t.targets.params)) is not None:
+                target = Target(pname)
+            if target is None:
                 raise ArtifactError(f"tensor {key!r} has no matching parameter in {type(self).__name__}")
-            param = t.params[pname]
-            if math.prod(delta.shape) != param.numel():
-                raise ArtifactError(f"tensor {key!r}: delta shape {delta.shape} does not fit the base's {tuple(param.shape)}")
-            owner, _, attr = pname.rpartition(".")
-            out[owner][attr] = delta
+            param = t.targets.params[target.parameter]
+            size = param.numel() if target.strides is None else math.prod(target.shape)
+            if math.prod(delta.shape) != size:
+                raise ArtifactError(f"tensor {key!r}: delta shape {delta.shape} does not fit the base's {tuple(param.shape if target.strides is None else target.shape)}")
+            owner, _, attr = target.parameter.rpartition(".")
+            out[owner][attr].append((delta, target))
         return out
 
     def _tied_head(self) -> tuple[str, str] | None:
@@ -534,12 +587,26 @@ class MultiTenant:
         names = {id(m): n for n, m in self.tenancy.owners.items()}
         return names[id(base_head)], names[id(base_embed)]
 
-    def _wrap(self, owner_name: str, owner: nn.Module, kind: type) -> nn.Module:
+    def _wrap(self, owner_name: str, wrapper: nn.Module) -> nn.Module:
+        """The wrapper of `owner_name` (`wrapper`, put in its place in the module as loaded, where there is none yet)."""
         t = self.tenancy
         if owner_name not in t.wrappers:
-            t.wrappers[owner_name] = kind(owner, t.routing)
-            set_submodule(self, owner_name, t.wrappers[owner_name])
+            t.wrappers[owner_name] = wrapper
+            parent, _, child = owner_name.rpartition(".")
+            setattr(t.owners[parent], child, wrapper)  # the parent as loaded: a wrapped parent runs it
         return t.wrappers[owner_name]
+
+
+def _values(owner: nn.Module, attrs: dict[str, list[tuple[TensorDelta, Target]]]) -> dict[str, torch.Tensor]:
+    """A fine-tune's values of `owner`'s changed parameters, whole: the base's with each delta merged into its entries."""
+    values = {}
+    for attr, found in attrs.items():
+        value = getattr(owner, attr).detach().clone()
+        for delta, target in found:
+            view = target.view(value)
+            view.copy_(delta.merge(view))
+        values[attr] = value
+    return values
 
 
 def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:

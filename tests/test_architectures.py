@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_decompose  # noqa: F401  (registers the from_pretrained hook)
-from hf_decompose import DecomposedConfig, DecomposedModel, decompose, decompose_to_disk
+from hf_decompose import ConfigError, DecomposedConfig, DecomposedModel, decompose, decompose_to_disk
 
 from .conftest import _tiny_tokenizer
 from .test_dtypes import assert_same_model, effective_state
@@ -65,16 +65,19 @@ def _structured_change(model: torch.nn.Module, seed: int = 1) -> None:
             p.add_((torch.randn(p.shape, generator=gen) * 2e-3).to(p.dtype))
 
 
-def _pair(root: Path, arch: str) -> tuple[Path, Path]:
+def _pair(root: Path, arch: str, finetunes: dict[str, int] | None = None) -> tuple[Path, ...]:
+    """The base and its fine-tunes (name: seed of the change; one, "ft", by default), sharded bfloat16 checkpoints."""
     config = AutoConfig.for_model(arch, **COMMON | ARCHITECTURES[arch])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
-    for name in ("base", "ft"):
-        if name == "ft":
-            _structured_change(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, seed in {"base": None, **(finetunes or {"ft": 1})}.items():
+        model.load_state_dict(base)
+        if seed is not None:
+            _structured_change(model, seed)
         model.save_pretrained(root / name, max_shard_size="20KB")
         TOKENIZER.save_pretrained(root / name)
-    return root / "base", root / "ft"
+    return tuple(root / name for name in ("base", *(finetunes or {"ft": 1})))
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -103,6 +106,45 @@ def test_architecture(tmp_path, arch):
             assert torch.isfinite(model(input_ids=ids).logits).all()
     assert 0 < criterion.report["kept_fraction"] < 1
     assert annealed.report["annealing"]["trace"]
+
+
+# modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay): a
+# batch mixing fine-tunes is refused there, one fine-tune per batch runs
+MIXED_REFUSED = {"gpt_oss": "self_attn", "qwen3_next": "linear_attn"}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_many_finetunes_by_name(tmp_path, arch):
+    """Two fine-tunes over one base, loaded by name: a batch of one fine-tune (by rows, by `set_active`, in `generate`)
+    and a batch mixing both and the base give each row what its fine-tune alone gives. Fused experts' entries,
+    renamed checkpoint tensors (GPT-NeoX's head) and OPT's learned positions (a module with a forward of its own) run
+    per fine-tune; where a mixed batch cannot run row by row it is refused by name."""
+    base, *finetunes = _pair(tmp_path, arch, {"a": 1, "b": 2})
+    modes = ("lossless", "anneal") if arch in ("llama", "phi3", "mixtral", "deepseek_v3", "gpt_oss", "qwen3_next") else ("lossless",)
+    for mode in modes:
+        config = DecomposedConfig(mode=mode, annealing={"calibration_prompts": 4, "calibration_tokens": 4})
+        artifacts = {ft.name: decompose_to_disk(ft, base, config, output_dir=tmp_path / mode / ft.name, calibration=CALIBRATION, progress=False)
+                     for ft in finetunes}  # fmt: skip
+        alone = {name: DecomposedModel.from_pretrained(path, dtype=torch.float32).eval() for name, path in artifacts.items()}
+        alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+        ids = torch.arange(2, 12)[None].repeat(3, 1)
+        with torch.no_grad():
+            want = {name: model(input_ids=ids[:1]).logits[0] for name, model in alone.items()}
+            rows = multi(input_ids=ids, decomposed_names=["a", "a", "a"]).logits
+            torch.testing.assert_close(rows, want["a"].expand_as(rows), rtol=0, atol=1e-5)
+            multi.set_active("b")
+            torch.testing.assert_close(multi(input_ids=ids).logits, want["b"].expand_as(rows), rtol=0, atol=1e-5)
+            multi.set_active(None)
+            generated = multi.generate(ids[:1], decomposed_names=["a"], max_new_tokens=5, do_sample=False)
+            assert torch.equal(generated, alone["a"].generate(ids[:1], max_new_tokens=5, do_sample=False))
+            if arch in MIXED_REFUSED:
+                with pytest.raises(ConfigError, match=rf"layers\.0\.{MIXED_REFUSED[arch]} .*cannot run it row by row"):
+                    multi(input_ids=ids, decomposed_names=["a", "b", None])
+                continue
+            mixed = multi(input_ids=ids, decomposed_names=["a", "b", None]).logits
+            for row, name in enumerate(["a", "b", None]):
+                torch.testing.assert_close(mixed[row], want[name], rtol=0, atol=1e-5)
 
 
 def test_fused_parameters_map_to_strided_views_and_other_conversions_are_refused():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_decompose import DecomposedConfig, MultiDecomposedModel, decompose
-from hf_decompose.multi import TenantVectors
+from hf_decompose.multi import TenantParameters
 from hf_decompose.parts import DensePart, TensorDelta
 
 from .synthetic import perturb, random_model
@@ -62,7 +62,7 @@ def test_compiled_forward_equals_eager(split, multi, backend):
         eager = split(input_ids=ids).logits
         torch.testing.assert_close(torch.compile(split, backend=backend)(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
         eager = multi(input_ids=ids, decomposed_names=ROWS).logits
-        assert {m._per_row for m in multi.modules() if isinstance(m, TenantVectors)} == {True}
+        assert {m._per_row for m in multi.modules() if isinstance(m, TenantParameters)} == {True}
         compiled = torch.compile(multi, backend=backend)  # the model itself: rows routed inside the compiled call
         torch.testing.assert_close(compiled(input_ids=ids, decomposed_names=ROWS).logits, eager, rtol=1e-5, atol=1e-5)
         multi.set_active("b")

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_decompose import ArtifactError, ConfigError, DecomposedConfig, DecomposedModel, MultiDecomposedModel, decompose
 from hf_decompose import kernels, placement
-from hf_decompose.multi import TenantModule, TenantVectors, _Stacked
+from hf_decompose.multi import TenantModule, TenantParameters, _Stacked
 from hf_decompose.parts import LowRankPart, QuantLowRankPart, QuantPart, TensorDelta
 from hf_decompose.quantize import quantize, quantize_codes
 
@@ -53,12 +53,12 @@ def _ids(rows: int):
 
 def test_mixed_batch_equals_each_finetune_alone(family):
     multi = DecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
-    assert any(isinstance(m, TenantVectors) for m in multi.modules()), "norm / bias deltas are per fine-tune"
+    assert any(isinstance(m, TenantParameters) for m in multi.modules()), "norm / bias deltas are per fine-tune"
     rows = ["a", "b", None, "c", "a"]
     ids = _ids(len(rows))
     out = multi.generate(input_ids=ids, attention_mask=torch.ones_like(ids), decomposed_names=rows, **GEN)
     # RMS norms ran once with each row's weight; LayerNorm (one weight in F.layer_norm) ran per fine-tune
-    assert all(m._per_row is type(m.base).__name__.endswith("RMSNorm") for m in multi.modules() if isinstance(m, TenantVectors))
+    assert all(m._per_row is type(m.base).__name__.endswith("RMSNorm") for m in multi.modules() if isinstance(m, TenantParameters))
     base = AutoModelForCausalLM.from_pretrained(family / "base").eval()
     alone = {n: DecomposedModel.from_pretrained(family / f"art_{n}", execution="split") for n in NAMES}
     for i, name in enumerate(rows):
