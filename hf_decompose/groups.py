@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_LLAMA = re.compile(r"^(?P<layer>.*?layers\.\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+)_proj\.(?P<kind>weight|bias)$")
+# a mixture of experts' shared expert is the layer's MLP (its routed experts, stored one by one, are plain matrices)
+_LLAMA = re.compile(r"^(?P<layer>.*?layers\.\d+)\.(?P<block>self_attn|mlp)\.(?:shared_experts?\.)?(?P<proj>\w+)_proj\.(?P<kind>weight|bias)$")
 _GPT2 = re.compile(r"^(?P<layer>.*?h\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>c_attn|c_proj|c_fc)\.(?P<kind>weight|bias)$")
 _LAYER = re.compile(r"^(?P<layer>.*?(?:layers|h)\.\d+)\.")
-_TOKEN_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")
+_TOKEN_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "lm_head.weight", "embed_out.weight")
 
 READS_HIDDEN = {"q", "k", "v", "qkv", "gate", "up", "gate_up", "c_attn", "c_fc"}
 WRITES_HIDDEN = {"o", "down", "c_proj"}
@@ -92,7 +93,7 @@ def describe(name: str, shape: tuple[int, ...], model_type: str) -> ParamInfo:
         kind = "neuron" if role in NEURON_ROLES else ("kv_head" if role in ("k", "v") else "head")
         return ParamInfo(name, match.group("layer"), role, model_type == "gpt2", axis, kind)
     if name.endswith(_TOKEN_ROWS):
-        return ParamInfo(name, None, "lm_head" if name.endswith("lm_head.weight") else "embed", False, 0, "token")
+        return ParamInfo(name, None, "lm_head" if name.endswith(("lm_head.weight", "embed_out.weight")) else "embed", False, 0, "token")
     if name.endswith("wpe.weight"):
         return ParamInfo(name, None, "positions", False, 0, "position")
     return ParamInfo(name, layer, "matrix", False, 0, "row")

@@ -172,6 +172,11 @@ def test_group_ids_of_fused_narrow_and_foreign_projections():
     for proj in ("q_a_proj", "q_b_proj", "kv_b_proj", "kv_a_proj_with_mqa"):
         info = describe(f"model.layers.0.self_attn.{proj}.weight", (24, 16), "deepseek_v3")
         assert (info.role, info.group_kind) == ("matrix", "row"), info
+    for name in ("model.layers.1.mlp.shared_experts.gate_proj.weight", "model.layers.0.mlp.shared_expert.down_proj.weight"):
+        assert describe(name, (32, 16), "deepseek_v3").group_kind == "neuron"
+    assert describe("model.layers.0.mlp.experts.3.gate_proj.weight", (32, 16), "qwen2_moe").role == "matrix"  # one routed expert
+    for name, role in (("gpt_neox.embed_in.weight", "embed"), ("embed_out.weight", "lm_head"), ("transformer.word_embeddings.weight", "embed")):
+        assert (describe(name, (300, 16), "gpt_neox").role, describe(name, (300, 16), "gpt_neox").group_kind) == (role, "token")
     odd = describe("model.layers.0.self_attn.q_proj.weight", (18, 16), "llama")
     with pytest.raises(ValueError, match=r"q_proj.weight: 18 rows do not split into 4 heads"):
         group_ids(odd, (18, 16), g)
