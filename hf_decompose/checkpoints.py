@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import kernels
 from .errors import CheckpointError
+from .names import SLICE, matrix_of, stacked
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -109,6 +110,12 @@ class CheckpointReader:
                         self._dtypes[name] = sl.get_dtype()
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        entries = [(n, self._where[n], self._shapes[n], self._dtypes[n]) for n in self._where]
+        self._where, self._shapes, self._dtypes = {}, {}, {}
+        for name, where, shape, dtype in entries:  # a 3-D tensor of matrices: a name a matrix (`names.SLICE`)
+            matrices = [(f"{name}{SLICE}{i}", shape[1:]) for i in range(shape[0])] if stacked(shape) and dtype in FLOAT_DTYPES else [(name, shape)]
+            for one, one_shape in matrices:
+                self._where[one], self._shapes[one], self._dtypes[one] = where, one_shape, dtype
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -122,9 +129,13 @@ class CheckpointReader:
     def get(self, name: str, rows: slice | None = None, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """One tensor (or a slice of its rows) as `dtype` (None: as stored), checked for NaN/Inf. The file
         is mapped for this call only, so its pages do not stay resident."""
+        stem, index = matrix_of(name)
         try:
             with safe_open(self._where[name], framework="pt") as handle:
-                tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
+                if index is not None:
+                    tensor = handle.get_slice(stem)[index] if rows is None else handle.get_slice(stem)[index, rows]
+                else:
+                    tensor = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({err})") from err
         out = tensor if dtype is None else tensor.to(dtype)

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from .checkpoints import TORCH_DTYPES
 from .errors import CheckpointError
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
-from .names import Target, TensorTargets
+from .names import SLICE, Target, TensorTargets, stacked
 from .parts import TensorDelta
 from .screening import head_input
 from .tensorfile import SafetensorsWriter, header_reserve
@@ -424,6 +424,10 @@ class RawTensors:
                 if name != "__metadata__":
                     start, stop = entry["data_offsets"]
                     self._where[name] = (file, 8 + size + start, stop - start, TORCH_DTYPES[entry["dtype"]], entry["shape"])
+                    if stacked(tuple(entry["shape"])):  # its matrices as `CheckpointReader` names them
+                        each = (stop - start) // entry["shape"][0]
+                        for i in range(entry["shape"][0]):
+                            self._where[f"{name}{SLICE}{i}"] = (file, 8 + size + start + i * each, each, TORCH_DTYPES[entry["dtype"]], entry["shape"][1:])
 
     def get(self, name: str) -> torch.Tensor:
         file, offset, nbytes, dtype, shape = self._where[name]

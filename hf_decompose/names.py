@@ -7,6 +7,10 @@ own reverse conversion (`revert_weight_conversion`, what ``save_pretrained`` wri
 tensors each parameter becomes: on meta tensors for names and shapes, and for a parameter that a
 converter splits, fuses or transposes, on an index probe, so that each checkpoint tensor maps to a
 strided view of the parameter (a conversion that is no view is refused). No name is renamed by hand here.
+
+A checkpoint's 3-D tensor of matrices (a mixture of experts' experts fused in one tensor) is decomposed one matrix at a
+time: matrix ``i`` of tensor ``t`` is the checkpoint tensor ``t@i`` to every reader (`CheckpointReader`), and its
+target is the matrix's view of the tensor's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+SLICE = "@"
+
+
+def stacked(shape: tuple[int, ...]) -> bool:
+    """Whether a checkpoint tensor of `shape` is a stack of matrices (decomposed as ``<name>@<i>``, one per matrix)."""
+    return len(shape) == 3 and shape[1] > 1 and shape[2] > 1
+
+
+def matrix_of(name: str) -> tuple[str, int | None]:
+    """(the checkpoint tensor, the matrix's index) of a name ``<tensor>@<i>``; (name, None) for a whole tensor."""
+    stem, sep, index = name.rpartition(SLICE)
+    return (stem, int(index)) if sep and index.isdigit() else (name, None)
 
 
 @dataclass(frozen=True)
@@ -26,6 +44,12 @@ class Target:
     shape: tuple[int, ...] | None = None
     strides: tuple[int, ...] | None = None
     offset: int = 0
+
+    def matrix(self, index: int, param_shape: tuple[int, ...]) -> Target:
+        """The target of matrix `index` of this 3-D tensor (of a parameter of shape `param_shape`)."""
+        shape = self.shape if self.strides is not None else param_shape
+        strides = self.strides if self.strides is not None else torch.empty(param_shape, device="meta").stride()
+        return Target(self.parameter, tuple(shape[1:]), tuple(strides[1:]), self.offset + index * strides[0])
 
     def view(self, param: torch.Tensor) -> torch.Tensor:
         """The entries of `param` (contiguous) that the checkpoint tensor holds, in its shape."""
@@ -57,6 +81,10 @@ class TensorTargets:
 
     def get(self, name: str) -> Target | None:
         """The target of checkpoint tensor `name` (None when the model has no such parameter)."""
+        stem, index = matrix_of(name)
+        if index is not None:
+            whole = self.get(stem)
+            return None if whole is None else whole.matrix(index, tuple(self.params[whole.parameter].shape))
         if name not in self._targets and self._converted:
             self._probe()
         return self._targets.get(name)

@@ -147,6 +147,21 @@ def test_many_finetunes_by_name(tmp_path, arch):
                 torch.testing.assert_close(mixed[row], want[name], rtol=0, atol=1e-5)
 
 
+def test_experts_fused_on_disk_are_tested_one_matrix_at_a_time(tmp_path):
+    """Granite-MoE stores each layer's experts in one 3-D tensor: the criterion tests every expert's matrix on its own
+    and finds the fine-tune's three changed rows in each, as a rank-3 part (the tensor was once one vector to the tests,
+    kept whole)."""
+    import json
+
+    base, ft = _pair(tmp_path, "granitemoe")
+    out = decompose_to_disk(ft, base, DecomposedConfig(mode="criterion"), output_dir=tmp_path / "criterion", progress=False)
+    tensors = {n: t for layer in json.loads((out / "decomposition.json").read_text())["layers"] for n, t in layer["tensors"].items()}
+    experts = {n: t for n, t in tensors.items() if ".input_linear.weight@" in n}
+    assert len(experts) == 2 * 4  # two layers of four experts
+    for name, stats in experts.items():
+        assert stats["entries"] == 128 * 32 and stats["spectral_rank"] == 3 and stats["supported_entries"] <= 3 * 32, (name, stats)
+
+
 def test_fused_parameters_map_to_strided_views_and_other_conversions_are_refused():
     from hf_decompose import CheckpointError
     from hf_decompose.names import _strided

@@ -116,3 +116,30 @@ def test_a_narrowing_read_that_overflows_is_refused(tmp_path):
     assert torch.equal(reader.get("w"), torch.tensor([1.0, 1e6]))
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         reader.get("w", dtype=torch.float16)
+
+
+def test_a_tensor_of_matrices_reads_as_one_name_a_matrix(tmp_path):
+    """A 3-D tensor of matrices (experts fused in one tensor) is read one matrix at a time, ``<name>@<i>`` (its rows
+    too), by the checked reader and the raw one alike; a 3-D tensor whose matrices are single rows (a depthwise
+    convolution's) stays whole. The target of a matrix is its view of the tensor's target, whole or itself a view."""
+    from hf_decompose.checkpoints import CheckpointReader
+    from hf_decompose.layerwise import RawTensors
+    from hf_decompose.names import Target
+
+    experts, conv = torch.randn(3, 5, 4).bfloat16(), torch.randn(6, 1, 4).bfloat16()
+    save_file({"mlp.experts.gate_up_proj": experts, "conv.weight": conv}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    reader, raw = CheckpointReader(tmp_path), RawTensors([tmp_path / "model.safetensors"])
+    assert sorted(reader.names()) == ["conv.weight"] + [f"mlp.experts.gate_up_proj@{i}" for i in range(3)]
+    assert reader.shape("mlp.experts.gate_up_proj@2") == (5, 4) and reader.dtype("mlp.experts.gate_up_proj@2") == "BF16"
+    for i in range(3):
+        assert torch.equal(reader.get(f"mlp.experts.gate_up_proj@{i}", dtype=None), experts[i])
+        assert torch.equal(reader.get(f"mlp.experts.gate_up_proj@{i}", rows=slice(1, 3), dtype=None), experts[i, 1:3])
+        assert torch.equal(raw.get(f"mlp.experts.gate_up_proj@{i}"), experts[i])
+    assert torch.equal(reader.get("conv.weight", dtype=None), conv)
+
+    param = torch.arange(2 * 6 * 4).reshape(2, 6, 4)  # two experts of [gate | up] rows
+    assert torch.equal(Target("p").matrix(1, (2, 6, 4)).view(param), param[1])
+    up = Target("p", (2, 3, 4), (24, 4, 1), 12)  # the up rows of both experts: a view
+    assert torch.equal(up.view(param), param[:, 3:])
+    assert torch.equal(up.matrix(1, (2, 6, 4)).view(param), param[1, 3:])
