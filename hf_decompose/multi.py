@@ -49,8 +49,7 @@ class Routing:
     def __init__(self) -> None:
         self.active: tuple[str, ...] = ()
         self.rows: tuple[str | None, ...] | None = None
-        self._cache: dict[tuple, object] = {}  # forms derived from the routing `_cached_for` names
-        self._cached_for: tuple | None = None
+        self._caches: dict[tuple, dict[tuple, object]] = {}  # forms derived from the routing, by its state
 
     @contextlib.contextmanager
     def per_row(self, rows: Sequence[str | None] | None) -> Iterator[None]:
@@ -67,13 +66,24 @@ class Routing:
         """What decides the routing: (per-row fine-tunes, active fine-tunes); equal states route alike."""
         return self.rows, self.active
 
+    @contextlib.contextmanager
+    def only(self, names: tuple[str, ...]) -> Iterator[None]:
+        """Route every row to `names` for a while: a module running one fine-tune's rows of a mixed batch runs the
+        modules inside it with that fine-tune, whatever their inputs' rows."""
+        saved = self.rows, self.active
+        self.rows, self.active = None, tuple(names)
+        try:
+            yield
+        finally:
+            self.rows, self.active = saved
+
     def _memo(self) -> dict[tuple, object]:
         """Forms derived from the routing, kept while it routes alike (a generate() call's steps, and the next call
-        with the same rows)."""
+        with the same rows; a few states at once, as `only` switches within a step)."""
         state = self.state
-        if self._cached_for != state:
-            self._cache, self._cached_for = {}, state
-        return self._cache
+        if state not in self._caches and len(self._caches) >= 16:
+            self._caches.clear()
+        return self._caches.setdefault(state, {})
 
     def groups_for(self, tenants: nn.ModuleDict, batch: int, device: torch.device) -> list[tuple[tuple[str, ...], torch.Tensor | None]]:
         """The `groups` naming one of `tenants`' fine-tunes (a module's own view)."""
@@ -346,8 +356,8 @@ class TenantParameters(nn.Module):
         if not groups:
             return base._parameters[name]
         if groups[0][1] is not None:
-            raise ConfigError(f"{self.name}.{name} is read by another module, so a batch mixing fine-tunes that change it cannot run row "
-                              "by row: give every row the same fine-tunes")
+            raise ConfigError(f"{self.name}.{name} is read by another module, so a batch mixing fine-tunes that change it cannot run it "
+                              "row by row: give every row the same fine-tunes")
         return self._params(groups[0][0]).get(name, base._parameters[name])
 
     def add(self, name: str, values: dict[str, torch.Tensor]) -> None:
@@ -394,7 +404,8 @@ class TenantParameters(nn.Module):
             def rows(v):  # a tensor of one row is every row's (position ids)
                 return v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.shape[0] == batch else v
 
-            part = _call_with(self.base, self._params(names), *map(rows, args), **{k: rows(v) for k, v in kwargs.items()})
+            with self.routing.only(names):
+                part = _call_with(self.base, self._params(names), *map(rows, args), **{k: rows(v) for k, v in kwargs.items()})
             y = _put_rows(y, part, idx, batch, f"{self.name} ({type(self.base).__name__})")
         return y
 

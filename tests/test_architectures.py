@@ -51,6 +51,14 @@ ARCHITECTURES = {
     # linear attention (gated delta rule) beside full attention
     "qwen3_next": {"num_experts": 4, "head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
                    "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8, **MOE},
+    # a router with a module of its own inside (its score correction)
+    "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32, "moe_layer_start_index": 0, "head_dim": 8},
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "smollm3": {},
+    "granite": {},
+    "cohere2": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16},
+    # short convolutions beside attention
+    "lfm2": {"layer_types": ["conv", "full_attention"], "block_ff_dim": 64},
 }
 
 
@@ -108,9 +116,10 @@ def test_architecture(tmp_path, arch):
     assert annealed.report["annealing"]["trace"]
 
 
-# modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay): a
-# batch mixing fine-tunes is refused there, one fine-tune per batch runs
-MIXED_REFUSED = {"gpt_oss": "self_attn", "qwen3_next": "linear_attn"}
+# modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay) or are
+# read by another module (a short convolution's weight): a batch mixing fine-tunes is refused there, one a batch runs
+MIXED_REFUSED = {"gpt_oss": r"self_attn \(GptOssAttention\)", "qwen3_next": r"linear_attn \(Qwen3NextGatedDeltaNet\)",
+                 "lfm2": r"conv\.conv\.weight is read by another module"}
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -128,10 +137,10 @@ def test_many_finetunes_by_name(tmp_path, arch):
         alone = {name: DecomposedModel.from_pretrained(path, dtype=torch.float32).eval() for name, path in artifacts.items()}
         alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
-        ids = torch.arange(2, 12)[None].repeat(3, 1)
+        ids = torch.arange(2, 14)[None].repeat(4, 1)  # 12 tokens a row: a module given some rows' tokens must not take them for 4 rows
         with torch.no_grad():
             want = {name: model(input_ids=ids[:1]).logits[0] for name, model in alone.items()}
-            rows = multi(input_ids=ids, decomposed_names=["a", "a", "a"]).logits
+            rows = multi(input_ids=ids, decomposed_names=["a"] * 4).logits
             torch.testing.assert_close(rows, want["a"].expand_as(rows), rtol=0, atol=1e-5)
             multi.set_active("b")
             torch.testing.assert_close(multi(input_ids=ids).logits, want["b"].expand_as(rows), rtol=0, atol=1e-5)
@@ -139,11 +148,11 @@ def test_many_finetunes_by_name(tmp_path, arch):
             generated = multi.generate(ids[:1], decomposed_names=["a"], max_new_tokens=5, do_sample=False)
             assert torch.equal(generated, alone["a"].generate(ids[:1], max_new_tokens=5, do_sample=False))
             if arch in MIXED_REFUSED:
-                with pytest.raises(ConfigError, match=rf"layers\.0\.{MIXED_REFUSED[arch]} .*cannot run it row by row"):
-                    multi(input_ids=ids, decomposed_names=["a", "b", None])
+                with pytest.raises(ConfigError, match=rf"layers\.0\.{MIXED_REFUSED[arch]}.*cannot run it row by row"):
+                    multi(input_ids=ids, decomposed_names=["a", "b", None, "a"])
                 continue
-            mixed = multi(input_ids=ids, decomposed_names=["a", "b", None]).logits
-            for row, name in enumerate(["a", "b", None]):
+            mixed = multi(input_ids=ids, decomposed_names=["a", "b", None, "a"]).logits
+            for row, name in enumerate(["a", "b", None, "a"]):
                 torch.testing.assert_close(mixed[row], want[name], rtol=0, atol=1e-5)
 
 
