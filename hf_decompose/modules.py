@@ -37,6 +37,17 @@ class DecomposedModule(nn.Module):
         object.__setattr__(self, "_merged", None)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The weight this module runs, for code that reads it outside the module's forward (Jamba's ``dt_proj.weight @ x``,
+        Llama 4's ``embed_tokens.weight.device``): its merged copy's, built once and held as merged execution holds it."""
+        return self.merged_module().weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The base module's bias (a changed bias is merged into it in place: vectors never run split)."""
+        return self.base.bias
+
+    @property
     def delta(self) -> TensorDelta:
         return self.ops.delta
 
