@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import kernels
 from .errors import CheckpointError
-from .names import SLICE, matrix_of, stacked
+from .names import matrices, matrix_of
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -105,17 +105,12 @@ class CheckpointReader:
                 with safe_open(file, framework="pt") as handle:
                     for name in handle.keys():
                         sl = handle.get_slice(name)
-                        self._where[name] = file
-                        self._shapes[name] = tuple(sl.get_shape())
-                        self._dtypes[name] = sl.get_dtype()
+                        shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                        # a 3-D float tensor of matrices: a name a matrix (`names.SLICE`)
+                        for one, one_shape in matrices(name, shape) if dtype in FLOAT_DTYPES else [(name, shape)]:
+                            self._where[one], self._shapes[one], self._dtypes[one] = file, one_shape, dtype
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-        entries = [(n, self._where[n], self._shapes[n], self._dtypes[n]) for n in self._where]
-        self._where, self._shapes, self._dtypes = {}, {}, {}
-        for name, where, shape, dtype in entries:  # a 3-D tensor of matrices: a name a matrix (`names.SLICE`)
-            matrices = [(f"{name}{SLICE}{i}", shape[1:]) for i in range(shape[0])] if stacked(shape) and dtype in FLOAT_DTYPES else [(name, shape)]
-            for one, one_shape in matrices:
-                self._where[one], self._shapes[one], self._dtypes[one] = where, one_shape, dtype
 
     def names(self) -> list[str]:
         return list(self._where)

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from .checkpoints import TORCH_DTYPES
 from .errors import CheckpointError
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
-from .names import SLICE, Target, TensorTargets, stacked
+from .names import Target, TensorTargets, matrices
 from .parts import TensorDelta
 from .screening import head_input
 from .tensorfile import SafetensorsWriter, header_reserve
@@ -423,11 +423,10 @@ class RawTensors:
             for name, entry in header.items():
                 if name != "__metadata__":
                     start, stop = entry["data_offsets"]
-                    self._where[name] = (file, 8 + size + start, stop - start, TORCH_DTYPES[entry["dtype"]], entry["shape"])
-                    if stacked(tuple(entry["shape"])):  # its matrices as `CheckpointReader` names them
-                        each = (stop - start) // entry["shape"][0]
-                        for i in range(entry["shape"][0]):
-                            self._where[f"{name}{SLICE}{i}"] = (file, 8 + size + start + i * each, each, TORCH_DTYPES[entry["dtype"]], entry["shape"][1:])
+                    parts = matrices(name, tuple(entry["shape"]))  # a stack's matrices as `CheckpointReader` names them
+                    each = (stop - start) // len(parts)
+                    for i, (one, shape) in enumerate(parts):
+                        self._where[one] = (file, 8 + size + start + i * each, each, TORCH_DTYPES[entry["dtype"]], list(shape))
 
     def get(self, name: str) -> torch.Tensor:
         file, offset, nbytes, dtype, shape = self._where[name]

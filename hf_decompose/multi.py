@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import artifact, kernels
-from .errors import ArtifactError, ConfigError
-from .inject import param_name, wrappable
+from .errors import ArtifactError, CheckpointError, ConfigError
+from .inject import target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
 from .parts.ops import runs_direct
@@ -389,11 +389,10 @@ class TenantParameters(nn.Module):
         if groups[0][1] is None:
             return _call_with(self.base, self._params(groups[0][0]), *args, **kwargs)
         y = self._rowwise(args[0]) if self._per_row is not False and len(args) == 1 and not kwargs else None
-        return y if y is not None else self._per_copy(groups, args, kwargs)
+        return y if y is not None else self._per_copy(groups, x.shape[0], args, kwargs)
 
-    def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], args: tuple, kwargs: dict):
-        """The base's output for every row, each fine-tune's rows run again with its parameters."""
-        batch = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)).shape[0]
+    def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], batch: int, args: tuple, kwargs: dict):
+        """The base's output for every row of `batch`, each fine-tune's rows run again with its parameters."""
         unsplit = [k for k, v in (*enumerate(args), *kwargs.items()) if not (isinstance(v, torch.Tensor) and v.dim() and v.shape[0] in (1, batch))
                    and not (v is None or isinstance(v, (bool, int, float, str)))]  # fmt: skip
         if unsplit:
@@ -426,7 +425,7 @@ class TenantParameters(nn.Module):
             y = None
         if self._per_row is None:  # the first mixed batch: per-row vectors must give what each fine-tune's run gives
             groups = self.routing.groups_for(self.tenants, x.shape[0], x.device)
-            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(groups, (x,), {})))
+            object.__setattr__(self, "_per_row", y is not None and torch.equal(y, self._per_copy(groups, x.shape[0], (x,), {})))
         return y if self._per_row else None
 
     def _gather(self, x: torch.Tensor, key: tuple) -> tuple | None:
@@ -572,18 +571,17 @@ class MultiTenant:
         """Each changed tensor's delta and where it lives, by owner module and parameter (several for a fused one)."""
         t, tied = self.tenancy, self._tied_head()
         out: dict[str, dict[str, list[tuple[TensorDelta, Target]]]] = defaultdict(lambda: defaultdict(list))
+        names = list(deltas)
         for key, delta in deltas.items():
             if delta.is_empty() or (tied is not None and key.endswith("lm_head.weight")):
                 continue  # a tied head's delta is its embedding's
-            target = t.targets.get(key)
-            if target is None and (pname := param_name(key, t.targets.params)) is not None:
-                target = Target(pname)
-            if target is None:
-                raise ArtifactError(f"tensor {key!r} has no matching parameter in {type(self).__name__}")
-            param = t.targets.params[target.parameter]
-            size = param.numel() if target.strides is None else math.prod(target.shape)
-            if math.prod(delta.shape) != size:
-                raise ArtifactError(f"tensor {key!r}: delta shape {delta.shape} does not fit the base's {tuple(param.shape if target.strides is None else target.shape)}")
+            try:
+                target = target_parameter(key, names, self, t.targets)
+            except CheckpointError:
+                raise ArtifactError(f"tensor {key!r} has no matching parameter in {type(self).__name__}") from None
+            shape = tuple(t.targets.params[target.parameter].shape) if target.strides is None else target.shape
+            if math.prod(delta.shape) != math.prod(shape):
+                raise ArtifactError(f"tensor {key!r}: delta shape {delta.shape} does not fit the base's {shape}")
             owner, _, attr = target.parameter.rpartition(".")
             out[owner][attr].append((delta, target))
         return out

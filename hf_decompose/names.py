@@ -29,6 +29,13 @@ def stacked(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[1] > 1 and shape[2] > 1
 
 
+def matrices(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The names and shapes a checkpoint tensor is read as: ``<name>@<i>`` for each matrix of a stack, else itself."""
+    if not stacked(shape):
+        return [(name, shape)]
+    return [(f"{name}{SLICE}{i}", tuple(shape[1:])) for i in range(shape[0])]
+
+
 def matrix_of(name: str) -> tuple[str, int | None]:
     """(the checkpoint tensor, the matrix's index) of a name ``<tensor>@<i>``; (name, None) for a whole tensor."""
     stem, sep, index = name.rpartition(SLICE)
