@@ -451,12 +451,22 @@ class _Candidate:
         return self._floor
 
 
-def _tokenizer(finetuned_dir: Path, base_dir: Path):
-    """The fine-tune's tokenizer, or the base's."""
-    try:
-        return AutoTokenizer.from_pretrained(finetuned_dir)
-    except (OSError, ValueError):
-        return AutoTokenizer.from_pretrained(base_dir)
+def _tokenizer(finetuned_dir: Path, base_dir: Path, prompts: list[str]):
+    """The fine-tune's tokenizer, or the base's: the first that encodes every calibration prompt to tokens
+    (transformers builds an empty tokenizer, which encodes any text to none, for a checkpoint without tokenizer files)."""
+    found = []
+    for directory in (finetuned_dir, base_dir):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            found.append(f"{directory}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        empty = next((i for i, ids in enumerate(tokenizer(prompts)["input_ids"]) if not ids), None)
+        if empty is None:
+            return tokenizer
+        found.append(f"{directory}: encodes calibration prompt {empty} ({prompts[empty][:40]!r}) to no tokens")
+    raise PromptError("mode='anneal' runs the fine-tune on its calibration prompts, with its tokenizer or the base's; neither "
+                      f"encodes them ({'; '.join(found)}): save the tokenizer beside the fine-tune")
 
 
 def _prompts(calibration, config: DecomposedConfig) -> list[str]:
@@ -480,7 +490,7 @@ def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir
         from transformers import AutoModelForCausalLM
 
         floor_model = AutoModelForCausalLM.from_pretrained(finetuned_dir, dtype=torch.bfloat16).eval()
-    return anneal(model, deltas, _tokenizer(finetuned_dir, base_dir), prompts, config, module_names, gram_names, progress, floor_model)
+    return anneal(model, deltas, _tokenizer(finetuned_dir, base_dir, prompts), prompts, config, module_names, gram_names, progress, floor_model)
 
 
 def anneal(

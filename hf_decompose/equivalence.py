@@ -144,6 +144,9 @@ def bound_prompts(tokenizer, prompts: list[str], max_new_tokens: int, context: i
     if max_prompt_tokens is not None and (type(max_prompt_tokens) is not int or max_prompt_tokens < 1):
         raise PromptError(f"max_prompt_tokens={max_prompt_tokens!r} must be a positive integer")
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    if 0 in lengths:  # nothing to condition on; an empty tokenizer (transformers' where a checkpoint ships none) encodes any text so
+        i = lengths.index(0)
+        raise PromptError(f"prompt {i} ({prompts[i][:40]!r}) encodes to no tokens with this tokenizer ({type(tokenizer).__name__})")
     if max_prompt_tokens is not None:
         long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
         if long:

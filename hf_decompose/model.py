@@ -445,7 +445,8 @@ def _decompose_to_disk(
     inputs = _open_inputs(finetuned, base_model or config.base_model, config, revision, resume_dir, hub_kwargs)
     try:
         if config.mode == "anneal":
-            target = _anneal_to_disk(inputs, config, calibration, output_dir, overwrite, progress, shard_limit)
+            tokenizer = _tokenizer(inputs.ft_dir, inputs.base_dir, calibration[0])  # before any layer's work
+            target = _anneal_to_disk(inputs, config, calibration, tokenizer, output_dir, overwrite, progress, shard_limit)
         else:
             target = _stream_to_disk(inputs, config, output_dir, overwrite, progress, shard_limit)
     except DecomposeError:  # a bad input: nothing to resume
@@ -478,8 +479,8 @@ def _stream_to_disk(inputs: _Inputs, config: DecomposedConfig, output_dir, overw
     return writer.target
 
 
-def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tuple[list[str], str], output_dir, overwrite: bool, progress: bool,
-                    shard_limit: int) -> Path:
+def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tuple[list[str], str], tokenizer, output_dir, overwrite: bool,
+                    progress: bool, shard_limit: int) -> Path:
     """Anneal layer by layer (`annealing.anneal_streaming`): the exact deltas stream to a scratch store on
     disk, the guard runs one decoder layer at a time, the artifact is written a layer at a time."""
     t1 = time.perf_counter()
@@ -509,7 +510,6 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
             return Layerwise(hf_config, dtype, pair.names(), pair.finetuned.get, RawTensors(pair.finetuned.files).get, device=device)
 
         t3 = time.perf_counter()
-        tokenizer = _tokenizer(inputs.ft_dir, inputs.base_dir)
         kept, annealing_report = anneal_streaming(lw, dict(annealed), store, exact_key, module_names, gram_names, tokenizer, prompts, config,
                                                   progress, reference)
         del lw

@@ -519,6 +519,32 @@ def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tmp_path, pair
         decompose(ft, base, DecomposedConfig(mode="anneal", calibration=[]), progress=False)
 
 
+def test_anneal_without_a_tokenizer_is_refused_before_any_layer(tmp_path, pair):
+    """Neither checkpoint ships tokenizer files: a Llama's tokenizer does not load; for a Qwen2 transformers builds an
+    empty one, which encodes every prompt to no tokens (the guard then crashed inside `generate`)."""
+    from hf_decompose import decompose_to_disk
+
+    base, ft = pair
+    with fails(tmp_path, PromptError, r"neither encodes them \(.*ft: ValueError.*base: ValueError.*save the tokenizer beside the fine-tune"):
+        decompose_to_disk(ft, base, DecomposedConfig(mode="anneal"), output_dir=tmp_path / "out", progress=False)
+    qwen = save_pair(tmp_path / "qwen2", "qwen2")
+    with fails(tmp_path, PromptError, r"ft: encodes calibration prompt 0 \('.*'\) to no tokens; .*base: encodes calibration prompt 0"):
+        decompose_to_disk(qwen[1], qwen[0], DecomposedConfig(mode="anneal"), output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(PromptError, match="neither encodes them"):  # in memory alike
+        decompose(qwen[1], qwen[0], DecomposedConfig(mode="anneal"), progress=False)
+
+
+def test_verifying_with_an_empty_tokenizer_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hf_decompose.equivalence import verify_equivalence
+
+    base, ft = save_pair(tmp_path, "qwen2")
+    model = _MustNotRun(AutoModelForCausalLM.from_pretrained(ft).config)
+    with pytest.raises(PromptError, match=r"prompt 0 \('to be'\) encodes to no tokens with this tokenizer \(Qwen2Tokenizer\)"):
+        verify_equivalence(model, model, AutoTokenizer.from_pretrained(ft), ["to be", "or not"], max_new_tokens=8)
+
+
 def test_shard_named_outside_the_checkpoint_directory(tmp_path, sharded):
     base, ft, shards = sharded
     shutil.copy(shards[0], tmp_path / "outside.safetensors")
