@@ -52,6 +52,7 @@ from .allocation import solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
+from .experts import routed_inputs
 from .heap import release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
 from .metrics import TIE_TOLERANCE
@@ -276,12 +277,21 @@ def _screened_scores(calib: Calibration, rows: Iterable[Screened], positions: in
 
 
 class GramCollector:
-    """Accumulate X^T X of the inputs of chosen modules over non-padding positions."""
+    """Accumulate X^T X of the inputs of chosen modules over non-padding positions; for a tensor of `experts` (name ->
+    ("in" or "down", expert), its module a mixture's experts), of the inputs of that expert's matrix: its tokens'
+    hidden states, or its down projection's inputs (`experts.routed_inputs`)."""
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], experts: dict[str, tuple[str, int]] | None = None):
+        experts = experts or {}
         self.grams: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None
-        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items() if name not in experts]
+        by_module: dict[int, dict[str, tuple[str, int]]] = defaultdict(dict)
+        for name in experts:
+            by_module[id(modules[name])][name] = experts[name]
+        self.shared: dict[tuple[int, str, int], torch.Tensor] = {}  # an expert's inputs' Gram, shared by its gate and up rows
+        self.handles += [modules[next(iter(names))].register_forward_pre_hook(self._experts_hook(names)) for names in by_module.values()]
+        self.experts = {name: (id(modules[name]), *key) for name, key in experts.items()}
 
     def _hook(self, name: str):
         def hook(module, args):
@@ -294,6 +304,26 @@ class GramCollector:
 
         return hook
 
+    def _experts_hook(self, names: dict[str, tuple[str, int]]):
+        wanted = {key: [n for n, k in names.items() if k == key] for key in set(names.values())}
+        down = any(kind == "down" for kind, _ in wanted)
+
+        def hook(module, args):
+            x, index = args[0].detach(), args[1]
+            if self.mask is not None and self.mask.numel() == x.shape[0]:  # the tokens flattened: padding left out
+                keep = self.mask.to(x.device).flatten().bool()
+                x, index = x[keep], index[keep]
+            for expert, inputs, down_inputs in routed_inputs(module, x, index, down):
+                for kind, value in (("in", inputs), ("down", down_inputs)):
+                    if (kind, expert) in wanted:
+                        value = value.float()
+                        key = (id(module), kind, expert)
+                        self.shared[key] = self.shared[key] + value.t() @ value if key in self.shared else value.t() @ value
+                        for name in wanted[(kind, expert)]:
+                            self.grams[name] = self.shared[key]
+
+        return hook
+
     @torch.no_grad()
     def run(self, model: nn.Module, calib: Calibration, batch_size: int = 8) -> dict[str, torch.Tensor]:
         for ids, self.mask in batches(calib.input_ids, calib.attention_mask, batch_size):
@@ -301,10 +331,18 @@ class GramCollector:
         return self.close()
 
     def close(self) -> dict[str, torch.Tensor]:
-        """Remove the hooks; the Grams gathered, on CPU (where the candidates are made)."""
+        """Remove the hooks; the Grams gathered, on CPU (where the candidates are made; an expert's gate and up rows
+        share one). An expert no calibration token chose weighs by its layer's experts' mean Gram (as a typical
+        expert: an error the guard cannot see would otherwise look free)."""
         for h in self.handles:
             h.remove()
-        return {name: gram.cpu() for name, gram in self.grams.items()}
+        for name, (module, kind, _) in self.experts.items():
+            if name not in self.grams:
+                seen = [g for (m, k, _), g in self.shared.items() if (m, k) == (module, kind)]
+                if seen:
+                    self.grams[name] = self.shared.setdefault((module, kind, -1), sum(seen) / len(seen))
+        on_cpu = {id(g): g.cpu() for g in self.grams.values()}
+        return {name: on_cpu[id(gram)] for name, gram in self.grams.items()}
 
 
 # out / in from which `weighted_lowrank` factors a matrix through its Gram: on the 1.5B synthetic Llama's (49152, 2048)
@@ -970,7 +1008,8 @@ class _StreamEngine:
             return collector.close()
         layer_module = self.lw.layer(index, self._deltas_exact(index))
         skip = len(f"{self.lw.prefix}.{index}.")
-        collector = GramCollector({n: layer_module.get_submodule(self.gram_names[n][skip:]) for n in names})
+        experts = {n: self.lw.expert_inputs[n] for n in names if n in self.lw.expert_inputs}
+        collector = GramCollector({n: layer_module.get_submodule(self.gram_names[n][skip:]) for n in names}, experts)
         masks = (mask for _, mask in batches(calib.input_ids, calib.attention_mask, bs))
         for b, (h, collector.mask) in enumerate(zip(self._exact_inputs(index), masks)):  # asked for once: the candidates keep their Grams
             layer_module(h, *self.calls[b][index][0], **self.calls[b][index][1])

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .names import matrix_of
+
 # a mixture of experts' shared expert is the layer's MLP (its routed experts, stored one by one, are plain matrices)
 _LLAMA = re.compile(r"^(?P<layer>.*?layers\.\d+)\.(?P<block>self_attn|mlp)\.(?:shared_experts?\.)?(?P<proj>\w+)_proj\.(?P<kind>weight|bias)$")
 _GPT2 = re.compile(r"^(?P<layer>.*?h\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>c_attn|c_proj|c_fc)\.(?P<kind>weight|bias)$")
@@ -27,6 +29,7 @@ READS_HIDDEN = {"q", "k", "v", "qkv", "gate", "up", "gate_up", "c_attn", "c_fc"}
 WRITES_HIDDEN = {"o", "down", "c_proj"}
 NEURON_ROLES = {"gate", "up", "gate_up", "down", "c_fc"}
 ALIASES = {"out": "o"}  # OPT's attention output projection, out_proj
+EXPERTS_STORED_IN_OUT = {"gpt_oss"}  # model types whose stacks of experts hold each expert's matrix (in, out)
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,9 @@ def describe(name: str, shape: tuple[int, ...], model_type: str) -> ParamInfo:
         return ParamInfo(name, None, "lm_head" if name.endswith(("lm_head.weight", "embed_out.weight")) else "embed", False, 0, "token")
     if name.endswith("wpe.weight"):
         return ParamInfo(name, None, "positions", False, 0, "position")
-    return ParamInfo(name, layer, "matrix", False, 0, "row")
+    # an expert's matrix stored (in, out) in its stack: flagged, so its rows are outputs as every canonical matrix's
+    transposed = model_type in EXPERTS_STORED_IN_OUT and matrix_of(name)[1] is not None
+    return ParamInfo(name, layer, "matrix", transposed, 0, "row")
 
 
 def group_ids(info: ParamInfo, shape: tuple[int, ...], geometry: Geometry | None) -> np.ndarray:

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from .checkpoints import TORCH_DTYPES
 from .errors import CheckpointError
+from .experts import outputs, runs_experts
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
 from .names import Target, TensorTargets, matrices
 from .parts import TensorDelta
@@ -82,6 +83,7 @@ class Layerwise:
         self.aliases = {p: names_ for names_ in aliases.values() for p in names_}
         self.by_layer: dict[int | None, list[str]] = {}
         self.target_of: dict[str, Target] = {}
+        self.expert_inputs: dict[str, tuple[str, int]] = {}  # an expert matrix's: ("in" or "down", its expert); `split_modules`
         for name in names:
             try:
                 self.target_of[name] = target_parameter(name, names, model, self.targets)
@@ -103,18 +105,23 @@ class Layerwise:
             return None
         return int(name[len(head) :].split(".", 1)[0])
 
-    def split_modules(self, names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-        """Of checkpoint tensors `names`, those whose delta runs as a `DecomposedModule` (swappable): each
-        one's module, and the module whose inputs weigh it (a tied head's, for the embedding it shares)."""
+    def split_modules(self, names: list[str], transposed: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, str]]:
+        """Of checkpoint tensors `names`, those the guard anneals: each one's module (a `DecomposedModule`, swappable;
+        or a mixture's experts module, whose matrix of one expert the delta is: merged into a layer's fresh weights,
+        its inputs `expert_inputs`), and the module whose inputs weigh it (a tied head's, for the embedding it shares).
+        `transposed`: the names whose canonical matrix is the stored one's transpose."""
         modules = dict(self.model.named_modules())
         for i, layer in enumerate(self.meta_layers):
             modules.update({f"{self.prefix}.{i}.{n}".rstrip("."): m for n, m in layer.named_modules()})
         module_names = {}
         for name in names:
             target = self.target_of[name]
-            owner = target.parameter.rpartition(".")[0]
+            owner, _, attr = target.parameter.rpartition(".")
             if runs_split(target, modules[owner]):
                 module_names[name] = owner
+            elif runs_experts(modules[owner]) and (out := outputs(modules[owner], attr, target, name in transposed)) is not None:
+                module_names[name] = owner
+                self.expert_inputs[name] = ("down" if attr == "down_proj" else "in", out.expert)
         gram_names = dict(module_names)
         if (head_name := output_name(self.model)) is not None and tied(self.model):
             gram_names.update({n: head_name for n, m in module_names.items() if modules[m] is self.model.get_input_embeddings()})

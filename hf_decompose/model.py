@@ -487,19 +487,20 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
     pair, prompts, source = inputs.pair, *calibration
     with tempfile.TemporaryDirectory(prefix="hf_decompose-anneal-") as scratch:
         store = DeltaStore(scratch)
-        groups, exact_key, annealable = [], {}, []
+        groups, exact_key, annealable, transposed = [], {}, [], set()
         for i, (layer_deltas, _) in enumerate(iter_layers(pair, config, progress, inputs.cache)):
             store.put(str(i), layer_deltas)
             groups.append(str(i))
             exact_key.update(dict.fromkeys(layer_deltas, str(i)))
             annealable += [n for n, d in layer_deltas.items() if d.get("dense") is not None and len(d.shape) == 2]
+            transposed |= {n for n, d in layer_deltas.items() if d.transposed}
             del layer_deltas
         _log_resumed(inputs, len(groups), inputs.cache)
         t2 = time.perf_counter()
         hf_config = _plain_config(inputs.ft_dir)
         device = config.torch_device()  # the guard's forward passes run there (the candidates are made on CPU)
         lw = Layerwise(hf_config, pair.dtype, pair.names(), pair.base_tensor, RawTensors(pair.base.files).get, execution=config.execution, device=device)
-        module_names, gram_names = lw.split_modules(annealable)
+        module_names, gram_names = lw.split_modules(annealable, frozenset(transposed))
         resident = lw.by_layer.get(None, [])
         lw.set_resident({n: d for g in groups for n, d in store.get(g, [n for n in store.names(g) if n in resident]).items()})
         annealed: dict[str, list[str]] = defaultdict(list)

@@ -12,10 +12,12 @@ Matrices (linear, embedding, tied head) become a `TenantModule`: the base output
 batch, plus each row's own substructures. Rows of a mixed batch are grouped by fine-tune once per
 step (`Routing.layout`) into one padded slab per fine-tune; low-rank factors and biases of every
 fine-tune run stacked (two `bmm`), so their kernel count does not grow with the fine-tunes.
-Modules with other changed parameters (norm weights and biases, a mixture of experts' fused expert weights, learned
-positions) become `TenantParameters`: each fine-tune's values of them, swapped in for its rows; a mixed batch runs an
-RMS norm once with each row's weight, other modules per fine-tune on its rows. Checkpoint tensors find their
-parameters as in a single model (`names.TensorTargets`: transformers' own checkpoint conversion).
+A mixture of experts' fused expert weights become `experts.TenantExperts`: each fine-tune's changed expert matrices as
+parts, run in the experts' loop on its tokens. Modules with other changed parameters (norm weights and biases, routers'
+corrections, learned positions, experts of another layout) become `TenantParameters`: each fine-tune's values of them,
+held whole and swapped in for its rows; a mixed batch runs an RMS norm once with each row's weight, other modules per
+fine-tune on its rows. Checkpoint tensors find their parameters as in a single model (`names.TensorTargets`:
+transformers' own checkpoint conversion).
 Biases of linear layers are additive substructures (``<module>.tenants.<name>.bias``).
 """
 
@@ -34,10 +36,11 @@ from torch import nn
 
 from . import artifact, kernels
 from .errors import ArtifactError, CheckpointError, ConfigError
+from .experts import TenantExperts, expert_deltas, runs_experts
 from .inject import target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
-from .parts.ops import runs_direct
+from .parts.ops import runs_direct, weights_loaded
 from .parts.quant import kernel_base, kernel_parts
 
 Names = str | Sequence[str] | None
@@ -386,6 +389,10 @@ class TenantParameters(nn.Module):
         groups = self.routing.groups_for(self.tenants, x.shape[0], x.device)
         if not groups:
             return self.base(*args, **kwargs)
+        with weights_loaded(self.base, self.tenants):  # the base's and each fine-tune's values, offloaded with the layer, where they run
+            return self._forward(groups, x, args, kwargs)
+
+    def _forward(self, groups, x: torch.Tensor, args: tuple, kwargs: dict):
         if groups[0][1] is None:
             return _call_with(self.base, self._params(groups[0][0]), *args, **kwargs)
         y = self._rowwise(args[0]) if self._per_row is not False and len(args) == 1 and not kwargs else None
@@ -398,7 +405,7 @@ class TenantParameters(nn.Module):
         if unsplit:
             raise ConfigError(f"{self.name} ({type(self.base).__name__}) is called with more than its rows ({unsplit}), so a batch mixing "
                               "fine-tunes that change its parameters cannot run it row by row: give every row the same fine-tunes")
-        y = self.base(*args, **kwargs)
+        y = _call_with(self.base, {}, *args, **kwargs)
         for names, idx in groups:
             def rows(v):  # a tensor of one row is every row's (position ids)
                 return v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.shape[0] == batch else v
@@ -468,10 +475,13 @@ def _call_with(module: nn.Module, params: dict[str, torch.Tensor], *args, **kwar
     outside `torch.compile` by swapping them in and back, which took a tenth of its time)."""
     if torch.compiler.is_compiling():
         return torch.func.functional_call(module, params, args, kwargs)
+    # placed by Accelerate: the weights are loaded by the caller (`weights_loaded`), and the hook would load the base's
+    # over `params`, so the forward it wraps runs
+    forward = module._old_forward if "_hf_hook" in module.__dict__ else module
     own = {name: module._parameters[name] for name in params}
     try:
         module._parameters.update(params)
-        return module(*args, **kwargs)
+        return forward(*args, **kwargs)
     finally:
         module._parameters.update(own)
 
@@ -518,8 +528,11 @@ class MultiTenant:
         for owner_name, attrs in self._by_owner(deltas).items():
             owner = t.owners[owner_name]
             whole = all(len(found) == 1 and found[0][1].strides is None for found in attrs.values())
+            experts = expert_deltas(owner, attrs) if runs_experts(owner) and not isinstance(t.wrappers.get(owner_name), TenantParameters) else None
             if wrappable(owner) and whole and set(attrs) <= {"weight", "bias"}:
                 self._wrap(owner_name, TenantModule(owner, t.routing)).tenants[name] = _ops(owner, {a: f[0][0] for a, f in attrs.items()})
+            elif experts is not None:  # a mixture of experts' fused weights: each changed expert's parts
+                self._wrap(owner_name, TenantExperts(owner, t.routing, owner_name)).tenants[name] = experts
             else:
                 self._wrap(owner_name, TenantParameters(owner, t.routing, owner_name)).add(name, _values(owner, attrs))
         tied = self._tied_head()
@@ -603,6 +616,9 @@ class MultiTenant:
             t.wrappers[owner_name] = wrapper
             parent, _, child = owner_name.rpartition(".")
             setattr(t.owners[parent], child, wrapper)  # the parent as loaded: a wrapped parent runs it
+        if type(t.wrappers[owner_name]) is not type(wrapper):
+            raise ArtifactError(f"{owner_name}: this fine-tune's changes need a {type(wrapper).__name__}, the fine-tunes loaded before "
+                                f"it a {type(t.wrappers[owner_name]).__name__}")
         return t.wrappers[owner_name]
 
 
@@ -621,12 +637,7 @@ def _values(owner: nn.Module, attrs: dict[str, list[tuple[TensorDelta, Target]]]
 def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
     weight = attrs["weight"] if "weight" in attrs else TensorDelta("weight", tuple(owner.weight.shape))
     bias = attrs["bias"].merge(owner.bias.detach()) - owner.bias.detach().float() if "bias" in attrs else None
-    ops = DeltaOps(weight, owner.weight, bias, lookup=isinstance(owner, nn.Embedding))
-    ops.delta = None  # a fine-tune keeps its parts only: what only the `TensorDelta` holds is freed
-    for part in ops.parts():
-        if isinstance(part, QuantPart):  # memory per fine-tune is what serving many pays for
-            part.compact()
-    return ops
+    return DeltaOps(weight, owner.weight, bias, lookup=isinstance(owner, nn.Embedding)).compact()  # memory per fine-tune is what serving many pays for
 
 
 def routed(forward):

@@ -552,3 +552,38 @@ def test_reference_logits_held_in_bfloat16_score_as_their_float32_values():
     model = [ref.float() + 0.05 * torch.randn(6, 5, 300, generator=gen)]
     scores = [_scores(calib, [model[0][:3], model[0][3:]], 2048, 1e-3) for calib in held]
     assert scores[0] == scores[1] and scores[0]["mean_kl"] > 0
+
+
+def test_an_experts_gram_is_of_the_inputs_its_tokens_bring():
+    """Each expert's matrices weigh by their own inputs: its gate and up rows by the hidden states of the tokens that
+    chose it (one Gram, shared), its down projection by what its gate makes of them; padding left out; an expert no
+    token chose by its layer's experts' mean."""
+    from transformers import AutoConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+
+    config = AutoConfig.for_model("qwen2_moe", hidden_size=16, moe_intermediate_size=8, num_experts=4)
+    torch.manual_seed(0)
+    experts = Qwen2MoeExperts(config)
+    torch.nn.init.normal_(experts.gate_up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    names = {"gate": ("in", 1), "up": ("in", 1), "down": ("down", 1), "down0": ("down", 0), "down3": ("down", 3)}
+    collector = GramCollector(dict.fromkeys(names, experts), names)
+    hidden = torch.randn(6, 16)  # two rows of three tokens, flattened
+    index = torch.tensor([[1, 0], [2, 1], [0, 2], [1, 2], [0, 1], [2, 0]])  # expert 3 never chosen
+    collector.mask = torch.tensor([[1, 1, 1], [0, 1, 1]])  # the second row's first token is padding
+    with torch.no_grad():
+        experts(hidden, index, torch.full((6, 2), 0.5))
+    grams = collector.close()
+
+    def inputs(expert):
+        x = hidden[[0, 1, 2, 4, 5]][(index[[0, 1, 2, 4, 5]] == expert).any(-1)]
+        gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return x, experts.act_fn(gate) * up
+
+    x, h = inputs(1)
+    assert len(x) == 3  # tokens 0, 1 and 4 (token 3, padding, chose it too)
+    torch.testing.assert_close(grams["gate"], x.t() @ x)
+    assert grams["up"] is grams["gate"]
+    torch.testing.assert_close(grams["down"], h.t() @ h, rtol=1e-5, atol=1e-6)
+    h0 = inputs(0)[1]
+    torch.testing.assert_close(grams["down3"], (h.t() @ h + h0.t() @ h0) / 2, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ buffers, generations), criterion and anneal run, and the artifact reloads throug
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_decompose  # noqa: F401  (registers the from_pretrained hook)
 from hf_decompose import ConfigError, DecomposedConfig, DecomposedModel, decompose, decompose_to_disk
+from hf_decompose.experts import TenantExperts
+from hf_decompose.multi import TenantParameters
 
 from .conftest import _tiny_tokenizer
 from .test_dtypes import assert_same_model, effective_state
@@ -135,12 +138,16 @@ MIXED_REFUSED = {"gpt_oss": r"self_attn \(GptOssAttention\)", "qwen3_next": r"li
 WEIGHT_READ = {"llama4_text", "jamba"}
 
 
+def _fused_experts(module: torch.nn.Module) -> bool:
+    return any(p.dim() == 3 for name, p in module.named_parameters(recurse=False) if name.endswith("_proj"))  # not a convolution's
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_many_finetunes_by_name(tmp_path, arch):
     """Two fine-tunes over one base, loaded by name: a batch of one fine-tune (by rows, by `set_active`, in `generate`)
-    and a batch mixing both and the base give each row what its fine-tune alone gives. Fused experts' entries,
-    renamed checkpoint tensors (GPT-NeoX's head) and OPT's learned positions (a module with a forward of its own) run
-    per fine-tune; where a mixed batch cannot run row by row it is refused by name."""
+    and a batch mixing both and the base give each row what its fine-tune alone gives. Fused experts run each
+    fine-tune's parts on its tokens; renamed checkpoint tensors (GPT-NeoX's head) and OPT's learned positions (a module
+    with a forward of its own) run per fine-tune; where a mixed batch cannot run row by row it is refused by name."""
     if arch in WEIGHT_READ:  # a module serving fine-tunes by name holds no weight of its own to read
         base, *finetunes = _pair(tmp_path, arch, {"a": 1})
         artifact = decompose_to_disk(finetunes[0], base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "artifact", progress=False)
@@ -156,6 +163,8 @@ def test_many_finetunes_by_name(tmp_path, arch):
         alone = {name: DecomposedModel.from_pretrained(path, dtype=torch.float32).eval() for name, path in artifacts.items()}
         alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+        experts = [m for m in multi.modules() if isinstance(m, (TenantExperts, TenantParameters)) and _fused_experts(m.base)]
+        assert all(isinstance(m, TenantExperts) for m in experts)  # each fine-tune's parts beside the shared experts, not copies
         ids = torch.arange(2, 14)[None].repeat(4, 1)  # 12 tokens a row: a module given some rows' tokens must not take them for 4 rows
         with torch.no_grad():
             want = {name: model(input_ids=ids[:1]).logits[0] for name, model in alone.items()}
@@ -179,8 +188,6 @@ def test_experts_fused_on_disk_are_tested_one_matrix_at_a_time(tmp_path):
     """Granite-MoE stores each layer's experts in one 3-D tensor: the criterion tests every expert's matrix on its own
     and finds the fine-tune's three changed rows in each, as a rank-3 part (the tensor was once one vector to the tests,
     kept whole)."""
-    import json
-
     base, ft = _pair(tmp_path, "granitemoe")
     out = decompose_to_disk(ft, base, DecomposedConfig(mode="criterion"), output_dir=tmp_path / "criterion", progress=False)
     tensors = {n: t for layer in json.loads((out / "decomposition.json").read_text())["layers"] for n, t in layer["tensors"].items()}
@@ -203,3 +210,38 @@ def test_fused_parameters_map_to_strided_views_and_other_conversions_are_refused
     for computed in (up.flip(0), up.reshape(-1)[torch.randperm(up.numel(), generator=torch.Generator().manual_seed(0))].reshape(up.shape)):
         with pytest.raises(CheckpointError, match="by more than a strided view: this architecture is not supported"):
             _strided("experts.gate_up_proj", computed)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "granitemoe", "gpt_oss"])  # experts on disk one by one; stacked (out, in); stacked (in, out)
+def test_annealed_experts_are_codes_served_by_name(tmp_path, arch):
+    """Annealing stores each expert's matrices at the level its guard accepts (here the top-1 target, which tiny random
+    models pass in few bits; they were once kept exact, a mixture's fine-tune barely smaller than itself), and a model
+    serving fine-tunes by name runs those codes beside the shared experts, each row as its fine-tune alone."""
+    from hf_decompose import artifact
+    from hf_decompose.parts import QuantPart
+
+    base, *finetunes = _pair(tmp_path, arch, {"a": 1, "b": 2})
+    config = DecomposedConfig(mode="anneal", annealing={"target": "top1", "calibration_prompts": 4, "calibration_tokens": 4})
+    artifacts = {ft.name: decompose_to_disk(ft, base, config, output_dir=tmp_path / "anneal" / ft.name, calibration=CALIBRATION, progress=False)
+                 for ft in finetunes}  # fmt: skip
+    index, deltas = artifact.load(artifacts["a"])
+    report = json.loads((artifacts["a"] / "decomposition.json").read_text())
+    annealed = [level["layer"] for level in report["annealing"]["levels"] if level["level"] is not None and ".layers." in level["layer"]]
+    experts = {n: d for n, d in deltas.items() if any(n.startswith(f"{layer}.") for layer in annealed) and len(d.shape) == 2 and (".experts." in n or "_linear" in n) and not n.endswith("bias")}
+    assert annealed and len(experts) == len(annealed) * 4 * (3 if arch == "qwen2_moe" else 2), sorted(experts)
+    assert all("dense" not in [p.kind for p in d.parts] for d in experts.values()), {n: [p.kind for p in d.parts] for n, d in experts.items()}
+    alone = {name: DecomposedModel.from_pretrained(path, dtype=torch.float32).eval() for name, path in artifacts.items()}
+    alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+    wrappers = [m for m in multi.modules() if isinstance(m, TenantExperts) and m.name.startswith(tuple(f"{layer}." for layer in annealed))]
+    assert wrappers and all(any(isinstance(p, QuantPart) for p in m.tenants["a"].modules()) for m in wrappers)
+    held = sum(t.nbytes for m in wrappers for t in (*m.tenants["a"].parameters(), *m.tenants["a"].buffers()))
+    assert held < 0.5 * sum(p.nbytes for m in wrappers for p in m.base.parameters())  # codes, not a float32 copy of the experts
+    ids = torch.arange(2, 14)[None].repeat(4, 1)
+    rows = ["a", "a", "a", "a"] if arch in MIXED_REFUSED else ["a", "b", None, "a"]
+    with torch.no_grad():
+        mixed = multi(input_ids=ids, decomposed_names=rows).logits
+        for row, name in enumerate(rows):
+            torch.testing.assert_close(mixed[row], alone[name](input_ids=ids[:1]).logits[0], rtol=0, atol=1e-4)
+        multi.set_active("b")  # one fine-tune's tokens: each expert's base matrix and codes in one pass of the kernel
+        torch.testing.assert_close(multi(input_ids=ids[:1]).logits, alone["b"](input_ids=ids[:1]).logits, rtol=0, atol=1e-4)

@@ -163,6 +163,22 @@ def test_placed_with_offloaded_substructures(family, tmp_path):
         multi.load_decomposed("d", family / "art_a")
 
 
+def test_a_layer_offloaded_to_disk_runs_each_finetunes_own_values(family, tmp_path):
+    """A whole decoder layer on disk: its norms' (and GPT-2's biases') fine-tune values and the base's come back where
+    they run, for a mixed batch and for one fine-tune. (Accelerate's hook loaded the base's values over the swapped-in
+    ones: a layer's norms silently ran the base's, logits 2.6e-3 off on a tiny Llama; a mixed batch crashed.)"""
+    rows = ["c", None, "a", "b"]
+    ids = _ids(len(rows))
+    multi = MultiDecomposedModel.from_pretrained({n: family / f"art_{n}" for n in NAMES})
+    with torch.no_grad():
+        expected = {"mixed": multi(input_ids=ids, decomposed_names=rows).logits, "one": multi(input_ids=ids, decomposed_names=["b"] * 4).logits}
+    layer = next(n for n, _ in multi.named_modules() if n.endswith(("layers.1", "h.1")))
+    multi.dispatch({"": "cpu", layer: "disk"}, offload_folder=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(multi(input_ids=ids, decomposed_names=rows).logits, expected["mixed"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(multi(input_ids=ids, decomposed_names=["b"] * 4).logits, expected["one"], rtol=0, atol=1e-5)
+
+
 def _lowrank_quant(base, seed: int, rank: int = 2, bits: int = 3, group: int = 32, step: float | None = None) -> dict[str, TensorDelta]:
     """A fine-tune as annealing stores one: low rank plus a low-bit residual on every matrix (`step`: a step per row of
     that many standard deviations, annealing's coarser levels, whose codes are mostly 0)."""
@@ -335,3 +351,91 @@ def test_rows_all_with_a_finetune_gather_contributions_in_row_order(monkeypatch)
     assert layouts and all(rows_ is None for _, _, rows_, _ in layouts)
     torch.testing.assert_close(mixed, alone, rtol=1e-3, atol=1e-3)
     assert (mixed[0] - mixed[1]).abs().max() > 0.1
+
+
+class _Experts(torch.nn.Module):
+    """Fused experts as transformers' experts interface declares them (4 experts, 6 outputs, 5 inputs)."""
+
+    def __init__(self, is_transposed: bool):
+        super().__init__()
+        shape = (4, 5, 6) if is_transposed else (4, 6, 5)
+        self.gate_up_proj = torch.nn.Parameter(torch.zeros(shape))
+        self.is_transposed = is_transposed
+
+
+def test_expert_deltas_write_bands_of_whole_output_rows():
+    """An expert's delta runs as parts where it writes a band of that expert's outputs over its whole input (gate rows,
+    up rows, a whole expert; an (in, out) layout's columns from a delta stored transposed); any other layout is held
+    whole (None)."""
+    from hf_decompose.experts import Outputs, outputs
+    from hf_decompose.names import Target, _strided
+
+    rows = _Experts(is_transposed=False)
+    fused = torch.arange(rows.gate_up_proj.numel()).view(rows.gate_up_proj.shape)  # each entry's position, as transformers' conversion maps it
+    up = _strided("gate_up_proj", fused[2, 3:, :])
+    assert outputs(rows, "gate_up_proj", up) == Outputs("gate_up_proj", 2, 3, 6)
+    whole = Target("gate_up_proj").matrix(1, tuple(fused.shape))  # matrix 1 of a 3-D tensor on disk
+    assert outputs(rows, "gate_up_proj", whole) == Outputs("gate_up_proj", 1, 0, 6)
+    interleaved = _strided("gate_up_proj", fused[0, ::2, :])
+    part_of_input = _strided("gate_up_proj", fused[0, :, 1:])
+    assert outputs(rows, "gate_up_proj", interleaved) is None
+    assert outputs(rows, "gate_up_proj", part_of_input) is None
+    assert outputs(rows, "gate_up_proj", Target("gate_up_proj")) is None  # the 3-D tensor whole
+
+    columns = _Experts(is_transposed=True)  # (experts, in, out), as gpt-oss
+    stored = Target("gate_up_proj").matrix(3, tuple(columns.gate_up_proj.shape))  # on disk (in, out) as the parameter
+    assert outputs(columns, "gate_up_proj", stored) is None  # its canonical rows are inputs
+    assert outputs(columns, "gate_up_proj", stored, transposed=True) == Outputs("gate_up_proj", 3, 0, 6)
+
+
+def test_experts_of_two_finetunes_run_as_parts_and_add_up(tmp_path):
+    """Two fine-tunes of a mixture of experts by name: each one's changed experts are parts beside the shared experts
+    (not a copy of them), and both active give the base plus both deltas."""
+    from hf_decompose import decompose_to_disk
+    from hf_decompose.experts import TenantExperts
+
+    from .test_architectures import _pair
+
+    base, a, b = _pair(tmp_path, "qwen2_moe", {"a": 1, "b": 2})
+    artifacts = {n: decompose_to_disk(p, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / f"art_{n}", progress=False)
+                 for n, p in (("a", a), ("b", b))}  # fmt: skip
+    multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+    wrappers = [m for m in multi.modules() if isinstance(m, (TenantExperts, TenantParameters)) and hasattr(m.base, "gate_up_proj")]
+    assert len(wrappers) == 2 and all(isinstance(m, TenantExperts) for m in wrappers)
+    assert not any(p.dim() == 3 for m in wrappers for p in m.tenants.parameters())  # no fine-tune holds a stack of experts
+    both = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    changed = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict() for p in (a, b)]
+    with torch.no_grad():
+        for name, p in both.state_dict().items():
+            p.copy_(changed[0][name] + changed[1][name] - p)
+        ids = torch.arange(2, 14)[None].repeat(2, 1)
+        torch.testing.assert_close(multi(input_ids=ids, decomposed_names=[None, None]).logits,
+                                   AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits, rtol=0, atol=1e-5)
+        multi.set_active(["a", "b"])
+        torch.testing.assert_close(multi(input_ids=ids).logits, both(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_experts_placed_with_offloaded_parts_and_base_give_the_same_tokens(tmp_path):
+    """A mixture's fine-tunes by name placed by a device map: some of each fine-tune's expert parts, one layer's shared
+    experts and the other layer whole on disk (Accelerate loads them where they run) give the tokens they give in
+    memory (the loop once read the offloaded experts' empty weights: other tokens, silently)."""
+    from hf_decompose import decompose_to_disk
+    from hf_decompose.experts import TenantExperts
+
+    from .test_architectures import CALIBRATION, _pair
+
+    base, a, b = _pair(tmp_path, "qwen2_moe", {"a": 1, "b": 2})
+    config = DecomposedConfig(mode="anneal", annealing={"target": "top1", "calibration_prompts": 4, "calibration_tokens": 4})
+    artifacts = {n: decompose_to_disk(p, base, config, output_dir=tmp_path / f"art_{n}", calibration=CALIBRATION, progress=False)
+                 for n, p in (("a", a), ("b", b))}  # fmt: skip
+    multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+    ids, gen = torch.arange(2, 14)[None].repeat(3, 1), dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    rows = ["a", "b", None]
+    expected = {"mixed": multi.generate(ids, decomposed_names=rows, **gen), "one": multi.generate(ids[:1], decomposed_names=["b"], **gen)}
+    experts = [n for n, m in multi.named_modules() if isinstance(m, TenantExperts)]
+    parts = sorted(n for n in placement.substructures(multi) if ".experts.tenants." in n)
+    assert experts and len(parts) >= 2
+    multi.dispatch({"": "cpu", f"{experts[0]}.base": "disk", **dict.fromkeys(parts[::2], "disk"), "model.layers.1": "disk"},
+                   offload_folder=tmp_path / "offload")  # fmt: skip
+    assert torch.equal(multi.generate(ids, decomposed_names=rows, **gen), expected["mixed"])
+    assert torch.equal(multi.generate(ids[:1], decomposed_names=["b"], **gen), expected["one"])

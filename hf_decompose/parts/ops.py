@@ -10,8 +10,9 @@ so they are gone.)
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .base import Part
 from .delta import TensorDelta
-from .quant import run_with_base
+from .quant import QuantPart, run_with_base
 from .quantlowrank import QuantLowRankPart
 from .vector import VectorPart
 
@@ -60,6 +61,15 @@ class DeltaOps(nn.Module):
 
     def parts(self) -> list[Part]:
         return list(self._modules.values())  # not `children()`, whose de-duplication split pays per call
+
+    def compact(self) -> DeltaOps:
+        """Keep the parts only (what only the `TensorDelta` holds is freed), low-bit codes in the compiled kernel's
+        smallest layout (`QuantPart.compact`): what a model serving many fine-tunes holds of each."""
+        self.delta = None
+        for part in self.parts():
+            if isinstance(part, QuantPart):
+                part.compact()
+        return self
 
     def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
         """The summed contribution of every part (on x's device)."""
@@ -121,6 +131,19 @@ def run_split(
         c = c.to(y.device, y.dtype)
         y = y + (c * scale.to(c.dtype) if scale is not None else c)
     return y
+
+
+@contextlib.contextmanager
+def weights_loaded(*modules: nn.Module) -> Iterator[None]:
+    """The weights of `modules` and their submodules where they run, for code that reads them outside their forward:
+    an Accelerate hook (offloaded to CPU or disk; one or several, in a `SequentialHook`) loads them first and offloads
+    them again after."""
+    hooked = [m for module in modules for m in module.modules() if "_hf_hook" in m.__dict__]
+    with contextlib.ExitStack() as stack:
+        for m in hooked:
+            m._hf_hook.pre_forward(m)
+            stack.callback(m._hf_hook.post_forward, m, None)
+        yield
 
 
 def runs_direct(*modules: Callable) -> bool:

@@ -260,13 +260,18 @@ def kernel_parts(parts: list[Part]) -> tuple[kernels.HeldCodes | None, torch.Ten
 def run_with_base(base: nn.Module, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
     """``base(x)`` plus the parts' contributions in one pass of the compiled kernel, where it runs them all (a base it
     runs, `kernel_base`, and parts it runs, `kernel_parts`; otherwise None)."""
+    weights = kernel_base(base, x)
+    return None if weights is None else run_with_weight(*weights, parts, x)
+
+
+def run_with_weight(weight: torch.Tensor, bias: torch.Tensor | None, parts: list[Part], x: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight^T + bias`` plus the parts' contributions in one pass of the compiled kernel (a float32 contiguous
+    weight on CPU, as `kernel_base` gives), where it runs the parts (`kernel_parts`); otherwise None."""
     args = kernel_parts(parts)
-    weights = None if args is None else kernel_base(base, x)
-    if weights is None:
+    if args is None:
         return None
     codes, scales, columns, factors = args
-    w, b = weights
-    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, w, factors, b, columns)
+    y = kernels.codes_matmul(x.reshape(-1, x.shape[-1]), codes, scales, weight, factors, bias, columns)
     return y.view(*x.shape[:-1], -1)
 
 
