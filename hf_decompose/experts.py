@@ -5,8 +5,10 @@ transformers runs fused experts (``experts.gate_up_proj``, ``experts.down_proj``
 through its experts interface (`use_experts_implementation`), whose flags say the layout: `has_gate`, `has_bias`,
 `is_transposed`, `has_post_expert_norm`, and `_apply_gate`. `TenantExperts.forward` is that interface's loop over the
 experts the tokens chose, each product the base expert's plus, on each fine-tune's tokens, that fine-tune's parts of
-the expert's matrix (`DeltaOps`, low-bit codes in the compiled kernel's layouts). An experts module of another
-layout, or a delta that does not write whole output rows of one expert, stays held whole (`multi.TenantParameters`).
+the expert's matrix (`DeltaOps`, low-bit codes in the compiled kernel's layouts; one fine-tune's tokens run the base
+matrix and its codes in one pass of the kernel). An experts module of another layout, or a delta that does not write
+whole output rows of one expert, stays held whole (`multi.TenantParameters`). Annealing weighs each expert's matrices
+by the inputs its tokens bring (`routed_inputs`, `annealing.GramCollector`).
 """
 
 from __future__ import annotations
