@@ -347,7 +347,7 @@ class TenantParameters(nn.Module):
 
     def __getattr__(self, name: str):
         """The base module's attributes; a parameter read by another module (a convolution's weight that its parent
-        passes to a kernel) is the routed fine-tunes' value."""
+        passes to a kernel) is the routed fine-tunes' value (offloaded by Accelerate: a copy, loaded)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -356,12 +356,14 @@ class TenantParameters(nn.Module):
                 return getattr(base, name)
         rows = self.routing.rows
         groups = self.routing.groups_for(self.tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
-        if not groups:
-            return base._parameters[name]
-        if groups[0][1] is not None:
+        if groups and groups[0][1] is not None:
             raise ConfigError(f"{self.name}.{name} is read by another module, so a batch mixing fine-tunes that change it cannot run it "
                               "row by row: give every row the same fine-tunes")
-        return self._params(groups[0][0]).get(name, base._parameters[name])
+        value = self._params(groups[0][0]).get(name, base._parameters[name]) if groups else base._parameters[name]
+        if value is None or value.device.type != "meta":
+            return value
+        with weights_loaded(base, self.tenants):  # the parent's hook loads its own weights only, not this module's
+            return (self._params(groups[0][0]).get(name, base._parameters[name]) if groups else base._parameters[name]).detach().clone()
 
     def add(self, name: str, values: dict[str, torch.Tensor]) -> None:
         """Fine-tune `name`'s values of the base module's parameters named in `values` (whole tensors)."""

@@ -184,6 +184,24 @@ def test_many_finetunes_by_name(tmp_path, arch):
                 torch.testing.assert_close(mixed[row], want[name], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in WEIGHT_READ])
+def test_many_finetunes_with_a_layer_on_disk(tmp_path, arch):
+    """Two fine-tunes by name with the first decoder layer offloaded to disk by Accelerate give the logits they give in
+    memory: every module that swaps a fine-tune's values in (norms, fused experts, LFM2's convolution, whose weight
+    its parent reads) has them loaded where it runs. (The hooks once loaded the base's over them, silently.)"""
+    base, *finetunes = _pair(tmp_path, arch, {"a": 1, "b": 2})
+    artifacts = {ft.name: decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "artifacts" / ft.name,
+                                           progress=False) for ft in finetunes}  # fmt: skip
+    rows = ["a", "a", "a"] if arch in MIXED_REFUSED else ["a", "b", None]
+    ids = torch.arange(2, 14)[None].repeat(3, 1)
+    models = [DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval() for _ in range(2)]
+    layer = next(n for n, _ in models[1].named_modules() if n.endswith(("layers.0", "h.0")))
+    models[1].dispatch({"": "cpu", layer: "disk"}, offload_folder=tmp_path / "offload")
+    with torch.no_grad():
+        in_memory, offloaded = (m(input_ids=ids, decomposed_names=rows).logits for m in models)
+    torch.testing.assert_close(offloaded, in_memory, rtol=0, atol=1e-5)
+
+
 def test_experts_fused_on_disk_are_tested_one_matrix_at_a_time(tmp_path):
     """Granite-MoE stores each layer's experts in one 3-D tensor: the criterion tests every expert's matrix on its own
     and finds the fine-tune's three changed rows in each, as a rank-3 part (the tensor was once one vector to the tests,
