@@ -242,16 +242,18 @@ def test_annealed_experts_are_codes_served_by_name(tmp_path, arch):
     config = DecomposedConfig(mode="anneal", annealing={"target": "top1", "calibration_prompts": 4, "calibration_tokens": 4})
     artifacts = {ft.name: decompose_to_disk(ft, base, config, output_dir=tmp_path / "anneal" / ft.name, calibration=CALIBRATION, progress=False)
                  for ft in finetunes}  # fmt: skip
-    index, deltas = artifact.load(artifacts["a"])
+    _, deltas = artifact.load(artifacts["a"])
     report = json.loads((artifacts["a"] / "decomposition.json").read_text())
     annealed = [level["layer"] for level in report["annealing"]["levels"] if level["level"] is not None and ".layers." in level["layer"]]
-    experts = {n: d for n, d in deltas.items() if any(n.startswith(f"{layer}.") for layer in annealed) and len(d.shape) == 2 and (".experts." in n or "_linear" in n) and not n.endswith("bias")}
+    in_annealed = tuple(f"{layer}." for layer in annealed)  # tiny random models' guard may keep a layer exact
+    experts = {n: d for n, d in deltas.items() if n.startswith(in_annealed) and len(d.shape) == 2 and (".experts." in n or "_linear" in n)
+               and not n.endswith("bias")}  # fmt: skip
     assert annealed and len(experts) == len(annealed) * 4 * (3 if arch == "qwen2_moe" else 2), sorted(experts)
     assert all("dense" not in [p.kind for p in d.parts] for d in experts.values()), {n: [p.kind for p in d.parts] for n, d in experts.items()}
     alone = {name: DecomposedModel.from_pretrained(path, dtype=torch.float32).eval() for name, path in artifacts.items()}
     alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
-    wrappers = [m for m in multi.modules() if isinstance(m, TenantExperts) and m.name.startswith(tuple(f"{layer}." for layer in annealed))]
+    wrappers = [m for m in multi.modules() if isinstance(m, TenantExperts) and m.name.startswith(in_annealed)]
     assert wrappers and all(any(isinstance(p, QuantPart) for p in m.tenants["a"].modules()) for m in wrappers)
     held = sum(t.nbytes for m in wrappers for t in (*m.tenants["a"].parameters(), *m.tenants["a"].buffers()))
     assert held < 0.5 * sum(p.nbytes for m in wrappers for p in m.base.parameters())  # codes, not a float32 copy of the experts
