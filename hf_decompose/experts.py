@@ -98,7 +98,7 @@ class ExpertDeltas(nn.Module):
         for out, ops in parts.items():  # `DeltaOps.forward` was a third of an expert's product at batch 1
             self.where.setdefault((out.attr, out.expert), []).append((out.start, out.stop, tuple(ops.parts())))
 
-    def product(self, experts: nn.Module, attr: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_product(self, experts: nn.Module, attr: str, expert: int, x: torch.Tensor) -> torch.Tensor | None:
         """`x` times `attr`'s matrix `expert` changed by this fine-tune in one pass of the compiled kernel over the base
         matrix and the parts (`parts.quant.run_with_weight`), band by band, where its bands cover the outputs and the
         kernel runs them all (float32 experts stored (out, in) on CPU, no gradient); otherwise None."""
@@ -212,7 +212,7 @@ class TenantExperts(nn.Module):
     def _product(self, x: torch.Tensor, attr: str, expert: int, chosen: Sequence[tuple[list[ExpertDeltas], torch.Tensor | None]]) -> torch.Tensor:
         """`x` times `attr`'s matrix `expert` (and its bias), each group's tokens with its fine-tunes' changes."""
         if len(chosen) == 1 and chosen[0][1] is None and len(chosen[0][0]) == 1:  # one fine-tune's tokens: base and parts in one pass
-            y = chosen[0][0][0].product(self.base, attr, expert, x)
+            y = chosen[0][0][0].fused_product(self.base, attr, expert, x)
             if y is not None:
                 return y
         y = product(self.base, attr, expert, x)
