@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inject import merged_values
 from .names import Target
 from .parts import DeltaOps, TensorDelta
 from .parts.ops import runs_direct, weights_loaded
@@ -71,6 +72,11 @@ def product(experts: nn.Module, attr: str, expert: int, x: torch.Tensor) -> torc
     return y + getattr(experts, attr + "_bias")[expert] if experts.has_bias else y
 
 
+def first_matrix(experts: nn.Module) -> str:
+    """The name of the experts' first matrix: their fused gate and up rows, or up rows alone."""
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
 def activate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The experts' gate (or activation) on their first product."""
     return experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
@@ -79,11 +85,10 @@ def activate(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def routed_inputs(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, down: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """(expert, the inputs of its tokens, with `down` the inputs of its down projection) for each expert the tokens
     chose, as the experts' forward computes them (the annealing guard's Grams of each expert's matrices)."""
-    up = "gate_up_proj" if experts.has_gate else "up_proj"
     for expert in torch.unique(top_k_index).tolist():
         if expert < experts.num_experts:  # not expert parallelism's sentinel
             x = hidden_states[(top_k_index == expert).any(-1)]
-            yield expert, x, activate(experts, product(experts, up, expert, x)) if down else None
+            yield expert, x, activate(experts, product(experts, first_matrix(experts), expert, x)) if down else None
 
 
 class ExpertDeltas(nn.Module):
@@ -138,12 +143,7 @@ def expert_deltas(experts: nn.Module, attrs: dict[str, list[tuple[TensorDelta, T
     parts, biases = {}, {}
     for attr, found in attrs.items():
         if attr.endswith("_bias") and attr.removesuffix("_bias") in MATRICES:
-            base = getattr(experts, attr).detach()
-            value = base.clone()
-            for delta, target in found:
-                view = target.view(value)
-                view.copy_(delta.merge(view))
-            biases[attr] = value.float() - base.float()
+            biases[attr] = merged_values(experts, {attr: found})[attr].float() - getattr(experts, attr).detach().float()
             continue
         for delta, target in found:
             out = outputs(experts, attr, target, delta.transposed)
@@ -187,7 +187,7 @@ class TenantExperts(nn.Module):
             token_group = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
             for g, (_, idx) in enumerate(groups):
                 token_group[idx] = g + 1
-        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        up = first_matrix(experts)
         final = torch.zeros_like(hidden_states)
         for expert in torch.unique(top_k_index).tolist():
             if expert >= experts.num_experts:  # expert parallelism's sentinel

@@ -81,6 +81,19 @@ def wrappable(module: nn.Module) -> bool:
     return type(module) in WRAPPABLE or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"))
 
 
+def merged_values(owner: nn.Module, attrs: dict[str, list[tuple[TensorDelta, Target]]]) -> dict[str, torch.Tensor]:
+    """Copies of `owner`'s parameters named in `attrs`, each delta merged into the entries its target views (a fused
+    parameter takes several)."""
+    values = {}
+    for attr, found in attrs.items():
+        value = getattr(owner, attr).detach().clone()
+        for delta, target in found:
+            view = target.view(value)
+            view.copy_(delta.merge(view))
+        values[attr] = value
+    return values
+
+
 def merge_into(param: nn.Parameter, delta: TensorDelta) -> None:
     """param <- param + delta, in place (the same Parameter and storage, so ties, views and optimizers keep it)."""
     if param.device.type == "meta":

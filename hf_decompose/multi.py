@@ -37,7 +37,7 @@ from torch import nn
 from . import artifact, kernels
 from .errors import ArtifactError, CheckpointError, ConfigError
 from .experts import TenantExperts, expert_deltas, runs_experts
-from .inject import target_parameter, wrappable
+from .inject import merged_values, target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
 from .parts.ops import runs_direct, weights_loaded
@@ -359,11 +359,15 @@ class TenantParameters(nn.Module):
         if groups and groups[0][1] is not None:
             raise ConfigError(f"{self.name}.{name} is read by another module, so a batch mixing fine-tunes that change it cannot run it "
                               "row by row: give every row the same fine-tunes")
-        value = self._params(groups[0][0]).get(name, base._parameters[name]) if groups else base._parameters[name]
+
+        def routed() -> torch.Tensor | None:
+            return self._params(groups[0][0]).get(name, base._parameters[name]) if groups else base._parameters[name]
+
+        value = routed()
         if value is None or value.device.type != "meta":
             return value
         with weights_loaded(base, self.tenants):  # the parent's hook loads its own weights only, not this module's
-            return (self._params(groups[0][0]).get(name, base._parameters[name]) if groups else base._parameters[name]).detach().clone()
+            return routed().detach().clone()
 
     def add(self, name: str, values: dict[str, torch.Tensor]) -> None:
         """Fine-tune `name`'s values of the base module's parameters named in `values` (whole tensors)."""
@@ -536,7 +540,7 @@ class MultiTenant:
             elif experts is not None:  # a mixture of experts' fused weights: each changed expert's parts
                 self._wrap(owner_name, TenantExperts(owner, t.routing, owner_name)).tenants[name] = experts
             else:
-                self._wrap(owner_name, TenantParameters(owner, t.routing, owner_name)).add(name, _values(owner, attrs))
+                self._wrap(owner_name, TenantParameters(owner, t.routing, owner_name)).add(name, merged_values(owner, attrs))
         tied = self._tied_head()
         if tied is not None and tied[1] in t.wrappers and tied[0] not in t.wrappers:
             self._wrap(tied[0], TenantModule(t.owners[tied[0]], t.routing, tied=t.wrappers[tied[1]]))
@@ -622,18 +626,6 @@ class MultiTenant:
             raise ArtifactError(f"{owner_name}: this fine-tune's changes need a {type(wrapper).__name__}, the fine-tunes loaded before "
                                 f"it a {type(t.wrappers[owner_name]).__name__}")
         return t.wrappers[owner_name]
-
-
-def _values(owner: nn.Module, attrs: dict[str, list[tuple[TensorDelta, Target]]]) -> dict[str, torch.Tensor]:
-    """A fine-tune's values of `owner`'s changed parameters, whole: the base's with each delta merged into its entries."""
-    values = {}
-    for attr, found in attrs.items():
-        value = getattr(owner, attr).detach().clone()
-        for delta, target in found:
-            view = target.view(value)
-            view.copy_(delta.merge(view))
-        values[attr] = value
-    return values
 
 
 def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
