@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import os
-import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -28,11 +25,10 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from .checkpoints import TORCH_DTYPES
 from .errors import CheckpointError
 from .experts import outputs, runs_experts
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
-from .names import Target, TensorTargets, matrices
+from .names import Target, TensorTargets
 from .parts import TensorDelta
 from .screening import head_input
 from .tensorfile import SafetensorsWriter, header_reserve
@@ -417,28 +413,3 @@ class DeltaStore:
         return out
 
 
-class RawTensors:
-    """Tensors of safetensors files read with one ``pread`` each, in their stored dtype: no mapping whose
-    pages fault in on every read, no checks (the files were read and checked once already)."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[Path, int, int, torch.dtype, list[int]]] = {}
-        for file in files:
-            with open(file, "rb") as handle:
-                size = struct.unpack("<Q", handle.read(8))[0]
-                header = json.loads(handle.read(size))
-            for name, entry in header.items():
-                if name != "__metadata__":
-                    start, stop = entry["data_offsets"]
-                    parts = matrices(name, tuple(entry["shape"]))  # a stack's matrices as `CheckpointReader` names them
-                    each = (stop - start) // len(parts)
-                    for i, (one, shape) in enumerate(parts):
-                        self._where[one] = (file, 8 + size + start + i * each, each, TORCH_DTYPES[entry["dtype"]], list(shape))
-
-    def get(self, name: str) -> torch.Tensor:
-        file, offset, nbytes, dtype, shape = self._where[name]
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        with open(file, "rb", buffering=0) as handle:
-            if os.preadv(handle.fileno(), [out.numpy()], offset) != nbytes:
-                raise CheckpointError(f"{file}: tensor {name!r} is cut short")
-        return out.view(dtype).view(shape)

@@ -31,7 +31,7 @@ from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, resolve
 from .inject import apply_deltas, target_parameter
-from .layerwise import DeltaStore, Layerwise, RawTensors
+from .layerwise import DeltaStore, Layerwise
 from .names import TensorTargets
 from .parts import OverridePart, TensorDelta
 from .substructures import extract, layer_components
@@ -499,7 +499,7 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
         t2 = time.perf_counter()
         hf_config = _plain_config(inputs.ft_dir)
         device = config.torch_device()  # the guard's forward passes run there (the candidates are made on CPU)
-        lw = Layerwise(hf_config, pair.dtype, pair.names(), pair.base_tensor, RawTensors(pair.base.files).get, execution=config.execution, device=device)
+        lw = Layerwise(hf_config, pair.dtype, pair.names(), pair.base_tensor, pair.base.raw.get, execution=config.execution, device=device)
         module_names, gram_names = lw.split_modules(annealable, frozenset(transposed))
         resident = lw.by_layer.get(None, [])
         lw.set_resident({n: d for g in groups for n, d in store.get(g, [n for n in store.names(g) if n in resident]).items()})
@@ -508,7 +508,7 @@ def _anneal_to_disk(inputs: _Inputs, config: DecomposedConfig, calibration: tupl
             annealed[_layer_of(module_names[n])].append(n)
 
         def reference(dtype: torch.dtype) -> Layerwise:  # the fine-tune itself, read layer by layer
-            return Layerwise(hf_config, dtype, pair.names(), pair.finetuned.get, RawTensors(pair.finetuned.files).get, device=device)
+            return Layerwise(hf_config, dtype, pair.names(), pair.finetuned.get, pair.finetuned.raw.get, device=device)
 
         t3 = time.perf_counter()
         kept, annealing_report = anneal_streaming(lw, dict(annealed), store, exact_key, module_names, gram_names, tokenizer, prompts, config,

@@ -123,7 +123,7 @@ def test_a_tensor_of_matrices_reads_as_one_name_a_matrix(tmp_path):
     too), by the checked reader and the raw one alike; a 3-D tensor whose matrices are single rows (a depthwise
     convolution's) stays whole. The target of a matrix is its view of the tensor's target, whole or itself a view."""
     from hf_decompose.checkpoints import CheckpointReader
-    from hf_decompose.layerwise import RawTensors
+    from hf_decompose.checkpoints import RawTensors
     from hf_decompose.names import Target
 
     experts, conv = torch.randn(3, 5, 4).bfloat16(), torch.randn(6, 1, 4).bfloat16()

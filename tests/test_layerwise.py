@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_decompose.checkpoints import CheckpointPair, CheckpointReader
 from hf_decompose.equivalence import greedy_generate
-from hf_decompose.layerwise import Layerwise, RawTensors
+from hf_decompose.layerwise import Layerwise
 from hf_decompose.model import _plain_config
 from hf_decompose.modules import DecomposedModule
 from hf_decompose.parts import DensePart, TensorDelta
@@ -15,7 +15,7 @@ from hf_decompose.parts import DensePart, TensorDelta
 def _runner(pair) -> Layerwise:
     checkpoints = CheckpointPair(CheckpointReader(pair.base), CheckpointReader(pair.finetuned))
     ft = checkpoints.finetuned
-    return Layerwise(_plain_config(pair.finetuned), checkpoints.dtype, checkpoints.names(), ft.get, RawTensors(ft.files).get)
+    return Layerwise(_plain_config(pair.finetuned), checkpoints.dtype, checkpoints.names(), ft.get, ft.raw.get)
 
 
 @pytest.mark.parametrize("tied", [True, False])
