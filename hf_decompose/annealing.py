@@ -53,7 +53,7 @@ from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
 from .experts import routed_inputs
-from .heap import release_free_memory
+from .heap import map_large_blocks, release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
 from .metrics import TIE_TOLERANCE
 from .modules import DecomposedModule
@@ -426,6 +426,9 @@ class _Candidate:
     rows: torch.Tensor | None = None  # multipliers of the steps per row on the signed grid (an output head's: `head_row_steps`)
     cut: bool = False  # factors cut to the most directions a level of the config's ladder keeps (`_Candidates`' are)
     rounded: dict[tuple[int, int], QuantLowRankPart] = field(default_factory=dict)  # (directions, bits): `rounded_factors`
+    # error-feedback factors by their Gram's id, shared by a layer's candidates (`_Candidates`): an expert's gate and up
+    # rows share one Gram, so one factor (of a mixture's every expert: an input-sized square each)
+    feedbacks: dict[int, Feedback] = field(default_factory=dict)
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -470,7 +473,9 @@ class _Candidate:
     def feedback(self) -> Feedback | None:
         """Error feedback's factor of the Gram (None without a Gram or with ``error_feedback`` off), made once."""
         if self._feedback is None and self.gram is not None and self.config.annealing["error_feedback"]:
-            self._feedback = Feedback.of(self.gram)
+            if id(self.gram) not in self.feedbacks:
+                self.feedbacks[id(self.gram)] = Feedback.of(self.gram)
+            self._feedback = self.feedbacks[id(self.gram)]
         return self._feedback
 
     @property
@@ -575,6 +580,7 @@ def anneal_streaming(lw: Layerwise, annealed: dict[str, list[str]], store: Delta
 
     Returns the kept deltas of a tensor group as a function (what the artifact writer asks for) and the report.
     """
+    map_large_blocks()  # the candidates' Grams and factors, a layer's worth at a time: freed pages given back
     made = _StoredLevels(store, exact_key, annealed)
     engine = _StreamEngine(lw, module_names, gram_names, made, reference)
     floor = None
@@ -623,7 +629,7 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
     def install(layer: str, level: int | None) -> dict[str, TensorDelta]:
         key = (layer, level)
         if key not in made:
-            made[key] = exact_of(layer) if level is None else {n: _level_delta(cands[n], levels[level]) for n in layers[layer]}
+            made[key] = exact_of(layer) if level is None else {n: _made_once(cands, n, levels[level]) for n in layers[layer]}
         engine.install(layer, key, made)
         return made[key]
 
@@ -668,7 +674,7 @@ class _Candidates:
     """The `_Candidate`s of a layer (exact deltas, the Grams of their inputs on the exact model), made
     when first asked for. Without a `store` every layer's stay in memory; with one, only the layer last
     asked for does, and a layer left behind leaves its factors, error-feedback factors and the Grams a later
-    visit may still use there."""
+    visit may still use there, a Gram or factor its candidates share (an expert's gate and up rows') once."""
 
     def __init__(self, layers: dict[str, list[str]], exact_of: Callable[[str], dict[str, TensorDelta]], grams, config: DecomposedConfig,
                  store: DeltaStore | None = None, rows: dict[str, torch.Tensor] | None = None):
@@ -679,6 +685,7 @@ class _Candidates:
         self.layer: str | None = None
         self.items: dict[str, _Candidate] = {}
         self.held: dict[str, dict[str, _Candidate]] = {}
+        self.stored_as: dict[str, str] = {}  # "NAME.gram" / "NAME.feedback" stored under another candidate's name: the shared tensor's
 
     def __getitem__(self, name: str) -> _Candidate:
         layer = self.layer_of[name]
@@ -692,35 +699,52 @@ class _Candidates:
     def _make(self, layer: str) -> dict[str, _Candidate]:
         deltas = self.exact_of(layer)
         key = f"candidates:{layer}"
+        feedbacks: dict[int, Feedback] = {}
         if self.store is None or key not in self.store:
             grams = self.grams(layer, list(deltas))
-            return {n: _Candidate(d, grams.get(n), self.config, rows=self.rows.get(n), cut=True) for n, d in deltas.items()}
+            return {n: _Candidate(d, grams.get(n), self.config, rows=self.rows.get(n), cut=True, feedbacks=feedbacks) for n, d in deltas.items()}
         saved = self.store.get_tensors(key)
-        items = {}
+        saved |= {name: saved[src] for name, src in self.stored_as.items() if src in saved}  # the same tensor again, not a copy
+        items, loaded = {}, {}
         for n, d in deltas.items():
             factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
-            feedback = Feedback(_upper_of(saved[f"{n}.feedback"], len(saved[f"{n}.dead"])), saved[f"{n}.dead"]) if f"{n}.feedback" in saved else None
+            feedback = None
+            if f"{n}.feedback" in saved:
+                src = self.stored_as.get(f"{n}.feedback", f"{n}.feedback")
+                if src not in loaded:
+                    loaded[src] = Feedback(_upper_of(saved[src], len(saved[f"{n}.dead"])), saved[f"{n}.dead"])
+                feedback = loaded[src]
             items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
-                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True, rounded=_rounded_of(saved, n))
+                                  _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True, rounded=_rounded_of(saved, n),
+                                  feedbacks=feedbacks)
         return items
 
     def clear(self) -> None:
         """Forget the layer last asked for (with a store: saved there first, its Grams and factors)."""
         key = f"candidates:{self.layer}"
         if self.store is not None and self.layer is not None and key not in self.store:  # a first visit builds every factor it needs
-            saved = {}
+            saved, first = {}, {}  # first: a shared tensor's name in the store, by its id
+
+            def share(name: str, tensor: torch.Tensor) -> bool:  # whether `tensor` is stored under `name` (else under its first holder's)
+                src = first.setdefault(id(tensor), name)
+                if src != name:
+                    self.stored_as[name] = src
+                return src == name
+
             for n, c in self.items.items():
                 if c.gram is not None and c._factors is not None:
                     c.round_factors()
-                if c.gram is not None and self._gram_needed(c):
+                if c.gram is not None and self._gram_needed(c) and share(f"{n}.gram", c.gram):
                     saved[f"{n}.gram"] = c.gram
                 if c._factors is not None:
                     saved.update({f"{n}.{k}": t for k, t in zip("uvs", c._factors)})
                 if c._floor is not None:
                     saved[f"{n}.floor"] = torch.tensor(c._floor)
                 if c._feedback is not None:
-                    saved.update({f"{n}.feedback": _upper_rows(c._feedback.factor), f"{n}.dead": c._feedback.dead})
+                    saved[f"{n}.dead"] = c._feedback.dead
+                    if share(f"{n}.feedback", c._feedback.factor):
+                        saved[f"{n}.feedback"] = _upper_rows(c._feedback.factor)
                 if c.columns is not None:  # from the Gram, which a later visit may not have
                     saved[f"{n}.columns"] = c.columns
                 for (r, bits), part in c.rounded.items():
@@ -729,6 +753,16 @@ class _Candidates:
                 self.store.put_tensors(key, saved)
         self.layer, self.items = None, {}
         release_free_memory()  # a layer's Grams, factors and their float64 transients: gone from resident memory, not only freed
+
+    def let_go_of_gram(self, name: str) -> None:
+        """Drop candidate `name`'s Gram where no later level needs it, what it gives made first (8-bit factors, column
+        steps): a mixture's every expert holds an input-sized Gram (a 64-expert layer's 256 MiB, beside as much in
+        error-feedback factors)."""
+        c = self[name]
+        if c.gram is not None and not self._gram_needed(c):
+            c.round_factors()
+            _ = c.columns
+            c.gram = None
 
     def _gram_needed(self, c: _Candidate) -> bool:
         """Whether a later visit may use `c`'s Gram: for factors or an error-feedback factor not built yet, the knapsack's
@@ -1178,6 +1212,14 @@ def _anneal_precision(model, kept: dict[str, TensorDelta], module_names: dict[st
 def _with_dtype(d: TensorDelta, dtype: torch.dtype) -> TensorDelta:
     lowrank = d.get("lowrank")
     return TensorDelta(d.name, d.shape, d.transposed, [LowRankPart(lowrank.u.to(dtype), lowrank.v.to(dtype))])
+
+
+def _made_once(cands: _Candidates, name: str, level: Level) -> TensorDelta:
+    """`name`'s delta at `level`, its Gram let go where no later level needs it (one candidate at a time: a layer's
+    experts do not hold theirs until the last is made)."""
+    delta = _level_delta(cands[name], level)
+    cands.let_go_of_gram(name)
+    return delta
 
 
 def _level_delta(c: _Candidate, level: Level) -> TensorDelta:

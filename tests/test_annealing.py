@@ -356,6 +356,51 @@ def test_a_layer_left_behind_stores_its_gram_only_where_a_later_visit_may_use_it
     assert torch.equal(cands[first].feedback.factor, annealing.Feedback.of(x.t() @ x).factor)  # read back whole
 
 
+@pytest.mark.parametrize("levels", [["lr0.3q8+step1.2", "lr0.5q8+step1.2"], ["int8", "mix2"]])
+def test_matrices_sharing_a_gram_share_its_error_feedback_factor_and_store_both_once(tmp_path, monkeypatch, levels):
+    """An expert's gate and up rows weigh by one Gram (its tokens' hidden states): one error-feedback factor is made
+    for both and, when their layer is left behind, it and the Gram (where kept) are stored once; a revisit reads
+    them back shared and makes the same levels (a mixture's every expert holds an input-sized square of each). A
+    ladder lets go of the Grams once a level is made, its 8-bit factors rounded on them first (mixed levels refit
+    on them: kept)."""
+    from hf_decompose import annealing
+    from hf_decompose.config import Level
+    from hf_decompose.layerwise import DeltaStore
+    from hf_decompose.parts import TensorDelta
+
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"model.layers.{i}": [f"model.layers.{i}.mlp.experts.0.{m}_proj.weight" for m in ("gate", "up")] for i in range(2)}
+    exact = {n: TensorDelta(n, (8, 16), False, [DensePart(torch.randn(8, 16, generator=gen))]) for names in layers.values() for n in names}
+    x = torch.randn(64, 16, generator=gen)
+    config = DecomposedConfig(mode="anneal", annealing={"levels": levels})
+    first, later = Level.parse("lr0.3q8+step1.2"), Level.parse("lr0.5q8+step1.2")  # two widths of 8-bit factors
+
+    def grams(layer, names):  # one tensor for both, as `GramCollector` gives an expert's gate and up rows
+        gram = x.t() @ x
+        return dict.fromkeys(names, gram)
+
+    def candidates(directory):
+        return annealing._Candidates(layers, lambda layer: {n: exact[n] for n in layers[layer]}, grams, config, DeltaStore(directory))
+
+    fresh = candidates(tmp_path / "fresh")  # what a candidate that kept its Gram makes
+    want = {(n, level): annealing._level_delta(fresh[n], level).to_dense() for level in (first, later) for n in layers["model.layers.0"]}
+    made, of = [], annealing.Feedback.of
+    monkeypatch.setattr(annealing.Feedback, "of", lambda gram: made.append(gram) or of(gram))
+    cands = candidates(tmp_path / "store")
+    (gate, up), (other, _) = layers.values()
+    assert all(torch.equal(annealing._made_once(cands, n, first).to_dense(), want[n, first]) for n in (gate, up))
+    assert cands[gate].feedback is cands[up].feedback and len(made) == 1
+    assert (cands[gate].gram is None) == ("mix2" not in levels)  # let go once its level is made, unless a mixed level refits on it
+    assert all(torch.equal(annealing._level_delta(cands[n], later).to_dense(), want[n, later]) for n in (gate, up))
+    annealing._level_delta(cands[other], first)  # the first layer leaves memory
+    saved = cands.store.get_tensors("candidates:model.layers.0")
+    assert f"{gate}.feedback" in saved and f"{up}.feedback" not in saved
+    assert (f"{gate}.gram" in saved) == ("mix2" in levels) and f"{up}.gram" not in saved
+    assert cands[gate].feedback is cands[up].feedback and ("mix2" not in levels or cands[gate].gram is cands[up].gram)  # read back shared
+    assert all(torch.equal(annealing._level_delta(cands[n], level).to_dense(), want[n, level]) for n in (gate, up) for level in (first, later))
+    assert len(made) == 2  # the second layer's; none on the revisit
+
+
 def test_ladder_heats_in_rounds_so_a_time_cap_leaves_the_layers_alike(monkeypatch):
     """After the global bisection every layer still heating goes one level further per round (frozen at its first
     refusal): run to the end each layer stops where the guard refused it; stopped by the time cap mid-round no
