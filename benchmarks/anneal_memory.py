@@ -52,7 +52,7 @@ def _measure(step) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="1.5b", choices=list(scale.SIZES))
+    parser.add_argument("--size", default="1.5b", choices=list(scale.SIZES | scale.MOE_SIZES))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -42,8 +42,15 @@ GIB = 2**30
 def _tensors(top: int = 6) -> tuple[int, list[tuple[str, int]]]:
     """Bytes of the CPU tensor storages Python can reach (each storage once), and the largest shapes."""
     seen, by_shape = set(), collections.Counter()
-    # by type, not `isinstance`: that reads `__class__`, which some module proxies answer with a deprecation warning
-    for obj in [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]:
+    # every object is referenced while they are listed: the GIL is held until the list is gone, or a tuple the annealing
+    # thread is building from a generator (transformers' weight conversions) ends with two references and its resize fails
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)
+    try:  # by type, not `isinstance`: that reads `__class__`, which some module proxies answer with a deprecation warning
+        tensors = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    finally:
+        sys.setswitchinterval(interval)
+    for obj in tensors:
         try:
             if obj.device.type != "cpu":
                 continue
@@ -89,7 +96,7 @@ class Sampler(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="0.5b", choices=list(scale.SIZES))
+    parser.add_argument("--size", default="0.5b", choices=list(scale.SIZES | scale.MOE_SIZES))
     parser.add_argument("--step", type=int, default=64, help="MiB above the last recorded high before the next is recorded")
     args = parser.parse_args()
     base_dir, ft_dir = scale.build(args.size)

@@ -4,6 +4,9 @@ Each size is a pair built once and cached under ``<cache>/benchmarks/synthetic-l
 random base (weights N(0, 0.02^2), norms 1) and a fine-tune = base + a rank-8 change of every matrix
 + small dense noise (every parameter), both saved in bfloat16 as sharded safetensors (1 GiB shards,
 an index), with the default pair's tokenizer. They are SYNTHETIC: random weights, no language.
+``moe-*`` sizes are a mixture of experts built the same way (``synthetic-qwen3-<size>``): Qwen3-MoE's layout
+(Qwen3-30B-A3B's: many narrow experts, 8 a token, each stored one by one as its checkpoints are), scaled down. A
+run takes one family (its flatness compares like with like; ``--output`` default ``scale_moe.json`` for it).
 
 Per size, each phase in a fresh process (peaks do not mix), timed after its imports (and the CUDA context, made
 once per process; both reported as ``imports_s``):
@@ -18,7 +21,9 @@ once per process; both reported as ``imports_s``):
   artifact of a dense bfloat16 fine-tune is as large (every entry moved: its own values), so this is its floor.
 
 Reported per mode: seconds and seconds over the read (ratio in one round), nanoseconds per parameter,
-peak RSS (VmHWM, the phase's own) over one checkpoint's bytes, and peak GPU memory when the device is CUDA.
+peak RSS (VmHWM, the phase's own) over one checkpoint's bytes, peak GPU memory when the device is CUDA, and the
+peak bytes of the mode's scratch files (the temporary directory: annealing's store of deltas, Grams and factors)
+over one checkpoint's, sampled every 50 ms.
 Acceptance (issue 12): on CPU lossless <= 3x and criterion <= 10x the read; time per parameter flat
 within 1.3x across sizes; peak RSS <= 1.5x one checkpoint at 1.5B. Writes benchmarks/results/scale.json after
 every row (``"partial": true`` until the run ends) and scale.png at the end.
@@ -56,6 +61,8 @@ SIZES = {
     "3b": (3072, 8192, 28, 24, 8),
     "8b": (4096, 14336, 32, 32, 8),
 }
+# name: (hidden, expert intermediate, layers, heads, kv heads, experts, experts a token); head_dim hidden / heads
+MOE_SIZES = {"moe-0.5b": (1024, 256, 8, 16, 4, 64, 8)}
 CPU_SIZES, GPU_SIZES = "0.1b,0.5b,1.5b", "0.1b,0.5b,1.5b,3b,8b"
 RANK, LOWRANK_SCALE, NOISE = 8, 1e-3, 2e-4
 
@@ -74,7 +81,8 @@ elif phase == "copy":
     from pathlib import Path
     from hf_decompose.checkpoints import sha256_files
 else:
-    import contextlib
+    import contextlib, shutil, threading
+    from pathlib import Path
     from torch.profiler import ProfilerActivity
     from hf_decompose import DecomposedConfig, decompose_to_disk
 if device != "cpu" and phase not in ("read", "copy") and torch.cuda.is_available():
@@ -93,8 +101,20 @@ elif phase == "copy":
         flushed.join()
 else:  # with `profile`: the operators' own times, CPU and CUDA, two tables in one file (the phase's time is not reported)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and device != "cpu" else [])
+    scratch = tempfile.mkdtemp(dir=out, prefix="scratch-")
+    tempfile.tempdir, peak_scratch, done = scratch, [0], threading.Event()
+
+    def sample():  # the mode's scratch files (the artifact is written elsewhere), at their largest
+        while not done.wait(0.05):
+            peak_scratch[0] = max(peak_scratch[0], sum(f.stat().st_size for f in Path(scratch).rglob("*") if f.is_file()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with tempfile.TemporaryDirectory(dir=out) as tmp, torch.profiler.profile(activities=activities) if profile else contextlib.nullcontext() as prof:
         decompose_to_disk(ft, base, DecomposedConfig(mode=phase, device=device), output_dir=f"{tmp}/artifact", progress=False)
+    done.set()
+    sampler.join()
+    shutil.rmtree(scratch)
     if profile:
         with open(profile, "w") as f:
             for key in ["self_cpu_time_total"] + (["self_device_time_total"] if len(activities) > 1 else []):
@@ -102,37 +122,54 @@ else:  # with `profile`: the operators' own times, CPU and CUDA, two tables in o
 t2 = time.perf_counter()
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and phase not in ("read", "copy") else None
 print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1, "peak_rss_bytes": peak_rss_bytes(),
-                  "peak_gpu_bytes": gpu}))
+                  "peak_gpu_bytes": gpu, "peak_scratch_bytes": peak_scratch[0] if phase not in ("read", "copy") else None}))
 """
 
 
 def family_dir(size: str) -> Path:
     from hf_decompose.pair import cache_dir
 
-    return cache_dir() / "benchmarks" / f"synthetic-llama-{size}"
+    return cache_dir() / "benchmarks" / f"synthetic-{'qwen3' if size in MOE_SIZES else 'llama'}-{size}"
 
 
-def llama_config(size: str) -> dict:
-    from transformers import LlamaConfig
+def model_config(size: str) -> dict:
+    """The family member's transformers config: a Llama, or for ``moe-*`` a Qwen3-MoE (every layer sparse)."""
+    from transformers import LlamaConfig, Qwen3MoeConfig
 
+    common = dict(vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype="bfloat16")
+    if size in MOE_SIZES:
+        hidden, inter, layers, heads, kv, experts, top_k = MOE_SIZES[size]
+        return Qwen3MoeConfig(
+            hidden_size=hidden, intermediate_size=4 * inter, moe_intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv, head_dim=hidden // heads, num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1,
+            mlp_only_layers=[], norm_topk_prob=True, **common,
+        ).to_dict()
     hidden, inter, layers, heads, kv = SIZES[size]
-    return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype="bfloat16",
-    ).to_dict()
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                       **common).to_dict()
 
 
 def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"])
+    """Every tensor's checkpoint name and shape (a mixture's experts one by one, as Qwen3-MoE checkpoints store them)."""
+    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or h // heads
     shapes = [("model.embed_tokens.weight", (config["vocab_size"], h))]
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         shapes += [
             (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i)),
+            (p + "self_attn.q_proj.weight", (heads * d, h)), (p + "self_attn.k_proj.weight", (kv * d, h)),
+            (p + "self_attn.v_proj.weight", (kv * d, h)), (p + "self_attn.o_proj.weight", (h, heads * d)),
         ]  # fmt: skip
+        if experts := config.get("num_local_experts"):  # Qwen3-MoE's `num_experts`, as its config saves it
+            i = config["moe_intermediate_size"]
+            shapes += [(p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)), (p + "mlp.gate.weight", (experts, h))]
+            for e in range(experts):
+                q = f"{p}mlp.experts.{e}."
+                shapes += [(q + "gate_proj.weight", (i, h)), (q + "up_proj.weight", (i, h)), (q + "down_proj.weight", (h, i))]
+        else:
+            i = config["intermediate_size"]
+            shapes += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
     return shapes + [("model.norm.weight", (h,))]
 
 
@@ -153,7 +190,7 @@ def build(size: str, tokenizer: Path | None = None) -> tuple[Path, Path]:
     if not (tokenizer / "tokenizer.json").is_file():
         raise SystemExit(f"--tokenizer {tokenizer}: no tokenizer.json there")
     shutil.rmtree(root, ignore_errors=True)
-    config = llama_config(size)
+    config = model_config(size)
     for d in (base_dir, ft_dir):
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(config, indent=2))
@@ -216,7 +253,7 @@ def count_params(directory: Path) -> int:
     return sum(math.prod(reader.shape(n)) for n in reader.names())
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, family: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,7 +265,7 @@ def plot(rows: list[dict], path: Path) -> None:
         left.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], "o-", label=phase)
         right.plot([p[0] / 1e9 for p in pts], [p[2] for p in pts], "o-", label=phase)
     right.axhline(RSS_TARGET, color="gray", ls="--", lw=1, label=f"target {RSS_TARGET}x")
-    left.set(xscale="log", xlabel="parameters (billions)", ylabel="time per parameter (ns)", title="time per parameter (synthetic Llama)")
+    left.set(xscale="log", xlabel="parameters (billions)", ylabel="time per parameter (ns)", title=f"time per parameter (synthetic {family})")
     right.set(xscale="log", xlabel="parameters (billions)", ylabel="peak RSS / one checkpoint", title="peak memory")
     for ax in (left, right):
         ax.legend()
@@ -239,7 +276,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=None, help=f"default {CPU_SIZES} on CPU, {GPU_SIZES} on CUDA; any of {', '.join(SIZES)}")
+    parser.add_argument("--sizes", default=None, help=f"default {CPU_SIZES} on CPU, {GPU_SIZES} on CUDA; any of {', '.join(SIZES | MOE_SIZES)}, one family a run")
     parser.add_argument("--modes", default="lossless,criterion")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in every phase (0: torch's default); 1 keeps a shared machine's "
@@ -249,17 +286,21 @@ def main() -> None:
                         "default pair's, built if missing)")
     parser.add_argument("--profile", type=Path, default=None, help="after each timed mode, run it once more under torch.profiler and write "
                         "the operators' CPU and CUDA times to PROFILE/<size>_<mode>.txt")
-    parser.add_argument("--output", default=str(RESULTS / "scale.json"))
+    parser.add_argument("--output", default=None, help="default results/scale.json (results/scale_moe.json for moe-* sizes)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and args.device != "cpu"
     sizes = (args.sizes or (GPU_SIZES if cuda else CPU_SIZES)).split(",")
-    unknown = sorted(set(sizes) - set(SIZES))
+    unknown = sorted(set(sizes) - set(SIZES | MOE_SIZES))
     if unknown:
-        parser.error(f"unknown size(s) {unknown}: choose among {list(SIZES)}")
+        parser.error(f"unknown size(s) {unknown}: choose among {list(SIZES | MOE_SIZES)}")
+    moe = {s in MOE_SIZES for s in sizes}
+    if len(moe) > 1:
+        parser.error(f"--sizes {args.sizes}: one family a run (dense {list(SIZES)} or mixtures {list(MOE_SIZES)}), so flatness compares like with like")
+    args.output = args.output or str(RESULTS / ("scale_moe.json" if moe == {True} else "scale.json"))
     pairs = {s: build(s, args.tokenizer) for s in sizes}
     if args.build_only:
         for s, (b, f) in pairs.items():
-            print(f"synthetic-llama-{s}: {b} {f}")
+            print(f"{family_dir(s).name}: {b} {f}")
         return
     load_before = os.getloadavg()
     rows = []
@@ -267,7 +308,7 @@ def main() -> None:
     def write(partial: bool) -> None:
         result = {"synthetic": True, "partial": partial, "machine": machine(), "device": args.device, "threads": args.threads or torch.get_num_threads(),
                   "load_average_before": load_before, "load_average_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  "family": {s: {"config": SIZES[s], "rank": RANK, "lowrank_scale": LOWRANK_SCALE, "noise": NOISE} for s in sizes},
+                  "family": {s: {"config": (SIZES | MOE_SIZES)[s], "rank": RANK, "lowrank_scale": LOWRANK_SCALE, "noise": NOISE} for s in sizes},
                   "acceptance": _acceptance(rows, cuda), "rows": rows}  # fmt: skip
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
@@ -289,6 +330,7 @@ def main() -> None:
                 "size": size, "params": params, "checkpoint_bytes": checkpoint, "phase": phase, "seconds": r["seconds"], "imports_s": r["imports_s"],
                 "read_s": read_s, "ratio": r["seconds"] / read_s, "ns_per_param": 1e9 * r["seconds"] / params,
                 "peak_rss_bytes": r["peak_rss_bytes"], "rss_over_checkpoint": r["peak_rss_bytes"] / checkpoint, "peak_gpu_bytes": r["peak_gpu_bytes"],
+                "peak_scratch_bytes": r.get("peak_scratch_bytes"),
             })  # fmt: skip
             print(_row(rows[-1]), flush=True)
             write(partial=True)  # a run stopped early (a time limit) keeps the rows it measured
@@ -296,21 +338,23 @@ def main() -> None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 run_phase(phase, base, ft, args.device, tmp, args.threads, profile=args.profile / f"{size}_{phase}.txt")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nsynthetic Llama family (random weights), device {args.device}, torch threads {args.threads or torch.get_num_threads()}\n")
-    print("| size | params | checkpoint (GiB) | phase | seconds | x read | ns / param | peak RSS (GiB) | RSS / checkpoint | peak GPU (GiB) |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    family = "Qwen3-MoE" if moe == {True} else "Llama"
+    print(f"\nsynthetic {family} family (random weights), device {args.device}, torch threads {args.threads or torch.get_num_threads()}\n")
+    print("| size | params | checkpoint (GiB) | phase | seconds | x read | ns / param | peak RSS (GiB) | RSS / checkpoint | peak GPU (GiB) | scratch / checkpoint |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(_row(r))
     print(json.dumps(_acceptance(rows, cuda), indent=2))
     write(partial=False)
-    plot(rows, Path(args.output).with_suffix(".png"))
+    plot(rows, Path(args.output).with_suffix(".png"), family)
     print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")
 
 
 def _row(r: dict) -> str:
     gpu = f"{r['peak_gpu_bytes'] / 2**30:.2f}" if r["peak_gpu_bytes"] is not None else "-"
+    scratch = f"{r['peak_scratch_bytes'] / r['checkpoint_bytes']:.2f}x" if r.get("peak_scratch_bytes") is not None else "-"
     return (f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['checkpoint_bytes'] / 2**30:.2f} | {r['phase']} | {r['seconds']:.1f} | {r['ratio']:.1f}x | "
-            f"{r['ns_per_param']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_over_checkpoint']:.2f}x | {gpu} |")
+            f"{r['ns_per_param']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_over_checkpoint']:.2f}x | {gpu} | {scratch} |")
 
 
 def _acceptance(rows: list[dict], cuda: bool) -> dict:
