@@ -32,6 +32,10 @@ from .modules import DecomposedModule
 from .parts import DeltaOps, Part
 
 STRATEGIES = ("spread", "layers")
+# modules whose forward reads a child's weights outside the child's forward, so an offloaded layer loads their whole
+# subtree first (Accelerate's `preload_module_classes`): transformers' Jamba mixer on a quantized model's path (which a
+# decomposed model's config takes) subtracts ``dt_proj.bias`` after calling ``dt_proj``
+PRELOADED = ["JambaMambaMixer"]
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 Device = int | str
 
@@ -65,7 +69,8 @@ def place(
     _check(device_map, offloaded={"disk", "cpu"} if compute else {"disk"})
     if "disk" in device_map.values() and offload_folder is None:
         raise ConfigError("the device map offloads to disk: pass offload_folder=")
-    dispatch_model(inner, device_map, main_device=compute[0] if compute else "cpu", offload_dir=offload_folder, offload_buffers=True)
+    dispatch_model(inner, device_map, main_device=compute[0] if compute else "cpu", offload_dir=offload_folder, offload_buffers=True,
+                   preload_module_classes=PRELOADED)
     for module in inner.modules():  # a merged copy made before is rebuilt where its base now lives
         if isinstance(module, DecomposedModule):
             object.__setattr__(module, "_merged", None)
