@@ -53,7 +53,7 @@ from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
 from .experts import routed_inputs
-from .heap import map_large_blocks, release_free_memory
+from .heap import release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
 from .metrics import TIE_TOLERANCE
 from .modules import DecomposedModule
@@ -580,7 +580,6 @@ def anneal_streaming(lw: Layerwise, annealed: dict[str, list[str]], store: Delta
 
     Returns the kept deltas of a tensor group as a function (what the artifact writer asks for) and the report.
     """
-    map_large_blocks()  # the candidates' Grams and factors, a layer's worth at a time: freed pages given back
     made = _StoredLevels(store, exact_key, annealed)
     engine = _StreamEngine(lw, module_names, gram_names, made, reference)
     floor = None
@@ -630,6 +629,8 @@ def _drive(engine, layers: dict[str, list[str]], exact_of: Callable[[str], dict[
         key = (layer, level)
         if key not in made:
             made[key] = exact_of(layer) if level is None else {n: _made_once(cands, n, levels[level]) for n in layers[layer]}
+            if level is not None:  # its candidates' float64 transients, freed between the factors kept: pages given back
+                release_free_memory()
         engine.install(layer, key, made)
         return made[key]
 
