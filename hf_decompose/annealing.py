@@ -711,11 +711,11 @@ class _Candidates:
             factors = tuple(saved[f"{n}.{k}"] for k in "uvs") if f"{n}.u" in saved else None
             floor = int(saved[f"{n}.floor"]) if f"{n}.floor" in saved else None
             feedback = None
-            if f"{n}.feedback" in saved:
-                src = self.stored_as.get(f"{n}.feedback", f"{n}.feedback")
-                if src not in loaded:
-                    loaded[src] = Feedback(_upper_of(saved[src], len(saved[f"{n}.dead"])), saved[f"{n}.dead"])
-                feedback = loaded[src]
+            if f"{n}.feedback" in saved:  # a factor stored once for several candidates is one tensor here: made into one
+                rows = saved[f"{n}.feedback"]
+                if id(rows) not in loaded:
+                    loaded[id(rows)] = Feedback(_upper_of(rows, len(saved[f"{n}.dead"])), saved[f"{n}.dead"])
+                feedback = loaded[id(rows)]
             items[n] = _Candidate(d, saved.get(f"{n}.gram"), self.config, _factors=factors, _floor=floor, _feedback=feedback,
                                   _columns=saved.get(f"{n}.columns"), rows=self.rows.get(n), cut=True, rounded=_rounded_of(saved, n),
                                   feedbacks=feedbacks)
