@@ -62,7 +62,7 @@ SIZES = {
     "8b": (4096, 14336, 32, 32, 8),
 }
 # name: (hidden, expert intermediate, layers, heads, kv heads, experts, experts a token); head_dim hidden / heads
-MOE_SIZES = {"moe-0.5b": (1024, 256, 8, 16, 4, 64, 8)}
+MOE_SIZES = {"moe-0.5b": (1024, 256, 8, 16, 4, 64, 8), "moe-1.5b": (1024, 256, 28, 16, 4, 64, 8)}
 CPU_SIZES, GPU_SIZES = "0.1b,0.5b,1.5b", "0.1b,0.5b,1.5b,3b,8b"
 RANK, LOWRANK_SCALE, NOISE = 8, 1e-3, 2e-4
 

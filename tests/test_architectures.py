@@ -246,6 +246,52 @@ def test_fused_parameters_map_to_strided_views_and_other_conversions_are_refused
             _strided("experts.gate_up_proj", computed)
 
 
+def _four_layers(arch: str) -> dict:
+    """`arch`'s test config with four decoder layers (per-layer lists repeated)."""
+    config = COMMON | ARCHITECTURES[arch] | {"num_hidden_layers": 4}
+    return config | {k: v * 2 for k, v in config.items() if isinstance(v, list) and len(v) == 2}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_fused_parameters_of_like_layers_take_one_probe_and_the_same_views(arch, monkeypatch):
+    """A converted parameter like one probed in another layer takes its views under its own layer's name: the very targets
+    each parameter's own probe gives, from one probe per kind of parameter."""
+    from accelerate import init_empty_weights
+
+    import hf_decompose.names as names
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_four_layers(arch)))
+    targets = names.TensorTargets(model)
+    converted = list(targets._converted)
+    probes = []
+    revert = names._revert
+    monkeypatch.setattr(names, "_revert", lambda m, state: probes.extend(t for t in state.values() if t.device.type != "meta") or revert(m, state))
+    found = {name: targets.get(name) for pname in converted for name in targets._shapes[pname]}
+    own = {}
+    for pname in converted:
+        param = targets.params[pname]
+        own |= {n: names._strided(pname, p) for n, p in revert(model, {pname: torch.arange(param.numel()).view(param.shape)}).items()}
+    assert found == own
+    kinds = {(names._after_layer(p), tuple(targets.params[p].shape)) for p in converted}
+    assert len(probes) == len(kinds) and (len(kinds) < len(converted) or not converted)
+
+
+def test_a_fused_parameter_unlike_the_one_probed_is_probed_itself():
+    """Another layer's parameter of one kind whose checkpoint tensors are not the probed one's under its layer's prefix
+    (other names or shapes) takes no views from it."""
+    from hf_decompose.names import Target, _like
+
+    probed = ("model.layers.0", {"model.layers.0.mlp.experts.1.up_proj.weight": Target("model.layers.0.mlp.experts.gate_up_proj", (4, 8), (8, 1), 32)})
+    shapes = {"model.layers.3.mlp.experts.1.up_proj.weight": (4, 8)}
+    assert _like(probed, "model.layers.3", shapes, "model.layers.3.mlp.experts.gate_up_proj") == {
+        "model.layers.3.mlp.experts.1.up_proj.weight": Target("model.layers.3.mlp.experts.gate_up_proj", (4, 8), (8, 1), 32)}
+    assert _like(probed, "model.layers.3", {"model.layers.3.mlp.experts.1.up_proj.weight": (8, 4)}, "p") is None  # another shape
+    assert _like(probed, "model.layers.3", {"model.layers.3.mlp.experts.2.up_proj.weight": (4, 8)}, "p") is None  # another tensor
+    assert _like(probed, "model.layers.3", shapes | {"model.layers.3.extra": (1, 1)}, "p") is None  # one more
+    assert _like(("model.layers.0", {"lm_head.weight": Target("p")}), "model.layers.3", shapes, "p") is None  # outside its layer
+
+
 @pytest.mark.parametrize("arch", ["qwen2_moe", "granitemoe", "gpt_oss"])  # experts on disk one by one; stacked (out, in); stacked (in, out)
 def test_annealed_experts_are_codes_served_by_name(tmp_path, arch):
     """Annealing stores each expert's matrices at the level its guard accepts (here the top-1 target, which tiny random

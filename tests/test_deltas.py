@@ -149,3 +149,49 @@ def test_a_surveyed_matrix_that_did_not_move_gets_the_full_paths_zero_delta(monk
         assert got is not None and torch.equal(got[0].view(torch.int16), want[0].view(torch.int16))
         assert torch.equal(got[1], want[1]) and torch.equal(got[2].view(torch.int16), want[2].view(torch.int16))
         assert got[1].shape[0] == (2 if negative_zeros else 0)
+
+
+def _walked_one_step_at_a_time(b, f, d, model_dtype):
+    """The nudge as a loop over steps (the entries still walking, gathered anew each step): `deltas._nudged`'s oracle."""
+    bits = deltas._BITS[model_dtype]
+    up, down = torch.tensor(torch.inf, dtype=d.dtype), torch.tensor(-torch.inf, dtype=d.dtype)
+    d, todo, below = d.clone(), torch.arange(d.numel()), None
+    for _ in range(deltas.NUDGES):
+        merged, target = deltas._merge(b[todo], d[todo], model_dtype), f[todo]
+        now_below = merged < target
+        keep = (merged.view(bits) != target.view(bits)) & (True if below is None else now_below == below)
+        todo, below = todo[keep], now_below[keep]
+        if not todo.numel():
+            break
+        d[todo] = torch.nextafter(d[todo], torch.where(below, up, down))
+    return d, deltas._merge(b, d, model_dtype).view(bits) != f.view(bits)
+
+
+@pytest.mark.parametrize("dtype,model_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
+                                               (torch.float32, torch.float32)])
+def test_every_step_of_the_nudge_tried_at_once_gives_the_walk_one_step_at_a_time(dtype, model_dtype):
+    """The same nudged deltas and the same entries left unfixed, on the mismatched entries of adversarial pairs: sign
+    crossings, signed zeros, subnormals, deltas spanning more binades than their dtype holds."""
+    gen = torch.Generator().manual_seed(0)
+    n = 50000
+
+    def scale(lo: float, hi: float) -> torch.Tensor:
+        return 10 ** (lo + (hi - lo) * torch.rand(n, generator=gen))
+
+    base = torch.randn(n, generator=gen) * scale(-6, 3)
+    near = base * (1 + torch.randn(n, generator=gen) * scale(-8, -1))  # a small change, or another value altogether
+    ft = torch.where(torch.rand(n, generator=gen) < 0.5, near, torch.randn(n, generator=gen) * scale(-6, 3))
+    base[:2000], ft[:2000] = base[:2000] * 1e-38, ft[:2000] * 1e-38  # subnormal in every dtype
+    base, ft = base.to(model_dtype), ft.to(model_dtype)
+    ft[2000:2500], ft[2500:3000], base[3000:3500], ft[3500:3600] = -base[2000:2500], 0.0, 0.0, -0.0
+    d = (ft.float() - base.float()).to(dtype)
+    away = torch.randint(0, 2 * deltas.NUDGES, (n,), generator=gen)  # deltas moved off by up to twice the steps a nudge takes
+    side = torch.where(torch.rand(n, generator=gen) < 0.5, torch.tensor(torch.inf, dtype=dtype), torch.tensor(-torch.inf, dtype=dtype))
+    for step in range(2 * deltas.NUDGES):
+        d = torch.where(away > step, torch.nextafter(d, side), d)
+    mismatched = deltas._merge(base, d, model_dtype).view(deltas._BITS[model_dtype]) != ft.view(deltas._BITS[model_dtype])
+    b, f, d = base[mismatched], ft[mismatched], d[mismatched]
+    nudged, bad = deltas._nudged(b, f, d, model_dtype)
+    walked, walked_bad = _walked_one_step_at_a_time(b, f, d, model_dtype)
+    assert b.numel() > 1000 and 0 < int(bad.sum()) < b.numel()  # some fixed, some not
+    assert torch.equal(nudged.view(torch.uint8), walked.view(torch.uint8)) and torch.equal(bad, walked_bad)
