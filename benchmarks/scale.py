@@ -5,8 +5,9 @@ random base (weights N(0, 0.02^2), norms 1) and a fine-tune = base + a rank-8 ch
 + small dense noise (every parameter), both saved in bfloat16 as sharded safetensors (1 GiB shards,
 an index), with the default pair's tokenizer. They are SYNTHETIC: random weights, no language.
 ``moe-*`` sizes are a mixture of experts built the same way (``synthetic-qwen3-<size>``): Qwen3-MoE's layout
-(Qwen3-30B-A3B's: many narrow experts, 8 a token, each stored one by one as its checkpoints are), scaled down. A
-run takes one family (its flatness compares like with like; ``--output`` default ``scale_moe.json`` for it).
+(Qwen3-30B-A3B's: many narrow experts, 8 a token, each stored one by one as its checkpoints are), scaled down: 8 layers
+(``moe-0.5b``) or 28 (``moe-1.5b``, the acceptance's size). A run takes one family (its flatness compares like with
+like; ``--output`` default ``scale_moe.json`` for it).
 
 Per size, each phase in a fresh process (peaks do not mix), timed after its imports (and the CUDA context, made
 once per process; both reported as ``imports_s``):

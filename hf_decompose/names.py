@@ -110,7 +110,8 @@ class TensorTargets:
         probed: dict[tuple, tuple[str, dict[str, Target]]] = {}  # kind -> (its probed parameter's layer prefix, its targets)
         for pname in self._converted:
             param = self.params[pname]
-            prefix, kind = _layer_prefix(pname), (_after_layer(pname), tuple(param.shape), param.dtype)
+            prefix, rest = _layer_split(pname)
+            kind = (rest, tuple(param.shape), param.dtype)
             if kind in probed and prefix is not None and (like := _like(probed[kind], prefix, self._shapes[pname], pname)) is not None:
                 targets = like
             else:
@@ -126,14 +127,10 @@ class TensorTargets:
 _LAYER = re.compile(r"^(.*\.\d+)(\.\D.*)$")  # a parameter name: up to its last number (its layer), the rest
 
 
-def _layer_prefix(pname: str) -> str | None:
+def _layer_split(pname: str) -> tuple[str | None, str]:
+    """(its layer's prefix, the rest) of a parameter name; (None, the name) for one outside numbered layers."""
     match = _LAYER.match(pname)
-    return match.group(1) if match else None
-
-
-def _after_layer(pname: str) -> str:
-    match = _LAYER.match(pname)
-    return match.group(2) if match else pname
+    return (match.group(1), match.group(2)) if match else (None, pname)
 
 
 def _like(probed: tuple[str, dict[str, Target]], prefix: str, shapes: dict[str, tuple[int, ...]], pname: str) -> dict[str, Target] | None:

@@ -273,7 +273,7 @@ def test_fused_parameters_of_like_layers_take_one_probe_and_the_same_views(arch,
         param = targets.params[pname]
         own |= {n: names._strided(pname, p) for n, p in revert(model, {pname: torch.arange(param.numel()).view(param.shape)}).items()}
     assert found == own
-    kinds = {(names._after_layer(p), tuple(targets.params[p].shape)) for p in converted}
+    kinds = {(names._layer_split(p)[1], tuple(targets.params[p].shape)) for p in converted}
     assert len(probes) == len(kinds) and (len(kinds) < len(converted) or not converted)
 
 
