@@ -181,7 +181,7 @@ def test_every_step_of_the_nudge_tried_at_once_gives_the_walk_one_step_at_a_time
     base = torch.randn(n, generator=gen) * scale(-6, 3)
     near = base * (1 + torch.randn(n, generator=gen) * scale(-8, -1))  # a small change, or another value altogether
     ft = torch.where(torch.rand(n, generator=gen) < 0.5, near, torch.randn(n, generator=gen) * scale(-6, 3))
-    base[:2000], ft[:2000] = base[:2000] * 1e-38, ft[:2000] * 1e-38  # subnormal in every dtype
+    base[:2000], ft[:2000] = base[:2000] * 1e-38, ft[:2000] * 1e-38  # subnormal in bfloat16 and float32 (float16: zero; its own from the small scales)
     base, ft = base.to(model_dtype), ft.to(model_dtype)
     ft[2000:2500], ft[2500:3000], base[3000:3500], ft[3500:3600] = -base[2000:2500], 0.0, 0.0, -0.0
     d = (ft.float() - base.float()).to(dtype)
