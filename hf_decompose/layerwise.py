@@ -405,11 +405,17 @@ class DeltaStore:
         path, meta = self._files[key]
         names = list(meta) if names is None else names
         with safe_open(path, framework="pt") as handle:
-            keys = handle.keys()
-            out = {}
-            for n in names:
-                tensors = {k: handle.get_tensor(k) for k in keys if k.startswith(n + ".")}
-                out[n] = TensorDelta.from_state(n, meta[n][0], meta[n][1], tensors)
-        return out
+            stored = _Stored(handle)  # each delta reads the tensors it asks for: not every key scanned for every name
+            return {n: TensorDelta.from_state(n, meta[n][0], meta[n][1], stored) for n in names}
+
+
+class _Stored:
+    """An open safetensors file's tensors by key, read when asked for (`get`: None for a key it lacks)."""
+
+    def __init__(self, handle):
+        self.handle, self.keys = handle, set(handle.keys())
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.handle.get_tensor(key) if key in self.keys else None
 
 

@@ -86,3 +86,24 @@ def test_a_dropped_runner_is_freed_at_once_with_its_weights(tiny_pair):
         assert gone() is None and embedding() is None
     finally:
         gc.enable()
+
+
+def test_stored_deltas_read_back_by_name_each_with_its_own_parts_only(tmp_path):
+    """A file of the store read back by name, whole or some: each delta gets its own parts (a name that begins another's,
+    a bias beside its weight's low-rank and dense parts), read when asked for, equal to what was put."""
+    from hf_decompose.layerwise import DeltaStore
+    from hf_decompose.parts import LowRankPart
+
+    gen = torch.Generator().manual_seed(0)
+    put = {"m.proj": TensorDelta("m.proj", (6, 4), False, [DensePart(torch.randn(6, 4, generator=gen)),
+                                                           LowRankPart(torch.randn(6, 2, generator=gen), torch.randn(2, 4, generator=gen))]),
+           "m.proj.bias": TensorDelta("m.proj.bias", (6,), False, [DensePart(torch.randn(6, generator=gen))]),
+           "m.proj_2": TensorDelta("m.proj_2", (3, 3), True, [DensePart(torch.randn(3, 3, generator=gen))])}
+    store = DeltaStore(tmp_path)
+    store.put("k", put)
+    for names in (None, ["m.proj"], ["m.proj.bias", "m.proj_2"]):
+        back = store.get("k", names)
+        assert list(back) == (names or list(put))
+        for n, d in back.items():
+            assert [p.kind for p in d.parts] == [p.kind for p in put[n].parts] and d.transposed == put[n].transposed
+            assert torch.equal(d.to_dense(), put[n].to_dense())
