@@ -80,6 +80,26 @@ def test_a_stored_part_that_does_not_fit_its_shape_is_refused(diagonal_kind, tmp
         artifact.load(tmp_path / "a")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_stored_part_holding_one_nan_or_inf_anywhere_is_refused(tmp_path, dtype):
+    """Parts are checked on their exponent bits (`checkpoints.all_finite`), not by `torch.isfinite`: one bad value in
+    any position of any float dtype, its largest and smallest finite values and its subnormals passing."""
+    info = torch.finfo(dtype)
+    values = torch.linspace(-1, 1, 4096).to(dtype)
+    values[:4] = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4]).to(dtype)
+    expect(values, (4096,), values=True)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (0, 2047, 4095):
+            spoiled = values.clone()
+            spoiled[where] = bad
+            with pytest.raises(ValueError, match="NaN/Inf"):
+                expect(spoiled, (4096,), values=True)
+    delta = TensorDelta("weight", (64, 64), parts=[DensePart(values.view(64, 64).clone().index_fill_(1, torch.tensor([7]), float("nan")))])
+    artifact.save(tmp_path / "a", {"weight": delta}, _index(), {})
+    with pytest.raises(ArtifactError, match="'weight' is malformed.*NaN/Inf"):
+        artifact.load(tmp_path / "a")
+
+
 def test_a_kind_stored_incompletely_is_refused(tmp_path):
     delta = TensorDelta("weight", (4, 4), parts=[LowRankPart(torch.ones(4, 1), torch.ones(1, 4))])
     tensors = delta.state()
