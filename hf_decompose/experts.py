@@ -65,6 +65,12 @@ def runs_experts(experts: nn.Module) -> bool:
     return all(hasattr(experts, a) for a in ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts"))
 
 
+def holds_experts(module: nn.Module) -> bool:
+    """A module holding stacked expert matrices (3-D parameters, one matrix per expert), of any interface."""
+    count = getattr(module, "num_experts", None)
+    return isinstance(count, int) and any(p.dim() == 3 and p.shape[0] == count for p in module.parameters(recurse=False))
+
+
 def product(experts: nn.Module, attr: str, expert: int, x: torch.Tensor) -> torch.Tensor:
     """`x` times matrix `expert` of `attr` (the experts' own layout), plus its bias."""
     weight = getattr(experts, attr)[expert]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .parts import DeltaOps, TensorDelta, run_split
+from .parts.ops import LazyWeight
 
 
 class DecomposedModule(nn.Module):
@@ -39,8 +40,9 @@ class DecomposedModule(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The weight this module runs, for code that reads it outside the module's forward (Jamba's ``dt_proj.weight @ x``,
-        Llama 4's ``embed_tokens.weight.device``): its merged copy's, built once and held as merged execution holds it."""
-        return self.merged_module().weight
+        Llama 4's ``embed_tokens.weight.device``): its merged copy's, built where an operation uses it (`LazyWeight`) and
+        then held as merged execution holds it."""
+        return LazyWeight(self.base.weight, lambda: self.merged_module().weight)
 
     @property
     def bias(self) -> torch.Tensor:

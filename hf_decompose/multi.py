@@ -36,14 +36,15 @@ from torch import nn
 
 from . import artifact, kernels
 from .errors import ArtifactError, CheckpointError, ConfigError
-from .experts import TenantExperts, expert_deltas, runs_experts
+from .experts import TenantExperts, expert_deltas, holds_experts, runs_experts
 from .inject import merged_values, target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
-from .parts.ops import runs_direct, weights_loaded
+from .parts.ops import LazyWeight, runs_direct, weights_loaded
 from .parts.quant import kernel_base, kernel_parts
 
 Names = str | Sequence[str] | None
+IDENTITY_ROWS = 1024  # rows of the identity (or row ids) a weight read outside its module's forward is built from at a time
 
 
 class Routing:
@@ -256,6 +257,11 @@ class _Stacked:
         return out
 
 
+def _changes(ops: DeltaOps, attr: str) -> bool:
+    """Whether a fine-tune's parts change the module's `attr` (its bias, or its weight)."""
+    return any((kind == "bias") == (attr == "bias") for kind in ops._modules)
+
+
 def _stackable(ops: DeltaOps, part: str, device: torch.device) -> bool:
     """A part that can join the stack: resident on the module's device, not placed by Accelerate."""
     p = getattr(ops, part, None)
@@ -269,9 +275,11 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class TenantModule(nn.Module):
     """A shared base matrix module plus per-fine-tune substructures (``tenants.<name>.<part>``)."""
 
-    def __init__(self, base: nn.Module, routing: Routing, tied: TenantModule | None = None):
+    def __init__(self, base: nn.Module, routing: Routing, name: str, tied: TenantModule | None = None):
         super().__init__()
         self.base = base
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_read", {})  # weight, bias: (the fine-tunes and the count held, their value) of the last read
         if tied is not None:  # a tied head runs its embedding's parts, registered there only
             object.__setattr__(self, "tenants", tied.tenants)
         else:
@@ -319,8 +327,68 @@ class TenantModule(nn.Module):
             object.__setattr__(self, "_batched", (key, (tuple(self.tenants), _Stacked(list(self.tenants.values()), device))))
         return self._batched[1]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the routed fine-tunes run, for code that reads it outside the module's forward (`LazyWeight`: built
+        where an operation uses it, the last selection's held)."""
+        return LazyWeight(self.base.weight, lambda: self._routed("weight"))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias the routed fine-tunes run, for code that reads it outside the module's forward (Jamba's
+        ``dt_proj(x) - dt_proj.bias``)."""
+        bias = getattr(self.base, "bias", None)
+        return None if bias is None else LazyWeight(bias, lambda: self._routed("bias"))
+
+    def _routed(self, attr: str) -> torch.Tensor:
+        """`attr` (weight or bias) as the routed fine-tunes run it; refused by name for a batch mixing fine-tunes that
+        change it."""
+        rows = self.routing.rows
+        groups = self.routing.groups_for(self.tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
+        names = tuple(n for group, _ in groups for n in group if n in self.tenants and _changes(self.tenants[n], attr))
+        if not names:
+            return getattr(self.base, attr)
+        if groups[0][1] is not None:
+            raise ConfigError(f"{self.name}.{attr} is read by another module, so a batch mixing fine-tunes that change it cannot run it "
+                              "row by row: give every row the same fine-tunes")
+        key = (names, len(self.tenants._modules))
+        if self._read.get(attr, (None,))[0] != key:
+            self._read.pop(attr, None)
+            with weights_loaded(self.base, self.tenants):
+                self._read[attr] = (key, self._merged(attr, names))
+        return self._read[attr][1]
+
+    def _merged(self, attr: str, names: tuple[str, ...]) -> torch.Tensor:
+        """The base's `attr` plus `names`' deltas of it as their parts run, in float32, rounded once to its dtype: a bias's
+        delta; a weight's, each part's contribution to row ids (an embedding) or to rows of the identity (a linear layer:
+        the transpose), `IDENTITY_ROWS` at a time."""
+        value = getattr(self.base, attr)
+        delta = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        if attr == "bias":
+            for name in names:
+                delta += self.tenants[name].bias.bias.float().to(value.device)
+            return (value.float() + delta).to(value.dtype)
+        n = value.shape[0] if self.lookup else value.shape[1]
+        for start in range(0, n, IDENTITY_ROWS):
+            stop = min(start + IDENTITY_ROWS, n)
+            if self.lookup:
+                x = torch.arange(start, stop, device=value.device)
+            else:
+                x = torch.zeros(stop - start, n, device=value.device)
+                x[:, start:stop].fill_diagonal_(1)
+            for name in names:
+                for kind, part in self.tenants[name].named_children():
+                    if kind != "bias":
+                        c = part(x, self.lookup).float().to(value.device)
+                        if self.lookup:
+                            delta[start:stop] += c
+                        else:
+                            delta[:, start:stop] += c.T
+        return (value.float() + delta).to(value.dtype)
+
     def _apply(self, fn, recurse=True):  # a move or a cast restacks lazily
         object.__setattr__(self, "_batched", None)
+        self._read.clear()
         return super()._apply(fn, recurse)
 
 
@@ -406,6 +474,10 @@ class TenantParameters(nn.Module):
 
     def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], batch: int, args: tuple, kwargs: dict):
         """The base's output for every row of `batch`, each fine-tune's rows run again with its parameters."""
+        if holds_experts(self.base) and not runs_experts(self.base):  # Llama 4's: every token once per expert, expert by expert
+            raise ConfigError(f"{self.name} ({type(self.base).__name__}) runs experts outside transformers' experts interface, on inputs not "
+                              "known to be in row order, so a batch mixing fine-tunes that change them cannot run it row by row: give every "
+                              "row the same fine-tunes")
         unsplit = [k for k, v in (*enumerate(args), *kwargs.items()) if not (isinstance(v, torch.Tensor) and v.dim() and v.shape[0] in (1, batch))
                    and not (v is None or isinstance(v, (bool, int, float, str)))]  # fmt: skip
         if unsplit:
@@ -536,14 +608,14 @@ class MultiTenant:
             whole = all(len(found) == 1 and found[0][1].strides is None for found in attrs.values())
             experts = expert_deltas(owner, attrs) if runs_experts(owner) and not isinstance(t.wrappers.get(owner_name), TenantParameters) else None
             if wrappable(owner) and whole and set(attrs) <= {"weight", "bias"}:
-                self._wrap(owner_name, TenantModule(owner, t.routing)).tenants[name] = _ops(owner, {a: f[0][0] for a, f in attrs.items()})
+                self._wrap(owner_name, TenantModule(owner, t.routing, owner_name)).tenants[name] = _ops(owner, {a: f[0][0] for a, f in attrs.items()})
             elif experts is not None:  # a mixture of experts' fused weights: each changed expert's parts
                 self._wrap(owner_name, TenantExperts(owner, t.routing, owner_name)).tenants[name] = experts
             else:
                 self._wrap(owner_name, TenantParameters(owner, t.routing, owner_name)).add(name, merged_values(owner, attrs))
         tied = self._tied_head()
         if tied is not None and tied[1] in t.wrappers and tied[0] not in t.wrappers:
-            self._wrap(tied[0], TenantModule(t.owners[tied[0]], t.routing, tied=t.wrappers[tied[1]]))
+            self._wrap(tied[0], TenantModule(t.owners[tied[0]], t.routing, tied[0], tied=t.wrappers[tied[1]]))
         t.names.append(name)
         return self
 

@@ -129,13 +129,17 @@ def test_architecture(tmp_path, arch):
             torch.testing.assert_close(split(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-4)
 
 
-# modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay) or are
-# read by another module (a short convolution's weight): a batch mixing fine-tunes is refused there, one a batch runs
-MIXED_REFUSED = {"gpt_oss": r"self_attn \(GptOssAttention\)", "qwen3_next": r"linear_attn \(Qwen3NextGatedDeltaNet\)",
-                 "lfm2": r"conv\.conv\.weight is read by another module"}
+# modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay, a mamba
+# mixer's cache), are read by another module (a short convolution's weight) or take the batch's tokens in another order
+# (Llama 4's experts, expert by expert): a batch mixing fine-tunes is refused there, one a batch runs
+MIXED_REFUSED = {"gpt_oss": r"layers\.0\.self_attn \(GptOssAttention\)", "qwen3_next": r"layers\.0\.linear_attn \(Qwen3NextGatedDeltaNet\)",
+                 "lfm2": r"layers\.0\.conv\.conv\.weight is read by another module",
+                 "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows",
+                 "llama4_text": r"layers\.0\.feed_forward\.experts \(Llama4TextExperts\) runs experts outside transformers' experts interface"}
 
 
 WEIGHT_READ = {"llama4_text", "jamba"}
+EXPERTS_HELD_WHOLE = {"llama4_text"}  # experts that run every expert on every token (no `use_experts_implementation`)
 
 
 def _fused_experts(module: torch.nn.Module) -> bool:
@@ -147,13 +151,8 @@ def test_many_finetunes_by_name(tmp_path, arch):
     """Two fine-tunes over one base, loaded by name: a batch of one fine-tune (by rows, by `set_active`, in `generate`)
     and a batch mixing both and the base give each row what its fine-tune alone gives. Fused experts run each
     fine-tune's parts on its tokens; renamed checkpoint tensors (GPT-NeoX's head) and OPT's learned positions (a module
-    with a forward of its own) run per fine-tune; where a mixed batch cannot run row by row it is refused by name."""
-    if arch in WEIGHT_READ:  # a module serving fine-tunes by name holds no weight of its own to read
-        base, *finetunes = _pair(tmp_path, arch, {"a": 1})
-        artifact = decompose_to_disk(finetunes[0], base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "artifact", progress=False)
-        with pytest.raises(AttributeError, match="'TenantModule' object has no attribute 'weight'"):
-            DecomposedModel.from_pretrained({"a": artifact})(input_ids=torch.arange(2, 14)[None], decomposed_names=["a"])
-        return
+    with a forward of its own) run per fine-tune, and so does a weight read outside its module's forward (Llama 4's
+    embedding, Jamba's dt_proj); where a mixed batch cannot run row by row it is refused by name."""
     base, *finetunes = _pair(tmp_path, arch, {"a": 1, "b": 2})
     modes = ("lossless", "anneal") if arch in ("llama", "phi3", "mixtral", "deepseek_v3", "gpt_oss", "qwen3_next") else ("lossless",)
     for mode in modes:
@@ -164,7 +163,8 @@ def test_many_finetunes_by_name(tmp_path, arch):
         alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
         experts = [m for m in multi.modules() if isinstance(m, (TenantExperts, TenantParameters)) and _fused_experts(m.base)]
-        assert all(isinstance(m, TenantExperts) for m in experts)  # each fine-tune's parts beside the shared experts, not copies
+        # each fine-tune's parts beside the shared experts, not copies (Llama 4's, outside the experts interface: copies)
+        assert all(isinstance(m, TenantParameters if arch in EXPERTS_HELD_WHOLE else TenantExperts) for m in experts)
         ids = torch.arange(2, 14)[None].repeat(4, 1)  # 12 tokens a row: a module given some rows' tokens must not take them for 4 rows
         with torch.no_grad():
             want = {name: model(input_ids=ids[:1]).logits[0] for name, model in alone.items()}
@@ -176,7 +176,7 @@ def test_many_finetunes_by_name(tmp_path, arch):
             generated = multi.generate(ids[:1], decomposed_names=["a"], max_new_tokens=5, do_sample=False)
             assert torch.equal(generated, alone["a"].generate(ids[:1], max_new_tokens=5, do_sample=False))
             if arch in MIXED_REFUSED:
-                with pytest.raises(ConfigError, match=rf"layers\.0\.{MIXED_REFUSED[arch]}.*cannot run it row by row"):
+                with pytest.raises(ConfigError, match=rf"{MIXED_REFUSED[arch]}.*cannot run it row by row"):
                     multi(input_ids=ids, decomposed_names=["a", "b", None, "a"])
                 continue
             mixed = multi(input_ids=ids, decomposed_names=["a", "b", None, "a"]).logits
@@ -184,7 +184,7 @@ def test_many_finetunes_by_name(tmp_path, arch):
                 torch.testing.assert_close(mixed[row], want[name], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in WEIGHT_READ])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_many_finetunes_with_a_layer_on_disk(tmp_path, arch):
     """Two fine-tunes by name with the first decoder layer offloaded to disk by Accelerate give the logits they give in
     memory: every module that swaps a fine-tune's values in (norms, fused experts, LFM2's convolution, whose weight
@@ -216,6 +216,43 @@ def test_a_model_reading_weights_outside_forward_with_a_layer_on_disk(tmp_path, 
     with torch.no_grad():
         in_memory, offloaded = (m(input_ids=ids).logits for m in models)
     torch.testing.assert_close(offloaded, in_memory, rtol=0, atol=1e-5)
+
+
+def test_a_weight_read_outside_forward_is_built_only_where_an_operation_uses_it(tmp_path, monkeypatch):
+    """Llama 4 reads ``embed_tokens.weight.device`` on every call. Served split, that read builds no merged copy of the
+    embedding (it once built and held one); served by name, the weight an operation uses is the routed fine-tune's
+    (the base's for the base alone; a linear layer's built from a few rows of the identity at a time), and a batch
+    mixing fine-tunes is refused by the embedding's name."""
+    import hf_decompose.multi
+
+    base, a, b = _pair(tmp_path, "llama4_text", {"a": 1, "b": 2})
+    artifacts = {ft.name: decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "out" / ft.name, progress=False)
+                 for ft in (a, b)}  # fmt: skip
+    ids = torch.arange(2, 14)[None]
+    split, merged = (DecomposedModel.from_pretrained(artifacts["a"], dtype=torch.float32, execution=e).eval() for e in ("split", "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(split(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-5)
+    embedding = split.get_input_embeddings()
+    assert embedding.weight.device == torch.device("cpu") and embedding._merged is None  # read, never built
+    want = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).get_input_embeddings().weight for name, path in
+            (("a", a), ("b", b), (None, base))}  # fmt: skip
+    torch.testing.assert_close(embedding.weight + 0, want["a"], rtol=0, atol=0)  # an operation builds the merged copy
+    assert embedding._merged is not None
+
+    multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+    shared = multi.get_input_embeddings()
+    for name in ("a", "b", None):
+        multi.set_active(name)
+        torch.testing.assert_close(shared.weight * 1, want[name], rtol=0, atol=1e-6)
+    multi.set_active(None)
+    with multi._rows(["a", "b"]), pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight is read by another module"):
+        shared.weight.sum()
+    with multi._rows(["b", "b"]):
+        torch.testing.assert_close(shared.weight.sum(), want["b"].sum())
+    monkeypatch.setattr(hf_decompose.multi, "IDENTITY_ROWS", 5)  # 32 inputs: six blocks of 5 and one of 2
+    multi.set_active("a")
+    query = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).model.layers[1].self_attn.q_proj.weight
+    torch.testing.assert_close(multi.model.layers[1].self_attn.q_proj.weight * 1, query, rtol=0, atol=1e-6)
 
 
 def test_experts_fused_on_disk_are_tested_one_matrix_at_a_time(tmp_path):

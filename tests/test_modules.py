@@ -106,3 +106,15 @@ def test_split_runs_hooks_of_the_base_and_its_parts():
             assert seen, type(hooked).__name__
             contribution = base(x) if hooked is module.base else direct - base(x)
             torch.testing.assert_close(doubled, direct + contribution)
+
+
+def test_a_lazy_weight_gives_its_shape_dtype_and_device_and_builds_its_values_only_for_an_operation():
+    from hf_decompose.parts.ops import LazyWeight
+
+    like, values, built = torch.zeros(4, 3, dtype=torch.bfloat16), torch.arange(12.0).view(4, 3).bfloat16(), []
+    weight = LazyWeight(like, lambda: built.append(1) or values)
+    assert (weight.shape, weight.dtype, weight.device, weight.dim(), weight.numel()) == (like.shape, torch.bfloat16, like.device, 2, 12)
+    assert not built
+    assert torch.equal(weight @ torch.ones(3, dtype=torch.bfloat16), values.sum(1)) and built
+    assert torch.equal(weight.detach(), values) and type(weight.detach()) is torch.Tensor
+    assert weight.tolist() == values.tolist() and (weight.float().numpy() == values.float().numpy()).all()

@@ -18,6 +18,7 @@ from functools import cache
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .base import Part
 from .delta import TensorDelta
@@ -131,6 +132,34 @@ def run_split(
         c = c.to(y.device, y.dtype)
         y = y + (c * scale.to(c.dtype) if scale is not None else c)
     return y
+
+
+class LazyWeight(torch.Tensor):
+    """A module's weight for code that reads it outside the module's forward, built only where an operation uses it:
+    its shape, dtype and device are `like`'s (Llama 4 reads ``embed_tokens.weight.device`` on every call: no copy is
+    built for that), its values `build()`'s (Jamba's ``dt_proj.weight @ x``), handed to the operation as a plain tensor."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor, build: Callable[[], torch.Tensor]):
+        return torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype, device=like.device)
+
+    def __init__(self, like: torch.Tensor, build: Callable[[], torch.Tensor]):
+        self.build = build
+
+    def tolist(self):  # PyTorch refuses these two for subclasses
+        return self.build().tolist()
+
+    def numpy(self, *, force: bool = False):
+        return self.build().numpy(force=force)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def built(t):
+            return t.build() if isinstance(t, LazyWeight) else t
+
+        return func(*tree_map(built, args), **tree_map(built, kwargs or {}))
 
 
 @contextlib.contextmanager
