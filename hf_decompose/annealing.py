@@ -52,7 +52,7 @@ from .allocation import solve, weighted_error
 from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
-from .experts import routed_inputs
+from .experts import dense_call, interface, routed_inputs
 from .heap import release_free_memory
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
 from .metrics import TIE_TOLERANCE
@@ -309,11 +309,11 @@ class GramCollector:
         down = any(kind == "down" for kind, _ in wanted)
 
         def hook(module, args):
-            x, index = args[0].detach(), args[1]
-            if self.mask is not None and self.mask.numel() == x.shape[0]:  # the tokens flattened: padding left out
-                keep = self.mask.to(x.device).flatten().bool()
+            x, index = (args[0].detach(), args[1]) if len(args) > 1 else dense_call(module, args[0].detach())[:2]
+            if self.mask is not None and x.shape[0] % self.mask.numel() == 0:  # the tokens flattened (a dense call: once per expert)
+                keep = self.mask.to(x.device).flatten().bool().repeat(x.shape[0] // self.mask.numel())  # padding left out
                 x, index = x[keep], index[keep]
-            for expert, inputs, down_inputs in routed_inputs(module, x, index, down):
+            for expert, inputs, down_inputs in routed_inputs(interface(module), x, index, down):
                 for kind, value in (("in", inputs), ("down", down_inputs)):
                     if (kind, expert) in wanted:
                         value = value.float()

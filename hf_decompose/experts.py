@@ -6,7 +6,8 @@ through its experts interface (`use_experts_implementation`), whose flags say th
 `is_transposed`, `has_post_expert_norm`, and `_apply_gate`. `TenantExperts.forward` is that interface's loop over the
 experts the tokens chose, each product the base expert's plus, on each fine-tune's tokens, that fine-tune's parts of
 the expert's matrix (`DeltaOps`, low-bit codes in the compiled kernel's layouts; one fine-tune's tokens run the base
-matrix and its codes in one pass of the kernel). An experts module of another layout, or a delta that does not write
+matrix and its codes in one pass of the kernel). Llama 4's experts, which run every token once per expert, take the
+same loop through `DenseExperts` and `dense_call`. An experts module of another layout, or a delta that does not write
 whole output rows of one expert, stays held whole (`multi.TenantParameters`). Annealing weighs each expert's matrices
 by the inputs its tokens bring (`routed_inputs`, `annealing.GramCollector`).
 """
@@ -63,6 +64,46 @@ def outputs(experts: nn.Module, attr: str, target: Target, transposed: bool = Fa
 def runs_experts(experts: nn.Module) -> bool:
     """An experts module of transformers' experts interface, whose forward `TenantExperts` reproduces."""
     return all(hasattr(experts, a) for a in ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm", "_apply_gate", "num_experts"))
+
+
+# experts run on every token, expert by expert (``(experts * tokens, hidden)``, each token's row scaled by its router
+# score: zero where the router did not choose the expert), outside transformers' experts interface
+DENSE_EXPERTS = ("Llama4TextExperts",)
+
+
+class DenseExperts:
+    """Experts of `DENSE_EXPERTS` as transformers' experts interface shows experts: gate and up fused (gate first),
+    stored (in, out), no biases, no norm after them."""
+
+    has_gate, has_bias, is_transposed, has_post_expert_norm = True, False, True, False
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return self.module.act_fn(gate) * up
+
+
+def interface(experts: nn.Module) -> nn.Module | DenseExperts | None:
+    """`experts` as transformers' experts interface shows it (`runs_experts`; `DenseExperts` for `DENSE_EXPERTS`), None
+    for any other module."""
+    if runs_experts(experts):
+        return experts
+    return DenseExperts(experts) if type(experts).__name__ in DENSE_EXPERTS else None
+
+
+def dense_call(experts: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dense experts module's input (`DENSE_EXPERTS`) as the interface's call (rows, each row's experts, their
+    weights): each row its block's expert where it is not zero (elsewhere the experts' count, which the loop skips:
+    the dense product of a zero row is zero), weight 1 (the router's score is in the row)."""
+    count = experts.num_experts
+    block = torch.arange(count, device=hidden_states.device).repeat_interleave(hidden_states.shape[0] // count)
+    index = torch.where(hidden_states.ne(0).any(-1), block, count)[:, None]
+    return hidden_states, index, torch.ones(index.shape, dtype=hidden_states.dtype, device=hidden_states.device)
 
 
 def holds_experts(module: nn.Module) -> bool:
@@ -169,6 +210,7 @@ class TenantExperts(nn.Module):
         self.tenants = nn.ModuleDict()
         object.__setattr__(self, "routing", routing)
         object.__setattr__(self, "name", name)
+        object.__setattr__(self, "layout", interface(base))
 
     def __getattr__(self, name: str):
         try:
@@ -176,18 +218,31 @@ class TenantExperts(nn.Module):
         except AttributeError:
             return getattr(self._modules["base"], name)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        groups = self.routing.groups_for(self.tenants, hidden_states.shape[0], hidden_states.device)
-        if not groups:
-            return self.base(hidden_states, top_k_index, top_k_weights)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None, top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if top_k_index is None:  # dense experts (`DENSE_EXPERTS`): every token once per expert, block by block
+            groups = self._dense_groups(hidden_states.shape[0], hidden_states.device)
+            if not groups:
+                return self.base(hidden_states)
+            hidden_states, top_k_index, top_k_weights = dense_call(self.base, hidden_states)
+        else:
+            groups = self.routing.groups_for(self.tenants, hidden_states.shape[0], hidden_states.device)
+            if not groups:
+                return self.base(hidden_states, top_k_index, top_k_weights)
         # the shared experts and the fine-tunes' biases, read in the loop, where they run (offloaded by Accelerate); the
         # parts are called (their hooks load them)
         with weights_loaded(self.base, *(deltas.biases for deltas in self.tenants.values())):
             return self._run(hidden_states, top_k_index, top_k_weights, groups)
 
+    def _dense_groups(self, rows: int, device: torch.device) -> list:
+        """The routing's groups of a dense call's rows: each token's, in every expert's block."""
+        count = self.layout.num_experts
+        tokens = rows // count
+        blocks = torch.arange(count, device=device)[:, None] * tokens
+        return [(names, None if idx is None else (blocks + idx[None]).flatten()) for names, idx in self.routing.groups_for(self.tenants, tokens, device)]
+
     def _run(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, groups) -> torch.Tensor:
         """The experts' loop over the experts the tokens chose, each product with the tokens' fine-tunes' changes."""
-        experts = self.base
+        experts = self.layout
         token_group = None
         if groups[0][1] is not None:  # a mixed batch: each token's group, 0 for the base alone
             token_group = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
@@ -218,10 +273,10 @@ class TenantExperts(nn.Module):
     def _product(self, x: torch.Tensor, attr: str, expert: int, chosen: Sequence[tuple[list[ExpertDeltas], torch.Tensor | None]]) -> torch.Tensor:
         """`x` times `attr`'s matrix `expert` (and its bias), each group's tokens with its fine-tunes' changes."""
         if len(chosen) == 1 and chosen[0][1] is None and len(chosen[0][0]) == 1:  # one fine-tune's tokens: base and parts in one pass
-            y = chosen[0][0][0].fused_product(self.base, attr, expert, x)
+            y = chosen[0][0][0].fused_product(self.layout, attr, expert, x)
             if y is not None:
                 return y
-        y = product(self.base, attr, expert, x)
+        y = product(self.layout, attr, expert, x)
         for deltas, at in chosen:
             if at is None:
                 for d in deltas:

@@ -29,7 +29,7 @@ READS_HIDDEN = {"q", "k", "v", "qkv", "gate", "up", "gate_up", "c_attn", "c_fc"}
 WRITES_HIDDEN = {"o", "down", "c_proj"}
 NEURON_ROLES = {"gate", "up", "gate_up", "down", "c_fc"}
 ALIASES = {"out": "o"}  # OPT's attention output projection, out_proj
-EXPERTS_STORED_IN_OUT = {"gpt_oss"}  # model types whose stacks of experts hold each expert's matrix (in, out)
+EXPERTS_STORED_IN_OUT = {"gpt_oss", "llama4", "llama4_text"}  # model types whose stacks of experts hold each expert's matrix (in, out)
 
 
 @dataclass(frozen=True)

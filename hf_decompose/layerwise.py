@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .errors import CheckpointError
-from .experts import outputs, runs_experts
+from .experts import interface, outputs
 from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
 from .names import Target, TensorTargets
 from .parts import TensorDelta
@@ -115,7 +115,7 @@ class Layerwise:
             owner, _, attr = target.parameter.rpartition(".")
             if runs_split(target, modules[owner]):
                 module_names[name] = owner
-            elif runs_experts(modules[owner]) and (out := outputs(modules[owner], attr, target, name in transposed)) is not None:
+            elif (experts := interface(modules[owner])) is not None and (out := outputs(experts, attr, target, name in transposed)) is not None:
                 module_names[name] = owner
                 self.expert_inputs[name] = ("down" if attr == "down_proj" else "in", out.expert)
         gram_names = dict(module_names)

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import artifact, kernels
 from .errors import ArtifactError, CheckpointError, ConfigError
-from .experts import TenantExperts, expert_deltas, holds_experts, runs_experts
+from .experts import TenantExperts, expert_deltas, holds_experts, interface, runs_experts
 from .inject import merged_values, target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
@@ -474,7 +474,7 @@ class TenantParameters(nn.Module):
 
     def _per_copy(self, groups: list[tuple[tuple[str, ...], torch.Tensor]], batch: int, args: tuple, kwargs: dict):
         """The base's output for every row of `batch`, each fine-tune's rows run again with its parameters."""
-        if holds_experts(self.base) and not runs_experts(self.base):  # Llama 4's: every token once per expert, expert by expert
+        if holds_experts(self.base) and not runs_experts(self.base):  # e.g. dense experts held whole: every token once per expert
             raise ConfigError(f"{self.name} ({type(self.base).__name__}) runs experts outside transformers' experts interface, on inputs not "
                               "known to be in row order, so a batch mixing fine-tunes that change them cannot run it row by row: give every "
                               "row the same fine-tunes")
@@ -606,7 +606,8 @@ class MultiTenant:
         for owner_name, attrs in self._by_owner(deltas).items():
             owner = t.owners[owner_name]
             whole = all(len(found) == 1 and found[0][1].strides is None for found in attrs.values())
-            experts = expert_deltas(owner, attrs) if runs_experts(owner) and not isinstance(t.wrappers.get(owner_name), TenantParameters) else None
+            layout = interface(owner)
+            experts = expert_deltas(layout, attrs) if layout is not None and not isinstance(t.wrappers.get(owner_name), TenantParameters) else None
             if wrappable(owner) and whole and set(attrs) <= {"weight", "bias"}:
                 self._wrap(owner_name, TenantModule(owner, t.routing, owner_name)).tenants[name] = _ops(owner, {a: f[0][0] for a, f in attrs.items()})
             elif experts is not None:  # a mixture of experts' fused weights: each changed expert's parts

@@ -632,3 +632,39 @@ def test_an_experts_gram_is_of_the_inputs_its_tokens_bring():
     torch.testing.assert_close(grams["down"], h.t() @ h, rtol=1e-5, atol=1e-6)
     h0 = inputs(0)[1]
     torch.testing.assert_close(grams["down3"], (h.t() @ h + h0.t() @ h0) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dense_experts_gram_is_of_the_inputs_its_tokens_bring():
+    """Llama 4's experts take every token once per expert, each scaled by its router score (zero where the expert was
+    not chosen): an expert's Grams are of its own block's rows of the chosen tokens, padding left out, as for the
+    experts interface's experts."""
+    from transformers import AutoConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+    config = AutoConfig.for_model("llama4_text", hidden_size=16, intermediate_size=8, num_local_experts=4)
+    torch.manual_seed(0)
+    experts = Llama4TextExperts(config)
+    torch.nn.init.normal_(experts.gate_up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    names = {"gate_up": ("in", 1), "down": ("down", 1), "down0": ("down", 0), "down3": ("down", 3)}
+    collector = GramCollector(dict.fromkeys(names, experts), names)
+    hidden = torch.randn(6, 16)  # two rows of three tokens, flattened
+    scores = torch.zeros(6, 4)
+    scores[[0, 1, 3, 4, 5], [1, 1, 1, 0, 2]] = torch.rand(5) + 0.1  # top 1: expert 1 for tokens 0, 1 and 3; none chose 3
+    collector.mask = torch.tensor([[1, 1, 1], [0, 1, 1]])  # the second row's first token (3) is padding
+    routed = hidden.repeat(4, 1) * scores.t().reshape(-1, 1)  # as Llama4TextMoe calls its experts
+    with torch.no_grad():
+        experts(routed)
+    grams = collector.close()
+
+    def inputs(expert, tokens):
+        x = routed.view(4, 6, 16)[expert, tokens]
+        gate, up = (x @ experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return x, experts.act_fn(gate) * up
+
+    x, h = inputs(1, [0, 1])
+    torch.testing.assert_close(grams["gate_up"], x.t() @ x)
+    torch.testing.assert_close(grams["down"], h.t() @ h, rtol=1e-5, atol=1e-6)
+    h0 = inputs(0, [4])[1]
+    torch.testing.assert_close(grams["down0"], h0.t() @ h0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grams["down3"], (h.t() @ h + h0.t() @ h0) / 2, rtol=1e-5, atol=1e-6)

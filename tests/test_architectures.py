@@ -130,16 +130,14 @@ def test_architecture(tmp_path, arch):
 
 
 # modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay, a mamba
-# mixer's cache), are read by another module (a short convolution's weight) or take the batch's tokens in another order
-# (Llama 4's experts, expert by expert): a batch mixing fine-tunes is refused there, one a batch runs
+# mixer's cache) or are read by another module (a short convolution's weight): a batch mixing fine-tunes is refused
+# there, one a batch runs
 MIXED_REFUSED = {"gpt_oss": r"layers\.0\.self_attn \(GptOssAttention\)", "qwen3_next": r"layers\.0\.linear_attn \(Qwen3NextGatedDeltaNet\)",
                  "lfm2": r"layers\.0\.conv\.conv\.weight is read by another module",
-                 "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows",
-                 "llama4_text": r"layers\.0\.feed_forward\.experts \(Llama4TextExperts\) runs experts outside transformers' experts interface"}
+                 "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows"}
 
 
 WEIGHT_READ = {"llama4_text", "jamba"}
-EXPERTS_HELD_WHOLE = {"llama4_text"}  # experts that run every expert on every token (no `use_experts_implementation`)
 
 
 def _fused_experts(module: torch.nn.Module) -> bool:
@@ -163,8 +161,7 @@ def test_many_finetunes_by_name(tmp_path, arch):
         alone[None] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
         experts = [m for m in multi.modules() if isinstance(m, (TenantExperts, TenantParameters)) and _fused_experts(m.base)]
-        # each fine-tune's parts beside the shared experts, not copies (Llama 4's, outside the experts interface: copies)
-        assert all(isinstance(m, TenantParameters if arch in EXPERTS_HELD_WHOLE else TenantExperts) for m in experts)
+        assert all(isinstance(m, TenantExperts) for m in experts)  # each fine-tune's parts beside the shared experts, not copies
         ids = torch.arange(2, 14)[None].repeat(4, 1)  # 12 tokens a row: a module given some rows' tokens must not take them for 4 rows
         with torch.no_grad():
             want = {name: model(input_ids=ids[:1]).logits[0] for name, model in alone.items()}
@@ -255,6 +252,28 @@ def test_a_weight_read_outside_forward_is_built_only_where_an_operation_uses_it(
     torch.testing.assert_close(multi.model.layers[1].self_attn.q_proj.weight * 1, query, rtol=0, atol=1e-6)
 
 
+def test_experts_of_an_unknown_layout_held_whole_refuse_a_mixed_batch(tmp_path, monkeypatch):
+    """Experts outside transformers' experts interface that `experts.DENSE_EXPERTS` does not name are held whole per
+    fine-tune. Their inputs are not the batch's rows in order (Llama 4's: every token once per expert), so a batch mixing
+    fine-tunes is refused by name (Llama 4's once ran such a batch with the rows taken in the wrong order); one
+    fine-tune a batch runs."""
+    import hf_decompose.multi
+    from hf_decompose.experts import runs_experts
+
+    monkeypatch.setattr(hf_decompose.multi, "interface", lambda module: module if runs_experts(module) else None)
+    base, *finetunes = _pair(tmp_path, "llama4_text", {"a": 1, "b": 2})
+    artifacts = {ft.name: decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "out" / ft.name, progress=False)
+                 for ft in finetunes}  # fmt: skip
+    multi = DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval()
+    assert isinstance(multi.model.layers[0].feed_forward.experts, TenantParameters)
+    ids = torch.arange(2, 14)[None].repeat(2, 1)
+    with torch.no_grad():
+        with pytest.raises(ConfigError, match=r"layers\.0\.feed_forward\.experts \(Llama4TextExperts\) runs experts outside"):
+            multi(input_ids=ids, decomposed_names=["a", "b"])
+        alone = DecomposedModel.from_pretrained(artifacts["b"], dtype=torch.float32).eval()(input_ids=ids[:1]).logits[0]
+        torch.testing.assert_close(multi(input_ids=ids, decomposed_names=["b", "b"]).logits, alone.expand(2, -1, -1), rtol=0, atol=1e-5)
+
+
 def test_experts_fused_on_disk_are_tested_one_matrix_at_a_time(tmp_path):
     """Granite-MoE stores each layer's experts in one 3-D tensor: the criterion tests every expert's matrix on its own
     and finds the fine-tune's three changed rows in each, as a rank-3 part (the tensor was once one vector to the tests,
@@ -329,7 +348,8 @@ def test_a_fused_parameter_unlike_the_one_probed_is_probed_itself():
     assert _like(("model.layers.0", {"lm_head.weight": Target("p")}), "model.layers.3", shapes, "p") is None  # outside its layer
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "granitemoe", "gpt_oss"])  # experts on disk one by one; stacked (out, in); stacked (in, out)
+# experts on disk one by one; stacked (out, in); stacked (in, out); Llama 4's, run on every token expert by expert
+@pytest.mark.parametrize("arch", ["qwen2_moe", "granitemoe", "gpt_oss", "llama4_text"])
 def test_annealed_experts_are_codes_served_by_name(tmp_path, arch):
     """Annealing stores each expert's matrices at the level its guard accepts (here the top-1 target, which tiny random
     models pass in few bits; they were once kept exact, a mixture's fine-tune barely smaller than itself), and a model
