@@ -245,3 +245,33 @@ def test_bfloat16_power_iterations_keep_the_spectral_decisions(monkeypatch):
     exact = torch.linalg.svdvals(delta).double().numpy()[: len(single.singular_values)]
     assert np.abs(mixed.singular_values - single.singular_values).max() <= 0.01 * np.abs(single.singular_values - exact).max()
     torch.testing.assert_close(mixed.u @ mixed.v, single.u @ single.v, rtol=0, atol=1e-3 * float(single.singular_values[0]) / m**0.5)
+
+
+def test_like_small_matrices_take_their_randomized_svds_in_stacks_each_as_alone(monkeypatch):
+    """A mixture's experts (`BATCH_MIN` or more small matrices of one shape) run their randomized SVDs in stacks: each
+    expert's triplets bit for bit its own run's (an exactly low-rank and a zero delta among them: Householder QR for
+    those), and the layer's verdicts those of one matrix at a time; a matrix without enough like it runs alone."""
+    import hf_decompose.criterion as criterion
+
+    gen = torch.Generator().manual_seed(0)
+    config = DecomposedConfig(mode="criterion")
+    deltas = {}
+    for e in range(9):
+        for kind, shape in (("gate", (256, 512)), ("down", (512, 256))):
+            change = torch.randn(shape[0], 4, generator=gen) @ torch.randn(4, shape[1], generator=gen) * 1e-3
+            deltas[f"model.layers.0.mlp.experts.{e}.{kind}_proj.weight"] = torch.randn(shape, generator=gen) * 1e-4 + change
+    deltas["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.randn(256, 3, generator=gen) @ torch.randn(3, 512, generator=gen)
+    deltas["model.layers.0.mlp.experts.1.gate_proj.weight"] = torch.zeros(256, 512)
+    deltas["model.layers.0.self_attn.q_proj.weight"] = torch.randn(512, 512, generator=gen) * 1e-4
+    monkeypatch.setattr(criterion, "BATCH_BYTES", 4 * 256 * 512 * 4)  # stacks of 4: nine experts of a kind in three
+    triplets = criterion.batched_triplets(deltas, config)
+    assert set(triplets) == {n for n in deltas if ".experts." in n}
+    for name, got in triplets.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, criterion.randomized_svd(deltas[name], 72, niter=3, seed=config.seed))), name
+    layer = {name: (describe(name, tuple(t.shape), "qwen3_moe"), t) for name, t in deltas.items()}
+    stacked = assess_layer({n: (info, t.clone()) for n, (info, t) in layer.items()}, config, None)
+    monkeypatch.setattr(criterion, "BATCH_MIN", 10**9)
+    alone = assess_layer(layer, config, None)
+    for name in deltas:
+        assert torch.equal(stacked[name].mask, alone[name].mask) and stacked[name].stats == alone[name].stats, name
+    assert alone["model.layers.0.mlp.experts.0.gate_proj.weight"].stats["spectral_rank"] == 3
