@@ -27,7 +27,7 @@ import contextlib
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -115,6 +115,18 @@ class Routing:
                     by_name[self.rows[row]].append(i)
             cache[key] = [((name,), None if len(idx) == batch else torch.tensor(idx, device=device)) for name, idx in by_name.items()]
         return cache[key]
+
+    def read_outside(self, tenants: nn.ModuleDict, changes: Callable[[str], bool], what: str) -> tuple[str, ...]:
+        """The routed fine-tunes among `tenants` that `changes` a parameter code reads outside its module's forward
+        (`what`, named in the refusal): one selection for every row, or none; a batch mixing fine-tunes that change it
+        is refused."""
+        rows = self.rows
+        groups = self.groups_for(tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
+        names = tuple(n for group, _ in groups for n in group if n in tenants and changes(n))
+        if names and groups[0][1] is not None:
+            raise ConfigError(f"{what} is read by another module, so a batch mixing fine-tunes that change it cannot run it row by row: "
+                              "give every row the same fine-tunes")
+        return names
 
     def row_groups(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(batch,)``: each row's group in `groups` plus one, 0 for rows of the base alone."""
@@ -343,14 +355,9 @@ class TenantModule(nn.Module):
     def _routed(self, attr: str) -> torch.Tensor:
         """`attr` (weight or bias) as the routed fine-tunes run it; refused by name for a batch mixing fine-tunes that
         change it."""
-        rows = self.routing.rows
-        groups = self.routing.groups_for(self.tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
-        names = tuple(n for group, _ in groups for n in group if n in self.tenants and _changes(self.tenants[n], attr))
+        names = self.routing.read_outside(self.tenants, lambda n: _changes(self.tenants[n], attr), f"{self.name}.{attr}")
         if not names:
             return getattr(self.base, attr)
-        if groups[0][1] is not None:
-            raise ConfigError(f"{self.name}.{attr} is read by another module, so a batch mixing fine-tunes that change it cannot run it "
-                              "row by row: give every row the same fine-tunes")
         key = (names, len(self.tenants._modules))
         if self._read.get(attr, (None,))[0] != key:
             self._read.pop(attr, None)
@@ -422,14 +429,10 @@ class TenantParameters(nn.Module):
             base = self._modules["base"]
             if name not in base._parameters:
                 return getattr(base, name)
-        rows = self.routing.rows
-        groups = self.routing.groups_for(self.tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
-        if groups and groups[0][1] is not None:
-            raise ConfigError(f"{self.name}.{name} is read by another module, so a batch mixing fine-tunes that change it cannot run it "
-                              "row by row: give every row the same fine-tunes")
+        names = self.routing.read_outside(self.tenants, lambda n: True, f"{self.name}.{name}")
 
         def routed() -> torch.Tensor | None:
-            return self._params(groups[0][0]).get(name, base._parameters[name]) if groups else base._parameters[name]
+            return self._params(names).get(name, base._parameters[name]) if names else base._parameters[name]
 
         value = routed()
         if value is None or value.device.type != "meta":
