@@ -117,6 +117,24 @@ def test_codes_matmul_equals_the_reference(rows, shape, group, layout):
         kernels.codes_matmul(x, held, scales, w, (half,) * 3)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n_in", [8, 24, 40, 48])
+def test_a_base_matrix_of_inputs_a_multiple_of_8_not_16_runs_with_low_rank_factors(n_in):
+    """Low-rank factors of inputs a multiple of 8 run in the kernel beside their base matrix, which it read 16 inputs at a
+    time: of 8, 24 or 40 inputs it read past each row's end (Gemma 3n's per-layer projection, 8 inputs in the tests:
+    split execution off by 1e-2, a batch of fine-tunes by name too, no error). Alone and row by row."""
+    gen = torch.Generator().manual_seed(n_in)
+    w, bias = torch.randn(33, n_in, generator=gen), torch.randn(33, generator=gen)
+    u, v = torch.randn(33, 3, generator=gen), torch.randn(3, n_in, generator=gen)
+    x = torch.randn(5, n_in, generator=gen)
+    ref = x @ (w + u @ v).t() + bias
+    torch.testing.assert_close(kernels.codes_matmul(x, None, None, w, (kernels.Factors(u.t(), v),), bias), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    table = kernels.codes_table([(None, None, None, (kernels.Factors(u.t(), v),))])
+    y = kernels.rows_codes_matmul(x, w, bias, table, torch.tensor([0, 1, 1, 0, 1]), 3)
+    want = torch.where(torch.tensor([False, True, True, False, True])[:, None], ref, x @ w.t() + bias)
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
 def _half_codes(n_out: int, n_in: int, rank: int, gen) -> tuple[kernels.Factors, torch.Tensor]:
     """Low-bit factors as the kernel reads them (int8 half codes h of the odd codes 2h + 1, up to 8 bits, each direction's
     scale) and the float32 matrix they stand for."""

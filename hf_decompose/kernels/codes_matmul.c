@@ -26,7 +26,7 @@
    half codes h standing for the odd integers 2h + 1 (low-bit factors' codes), the directions' scales (U's times V's,
    float32) in s; each set as FACTORS int64 fields (the address of U, u_sk, u_so, the address of V, r, the address of s
    or 0 for float32); t: room for m x (the sets' r summed) floats.
-   n_in and group are multiples of 16 (n_in of 8 without codes). Output rows run in blocks of eight, split across OpenMP
+   n_in and group are multiples of 16 (n_in of 8 without codes, W included). Output rows run in blocks of eight, split across OpenMP
    threads (the low-rank sums of a block as one vector, where U runs along the outputs); input rows in blocks of up to
    four, each output row's weights and codes read once per block (AVX2 + FMA). The projections t are shared out first.
 
@@ -197,13 +197,18 @@ static inline __attribute__((always_inline)) void codes16(const int LAYOUT, cons
     *q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low)));
 }
 
-/* One output row o for a block of NB rows of x, the base matrix alone. */
+/* One output row o for a block of NB rows of x, the base matrix alone (n_in a multiple of 8: 16 at a time, then 8). */
 static inline __attribute__((always_inline)) void base_block(const int NB, const float *x, int64_t n_in, const float *w, float *out) {
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t j = 0; j < n_in; j += 16) {
+    int64_t j = 0;
+    for (; j + 16 <= n_in; j += 16) {
         __m256 w0 = _mm256_loadu_ps(w + j), w1 = _mm256_loadu_ps(w + j + 8);
         for (int b = 0; b < NB; b++)
             a[b] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + b * n_in + j + 8), _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * n_in + j), a[b]));
+    }
+    if (j < n_in) {
+        __m256 w0 = _mm256_loadu_ps(w + j);
+        for (int b = 0; b < NB; b++) a[b] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + b * n_in + j), a[b]);
     }
     for (int b = 0; b < NB; b++) out[b] = hsum(a[b]);
 }
