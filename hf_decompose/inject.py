@@ -68,6 +68,17 @@ def apply_deltas(model: nn.Module, deltas: dict[str, TensorDelta], execution: st
     _wrap_tied_head(model, modules, wrapped)
 
 
+def off_text_path(model: nn.Module) -> set[str]:
+    """Names of the modules a forward on token ids alone never calls: those outside the decoder and the input and output
+    embeddings (a multimodal model's vision tower and projector). The guard's calibration is text, so it cannot weigh a
+    change there: annealing keeps those deltas exact. They run on a batch's images, not on its rows: serving fine-tunes by
+    name, a batch mixing fine-tunes that change them is refused."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    roots = [m for m in (model if decoder is None else decoder, model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    inside = {id(m) for root in roots for m in root.modules()}
+    return {n for n, m in model.named_modules() if not any(id(sub) in inside for sub in m.modules())}
+
+
 def runs_split(target: Target, owner: nn.Module) -> bool:
     """Whether split execution runs this delta as substructures: the whole weight of a `wrappable` module
     (vectors, entries of fused parameters and modules with a forward of their own stay merged)."""

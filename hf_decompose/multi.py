@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +38,7 @@ from torch import nn
 from . import artifact, kernels
 from .errors import ArtifactError, CheckpointError, ConfigError
 from .experts import TenantExperts, expert_deltas, holds_experts, interface, runs_experts
-from .inject import merged_values, target_parameter, wrappable
+from .inject import merged_values, off_text_path, target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
 from .parts.ops import LazyWeight, runs_direct, weights_loaded
@@ -118,14 +119,13 @@ class Routing:
 
     def read_outside(self, tenants: nn.ModuleDict, changes: Callable[[str], bool], what: str) -> tuple[str, ...]:
         """The routed fine-tunes among `tenants` that `changes` a parameter code reads outside its module's forward
-        (`what`, named in the refusal): one selection for every row, or none; a batch mixing fine-tunes that change it
-        is refused."""
+        (`what` it is, said in the refusal): one selection for every row, or none; a batch mixing fine-tunes that change
+        it is refused."""
         rows = self.rows
         groups = self.groups_for(tenants, len(rows) if rows is not None else 1, torch.device("cpu"))
         names = tuple(n for group, _ in groups for n in group if n in tenants and changes(n))
         if names and groups[0][1] is not None:
-            raise ConfigError(f"{what} is read by another module, so a batch mixing fine-tunes that change it cannot run it row by row: "
-                              "give every row the same fine-tunes")
+            raise ConfigError(f"{what}, so a batch mixing fine-tunes that change it cannot run it row by row: give every row the same fine-tunes")
         return names
 
     def row_groups(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -355,7 +355,7 @@ class TenantModule(nn.Module):
     def _routed(self, attr: str) -> torch.Tensor:
         """`attr` (weight or bias) as the routed fine-tunes run it; refused by name for a batch mixing fine-tunes that
         change it."""
-        names = self.routing.read_outside(self.tenants, lambda n: _changes(self.tenants[n], attr), f"{self.name}.{attr}")
+        names = self.routing.read_outside(self.tenants, lambda n: _changes(self.tenants[n], attr), f"{self.name}.{attr} is read by another module")
         if not names:
             return getattr(self.base, attr)
         key = (names, len(self.tenants._modules))
@@ -422,14 +422,16 @@ class TenantParameters(nn.Module):
 
     def __getattr__(self, name: str):
         """The base module's attributes; a parameter read by another module (a convolution's weight that its parent
-        passes to a kernel) is the routed fine-tunes' value (offloaded by Accelerate: a copy, loaded)."""
+        passes to a kernel) is the routed fine-tunes' value (offloaded by Accelerate: a copy, loaded), and a method its
+        parent calls (Gemma 3n's AltUp `predict`, `correct`) runs with them (`_method`)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             base = self._modules["base"]
             if name not in base._parameters:
-                return getattr(base, name)
-        names = self.routing.read_outside(self.tenants, lambda n: True, f"{self.name}.{name}")
+                value = getattr(base, name)
+                return functools.partial(self._method, name) if inspect.ismethod(value) and value.__self__ is base else value
+        names = self.routing.read_outside(self.tenants, lambda n: True, f"{self.name}.{name} is read by another module")
 
         def routed() -> torch.Tensor | None:
             return self._params(names).get(name, base._parameters[name]) if names else base._parameters[name]
@@ -439,6 +441,14 @@ class TenantParameters(nn.Module):
             return value
         with weights_loaded(base, self.tenants):  # the parent's hook loads its own weights only, not this module's
             return routed().detach().clone()
+
+    def _method(self, method: str, *args, **kwargs):
+        """The base module's `method`, called outside its forward, run with the routed fine-tunes' parameters (before, with
+        the base's: Gemma 3n by name off by 2e-2, silently); refused by name for a batch mixing fine-tunes that change them."""
+        names = self.routing.read_outside(self.tenants, lambda n: True, f"{self.name}.{method}() is called outside its module's forward")
+        base = self._modules["base"]
+        with weights_loaded(base, self.tenants), _swapped(base, self._params(names) if names else {}), _unhooked(base):
+            return getattr(base, method)(*args, **kwargs)
 
     def add(self, name: str, values: dict[str, torch.Tensor]) -> None:
         """Fine-tune `name`'s values of the base module's parameters named in `values` (whole tensors)."""
@@ -559,10 +569,32 @@ def _call_with(module: nn.Module, params: dict[str, torch.Tensor], *args, **kwar
     # placed by Accelerate: the weights are loaded by the caller (`weights_loaded`), and the hook would load the base's
     # over `params`, so the forward it wraps runs
     forward = module._old_forward if "_hf_hook" in module.__dict__ else module
+    with _swapped(module, params):
+        return forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _unhooked(module: nn.Module) -> Iterator[None]:
+    """`module.forward` without its Accelerate hook for a while, for its own methods that call it (the hook would load
+    the base's values over those swapped in; the caller loads the weights, `weights_loaded`)."""
+    if "_hf_hook" not in module.__dict__:
+        yield
+        return
+    hooked = module.forward
+    module.forward = module._old_forward
+    try:
+        yield
+    finally:
+        module.forward = hooked
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`module` with `params` in place of some of its own parameters for a while."""
     own = {name: module._parameters[name] for name in params}
     try:
         module._parameters.update(params)
-        return forward(*args, **kwargs)
+        yield
     finally:
         module._parameters.update(own)
 
@@ -576,6 +608,7 @@ class Tenancy:
         self.names: list[str] = []
         self.targets = TensorTargets(model)  # as loaded, before wrapping
         self.owners = dict(model.named_modules())
+        self.off_text = off_text_path(model)  # modules run on images (a vision tower): their inputs are not the batch's rows
         self.wrappers: dict[str, nn.Module] = {}
 
 
@@ -698,10 +731,21 @@ class MultiTenant:
             t.wrappers[owner_name] = wrapper
             parent, _, child = owner_name.rpartition(".")
             setattr(t.owners[parent], child, wrapper)  # the parent as loaded: a wrapped parent runs it
+            if owner_name in t.off_text:
+                wrapper.register_forward_pre_hook(_refuse_mixed_media)
         if type(t.wrappers[owner_name]) is not type(wrapper):
             raise ArtifactError(f"{owner_name}: this fine-tune's changes need a {type(wrapper).__name__}, the fine-tunes loaded before "
                                 f"it a {type(t.wrappers[owner_name]).__name__}")
         return t.wrappers[owner_name]
+
+
+def _refuse_mixed_media(wrapper: nn.Module, args: tuple) -> None:
+    """Refuse a batch mixing fine-tunes that change a module run on images, not on the batch's rows (`off_text_path`):
+    its n-th input is the n-th image, whichever row holds it."""
+    rows = wrapper.routing.rows
+    if rows is not None and any(idx is not None for _, idx in wrapper.routing.groups_for(wrapper.tenants, len(rows), torch.device("cpu"))):
+        raise ConfigError(f"{wrapper.name} ({type(wrapper.base).__name__}) runs on the batch's images, not on its rows, so a batch mixing "
+                          "fine-tunes that change it cannot run it row by row: give every row the same fine-tunes")
 
 
 def _ops(owner: nn.Module, attrs: dict[str, TensorDelta]) -> DeltaOps:
