@@ -54,6 +54,7 @@ from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
 from .experts import dense_call, interface, routed_inputs
 from .heap import release_free_memory
+from .inject import off_text_path
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
 from .metrics import TIE_TOLERANCE
 from .modules import DecomposedModule
@@ -522,9 +523,9 @@ def anneal_model(model: nn.Module, deltas: dict[str, TensorDelta], finetuned_dir
     """Anneal a model held in memory, built exact from `deltas` (`model.build_model`), with the fine-tune's
     tokenizer (or the base's). `anneal_streaming` does the same without the model."""
     prompts = _prompts(calibration, config)
-    module_names, gram_names = {}, {}
+    module_names, gram_names, unseen = {}, {}, off_text_path(model)
     for name, module in model.named_modules():
-        if isinstance(module, DecomposedModule):
+        if isinstance(module, DecomposedModule) and name not in unseen:
             if module._tied is None:
                 module_names[module.delta.name] = name
             gram_names[module.delta.name] = name  # a tied head (visited after its embedding) weighs by its inputs

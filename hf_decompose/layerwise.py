@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from .errors import CheckpointError
 from .experts import interface, outputs
-from .inject import apply_deltas, runs_split, set_submodule, target_parameter, tied
+from .inject import apply_deltas, off_text_path, runs_split, set_submodule, target_parameter, tied
 from .names import Target, TensorTargets
 from .parts import TensorDelta
 from .screening import head_input
@@ -102,17 +102,19 @@ class Layerwise:
         return int(name[len(head) :].split(".", 1)[0])
 
     def split_modules(self, names: list[str], transposed: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, str]]:
-        """Of checkpoint tensors `names`, those the guard anneals: each one's module (a `DecomposedModule`, swappable;
-        or a mixture's experts module, whose matrix of one expert the delta is: merged into a layer's fresh weights,
-        its inputs `expert_inputs`), and the module whose inputs weigh it (a tied head's, for the embedding it shares).
-        `transposed`: the names whose canonical matrix is the stored one's transpose."""
+        """Of checkpoint tensors `names`, those the guard anneals (none `off_text_path`): each one's module (a
+        `DecomposedModule`, swappable; or a mixture's experts module, whose matrix of one expert the delta is: merged into
+        a layer's fresh weights, its inputs `expert_inputs`), and the module whose inputs weigh it (a tied head's, for the
+        embedding it shares). `transposed`: the names whose canonical matrix is the stored one's transpose."""
         modules = dict(self.model.named_modules())
         for i, layer in enumerate(self.meta_layers):
             modules.update({f"{self.prefix}.{i}.{n}".rstrip("."): m for n, m in layer.named_modules()})
-        module_names = {}
+        module_names, unseen = {}, off_text_path(self.model)
         for name in names:
             target = self.target_of[name]
             owner, _, attr = target.parameter.rpartition(".")
+            if owner in unseen:
+                continue
             if runs_split(target, modules[owner]):
                 module_names[name] = owner
             elif (experts := interface(modules[owner])) is not None and (out := outputs(experts, attr, target, name in transposed)) is not None:
@@ -357,9 +359,12 @@ def _out(output):
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and ModuleList of the decoder layers: the ModuleList of ``num_hidden_layers`` blocks."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
+    """The name and ModuleList of the decoder layers: the ModuleList of the text config's ``num_hidden_layers`` blocks,
+    looked for in the model's decoder first (a multimodal model's vision encoder has a layer list of its own)."""
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    owner = next((name for name, module in model.named_modules() if module is decoder), "")
+    for name, module in sorted(model.named_modules(), key=lambda item: not item[0].startswith(owner)):
         if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
             return name, module
     raise CheckpointError(f"{type(model).__name__}: no decoder layer list found; annealing runs layer by layer and needs one")

@@ -65,6 +65,16 @@ ARCHITECTURES = {
     # code that reads a linear layer's weight outside its forward: Llama 4's embedding's device, Jamba's dt_proj
     "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "head_dim": 8, "intermediate_size_mlp": 64, "interleave_moe_layer_step": 1,
                     "attention_chunk_size": 16, "no_rope_layers": [1, 0]},
+    # per-layer input embeddings (a second, narrow embedding table read by every layer), and its mixture of experts beside the MLP
+    "gemma4_text": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "hidden_size_per_layer_input": 8,
+                    "vocab_size_per_layer_input": COMMON["vocab_size"], "per_layer_config": {}},
+    "gemma4_text:moe": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "hidden_size_per_layer_input": 8,
+                        "vocab_size_per_layer_input": COMMON["vocab_size"], "per_layer_config": {}, "enable_moe_block": True, "num_experts": 4,
+                        "top_k_experts": 2, "moe_intermediate_size": 32},
+    # per-layer input embeddings, AltUp's streams (their coefficients' modules called by method, not forward), LAuReL, activation sparsity
+    "gemma3n_text": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "hidden_size_per_layer_input": 8,
+                     "vocab_size_per_layer_input": COMMON["vocab_size"], "intermediate_size": [64, 64], "activation_sparsity_pattern": [0.95, 0.0],
+                     "num_kv_shared_layers": 0, "laurel_rank": 4, "altup_num_inputs": 2},
     "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
               "expert_layer_offset": 1, "mamba_d_state": 4, "mamba_expand": 2, "use_mamba_kernels": False},
 }
@@ -83,7 +93,7 @@ def _structured_change(model: torch.nn.Module, seed: int = 1) -> None:
 
 def _pair(root: Path, arch: str, finetunes: dict[str, int] | None = None) -> tuple[Path, ...]:
     """The base and its fine-tunes (name: seed of the change; one, "ft", by default), sharded bfloat16 checkpoints."""
-    config = AutoConfig.for_model(arch, **COMMON | ARCHITECTURES[arch])
+    config = AutoConfig.for_model(arch.split(":")[0], **COMMON | ARCHITECTURES[arch])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -130,11 +140,13 @@ def test_architecture(tmp_path, arch):
 
 
 # modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay, a mamba
-# mixer's cache) or are read by another module (a short convolution's weight): a batch mixing fine-tunes is refused
-# there, one a batch runs
+# mixer's cache), are read by another module (a short convolution's weight) or run in a method their parent calls (Gemma
+# 3n's AltUp predicts and corrects on inputs with its streams first): a batch mixing fine-tunes is refused there, one a
+# batch runs
 MIXED_REFUSED = {"gpt_oss": r"layers\.0\.self_attn \(GptOssAttention\)", "qwen3_next": r"layers\.0\.linear_attn \(Qwen3NextGatedDeltaNet\)",
                  "lfm2": r"layers\.0\.conv\.conv\.weight is read by another module",
-                 "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows"}
+                 "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows",
+                 "gemma3n_text": r"layers\.0\.altup\.predict\(\) is called outside its module's forward"}
 
 
 WEIGHT_READ = {"llama4_text", "jamba"}
@@ -317,7 +329,7 @@ def test_fused_parameters_of_like_layers_take_one_probe_and_the_same_views(arch,
     import hf_decompose.names as names
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **_four_layers(arch)))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.split(":")[0], **_four_layers(arch)))
     targets = names.TensorTargets(model)
     converted = list(targets._converted)
     probes = []
