@@ -26,7 +26,7 @@ from .annealing import _layer_of, _tokenizer, anneal_streaming
 from .criterion import assess_layer
 from .deltas import exact_delta
 from .decomposed import DecomposedModel
-from .errors import ConfigError, DecomposeError
+from .errors import CheckpointError, ConfigError, DecomposeError
 from .groups import READS_HIDDEN, WRITES_HIDDEN, Geometry, ParamInfo, describe
 from .heap import release_free_memory
 from .hub import commit_of, resolve
@@ -249,12 +249,18 @@ def _plain_config(config_dir: Path):
 
 def _check_targets(pair: CheckpointPair, ft_dir: Path) -> tuple[nn.Module, TensorTargets]:
     """Refuse, before any work, a checkpoint tensor with no place in the fine-tune's model class (saved
-    buffers, such as old GPT-2 attention masks, aside); return that class's skeleton and its targets."""
+    buffers, such as old GPT-2 attention masks, aside) and a saved buffer the fine-tune changed (a mixture's score
+    correction: the base's is loaded with the base); return that class's skeleton and its targets."""
     skeleton = _skeleton(ft_dir)
     targets, names = TensorTargets(skeleton), pair.names()
+    saved = targets.saved_buffers()
     buffers = tuple(n for n, _ in skeleton.named_buffers())
     for name in names:
-        if not name.endswith(buffers) and not any(b.endswith("." + name) for b in buffers):
+        if name in saved:
+            if not torch.equal(pair.base.raw.get(name), pair.finetuned.raw.get(name)):
+                raise CheckpointError(f"{ft_dir}: tensor {name!r} is a buffer of {type(skeleton).__name__} the fine-tune changed; "
+                                      "only parameters are decomposed, a buffer comes with the base")
+        elif not name.endswith(buffers) and not any(b.endswith("." + name) for b in buffers):
             target_parameter(name, names, skeleton, targets)
     return skeleton, targets
 

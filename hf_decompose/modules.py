@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .parts import DeltaOps, TensorDelta, run_split
-from .parts.ops import LazyWeight
+from .parts.ops import LazyWeight, embedding_scale
 
 
 class DecomposedModule(nn.Module):
@@ -84,7 +84,7 @@ class DecomposedModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.execution == "merged":
             return self.merged_module()(x)
-        scale = getattr(self.base, "embed_scale", None) if self._lookup else None  # Gemma's scaled embeddings
+        scale = embedding_scale(self.base) if self._lookup else None  # Gemma's scaled embeddings
         return run_split(self.base, self.ops.parts(), x, self._lookup, scale, self.parallel)
 
     def extra_repr(self) -> str:

@@ -41,7 +41,7 @@ from .experts import TenantExperts, expert_deltas, holds_experts, interface, run
 from .inject import merged_values, off_text_path, target_parameter, wrappable
 from .names import Target, TensorTargets
 from .parts import DeltaOps, QuantPart, TensorDelta, run_split
-from .parts.ops import LazyWeight, runs_direct, weights_loaded
+from .parts.ops import LazyWeight, embedding_scale, runs_direct, weights_loaded
 from .parts.quant import kernel_base, kernel_parts
 
 Names = str | Sequence[str] | None
@@ -303,7 +303,7 @@ class TenantModule(nn.Module):
         object.__setattr__(self, "_batched", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = getattr(self.base, "embed_scale", None) if self.lookup else None  # Gemma's scaled embeddings
+        scale = embedding_scale(self.base) if self.lookup else None  # Gemma's scaled embeddings
         batch = x.shape[0]
         if self.routing.rows is not None and batch == 1 < len(self.routing.rows):  # one input for every row (position ids)
             batch = len(self.routing.rows)

@@ -89,6 +89,13 @@ class TensorTargets:
                 self._shapes[pname] = {name: tuple(t.shape) for name, t in saved.items()}
         self._converted = converted  # probed on first use
 
+    def saved_buffers(self) -> set[str]:
+        """The checkpoint names of the model's saved buffers, transformers' conversion reverted (MiniMax-M2 saves its
+        ``mlp.e_score_correction_bias`` as ``block_sparse_moe.e_score_correction_bias``)."""
+        buffers = {name: t for name, t in self.model.state_dict().items() if name not in self.params}
+        metas = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in buffers.items()}
+        return {*buffers, *_revert(self.model, metas)} if metas else set()
+
     def get(self, name: str) -> Target | None:
         """The target of checkpoint tensor `name` (None when the model has no such parameter)."""
         stem, index = matrix_of(name)

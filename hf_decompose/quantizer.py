@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
@@ -130,6 +132,7 @@ class DecomposedHfQuantizer(HfQuantizer):
         del deltas
         release_free_memory()
         model.__class__ = decomposed_class(type(model))
+        _not_quantized(model)
         report = artifact.read_report(self.artifact_dir) if (self.artifact_dir / artifact.REPORT).is_file() else {}
         model.decomposition = Decomposition(self.artifact_dir, self.base_dir, saved, index, report, owned=self.owned)
         self.quantization_config = model.config.quantization_config = saved
@@ -181,6 +184,15 @@ class DecomposedHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True  # merged modules are the fine-tune's own; adapters (PEFT) train on them
+
+
+def _not_quantized(model: nn.Module) -> None:
+    """Take off transformers' mark of quantized weights (``config._is_quantized``, set for any quantizer), which some
+    architectures compute around (Mamba's ``dt_proj(x) - dt_proj.bias`` for ``dt_proj.weight @ x``: in bfloat16 not the
+    fine-tune's bits). A decomposed module's weight is a tensor (merged, or built where an operation reads it)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and hasattr(module.config, "_is_quantized"):
+            del module.config._is_quantized
 
 
 def _needs_hooks(device_map: dict) -> bool:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_decompose  # noqa: F401  (registers the from_pretrained hook)
-from hf_decompose import ConfigError, DecomposedConfig, DecomposedModel, decompose, decompose_to_disk
+from hf_decompose import CheckpointError, ConfigError, DecomposedConfig, DecomposedModel, decompose, decompose_to_disk
 from hf_decompose.experts import TenantExperts
 from hf_decompose.multi import TenantParameters
 
@@ -75,6 +75,12 @@ ARCHITECTURES = {
     "gemma3n_text": {"head_dim": 8, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16, "hidden_size_per_layer_input": 8,
                      "vocab_size_per_layer_input": COMMON["vocab_size"], "intermediate_size": [64, 64], "activation_sparsity_pattern": [0.95, 0.0],
                      "num_kv_shared_layers": 0, "laurel_rank": 4, "altup_num_inputs": 2},
+    # a saved buffer (the router's score correction) under another name in the checkpoint
+    "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8},
+    # a scaled word embedding whose scale is a float, not a buffer
+    "xglm": {},
+    # Mamba's mixer reads dt_proj.weight outside its forward, and computes around it where a config says quantized
+    "falcon_mamba": {"state_size": 4, "expand": 2, "time_step_rank": 4},
     "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
               "expert_layer_offset": 1, "mamba_d_state": 4, "mamba_expand": 2, "use_mamba_kernels": False},
 }
@@ -146,7 +152,9 @@ def test_architecture(tmp_path, arch):
 MIXED_REFUSED = {"gpt_oss": r"layers\.0\.self_attn \(GptOssAttention\)", "qwen3_next": r"layers\.0\.linear_attn \(Qwen3NextGatedDeltaNet\)",
                  "lfm2": r"layers\.0\.conv\.conv\.weight is read by another module",
                  "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows",
-                 "gemma3n_text": r"layers\.0\.altup\.predict\(\) is called outside its module's forward"}
+                 "gemma3n_text": r"layers\.0\.altup\.predict\(\) is called outside its module's forward",
+                 "falcon_mamba": r"layers\.0\.norm\.weight is read by another module",
+                 "minimax_m2": r"layers\.0\.mlp\.gate \(MiniMaxM2TopKRouter\) is called with more than its rows"}
 
 
 WEIGHT_READ = {"llama4_text", "jamba"}
@@ -284,6 +292,19 @@ def test_experts_of_an_unknown_layout_held_whole_refuse_a_mixed_batch(tmp_path, 
             multi(input_ids=ids, decomposed_names=["a", "b"])
         alone = DecomposedModel.from_pretrained(artifacts["b"], dtype=torch.float32).eval()(input_ids=ids[:1]).logits[0]
         torch.testing.assert_close(multi(input_ids=ids, decomposed_names=["b", "b"]).logits, alone.expand(2, -1, -1), rtol=0, atol=1e-5)
+
+
+def test_a_saved_buffer_the_finetune_changed_is_refused_before_any_work(tmp_path):
+    """MiniMax-M2 saves its routers' score correction (a buffer) under another name than the model's: a fine-tune that
+    leaves it decomposes (`test_architecture`, where it was once refused as a tensor with no parameter), one that
+    changed it is refused by name, nothing written (the decomposed model would run the base's)."""
+    base, ft = _pair(tmp_path, "minimax_m2")
+    model = AutoModelForCausalLM.from_pretrained(ft)
+    model.model.layers[1].mlp.e_score_correction_bias += 1
+    model.save_pretrained(tmp_path / "changed", max_shard_size="20KB")
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.block_sparse_moe\.e_score_correction_bias' is a buffer of MiniMaxM2ForCausalLM the fine-tune changed"):
+        decompose_to_disk(tmp_path / "changed", base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_experts_fused_on_disk_are_tested_one_matrix_at_a_time(tmp_path):

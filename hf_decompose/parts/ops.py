@@ -81,6 +81,13 @@ class DeltaOps(nn.Module):
         return out
 
 
+def embedding_scale(module: nn.Module) -> torch.Tensor | None:
+    """The factor a scaled word embedding multiplies its rows by (Gemma's a buffer, XGLM's a float), as a tensor; None
+    for another module."""
+    scale = getattr(module, "embed_scale", None)
+    return scale if scale is None or isinstance(scale, torch.Tensor) else torch.tensor(scale)
+
+
 def set_parallel(model: nn.Module, mode: str) -> None:
     """Set how split modules run their parts: "auto", "off" or "threads" (CPU)."""
     if mode not in PARALLEL:
