@@ -442,6 +442,16 @@ class TenantParameters(nn.Module):
         with weights_loaded(base, self.tenants):  # the parent's hook loads its own weights only, not this module's
             return routed().detach().clone()
 
+    def __setattr__(self, name: str, value) -> None:
+        """State the base module holds as a plain tensor attribute (or None), written by its parent, is the base's
+        (RecurrentGemma resets its recurrence's state at the start of each generation: written on this wrapper, the base
+        kept the last one, and a batch of another size failed)."""
+        base = self.__dict__.get("_modules", {}).get("base")
+        if base is not None and name in vars(base) and _is_state(vars(base)[name]) and _is_state(value) and not isinstance(value, nn.Parameter):
+            setattr(base, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def _method(self, method: str, *args, **kwargs):
         """The base module's `method`, called outside its forward, run with the routed fine-tunes' parameters (before, with
         the base's: Gemma 3n by name off by 2e-2, silently); refused by name for a batch mixing fine-tunes that change them."""
@@ -496,7 +506,11 @@ class TenantParameters(nn.Module):
         if unsplit:
             raise ConfigError(f"{self.name} ({type(self.base).__name__}) is called with more than its rows ({unsplit}), so a batch mixing "
                               "fine-tunes that change its parameters cannot run it row by row: give every row the same fine-tunes")
+        held = _state(self.base)
         y = _call_with(self.base, {}, *args, **kwargs)
+        if kept := [name for name, t in _state(self.base).items() if held.get(name) is not t]:
+            raise ConfigError(f"{self.name} ({type(self.base).__name__}) keeps state between calls ({kept}), so a batch mixing fine-tunes "
+                              "that change its parameters cannot run it row by row: give every row the same fine-tunes")
         for names, idx in groups:
             def rows(v):  # a tensor of one row is every row's (position ids)
                 return v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.shape[0] == batch else v
@@ -559,6 +573,16 @@ def _put_rows(y, part, idx: torch.Tensor, batch: int, name: str):
     if each > 1:
         idx = (idx[:, None] * each + torch.arange(each, device=idx.device)).flatten()
     return y.index_copy(0, idx, part.to(y.dtype))
+
+
+def _is_state(value) -> bool:
+    return value is None or isinstance(value, torch.Tensor)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `module` and its submodules hold as plain attributes (not parameters or buffers): a recurrent layer's
+    state between calls (RecurrentGemma's ``recurrent_states``), which a run per fine-tune on some rows would overwrite."""
+    return {f"{name}.{k}".lstrip("."): v for name, m in module.named_modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
 
 
 def _call_with(module: nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):

@@ -77,6 +77,8 @@ ARCHITECTURES = {
                      "num_kv_shared_layers": 0, "laurel_rank": 4, "altup_num_inputs": 2},
     # a saved buffer (the router's score correction) under another name in the checkpoint
     "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8},
+    # a recurrent layer that keeps its state between calls on itself
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 32, "attention_window_size": 16},
     # a scaled word embedding whose scale is a float, not a buffer
     "xglm": {},
     # Mamba's mixer reads dt_proj.weight outside its forward, and computes around it where a config says quantized
@@ -146,15 +148,16 @@ def test_architecture(tmp_path, arch):
 
 
 # modules whose changed parameters run with the whole batch's state (attention sinks, a gated delta net's decay, a mamba
-# mixer's cache), are read by another module (a short convolution's weight) or run in a method their parent calls (Gemma
-# 3n's AltUp predicts and corrects on inputs with its streams first): a batch mixing fine-tunes is refused there, one a
-# batch runs
+# mixer's cache, a recurrence's state kept on the module), are read by another module (a short convolution's weight) or
+# run in a method their parent calls (Gemma 3n's AltUp predicts and corrects on inputs with its streams first): a batch
+# mixing fine-tunes is refused there, one a batch runs
 MIXED_REFUSED = {"gpt_oss": r"layers\.0\.self_attn \(GptOssAttention\)", "qwen3_next": r"layers\.0\.linear_attn \(Qwen3NextGatedDeltaNet\)",
                  "lfm2": r"layers\.0\.conv\.conv\.weight is read by another module",
                  "jamba": r"layers\.0\.mamba \(JambaMambaMixer\) is called with more than its rows",
                  "gemma3n_text": r"layers\.0\.altup\.predict\(\) is called outside its module's forward",
                  "falcon_mamba": r"layers\.0\.norm\.weight is read by another module",
-                 "minimax_m2": r"layers\.0\.mlp\.gate \(MiniMaxM2TopKRouter\) is called with more than its rows"}
+                 "minimax_m2": r"layers\.0\.mlp\.gate \(MiniMaxM2TopKRouter\) is called with more than its rows",
+                 "recurrent_gemma": r"layers\.0\.temporal_block\.rg_lru \(RecurrentGemmaRglru\) keeps state between calls"}
 
 
 WEIGHT_READ = {"llama4_text", "jamba"}
