@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import artifact, kernels, locks, resume
 from .checkpoints import TORCH_DTYPES, CheckpointPair, CheckpointReader, read_config, sha256_files, sha256_files_in_background
-from .config import DecomposedConfig
+from .config import HUB_OPTIONS, DecomposedConfig
 from .annealing import _layer_of, _tokenizer, anneal_streaming
 from .criterion import assess_layer
 from .deltas import exact_delta
@@ -422,11 +422,13 @@ def decompose_to_disk(
     resume_dir: str | Path | None = None,
     keep_cache: bool = False,
     max_shard_size: int | str = artifact.MAX_SHARD_SIZE,
+    calibration=None,
     **hub_kwargs,
 ) -> Path:
     """Write the artifact of a decomposition to `output_dir` without building the decomposed model;
     return the artifact's directory. Weights above `max_shard_size` (as in ``save_pretrained``: 50 GB, the
-    Hub's largest file) are sharded.
+    Hub's largest file) are sharded. `calibration` and `hub_kwargs` (``token``, ``cache_dir``,
+    ``local_files_only``) as in `decompose`.
 
     Modes ``lossless`` and ``criterion`` stream: each layer's deltas are written as soon as they are
     computed and then dropped, so memory stays near one layer of each checkpoint (the largest: the
@@ -436,7 +438,11 @@ def decompose_to_disk(
     reference logits. With `resume_dir`, finished layers are cached there for a re-run of the same inputs and
     config, and deleted once the artifact is written (unless `keep_cache`).
     """
+    if unknown := sorted(set(hub_kwargs) - set(HUB_OPTIONS)):  # a local directory reads none of them: one misspelt was dropped silently
+        raise TypeError(f"decompose_to_disk() got an unexpected keyword argument {unknown[0]!r}")
     config = config or DecomposedConfig()
+    if calibration is not None:
+        config = dataclasses.replace(config, calibration=calibration)
     shard_limit = artifact.shard_bytes(max_shard_size)  # a bad size fails before any work
     with locks.owning(output_dir):  # one run per output, from the first check to the published artifact
         return _decompose_to_disk(finetuned, base_model, config, output_dir, overwrite, revision, progress, resume_dir, keep_cache, shard_limit, hub_kwargs)

@@ -519,6 +519,18 @@ def test_bad_calibration_is_refused_before_any_checkpoint_is_read(tmp_path, pair
         decompose(ft, base, DecomposedConfig(mode="anneal", calibration=[]), progress=False)
 
 
+def test_decompose_to_disk_takes_calibration_and_refuses_an_unknown_keyword(tmp_path, pair):
+    """`calibration=` reaches the guard as in `decompose` (it once went into the Hub options, which a local directory never
+    reads: the anneal ran on the built-in set); a keyword it does not know is a TypeError before any work."""
+    from hf_decompose import decompose_to_disk
+
+    base, ft = pair
+    with fails(tmp_path, PromptError, "empty"):
+        decompose_to_disk(ft, base, DecomposedConfig(mode="anneal"), output_dir=tmp_path / "out", calibration=["", " "], progress=False)
+    with fails(tmp_path, TypeError, "unexpected keyword argument 'calibraton'"):
+        decompose_to_disk(ft, base, DecomposedConfig(mode="anneal"), output_dir=tmp_path / "out", calibraton=["to be"], progress=False)
+
+
 def test_anneal_without_a_tokenizer_is_refused_before_any_layer(tmp_path, pair):
     """Neither checkpoint ships tokenizer files: a Llama's tokenizer does not load; for a Qwen2 transformers builds an
     empty one, which encodes every prompt to no tokens (the guard then crashed inside `generate`)."""
