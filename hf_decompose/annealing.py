@@ -53,6 +53,7 @@ from .criterion import spectral_test
 from .equivalence import greedy_generate, kl_divergence, load_prompts
 from .errors import ConfigError, PromptError
 from .experts import dense_call, interface, routed_inputs
+from .groups import LAYER_LISTS
 from .heap import release_free_memory
 from .inject import off_text_path
 from .layerwise import DeltaStore, Hidden, Layerwise, batches, output_name
@@ -1317,7 +1318,7 @@ def _install(model: nn.Module, deltas: dict[str, TensorDelta], module_names: dic
 def _layer_of(module_name: str) -> str:
     parts = module_name.split(".")
     for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h") and parts[i + 1].isdigit():
+        if p in LAYER_LISTS and parts[i + 1].isdigit():
             return ".".join(parts[: i + 2])
     return "~head"  # embeddings / tied head: annealed last, on the final hidden states
 

@@ -22,7 +22,8 @@ from .names import matrix_of
 # a mixture of experts' shared expert is the layer's MLP (its routed experts, stored one by one, are plain matrices)
 _LLAMA = re.compile(r"^(?P<layer>.*?layers\.\d+)\.(?P<block>self_attn|mlp)\.(?:shared_experts?\.)?(?P<proj>\w+)_proj\.(?P<kind>weight|bias)$")
 _GPT2 = re.compile(r"^(?P<layer>.*?h\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>c_attn|c_proj|c_fc)\.(?P<kind>weight|bias)$")
-_LAYER = re.compile(r"^(?P<layer>.*?(?:layers|h)\.\d+)\.")
+LAYER_LISTS = ("layers", "h", "layer", "blocks")  # the names a model's list of decoder layers goes by (MPT's: blocks)
+_LAYER = re.compile(rf"^(?P<layer>.*?(?:{'|'.join(LAYER_LISTS)})\.\d+)\.")
 _TOKEN_ROWS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "lm_head.weight", "embed_out.weight")
 
 READS_HIDDEN = {"q", "k", "v", "qkv", "gate", "up", "gate_up", "c_attn", "c_fc"}

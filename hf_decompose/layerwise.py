@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from .errors import CheckpointError
 from .experts import interface, outputs
+from .groups import LAYER_LISTS
 from .inject import apply_deltas, off_text_path, runs_split, set_submodule, target_parameter, tied
 from .names import Target, TensorTargets
 from .parts import TensorDelta
@@ -365,7 +366,7 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     owner = next((name for name, module in model.named_modules() if module is decoder), "")
     for name, module in sorted(model.named_modules(), key=lambda item: not item[0].startswith(owner)):
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in ("layers", "h", "layer", "blocks"):
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in LAYER_LISTS:
             return name, module
     raise CheckpointError(f"{type(model).__name__}: no decoder layer list found; annealing runs layer by layer and needs one")
 

@@ -77,6 +77,8 @@ ARCHITECTURES = {
                      "num_kv_shared_layers": 0, "laurel_rank": 4, "altup_num_inputs": 2},
     # a saved buffer (the router's score correction) under another name in the checkpoint
     "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8},
+    # decoder layers named blocks (transformer.blocks.N), not layers or h
+    "mpt": {},
     # a recurrent layer that keeps its state between calls on itself
     "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 32, "attention_window_size": 16},
     # a scaled word embedding whose scale is a float, not a buffer
@@ -215,7 +217,7 @@ def test_many_finetunes_with_a_layer_on_disk(tmp_path, arch):
     rows = ["a", "a", "a"] if arch in MIXED_REFUSED else ["a", "b", None]
     ids = torch.arange(2, 14)[None].repeat(3, 1)
     models = [DecomposedModel.from_pretrained(artifacts, dtype=torch.float32).eval() for _ in range(2)]
-    layer = next(n for n, _ in models[1].named_modules() if n.endswith(("layers.0", "h.0")))
+    layer = next(n for n, _ in models[1].named_modules() if n.endswith(("layers.0", "h.0", "blocks.0")))
     models[1].dispatch({"": "cpu", layer: "disk"}, offload_folder=tmp_path / "offload")
     with torch.no_grad():
         in_memory, offloaded = (m(input_ids=ids, decomposed_names=rows).logits for m in models)
