@@ -257,7 +257,7 @@ def _check_targets(pair: CheckpointPair, ft_dir: Path) -> tuple[nn.Module, Tenso
     buffers = tuple(n for n, _ in skeleton.named_buffers())
     for name in names:
         if name in saved:
-            if not torch.equal(pair.base.raw.get(name), pair.finetuned.raw.get(name)):
+            if not torch.equal(pair.base.raw.get(name).double(), pair.finetuned.raw.get(name).double()):  # either may be stored wider
                 raise CheckpointError(f"{ft_dir}: tensor {name!r} is a buffer of {type(skeleton).__name__} the fine-tune changed; "
                                       "only parameters are decomposed, a buffer comes with the base")
         elif not name.endswith(buffers) and not any(b.endswith("." + name) for b in buffers):
