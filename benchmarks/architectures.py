@@ -108,13 +108,14 @@ def _check(run) -> str:
 
 
 def sweep(model_type: str) -> dict:
-    """The four checks of one model type."""
+    """The five checks of one model type, a row of the table."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         try:
             cls = _pair(root, model_type)
         except Exception as err:  # noqa: BLE001 - transformers refuses the tiny config
             return {"model_type": model_type, "config": f"{type(err).__name__}: {str(err)[:160]}"}
+        row: dict = {"model_type": model_type, "class": cls}
         ids = torch.arange(2, 14)[None]
         artifacts: dict[str, Path] = {}
 
@@ -161,7 +162,6 @@ def sweep(model_type: str) -> dict:
             row["anneal logit change"] = f"{streamed:.3g} streamed, {stats['max_abs_logit_diff']:.3g} loaded"
             return accepted and abs(stats["max_abs_logit_diff"] - streamed) <= 1e-2
 
-        row: dict = {"model_type": model_type, "class": cls}
         row["lossless"] = _check(lossless)
         row["split"] = _check(split)
         row["by name"] = _check(by_name) if artifacts else "FAIL: no artifacts"
