@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     del reference
     names = [f"ft{i}" for i in range(args.names)]
     as_parts = DecomposedModel.from_pretrained(dict.fromkeys(names, artifact), dtype=torch.float32).eval()
-    runs_experts = multi.runs_experts
-    multi.runs_experts = lambda module: False  # the runtime before `TenantExperts`: changed experts held whole
+    interface = multi.interface
+    multi.interface = lambda module: None  # the runtime before `TenantExperts`: changed experts held whole
     try:
         whole = DecomposedModel.from_pretrained(dict.fromkeys(names, artifact), dtype=torch.float32).eval()
     finally:
-        multi.runs_experts = runs_experts
+        multi.interface = interface
     base_bytes = resident_bytes(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
     ids = torch.randint(10, 40000, (args.names, 16), generator=torch.Generator().manual_seed(0))
     times = run({

@@ -33,8 +33,7 @@ from .parts import DeltaOps, Part
 
 STRATEGIES = ("spread", "layers")
 # modules whose forward reads a child's weights outside the child's forward, so an offloaded layer loads their whole
-# subtree first (Accelerate's `preload_module_classes`): transformers' Jamba mixer on a quantized model's path (which a
-# decomposed model's config takes) subtracts ``dt_proj.bias`` after calling ``dt_proj``
+# subtree first (Accelerate's `preload_module_classes`): transformers' Jamba mixer multiplies by ``dt_proj.weight``
 PRELOADED = ["JambaMambaMixer"]
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 Device = int | str

@@ -228,12 +228,13 @@ def test_many_finetunes_with_a_layer_on_disk(tmp_path, arch):
 @pytest.mark.parametrize("arch", sorted(WEIGHT_READ))
 def test_a_model_reading_weights_outside_forward_with_a_layer_on_disk(tmp_path, arch, execution):
     """A decomposed model with its first decoder layer offloaded to disk gives the logits it gives in memory where the
-    architecture reads a module's weights outside that module's forward (Jamba's mixer subtracts ``dt_proj.bias``
-    after calling ``dt_proj``: it was on the meta device, a crash)."""
+    architecture reads a module's weights outside that module's forward (Jamba's mixer multiplies by ``dt_proj.weight``:
+    it was on the meta device, a crash)."""
     base, ft = _pair(tmp_path, arch)
     out = decompose_to_disk(ft, base, DecomposedConfig(mode="lossless"), output_dir=tmp_path / "lossless", progress=False)
     models = [DecomposedModel.from_pretrained(out, dtype=torch.float32, execution=execution).eval() for _ in range(2)]
-    models[1].dispatch({"": "cpu", "model.layers.0": "disk"}, offload_folder=tmp_path / "offload")
+    layer = next(n for n, _ in models[1].named_modules() if n.endswith("layers.0"))
+    models[1].dispatch({"": "cpu", layer: "disk"}, offload_folder=tmp_path / "offload")
     ids = torch.arange(2, 14)[None]
     with torch.no_grad():
         in_memory, offloaded = (m(input_ids=ids).logits for m in models)
