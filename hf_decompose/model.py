@@ -395,13 +395,10 @@ def decompose(
         model = decompose("my-finetune", base_model="my-base", config=DecomposedConfig(mode="criterion"))
         model.save_pretrained("out")
     """
-    config = config or DecomposedConfig()
-    if calibration is not None:
-        config = dataclasses.replace(config, calibration=calibration)
     owned = tempfile.TemporaryDirectory(prefix="hf_decompose-")
     path = decompose_to_disk(
         finetuned, base_model, config, output_dir=Path(owned.name) / "artifact", revision=revision, progress=progress,
-        resume_dir=resume_dir, keep_cache=True, **hub_kwargs,
+        resume_dir=resume_dir, keep_cache=True, calibration=calibration, **hub_kwargs,
     )
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = DecomposedModel.from_pretrained(path, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **hub_kwargs, **kwargs)
